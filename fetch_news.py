@@ -1,0 +1,1058 @@
+"""
+Build the finance text corpus that every model in this project trains on.
+
+Two sources, one output format (UTF-8, documents separated by exactly one blank line):
+
+  python fetch_news.py --source market            # offline default -> data/finance_corpus.txt
+  python fetch_news.py --source eodhd --api-key demo --tickers AAPL.US,TSLA.US
+
+--source market turns real historical series shipped inside installed packages (arch.data:
+S&P 500 and NASDAQ daily OHLCV 1999-2018, VIX, WTI spot, Brent/WTI monthly, Moody's Aaa/Baa
+yields, core CPI, Fama-French factors; statsmodels: US quarterly macro 1959-2009) into daily,
+weekly, monthly, quarterly and annual market reports. Every figure in the text is computed from
+the data with plain Python floats, and the phrasing is picked by a random.Random seeded with the
+document's kind and date, so the file is byte-identical on every run and machine.
+
+--source eodhd pages through the EODHD financial-news API for a list of tickers into
+news.jsonl (one article per line, de-duplicated by link, resumable after kill -9) and then
+writes finance_corpus.txt beside it.
+"""
+
+import argparse
+import csv
+import datetime as dt
+import gzip
+import html
+import importlib.resources
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import traceback
+
+# -----------------------------------------------------------------------------
+# defaults
+
+SOURCE = "market"
+OUT_DIR = "data"
+CORPUS_NAME = "finance_corpus.txt"
+BASE_URL = "https://eodhd.com/api"
+LIMIT = 1000  # EODHD's maximum page size for /news
+TIMEOUT_S = 30.0
+MAX_RETRIES = 5
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+CALLS_PER_NEWS_REQUEST = 5  # EODHD bills each /news request as 5 API calls
+SP500_URL = "https://raw.githubusercontent.com/datasets/s-and-p-500-companies/main/data/constituents.csv"
+SP500_CACHE = "sp500_constituents.csv"
+
+EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
+EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line on stderr, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# shared file helpers
+
+
+def fsync_dir(path: str) -> None:
+    # os.replace is atomic, but the rename itself only survives a power cut once the
+    # directory entry is on disk too
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    # temp file in the same directory + os.replace: readers see the old or the new file, never half
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(d)
+
+
+def write_corpus(path: str, docs: list[str]) -> bytes:
+    """The project-wide corpus format: documents joined by one blank line, trailing newline."""
+    docs = [d.strip() for d in docs]
+    assert all(docs) and not any("\n\n" in d for d in docs), "documents must be non-empty, no blank lines"
+    data = ("\n\n".join(docs) + "\n").encode("utf-8")
+    atomic_write_bytes(path, data)
+    return data
+
+
+# -----------------------------------------------------------------------------
+# market corpus: load the bundled series (csv + gzip only, no pandas, so parsing and
+# arithmetic cannot drift with library versions)
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December"]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def _read_rows(package: str, *parts: str) -> list[list[str]]:
+    res = importlib.resources.files(package).joinpath(*parts)
+    raw = res.read_bytes()
+    if parts[-1].endswith(".gz"):
+        raw = gzip.decompress(raw)
+    text = raw.decode("utf-8-sig")  # crude.csv starts with a byte-order mark
+    rows = list(csv.reader(io.StringIO(text)))
+    return [r for r in rows[1:] if r]
+
+
+def _parse_date(s: str) -> dt.date:
+    s = s.strip()
+    if "/" in s:  # FRED-style m/d/Y
+        m, d, y = (int(x) for x in s.split("/"))
+        return dt.date(y, m, d)
+    return dt.date.fromisoformat(s)
+
+
+def _num(s: str):
+    s = s.strip()
+    try:
+        return float(s)
+    except ValueError:  # FRED writes "." for holidays
+        return None
+
+
+class Daily:
+    """One daily series: parallel lists of dates and values (OHLCV or a single column)."""
+
+    def __init__(self, dates, cols):
+        self.dates, self.cols = dates, cols
+        self.index = {d: i for i, d in enumerate(dates)}
+
+
+def load_ohlcv(name: str) -> Daily:
+    rows = _read_rows("arch.data", name, f"{name}.csv.gz")
+    dates = [_parse_date(r[0]) for r in rows]
+    cols = {k: [float(r[j]) for r in rows] for k, j in
+            (("open", 1), ("high", 2), ("low", 3), ("close", 4))}
+    cols["volume"] = [int(r[6]) for r in rows]
+    return Daily(dates, cols)
+
+
+def load_single(package: str, parts: tuple, col: int = 1) -> list[tuple[dt.date, float]]:
+    out = []
+    for r in _read_rows(package, *parts):
+        v = _num(r[col])
+        if v is not None:
+            out.append((_parse_date(r[0]), v))
+    return out
+
+
+def load_market_data() -> dict:
+    sp, nq = load_ohlcv("sp500"), load_ohlcv("nasdaq")
+    assert sp.dates == nq.dates, "the two equity files share one trading calendar"
+    wti = load_single("arch.data", ("wti", "wti.csv.gz"))
+    vix = load_single("arch.data", ("vix", "vix.csv.gz"))
+    crude = {}
+    for r in _read_rows("arch.data", "crude", "crude.csv.gz"):
+        d = _parse_date(r[0])
+        crude[(d.year, d.month)] = (float(r[1]), float(r[2]))  # (Brent, WTI) monthly averages, dated the 15th
+    credit = {}
+    for r in _read_rows("arch.data", "default", "default.csv.gz"):
+        d = _parse_date(r[0])
+        credit[(d.year, d.month)] = (float(r[1]), float(r[2]))  # (Aaa, Baa) monthly averages
+    cpi = {}
+    for r in _read_rows("arch.data", "core_cpi", "core-cpi.csv.gz"):
+        d = _parse_date(r[0])
+        cpi[(d.year, d.month)] = float(r[1])
+    ff = {}
+    for r in _read_rows("arch.data", "frenchdata", "frenchdata.csv.gz"):
+        ym = int(r[0])  # yyyymm (arch's own loader mangles this into nanoseconds)
+        ff[(ym // 100, ym % 100)] = tuple(float(x) for x in r[1:5])  # Mkt-RF, SMB, HML, RF in %
+    macro = {}
+    rows = _read_rows("statsmodels.datasets.macrodata", "macrodata.csv")
+    for r in rows:
+        y, q = int(float(r[0])), int(float(r[1]))
+        macro[(y, q)] = dict(gdp=float(r[2]), cons=float(r[3]), inv=float(r[4]), govt=float(r[5]),
+                             dpi=float(r[6]), cpi=float(r[7]), m1=float(r[8]), tbill=float(r[9]),
+                             unemp=float(r[10]), pop=float(r[11]), infl=float(r[12]), realint=float(r[13]))
+    return dict(sp=sp, nq=nq, wti=wti, vix=vix, crude=crude, credit=credit, cpi=cpi, ff=ff, macro=macro)
+
+
+# -----------------------------------------------------------------------------
+# market corpus: arithmetic (plain floats, fixed summation order; sqrt is correctly rounded
+# under IEEE 754, so the same bytes come out on every machine)
+
+
+def pct(new: float, old: float) -> float:
+    return (new / old - 1.0) * 100.0
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def stdev(xs) -> float:
+    m = mean(xs)
+    return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1))
+
+
+def corr(xs, ys) -> float:
+    mx, my = mean(xs), mean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) * (x - mx) for x in xs)
+    syy = sum((y - my) * (y - my) for y in ys)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def ann_vol(returns_pct) -> float:
+    return stdev(returns_pct) * math.sqrt(252.0)  # daily % returns -> annualized %
+
+
+class EquityStats:
+    """Per-session indicators for one index, computed once: moving averages, 52-week extremes,
+    realized volatility, streaks."""
+
+    def __init__(self, s: Daily):
+        c, v = s.cols["close"], s.cols["volume"]
+        n = len(c)
+        self.s = s
+        self.ret = [None] + [pct(c[i], c[i - 1]) for i in range(1, n)]
+        self.ma = {w: [mean(c[i - w + 1:i + 1]) if i >= w - 1 else None for i in range(n)] for w in (50, 200)}
+        # the volume average excludes today, so "today versus normal" is not diluted by today
+        self.avg_vol50 = [mean(v[i - 50:i]) if i >= 50 else None for i in range(n)]
+        self.vol20 = [ann_vol(self.ret[i - 19:i + 1]) if i >= 20 else None for i in range(n)]
+        self.hi252, self.lo252 = [None] * n, [None] * n  # index of the highest / lowest close
+        for i in range(251, n):
+            w = range(i - 251, i + 1)
+            self.hi252[i] = max(w, key=lambda j: (c[j], j))  # latest index wins ties
+            self.lo252[i] = min(w, key=lambda j: (c[j], -j))
+        self.streak = [0] * n  # +k: k straight higher closes, -k: k straight lower closes
+        for i in range(1, n):
+            r = self.ret[i]
+            if r > 0:
+                self.streak[i] = self.streak[i - 1] + 1 if self.streak[i - 1] > 0 else 1
+            elif r < 0:
+                self.streak[i] = self.streak[i - 1] - 1 if self.streak[i - 1] < 0 else -1
+        self.peak = [0] * n  # running all-sample high (index), for drawdown since 1999
+        for i in range(1, n):
+            self.peak[i] = i if c[i] >= c[self.peak[i - 1]] else self.peak[i - 1]
+
+
+# -----------------------------------------------------------------------------
+# market corpus: formatting and phrasing
+
+
+def f2(x: float) -> str:
+    s = f"{x:,.2f}"
+    return "0.00" if s == "-0.00" else s
+
+
+def fp(x: float) -> str:  # unsigned percentage
+    return f"{f2(abs(x))}%"
+
+
+def fsp(x: float) -> str:  # signed percentage
+    s = f2(x)
+    return f"{s}%" if s.startswith("-") or s == "0.00" else f"+{s}%"
+
+
+def fpp(x: float) -> str:  # percentage points, unsigned
+    return f"{f2(abs(x))} percentage points"
+
+
+def fbp(x: float) -> str:
+    n = abs(round(x * 100.0))
+    return "1 basis point" if n == 1 else f"{n:.0f} basis points"
+
+
+def fvol(v: float) -> str:
+    return f"{v / 1e9:.2f} billion shares" if v >= 1e9 else f"{v / 1e6:.0f} million shares"
+
+
+def long_date(d: dt.date) -> str:
+    return f"{WEEKDAYS[d.weekday()]}, {MONTHS[d.month - 1]} {d.day}, {d.year}"
+
+
+def short_date(d: dt.date) -> str:
+    return f"{MONTHS[d.month - 1]} {d.day}, {d.year}"
+
+
+def month_name(y: int, m: int) -> str:
+    return f"{MONTHS[m - 1]} {y}"
+
+
+def ordinal(k: int) -> str:
+    words = {2: "second", 3: "third", 4: "fourth", 5: "fifth", 6: "sixth", 7: "seventh", 8: "eighth",
+             9: "ninth", 10: "tenth", 11: "eleventh", 12: "twelfth"}
+    if k in words:
+        return words[k]
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def up_down(x: float) -> str:
+    return "up" if x >= 0 else "down"
+
+
+def higher_lower(x: float) -> str:
+    return "higher" if x >= 0 else "lower"
+
+
+def gain_loss(x: float) -> str:
+    return "gain" if x >= 0 else "loss"
+
+
+def move_verb(x: float, rng: random.Random) -> str:
+    """A verb whose strength follows the size of the % move."""
+    a = abs(x)
+    if a < 0.5:
+        words = ["edged up", "inched higher", "ticked up", "crept higher"] if x >= 0 else \
+            ["edged down", "slipped", "dipped", "eased"]
+    elif a < 1.5:
+        words = ["rose", "gained", "advanced", "climbed", "firmed"] if x >= 0 else \
+            ["fell", "declined", "lost ground", "retreated", "weakened"]
+    elif a < 3.0:
+        words = ["jumped", "rallied", "surged", "climbed sharply"] if x >= 0 else \
+            ["dropped", "slid", "sank", "fell sharply"]
+    else:
+        words = ["soared", "rocketed", "leapt"] if x >= 0 else ["tumbled", "plunged", "plummeted"]
+    return rng.choice(words)
+
+
+def move(x: float, rng: random.Random) -> str:
+    """'rose 1.23%' or, for moves that round to nothing, 'was little changed (+0.03%)'."""
+    if abs(x) < 0.05:
+        return f"{rng.choice(['was little changed', 'ended nearly flat', 'barely moved'])} ({fsp(x)})"
+    return f"{move_verb(x, rng)} {fp(x)}"
+
+
+def vol_regime(v: float) -> str:
+    if v < 10:
+        return "very calm"
+    if v < 15:
+        return "calm"
+    if v < 22:
+        return "moderate"
+    if v < 35:
+        return "elevated"
+    return "crisis-level"
+
+
+def vix_regime(v: float) -> str:
+    if v < 12:
+        return "unusually low"
+    if v < 20:
+        return "subdued"
+    if v < 30:
+        return "elevated"
+    return "high, signalling stress"
+
+
+def pick(rng: random.Random, templates: list[str], **kw) -> str:
+    return rng.choice(templates).format(**kw)
+
+
+def assemble(rng: random.Random, title: str, lead: list[str], body: list[str], keep: float = 0.8) -> str:
+    """Title line, then the lead sentences, then a random subset of the body in a shuffled
+    order: the same facts come out in many different shapes across documents."""
+    body = [b for b in body if b]
+    kept = [b for b in body if rng.random() < keep] or body[:1]
+    rng.shuffle(kept)
+    return title + "\n" + " ".join([x for x in lead if x] + kept)
+
+
+# -----------------------------------------------------------------------------
+# market corpus: cross-asset lookups
+
+
+class Lookup:
+    """Daily (date, value) series with 'value on date' and 'previous value' lookups."""
+
+    def __init__(self, pairs):
+        self.dates = [d for d, _ in pairs]
+        self.vals = [v for _, v in pairs]
+        self.index = {d: i for i, d in enumerate(self.dates)}
+
+    def change(self, d: dt.date):
+        """(value, % change vs previous observation, abs change) on date d, or None."""
+        i = self.index.get(d)
+        if i is None or i == 0:
+            return None
+        return self.vals[i], pct(self.vals[i], self.vals[i - 1]), self.vals[i] - self.vals[i - 1]
+
+    def last_on_or_before(self, d: dt.date):
+        import bisect
+        k = bisect.bisect_right(self.dates, d) - 1
+        return (self.dates[k], self.vals[k]) if k >= 0 else None
+
+
+# -----------------------------------------------------------------------------
+# market corpus: daily report
+
+
+def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Lookup, vix: Lookup,
+              oil_ret: dict) -> str:
+    sp, nq = data["sp"], data["nq"]
+    d = sp.dates[i]
+    rng = random.Random(f"daily:{d.isoformat()}")
+    o, h, l, c, v = (sp.cols[k][i] for k in ("open", "high", "low", "close", "volume"))
+    pc = sp.cols["close"][i - 1]
+    r, pts = sps.ret[i], c - pc
+    nc, nr = nq.cols["close"][i], nqs.ret[i]
+
+    title = pick(rng, [
+        "Daily market report: {date}",
+        "Market close, {date}",
+        "Stocks {hl} on {wd}: S&P 500 {spr}, Nasdaq {nqr}",
+        "{sdate}: S&P 500 {spr} at {c}",
+        "U.S. equities, {date}",
+        "Closing bell, {sdate}",
+    ], date=long_date(d), sdate=short_date(d), wd=WEEKDAYS[d.weekday()], hl=higher_lower(r),
+        spr=fsp(r), nqr=fsp(nr), c=f2(c))
+
+    lead = [pick(rng, [
+        "The S&P 500 {mv} to close at {c} on {wd}, a move of {pts} points.",
+        "On {wd} the S&P 500 {mv}, or {pts} points, to finish at {c}.",
+        "The benchmark S&P 500 finished the session at {c}, {ud} {pts} points ({spr}) from the prior close of {pc}.",
+        "U.S. stocks ended {hl} on {wd}, with the S&P 500 closing at {c} ({spr}).",
+        "The S&P 500 {mv} on {wd}, settling at {c} against {pc} a session earlier.",
+    ], mv=move(r, rng), c=f2(c), pc=f2(pc), wd=WEEKDAYS[d.weekday()], pts=f2(abs(pts)), ud=up_down(r),
+        hl=higher_lower(r), spr=fsp(r))]
+
+    body = []
+    rng_pct = (h - l) / pc * 100.0
+    body.append(pick(rng, [
+        "The index traded between {l} and {h}, an intraday range of {rp} of the previous close.",
+        "It opened at {o}, reached a high of {h} and a low of {l}.",
+        "The day's range ran from {l} to {h} ({rp} of the prior close), after an open of {o}.",
+        "Intraday, the index swung {rp} between a low of {l} and a high of {h}.",
+    ], o=f2(o), h=f2(h), l=f2(l), rp=fp(rng_pct)))
+    gap = pct(o, pc)
+    if abs(gap) >= 0.5:
+        body.append(pick(rng, [
+            "It gapped {ud} at the open, starting {g} away from the prior close.",
+            "The open at {o} was {g} {hl} than Friday's close." if d.weekday() == 0 else
+            "The open at {o} was {g} {hl} than the previous close.",
+        ], ud=up_down(gap), g=fp(gap), o=f2(o), hl=higher_lower(gap)))
+
+    diff = nr - r
+    rel = ("outperforming" if diff > 0 else "underperforming") + f" the S&P 500 by {fpp(diff)}"
+    body.append(pick(rng, [
+        "The Nasdaq Composite {mv} to {nc}, {rel}.",
+        "Technology-heavy Nasdaq {mv}, closing at {nc}.",
+        "On the Nasdaq, the composite index ended at {nc} ({nr}), {rel}.",
+        "The Nasdaq Composite closed at {nc}, {ud} {nrabs} on the day.",
+    ], mv=move(nr, rng), nc=f2(nc), rel=rel, nr=fsp(nr), ud=up_down(nr), nrabs=fp(nr)))
+
+    av = sps.avg_vol50[i]
+    if av:
+        vr = pct(v, av)
+        cmp_ = "in line with" if abs(vr) < 5 else f"{fp(vr)} {'above' if vr > 0 else 'below'}"
+        body.append(pick(rng, [
+            "Volume reached {v}, {cmp} the 50-session average of {av}.",
+            "Trading activity came to {v}, {cmp} its 50-day average ({av}).",
+            "Some {v} changed hands in S&P 500 trading, {cmp} the recent 50-day norm of {av}.",
+        ], v=fvol(v), av=fvol(av), cmp=cmp_))
+
+    m50, m200 = sps.ma[50][i], sps.ma[200][i]
+    if m200:
+        d50, d200 = pct(c, m50), pct(c, m200)
+        pm200 = sps.ma[200][i - 1]
+        crossed = pm200 is not None and (pc - pm200) * (c - m200) < 0
+        if crossed:
+            body.append(pick(rng, [
+                "The close took the index {ab} its 200-day moving average of {m}, a level many trend followers watch.",
+                "With this move the S&P 500 crossed {ab} its 200-day moving average, now at {m}.",
+            ], ab="above" if c > m200 else "below", m=f2(m200)))
+        else:
+            body.append(pick(rng, [
+                "The index sits {a50} {ab50} its 50-day moving average ({m50}) and {a200} {ab200} its 200-day average ({m200}).",
+                "Against its trend lines, the S&P 500 is {a200} {ab200} the 200-day moving average of {m200} and {a50} {ab50} the 50-day of {m50}.",
+                "The 50-day moving average stands at {m50} and the 200-day at {m200}; the close is {a200} {ab200} the longer one.",
+            ], a50=fp(d50), ab50="above" if d50 >= 0 else "below", m50=f2(m50),
+                a200=fp(d200), ab200="above" if d200 >= 0 else "below", m200=f2(m200)))
+        if m50 and sps.ma[50][i - 1] is not None and pm200 is not None:
+            pm50 = sps.ma[50][i - 1]
+            if (pm50 - pm200) * (m50 - m200) < 0:
+                body.append("The 50-day average crossed {} the 200-day average, a pattern chartists call a {}.".format(
+                    "above" if m50 > m200 else "below", "golden cross" if m50 > m200 else "death cross"))
+
+    hi = sps.hi252[i]
+    if hi is not None:
+        cl = sp.cols["close"]
+        if hi == i:
+            body.append(pick(rng, [
+                "The close is a new 52-week high for the index.",
+                "That is the highest close in 52 weeks.",
+            ]))
+        elif sps.lo252[i] == i:
+            body.append(pick(rng, [
+                "The close is the lowest in 52 weeks, {dd} below the 52-week high of {hv} set on {hd}.",
+                "The index finished at a 52-week low, {dd} under its high of {hv} from {hd}.",
+            ], dd=fp(pct(c, cl[hi])), hv=f2(cl[hi]), hd=short_date(sp.dates[hi])))
+        else:
+            dd = pct(c, cl[hi])
+            zone = ""
+            if dd <= -20:
+                zone = ", deep in bear-market territory"
+            elif dd <= -10:
+                zone = ", in correction territory"
+            body.append(pick(rng, [
+                "It stands {dd} below its 52-week closing high of {hv}, set on {hd}{z}.",
+                "The index is {dd} off the 52-week high of {hv} reached on {hd}{z}.",
+                "From the 52-week peak of {hv} ({hd}), the drawdown is {dd}{z}.",
+            ], dd=fp(dd), hv=f2(cl[hi]), hd=short_date(sp.dates[hi]), z=zone))
+    pk = sps.peak[i]
+    if pk != i and pct(c, sp.cols["close"][pk]) <= -15 and rng.random() < 0.5:
+        body.append(f"Measured from the highest close since January 1999, {f2(sp.cols['close'][pk])} on "
+                    f"{short_date(sp.dates[pk])}, the S&P 500 is down {fp(pct(c, sp.cols['close'][pk]))}.")
+
+    rv = sps.vol20[i]
+    if rv is not None:
+        body.append(pick(rng, [
+            "Twenty-day realized volatility is {rv} annualized, a {reg} reading.",
+            "Realized volatility over the past 20 sessions runs at {rv} on an annualized basis, which counts as {reg}.",
+            "The volatility regime is {reg}: the 20-day realized figure is {rv} annualized.",
+        ], rv=fp(rv), reg=vol_regime(rv)))
+
+    k = sps.streak[i]
+    if abs(k) >= 3:
+        body.append(pick(rng, [
+            "It was the {o} straight {w} for the index.",
+            "The S&P 500 has now closed {hl} for {n} sessions in a row.",
+        ], o=ordinal(abs(k)), w="gain" if k > 0 else "decline", hl=higher_lower(k), n=abs(k)))
+
+    # month-to-date and year-to-date, measured from the last close of the previous period
+    cl = sp.cols["close"]
+    j = i
+    while j > 0 and sp.dates[j - 1].month == d.month:
+        j -= 1
+    mtd = pct(c, cl[j - 1]) if j > 0 else None
+    j = i
+    while j > 0 and sp.dates[j - 1].year == d.year:
+        j -= 1
+    ytd = pct(c, cl[j - 1]) if j > 0 else None
+    if mtd is not None and ytd is not None:
+        body.append(pick(rng, [
+            "Month to date the index is {m}; year to date it is {y}.",
+            "For {mon} the S&P 500 is {m} so far, and {y} since the start of {yr}.",
+            "That leaves the index {yud} {ya} for the year and {mud} {ma} for the month.",
+        ], m=fsp(mtd), y=fsp(ytd), yud=up_down(ytd), ya=fp(ytd), mud=up_down(mtd), ma=fp(mtd), mon=MONTHS[d.month - 1], yr=d.year))
+
+    oc = wti.change(d)
+    if oc:
+        price, orr, _ = oc
+        body.append(pick(rng, [
+            "West Texas Intermediate crude {mv} to ${p} a barrel.",
+            "In commodities, WTI crude oil {mv}, ending at ${p} per barrel.",
+            "Oil {mv}, with WTI spot at ${p}.",
+        ], mv=move(orr, rng), p=f2(price)))
+        if abs(orr) >= 1.0 and abs(r) >= 0.5 and rng.random() < 0.7:
+            same = (orr > 0) == (r > 0)
+            body.append(pick(rng, [
+                "Oil and stocks moved {w} on the day." ,
+                "Crude and equities traded {w}, oil {o} against stocks {s}.",
+            ], w="together" if same else "in opposite directions", o=fsp(orr), s=fsp(r)))
+        if rng.random() < 0.25:
+            xs, ys = [], []
+            j = i
+            while j > 0 and len(xs) < 60:
+                if sp.dates[j] in oil_ret:
+                    xs.append(sps.ret[j])
+                    ys.append(oil_ret[sp.dates[j]])
+                j -= 1
+            if len(xs) == 60:
+                rho = corr(xs, ys)
+                body.append(f"Over the last 60 shared sessions the correlation between daily moves in oil and the "
+                            f"S&P 500 is {rho:.2f}.")
+    vc = vix.change(d)
+    if vc:
+        lv, _, ch = vc
+        body.append(pick(rng, [
+            "The CBOE Volatility Index (VIX) closed at {lv}, {ud} {ch} points, a level that reads as {reg}.",
+            "The VIX, Wall Street's fear gauge, {ud2} {ch} points to {lv}, which is {reg}.",
+            "Implied volatility, measured by the VIX, finished at {lv} ({ud} {ch} points): {reg}.",
+        ], lv=f2(lv), ud=up_down(ch), ud2="rose" if ch >= 0 else "fell", ch=f2(abs(ch)), reg=vix_regime(lv)))
+    return assemble(rng, title, lead, body, keep=0.75)
+
+
+# -----------------------------------------------------------------------------
+# market corpus: weekly wrap
+
+
+def weekly_doc(idx: list[int], prev_close_i, data: dict, sps: EquityStats, nqs: EquityStats,
+               wti: Lookup, vix: Lookup) -> str:
+    sp, nq = data["sp"], data["nq"]
+    cl, ncl = sp.cols["close"], nq.cols["close"]
+    first, last = idx[0], idx[-1]
+    d = sp.dates[last]
+    rng = random.Random(f"weekly:{d.isoformat()}")
+    wr = pct(cl[last], cl[prev_close_i])
+    nwr = pct(ncl[last], ncl[prev_close_i])
+    hi_i = max(idx, key=lambda j: sp.cols["high"][j])
+    lo_i = min(idx, key=lambda j: sp.cols["low"][j])
+    best = max(idx, key=lambda j: sps.ret[j])
+    worst = min(idx, key=lambda j: sps.ret[j])
+    ups = sum(1 for j in idx if sps.ret[j] > 0)
+
+    title = pick(rng, [
+        "Weekly market wrap: week ending {date}",
+        "The week on Wall Street, {sd} to {ed}",
+        "Week in review: S&P 500 {wr}, Nasdaq {nwr}",
+        "Weekly report, {date}",
+    ], date=long_date(d), sd=short_date(sp.dates[first]), ed=short_date(d), wr=fsp(wr), nwr=fsp(nwr))
+    lead = [pick(rng, [
+        "The S&P 500 {mv} over the {n}-session week to close at {c}.",
+        "For the week the S&P 500 {mv}, finishing {wd} at {c} after ending the prior week at {pc}.",
+        "Stocks posted a weekly {gl}: the S&P 500 ended at {c}, {ud} {a} from {pc}.",
+    ], mv=move(wr, rng), n=len(idx), c=f2(cl[last]), pc=f2(cl[prev_close_i]), wd=WEEKDAYS[d.weekday()],
+        gl=gain_loss(wr), ud=up_down(wr), a=fp(wr))]
+    body = [
+        pick(rng, [
+            "The Nasdaq Composite {mv} on the week to {nc}.",
+            "The Nasdaq ended the week at {nc}, {ud} {a}, {rel} the S&P 500.",
+        ], mv=move(nwr, rng), nc=f2(ncl[last]), ud=up_down(nwr), a=fp(nwr),
+            rel="ahead of" if nwr > wr else "behind"),
+        pick(rng, [
+            "The weekly range ran from an intraday low of {lo} on {lod} to a high of {hi} on {hid}.",
+            "Intraday, the index touched {hi} at the high ({hid}) and {lo} at the low ({lod}).",
+        ], lo=f2(sp.cols["low"][lo_i]), hi=f2(sp.cols["high"][hi_i]), lod=WEEKDAYS[sp.dates[lo_i].weekday()],
+            hid=WEEKDAYS[sp.dates[hi_i].weekday()]),
+        pick(rng, [
+            "The index closed higher on {u} of {n} days.",
+            "{u} of the week's {n} sessions ended in the green.",
+        ], u=ups, n=len(idx)),
+    ]
+    if len(idx) > 1:
+        body.append(pick(rng, [
+            "The best session was {bd} ({br}) and the worst was {wd} ({wr}).",
+            "{bd} brought the biggest move up ({br}); {wd} the weakest ({wr}).",
+        ], bd=WEEKDAYS[sp.dates[best].weekday()], br=fsp(sps.ret[best]),
+            wd=WEEKDAYS[sp.dates[worst].weekday()], wr=fsp(sps.ret[worst])))
+    av = sps.avg_vol50[first]
+    if av:
+        wv = mean([sp.cols["volume"][j] for j in idx])
+        body.append(pick(rng, [
+            "Average daily volume was {wv}, {cmp} the 50-day norm going into the week.",
+            "Turnover averaged {wv} a day against {av} over the prior 50 sessions.",
+        ], wv=fvol(wv), av=fvol(av),
+            cmp="in line with" if abs(pct(wv, av)) < 5 else f"{fp(pct(wv, av))} {'above' if wv > av else 'below'}"))
+    if len(idx) >= 4:
+        body.append(f"Annualized, the week's daily moves imply volatility of "
+                    f"{fp(ann_vol([sps.ret[j] for j in idx]))}.")
+    a = wti.last_on_or_before(d)
+    b = wti.last_on_or_before(sp.dates[prev_close_i])
+    if a and b and a[0] > sp.dates[prev_close_i]:
+        orr = pct(a[1], b[1])
+        body.append(pick(rng, [
+            "WTI crude {mv} over the week to ${p} a barrel.",
+            "Oil finished the week at ${p}, a weekly {gl} of {a}.",
+        ], mv=move(orr, rng), p=f2(a[1]), gl=gain_loss(orr), a=fp(orr)))
+        if abs(orr) >= 3 and abs(wr) >= 1:
+            body.append("Oil and equities {} over the week.".format(
+                "rose together" if orr > 0 and wr > 0 else "fell together" if orr < 0 and wr < 0 else "diverged"))
+    va = vix.last_on_or_before(d)
+    vb = vix.last_on_or_before(sp.dates[prev_close_i])
+    if va and vb and va[0] > sp.dates[prev_close_i] and vb[0] >= d - dt.timedelta(days=14):
+        body.append(pick(rng, [
+            "The VIX ended the week at {v}, {ud} from {pv}.",
+            "Implied volatility moved from {pv} to {v} on the VIX, a level that reads as {reg}.",
+        ], v=f2(va[1]), pv=f2(vb[1]), ud="up" if va[1] >= vb[1] else "down", reg=vix_regime(va[1])))
+    hi = sps.hi252[last]
+    if hi is not None and hi != last:
+        body.append(f"The S&P 500 ends the week {fp(pct(cl[last], cl[hi]))} below its 52-week closing high of "
+                    f"{f2(cl[hi])}.")
+    elif hi == last:
+        body.append("It ends the week at a 52-week closing high.")
+    return assemble(rng, title, lead, body, keep=0.8)
+
+
+# -----------------------------------------------------------------------------
+# market corpus: monthly review (1999-2018, with equities) and rates/credit notes (from 1919)
+
+
+def macro_sentences(y: int, m: int, data: dict, rng: random.Random, wti_month: dict) -> list[str]:
+    """Credit, inflation, factor and oil notes for one month, shared by both monthly kinds.
+    Each item is a self-contained group of sentences, so shuffling items keeps the prose coherent."""
+    out = []
+    credit, cpi, ff, crude = data["credit"], data["cpi"], data["ff"], data["crude"]
+    prev = (y - 1, 12) if m == 1 else (y, m - 1)
+    prev3 = (y - 1, m + 9) if m <= 3 else (y, m - 3)
+    yago = (y - 1, m)
+    if (y, m) in credit:
+        aaa, baa = credit[(y, m)]
+        spread = baa - aaa
+        g = [pick(rng, [
+            "Moody's seasoned Aaa corporate bonds yielded {aaa} on average and Baa bonds {baa}, a default spread of {sp}.",
+            "Corporate borrowing costs: Aaa yields averaged {aaa}, Baa {baa}; the gap between them was {sp}.",
+            "The Baa-Aaa credit spread stood at {sp}, with Aaa at {aaa} and Baa at {baa}.",
+        ], aaa=fp(aaa), baa=fp(baa), sp=fbp(spread))]
+        if prev in credit:
+            paaa, pbaa = credit[prev]
+            da, ds = aaa - paaa, spread - (pbaa - paaa)
+            if abs(da) >= 0.005 and rng.random() < 0.7:
+                g.append(f"Aaa yields {'rose' if da > 0 else 'fell'} {fbp(da)} on the month.")
+            if abs(ds) >= 0.005:
+                g.append(pick(rng, [
+                    "The spread {w} by {bp} from the previous month.",
+                    "Compared with a month earlier, the spread {w} {bp}.",
+                ], w="widened" if ds > 0 else "narrowed", bp=fbp(ds)))
+            else:
+                g.append("The spread was unchanged from the previous month.")
+        if yago in credit and rng.random() < 0.6:
+            ys = spread - (credit[yago][1] - credit[yago][0])
+            g.append(f"Over twelve months it has {'widened' if ys > 0 else 'narrowed'} by {fbp(ys)}."
+                     if abs(ys) >= 0.005 else "It is unchanged from a year ago.")
+        out.append(" ".join(g))
+    if (y, m) in cpi and prev in cpi:
+        mom = pct(cpi[(y, m)], cpi[prev])
+        if f2(mom) == "0.00":
+            s = pick(rng, ["Core consumer prices (CPI excluding food and energy) were unchanged on the month",
+                           "The core CPI index held at {lvl} for the month"], lvl=f"{cpi[(y, m)]:.3f}")
+        else:
+            s = pick(rng, [
+                "Core consumer prices (CPI excluding food and energy) {rf} {mom} on the month",
+                "The core CPI index moved {smom} month over month to {lvl}",
+                "Core inflation printed {smom} for the month",
+            ], rf="rose" if mom > 0 else "fell", mom=fp(mom), smom=fsp(mom), lvl=f"{cpi[(y, m)]:.3f}")
+        if yago in cpi:
+            yoy = pct(cpi[(y, m)], cpi[yago])
+            s += pick(rng, [", for a year-over-year rate of {yoy}.", "; the annual rate is {yoy}.",
+                            ", leaving twelve-month core inflation at {yoy}."], yoy=fsp(yoy))
+            if prev3 in cpi and rng.random() < 0.5:
+                g = cpi[(y, m)] / cpi[prev3]
+                ann3 = (g * g * g * g - 1.0) * 100.0  # three-month change compounded to a year
+                s += f" Over three months core prices are running at a {fsp(ann3)} annualized pace."
+        else:
+            s += "."
+        out.append(s)
+    if (y, m) in ff:
+        mkt, smb, hml, rf = ff[(y, m)]
+        out.append(pick(rng, [
+            "In the Fama-French factors, the market returned {mkt} over the risk-free rate of {rf}; "
+            "small caps {sv} large caps by {smb} and value {vv} growth by {hml}.",
+            "Factor returns for the month: market excess {mkt}, size (SMB) {ssmb}, value (HML) {shml}, "
+            "with one-month Treasury bills paying {rf}.",
+            "The broad U.S. stock market returned {tot} including the {rf} risk-free return; the size factor "
+            "was {ssmb} and the value factor {shml}.",
+        ], mkt=fsp(mkt), rf=fp(rf), smb=fpp(smb), hml=fpp(hml), ssmb=fsp(smb), shml=fsp(hml),
+            sv="beat" if smb > 0 else "lagged", vv="beat" if hml > 0 else "lagged", tot=fsp(mkt + rf)))
+    if (y, m) in wti_month:
+        avg, n = wti_month[(y, m)]
+        s = f"WTI crude averaged ${f2(avg)} a barrel over {n} trading days"
+        if prev in wti_month:
+            s += f", {fp(pct(avg, wti_month[prev][0]))} {'above' if avg >= wti_month[prev][0] else 'below'} " \
+                 f"the previous month's average"
+        out.append(s + ".")
+    if (y, m) in crude:
+        brent, w = crude[(y, m)]
+        out.append(pick(rng, [
+            "For the month, Brent averaged ${b} a barrel and WTI ${w}, putting Brent at a ${asp} {pd}.",
+            "The Brent-WTI spread averaged {sp} a barrel in {mon} (Brent ${b}, WTI ${w}).",
+        ], b=f2(brent), w=f2(w), sp=f"{'-' if brent < w else ''}${f2(abs(brent - w))}", asp=f2(abs(brent - w)),
+            pd="premium" if brent >= w else "discount", mon=MONTHS[m - 1]))
+    return out
+
+
+def monthly_doc(y: int, m: int, idx: list[int], prev_i: int, data: dict, sps: EquityStats,
+                nqs: EquityStats, vix: Lookup, wti_month: dict) -> str:
+    sp, nq = data["sp"], data["nq"]
+    cl, ncl = sp.cols["close"], nq.cols["close"]
+    last = idx[-1]
+    rng = random.Random(f"monthly:{y:04d}-{m:02d}")
+    mr, nmr = pct(cl[last], cl[prev_i]), pct(ncl[last], ncl[prev_i])
+    j = last
+    while j > 0 and sp.dates[j - 1].year == y:
+        j -= 1
+    ytd = pct(cl[last], cl[j - 1]) if j > 0 else None
+    hi_i = max(idx, key=lambda k: cl[k])
+    lo_i = min(idx, key=lambda k: cl[k])
+    best = max(idx, key=lambda k: sps.ret[k])
+    worst = min(idx, key=lambda k: sps.ret[k])
+    ups = sum(1 for k in idx if sps.ret[k] > 0)
+    title = pick(rng, [
+        "Monthly market review: {mon}",
+        "{mon} in markets: S&P 500 {mr}, Nasdaq {nmr}",
+        "Month-end report, {mon}",
+        "Markets in {mon}",
+    ], mon=month_name(y, m), mr=fsp(mr), nmr=fsp(nmr))
+    lead = [pick(rng, [
+        "The S&P 500 {mv} in {mn} to end the month at {c}.",
+        "Over {mn} the S&P 500 posted a {gl} of {a}, closing the month at {c}.",
+        "U.S. stocks finished {mn} {hl}: the S&P 500 closed at {c}, {ud} {a} from the end of the previous month.",
+    ], mv=move(mr, rng), mn=MONTHS[m - 1], c=f2(cl[last]), gl=gain_loss(mr), a=fp(mr), hl=higher_lower(mr),
+        ud=up_down(mr))]
+    body = [
+        pick(rng, [
+            "The Nasdaq Composite {mv} over the month to {nc}.",
+            "The Nasdaq ended the month at {nc} ({nmr}), {rel} the S&P 500.",
+        ], mv=move(nmr, rng), nc=f2(ncl[last]), nmr=fsp(nmr), rel="outperforming" if nmr > mr else "trailing"),
+        pick(rng, [
+            "The highest close of the month was {hc} on {hd} and the lowest {lc} on {ld}.",
+            "Closes ranged from {lc} ({ld}) to {hc} ({hd}).",
+        ], hc=f2(cl[hi_i]), hd=short_date(sp.dates[hi_i]), lc=f2(cl[lo_i]), ld=short_date(sp.dates[lo_i])),
+        pick(rng, [
+            "The index rose on {u} of {n} trading days; the best day was {bd} ({br}) and the worst {wd} ({wr}).",
+            "Of {n} sessions, {u} closed higher. The largest daily gain came on {bd} ({br}), the largest drop on {wd} ({wr}).",
+        ], u=ups, n=len(idx), bd=short_date(sp.dates[best]), br=fsp(sps.ret[best]),
+            wd=short_date(sp.dates[worst]), wr=fsp(sps.ret[worst])),
+        f"Realized volatility for the month was {fp(ann_vol([sps.ret[k] for k in idx]))} annualized, "
+        f"{vol_regime(ann_vol([sps.ret[k] for k in idx]))} by historical standards.",
+    ]
+    if ytd is not None and m != 1:
+        body.append(pick(rng, ["Year to date the index is {y}.", "That brings the {yr} performance to {y}."],
+                         y=fsp(ytd), yr=y))
+    vs = [vix.vals[k] for k, dd in enumerate(vix.dates) if dd.year == y and dd.month == m]
+    if vs:
+        body.append(f"The VIX averaged {f2(mean(vs))} during the month, ranging from {f2(min(vs))} to {f2(max(vs))}.")
+    body += macro_sentences(y, m, data, rng, wti_month)
+    return assemble(rng, title, lead, body, keep=0.85)
+
+
+def credit_doc(y: int, m: int, data: dict, wti_month: dict):
+    """Pre-1999 months: rates, credit, inflation, factor returns and oil where the data reach."""
+    rng = random.Random(f"credit:{y:04d}-{m:02d}")
+    sents = macro_sentences(y, m, data, rng, wti_month)
+    if not sents:
+        return None
+    title = pick(rng, [
+        "Rates and credit monthly: {mon}", "{mon}: bond yields, spreads and returns",
+        "Monthly economic note, {mon}", "Capital markets in {mon}",
+    ], mon=month_name(y, m))
+    return assemble(rng, title, sents[:1], sents[1:], keep=0.9)
+
+
+# -----------------------------------------------------------------------------
+# market corpus: quarterly macro (statsmodels macrodata, 1959Q1-2009Q3) and annual review
+
+
+def quarterly_doc(y: int, q: int, macro: dict):
+    cur, prev = macro.get((y, q)), macro.get((y, q - 1) if q > 1 else (y - 1, 4))
+    if cur is None or prev is None:
+        return None
+    rng = random.Random(f"quarterly:{y}Q{q}")
+    g = cur["gdp"] / prev["gdp"]
+    saar = (g * g * g * g - 1.0) * 100.0  # quarter-on-quarter growth at an annual rate
+    yago = macro.get((y - 1, q))
+    title = pick(rng, ["U.S. economy, Q{q} {y}", "Quarterly macro report: {y} Q{q}",
+                       "The economy in the {o} quarter of {y}"],
+                 q=q, y=y, o=["first", "second", "third", "fourth"][q - 1])
+    lead = [pick(rng, [
+        "Real GDP {ud} at a {s} annualized rate in the quarter, to ${lvl} billion in chained 2005 dollars.",
+        "The U.S. economy {gw} at an annual rate of {s}, with real output at ${lvl} billion.",
+    ], ud="grew" if saar >= 0 else "contracted", s=fp(saar), lvl=f"{cur['gdp']:,.1f}",
+        gw="expanded" if saar >= 0 else "shrank")]
+    body = []
+    if yago:
+        body.append(f"From a year earlier, real GDP is {fsp(pct(cur['gdp'], yago['gdp']))}.")
+        body.append(pick(rng, [
+            "Consumer prices are {i} higher than a year ago.",
+            "Year-over-year CPI inflation is {i}.",
+        ], i=fsp(pct(cur["cpi"], yago["cpi"]))))
+        body.append(f"The M1 money stock grew {fsp(pct(cur['m1'], yago['m1']))} over four quarters, "
+                    f"to ${f2(cur['m1'])} billion.")
+    body.append(pick(rng, [
+        "Real consumer spending {cv} {c} on the quarter and real private investment {iv} {i}.",
+        "Consumption {cv} {c} while investment {iv} {i} from the previous quarter.",
+    ], cv="rose" if cur["cons"] >= prev["cons"] else "fell", c=fp(pct(cur["cons"], prev["cons"])),
+        iv="rose" if cur["inv"] >= prev["inv"] else "fell", i=fp(pct(cur["inv"], prev["inv"]))))
+    du = cur["unemp"] - prev["unemp"]
+    body.append(pick(rng, [
+        "Unemployment averaged {u}, {ch}.",
+        "The jobless rate was {u} ({ch}).",
+    ], u=fp(cur["unemp"]),
+        ch="unchanged from the prior quarter" if abs(du) < 0.05 else f"{'up' if du > 0 else 'down'} {fpp(du)} on the quarter"))
+    dt_ = cur["tbill"] - prev["tbill"]
+    body.append(pick(rng, [
+        "The three-month Treasury bill yielded {t}, {ch}; the real rate was {r}.",
+        "Short rates: the 3-month T-bill averaged {t} ({ch}) and the ex-post real rate {r}.",
+    ], t=fp(cur["tbill"]), r=fsp(cur["realint"]),
+        ch="unchanged" if abs(dt_) < 0.005 else f"{'up' if dt_ > 0 else 'down'} {fbp(dt_)}"))
+    body.append(f"Annualized quarterly inflation measured {fsp(cur['infl'])}.")
+    gap = cur["tbill"] - (pct(cur["cpi"], yago["cpi"]) if yago else cur["infl"])
+    if rng.random() < 0.5:
+        body.append(f"Bill yields sit {fpp(gap)} {'above' if gap >= 0 else 'below'} "
+                    f"{'annual' if yago else 'quarterly'} inflation.")
+    return assemble(rng, title, lead, body, keep=0.85)
+
+
+def annual_doc(y: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Lookup, vix: Lookup):
+    ff, credit, cpi = data["ff"], data["credit"], data["cpi"]
+    rng = random.Random(f"annual:{y}")
+    body, lead = [], []
+    sp, nq = data["sp"], data["nq"]
+    idx = [i for i, d in enumerate(sp.dates) if d.year == y]
+    if idx and idx[0] > 0:
+        cl, ncl = sp.cols["close"], nq.cols["close"]
+        p, last = idx[0] - 1, idx[-1]
+        ar, nar = pct(cl[last], cl[p]), pct(ncl[last], ncl[p])
+        lead.append(pick(rng, [
+            "The S&P 500 {mv} in {y}, ending the year at {c}.",
+            "For {y} as a whole the S&P 500 returned {ar} in price terms, closing at {c}.",
+        ], mv=move(ar, rng), y=y, c=f2(cl[last]), ar=fsp(ar)))
+        body.append(f"The Nasdaq Composite finished {y} at {f2(ncl[last])}, {up_down(nar)} {fp(nar)}.")
+        hi_i = max(idx, key=lambda k: cl[k])
+        lo_i = min(idx, key=lambda k: cl[k])
+        body.append(f"The year's highest close was {f2(cl[hi_i])} on {short_date(sp.dates[hi_i])}, the lowest "
+                    f"{f2(cl[lo_i])} on {short_date(sp.dates[lo_i])}.")
+        peak, mdd, mdd_at, mdd_pk = cl[p], 0.0, None, None  # max drawdown within the year
+        pk_i = p
+        for k in idx:
+            if cl[k] > peak:
+                peak, pk_i = cl[k], k
+            dd = pct(cl[k], peak)
+            if dd < mdd:
+                mdd, mdd_at, mdd_pk = dd, k, pk_i
+        if mdd_at is not None:
+            body.append(f"The deepest peak-to-trough decline of the year was {fp(mdd)}, from {f2(cl[mdd_pk])} to "
+                        f"{f2(cl[mdd_at])} on {short_date(sp.dates[mdd_at])}.")
+        ups = sum(1 for k in idx if sps.ret[k] > 0)
+        big = sum(1 for k in idx if abs(sps.ret[k]) >= 2.0)
+        body.append(f"The index closed higher on {ups} of {len(idx)} sessions and moved 2% or more on {big} days.")
+        best = max(idx, key=lambda k: sps.ret[k])
+        worst = min(idx, key=lambda k: sps.ret[k])
+        body.append(f"Its best day was {short_date(sp.dates[best])} ({fsp(sps.ret[best])}) and its worst "
+                    f"{short_date(sp.dates[worst])} ({fsp(sps.ret[worst])}).")
+        body.append(f"Realized volatility for the year was {fp(ann_vol([sps.ret[k] for k in idx]))}.")
+    if all((y, m) in ff for m in range(1, 13)):
+        g_mkt, g_rf = 1.0, 1.0
+        for m in range(1, 13):
+            mkt, smb, hml, rf = ff[(y, m)]
+            g_mkt *= 1.0 + (mkt + rf) / 100.0
+            g_rf *= 1.0 + rf / 100.0
+        smb_sum = sum(ff[(y, m)][1] for m in range(1, 13))
+        hml_sum = sum(ff[(y, m)][2] for m in range(1, 13))
+        s = (f"Compounding the monthly Fama-French data, the total U.S. stock market returned "
+             f"{fsp((g_mkt - 1) * 100)} in {y} against {fp((g_rf - 1) * 100)} on Treasury bills; "
+             f"the monthly size factor summed to {fsp(smb_sum)} and the value factor to {fsp(hml_sum)}.")
+        (body if lead else lead).append(s)
+    if (y, 12) in credit and (y - 1, 12) in credit:
+        a, b = credit[(y, 12)]
+        pa, pb = credit[(y - 1, 12)]
+        body.append(f"By December, Aaa yields were {fp(a)} and Baa {fp(b)}, against {fp(pa)} and {fp(pb)} a year "
+                    f"before; the Baa-Aaa spread {'widened' if (b - a) > (pb - pa) else 'narrowed' if (b - a) < (pb - pa) else 'held'} "
+                    f"to {fbp(b - a)}.")
+    if (y, 12) in cpi and (y - 1, 12) in cpi:
+        body.append(f"Core CPI rose {fp(pct(cpi[(y, 12)], cpi[(y - 1, 12)]))} from December to December.")
+    wd = [(d, v) for d, v in zip(wti.dates, wti.vals) if d.year == y]
+    pw = wti.last_on_or_before(dt.date(y - 1, 12, 31))
+    if wd and pw and pw[0].year == y - 1:
+        yr = pct(wd[-1][1], pw[1])
+        body.append(f"WTI crude ended the year at ${f2(wd[-1][1])} a barrel, {up_down(yr)} {fp(yr)} for the year, "
+                    f"after trading between ${f2(min(v for _, v in wd))} and ${f2(max(v for _, v in wd))}.")
+    vs = [v for d, v in zip(vix.dates, vix.vals) if d.year == y]
+    if len(vs) > 200:
+        body.append(f"The VIX averaged {f2(mean(vs))} over the year, with a low of {f2(min(vs))} and a high of "
+                    f"{f2(max(vs))}.")
+    if not lead:
+        return None
+    title = pick(rng, ["Annual review: {y}", "{y} in review", "The year in markets, {y}"], y=y)
+    return assemble(rng, title, lead, body, keep=0.9)
+
+
+# -----------------------------------------------------------------------------
+# market corpus: put it together
+
+
+def build_market_docs() -> list[str]:
+    data = load_market_data()
+    sp, nq = data["sp"], data["nq"]
+    sps, nqs = EquityStats(sp), EquityStats(nq)
+    wti, vix = Lookup(data["wti"]), Lookup(data["vix"])
+    oil_ret = {}
+    for k in range(1, len(wti.dates)):
+        oil_ret[wti.dates[k]] = pct(wti.vals[k], wti.vals[k - 1])
+    wti_month = {}
+    for d, v in data["wti"]:
+        s, n = wti_month.get((d.year, d.month), (0.0, 0))
+        wti_month[(d.year, d.month)] = (s + v, n + 1)
+    wti_month = {k: (s / n, n) for k, (s, n) in wti_month.items()}
+
+    docs = []  # (sort key date, kind rank, text): chronological, ties in a fixed kind order
+    n = len(sp.dates)
+    for i in range(1, n):
+        docs.append((sp.dates[i], 0, daily_doc(i, data, sps, nqs, wti, vix, oil_ret)))
+    weeks, cur = [], []
+    for i in range(n):
+        if cur and sp.dates[i].isocalendar()[:2] != sp.dates[cur[-1]].isocalendar()[:2]:
+            weeks.append(cur)
+            cur = []
+        cur.append(i)
+    weeks.append(cur)
+    for w in weeks[1:]:
+        docs.append((sp.dates[w[-1]], 1, weekly_doc(w, w[0] - 1, data, sps, nqs, wti, vix)))
+    months = {}
+    for i, d in enumerate(sp.dates):
+        months.setdefault((d.year, d.month), []).append(i)
+    first_equity_month = min(months)
+    for (y, m), idx in sorted(months.items()):
+        if idx[0] == 0:
+            continue
+        docs.append((sp.dates[idx[-1]], 2, monthly_doc(y, m, idx, idx[0] - 1, data, sps, nqs, vix, wti_month)))
+    for (y, m) in sorted(set(data["credit"]) | set(data["ff"]) | set(data["cpi"])):
+        if (y, m) >= first_equity_month:
+            continue
+        t = credit_doc(y, m, data, wti_month)
+        if t:
+            docs.append((dt.date(y, m, 28), 2, t))
+    for (y, q) in sorted(data["macro"]):
+        t = quarterly_doc(y, q, data["macro"])
+        if t:
+            docs.append((dt.date(y, 3 * q, 28), 3, t))
+    years = sorted({y for y, _ in data["ff"]} | {d.year for d in sp.dates})
+    for y in years:
+        t = annual_doc(y, data, sps, nqs, wti, vix)
+        if t:
+            docs.append((dt.date(y, 12, 31), 4, t))
+    docs.sort(key=lambda t: (t[0], t[1]))
+    return [t for _, _, t in docs]
+
+
+def run_market(out_dir: str) -> None:
+    docs = build_market_docs()
+    path = os.path.join(out_dir, CORPUS_NAME)
+    data = write_corpus(path, docs)
+    print(f"wrote {path}: {len(docs):,} documents, {len(data):,} bytes, {len(data.decode('utf-8')):,} characters")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", choices=["market", "eodhd"], default=SOURCE,
+                   help="market: offline reports from bundled historical series; eodhd: news from the EODHD API")
+    p.add_argument("--out-dir", default=OUT_DIR, help="where finance_corpus.txt (and news.jsonl) are written")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.source == "market":
+            run_market(args.out_dir)
+            return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
