@@ -21,6 +21,7 @@ writes finance_corpus.txt beside it.
 import argparse
 import csv
 import datetime as dt
+import email.utils
 import gzip
 import html
 import importlib.resources
@@ -33,6 +34,10 @@ import re
 import sys
 import time
 import traceback
+import urllib.parse
+
+import requests
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -416,7 +421,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
     title = pick(rng, [
         "Daily market report: {date}",
         "Market close, {date}",
-        "Stocks {hl} on {wd}: S&P 500 {spr}, Nasdaq {nqr}",
+        "Stocks {hl} on {wd}, {sdate}: S&P 500 {spr}, Nasdaq {nqr}",
         "{sdate}: S&P 500 {spr} at {c}",
         "U.S. equities, {date}",
         "Closing bell, {sdate}",
@@ -1029,29 +1034,567 @@ def run_market(out_dir: str) -> None:
 
 
 # -----------------------------------------------------------------------------
+# eodhd: the API key never leaves the process (requests puts it in URLs, and URLs end up
+# in exception messages, so every message we print goes through redact())
+
+
+class Redactor:
+    def __init__(self, secret: str):
+        self.secrets = [s for s in {secret, urllib.parse.quote(secret, safe=""),
+                                    urllib.parse.quote_plus(secret)} if s]
+
+    def __call__(self, text) -> str:
+        text = str(text)
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return re.sub(r"(api_token=)[^&\s'\"]+", r"\1***", text)
+
+
+class AuthError(UserError):
+    pass
+
+
+class QuotaExhausted(Exception):
+    pass
+
+
+class TickerNotFound(Exception):
+    pass
+
+
+class TickerFailed(Exception):
+    pass
+
+
+class NewsClient:
+    """GET {base_url}/news with retries. Returns one page (a list of article dicts) or raises:
+    AuthError (401/403), QuotaExhausted (402), TickerNotFound (404), TickerFailed (gave up)."""
+
+    def __init__(self, base_url, api_key, timeout, max_retries, backoff_base, backoff_max, log):
+        self.url = base_url.rstrip("/") + "/news"
+        self.api_key, self.timeout, self.log = api_key, timeout, log
+        self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
+        self.redact = Redactor(api_key)
+        self.session = requests.Session()  # one connection pool: keep-alive across pages and tickers
+        self.session.headers["User-Agent"] = "fetch_news.py (finance corpus builder)"
+        self.requests_ok = 0  # requests answered 200: each costs CALLS_PER_NEWS_REQUEST API calls
+        self.jitter = random.Random()  # jitter de-synchronises clients; it does not need to be reproducible
+
+    def backoff(self, attempt: int) -> float:
+        # exponential backoff with jitter: base * 2^attempt, scaled by a random factor in [0.5, 1]
+        return min(self.backoff_max, self.backoff_base * (2 ** attempt)) * (0.5 + 0.5 * self.jitter.random())
+
+    @staticmethod
+    def retry_after(resp):
+        value = resp.headers.get("Retry-After", "").strip()
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            pass
+        try:  # the HTTP-date form
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+    def page(self, ticker: str, offset: int, limit: int, date_from, date_to) -> list:
+        params = {"s": ticker, "offset": offset, "limit": limit, "api_token": self.api_key, "fmt": "json"}
+        if date_from:
+            params["from"] = date_from
+        if date_to:
+            params["to"] = date_to
+        where = f"{ticker} offset {offset}"
+        for attempt in range(self.max_retries + 1):
+            try:
+                resp = self.session.get(self.url, params=params, timeout=self.timeout)
+            except requests.RequestException as e:  # timeouts, refused and reset connections
+                reason, wait = f"{type(e).__name__}: {self.redact(e)}", self.backoff(attempt)
+            else:
+                code = resp.status_code
+                if code == 200:
+                    self.requests_ok += 1
+                    try:
+                        items = json.loads(resp.text)
+                    except ValueError:
+                        items = None
+                    if isinstance(items, list):
+                        return items
+                    reason = "answer is not a JSON list of articles"
+                    wait = self.backoff(attempt)
+                elif code in (401, 403):
+                    body = " ".join(resp.text.split())[:80] or resp.reason
+                    raise AuthError(f"EODHD rejected the API key (HTTP {code}: {self.redact(body)}); "
+                                    f"pass a valid --api-key or set EODHD_API_KEY")
+                elif code == 402:
+                    raise QuotaExhausted()
+                elif code == 404:
+                    raise TickerNotFound()
+                elif code == 429:
+                    ra = self.retry_after(resp)
+                    reason, wait = "rate limited (HTTP 429)", ra if ra is not None else self.backoff(attempt)
+                elif code >= 500:
+                    reason, wait = f"server error (HTTP {code})", self.backoff(attempt)
+                else:  # other 4xx: retrying the same request cannot help
+                    body = " ".join(resp.text.split())[:120]
+                    raise TickerFailed(f"HTTP {code}: {self.redact(body)}")
+            if attempt == self.max_retries:
+                raise TickerFailed(f"{reason}; gave up after {attempt + 1} attempts")
+            self.log(f"{where}: {reason}; retry {attempt + 1}/{self.max_retries} in {wait:.1f}s")
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+# -----------------------------------------------------------------------------
+# eodhd: crash-safe storage
+#
+# news.jsonl   one article per line, each link exactly once; appended page by page (flush + fsync)
+# news_merges.jsonl   extra tickers for articles already in news.jsonl (appended, fsynced); folded
+#                     into news.jsonl by compact(), which rewrites it via temp file + os.replace
+# news_progress.json  per ticker: the query (from, to), the next offset, done; atomic rewrite per page
+#
+# Order per page: append articles -> append merges -> record the new offset. A kill -9 anywhere in
+# between only means the page is fetched again on the next run; the link index rebuilt from
+# news.jsonl (+ merges) at start-up turns those repeats into no-ops. A torn last line (killed
+# mid-append) is dropped at start-up; its articles come back with the refetched page.
+
+
+def article_key(a: dict) -> str:
+    link = a.get("link")
+    if isinstance(link, str) and link.strip():
+        return link.strip()
+    return "no-link:" + str(a.get("date", "")) + "|" + str(a.get("title", ""))
+
+
+def read_jsonl(path: str):
+    """Complete, parseable lines of a JSON-lines file, and whether anything had to be dropped."""
+    if not os.path.exists(path):
+        return [], False
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines, dropped = raw.split(b"\n"), False
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:  # no trailing newline: the last line is torn
+        lines.pop()
+        dropped = True
+    out = []
+    for ln in lines:
+        try:
+            obj = json.loads(ln)
+        except ValueError:
+            dropped = True
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+        else:
+            dropped = True
+    return out, dropped
+
+
+def jsonl_bytes(records) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
+
+
+def append_fsync(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class NewsStore:
+    def __init__(self, out_dir: str, log):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "news.jsonl")
+        self.merges_path = os.path.join(out_dir, "news_merges.jsonl")
+        self.progress_path = os.path.join(out_dir, "news_progress.json")
+        self.log = log
+        self.tickers: dict[str, set] = {}  # link -> tickers it is stored under (the dedup index)
+        self.compact(startup=True)
+        self.progress = {}
+        if os.path.exists(self.progress_path):
+            try:
+                with open(self.progress_path, encoding="utf-8") as f:
+                    self.progress = json.load(f)
+            except ValueError:  # cannot happen with os.replace, but never lose articles over it
+                self.log(f"ignoring unreadable {self.progress_path}; every ticker restarts at offset 0")
+
+    def compact(self, startup: bool = False) -> int:
+        """Fold pending merges into news.jsonl, drop a torn tail, rebuild the link index."""
+        records, torn = read_jsonl(self.path)
+        merges, _ = read_jsonl(self.merges_path)
+        if torn and startup:
+            self.log(f"{self.path}: dropped an incomplete last line left by an interrupted run")
+        by_key, order = {}, []
+        for r in records + [dict(m, _merge=True) for m in merges]:
+            k = article_key(r)
+            if k not in by_key:
+                if r.get("_merge"):
+                    continue  # a merge whose article was in the torn tail: it will be refetched
+                by_key[k] = r
+                order.append(k)
+            else:
+                cur = by_key[k]
+                for field in ("tickers", "symbols"):
+                    vals = set(cur.get(field) or []) | set(r.get(field) or [])
+                    cur[field] = sorted(vals)
+                if not r.get("_merge"):
+                    torn = True  # a repeated line: rewrite so each link is stored once
+        if torn or merges:
+            atomic_write_bytes(self.path, jsonl_bytes(by_key[k] for k in order))
+        if os.path.exists(self.merges_path):
+            os.remove(self.merges_path)  # only after news.jsonl holds the merged tickers
+        self.tickers = {k: set(by_key[k].get("tickers") or []) for k in order}
+        return len(order)
+
+    def add_page(self, ticker: str, items: list) -> int:
+        """Store one page: new articles appended, known ones get this ticker merged. Returns #new."""
+        new, merges = [], {}
+        for a in items:
+            if not isinstance(a, dict):
+                continue
+            k = article_key(a)
+            if k in self.tickers:
+                if ticker not in self.tickers[k]:
+                    self.tickers[k].add(ticker)
+                    m = merges.setdefault(k, {"link": k, "tickers": set(), "symbols": set()})
+                    m["tickers"].add(ticker)
+                    m["symbols"].update(s for s in (a.get("symbols") or []) if isinstance(s, str))
+                continue
+            rec = dict(a)
+            rec["link"] = k
+            rec["tickers"] = [ticker]
+            self.tickers[k] = {ticker}
+            new.append(rec)
+        if new:
+            append_fsync(self.path, jsonl_bytes(new))
+        if merges:
+            append_fsync(self.merges_path, jsonl_bytes(
+                {"link": m["link"], "tickers": sorted(m["tickers"]), "symbols": sorted(m["symbols"])}
+                for m in merges.values()))
+        return len(new)
+
+    def save_progress(self, ticker: str, state: dict) -> None:
+        self.progress[ticker] = state
+        atomic_write_bytes(self.progress_path, json.dumps(self.progress, indent=1, sort_keys=True).encode())
+
+
+# -----------------------------------------------------------------------------
+# eodhd: tickers
+
+
+TICKER_RE = re.compile(r"^[A-Z0-9^][A-Z0-9.\-_=]*$")
+
+
+def normalise_ticker(t: str) -> str:
+    t = t.strip().upper()
+    if not TICKER_RE.match(t):
+        raise UserError(f"not a ticker: {t!r} (expected e.g. AAPL.US)")
+    return t if "." in t else t + ".US"  # EODHD needs the exchange; US is the common case
+
+
+def sp500_symbol_to_eodhd(sym: str) -> str:
+    # class shares: the constituents list writes BRK.B, EODHD wants BRK-B.US
+    return sym.strip().upper().replace(".", "-") + ".US"
+
+
+def load_sp500(out_dir: str, url: str, timeout: float, log) -> list[str]:
+    """The current S&P 500 constituents: downloaded when online (and cached), else the cache."""
+    cache = os.path.join(out_dir, SP500_CACHE)
+    text = None
+    try:
+        r = requests.get(url, timeout=timeout)
+        r.raise_for_status()
+        text = r.text
+    except requests.RequestException as e:
+        if not os.path.exists(cache):
+            raise UserError(f"cannot download the S&P 500 list from {url} ({type(e).__name__}) and there is "
+                            f"no cached copy at {cache}")
+        log(f"S&P 500 list not downloaded ({type(e).__name__}); using the cached {cache}")
+    if text is None:
+        with open(cache, encoding="utf-8") as f:
+            text = f.read()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    syms = [row.get("Symbol", "") for row in rows if (row.get("Symbol") or "").strip()]
+    if not syms:
+        raise UserError(f"the S&P 500 list from {url if text is not None else cache} has no Symbol column")
+    if not os.path.exists(cache) or open(cache, encoding="utf-8").read() != text:
+        atomic_write_bytes(cache, text.encode("utf-8"))
+    return [sp500_symbol_to_eodhd(s) for s in syms]
+
+
+def collect_tickers(args, log) -> list[str]:
+    out = []
+    if args.tickers:
+        out += [normalise_ticker(t) for t in args.tickers.split(",") if t.strip()]
+    if args.tickers_file:
+        try:
+            with open(args.tickers_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise UserError(f"cannot read --tickers-file {args.tickers_file}: {e.strerror}")
+        found = [t for ln in lines for t in ln.split("#")[0].replace(",", " ").split()]
+        if not found:
+            raise UserError(f"--tickers-file {args.tickers_file} lists no tickers")
+        out += [normalise_ticker(t) for t in found]
+    if args.sp500:
+        out += load_sp500(args.out_dir, args.sp500_url, args.timeout, log)
+    if not out:
+        raise UserError("no tickers: give --tickers, --tickers-file or --sp500")
+    return list(dict.fromkeys(out))  # de-duplicate, keep order
+
+
+# -----------------------------------------------------------------------------
+# eodhd: from news.jsonl to the corpus
+
+BOILERPLATE = re.compile(
+    r"^(story continues|continue reading|read more|read the (full|original) (story|article)|view comments"
+    r"|recommended stories|click here|sign up|subscribe|download the|follow us|share this"
+    r"|(this|the) (article|story|post) (was )?(originally |first )?(appeared|published|featured)"
+    r"|originally published|copyright|\(c\) ?\d{4}|\u00a9|all rights reserved"
+    r"|(see|read) also|related( articles| stories)?:|advertisement$|image source:|photo:)",
+    re.IGNORECASE)
+
+
+def clean_text(s) -> str:
+    """HTML to plain text: tags and entities gone, boilerplate lines dropped, whitespace normalised
+    (single spaces within a line, no empty lines, so a document never contains a blank line)."""
+    if not isinstance(s, str):
+        return ""
+    s = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", s)
+    s = re.sub(r"(?i)<br\s*/?>|</?(p|div|li|h[1-6]|tr|blockquote)\b[^>]*>", "\n", s)
+    s = re.sub(r"<[^>]*>", " ", s)
+    s = html.unescape(s)
+    lines = []
+    for ln in s.splitlines():
+        ln = " ".join(ln.split())  # str.split() also splits on non-breaking and other unicode spaces
+        if ln and not (len(ln) < 200 and BOILERPLATE.match(ln)):
+            lines.append(ln)
+    return "\n".join(lines)
+
+
+def date_key(s) -> str:
+    """ISO-8601 with any offset -> a UTC string that sorts chronologically."""
+    try:
+        d = dt.datetime.fromisoformat(str(s).replace("Z", "+00:00"))
+    except ValueError:
+        return str(s)
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=dt.timezone.utc)
+    return d.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def news_docs(records) -> list[str]:
+    """Sorted by (date, link); empty bodies and repeated bodies dropped (the first one kept)."""
+    rows = sorted(((date_key(r.get("date", "")), article_key(r), r) for r in records), key=lambda t: t[:2])
+    docs, seen_bodies = [], set()
+    for _, _, r in rows:
+        body = clean_text(r.get("content"))
+        if not body or body in seen_bodies:
+            continue
+        seen_bodies.add(body)
+        title = " ".join(clean_text(r.get("title")).split())
+        docs.append(f"{title}\n{body}" if title else body)
+    return docs
+
+
+def write_news_corpus(out_dir: str) -> tuple:
+    records, _ = read_jsonl(os.path.join(out_dir, "news.jsonl"))
+    docs = news_docs(records)
+    path = os.path.join(out_dir, CORPUS_NAME)
+    if not docs:
+        return path, 0, 0
+    return path, len(docs), len(write_corpus(path, docs))
+
+
+# -----------------------------------------------------------------------------
+# eodhd: the fetch loop
+
+
+def run_eodhd(args) -> int:
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
+    if not api_key.strip():
+        raise UserError("no API key: pass --api-key or set EODHD_API_KEY (--api-key demo serves AAPL.US and TSLA.US)")
+    redact = Redactor(api_key)
+    for name in ("date_from", "date_to"):
+        v = getattr(args, name)
+        if v is not None:
+            try:
+                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+                    raise ValueError
+                dt.date.fromisoformat(v)
+            except ValueError:
+                raise UserError(f"--{name[5:]} must be a date as YYYY-MM-DD, got {v!r}")
+    if args.date_from and args.date_to and args.date_from > args.date_to:
+        raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
+    if not 1 <= args.limit <= 1000:
+        raise UserError(f"--limit must be between 1 and 1000, got {args.limit}")
+    if args.max_pages is not None and args.max_pages < 1:
+        raise UserError(f"--max-pages must be at least 1, got {args.max_pages}")
+    if args.timeout <= 0 or args.max_retries < 0 or args.backoff_base < 0:
+        raise UserError("--timeout must be > 0, --max-retries and --backoff-base >= 0")
+    if not re.match(r"^https?://", args.base_url):
+        raise UserError(f"--base-url must start with http:// or https://, got {redact(args.base_url)!r}")
+
+    tickers = collect_tickers(args, log)
+    store = NewsStore(args.out_dir, log)
+    client = NewsClient(args.base_url, api_key, args.timeout, args.max_retries, args.backoff_base,
+                        args.backoff_max, log)
+    query = {"from": args.date_from, "to": args.date_to}
+    done, already, unfinished, skipped, new_total = 0, 0, [], {}, 0
+    stop, bar = None, None
+    try:
+        for ticker in tickers:
+            st = store.progress.get(ticker, {})
+            same_query = not args.restart and st.get("from") == query["from"] and st.get("to") == query["to"]
+            if same_query and st.get("done"):
+                already += 1
+                continue
+            offset = st.get("offset", 0) if same_query else 0
+            pages = 0
+            while True:
+                if args.max_pages is not None and pages >= args.max_pages:
+                    unfinished.append(ticker)
+                    break
+                try:
+                    items = client.page(ticker, offset, args.limit, args.date_from, args.date_to)
+                except TickerNotFound:
+                    items, skipped[ticker] = None, "unknown ticker (HTTP 404)"
+                    log(f"{ticker}: unknown ticker (HTTP 404), skipped")
+                except TickerFailed as e:
+                    items, skipped[ticker] = None, str(e)
+                    log(f"{ticker}: skipped: {e}")
+                if bar is None:  # shown only once the API took the key: a rejected key prints one line
+                    bar = tqdm(total=len(tickers), initial=already, desc="news", unit="ticker",
+                               file=sys.stderr, dynamic_ncols=True)
+                if items is None:
+                    break
+                pages += 1
+                if not items:  # only an empty page ends a ticker: short pages happen mid-stream
+                    store.save_progress(ticker, dict(query, offset=offset, done=True))
+                    done += 1
+                    break
+                new_total += store.add_page(ticker, items)
+                offset += len(items)  # advance by what came back, not by --limit
+                store.save_progress(ticker, dict(query, offset=offset, done=False))
+                bar.set_postfix(new=new_total, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
+            if bar is not None:
+                bar.update(1)
+    except QuotaExhausted:
+        stop = "quota"
+    except AuthError:
+        store.compact()
+        raise
+    except KeyboardInterrupt:
+        stop = "interrupt"
+    finally:
+        if bar is not None:
+            bar.close()
+
+    total = store.compact()
+    path, n_docs, n_bytes = write_news_corpus(args.out_dir)
+    calls = client.requests_ok * CALLS_PER_NEWS_REQUEST
+    print(f"tickers: {done} done, {already} already complete, {len(skipped)} skipped, "
+          f"{len(unfinished)} unfinished (--max-pages), {len(tickers)} requested")
+    for t, why in skipped.items():
+        print(f"  skipped {t}: {why}")
+    print(f"articles: {new_total} new, {total} total in {store.path}")
+    print(f"API calls spent: {calls} ({client.requests_ok} news requests x {CALLS_PER_NEWS_REQUEST})")
+    if n_docs:
+        print(f"corpus: {path}, {n_docs} documents, {n_bytes:,} bytes")
+    else:
+        print(f"corpus: no usable articles yet; {path} left as it was")
+    if stop == "quota":
+        print("stopped: the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved; run the "
+              "same command again after the quota resets to resume where it stopped.", file=sys.stderr)
+        return EXIT_QUOTA
+    if stop == "interrupt":
+        print("interrupted: everything fetched is saved; run the same command again to resume.", file=sys.stderr)
+        return 130
+    if unfinished:
+        print(f"{len(unfinished)} tickers stopped at --max-pages; run the same command again to continue them.")
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__.split("\n\n")[0].strip() + " See the module docstring for details.",
+        epilog="exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input or rejected API key; "
+               "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume). "
+               "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir.")
     p.add_argument("--source", choices=["market", "eodhd"], default=SOURCE,
-                   help="market: offline reports from bundled historical series; eodhd: news from the EODHD API")
-    p.add_argument("--out-dir", default=OUT_DIR, help="where finance_corpus.txt (and news.jsonl) are written")
+                   help="market: offline reports from bundled historical series; eodhd: news from the EODHD "
+                        "API (default: %(default)s)")
+    p.add_argument("--out-dir", default=OUT_DIR,
+                   help="where finance_corpus.txt (and for eodhd news.jsonl, progress and the S&P 500 "
+                        "list cache) are written (default: %(default)s)")
+    g = p.add_argument_group("eodhd source")
+    g.add_argument("--tickers", default=None,
+                   help="comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix means .US "
+                        "(default: none)")
+    g.add_argument("--tickers-file", default=None,
+                   help="file with tickers, one or more per line, '#' starts a comment (default: none)")
+    g.add_argument("--sp500", action="store_true",
+                   help=f"add the S&P 500 constituents: downloaded from --sp500-url when online, cached as "
+                        f"<out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes BRK-B.US (default: off)")
+    g.add_argument("--sp500-url", default=SP500_URL,
+                   help="CSV with a Symbol column listing the S&P 500 (default: %(default)s)")
+    g.add_argument("--from", dest="date_from", default=None, metavar="YYYY-MM-DD",
+                   help="oldest article date, YYYY-MM-DD (default: none, the API's own range)")
+    g.add_argument("--to", dest="date_to", default=None, metavar="YYYY-MM-DD", help="newest article date, YYYY-MM-DD (default: none)")
+    g.add_argument("--limit", type=int, default=LIMIT, help="articles per request, 1-1000 (default: %(default)s)")
+    g.add_argument("--max-pages", type=int, default=None,
+                   help="stop each ticker after this many requests this run; a rerun continues "
+                        "(default: no cap, page until an empty page)")
+    g.add_argument("--api-key", default=None,
+                   help="EODHD API token; never printed or stored (default: $EODHD_API_KEY; 'demo' serves "
+                        "AAPL.US and TSLA.US)")
+    g.add_argument("--base-url", default=os.environ.get("EODHD_BASE_URL", BASE_URL),
+                   help=f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})")
+    g.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                   help="seconds to wait for a connection or an answer (default: %(default)s)")
+    g.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help="retries of one request after 429, 5xx, timeouts or invalid JSON before the ticker "
+                        "is skipped (default: %(default)s)")
+    g.add_argument("--backoff-base", type=float, default=BACKOFF_BASE_S,
+                   help="first retry wait in seconds, doubled each retry, with jitter; a 429's Retry-After "
+                        "overrides it (default: %(default)s)")
+    g.add_argument("--backoff-max", type=float, default=BACKOFF_MAX_S,
+                   help="cap on one backoff wait in seconds (default: %(default)s)")
+    g.add_argument("--restart", action="store_true",
+                   help="ignore recorded progress and page every ticker from offset 0; stored articles are "
+                        "still not duplicated (default: off, resume)")
     return p
+
+
+EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
+    redact = Redactor(key)
     try:
         if args.source == "market":
+            used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
+            if used:
+                raise UserError(f"--{used[0].replace('_', '-').replace('date-', '')} only applies to --source eodhd")
             run_market(args.out_dir)
             return 0
+        return run_eodhd(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    except Exception:  # a bug: show the traceback, but never the key
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

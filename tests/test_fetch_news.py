@@ -1,0 +1,580 @@
+"""fetch_news.py against a real HTTP server on 127.0.0.1 that behaves like EODHD's /news endpoint,
+and the offline market corpus against the committed data/finance_corpus.txt."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import fetch_news  # noqa: E402  (importing must have no side effects)
+
+KEY = "k3y-SECRET-5f9a1c"  # distinctive, so a leak anywhere is easy to find
+
+
+# -----------------------------------------------------------------------------
+# a fake EODHD
+
+
+def article(n: int, symbols, day: int = None, content: str = None) -> dict:
+    day = day if day is not None else 1 + n % 27
+    return {
+        "date": f"2024-03-{day:02d}T{n % 24:02d}:{n % 60:02d}:00+00:00",
+        "title": f"Headline number {n}",
+        "content": content if content is not None else f"<p>Body of story {n}.</p><p>Second &amp; last paragraph.</p>",
+        "link": f"https://news.example.com/story/{n}",
+        "symbols": list(symbols),
+        "tags": ["EARNINGS"] if n % 2 else [],
+        "sentiment": {"polarity": 0.5, "neg": 0.1, "neu": 0.6, "pos": 0.3},
+    }
+
+
+class FakeEODHD:
+    """Per ticker: a feed (newest first), short page sizes, scripted failures per request number."""
+
+    def __init__(self):
+        self.feeds = {}  # ticker -> [article]
+        self.page_caps = {}  # ticker -> list of page sizes cycled through (pages shorter than limit)
+        self.script = {}  # ticker -> list of behaviours for its 1st, 2nd, ... request ("ok" after)
+        self.always = {}  # ticker -> behaviour for every request
+        self.delay_s = 0.0  # added to every answer (makes a kill land mid-run)
+        self.slow_s = 2.0  # how long a "slow" answer takes
+        self.quota = None  # OK answers left before 402
+        self.log = []  # (time, ticker, offset, limit, status, n_items)
+        self.n_req = {}
+        self.files = {}  # extra static files: path -> (content type, bytes)
+        self.lock = threading.Lock()
+
+    def respond(self, path: str, q: dict):
+        if path in self.files:
+            return 200, self.files[path][0], self.files[path][1], {}
+        if path != "/api/news":
+            return 404, "text/plain", b"Not Found", {}
+        if q.get("api_token") != KEY:
+            return 401, "text/plain", b"Unauthenticated", {}
+        ticker, offset, limit = q["s"], int(q["offset"]), int(q["limit"])
+        assert q.get("fmt") == "json"
+        with self.lock:
+            k = self.n_req.get(ticker, 0)
+            self.n_req[ticker] = k + 1
+        script = self.script.get(ticker, [])
+        what = self.always.get(ticker) or (script[k] if k < len(script) else "ok")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if what == "slow":
+            time.sleep(self.slow_s)
+            what = "ok"
+        if what == "404" or ticker not in self.feeds:
+            return 404, "application/json", b'{"error": "ticker not found"}', {}
+        if what == "429":
+            return 429, "text/plain", b"Too Many Requests", {"Retry-After": "1"}
+        if what == "500":
+            return 500, "text/plain", b"Internal Server Error", {}
+        if what == "badjson":
+            return 200, "application/json", b'[{"date": "2024-03-01", "title": "trunc', {}
+        with self.lock:
+            if self.quota is not None:
+                if self.quota <= 0:
+                    return 402, "text/plain", b"Payment Required", {}
+                self.quota -= 1
+        caps = self.page_caps.get(ticker)
+        n = min(limit, caps[k % len(caps)]) if caps else limit
+        items = self.feeds[ticker][offset:offset + n]
+        return 200, "application/json", json.dumps(items).encode(), {}
+
+
+@pytest.fixture
+def api():
+    fake = FakeEODHD()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            u = urllib.parse.urlsplit(self.path)
+            q = {k: v[0] for k, v in urllib.parse.parse_qs(u.query).items()}
+            status, ctype, body, headers = fake.respond(u.path, q)
+            if u.path == "/api/news":
+                try:
+                    n = len(json.loads(body)) if status == 200 else None
+                except ValueError:
+                    n = None
+                with fake.lock:
+                    fake.log.append((time.monotonic(), q.get("s"), int(q.get("offset", -1)), int(q.get("limit", -1)),
+                                     status, n))
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    srv = Server(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    fake.base_url = f"http://127.0.0.1:{srv.server_address[1]}/api"
+    fake.root = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield fake
+    srv.shutdown()
+    srv.server_close()
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EODHD_")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def fetch(api, out_dir, *extra, key=KEY, timeout=60):
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(out_dir),
+           "--base-url", api.base_url, "--api-key", key, "--timeout", "0.5", "--max-retries", "3",
+           "--backoff-base", "0.05", "--backoff-max", "0.2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)
+
+
+def read_news(out_dir) -> list[dict]:
+    lines = (Path(out_dir) / "news.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(ln) for ln in lines]  # every line must parse on its own
+
+
+def assert_no_key(*texts, out_dir=None):
+    for t in texts:
+        assert KEY not in t
+    if out_dir is not None:
+        for p in Path(out_dir).rglob("*"):
+            if p.is_file():
+                assert KEY.encode() not in p.read_bytes(), p
+
+
+def standard_feeds(api):
+    shared = [article(900 + i, ["AAPL.US", "MSFT.US"]) for i in range(3)]
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(20)] + shared
+    api.feeds["MSFT.US"] = shared[:2] + [article(100 + i, ["MSFT.US"]) for i in range(8)] + shared[2:]
+    api.page_caps["AAPL.US"] = [7, 3, 5]  # short pages long before the end
+    api.page_caps["MSFT.US"] = [4, 10]
+    api.feeds["RATE.US"] = [article(200 + i, ["RATE.US"]) for i in range(5)]
+    api.script["RATE.US"] = ["429"]
+    api.feeds["FLAKY.US"] = [article(300 + i, ["FLAKY.US"]) for i in range(6)]
+    api.script["FLAKY.US"] = ["ok", "500"]
+    api.feeds["BADJSON.US"] = [article(400 + i, ["BADJSON.US"]) for i in range(4)]
+    api.script["BADJSON.US"] = ["badjson"]
+    api.feeds["SLOW.US"] = [article(500 + i, ["SLOW.US"]) for i in range(3)]
+    api.script["SLOW.US"] = ["slow"]
+    api.slow_s = 1.5
+    return ["AAPL.US", "MSFT.US", "RATE.US", "FLAKY.US", "BADJSON.US", "SLOW.US", "NOPE.US"]
+
+
+def all_links(api) -> set:
+    return {a["link"] for feed in api.feeds.values() for a in feed}
+
+
+# -----------------------------------------------------------------------------
+# CLI surface
+
+
+def test_help_documents_every_flag():
+    r = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--help"], capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert r.returncode == 0
+    help_text = " ".join(r.stdout.split())
+    parser = fetch_news.build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 17
+    for a in flags:
+        assert any(o in help_text for o in a.option_strings), a.option_strings
+        assert "default" in (a.help or ""), f"{a.option_strings} does not state its default"
+    for s in ("--api-key", "EODHD_API_KEY", "EODHD_BASE_URL", "https://eodhd.com/api", "exit codes"):
+        assert s in help_text
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tickers-file", "/nonexistent/tickers.txt"], "cannot read --tickers-file"),
+    (["--tickers-file", "EMPTY"], "lists no tickers"),
+    (["--tickers", "AAPL.US", "--limit", "0"], "--limit must be between 1 and 1000"),
+    (["--tickers", "AAPL.US", "--limit", "1001"], "--limit must be between 1 and 1000"),
+    (["--tickers", "AAPL.US", "--from", "2024-13-01"], "--from must be a date"),
+    (["--tickers", "AAPL.US", "--from", "2024-03-02", "--to", "2024-03-01"], "is after --to"),
+    (["--tickers", "AA PL"], "not a ticker"),
+    (["--tickers", "AAPL.US", "--api-key", ""], "no API key"),
+    ([], "no tickers"),
+    (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must start with"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    (tmp_path / "empty.txt").write_text("# nothing here\n\n")
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path / "out"),
+           *args]
+    if "--api-key" not in args:
+        cmd += ["--api-key", KEY]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert_no_key(r.stdout, r.stderr)
+
+
+def test_market_rejects_eodhd_flags(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir",
+                        str(tmp_path), "--tickers", "AAPL.US"], capture_output=True, text=True, env=clean_env())
+    assert r.returncode == 2 and r.stderr.strip() == "error: --tickers only applies to --source eodhd"
+    assert not (tmp_path / "finance_corpus.txt").exists()
+
+
+# -----------------------------------------------------------------------------
+# fetching
+
+
+def test_fetch_complete_deduplicated_and_resilient(api, tmp_path):
+    tickers = standard_feeds(api)
+    out = tmp_path / "news"
+    r = fetch(api, out, "--tickers", ",".join(tickers), "--limit", "10")
+    assert r.returncode == 0, r.stderr
+    assert_no_key(r.stdout, r.stderr, out_dir=out)
+
+    news = read_news(out)
+    links = [a["link"] for a in news]
+    assert len(links) == len(set(links)) == len(all_links(api)) == 49
+    assert set(links) == all_links(api)
+    by_link = {a["link"]: a for a in news}
+    for i in range(3):  # the article under two tickers is stored once, with both tickers
+        a = by_link[f"https://news.example.com/story/{900 + i}"]
+        assert a["tickers"] == ["AAPL.US", "MSFT.US"] and sorted(a["symbols"]) == ["AAPL.US", "MSFT.US"]
+    assert by_link["https://news.example.com/story/5"]["tickers"] == ["AAPL.US"]
+    assert by_link["https://news.example.com/story/5"]["sentiment"]["pos"] == 0.3  # fields kept as sent
+
+    # offsets advance by what each page returned (7, 3, 5, ... not by --limit) and stop on an empty page
+    aapl = [(off, n) for _, s, off, _, st, n in api.log if s == "AAPL.US" and st == 200]
+    expect, off = [], 0
+    for k in range(100):
+        n = min(10, [7, 3, 5][k % 3], 23 - off)
+        expect.append((off, n))
+        off += n
+        if n == 0:
+            break
+    assert aapl == expect and aapl[-1][1] == 0 and any(0 < n < 10 for _, n in aapl[:-1])
+
+    # 429: the retry waited for Retry-After (1 s); 500, invalid JSON and a timeout were retried
+    rate = [(t, st) for t, s, _, _, st, _ in api.log if s == "RATE.US"]
+    assert rate[0][1] == 429 and rate[1][1] == 200 and rate[1][0] - rate[0][0] >= 0.95
+    assert [st for _, s, _, _, st, _ in api.log if s == "FLAKY.US"][:3] == [200, 500, 200]
+    assert "RATE.US offset 0: rate limited (HTTP 429)" in r.stderr
+    assert "FLAKY.US offset 6: server error (HTTP 500)" in r.stderr
+    assert "BADJSON.US offset 0: answer is not a JSON list" in r.stderr
+    assert "SLOW.US offset 0: ReadTimeout" in r.stderr
+    assert "skipped NOPE.US: unknown ticker (HTTP 404)" in r.stdout
+    assert "tickers: 6 done, 0 already complete, 1 skipped" in r.stdout
+    assert "articles: 49 new, 49 total" in r.stdout
+    n_ok = sum(1 for _, _, _, _, st, _ in api.log if st == 200)  # every 200 (the bad-JSON one too) is billed
+    assert f"API calls spent: {5 * n_ok} ({n_ok} news requests x 5)" in r.stdout
+
+    corpus = (out / "finance_corpus.txt").read_text(encoding="utf-8")
+    docs = corpus[:-1].split("\n\n")
+    assert corpus.endswith("\n") and len(docs) == 49 and all(d.strip() for d in docs)
+    order = sorted(news, key=lambda a: (a["date"], a["link"]))
+    assert [d.splitlines()[0] for d in docs] == [a["title"] for a in order]
+    assert "Body of story 0.\nSecond & last paragraph." in corpus and "<p>" not in corpus
+
+    # a rerun has nothing left to do: no requests for finished tickers, files unchanged
+    before = (out / "news.jsonl").read_bytes(), (out / "finance_corpus.txt").read_bytes()
+    n_log = len(api.log)
+    r2 = fetch(api, out, "--tickers", ",".join(tickers), "--limit", "10")
+    assert r2.returncode == 0
+    assert [s for _, s, *_ in api.log[n_log:]] == ["NOPE.US"]
+    assert ((out / "news.jsonl").read_bytes(), (out / "finance_corpus.txt").read_bytes()) == before
+    assert "articles: 0 new, 49 total" in r2.stdout and "6 already complete" in r2.stdout
+
+
+def test_timeouts_and_5xx_exhaust_retries_then_skip(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(5)]
+    api.feeds["HANG.US"] = [article(50, ["HANG.US"])]
+    api.feeds["DOWN.US"] = [article(60, ["DOWN.US"])]
+    api.always["HANG.US"] = "slow"
+    api.always["DOWN.US"] = "500"
+    api.slow_s = 1.0
+    r = fetch(api, tmp_path, "--tickers", "HANG.US,DOWN.US,AAPL.US", "--max-retries", "1", "--timeout", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert "skipped HANG.US: ReadTimeout" in r.stdout and "gave up after 2 attempts" in r.stdout
+    assert "skipped DOWN.US: server error (HTTP 500); gave up after 2 attempts" in r.stdout
+    assert "tickers: 1 done, 0 already complete, 2 skipped" in r.stdout
+    assert sorted(a["link"] for a in read_news(tmp_path)) == sorted(a["link"] for a in api.feeds["AAPL.US"])
+    assert_no_key(r.stdout, r.stderr, out_dir=tmp_path)
+    # a refused connection: requests puts the whole URL, token included, into the message
+    dead = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir",
+                           str(tmp_path), "--base-url", "http://127.0.0.1:9/api", "--api-key", KEY, "--tickers",
+                           "TSLA.US", "--max-retries", "1", "--backoff-base", "0.01"],
+                          capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert dead.returncode == 0 and "skipped TSLA.US: ConnectionError" in dead.stdout
+    assert "api_token=***" in dead.stdout + dead.stderr
+    assert_no_key(dead.stdout, dead.stderr, out_dir=tmp_path)
+
+
+def test_bad_key_exits_2_without_leaking_or_losing_data(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(4)]
+    assert fetch(api, tmp_path, "--tickers", "AAPL.US").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    wrong = "wrong-KEY-77aa"
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US,MSFT.US", "--restart", key=wrong)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: EODHD rejected the API key (HTTP 401: "
+                                                             "Unauthenticated)"), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert wrong not in r.stdout + r.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
+    for p in tmp_path.iterdir():
+        assert wrong.encode() not in p.read_bytes()
+
+
+def test_quota_402_stops_cleanly_and_resumes(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(12)]
+    api.feeds["TSLA.US"] = [article(100 + i, ["TSLA.US"]) for i in range(6)]
+    api.quota = 3
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US,TSLA.US", "--limit", "4")
+    assert r.returncode == 3
+    assert "quota is spent (HTTP 402)" in r.stderr and "run the same command again" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert [a["link"] for a in read_news(tmp_path)] == [a["link"] for a in api.feeds["AAPL.US"]]
+    progress = json.loads((tmp_path / "news_progress.json").read_text())
+    assert progress["AAPL.US"] == {"from": None, "to": None, "offset": 12, "done": False}
+
+    api.quota = None
+    n_log = len(api.log)
+    r2 = fetch(api, tmp_path, "--tickers", "AAPL.US,TSLA.US", "--limit", "4")
+    assert r2.returncode == 0, r2.stderr
+    resumed = [(s, off) for _, s, off, *_ in api.log[n_log:]]
+    assert resumed[0] == ("AAPL.US", 12)  # picks up where the quota stopped it
+    links = [a["link"] for a in read_news(tmp_path)]
+    assert sorted(links) == sorted(all_links(api)) and len(links) == 18
+
+
+def test_max_pages_then_continue(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(9)]
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "2", "--max-pages", "2")
+    assert r.returncode == 0 and "1 unfinished (--max-pages)" in r.stdout
+    assert len(read_news(tmp_path)) == 4
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "2")
+    assert r.returncode == 0 and len(read_news(tmp_path)) == 9
+    assert [off for _, _, off, *_ in api.log] == [0, 2, 4, 6, 8, 9]
+
+
+def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
+    tickers = ["AAA.US", "BBB.US", "CCC.US"]
+    shared = [article(700 + i, tickers) for i in range(6)]
+    for j, t in enumerate(tickers):
+        own = [article(1000 * (j + 1) + i, [t]) for i in range(30)]
+        api.feeds[t] = own[:10] + shared + own[10:]
+    api.page_caps = {t: [3, 2] for t in tickers}
+    api.delay_s = 0.03
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
+           "--base-url", api.base_url, "--api-key", KEY, "--tickers", ",".join(tickers), "--limit", "3",
+           "--backoff-base", "0.01"]
+    news = tmp_path / "news.jsonl"
+    kills = 0
+    for threshold in (8, 40, 75):  # kill -9 at three different points of the run
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+        deadline = time.time() + 60
+        while time.time() < deadline and p.poll() is None:
+            if news.exists() and news.read_bytes().count(b"\n") >= threshold:
+                break
+            time.sleep(0.005)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        assert p.returncode == -signal.SIGKILL
+    assert kills == 3
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    stored = read_news(tmp_path)
+    links = [a["link"] for a in stored]
+    assert len(links) == len(set(links)) == 96 and set(links) == all_links(api)
+    for a in stored:
+        if a["link"] in {s["link"] for s in shared}:
+            assert a["tickers"] == tickers
+    assert not (tmp_path / "news_merges.jsonl").exists()
+    docs = (tmp_path / "finance_corpus.txt").read_text()[:-1].split("\n\n")
+    assert len(docs) == 96
+
+
+def test_recovers_torn_line_and_pending_merges(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(6)]
+    api.feeds["MSFT.US"] = [article(3, ["AAPL.US"])] + [article(10 + i, ["MSFT.US"]) for i in range(3)]
+    assert fetch(api, tmp_path, "--tickers", "AAPL.US").returncode == 0
+    news = tmp_path / "news.jsonl"
+    # the state a kill -9 can leave: half of the last article written, progress not yet advanced,
+    # and a merge recorded for an article that is on disk
+    raw = news.read_bytes()
+    last_line_start = raw.rindex(b"\n", 0, len(raw) - 1) + 1
+    news.write_bytes(raw[:last_line_start + 25])
+    (tmp_path / "news_progress.json").unlink()
+    (tmp_path / "news_merges.jsonl").write_text(json.dumps(
+        {"link": "https://news.example.com/story/3", "tickers": ["MSFT.US"], "symbols": ["MSFT.US"]}) + "\n")
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US")  # MSFT.US is not fetched: the merge comes from the file
+    assert r.returncode == 0, r.stderr
+    assert "dropped an incomplete last line" in r.stderr
+    stored = read_news(tmp_path)
+    links = [a["link"] for a in stored]
+    assert len(links) == len(set(links)) == 6 and set(links) == {a["link"] for a in api.feeds["AAPL.US"]}
+    by_link = {a["link"]: a for a in stored}
+    assert by_link["https://news.example.com/story/3"]["tickers"] == ["AAPL.US", "MSFT.US"]
+    assert not (tmp_path / "news_merges.jsonl").exists()
+
+
+def test_sp500_list_downloaded_cached_and_mapped(api, tmp_path):
+    csv_text = "Symbol,Security,GICS Sector\nAAPL,Apple Inc.,IT\nBRK.B,Berkshire Hathaway,Financials\n" \
+               "BF.B,Brown-Forman,Staples\n"
+    api.files["/constituents.csv"] = ("text/csv", csv_text.encode())
+    for n, t in enumerate(("AAPL.US", "BRK-B.US", "BF-B.US")):
+        api.feeds[t] = [article(n, [t])]
+    r = fetch(api, tmp_path, "--sp500", "--sp500-url", api.root + "/constituents.csv")
+    assert r.returncode == 0, r.stderr
+    assert sorted({s for _, s, *_ in api.log}) == ["AAPL.US", "BF-B.US", "BRK-B.US"]
+    assert (tmp_path / "sp500_constituents.csv").read_text() == csv_text
+    # offline with a cache: use it, say so
+    dead = "http://127.0.0.1:9/constituents.csv"
+    r = fetch(api, tmp_path, "--sp500", "--sp500-url", dead, "--restart")
+    assert r.returncode == 0 and "using the cached" in r.stderr
+    # offline without a cache: one clear line, exit 2
+    r = fetch(api, tmp_path / "fresh", "--sp500", "--sp500-url", dead)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no cached copy" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# news -> corpus
+
+
+def test_news_corpus_cleaning_order_and_determinism(tmp_path):
+    recs = [
+        {"date": "2024-03-02T09:00:00-05:00", "link": "https://b.example/2", "title": "<b>Later</b> &amp; UTC 14:00",
+         "content": "<div><p>Shares   rose\t3%.</p><script>var x = 1;</script>\n\n<p>Story continues</p>"
+                    "<p>Analysts&nbsp;were upbeat.</p><p>Click here to subscribe</p></div>"},
+        {"date": "2024-03-02T13:00:00+00:00", "link": "https://a.example/1", "title": "Earlier at 13:00 UTC",
+         "content": "Plain text body.\r\nRead more: https://a.example/more\n\u00a9 2024 Example Media. All rights reserved."},
+        {"date": "2024-03-02T13:00:00+00:00", "link": "https://a.example/0", "title": "Same time, smaller link",
+         "content": "Tie broken by link. Caf\u00e9 prices."},
+        {"date": "2024-03-03T00:00:00+00:00", "link": "https://c.example/3", "title": "Empty", "content": "<p> </p>"},
+        {"date": "2024-03-04T00:00:00+00:00", "link": "https://c.example/4", "title": "Repeat",
+         "content": "<p>Plain text body.</p>"},
+        {"date": "2024-03-01T00:00:00+00:00", "link": "https://c.example/5", "title": None, "content": None},
+    ]
+    (tmp_path / "news.jsonl").write_bytes(fetch_news.jsonl_bytes(recs))
+    path, n_docs, n_bytes = fetch_news.write_news_corpus(str(tmp_path))
+    first = Path(path).read_bytes()
+    assert n_docs == 3 and n_bytes == len(first)
+    assert first.decode("utf-8") == (
+        "Same time, smaller link\nTie broken by link. Caf\u00e9 prices.\n\n"
+        "Earlier at 13:00 UTC\nPlain text body.\n\n"
+        "Later & UTC 14:00\nShares rose 3%.\nAnalysts were upbeat.\n")
+    assert fetch_news.write_news_corpus(str(tmp_path))[2] == len(first)
+    assert Path(path).read_bytes() == first
+    # the same articles stored in another order give the same bytes
+    (tmp_path / "news.jsonl").write_bytes(fetch_news.jsonl_bytes(recs[::-1]))
+    fetch_news.write_news_corpus(str(tmp_path))
+    assert Path(path).read_bytes() == first
+
+
+def test_fetched_corpus_identical_across_runs(api, tmp_path):
+    standard_feeds(api)
+    api.script, api.always = {}, {}
+    tickers = "AAPL.US,MSFT.US,RATE.US,FLAKY.US"
+    assert fetch(api, tmp_path / "a", "--tickers", tickers, "--limit", "10").returncode == 0
+    assert fetch(api, tmp_path / "b", "--tickers", ",".join(reversed(tickers.split(","))),
+                 "--limit", "4").returncode == 0
+    a = (tmp_path / "a" / "finance_corpus.txt").read_bytes()
+    assert a == (tmp_path / "b" / "finance_corpus.txt").read_bytes() and len(a) > 1000
+
+
+# -----------------------------------------------------------------------------
+# the offline market corpus
+
+
+COMMITTED = REPO / "data" / "finance_corpus.txt"
+
+
+def test_market_corpus_rebuilds_byte_for_byte(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir",
+                        str(tmp_path)], capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    built = (tmp_path / "finance_corpus.txt").read_bytes()
+    assert built == COMMITTED.read_bytes()
+    assert 2_000_000 <= len(built) <= 6_000_000
+    assert f"{len(built):,} bytes" in r.stdout
+
+
+def test_market_corpus_format_and_variety():
+    text = COMMITTED.read_text(encoding="utf-8")
+    assert text.isascii() and text.endswith("\n") and "\n\n\n" not in text
+    docs = text[:-1].split("\n\n")
+    assert len(docs) > 7000 and all(d.strip() and "\n" in d for d in docs)
+    assert len(set(docs)) == len(docs)
+    titles = [d.split("\n", 1)[0] for d in docs]
+    for kind in ("Daily market report:", "Weekly market wrap:", "Monthly market review:", "U.S. economy, Q",
+                 "Annual review:", "Rates and credit monthly:"):
+        assert sum(t.startswith(kind) for t in titles) >= 10, kind
+    # phrasing varies: the opening words of the daily reports come in many shapes
+    openings = {d.split("\n", 1)[1].split(" ")[:3].__str__() for d in docs if d.startswith(("Daily", "Market close"))}
+    assert len(openings) >= 5
+
+
+def _doc_for(docs, *titles):
+    heads = [d.split("\n", 1)[0] for d in docs]
+    hits = [d for d, h in zip(docs, heads) if any(t in h for t in titles) and "eek" not in h]  # no weekly ones
+    assert len(hits) == 1, titles
+    return hits[0]
+
+
+def test_market_corpus_numbers_come_from_the_data():
+    # recompute with pandas through arch's own loaders, independently of fetch_news' parsing
+    from arch.data import core_cpi, default, nasdaq, sp500, vix, wti
+    docs = COMMITTED.read_text(encoding="utf-8")[:-1].split("\n\n")
+    sp, nq = sp500.load(), nasdaq.load()
+    for day in ("2008-10-15", "2008-10-13", "2001-09-17", "2016-01-04", "2018-12-24", "2018-12-26"):
+        i = sp.index.get_loc(day)
+        d = sp.index[i]
+        doc = _doc_for(docs, f"{d.strftime('%B')} {d.day}, {d.year}")
+        c, pc = sp["Close"].iloc[i], sp["Close"].iloc[i - 1]
+        assert f"{c:,.2f}" in doc and f"{abs(c / pc - 1) * 100:.2f}%" in doc
+        body = doc.split("\n", 1)[1]
+        if "Nasdaq" in body:
+            assert f"{nq['Close'].iloc[i]:,.2f}" in body
+        if "50-day moving average" in body or "50-day average" in body:
+            assert f"{sp['Close'].iloc[i - 49:i + 1].mean():,.2f}" in body
+        if "200-day" in body and "crossed" not in body:
+            assert f"{sp['Close'].iloc[i - 199:i + 1].mean():,.2f}" in body
+        if "VIX" in body:
+            assert f"{vix.load()['vix'].loc[day]:.2f}" in body
+        if "WTI" in body:
+            assert f"${wti.load()['DCOILWTICO'].loc[day]:.2f}" in body
+    # the 2008 annual review: price return and the year's extreme closes
+    annual = _doc_for(docs, "Annual review: 2008", "2008 in review", "The year in markets, 2008")
+    y = sp.loc["2008", "Close"]
+    ret = (y.iloc[-1] / sp.loc["2007", "Close"].iloc[-1] - 1) * 100
+    assert f"{abs(ret):.2f}%" in annual and f"{y.max():,.2f}" in annual and f"{y.min():,.2f}" in annual
+    cpi = core_cpi.load()["CPILFESL"]
+    yoy = (cpi.loc["2008-12-01"] / cpi.loc["2007-12-01"] - 1) * 100
+    assert f"Core CPI rose {yoy:.2f}% from December to December" in annual
+    # credit spreads in basis points from Moody's Aaa/Baa
+    cr = default.load()
+    jan19 = _doc_for(docs, "January 1919")
+    assert f"{round((cr['BAA'].iloc[0] - cr['AAA'].iloc[0]) * 100):.0f} basis points" in jan19
+    assert f"{cr['AAA'].iloc[0]:.2f}%" in jan19 and f"{cr['BAA'].iloc[0]:.2f}%" in jan19
