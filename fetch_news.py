@@ -10,7 +10,7 @@ Two sources, one output format (UTF-8, documents separated by exactly one blank 
 S&P 500 and NASDAQ daily OHLCV 1999-2018, VIX, WTI spot, Brent/WTI monthly, Moody's Aaa/Baa
 yields, core CPI, Fama-French factors; statsmodels: US quarterly macro 1959-2009) into daily,
 weekly, monthly, quarterly and annual market reports. Every figure in the text is computed from
-the data with plain Python floats, and the phrasing is picked by a random.Random seeded with the
+the data with plain Python floats (math.fsum), and the phrasing is picked by a random.Random seeded with the
 document's kind and date, so the file is byte-identical on every run and machine.
 
 --source eodhd pages through the EODHD financial-news API for a list of tickers into
@@ -19,10 +19,12 @@ writes finance_corpus.txt beside it.
 """
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import email.utils
 import gzip
+import hashlib
 import html
 import importlib.resources
 import io
@@ -82,17 +84,28 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    # temp file in the same directory + os.replace: readers see the old or the new file, never half
+@contextlib.contextmanager
+def atomic_open(path: str):
+    """Write a whole file through a temp file in the same directory + os.replace: readers (and a
+    run killed half-way) see the old file or the new one, never a mix. On error the old file stays."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     fsync_dir(d)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def write_corpus(path: str, docs: list[str]) -> bytes:
@@ -197,8 +210,9 @@ def load_market_data() -> dict:
 
 
 # -----------------------------------------------------------------------------
-# market corpus: arithmetic (plain floats, fixed summation order; sqrt is correctly rounded
-# under IEEE 754, so the same bytes come out on every machine)
+# market corpus: arithmetic. math.fsum is exactly rounded and sqrt is correctly rounded under
+# IEEE 754, so every figure is the same on every machine and Python version (the built-in sum()
+# of floats changed its rounding in Python 3.12).
 
 
 def pct(new: float, old: float) -> float:
@@ -206,19 +220,19 @@ def pct(new: float, old: float) -> float:
 
 
 def mean(xs) -> float:
-    return sum(xs) / len(xs)
+    return math.fsum(xs) / len(xs)
 
 
 def stdev(xs) -> float:
     m = mean(xs)
-    return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1))
+    return math.sqrt(math.fsum((x - m) * (x - m) for x in xs) / (len(xs) - 1))
 
 
 def corr(xs, ys) -> float:
     mx, my = mean(xs), mean(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) * (x - mx) for x in xs)
-    syy = sum((y - my) * (y - my) for y in ys)
+    sxy = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = math.fsum((x - mx) * (x - mx) for x in xs)
+    syy = math.fsum((y - my) * (y - my) for y in ys)
     return sxy / math.sqrt(sxx * syy)
 
 
@@ -441,14 +455,14 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
     rng_pct = (h - l) / pc * 100.0
     body.append(pick(rng, [
         "The index traded between {l} and {h}, an intraday range of {rp} of the previous close.",
-        "It opened at {o}, reached a high of {h} and a low of {l}.",
+        "The S&P 500 opened at {o}, reached a high of {h} and a low of {l}.",
         "The day's range ran from {l} to {h} ({rp} of the prior close), after an open of {o}.",
         "Intraday, the index swung {rp} between a low of {l} and a high of {h}.",
     ], o=f2(o), h=f2(h), l=f2(l), rp=fp(rng_pct)))
     gap = pct(o, pc)
     if abs(gap) >= 0.5:
         body.append(pick(rng, [
-            "It gapped {ud} at the open, starting {g} away from the prior close.",
+            "The index gapped {ud} at the open, starting {g} away from the prior close.",
             "The open at {o} was {g} {hl} than Friday's close." if d.weekday() == 0 else
             "The open at {o} was {g} {hl} than the previous close.",
         ], ud=up_down(gap), g=fp(gap), o=f2(o), hl=higher_lower(gap)))
@@ -516,7 +530,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
             elif dd <= -10:
                 zone = ", in correction territory"
             body.append(pick(rng, [
-                "It stands {dd} below its 52-week closing high of {hv}, set on {hd}{z}.",
+                "The S&P 500 stands {dd} below its 52-week closing high of {hv}, set on {hd}{z}.",
                 "The index is {dd} off the 52-week high of {hv} reached on {hd}{z}.",
                 "From the 52-week peak of {hv} ({hd}), the drawdown is {dd}{z}.",
             ], dd=fp(dd), hv=f2(cl[hi]), hd=short_date(sp.dates[hi]), z=zone))
@@ -536,7 +550,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
     k = sps.streak[i]
     if abs(k) >= 3:
         body.append(pick(rng, [
-            "It was the {o} straight {w} for the index.",
+            "It was the {o} straight {w} for the S&P 500.",
             "The S&P 500 has now closed {hl} for {n} sessions in a row.",
         ], o=ordinal(abs(k)), w="gain" if k > 0 else "decline", hl=higher_lower(k), n=abs(k)))
 
@@ -569,7 +583,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
             same = (orr > 0) == (r > 0)
             body.append(pick(rng, [
                 "Oil and stocks moved {w} on the day." ,
-                "Crude and equities traded {w}, oil {o} against stocks {s}.",
+                "Crude and equities moved {w}: oil {o}, the S&P 500 {s}.",
             ], w="together" if same else "in opposite directions", o=fsp(orr), s=fsp(r)))
         if rng.random() < 0.25:
             xs, ys = [], []
@@ -582,7 +596,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
             if len(xs) == 60:
                 rho = corr(xs, ys)
                 body.append(f"Over the last 60 shared sessions the correlation between daily moves in oil and the "
-                            f"S&P 500 is {rho:.2f}.")
+                            f"S&P 500 is {f2(rho)}.")
     vc = vix.change(d)
     if vc:
         lv, _, ch = vc
@@ -681,7 +695,7 @@ def weekly_doc(idx: list[int], prev_close_i, data: dict, sps: EquityStats, nqs: 
         body.append(f"The S&P 500 ends the week {fp(pct(cl[last], cl[hi]))} below its 52-week closing high of "
                     f"{f2(cl[hi])}.")
     elif hi == last:
-        body.append("It ends the week at a 52-week closing high.")
+        body.append("The S&P 500 ends the week at a 52-week closing high.")
     return assemble(rng, title, lead, body, keep=0.8)
 
 
@@ -938,8 +952,8 @@ def annual_doc(y: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Look
             mkt, smb, hml, rf = ff[(y, m)]
             g_mkt *= 1.0 + (mkt + rf) / 100.0
             g_rf *= 1.0 + rf / 100.0
-        smb_sum = sum(ff[(y, m)][1] for m in range(1, 13))
-        hml_sum = sum(ff[(y, m)][2] for m in range(1, 13))
+        smb_sum = math.fsum(ff[(y, m)][1] for m in range(1, 13))
+        hml_sum = math.fsum(ff[(y, m)][2] for m in range(1, 13))
         s = (f"Compounding the monthly Fama-French data, the total U.S. stock market returned "
              f"{fsp((g_mkt - 1) * 100)} in {y} against {fp((g_rf - 1) * 100)} on Treasury bills; "
              f"the monthly size factor summed to {fsp(smb_sum)} and the value factor to {fsp(hml_sum)}.")
@@ -1167,30 +1181,22 @@ def article_key(a: dict) -> str:
     return "no-link:" + str(a.get("date", "")) + "|" + str(a.get("title", ""))
 
 
-def read_jsonl(path: str):
-    """Complete, parseable lines of a JSON-lines file, and whether anything had to be dropped."""
+def scan_jsonl(path: str):
+    """Yield (byte offset, parsed dict or None) per line, streaming. A last line without its
+    newline is torn (the writer was killed mid-append) and yields None as well."""
     if not os.path.exists(path):
-        return [], False
+        return
     with open(path, "rb") as f:
-        raw = f.read()
-    lines, dropped = raw.split(b"\n"), False
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif lines:  # no trailing newline: the last line is torn
-        lines.pop()
-        dropped = True
-    out = []
-    for ln in lines:
-        try:
-            obj = json.loads(ln)
-        except ValueError:
-            dropped = True
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-        else:
-            dropped = True
-    return out, dropped
+        off = 0
+        for line in f:
+            obj = None
+            if line.endswith(b"\n"):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    pass
+            yield off, (obj if isinstance(obj, dict) else None)
+            off += len(line)
 
 
 def jsonl_bytes(records) -> bytes:
@@ -1222,32 +1228,51 @@ class NewsStore:
                 self.log(f"ignoring unreadable {self.progress_path}; every ticker restarts at offset 0")
 
     def compact(self, startup: bool = False) -> int:
-        """Fold pending merges into news.jsonl, drop a torn tail, rebuild the link index."""
-        records, torn = read_jsonl(self.path)
-        merges, _ = read_jsonl(self.merges_path)
-        if torn and startup:
-            self.log(f"{self.path}: dropped an incomplete last line left by an interrupted run")
-        by_key, order = {}, []
-        for r in records + [dict(m, _merge=True) for m in merges]:
-            k = article_key(r)
-            if k not in by_key:
-                if r.get("_merge"):
-                    continue  # a merge whose article was in the torn tail: it will be refetched
-                by_key[k] = r
-                order.append(k)
-            else:
-                cur = by_key[k]
-                for field in ("tickers", "symbols"):
-                    vals = set(cur.get(field) or []) | set(r.get(field) or [])
-                    cur[field] = sorted(vals)
-                if not r.get("_merge"):
-                    torn = True  # a repeated line: rewrite so each link is stored once
-        if torn or merges:
-            atomic_write_bytes(self.path, jsonl_bytes(by_key[k] for k in order))
+        """Fold pending merges into news.jsonl, drop a torn tail or any repeated link, and rebuild
+        the link index. Streams the file, so its size is not limited by memory. Returns #articles."""
+        merges = {}  # link -> (tickers, symbols) still to fold in
+        for _, m in scan_jsonl(self.merges_path):
+            if m is not None:
+                t, sy = merges.setdefault(article_key(m), (set(), set()))
+                t.update(m.get("tickers") or [])
+                sy.update(m.get("symbols") or [])
+        index, rewrite, bad = {}, False, 0
+        for _, obj in scan_jsonl(self.path):
+            if obj is None:
+                bad += 1
+                continue
+            k = article_key(obj)
+            if k in index:
+                rewrite = True
+                continue
+            index[k] = set(obj.get("tickers") or [])
+            if k in merges and not (merges[k][0] <= index[k] and merges[k][1] <= set(obj.get("symbols") or [])):
+                rewrite = True
+        if bad and startup:
+            self.log(f"{self.path}: dropped {bad} incomplete line(s) left by an interrupted run; "
+                     f"their articles are fetched again")
+        if rewrite or bad:
+            with atomic_open(self.path) as out, open(self.path, "rb") as src:
+                written = set()
+                for off, obj in scan_jsonl(self.path):
+                    if obj is None or article_key(obj) in written:
+                        continue
+                    k = article_key(obj)
+                    written.add(k)
+                    if k in merges:
+                        obj["tickers"] = sorted(set(obj.get("tickers") or []) | merges[k][0])
+                        obj["symbols"] = sorted(set(obj.get("symbols") or []) | merges[k][1])
+                        out.write(jsonl_bytes([obj]))
+                    else:  # copy the original bytes: no re-serialisation for untouched articles
+                        src.seek(off)
+                        out.write(src.readline())
         if os.path.exists(self.merges_path):
-            os.remove(self.merges_path)  # only after news.jsonl holds the merged tickers
-        self.tickers = {k: set(by_key[k].get("tickers") or []) for k in order}
-        return len(order)
+            os.remove(self.merges_path)  # only once news.jsonl holds the merged tickers
+        for k, (t, _) in merges.items():
+            if k in index:  # a merge for an article lost in a torn tail is dropped: it gets refetched
+                index[k] |= t
+        self.tickers = index
+        return len(index)
 
     def add_page(self, ticker: str, items: list) -> int:
         """Store one page: new articles appended, known ones get this ticker merged. Returns #new."""
@@ -1386,27 +1411,44 @@ def date_key(s) -> str:
     return d.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def news_docs(records) -> list[str]:
-    """Sorted by (date, link); empty bodies and repeated bodies dropped (the first one kept)."""
-    rows = sorted(((date_key(r.get("date", "")), article_key(r), r) for r in records), key=lambda t: t[:2])
-    docs, seen_bodies = [], set()
-    for _, _, r in rows:
-        body = clean_text(r.get("content"))
-        if not body or body in seen_bodies:
-            continue
-        seen_bodies.add(body)
-        title = " ".join(clean_text(r.get("title")).split())
-        docs.append(f"{title}\n{body}" if title else body)
-    return docs
+def news_doc(r: dict) -> tuple:
+    """(title, cleaned body) of one article; the document is 'title\nbody'."""
+    return " ".join(clean_text(r.get("title")).split()), clean_text(r.get("content"))
 
 
 def write_news_corpus(out_dir: str) -> tuple:
-    records, _ = read_jsonl(os.path.join(out_dir, "news.jsonl"))
-    docs = news_docs(records)
-    path = os.path.join(out_dir, CORPUS_NAME)
-    if not docs:
+    """news.jsonl -> finance_corpus.txt, sorted by (date, link); empty and repeated bodies dropped
+    (the earliest copy is kept). Holds only (date, link, offset) per article and a hash per body
+    in memory; the articles themselves are read back one at a time."""
+    src_path, path = os.path.join(out_dir, "news.jsonl"), os.path.join(out_dir, CORPUS_NAME)
+    order = sorted((date_key(obj.get("date", "")), article_key(obj), off)
+                   for off, obj in scan_jsonl(src_path) if obj is not None)
+    n_docs, n_bytes, seen_bodies = 0, 0, set()
+    if not order:
         return path, 0, 0
-    return path, len(docs), len(write_corpus(path, docs))
+    try:
+        with atomic_open(path) as out, open(src_path, "rb") as src:
+            for _, _, off in order:
+                src.seek(off)
+                title, body = news_doc(json.loads(src.readline()))
+                h = hashlib.sha256(body.encode("utf-8")).digest()
+                if not body or h in seen_bodies:
+                    continue
+                seen_bodies.add(h)
+                doc = (f"{title}\n{body}" if title else body).encode("utf-8")
+                out.write((b"\n\n" if n_docs else b"") + doc)
+                n_docs += 1
+                n_bytes += len(doc) + (2 if n_docs > 1 else 0)
+            if n_docs == 0:
+                raise _NothingToWrite
+            out.write(b"\n")
+    except _NothingToWrite:  # leave an existing corpus (e.g. the market one) as it was
+        return path, 0, 0
+    return path, n_docs, n_bytes + 1
+
+
+class _NothingToWrite(Exception):
+    pass
 
 
 # -----------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def clean_env():
 
 def fetch(api, out_dir, *extra, key=KEY, timeout=60):
     cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(out_dir),
-           "--base-url", api.base_url, "--api-key", key, "--timeout", "0.5", "--max-retries", "3",
+           "--base-url", api.base_url, "--api-key", key, "--timeout", "1.5", "--max-retries", "3",
            "--backoff-base", "0.05", "--backoff-max", "0.2", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)
 
@@ -180,7 +180,7 @@ def standard_feeds(api):
     api.script["BADJSON.US"] = ["badjson"]
     api.feeds["SLOW.US"] = [article(500 + i, ["SLOW.US"]) for i in range(3)]
     api.script["SLOW.US"] = ["slow"]
-    api.slow_s = 1.5
+    api.slow_s = 2.5  # past the 1.5 s --timeout that fetch() passes
     return ["AAPL.US", "MSFT.US", "RATE.US", "FLAKY.US", "BADJSON.US", "SLOW.US", "NOPE.US"]
 
 
@@ -311,8 +311,8 @@ def test_timeouts_and_5xx_exhaust_retries_then_skip(api, tmp_path):
     api.feeds["DOWN.US"] = [article(60, ["DOWN.US"])]
     api.always["HANG.US"] = "slow"
     api.always["DOWN.US"] = "500"
-    api.slow_s = 1.0
-    r = fetch(api, tmp_path, "--tickers", "HANG.US,DOWN.US,AAPL.US", "--max-retries", "1", "--timeout", "0.3")
+    api.slow_s = 1.5
+    r = fetch(api, tmp_path, "--tickers", "HANG.US,DOWN.US,AAPL.US", "--max-retries", "1", "--timeout", "0.5")
     assert r.returncode == 0, r.stderr
     assert "skipped HANG.US: ReadTimeout" in r.stdout and "gave up after 2 attempts" in r.stdout
     assert "skipped DOWN.US: server error (HTTP 500); gave up after 2 attempts" in r.stdout
@@ -431,7 +431,7 @@ def test_recovers_torn_line_and_pending_merges(api, tmp_path):
         {"link": "https://news.example.com/story/3", "tickers": ["MSFT.US"], "symbols": ["MSFT.US"]}) + "\n")
     r = fetch(api, tmp_path, "--tickers", "AAPL.US")  # MSFT.US is not fetched: the merge comes from the file
     assert r.returncode == 0, r.stderr
-    assert "dropped an incomplete last line" in r.stderr
+    assert "dropped 1 incomplete line(s)" in r.stderr
     stored = read_news(tmp_path)
     links = [a["link"] for a in stored]
     assert len(links) == len(set(links)) == 6 and set(links) == {a["link"] for a in api.feeds["AAPL.US"]}
