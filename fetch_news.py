@@ -19,6 +19,7 @@ writes finance_corpus.txt beside it.
 """
 
 import argparse
+import bisect
 import contextlib
 import csv
 import datetime as dt
@@ -153,11 +154,10 @@ def _num(s: str):
 
 
 class Daily:
-    """One daily series: parallel lists of dates and values (OHLCV or a single column)."""
+    """One daily OHLCV series: a list of dates and a parallel list per column."""
 
     def __init__(self, dates, cols):
         self.dates, self.cols = dates, cols
-        self.index = {d: i for i, d in enumerate(dates)}
 
 
 def load_ohlcv(name: str) -> Daily:
@@ -413,7 +413,6 @@ class Lookup:
         return self.vals[i], pct(self.vals[i], self.vals[i - 1]), self.vals[i] - self.vals[i - 1]
 
     def last_on_or_before(self, d: dt.date):
-        import bisect
         k = bisect.bisect_right(self.dates, d) - 1
         return (self.dates[k], self.vals[k]) if k >= 0 else None
 
@@ -612,8 +611,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
 # market corpus: weekly wrap
 
 
-def weekly_doc(idx: list[int], prev_close_i, data: dict, sps: EquityStats, nqs: EquityStats,
-               wti: Lookup, vix: Lookup) -> str:
+def weekly_doc(idx: list[int], prev_close_i: int, data: dict, sps: EquityStats, wti: Lookup, vix: Lookup) -> str:
     sp, nq = data["sp"], data["nq"]
     cl, ncl = sp.cols["close"], nq.cols["close"]
     first, last = idx[0], idx[-1]
@@ -786,8 +784,8 @@ def macro_sentences(y: int, m: int, data: dict, rng: random.Random, wti_month: d
     return out
 
 
-def monthly_doc(y: int, m: int, idx: list[int], prev_i: int, data: dict, sps: EquityStats,
-                nqs: EquityStats, vix: Lookup, wti_month: dict) -> str:
+def monthly_doc(y: int, m: int, idx: list[int], prev_i: int, data: dict, sps: EquityStats, vix: Lookup,
+                wti_month: dict) -> str:
     sp, nq = data["sp"], data["nq"]
     cl, ncl = sp.cols["close"], nq.cols["close"]
     last = idx[-1]
@@ -908,7 +906,7 @@ def quarterly_doc(y: int, q: int, macro: dict):
     return assemble(rng, title, lead, body, keep=0.85)
 
 
-def annual_doc(y: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Lookup, vix: Lookup):
+def annual_doc(y: int, data: dict, sps: EquityStats, wti: Lookup, vix: Lookup):
     ff, credit, cpi = data["ff"], data["credit"], data["cpi"]
     rng = random.Random(f"annual:{y}")
     body, lead = [], []
@@ -949,7 +947,7 @@ def annual_doc(y: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Look
     if all((y, m) in ff for m in range(1, 13)):
         g_mkt, g_rf = 1.0, 1.0
         for m in range(1, 13):
-            mkt, smb, hml, rf = ff[(y, m)]
+            mkt, _, _, rf = ff[(y, m)]
             g_mkt *= 1.0 + (mkt + rf) / 100.0
             g_rf *= 1.0 + rf / 100.0
         smb_sum = math.fsum(ff[(y, m)][1] for m in range(1, 13))
@@ -1012,7 +1010,7 @@ def build_market_docs() -> list[str]:
         cur.append(i)
     weeks.append(cur)
     for w in weeks[1:]:
-        docs.append((sp.dates[w[-1]], 1, weekly_doc(w, w[0] - 1, data, sps, nqs, wti, vix)))
+        docs.append((sp.dates[w[-1]], 1, weekly_doc(w, w[0] - 1, data, sps, wti, vix)))
     months = {}
     for i, d in enumerate(sp.dates):
         months.setdefault((d.year, d.month), []).append(i)
@@ -1020,7 +1018,7 @@ def build_market_docs() -> list[str]:
     for (y, m), idx in sorted(months.items()):
         if idx[0] == 0:
             continue
-        docs.append((sp.dates[idx[-1]], 2, monthly_doc(y, m, idx, idx[0] - 1, data, sps, nqs, vix, wti_month)))
+        docs.append((sp.dates[idx[-1]], 2, monthly_doc(y, m, idx, idx[0] - 1, data, sps, vix, wti_month)))
     for (y, m) in sorted(set(data["credit"]) | set(data["ff"]) | set(data["cpi"])):
         if (y, m) >= first_equity_month:
             continue
@@ -1033,7 +1031,7 @@ def build_market_docs() -> list[str]:
             docs.append((dt.date(y, 3 * q, 28), 3, t))
     years = sorted({y for y, _ in data["ff"]} | {d.year for d in sp.dates})
     for y in years:
-        t = annual_doc(y, data, sps, nqs, wti, vix)
+        t = annual_doc(y, data, sps, wti, vix)
         if t:
             docs.append((dt.date(y, 12, 31), 4, t))
     docs.sort(key=lambda t: (t[0], t[1]))
@@ -1325,28 +1323,29 @@ def sp500_symbol_to_eodhd(sym: str) -> str:
     return sym.strip().upper().replace(".", "-") + ".US"
 
 
+def sp500_symbols(text: str) -> list[str]:
+    return [row["Symbol"] for row in csv.DictReader(io.StringIO(text)) if (row.get("Symbol") or "").strip()]
+
+
 def load_sp500(out_dir: str, url: str, timeout: float, log) -> list[str]:
     """The current S&P 500 constituents: downloaded when online (and cached), else the cache."""
     cache = os.path.join(out_dir, SP500_CACHE)
-    text = None
     try:
         r = requests.get(url, timeout=timeout)
         r.raise_for_status()
-        text = r.text
-    except requests.RequestException as e:
+        syms = sp500_symbols(r.text)
+        if not syms:
+            raise ValueError("no Symbol column")
+        atomic_write_bytes(cache, r.text.encode("utf-8"))
+    except (requests.RequestException, ValueError) as e:
+        why = type(e).__name__ if isinstance(e, requests.RequestException) else str(e)
         if not os.path.exists(cache):
-            raise UserError(f"cannot download the S&P 500 list from {url} ({type(e).__name__}) and there is "
-                            f"no cached copy at {cache}")
-        log(f"S&P 500 list not downloaded ({type(e).__name__}); using the cached {cache}")
-    if text is None:
+            raise UserError(f"cannot get the S&P 500 list from {url} ({why}) and there is no cached copy at {cache}")
+        log(f"S&P 500 list not downloaded ({why}); using the cached {cache}")
         with open(cache, encoding="utf-8") as f:
-            text = f.read()
-    rows = list(csv.DictReader(io.StringIO(text)))
-    syms = [row.get("Symbol", "") for row in rows if (row.get("Symbol") or "").strip()]
-    if not syms:
-        raise UserError(f"the S&P 500 list from {url if text is not None else cache} has no Symbol column")
-    if not os.path.exists(cache) or open(cache, encoding="utf-8").read() != text:
-        atomic_write_bytes(cache, text.encode("utf-8"))
+            syms = sp500_symbols(f.read())
+        if not syms:
+            raise UserError(f"{cache} has no Symbol column; delete it and run again online")
     return [sp500_symbol_to_eodhd(s) for s in syms]
 
 
@@ -1374,12 +1373,14 @@ def collect_tickers(args, log) -> list[str]:
 # -----------------------------------------------------------------------------
 # eodhd: from news.jsonl to the corpus
 
+# lines that are site furniture rather than news (matched at the start of a line under 200 chars)
 BOILERPLATE = re.compile(
-    r"^(story continues|continue reading|read more|read the (full|original) (story|article)|view comments"
-    r"|recommended stories|click here|sign up|subscribe|download the|follow us|share this"
-    r"|(this|the) (article|story|post) (was )?(originally |first )?(appeared|published|featured)"
-    r"|originally published|copyright|\(c\) ?\d{4}|\u00a9|all rights reserved"
-    r"|(see|read) also|related( articles| stories)?:|advertisement$|image source:|photo:)",
+    r"^(?:(?:story continues|continue reading|read more|read the (?:full|original) (?:story|article)"
+    r"|view comments|recommended stories|click here|sign up|subscribe|download the|follow us|share this"
+    r"|(?:this|the) (?:article|story|post) (?:was )?(?:originally |first )?(?:appeared|published|featured)"
+    r"|originally published|copyright|all rights reserved)\b"
+    r"|(?:related(?: articles| stories)?|see also|read also|photo|image source)\s*:"
+    r"|advertisement$|\u00a9|\(c\) ?\d{4})",
     re.IGNORECASE)
 
 
@@ -1416,6 +1417,10 @@ def news_doc(r: dict) -> tuple:
     return " ".join(clean_text(r.get("title")).split()), clean_text(r.get("content"))
 
 
+class _NothingToWrite(Exception):
+    pass
+
+
 def write_news_corpus(out_dir: str) -> tuple:
     """news.jsonl -> finance_corpus.txt, sorted by (date, link); empty and repeated bodies dropped
     (the earliest copy is kept). Holds only (date, link, offset) per article and a hash per body
@@ -1445,10 +1450,6 @@ def write_news_corpus(out_dir: str) -> tuple:
     except _NothingToWrite:  # leave an existing corpus (e.g. the market one) as it was
         return path, 0, 0
     return path, n_docs, n_bytes + 1
-
-
-class _NothingToWrite(Exception):
-    pass
 
 
 # -----------------------------------------------------------------------------

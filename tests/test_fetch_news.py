@@ -467,7 +467,8 @@ def test_news_corpus_cleaning_order_and_determinism(tmp_path):
     recs = [
         {"date": "2024-03-02T09:00:00-05:00", "link": "https://b.example/2", "title": "<b>Later</b> &amp; UTC 14:00",
          "content": "<div><p>Shares   rose\t3%.</p><script>var x = 1;</script>\n\n<p>Story continues</p>"
-                    "<p>Analysts&nbsp;were upbeat.</p><p>Click here to subscribe</p></div>"},
+                    "<p>Analysts&nbsp;were upbeat.</p><p>Click here to subscribe</p><p>Advertisement</p>"
+                    "<p>Subscribers grew 10%; related party deals did not.</p></div>"},
         {"date": "2024-03-02T13:00:00+00:00", "link": "https://a.example/1", "title": "Earlier at 13:00 UTC",
          "content": "Plain text body.\r\nRead more: https://a.example/more\n\u00a9 2024 Example Media. All rights reserved."},
         {"date": "2024-03-02T13:00:00+00:00", "link": "https://a.example/0", "title": "Same time, smaller link",
@@ -484,7 +485,7 @@ def test_news_corpus_cleaning_order_and_determinism(tmp_path):
     assert first.decode("utf-8") == (
         "Same time, smaller link\nTie broken by link. Caf\u00e9 prices.\n\n"
         "Earlier at 13:00 UTC\nPlain text body.\n\n"
-        "Later & UTC 14:00\nShares rose 3%.\nAnalysts were upbeat.\n")
+        "Later & UTC 14:00\nShares rose 3%.\nAnalysts were upbeat.\nSubscribers grew 10%; related party deals did not.\n")
     assert fetch_news.write_news_corpus(str(tmp_path))[2] == len(first)
     assert Path(path).read_bytes() == first
     # the same articles stored in another order give the same bytes
