@@ -1153,7 +1153,7 @@ class NewsClient:
                     raise TickerFailed(f"HTTP {code}: {self.redact(body)}")
             if attempt == self.max_retries:
                 raise TickerFailed(f"{reason}; gave up after {attempt + 1} attempts")
-            self.log(f"{where}: {reason}; retry {attempt + 1}/{self.max_retries} in {wait:.1f}s")
+            self.log(f"{where}: {reason}; retry {attempt + 1}/{self.max_retries} in {wait:.2f}s")
             time.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -1477,8 +1477,8 @@ def run_eodhd(args) -> int:
         raise UserError(f"--limit must be between 1 and 1000, got {args.limit}")
     if args.max_pages is not None and args.max_pages < 1:
         raise UserError(f"--max-pages must be at least 1, got {args.max_pages}")
-    if args.timeout <= 0 or args.max_retries < 0 or args.backoff_base < 0:
-        raise UserError("--timeout must be > 0, --max-retries and --backoff-base >= 0")
+    if args.timeout <= 0 or args.max_retries < 0 or args.backoff_base < 0 or args.backoff_max < 0:
+        raise UserError("--timeout must be > 0; --max-retries, --backoff-base and --backoff-max >= 0")
     if not re.match(r"^https?://", args.base_url):
         raise UserError(f"--base-url must start with http:// or https://, got {redact(args.base_url)!r}")
 
@@ -1516,6 +1516,7 @@ def run_eodhd(args) -> int:
                 if items is None:
                     break
                 pages += 1
+                bar.set_postfix(new=new_total, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
                 if not items:  # only an empty page ends a ticker: short pages happen mid-stream
                     store.save_progress(ticker, dict(query, offset=offset, done=True))
                     done += 1
@@ -1523,7 +1524,6 @@ def run_eodhd(args) -> int:
                 new_total += store.add_page(ticker, items)
                 offset += len(items)  # advance by what came back, not by --limit
                 store.save_progress(ticker, dict(query, offset=offset, done=False))
-                bar.set_postfix(new=new_total, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
             if bar is not None:
                 bar.update(1)
     except QuotaExhausted:
@@ -1566,8 +1566,13 @@ def run_eodhd(args) -> int:
 # command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage block; one line says it better
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description=__doc__.split("\n\n")[0].strip() + " See the module docstring for details.",
         epilog="exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input or rejected API key; "
                "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume). "

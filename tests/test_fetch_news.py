@@ -218,6 +218,8 @@ def test_help_documents_every_flag():
     (["--tickers", "AAPL.US", "--api-key", ""], "no API key"),
     ([], "no tickers"),
     (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must start with"),
+    (["--tickers", "AAPL.US", "--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
+    (["--tickers", "AAPL.US", "--timeout", "0"], "--timeout must be > 0"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
     args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
