@@ -42,6 +42,11 @@ import urllib.parse
 import requests
 from tqdm import tqdm
 
+try:
+    import fcntl  # POSIX: guards news.jsonl against two concurrent writers
+except ImportError:  # Windows: no lock, everything else works
+    fcntl = None
+
 # -----------------------------------------------------------------------------
 # defaults
 
@@ -1215,6 +1220,17 @@ class NewsStore:
         self.merges_path = os.path.join(out_dir, "news_merges.jsonl")
         self.progress_path = os.path.join(out_dir, "news_progress.json")
         self.log = log
+        # one writer per folder: a second concurrent run would interleave appends. flock is
+        # released by the kernel when the process dies, kill -9 included
+        self.lock = open(os.path.join(out_dir, "news.lock"), "w")
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another fetch_news.py run is writing to {out_dir}; wait for it or use another --out-dir")
+        for name in os.listdir(out_dir):  # temp files of a run killed during a rewrite
+            if re.fullmatch(r"(news\.jsonl|news_progress\.json|finance_corpus\.txt)\.tmp\d+", name):
+                os.remove(os.path.join(out_dir, name))
         self.tickers: dict[str, set] = {}  # link -> tickers it is stored under (the dedup index)
         self.compact(startup=True)
         self.progress = {}

@@ -418,6 +418,26 @@ def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
     assert len(docs) == 96
 
 
+def test_second_concurrent_run_is_refused(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(40)]
+    api.delay_s = 0.3
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
+           "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--limit", "2"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    try:
+        deadline = time.time() + 30
+        while not ((tmp_path / "news.jsonl").exists() and (tmp_path / "news.jsonl").stat().st_size):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.01)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+        assert first.poll() is None  # the first run was still writing throughout
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert "another fetch_news.py run is writing to" in second.stderr
+
+
 def test_recovers_torn_line_and_pending_merges(api, tmp_path):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(6)]
     api.feeds["MSFT.US"] = [article(3, ["AAPL.US"])] + [article(10 + i, ["MSFT.US"]) for i in range(3)]
