@@ -252,7 +252,6 @@ class EquityStats:
     def __init__(self, s: Daily):
         c, v = s.cols["close"], s.cols["volume"]
         n = len(c)
-        self.s = s
         self.ret = [None] + [pct(c[i], c[i - 1]) for i in range(1, n)]
         self.ma = {w: [mean(c[i - w + 1:i + 1]) if i >= w - 1 else None for i in range(n)] for w in (50, 200)}
         # the volume average excludes today, so "today versus normal" is not diluted by today
@@ -1019,13 +1018,13 @@ def build_market_docs() -> list[str]:
     months = {}
     for i, d in enumerate(sp.dates):
         months.setdefault((d.year, d.month), []).append(i)
-    first_equity_month = min(months)
+    first_equity_month = min(months)  # has no previous month-end close: it gets a rates note instead
     for (y, m), idx in sorted(months.items()):
         if idx[0] == 0:
             continue
         docs.append((sp.dates[idx[-1]], 2, monthly_doc(y, m, idx, idx[0] - 1, data, sps, vix, wti_month)))
     for (y, m) in sorted(set(data["credit"]) | set(data["ff"]) | set(data["cpi"])):
-        if (y, m) >= first_equity_month:
+        if (y, m) > first_equity_month:
             continue
         t = credit_doc(y, m, data, wti_month)
         if t:
