@@ -538,17 +538,17 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
                 "From the 52-week peak of {hv} ({hd}), the drawdown is {dd}{z}.",
             ], dd=fp(dd), hv=f2(cl[hi]), hd=short_date(sp.dates[hi]), z=zone))
     pk = sps.peak[i]
-    if pk != i and pct(c, sp.cols["close"][pk]) <= -15 and rng.random() < 0.5:
+    if pk != i and pk != hi and pct(c, sp.cols["close"][pk]) <= -15 and rng.random() < 0.5:
         body.append(f"Measured from the highest close since January 1999, {f2(sp.cols['close'][pk])} on "
                     f"{short_date(sp.dates[pk])}, the S&P 500 is down {fp(pct(c, sp.cols['close'][pk]))}.")
 
     rv = sps.vol20[i]
     if rv is not None:
         body.append(pick(rng, [
-            "Twenty-day realized volatility is {rv} annualized, a {reg} reading.",
+            "Twenty-day realized volatility is {rv} annualized, {a} {reg} reading.",
             "Realized volatility over the past 20 sessions runs at {rv} on an annualized basis, which counts as {reg}.",
             "The volatility regime is {reg}: the 20-day realized figure is {rv} annualized.",
-        ], rv=fp(rv), reg=vol_regime(rv)))
+        ], rv=fp(rv), reg=vol_regime(rv), a="an" if vol_regime(rv)[0] in "aeiou" else "a"))
 
     k = sps.streak[i]
     if abs(k) >= 3:
