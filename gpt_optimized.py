@@ -1,0 +1,841 @@
+"""
+A from-scratch GPT language model on the finance corpus, made fast.
+
+gpt_scratch.py plus the speed techniques: `diff gpt_scratch.py gpt_optimized.py` lists them,
+each with a comment on what it buys. torch.compile, bf16 autocast (fp16 + GradScaler where bf16
+is missing), flash attention through scaled_dot_product_attention, fused AdamW with weight decay
+on matrices only, tied embeddings, bias-free layers, a vocabulary padded to a multiple of 64,
+TF32, pinned non-blocking host-to-device copies, gradient accumulation, cosine LR, gradient
+clipping, optional activation checkpointing, a KV cache for generation, DDP via torchrun, MFU;
+and, behind flags, NanoGPT-speedrun changes (rotary embeddings, QK-norm, ReLU^2, Muon).
+
+    python gpt_optimized.py --preset cpu --out out/gpt_optimized
+    python gpt_optimized.py --preset cpu --out out/gpt_optimized --resume --max-iters 1200
+    torchrun --standalone --nproc_per_node=8 gpt_optimized.py --preset seed --out out/seed8
+
+Run folder (--out): tokens-<key>.bin/.json and tokenizer-<key>.json (the tokenized corpus,
+made once per corpus and tokenizer), ckpt.pt, metrics.jsonl (one line per evaluation) and
+summary.json. In-process use: main(argv) -> summary dict.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+SCRIPT = "gpt_optimized"
+# shapes and schedules a --preset fills in; flags given explicitly still win
+PRESETS = {
+    "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dropout=0.0,
+                vocab_size=2048, max_iters=600, lr=1e-3, warmup_iters=50, eval_interval=100,
+                eval_iters=20),
+}
+SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
+# dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given
+PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),
+              "GH200": (989e12, 494e12), "B200": (2250e12, 1100e12), "A100": (312e12, 156e12),
+              "L40S": (362e12, 183e12), "L4": (121e12, 60e12), "A10": (125e12, 62.5e12),
+              "4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
+CPU_FLOPS_PER_THREAD = 2.5e9 * 32  # ~2.5 GHz x AVX2 (2 FMA units x 8 fp32 lanes x 2): a modest guess
+
+
+def die(msg: str) -> None:
+    """A user mistake: one line on stderr, exit code 2, no traceback."""
+    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: characters, or byte-level BPE trained with HF tokenizers
+
+
+class Tokenizer:
+    """encode(str) -> list[int], decode(list[int]) -> str; state() round-trips through from_state()."""
+
+    UNK = "\ufffd"  # characters the char vocabulary never saw encode as U+FFFD
+
+    def __init__(self, kind: str, chars: str | None = None, bpe_json: str | None = None):
+        self.kind = kind
+        if kind == "char":
+            self.chars = chars
+            self.stoi = {c: i for i, c in enumerate(chars)}
+            self.vocab_size = len(chars)
+        elif kind == "bpe":
+            from tokenizers import Tokenizer as HFTokenizer
+            self.bpe_json = bpe_json
+            self.hf = HFTokenizer.from_str(bpe_json)
+            self.vocab_size = self.hf.get_vocab_size()
+        else:
+            raise ValueError(f"unknown tokenizer kind {kind!r}")
+
+    @classmethod
+    def train(cls, kind: str, docs: list[str], vocab_size: int) -> "Tokenizer":
+        """Build the vocabulary from the training documents only."""
+        if kind == "char":
+            return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK})))
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()  # byte-level: any text round-trips exactly
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(docs, trainer=trainer)
+        return cls("bpe", bpe_json=hf.to_str())
+
+    @classmethod
+    def from_state(cls, d: dict) -> "Tokenizer":
+        return cls(d["kind"], chars=d.get("chars"), bpe_json=d.get("json"))
+
+    def state(self) -> dict:
+        if self.kind == "char":
+            return {"kind": "char", "chars": self.chars}
+        return {"kind": "bpe", "json": self.bpe_json}
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "char":
+            unk = self.stoi[self.UNK]
+            return [self.stoi.get(c, unk) for c in text]
+        return self.hf.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "char":
+            return "".join(self.chars[i] for i in ids)
+        return self.hf.decode(list(ids))
+
+
+# -----------------------------------------------------------------------------
+# data: tokenize once into a flat memmap; split by contiguous documents
+
+
+def decode_utf8(raw: bytes) -> tuple[str, int]:
+    """Decode, replacing bytes that are not UTF-8 with U+FFFD; return (text, bytes replaced)."""
+    text = raw.decode("utf-8", errors="replace")
+    inserted = text.count("\ufffd") - raw.count("\ufffd".encode())
+    # each replacement swaps k bad bytes for the 3-byte U+FFFD, so the byte count is recoverable
+    return text, len(raw) - len(text.encode()) + 3 * inserted
+
+
+def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, dict]:
+    """Return (tokenizer, train tokens, val tokens, meta); the last 10% of documents are validation."""
+    path = Path(args.data)
+    if not path.is_file():
+        die(f"corpus not found: {path}")
+    raw = path.read_bytes()
+    if not raw.strip():
+        die(f"corpus is empty: {path}")
+    sha = hashlib.sha256(raw).hexdigest()
+    key = f"{sha[:16]}-{args.tokenizer}" + (str(args.vocab_size) if args.tokenizer == "bpe" else "")
+    bin_path, meta_path = out / f"tokens-{key}.bin", out / f"tokens-{key}.json"
+    tok_path = out / f"tokenizer-{key}.json"
+    if not (meta_path.exists() and bin_path.exists() and tok_path.exists()):
+        text, bad_bytes = decode_utf8(raw)
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        if len(docs) < 2:
+            die(f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
+                "separated by a blank line; the last 10% are validation)")
+        n_val_docs = max(1, len(docs) // 10)
+        train_docs, val_docs = docs[:-n_val_docs], docs[-n_val_docs:]
+        print(f"tokenizing {path} ({len(docs)} documents, {args.tokenizer})...", file=sys.stderr)
+        tok = Tokenizer.train(args.tokenizer, train_docs, args.vocab_size)
+        train_ids = tok.encode("\n\n".join(train_docs))
+        val_ids = tok.encode("\n\n".join(val_docs))
+        dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+        atomic_write_bytes(bin_path, np.array(train_ids + val_ids, dtype=dtype).tobytes())
+        atomic_write_json(tok_path, tok.state())
+        atomic_write_json(meta_path, {
+            "corpus": str(path), "corpus_sha256": sha, "tokenizer": args.tokenizer,
+            "vocab_size": tok.vocab_size, "dtype": dtype, "bad_utf8_bytes": bad_bytes,
+            "n_docs": len(docs), "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
+            "n_train_tokens": len(train_ids), "n_val_tokens": len(val_ids)})
+    meta = json.loads(meta_path.read_text())
+    tok = Tokenizer.from_state(json.loads(tok_path.read_text()))
+    if meta["bad_utf8_bytes"]:
+        print(f"{path}: replaced {meta['bad_utf8_bytes']} bytes that are not UTF-8", file=sys.stderr)
+    data = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+    train, val = data[:meta["n_train_tokens"]], data[meta["n_train_tokens"]:]
+    need = args.block_size + 1
+    if len(train) < need or len(val) < need:
+        die(f"corpus too short: train split has {len(train)} tokens and validation split "
+            f"{len(val)}; each needs at least block_size + 1 = {need} (lower --block-size or "
+            "add documents)")
+    return tok, train, val, meta
+
+
+def get_batch(split: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator,
+              device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows; the offsets come only from `gen`, so checkpointing it replays the batches."""
+    ix = torch.randint(len(split) - block_size, (batch_size,), generator=gen).tolist()
+    x = torch.stack([torch.from_numpy(split[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(split[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if device.startswith("cuda"):  # pinned pages copy asynchronously; the CPU queues the next step meanwhile
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.1
+    bias: bool = False  # bias-free linears and LayerNorms: fewer kernels and bytes, same quality
+    pad_vocab_multiple: int = 64  # embedding/head rows padded so the head matmul tiles evenly
+    rope: bool = False  # speedrun: rotary position embeddings instead of learned absolute ones
+    qk_norm: bool = False  # speedrun: RMS-normalise queries and keys (stable at high learning rates)
+    relu2: bool = False  # speedrun: ReLU(x)^2 in the MLP instead of GELU
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+class KVCache:
+    """Static per-layer key/value buffers (B, nh, block_size, hs), written at the current position."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.k, self.v = max_len, None, None
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:  # allocate once, in the dtype autocast gives k and v
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = pos + k.size(2)
+        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency, (block_size, hs/2)."""
+    hs = config.n_embd // config.n_head
+    freqs = 1.0 / (10000 ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) pairs (x1, x2) of channels by the position angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, input_pos: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None:  # decoding: attend to every cached position up to this one
+            assert T == 1 or input_pos == 0, "the cache takes a prefill at position 0, then one token at a time"
+            k, v = self.kv_cache.update(input_pos, k, v)
+        # flash attention: one fused kernel, the (T, T) attention matrix is never materialised
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.relu2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, input_pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, input_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.ckpt_activations = False  # recompute each block in backward: activation memory O(1) in depth
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        if config.rope:
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned absolute positions
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one vocab x C matrix instead of two
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: int = 0):
+        B, T = idx.size()
+        assert input_pos + T <= self.config.block_size, f"position {input_pos + T} > block_size {self.config.block_size}"
+        rope = None
+        if self.config.rope:
+            rope = (self.rope_cos[input_pos:input_pos + T], self.rope_sin[input_pos:input_pos + T])
+            x = self.drop(self.wte(idx))  # (B, T, C)
+        else:
+            pos = torch.arange(input_pos, input_pos + T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            if self.ckpt_activations and self.training:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, input_pos)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, padded vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits[..., :self.config.vocab_size], loss  # padding rows are never a real token
+
+    def flops_per_token(self) -> float:
+        """6N + 12*L*H*Q*T (PaLM appendix B): matmul flops of forward + backward for one token."""
+        c = self.config
+        n = count_params(self) - (0 if c.rope else self.wpe.weight.numel())  # lookups are not matmuls
+        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    def configure_optimizers(self, lr: float, weight_decay: float, device: str, muon: bool) -> list:
+        """AdamW with decay on 2-D weights only (not gains, biases); with muon, the 2-D weights
+        inside the blocks go to Muon and the rest stays on AdamW."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        hidden = [p for n, p in self.named_parameters() if n.startswith("h.") and p.dim() == 2] if muon else []
+        hidden_ids = {id(p) for p in hidden}
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in hidden_ids]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused: one CUDA kernel for all parameters; foreach: batched tensor ops where fused is missing
+        fast = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+        optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fast)]
+        if muon:  # speedrun: orthogonalised momentum updates for the hidden matrices
+            optimizers.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
+                                               adjust_lr_fn="match_rms_adamw"))
+        return optimizers
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_kv_cache: bool = True) -> torch.Tensor:
+        """Append max_new_tokens tokens to idx (B, T); temperature <= 0 means greedy (argmax).
+        With the KV cache each step runs one token; once the window is full the positions shift,
+        so each step re-runs the last block_size tokens, as generation without the cache does."""
+        if not use_kv_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.config.block_size:])
+                idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
+            return idx
+        block_size = self.config.block_size
+        for block in self.h:
+            block.attn.kv_cache = KVCache(block_size)
+        try:
+            pos = min(idx.size(1), block_size)
+            logits, _ = self(idx[:, -block_size:], input_pos=0)  # prefill
+            for i in range(max_new_tokens):
+                idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
+                if i == max_new_tokens - 1:
+                    break
+                if pos < block_size:  # decode: one new token, written at position pos
+                    logits, _ = self(idx[:, -1:], input_pos=pos)
+                    pos += 1
+                else:
+                    logits, _ = self(idx[:, -block_size:], input_pos=0)
+        finally:
+            for block in self.h:
+                block.attn.kv_cache = None
+        return idx
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """(B, vocab) logits -> (B, 1) next tokens."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
+
+
+def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    """The checkpoint dict (tensors only, no pickled code); a bad file exits 2 with one line."""
+    if not Path(path).is_file():
+        die(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, arbitrary pickle
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        die(f"cannot load checkpoint {path}: {type(e).__name__}: {first_line}")
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "script" not in ckpt:
+        die(f"{path} is not a GPT checkpoint")
+    if ckpt["script"] != SCRIPT:
+        die(f"{path} was written by {ckpt['script']}.py; load it with that module, not {SCRIPT}.py")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, checkpoint dict); a bad file exits 2 with one line."""
+    ckpt = read_checkpoint(path, device)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/finance_corpus.txt", help="corpus: documents separated by a blank line")
+    p.add_argument("--out", default=f"out/{SCRIPT}", help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="fill in a shape and schedule: " + "; ".join(
+                       f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
+                   + " (flags given explicitly override it)")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe", help="characters, or byte-level BPE")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (trained on the training split only)")
+    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=8, help="attention heads (must divide --n-embd)")
+    p.add_argument("--n-embd", type=int, default=512, help="model width")
+    p.add_argument("--block-size", type=int, default=256, help="context length in tokens")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--max-iters", type=int, default=5000, help="train up to this step (with --resume: the new end)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup-iters", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--eval-interval", type=int, default=250, help="evaluate, log and checkpoint every N steps")
+    p.add_argument("--eval-iters", type=int, default=50, help="batches per split in each evaluation")
+    p.add_argument("--log-interval", type=int, default=10, help="update the progress bar every N steps")
+    p.add_argument("--seed", type=int, default=1337, help="seeds weights, dropout and batch sampling")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt to --max-iters")
+    p.add_argument("--prompt", default="The market", help="prompt for the sample printed at the end")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="length of that sample (0: no sample)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank): a large batch in small memory")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--lr-decay-iters", type=int, default=None, help="cosine decay ends here (default: --max-iters)")
+    p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the decay (default: --lr / 10)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA, off on CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default: on with CUDA, off on CPU)")
+    p.add_argument("--ckpt-activations", action="store_true", help="recompute activations in backward (saves memory, costs ~1/3 more compute)")
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: by detected card)")
+    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=False, help="rotary position embeddings")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="RMS-normalise queries and keys")
+    p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=False, help="ReLU^2 MLP activation instead of GELU")
+    p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False, help="Muon optimizer for the hidden matrices")
+    args, _ = p.parse_known_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+    args = p.parse_args(argv)
+    if args.n_embd % args.n_head:
+        die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                 "eval_iters", "log_interval", "grad_accum"):
+        if getattr(args, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tokenizer == "bpe" and args.vocab_size < 257:
+        die("--vocab-size must be at least 257 for byte-level BPE")
+    if args.rope and (args.n_embd // args.n_head) % 2:
+        die(f"--rope needs an even head size; n_embd / n_head = {args.n_embd // args.n_head}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def get_lr(it: int, args) -> float:
+    """Linear warm-up, then cosine decay to --min-lr at --lr-decay-iters."""
+    decay_iters = args.lr_decay_iters or args.max_iters
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / (args.warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
+
+
+def rng_state(data_gen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict, data_gen: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    data_gen.set_state(rng["data"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def peak_mem_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this process
+
+
+def default_peak_flops(device: str, amp: bool) -> float:
+    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure, or a CPU estimate."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in PEAK_FLOPS.items():
+            if key in name:
+                return half if amp else tf32
+        print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
+        return PEAK_FLOPS["A100"][0 if amp else 1]
+    return CPU_FLOPS_PER_THREAD * torch.get_num_threads()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    out = Path(args.out)
+    # DDP: torchrun starts one process per device and sets RANK/LOCAL_RANK/WORLD_SIZE; gradients are
+    # averaged across ranks, so N devices train N times the tokens per step
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0  # only rank 0 writes files and prints
+    if ddp:  # one process per node tokenizes; the others wait, then read its cache
+        if local_rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_data(args, out)
+        dist.barrier()
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    tok, train_data, val_data, meta = prepare_data(args, out)
+
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                       rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = None
+    if args.resume:
+        if not ckpt_path.exists():
+            die(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt["tokenizer"] != tok.state():
+            die(f"--resume: checkpoint {ckpt_path} was trained with another tokenizer "
+                f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}")
+        theirs = {k: v for k, v in ckpt["model_args"].items() if k != "dropout"}
+        ours = {k: v for k, v in asdict(config).items() if k != "dropout"}
+        if theirs != ours:
+            diff = ", ".join(f"{k}={theirs.get(k)} (flags: {ours.get(k)})" for k in sorted(set(theirs) | set(ours))
+                             if theirs.get(k) != ours.get(k))
+            die(f"--resume: checkpoint {ckpt_path} has another shape: {diff}")
+        if len(ckpt["optimizer"]) != 1 + args.muon:
+            die(f"--resume: checkpoint {ckpt_path} was trained {'without' if args.muon else 'with'} --muon")
+
+    # TF32: fp32 matmuls on tensor cores (10-bit mantissa), several times the plain fp32 rate
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.fp32_precision = "tf32"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    use_amp = args.bf16 if args.bf16 is not None else device_type == "cuda"
+    amp_dtype = torch.bfloat16
+    if use_amp and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16  # older cards: fp16, whose narrow range needs loss scaling
+    # bf16 autocast: matmuls on the bf16 tensor cores, half the activation memory and bandwidth
+    ctx = torch.autocast(device_type, dtype=amp_dtype) if use_amp else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=use_amp and amp_dtype == torch.float16)
+
+    torch.manual_seed(args.seed + rank)  # per-rank dropout; DDP copies rank 0's initial weights
+    data_gen = torch.Generator().manual_seed(args.seed + rank)  # the only source of batch offsets
+    model = GPT(config).to(device)
+    model.ckpt_activations = args.ckpt_activations
+    optimizers = model.configure_optimizers(args.lr, args.weight_decay, device, args.muon)
+    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        for optimizer, state in zip(optimizers, ckpt["optimizer"]):
+            optimizer.load_state_dict(state)
+        if ckpt["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        elapsed_before = ckpt.get("elapsed_s", 0.0)
+        ranks = ckpt["rng"]["ranks"]
+        if rank < len(ranks):
+            set_rng_state(ranks[rank], data_gen)
+        else:  # more ranks than the checkpoint knew: fresh, distinct batch streams
+            data_gen.manual_seed(args.seed + rank + iter_num)
+    n_params = count_params(model)
+    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world_size
+    raw_model = model
+    use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    if use_compile:
+        model = torch.compile(model)  # fuses elementwise kernels, removes Python overhead per layer
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    flops_per_token = raw_model.flops_per_token()
+    peak_flops = args.peak_flops or default_peak_flops(device, use_amp)
+    if master:
+        print(f"{SCRIPT}: {n_params / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
+              f"{meta['n_val_tokens']:,} val tokens, {tokens_per_iter:,} tokens per step, device {device}"
+              f" x {world_size}, {'compiled' if use_compile else 'eager'}, "
+              f"{str(amp_dtype).split('.')[-1] if use_amp else 'fp32'}", file=sys.stderr)
+
+    def mfu(tokens_per_s: float) -> float:
+        """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices."""
+        return flops_per_token * tokens_per_s / (peak_flops * world_size)
+
+    # metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if ckpt is not None and metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if row["iter"] < iter_num:
+                kept.append(line + "\n")
+    if master:
+        atomic_write_bytes(metrics_path, "".join(kept).encode())
+
+    @torch.no_grad()
+    def estimate_loss() -> dict:
+        """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare."""
+        model.eval()
+        gen = torch.Generator().manual_seed(args.seed + 1 + rank)
+        losses = {}
+        for name, split in (("train", train_data), ("val", val_data)):
+            total = 0.0
+            for _ in range(args.eval_iters):
+                x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
+                with ctx:
+                    total += model(x, y)[1].item()
+            losses[name] = total / args.eval_iters
+        if ddp:  # average over the ranks' batches
+            t = torch.tensor([losses["train"], losses["val"]], device=device)
+            dist.all_reduce(t)
+            losses = {"train": t[0].item() / world_size, "val": t[1].item() / world_size}
+        model.train()
+        return losses
+
+    def save_checkpoint() -> None:
+        rngs = [rng_state(data_gen)]  # every rank's generators, so each rank replays its batches
+        if ddp:
+            rngs = [None] * world_size
+            dist.all_gather_object(rngs, rng_state(data_gen))
+        if not master:
+            return
+        atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save({"script": SCRIPT, "model_args": asdict(config), "tokenizer": tok.state(),
+                    "model": raw_model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
+                    "scaler": scaler.state_dict(),
+                    "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": {"ranks": rngs},
+                    "args": vars(args), "corpus_sha256": meta["corpus_sha256"],
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start}, atomic_save)
+        os.replace(atomic_save, ckpt_path)
+
+    # throughput counts training steps only: evaluations and checkpoints are outside the windows
+    steady_tokens, steady_s, all_tokens, all_s, windows = 0, 0.0, 0, 0.0, 0
+    row_tokens, row_s = 0, 0.0
+
+    def close_window() -> None:
+        nonlocal steady_tokens, steady_s, all_tokens, all_s, windows, row_tokens, row_s, t_mark, iter_mark
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        n, dt = (iter_num - iter_mark) * tokens_per_iter, now - t_mark
+        if n:
+            all_tokens, all_s, row_tokens, row_s = all_tokens + n, all_s + dt, row_tokens + n, row_s + dt
+            if windows >= SKIP_WINDOWS:
+                steady_tokens, steady_s = steady_tokens + n, steady_s + dt
+            windows += 1
+        t_mark, iter_mark = now, iter_num
+
+    model.train()
+    val_loss, loss_f = float("nan"), float("nan")
+    t_start = t_mark = time.perf_counter()
+    iter_mark = iter_num
+    pbar = tqdm(total=max(args.max_iters - iter_num, 0), desc=SCRIPT, unit="step", dynamic_ncols=True,
+                disable=not master)
+    while True:
+        lr = get_lr(iter_num, args)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        if iter_num % args.eval_interval == 0 or iter_num >= args.max_iters:
+            close_window()
+            losses = estimate_loss()
+            val_loss = losses["val"]
+            best_val_loss = min(best_val_loss, val_loss)
+            row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": val_loss, "lr": lr,
+                   "tokens": iter_num * tokens_per_iter,
+                   "tokens_per_s": row_tokens / row_s if row_s else 0.0,
+                   "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+            row["mfu"] = mfu(row["tokens_per_s"])
+            row_tokens, row_s = 0, 0.0
+            if master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                pbar.write(f"iter {iter_num}: train {losses['train']:.4f}, val {val_loss:.4f}, mfu {row['mfu']:.1%}")
+            if ckpt is None or iter_num > ckpt["iter_num"]:
+                save_checkpoint()
+            t_mark = time.perf_counter()
+        if iter_num >= args.max_iters:
+            break
+
+        for micro_step in range(args.grad_accum):
+            # pinned host memory + non_blocking: the copy overlaps with the GPU's work
+            x, y = get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
+            if ddp:  # all-reduce the gradients once per step, on the last micro-batch
+                model.require_backward_grad_sync = micro_step == args.grad_accum - 1
+            with ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
+        if args.grad_clip > 0:  # clip the global gradient norm: no blow-ups from rare bad batches
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        pbar.update(1)
+        if iter_num % args.log_interval == 0:
+            loss_f = loss.item()
+            close_window()
+            pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{row_tokens / row_s if row_s else 0:,.0f}")
+    pbar.close()
+    train_time_s = time.perf_counter() - t_start
+    if ddp:
+        dist.destroy_process_group()
+    if not master:
+        return {}
+
+    # -------------------------------------------------------------------------
+    # outputs: latency, a sample, summary.json
+    tokens_per_s = steady_tokens / steady_s if steady_s else (all_tokens / all_s if all_s else 0.0)
+    model = raw_model  # generation runs the plain module, with its KV cache
+    model.eval()
+    start = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with ctx:
+        model.generate(start, 8, temperature=0.0)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with ctx:
+        model.generate(start, 128, temperature=0.0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    latency_ms = (time.perf_counter() - t0) * 1000
+    sample_text = ""
+    if args.max_new_tokens > 0:
+        prompt_ids = tok.encode(args.prompt) or [0]
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        with ctx:
+            sample_text = tok.decode(model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
+        print(f"--- sample ---\n{sample_text}\n---")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    summary = {
+        "script": SCRIPT, "val_loss": val_loss, "perplexity": math.exp(val_loss),
+        "best_val_loss": best_val_loss, "tokens_per_s": tokens_per_s, "train_time_s": train_time_s,
+        "time_per_epoch_s": meta["n_train_tokens"] / tokens_per_s if tokens_per_s else None,
+        "latency_ms": latency_ms, "latency_tokens": 128,
+        "model_size_mb": sum(storages.values()) / 2**20, "peak_mem_mb": peak_mem_mb(device),
+        "peak_mem_kind": "cuda_max_allocated" if device.startswith("cuda") else "cpu_max_rss",
+        "params": n_params, "iters": iter_num, "tokens_per_iter": tokens_per_iter,
+        "tokens_trained": iter_num * tokens_per_iter, "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_train_tokens": meta["n_train_tokens"],
+        "n_val_tokens": meta["n_val_tokens"], "bad_utf8_bytes": meta["bad_utf8_bytes"],
+        "corpus_sha256": meta["corpus_sha256"], "sample": sample_text, "args": vars(args),
+        "mfu": mfu(tokens_per_s), "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+        "world_size": world_size, "compile": use_compile, "amp_dtype": str(amp_dtype).split(".")[-1] if use_amp else None,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    print(f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
+          f"mfu {summary['mfu']:.1%}, {train_time_s:.1f}s -> {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Tests for gpt_scratch.py and gpt_optimized.py: tiny shapes, CPU, real files and processes."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODULES = ["gpt_scratch", "gpt_optimized"]
+# a shape that trains in seconds on two cores; dropout on, so resuming must restore the RNG too
+TINY = ["--tokenizer", "char", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "8", "--dropout", "0.1", "--lr", "3e-3", "--warmup-iters", "5",
+        "--eval-iters", "4", "--log-interval", "5", "--max-new-tokens", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded, and the CPU is often shared; subprocesses match."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def generated_docs(n: int) -> list[str]:
+    """Market-report documents with some structure to learn (used when the real corpus is absent)."""
+    rng = random.Random(0)
+    names = ["Apple", "Microsoft", "Nvidia", "Exxon Mobil", "JPMorgan Chase", "Tesla", "Pfizer"]
+    docs = []
+    for _ in range(n):
+        name, change = rng.choice(names), rng.gauss(0, 2)
+        verb = "rose" if change > 0 else "fell"
+        sents = [f"{name} shares {verb} {abs(change):.1f}% on {rng.randint(1, 28)} May as volume reached "
+                 f"{rng.randint(5, 90)} million shares."]
+        for _ in range(rng.randint(1, 3)):
+            sents.append(f"The index {rng.choice(['rose', 'fell'])} {abs(rng.gauss(0, 1)):.2f}% and "
+                         f"{rng.choice(names)} {rng.choice(['gained', 'slipped'])} {rng.randint(1, 9)}.{rng.randint(0, 9)}%.")
+        docs.append(" ".join(sents))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first 300 documents of data/finance_corpus.txt, or generated ones if it is not built yet."""
+    real = ROOT / "data" / "finance_corpus.txt"
+    docs = real.read_text(encoding="utf-8", errors="replace").split("\n\n")[:300] if real.exists() else []
+    docs = [d for d in docs if d.strip()]
+    if len(docs) < 300 or sum(map(len, docs)) < 30_000:
+        docs = generated_docs(300)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def load(name: str):
+    return importlib.import_module(name)
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(name: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.fixture(scope="session")
+def trained(corpus, tmp_path_factory) -> dict:
+    """One short run per script, shared by the tests that need a trained model or checkpoint."""
+    runs = {}
+    for name in MODULES:
+        out = tmp_path_factory.mktemp(name)
+        summary = load(name).main(["--data", str(corpus), "--out", str(out), *TINY,
+                                   "--max-iters", "60", "--eval-interval", "30"])
+        runs[name] = {"out": out, "summary": summary}
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# training, outputs, contract
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_loss_falls_and_outputs_are_complete(name, trained):
+    out, summary = trained[name]["out"], trained[name]["summary"]
+    rows = read_rows(out)
+    assert [r["iter"] for r in rows] == [0, 30, 60]
+    for r in rows:
+        assert {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"} <= set(r)
+    # from a uniform guess (~ln vocab) to well below it
+    assert rows[0]["val_loss"] > math.log(summary["vocab_size"]) - 0.5
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0
+    assert rows[-1]["tokens_per_s"] > 0 and rows[-1]["tokens"] == 60 * 8 * 32
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in ("val_loss", "perplexity", "tokens_per_s", "train_time_s", "time_per_epoch_s", "latency_ms",
+                "model_size_mb", "peak_mem_mb", "params", "device", "torch", "args"):
+        assert key in saved, key
+    assert saved["val_loss"] == rows[-1]["val_loss"]
+    assert saved["perplexity"] == pytest.approx(math.exp(saved["val_loss"]))
+    assert saved["time_per_epoch_s"] == pytest.approx(saved["n_train_tokens"] / saved["tokens_per_s"])
+    assert saved["latency_ms"] > 0 and saved["peak_mem_mb"] > 0 and saved["torch"] == torch.__version__
+    assert saved["args"]["max_iters"] == 60 and saved["args"]["n_embd"] == 32
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # no pickled code
+    assert ckpt["script"] == name and ckpt["iter_num"] == 60
+    assert ckpt["best_val_loss"] == min(r["val_loss"] for r in rows)
+    assert {"model_args", "tokenizer", "model", "optimizer", "rng", "args", "corpus_sha256"} <= set(ckpt)
+    assert not list(out.glob("*.tmp"))
+
+    model, tok, _ = load(name).load_checkpoint(out / "ckpt.pt", "cpu")
+    assert not model.training
+    assert saved["params"] == sum(p.numel() for p in model.parameters())
+    size_mb = sum(t.numel() * t.element_size() for t in dict(model.named_parameters()).values()) / 2**20
+    assert saved["model_size_mb"] == pytest.approx(size_mb, rel=0.01)
+    # the loaded model is the trained one: its loss on validation text beats the untrained value
+    val = np.fromfile(next(out.glob("tokens-*.bin")), dtype=np.uint16)[saved["n_train_tokens"]:]
+    x = torch.from_numpy(val[:8 * 33].astype(np.int64)).view(8, 33)
+    with torch.no_grad():
+        logits, loss = model(x[:, :-1], x[:, 1:])
+    assert logits.shape == (8, 32, tok.vocab_size)
+    assert loss.item() < rows[0]["val_loss"] - 1.0
+
+
+def test_optimized_is_the_optimized_model(trained):
+    """Tied embeddings, no biases, padded vocab, AdamW with decay on matrices only, cosine LR, MFU."""
+    mod = load("gpt_optimized")
+    model, tok, ckpt = mod.load_checkpoint(trained["gpt_optimized"]["out"] / "ckpt.pt")
+    assert model.wte.weight is model.lm_head.weight
+    assert model.wte.weight.shape[0] % 64 == 0 and model.wte.weight.shape[0] >= tok.vocab_size
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    adamw = ckpt["optimizer"][0]["param_groups"]
+    assert [g["weight_decay"] for g in adamw] == [0.1, 0.0]
+    rows = read_rows(trained["gpt_optimized"]["out"])
+    assert rows[-1]["lr"] == pytest.approx(3e-4)  # decayed to --lr / 10 at --max-iters
+    summary = trained["gpt_optimized"]["summary"]
+    c = model.config
+    n = summary["params"] - model.wpe.weight.numel()
+    assert summary["flops_per_token"] == 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+    assert summary["mfu"] == pytest.approx(summary["flops_per_token"] * summary["tokens_per_s"] / summary["peak_flops"])
+    scratch = load("gpt_scratch").load_checkpoint(trained["gpt_scratch"]["out"] / "ckpt.pt")[0]
+    assert scratch.wte.weight is not scratch.lm_head.weight  # the baseline keeps the untied head
+
+
+def test_modules_import_without_side_effects(tmp_path):
+    code = "import gpt_scratch, gpt_optimized, os; print(sorted(os.listdir('.')))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**ENV, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]" and r.stderr == ""
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_help_documents_every_flag(name):
+    r = run_cli(name, ["--help"])
+    assert r.returncode == 0
+    for flag in ("--data", "--out", "--tokenizer", "--vocab-size", "--n-layer", "--n-head", "--n-embd",
+                 "--block-size", "--dropout", "--batch-size", "--max-iters", "--lr", "--warmup-iters",
+                 "--eval-interval", "--eval-iters", "--seed", "--device", "--resume", "--prompt",
+                 "--max-new-tokens", "--preset"):
+        assert flag in r.stdout, flag
+    assert "default" in r.stdout
+
+
+def test_preset_fills_in_and_flags_override():
+    mod = load("gpt_optimized")
+    args = mod.parse_args(["--preset", "cpu", "--n-layer", "3"])
+    assert args.n_layer == 3 and args.n_embd == mod.PRESETS["cpu"]["n_embd"]
+    args = mod.parse_args(["--preset", "seed"])
+    assert (args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size, args.dropout) == \
+        (6, 8, 512, 256, 16, 0.1)
+
+
+# -----------------------------------------------------------------------------
+# resume after a kill
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_resume_after_kill_follows_the_same_curve(name, corpus, tmp_path):
+    common = ["--data", str(corpus), *TINY, "--eval-interval", "5", "--seed", "7"]
+    if name == "gpt_optimized":
+        common += ["--lr-decay-iters", "40"]  # the killed run must see the same schedule
+    straight = tmp_path / "straight"
+    load(name).main([*common, "--out", str(straight), "--max-iters", "40"])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *common, "--out", str(killed),
+                             "--max-iters", "100000"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()
+                    if line.endswith("}")] if (killed / "metrics.jsonl").exists() else []
+            if rows and rows[-1]["iter"] >= 20:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached iteration 20")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert torch.load(killed / "ckpt.pt", weights_only=True)["iter_num"] >= 15
+
+    load(name).main([*common, "--out", str(killed), "--max-iters", "40", "--resume"])
+    a, b = read_rows(straight), read_rows(killed)
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == list(range(0, 41, 5))
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5, abs=1e-6), ra["iter"]
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5, abs=1e-6), ra["iter"]
+        assert rb["lr"] == pytest.approx(ra["lr"])
+    wa = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(killed / "ckpt.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_resume_extends_to_new_max_iters(name, trained, tmp_path):
+    src = trained[name]["out"]
+    out = tmp_path / "run"
+    out.mkdir()
+    for f in src.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    args = json.loads((out / "summary.json").read_text())["args"]
+    load(name).main(["--data", args["data"], "--out", str(out), *TINY, "--max-iters", "70",
+                     "--eval-interval", "30", "--resume"])
+    assert [r["iter"] for r in read_rows(out)] == [0, 30, 60, 70]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 70
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+@pytest.mark.parametrize("variant", [[], ["rope", "qk_norm", "relu2"]])
+def test_kv_cache_greedy_equals_no_cache(variant, trained):
+    mod = load("gpt_optimized")
+    if variant:
+        torch.manual_seed(0)
+        cfg = mod.GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                            **{v: True for v in variant})
+        model = mod.GPT(cfg).eval()
+        prompt = torch.randint(0, 50, (2, 5))
+    else:
+        model, tok, _ = mod.load_checkpoint(trained["gpt_optimized"]["out"] / "ckpt.pt")
+        prompt = torch.tensor([tok.encode("Shares of "), tok.encode("The index ")])
+    lengths = []
+    hook = model.wte.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].shape[1]))
+    # 40 new tokens from 5-10 of prompt: past block_size 32, so the full-window path runs too
+    cached = model.generate(prompt, 40, temperature=0.0, use_kv_cache=True)
+    n_cached_calls = len(lengths)
+    hook.remove()
+    plain = model.generate(prompt, 40, temperature=0.0, use_kv_cache=False)
+    assert torch.equal(cached, plain)
+    assert cached.shape == (2, prompt.shape[1] + 40)
+    assert n_cached_calls == 40
+    n_decode = 32 - prompt.shape[1]  # one token per call until the 32-token window is full
+    assert lengths == [prompt.shape[1]] + [1] * n_decode + [32] * (39 - n_decode)
+    assert all(blk.attn.kv_cache is None for blk in model.h)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_generate_samples_respect_top_k_and_vocab(name, trained):
+    model, tok, _ = load(name).load_checkpoint(trained[name]["out"] / "ckpt.pt")
+    torch.manual_seed(0)
+    idx = model.generate(torch.tensor([tok.encode("The ")]), 50, temperature=1.0, top_k=5)
+    assert idx.shape == (1, 54) and int(idx.max()) < tok.vocab_size
+    assert isinstance(tok.decode(idx[0].tolist()), str)
+
+
+# -----------------------------------------------------------------------------
+# DDP
+
+
+def test_ddp_two_gloo_ranks_train_and_only_rank0_writes(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "gpt_optimized.py"), "--data", str(corpus), "--out", str(out), *TINY,
+           "--device", "cpu", "--max-iters", "30", "--eval-interval", "15", "--max-new-tokens", "20"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_rows(out)
+    assert [row["iter"] for row in rows] == [0, 15, 30]  # one writer: no duplicated rows
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
+    assert r.stdout.count("--- sample ---") == 1 and r.stdout.count("val_loss") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens_per_iter"] == 2 * 8 * 32
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert len(ckpt["rng"]["ranks"]) == 2  # both ranks' batch streams, for resuming
+    assert not torch.equal(ckpt["rng"]["ranks"][0]["data"], ckpt["rng"]["ranks"][1]["data"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tok")) == \
+        ["ckpt.pt", "metrics.jsonl", "summary.json"]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, exit 2
+
+
+def expect_exit2(name: str, argv: list[str], capsys, needle: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        load(name).main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and needle in err[-1], err
+    return err[-1]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bad_inputs_exit_2(name, corpus, trained, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o")]
+    expect_exit2(name, ["--data", str(tmp_path / "missing.txt"), *out, *TINY], capsys, "corpus not found")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    expect_exit2(name, ["--data", str(empty), *out, *TINY], capsys, "corpus is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("Stocks rose.\n\nBonds fell.\n\nOil was flat.\n")
+    expect_exit2(name, ["--data", str(short), *out, *TINY], capsys, "block_size + 1")
+    expect_exit2(name, ["--data", str(corpus), *out, *TINY, "--n-embd", "30", "--n-head", "4"], capsys,
+                 "not divisible")
+    expect_exit2(name, ["--data", str(corpus), *out, *TINY, "--resume"], capsys, "no checkpoint")
+
+    run = trained[name]["out"]
+    data = json.loads((run / "summary.json").read_text())["args"]["data"]
+    base = ["--data", data, "--out", str(run), *TINY, "--max-iters", "70", "--eval-interval", "30", "--resume"]
+    msg = expect_exit2(name, [*base, "--n-layer", "3"], capsys, "another shape")
+    assert "n_layer=2 (flags: 3)" in msg
+    expect_exit2(name, [*base, "--tokenizer", "bpe", "--vocab-size", "300"], capsys, "another tokenizer")
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter_num"] == 60  # nothing trained is lost
+
+    other = trained[[m for m in MODULES if m != name][0]]["out"] / "ckpt.pt"
+    with pytest.raises(SystemExit) as e:
+        load(name).load_checkpoint(other)
+    assert e.value.code == 2 and "load it with that module" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        load(name).load_checkpoint(junk)
+    assert e.value.code == 2 and "cannot load checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bad_input_from_the_command_line_is_one_line_no_traceback(name, tmp_path):
+    r = run_cli(name, ["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"{name}: error: corpus not found: {tmp_path / 'nope.txt'}"]
+
+
+# -----------------------------------------------------------------------------
+# data and tokenizers
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_data_split_by_documents_cached_and_bad_bytes_counted(name, corpus, tmp_path, capsys):
+    mod = load(name)
+    raw = b"Bad \xff\xfe start. " + corpus.read_bytes().rstrip(b"\n") + b"\n\nA last doc \xc3\x28 with bad bytes.\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(raw)
+    docs = [d.strip() for d in raw.decode("utf-8", errors="replace").split("\n\n")]
+    args = mod.parse_args(["--data", str(bad), *TINY])
+    tok, train, val, meta = mod.prepare_data(args, tmp_path)
+    assert meta["bad_utf8_bytes"] == 3
+    assert "replaced 3 bytes" in capsys.readouterr().err
+    n_val = len(docs) // 10
+    assert tok.decode(val.tolist()) == "\n\n".join(docs[-n_val:])  # the last 10% of documents
+    assert tok.decode(train.tolist()) == "\n\n".join(docs[:-n_val])
+    assert train.dtype == np.uint16 and isinstance(train, np.memmap)
+    bin_file = next(tmp_path.glob("tokens-*.bin"))
+    stamp = bin_file.stat().st_mtime_ns
+    mod.prepare_data(args, tmp_path)  # second run: cache hit, nothing re-tokenized
+    assert bin_file.stat().st_mtime_ns == stamp and "tokenizing" not in capsys.readouterr().err
+    args = mod.parse_args(["--data", str(bad), *TINY, "--tokenizer", "bpe", "--vocab-size", "400"])
+    mod.prepare_data(args, tmp_path)  # another tokenizer: another cache entry
+    assert len(list(tmp_path.glob("tokens-*.bin"))) == 2
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_tokenizers_round_trip(name):
+    mod = load(name)
+    docs = generated_docs(200)
+    text = "Nvidia rose 3.2% to $1,024.50 — the index fell.\nNew line, tab\t, and ünïcødé 📈"
+    bpe = mod.Tokenizer.train("bpe", docs, 400)
+    assert 257 <= bpe.vocab_size <= 400
+    ids = bpe.encode(text)
+    assert bpe.decode(ids) == text and max(ids) < bpe.vocab_size  # byte-level: unseen characters too
+    assert len(bpe.encode(docs[0])) < len(docs[0]) / 2  # merges learnt from the training documents
+    char = mod.Tokenizer.train("char", docs, 0)
+    seen = "Apple shares rose 1.5% on 3 May."
+    assert char.decode(char.encode(seen)) == seen
+    assert char.decode(char.encode("Apple ü")) == "Apple \ufffd"  # unseen characters -> U+FFFD
+    for tok in (bpe, char):
+        state = json.loads(json.dumps(tok.state()))
+        again = mod.Tokenizer.from_state(state)
+        assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
