@@ -1,0 +1,577 @@
+"""
+Generate text, score perplexity and benchmark decoding for the project's three kinds of model.
+
+  --adapter DIR   a LoRA adapter from finetune_llama.py on the base it records (checked to match);
+                  Unsloth's for_inference on a CUDA GPU when unsloth imports, transformers + peft elsewhere
+  --model SPEC    a base model alone, resolved as finetune_llama.py does (hub id, HF folder, .gguf, smollm2, auto)
+  --ckpt FILE     a GPT checkpoint written by gpt_scratch.py or gpt_optimized.py
+
+Examples:
+    python infer.py --adapter out/finetune --prompt "The S&P 500" --compare-base
+    python infer.py --adapter out/finetune --ppl out/finetune/eval_docs.txt --compare-base
+    python infer.py --model smollm2 --bench
+    echo "Closing bell," | python infer.py --ckpt out/gpt_optimized/ckpt.pt --temperature 0
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from finetune_llama import (choose_backend, config_identity, die, doc_separator_id, encode_documents, note,
+                            resolve_model, score_sequences, DEFAULT_CACHE_DIR)
+
+BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
+                "in three weeks, as")
+
+# -----------------------------------------------------------------------------
+# sampling shared by every model: (vocab,) logits of one sequence -> next token id
+
+
+def sample_next(logits, prev_ids: list[int], temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float) -> int:
+    import torch
+    logits = logits.float().clone()
+    if repetition_penalty != 1.0 and prev_ids:  # CTRL-style: shrink the logits of tokens already present
+        seen = torch.tensor(sorted(set(prev_ids)), device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits[logits < kth] = float("-inf")
+    if top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the token that crosses top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(logits, -1), 1))
+
+# -----------------------------------------------------------------------------
+# two wrappers with one interface: context, encode/decode, generate, score
+
+
+class HFModel:
+    """A transformers causal LM (optionally a PEFT adapter on it) and its tokenizer."""
+
+    def __init__(self, model, tok, label: str, device: str):
+        self.model, self.tok, self.label, self.device = model, tok, label, device
+        cfg = model.config
+        self.context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.sep = doc_separator_id(tok)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.sep
+        stops = {self.sep, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.stop_ids = sorted(stops)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=True)["input_ids"]
+        if not (self.tok.bos_token_id is not None and ids and ids[0] == self.tok.bos_token_id):
+            ids = [self.sep] + ids  # as in training: a document starts after the separator
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def generate(self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True,
+                 force_length: bool = False, **extra) -> list[int]:
+        import torch
+        x = torch.tensor([ids], device=self.device)
+        kw = dict(do_sample=False)
+        if args.temperature > 0:
+            kw = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # 0 / 1.0: off
+        out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens if force_length else None,
+                                  repetition_penalty=args.repetition_penalty, use_cache=use_cache,
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad, **kw, **extra)
+        return out[0, len(ids):].tolist()
+
+    def doc_sequences(self, docs: list[str]) -> list[list[int]]:
+        return encode_documents(self.tok, docs)
+
+    def score(self, seqs, context: int, batch_size: int) -> tuple[float, int]:
+        return score_sequences(self.model, seqs, context, batch_size, self.pad, progress="perplexity")
+
+
+class GPTModel:
+    """A GPT checkpoint; the model class and tokenizer come from the module that wrote it."""
+
+    def __init__(self, module, model, tok, ckpt: dict, label: str, device: str):
+        self.module, self.model, self.tok, self.ckpt, self.label, self.device = module, model, tok, ckpt, label, device
+        self.context = int(ckpt["model_args"]["block_size"])
+        self.sep_ids = tok.encode("\n\n")  # the training stream joins documents with a blank line
+        self.stop_ids: list[int] = []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def generate(self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True,
+                 force_length: bool = False) -> list[int]:
+        """Token by token with the full sampling flags; the model re-reads its (cropped) context each step."""
+        import torch
+        out = list(ids)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits, _ = self.model(torch.tensor([out[-self.context:]], device=self.device))
+                out.append(sample_next(logits[0, -1], out, args.temperature, args.top_k, args.top_p,
+                                       args.repetition_penalty))
+        return out[len(ids):]
+
+    def module_generate(self, ids: list[int], max_new_tokens: int, use_cache: bool) -> list[int]:
+        """The module's own greedy generate (gpt_optimized's has a KV cache); used by --bench."""
+        import torch
+        x = torch.tensor([ids], device=self.device)
+        kw = {"use_kv_cache": use_cache} if self.supports_kv_cache() else {}
+        return self.model.generate(x, max_new_tokens, temperature=0.0, **kw)[0, len(ids):].tolist()
+
+    def supports_kv_cache(self) -> bool:
+        import inspect
+        return "use_kv_cache" in inspect.signature(self.model.generate).parameters
+
+    def doc_sequences(self, docs: list[str]) -> list[list[int]]:
+        """The separator's last token as context (as for the Llama models), then the document and the separator."""
+        return [self.sep_ids[-1:] + self.tok.encode(d) + self.sep_ids for d in docs]
+
+    def score(self, seqs, context: int, batch_size: int) -> tuple[float, int]:
+        return score_sequences(_LogitsView(self.model), seqs, context, batch_size, 0, progress="perplexity")
+
+
+class _LogitsView:
+    """Lets score_sequences call a GPT like a transformers model: model(input_ids=...).logits."""
+
+    def __init__(self, gpt):
+        self.gpt, self.training = gpt, False
+
+    def __call__(self, input_ids, attention_mask=None):  # causal: right padding never reaches real tokens
+        return type("Out", (), {"logits": self.gpt(input_ids)[0]})
+
+    def parameters(self):
+        return self.gpt.parameters()
+
+    def eval(self):
+        self.gpt.eval()
+
+    def train(self, mode=True):
+        self.gpt.train(mode)
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def pick_device(requested: str) -> str:
+    import torch
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        die("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return requested
+
+
+def load_gpt(path: str, device: str) -> GPTModel:
+    import torch
+    p = Path(path)
+    if not p.is_file():
+        die(f"--ckpt {path}: file not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"--ckpt {path}: not a loadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("script"), str) or "model_args" not in ckpt:
+        die(f"--ckpt {path}: not a GPT checkpoint from gpt_scratch.py / gpt_optimized.py (no 'script'/'model_args')")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        module = importlib.import_module(ckpt["script"])
+    except ImportError:
+        die(f"--ckpt {path}: written by {ckpt['script']}.py, which is not importable from here")
+    model, tok, ckpt = module.load_checkpoint(str(p), device)  # exits 2 with one line on a bad file
+    return GPTModel(module, model.eval(), tok, ckpt, f"{ckpt['script']} (iter {ckpt.get('iter_num', '?')})", device)
+
+
+def read_run(adapter_dir: Path) -> tuple[dict, dict]:
+    if not adapter_dir.is_dir():
+        die(f"--adapter {adapter_dir}: folder not found")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        die(f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter folder from finetune_llama.py)")
+    try:
+        adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        run = json.loads((adapter_dir / "run.json").read_text()) if (adapter_dir / "run.json").is_file() else {}
+    except json.JSONDecodeError as e:
+        die(f"--adapter {adapter_dir}: unreadable JSON ({e.msg} at line {e.lineno})")
+    return adapter_cfg, run
+
+
+def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path) -> None:
+    """The adapter's base and the base loaded now must agree on architecture, vocab and hidden size."""
+    now = config_identity(config)
+    for key in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if key in recorded and recorded[key] != now[key]:
+            die(f"--adapter {adapter_dir} was trained on a base with {key}={recorded[key]}, but {base_desc} has "
+                f"{key}={now[key]}; give the matching base with --model")
+    if recorded.get("config_sha256") and recorded["config_sha256"] != now["config_sha256"]:
+        note(f"warning: {base_desc} has the same shape as the adapter's base but a different config hash")
+
+
+def load_hf(args, device: str):
+    """Returns (HFModel, has_adapter). The base comes from --model, else from the adapter's run.json."""
+    import torch
+    adapter_dir = Path(args.adapter) if args.adapter else None
+    recorded, run = {}, {}
+    if adapter_dir:
+        adapter_cfg, run = read_run(adapter_dir)
+        recorded = run.get("base", {})
+        spec = args.model or recorded.get("resolved") or adapter_cfg.get("base_model_name_or_path")
+        if not args.model and recorded.get("resolved") and not Path(recorded["resolved"]).exists() \
+                and recorded.get("source") not in ("hub", "hub-cache"):
+            spec = recorded.get("model")  # a converted folder that is gone: resolve (and convert) again
+        if not spec:
+            die(f"--adapter {adapter_dir}: records no base model; give it with --model")
+    else:
+        spec = args.model
+    backend = choose_backend(args.backend)  # before transformers: unsloth must patch it first
+    base = resolve_model(spec, args.cache_dir)
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(base["resolved"])
+    except (OSError, ValueError) as e:
+        die(f"cannot read the config of {base['resolved']}: {(str(e).splitlines() or [''])[0][:160]}")
+    if adapter_dir:
+        check_base_matches(config, recorded, f"base {base['resolved']}", adapter_dir)
+    load_4bit = args.load_in_4bit if args.load_in_4bit is not None else bool(run.get("load_in_4bit", False))
+    label = f"{base['resolved']}" + (f" + {adapter_dir}" if adapter_dir else "")
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+        model, tok = FastLanguageModel.from_pretrained(
+            model_name=str(adapter_dir) if adapter_dir and not args.model else base["resolved"],
+            max_seq_length=run.get("args", {}).get("max_seq_length") or 2048, dtype=None,
+            load_in_4bit=args.load_in_4bit if args.load_in_4bit is not None else True)
+        if adapter_dir and args.model:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        FastLanguageModel.for_inference(model)  # Unsloth's fused, cached decoding path
+        return HFModel(model, tok, label, device), bool(adapter_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kw = {}
+    if load_4bit:  # the base as the adapter saw it in QLoRA training
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base["resolved"], dtype=dtype, attn_implementation="sdpa",
+                                                 device_map={"": device},
+                                                 **kw)
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir) if adapter_dir and (adapter_dir / "tokenizer_config.json").exists()
+                                        else base["resolved"])
+    if adapter_dir:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. size mismatch with a folder lacking run.json
+            die(f"--adapter {adapter_dir} does not fit base {base['resolved']}: {(str(e).splitlines() or [''])[0][:160]}")
+    model.eval()
+    return HFModel(model, tok, label, device), bool(adapter_dir)
+
+# -----------------------------------------------------------------------------
+# the three jobs
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.prompts_file:
+        p = Path(args.prompts_file)
+        if not p.is_file():
+            die(f"--prompts-file {p}: file not found")
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            die(f"--prompts-file {p} holds no prompts (one per line)")
+    elif args.ppl or args.bench:
+        return []
+    else:
+        if sys.stdin.isatty():
+            die("no prompt: give --prompt, --prompts-file, or pipe prompts on stdin (one per line)")
+        prompts = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+        if not prompts:
+            die("no prompt: stdin was empty")
+    if any(p == "" for p in prompts):
+        die("--prompt is empty")
+    return prompts
+
+
+def fit_prompt(lm, ids: list[int], max_new_tokens: int, context: int) -> list[int]:
+    """A prompt that does not fit the context with room for the new tokens is cut from the left."""
+    keep = context - max_new_tokens if isinstance(lm, HFModel) else context
+    if keep < 1:
+        die(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a {context}-token context")
+    if len(ids) > keep:
+        note(f"warning: prompt of {len(ids)} tokens is longer than the {keep} that fit the {context}-token context; "
+             f"keeping the last {keep}")
+        ids = ids[-keep:]
+    return ids
+
+
+def run_generation(lm, prompts: list[str], args, context: int, compare: bool) -> list[dict]:
+    import torch
+    results = []
+    for prompt in prompts:
+        ids = fit_prompt(lm, lm.encode(prompt), args.max_new_tokens, context)
+        row = {"prompt": prompt}
+        variants = [("base", True), ("adapted", False)] if compare else [("output", False)]
+        for name, disable in variants:
+            torch.manual_seed(args.seed)  # same seed for every prompt and variant: reproducible, comparable
+            if disable:
+                with lm.model.disable_adapter():
+                    new = lm.generate(ids, args.max_new_tokens, args, use_cache=args.kv_cache)
+            else:
+                new = lm.generate(ids, args.max_new_tokens, args, use_cache=args.kv_cache)
+            row[name] = lm.decode([t for t in new if t not in lm.stop_ids])
+        results.append(row)
+        if compare:
+            print_side_by_side(prompt, row["base"], row["adapted"])
+        else:
+            print(prompt + row["output"])
+            print("-" * 40)
+        sys.stdout.flush()
+    return results
+
+
+def print_side_by_side(prompt: str, left: str, right: str) -> None:
+    width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
+    print(f"prompt: {prompt}")
+    lcol = [ln for para in left.split("\n") for ln in (textwrap.wrap(para, width) or [""])]
+    rcol = [ln for para in right.split("\n") for ln in (textwrap.wrap(para, width) or [""])]
+    print(f"{'base':<{width}} | adapted")
+    print(f"{'-' * width}-+-{'-' * width}")
+    for i in range(max(len(lcol), len(rcol))):
+        print(f"{lcol[i] if i < len(lcol) else '':<{width}} | {rcol[i] if i < len(rcol) else ''}")
+    print()
+
+
+def read_ppl_docs(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        die(f"--ppl {path}: file not found")
+    try:
+        docs = [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    except UnicodeDecodeError:
+        die(f"--ppl {path}: not UTF-8 text")
+    if not docs:
+        die(f"--ppl {path} is empty")
+    return docs
+
+
+def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -> dict:
+    """Each document scored on its own (the separator before it as context), in windows of `context` tokens."""
+    seqs = lm.doc_sequences(docs)
+    result = {"documents": len(docs), "context": context}
+    if compare:
+        with lm.model.disable_adapter():
+            nll, n = lm.score(seqs, context, batch_size)
+        result["base_perplexity"] = math.exp(nll / n)
+        print(f"base perplexity: {result['base_perplexity']:.4f} (tokens: {n}, documents: {len(docs)})")
+    nll, n = lm.score(seqs, context, batch_size)
+    result.update(perplexity=math.exp(nll / n), tokens=n, nll=nll)
+    print(f"perplexity: {result['perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, context: {context})")
+    return result
+
+
+def timed(fn) -> tuple[float, object]:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def run_bench(lm, args, context: int) -> list[dict]:
+    """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one warm-up."""
+    import torch
+    ns = [int(n) for n in str(args.bench_new_tokens).split(",") if n.strip()]
+    variants = []  # (name, fn(ids, n) -> new ids)
+    greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    if isinstance(lm, HFModel):
+        variants.append(("kv cache", lambda ids, n: lm.generate(ids, n, greedy, True, force_length=True)))
+        variants.append(("no cache", lambda ids, n: lm.generate(ids, n, greedy, False, force_length=True)))
+        if args.bench_compile:
+            variants.append(("static cache + compile", None))  # built per length below
+    else:
+        if lm.supports_kv_cache():
+            variants.append(("kv cache", lambda ids, n: lm.module_generate(ids, n, True)))
+        variants.append(("no cache", lambda ids, n: lm.module_generate(ids, n, False)))
+    rows = []
+    prompt_ids = lm.encode(BENCH_PROMPT)
+    for n in ns:
+        ids = fit_prompt(lm, prompt_ids, n, context)
+        for name, fn in variants:
+            row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
+            if fn is None:
+                fn, row = static_compiled(lm, row)
+                if fn is None:
+                    rows.append(row)
+                    continue
+            try:
+                warm_s, out = timed(lambda: fn(ids, n))  # warm-up: allocation, compilation
+                times = []
+                for _ in range(args.bench_runs):
+                    dt, out = timed(lambda: fn(ids, n))
+                    times.append(dt)
+            except Exception as e:  # a variant this model/backend cannot run is reported, not fatal
+                row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+                rows.append(row)
+                continue
+            lat = statistics.median(times)
+            row.update(latency_ms=1e3 * lat, tokens_per_s=len(out) / lat, ms_per_token=1e3 * lat / len(out),
+                       generated=len(out), warmup_s=warm_s, runs=len(times))
+            if name.startswith("static"):
+                inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+                row["compiled"] = getattr(inner, "_compiled_call", None) is not None
+            rows.append(row)
+    base = {r["new_tokens"]: r for r in rows if r["variant"] == "no cache" and "latency_ms" in r}
+    for r in rows:
+        if "latency_ms" in r and r["new_tokens"] in base:
+            r["speedup_vs_no_cache"] = base[r["new_tokens"]]["latency_ms"] / r["latency_ms"]
+    print_bench(rows)
+    return rows
+
+
+def static_compiled(lm, row: dict):
+    """transformers' static KV cache, with the decoding step compiled (gpt-fast's recipe) where supported."""
+    import torch
+    from transformers import CompileConfig
+    inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    q = getattr(inner, "hf_quantizer", None)
+    if q is not None and not q.is_compileable:
+        row["error"] = "this quantization does not compile"
+        return None, row
+    cc = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if lm.device == "cuda" else "default")
+    if lm.device != "cuda":
+        cc._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+    greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return (lambda ids, n: lm.generate(ids, n, greedy, True, force_length=True, cache_implementation="static",
+                                       compile_config=cc)), row
+
+
+def print_bench(rows: list[dict]) -> None:
+    print(f"{'variant':<24} {'new tok':>7} {'latency ms':>11} {'tokens/s':>9} {'ms/token':>9} {'vs no cache':>11}")
+    for r in rows:
+        if "latency_ms" not in r:
+            print(f"{r['variant']:<24} {r['new_tokens']:>7}  n/a: {r.get('error', '')}")
+            continue
+        tag = "" if r.get("compiled", True) else " (not compiled)"
+        print(f"{r['variant'] + tag:<24} {r['new_tokens']:>7} {r['latency_ms']:>11.1f} {r['tokens_per_s']:>9.1f} "
+              f"{r['ms_per_token']:>9.2f} {r.get('speedup_vs_no_cache', float('nan')):>10.2f}x")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    sources = [n for n in ("adapter", "model", "ckpt") if getattr(args, n)]
+    if args.ckpt and len(sources) > 1:
+        die("--ckpt runs a GPT checkpoint on its own; it does not combine with --adapter or --model")
+    if not sources:
+        die("nothing to run: give --adapter DIR, --model SPEC or --ckpt FILE")
+    if args.compare_base and not args.adapter:
+        die("--compare-base needs --adapter (it compares the adapter with its base)")
+    if args.max_new_tokens < 1:
+        die("--max-new-tokens must be >= 1")
+    if args.repetition_penalty <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        die("--repetition-penalty must be > 0, --top-p in (0, 1], --top-k >= 0")
+    if args.bench_runs < 1:
+        die("--bench-runs must be >= 1")
+    for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file)):
+        if path and not Path(path).is_file():
+            die(f"{flag} {path}: file not found")
+    prompts = read_prompts(args)
+    ppl_docs = read_ppl_docs(args.ppl) if args.ppl else None
+    device = pick_device(args.device)
+    import torch
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.ckpt:
+        lm = load_gpt(args.ckpt, device)
+        run = {}
+    else:
+        lm, _ = load_hf(args, device)
+        run = read_run(Path(args.adapter))[1] if args.adapter else {}
+    context = min(lm.context, args.context) if args.context else lm.context
+    ppl_context = args.ppl_context or min(context, run.get("args", {}).get("max_seq_length") or 1024)
+    note(f"model: {lm.label} on {device} (context {context})")
+    results: dict = {}
+    if prompts:
+        results["generations"] = run_generation(lm, prompts, args, context, args.compare_base)
+    if args.ppl:
+        results["ppl"] = run_ppl(lm, ppl_docs, min(ppl_context, context), args.batch_size, args.compare_base)
+    if args.bench:
+        results["bench"] = run_bench(lm, args, context)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{args.json_out}.tmp{os.getpid()}"
+        Path(tmp).write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, args.json_out)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run (one of)")
+    g.add_argument("--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)")
+    g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2' or 'auto'; with --adapter it "
+                                   "replaces the recorded base (checked to match)")
+    g.add_argument("--ckpt", help="GPT checkpoint (ckpt.pt) from gpt_scratch.py / gpt_optimized.py")
+    g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
+                   help="auto: unsloth when CUDA is there and unsloth imports, else transformers + peft")
+    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the base in 4-bit; default: as the adapter was trained (run.json), else off")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where converted GGUF models are kept")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g = p.add_argument_group("prompts and sampling")
+    g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
+    g.add_argument("--prompts-file", help="text file with one prompt per line")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 means greedy decoding")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1: off)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.1, help="1: off")
+    g.add_argument("--seed", type=int, default=1337, help="seeds sampling (the same for every prompt)")
+    g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse past keys/values while generating (HF models)")
+    g.add_argument("--compare-base", action="store_true",
+                   help="with --adapter: print base and adapted outputs (and perplexities) side by side")
+    g.add_argument("--context", type=int, default=0,
+                   help="cap the context in tokens (0: the model's own); longer prompts are cut from the left")
+    g = p.add_argument_group("perplexity and benchmark")
+    g.add_argument("--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)")
+    g.add_argument("--ppl-context", type=int, default=0,
+                   help="scoring window in tokens (0: the adapter's --max-seq-length, else min(context, 1024))")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per batch when scoring")
+    g.add_argument("--bench", action="store_true",
+                   help="latency / tokens/s of greedy decoding at batch 1, with and without the KV cache")
+    g.add_argument("--bench-new-tokens", default="128", help="comma list of generation lengths to time")
+    g.add_argument("--bench-runs", type=int, default=3, help="timed runs per variant (median; one warm-up first)")
+    g.add_argument("--bench-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a static KV cache with compiled decoding (HF models)")
+    g.add_argument("--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here")
+    return p
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see finetune_llama.py: spinning threads hurt shared CPUs
+    main()

