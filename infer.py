@@ -226,7 +226,7 @@ def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path
 
 
 def load_hf(args, device: str):
-    """Returns (HFModel, has_adapter). The base comes from --model, else from the adapter's run.json."""
+    """The base comes from --model, else from the adapter's run.json; the adapter goes on top."""
     import torch
     adapter_dir = Path(args.adapter) if args.adapter else None
     recorded, run = {}, {}
@@ -257,12 +257,12 @@ def load_hf(args, device: str):
         model, tok = FastLanguageModel.from_pretrained(
             model_name=str(adapter_dir) if adapter_dir and not args.model else base["resolved"],
             max_seq_length=run.get("args", {}).get("max_seq_length") or 2048, dtype=None,
-            load_in_4bit=args.load_in_4bit if args.load_in_4bit is not None else True)
+            load_in_4bit=args.load_in_4bit if args.load_in_4bit is not None else run.get("load_in_4bit", True))
         if adapter_dir and args.model:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         FastLanguageModel.for_inference(model)  # Unsloth's fused, cached decoding path
-        return HFModel(model, tok, label, device), bool(adapter_dir)
+        return HFModel(model, tok, label, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kw = {}
@@ -270,10 +270,9 @@ def load_hf(args, device: str):
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(base["resolved"], dtype=dtype, attn_implementation="sdpa",
-                                                 device_map={"": device},
-                                                 **kw)
-    tok = AutoTokenizer.from_pretrained(str(adapter_dir) if adapter_dir and (adapter_dir / "tokenizer_config.json").exists()
-                                        else base["resolved"])
+                                                 device_map={"": device}, **kw)
+    has_tok = adapter_dir and (adapter_dir / "tokenizer_config.json").exists()  # finetune_llama.py saves it
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tok else base["resolved"])
     if adapter_dir:
         from peft import PeftModel
         try:
@@ -281,7 +280,7 @@ def load_hf(args, device: str):
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. size mismatch with a folder lacking run.json
             die(f"--adapter {adapter_dir} does not fit base {base['resolved']}: {(str(e).splitlines() or [''])[0][:160]}")
     model.eval()
-    return HFModel(model, tok, label, device), bool(adapter_dir)
+    return HFModel(model, tok, label, device)
 
 # -----------------------------------------------------------------------------
 # the three jobs
@@ -468,14 +467,15 @@ def static_compiled(lm, row: dict):
 
 
 def print_bench(rows: list[dict]) -> None:
-    print(f"{'variant':<24} {'new tok':>7} {'latency ms':>11} {'tokens/s':>9} {'ms/token':>9} {'vs no cache':>11}")
+    print(f"{'variant':<24} {'new tok':>7} {'latency ms':>11} {'tokens/s':>9} {'ms/token':>9} {'vs no cache':>11} "
+          f"{'warm-up s':>9}")
     for r in rows:
         if "latency_ms" not in r:
             print(f"{r['variant']:<24} {r['new_tokens']:>7}  n/a: {r.get('error', '')}")
             continue
         tag = "" if r.get("compiled", True) else " (not compiled)"
         print(f"{r['variant'] + tag:<24} {r['new_tokens']:>7} {r['latency_ms']:>11.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['ms_per_token']:>9.2f} {r.get('speedup_vs_no_cache', float('nan')):>10.2f}x")
+              f"{r['ms_per_token']:>9.2f} {r.get('speedup_vs_no_cache', float('nan')):>10.2f}x {r['warmup_s']:>9.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -496,6 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file)):
         if path and not Path(path).is_file():
             die(f"{flag} {path}: file not found")
+    if args.ckpt and not Path(args.ckpt).is_file():
+        die(f"--ckpt {args.ckpt}: file not found")
+    run = read_run(Path(args.adapter))[1] if args.adapter else {}  # a bad adapter folder fails here, early
     prompts = read_prompts(args)
     ppl_docs = read_ppl_docs(args.ppl) if args.ppl else None
     device = pick_device(args.device)
@@ -503,12 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.ckpt:
-        lm = load_gpt(args.ckpt, device)
-        run = {}
-    else:
-        lm, _ = load_hf(args, device)
-        run = read_run(Path(args.adapter))[1] if args.adapter else {}
+    lm = load_gpt(args.ckpt, device) if args.ckpt else load_hf(args, device)
     context = min(lm.context, args.context) if args.context else lm.context
     ppl_context = args.ppl_context or min(context, run.get("args", {}).get("max_seq_length") or 1024)
     note(f"model: {lm.label} on {device} (context {context})")
