@@ -146,6 +146,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     if tok.convert_tokens_to_ids("<|im_end|>") == config.eos_token_id:
         # the GGUF metadata names <|im_start|> as EOS; restore the chat model's own EOS/PAD (<|im_end|>)
         tok.eos_token = tok.pad_token = "<|im_end|>"
+    tok.clean_up_tokenization_spaces = False  # decode must give back the exact text (numbers, punctuation)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -621,9 +622,18 @@ def main(args) -> dict:
     return run
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; shows every default, 'auto' for a flag decided at run time."""
+
+    def _get_help_string(self, action):
+        if action.default is None and action.option_strings:
+            auto = isinstance(action, argparse.BooleanOptionalAction)
+            return f"{action.help} (default: {'auto' if auto else 'not set'})"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto",
                    help=f"hub id, local HF folder, .gguf file, 'smollm2' (bundled SmolLM2-135M-Instruct) or 'auto' "

@@ -26,8 +26,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from finetune_llama import (choose_backend, config_identity, die, doc_separator_id, encode_documents, note,
-                            resolve_model, score_sequences, DEFAULT_CACHE_DIR)
+from finetune_llama import (DEFAULT_CACHE_DIR, HelpFormatter, choose_backend, config_identity, die, doc_separator_id,
+                            encode_documents, note, resolve_model, score_sequences)
 
 BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
                 "in three weeks, as")
@@ -82,7 +82,7 @@ class HFModel:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # exact text
 
     def generate(self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True,
                  force_length: bool = False, **extra) -> list[int]:
@@ -101,7 +101,7 @@ class HFModel:
         return encode_documents(self.tok, docs)
 
     def score(self, seqs, context: int, batch_size: int) -> tuple[float, int]:
-        return score_sequences(self.model, seqs, context, batch_size, self.pad, progress="perplexity")
+        return score_sequences(self.model, seqs, context, batch_size, self.pad, progress="scoring")
 
 
 class GPTModel:
@@ -147,7 +147,7 @@ class GPTModel:
         return [self.sep_ids[-1:] + self.tok.encode(d) + self.sep_ids for d in docs]
 
     def score(self, seqs, context: int, batch_size: int) -> tuple[float, int]:
-        return score_sequences(_LogitsView(self.model), seqs, context, batch_size, 0, progress="perplexity")
+        return score_sequences(_LogitsView(self.model), seqs, context, batch_size, 0, progress="scoring")
 
 
 class _LogitsView:
@@ -414,32 +414,34 @@ def run_bench(lm, args, context: int) -> list[dict]:
         variants.append(("no cache", lambda ids, n: lm.module_generate(ids, n, False)))
     rows = []
     prompt_ids = lm.encode(BENCH_PROMPT)
-    for n in ns:
+    from tqdm import tqdm
+    bar = tqdm([(n, name, fn) for n in ns for name, fn in variants], desc="bench", dynamic_ncols=True)
+    for n, name, fn in bar:
+        bar.set_postfix_str(f"{name}, {n} tokens")
         ids = fit_prompt(lm, prompt_ids, n, context)
-        for name, fn in variants:
-            row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
+        row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
+        if fn is None:
+            fn, row = static_compiled(lm, row)
             if fn is None:
-                fn, row = static_compiled(lm, row)
-                if fn is None:
-                    rows.append(row)
-                    continue
-            try:
-                warm_s, out = timed(lambda: fn(ids, n))  # warm-up: allocation, compilation
-                times = []
-                for _ in range(args.bench_runs):
-                    dt, out = timed(lambda: fn(ids, n))
-                    times.append(dt)
-            except Exception as e:  # a variant this model/backend cannot run is reported, not fatal
-                row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
                 rows.append(row)
                 continue
-            lat = statistics.median(times)
-            row.update(latency_ms=1e3 * lat, tokens_per_s=len(out) / lat, ms_per_token=1e3 * lat / len(out),
-                       generated=len(out), warmup_s=warm_s, runs=len(times))
-            if name.startswith("static"):
-                inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-                row["compiled"] = getattr(inner, "_compiled_call", None) is not None
+        try:
+            warm_s, out = timed(lambda: fn(ids, n))  # warm-up: allocation, compilation
+            times = []
+            for _ in range(args.bench_runs):
+                dt, out = timed(lambda: fn(ids, n))
+                times.append(dt)
+        except Exception as e:  # a variant this model/backend cannot run is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
             rows.append(row)
+            continue
+        lat = statistics.median(times)
+        row.update(latency_ms=1e3 * lat, tokens_per_s=len(out) / lat, ms_per_token=1e3 * lat / len(out),
+                   generated=len(out), warmup_s=warm_s, runs=len(times))
+        if name.startswith("static"):
+            inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+            row["compiled"] = getattr(inner, "_compiled_call", None) is not None
+        rows.append(row)
     base = {r["new_tokens"]: r for r in rows if r["variant"] == "no cache" and "latency_ms" in r}
     for r in rows:
         if "latency_ms" in r and r["new_tokens"] in base:
@@ -526,8 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("what to run (one of)")
     g.add_argument("--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)")
     g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2' or 'auto'; with --adapter it "
