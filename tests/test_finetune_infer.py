@@ -122,7 +122,7 @@ def test_finetune_writes_peft_adapter_and_run_record(tiny, adapter):
     assert (out / "eval_docs.txt").read_text().strip() == "\n\n".join(tiny["docs"][-8:])
     assert len(r["loss_curve"]) == 12 and r["steps"] == 12
     assert r["train_tokens"] == 12 * 4 * 64  # packed: every row is a full block
-    assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["wall_time_s"] > 0
+    assert r["tokens_per_s"] > 0 and r["tokens_per_s_steady"] > 0 and r["peak_mem_mb"] > 0 and r["wall_time_s"] > 0
     assert r["eval_ppl_after"] < r["eval_ppl_before"]  # a random model learns the corpus statistics fast
     last = adapter["proc"].stdout.strip().splitlines()[-1]
     m = re.match(r"held-out perplexity: ([\d.]+) -> ([\d.]+) \(([-+][\d.]+)%\)", last)
@@ -258,6 +258,12 @@ def test_bench_reports_cache_and_no_cache(tiny, tmp_path, capsys):
 def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
     p = run("infer.py", "--adapter", adapter["out"], "--model", tiny["llama_b"], "--prompt", "x", check=False)
     assert_user_error(p, "hidden_size=32", "hidden_size=48")
+    bare = tmp_path / "bare_adapter"  # a PEFT folder without run.json: the weights themselves do not fit
+    bare.mkdir()
+    for f in finetune_llama.ADAPTER_FILES:
+        (bare / f).write_bytes((adapter["out"] / f).read_bytes())
+    assert_user_error(run("infer.py", "--adapter", bare, "--model", tiny["llama_b"], "--prompt", "x", check=False),
+                      "does not fit")
     (tmp_path / "empty.txt").write_text("\n")
     for args, frag in ((["--adapter", tmp_path / "nope", "--prompt", "x"], "not found"),
                        (["--adapter", tmp_path, "--prompt", "x"], "adapter_config.json"),
