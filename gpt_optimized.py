@@ -214,9 +214,11 @@ class GPTConfig:
     dropout: float = 0.1
     bias: bool = False  # bias-free linears and LayerNorms: fewer kernels and bytes, same quality
     pad_vocab_multiple: int = 64  # embedding/head rows padded so the head matmul tiles evenly
-    rope: bool = False  # speedrun: rotary position embeddings instead of learned absolute ones
-    qk_norm: bool = False  # speedrun: RMS-normalise queries and keys (stable at high learning rates)
-    relu2: bool = False  # speedrun: ReLU(x)^2 in the MLP instead of GELU
+    # NanoGPT-speedrun changes, each of which cut the steps to a given validation loss here
+    rope: bool = True  # rotary position embeddings instead of learned absolute ones
+    qk_norm: bool = True  # RMS-normalise queries and keys: bounded attention logits
+    relu2: bool = True  # ReLU(x)^2 in the MLP instead of GELU
+    tie_weights: bool = True  # one vocab x C matrix for embedding and head (speedrun unties them)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -328,7 +330,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight  # weight tying: one vocab x C matrix instead of two
+        if config.tie_weights:
+            self.wte.weight = self.lm_head.weight  # weight tying: one vocab x C matrix instead of two
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
             if name.endswith("c_proj.weight"):
@@ -365,6 +368,7 @@ class GPT(nn.Module):
         """6N + 12*L*H*Q*T (PaLM appendix B): matmul flops of forward + backward for one token."""
         c = self.config
         n = count_params(self) - (0 if c.rope else self.wpe.weight.numel())  # lookups are not matmuls
+        n -= 0 if c.tie_weights else self.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     def configure_optimizers(self, lr: float, weight_decay: float, device: str, muon: bool) -> list:
@@ -498,10 +502,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default: on with CUDA, off on CPU)")
     p.add_argument("--ckpt-activations", action="store_true", help="recompute activations in backward (saves memory, costs ~1/3 more compute)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: by detected card)")
-    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=False, help="rotary position embeddings")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="RMS-normalise queries and keys")
-    p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=False, help="ReLU^2 MLP activation instead of GELU")
-    p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False, help="Muon optimizer for the hidden matrices")
+    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True, help="rotary position embeddings (--no-rope: learned absolute)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True, help="RMS-normalise queries and keys")
+    p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=True, help="ReLU^2 MLP activation (--no-relu2: GELU)")
+    p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False,
+                   help="Muon optimizer for the hidden matrices (off: on CPU its bf16 Newton-Schulz costs more than it saves)")
+    p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the token embedding with the output head (--no-tie-weights: the speedrun's untied head)")
     args, _ = p.parse_known_args(argv)
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
@@ -590,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                       rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2)
+                       rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2, tie_weights=args.tie_weights)
     ckpt_path = out / "ckpt.pt"
     ckpt = None
     if args.resume:
