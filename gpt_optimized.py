@@ -219,6 +219,7 @@ class GPTConfig:
     qk_norm: bool = True  # RMS-normalise queries and keys: bounded attention logits
     relu2: bool = True  # ReLU(x)^2 in the MLP instead of GELU
     tie_weights: bool = True  # one vocab x C matrix for embedding and head (speedrun unties them)
+    flash: bool = True  # fused scaled_dot_product_attention; False: the baseline's explicit softmax(QK^T)V
 
     @property
     def padded_vocab_size(self) -> int:
@@ -265,6 +266,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.qk_norm = config.qk_norm
+        self.flash = config.flash
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None, input_pos: int = 0) -> torch.Tensor:
@@ -280,9 +282,16 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:  # decoding: attend to every cached position up to this one
             assert T == 1 or input_pos == 0, "the cache takes a prefill at position 0, then one token at a time"
             k, v = self.kv_cache.update(input_pos, k, v)
-        # flash attention: one fused kernel, the (T, T) attention matrix is never materialised
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T > 1)
+        if self.flash:  # flash attention: one fused kernel, the (T, T) attention matrix is never materialised
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=T > 1)
+        else:  # --no-flash (ablation only): the (T, S) matrix, masked, softmaxed and kept for backward
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+            if T > 1:
+                S = k.size(-2)
+                att = att.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T), float("-inf"))
+            att = F.dropout(F.softmax(att, dim=-1), p=self.dropout if self.training else 0.0)
+            y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.resid_dropout(self.c_proj(y))
 
@@ -371,7 +380,7 @@ class GPT(nn.Module):
         n -= 0 if c.tie_weights else self.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def configure_optimizers(self, lr: float, weight_decay: float, device: str, muon: bool) -> list:
+    def configure_optimizers(self, lr: float, weight_decay: float, device: str, muon: bool, fused: bool = True) -> list:
         """AdamW with decay on 2-D weights only (not gains, biases); with muon, the 2-D weights
         inside the blocks go to Muon and the rest stays on AdamW."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -382,6 +391,8 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused: one CUDA kernel for all parameters; foreach: batched tensor ops where fused is missing
         fast = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+        if not fused:  # --no-fused (ablation only): one small kernel per parameter tensor
+            fast = {"foreach": False}
         optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fast)]
         if muon:  # speedrun: orthogonalised momentum updates for the hidden matrices
             optimizers.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
@@ -507,6 +518,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=True, help="ReLU^2 MLP activation (--no-relu2: GELU)")
     p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False,
                    help="Muon optimizer for the hidden matrices (off: on CPU its bf16 Newton-Schulz costs more than it saves)")
+    # each technique can be switched off, so bench.py can measure what it buys on its own
+    p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=True,
+                   help="scaled_dot_product_attention (--no-flash: explicit masked softmax, as gpt_scratch.py)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused (CUDA) / foreach (CPU) AdamW (--no-fused: one update per parameter tensor)")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="biases in linears and LayerNorms (default: bias-free)")
+    p.add_argument("--pad-vocab", action=argparse.BooleanOptionalAction, default=True,
+                   help="pad the vocabulary to a multiple of 64")
     p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="share the token embedding with the output head (--no-tie-weights: the speedrun's untied head)")
     args, _ = p.parse_known_args(argv)
@@ -597,7 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                       rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2, tie_weights=args.tie_weights)
+                       rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2, tie_weights=args.tie_weights,
+                       flash=args.flash, bias=args.bias, pad_vocab_multiple=64 if args.pad_vocab else 1)
     ckpt_path = out / "ckpt.pt"
     ckpt = None
     if args.resume:
@@ -607,8 +628,9 @@ def main(argv: list[str] | None = None) -> dict:
         if ckpt["tokenizer"] != tok.state():
             die(f"--resume: checkpoint {ckpt_path} was trained with another tokenizer "
                 f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}")
-        theirs = {k: v for k, v in ckpt["model_args"].items() if k != "dropout"}
-        ours = {k: v for k, v in asdict(config).items() if k != "dropout"}
+        same_function = ("dropout", "flash")  # these may change on resume: same weights, same model
+        theirs = {k: v for k, v in ckpt["model_args"].items() if k not in same_function}
+        ours = {k: v for k, v in asdict(config).items() if k not in same_function}
         if theirs != ours:
             diff = ", ".join(f"{k}={theirs.get(k)} (flags: {ours.get(k)})" for k in sorted(set(theirs) | set(ours))
                              if theirs.get(k) != ours.get(k))
@@ -633,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_gen = torch.Generator().manual_seed(args.seed + rank)  # the only source of batch offsets
     model = GPT(config).to(device)
     model.ckpt_activations = args.ckpt_activations
-    optimizers = model.configure_optimizers(args.lr, args.weight_decay, device, args.muon)
+    optimizers = model.configure_optimizers(args.lr, args.weight_decay, device, args.muon, args.fused)
     iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -1,0 +1,585 @@
+"""
+What every optimization buys, measured in one run: the from-scratch GPT against its optimized twin
+(and an ablation that adds one technique at a time), LoRA against QLoRA (and Unsloth on a GPU) with
+and without packing, and decoding with and without the KV cache. Same corpus, same device, same run.
+
+    python bench.py --quick                  # CPU, small shapes, a few minutes on two cores (make demo)
+    python bench.py --full                   # GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)
+    python bench.py --quick --only gpt       # one stage: gpt, finetune or infer (comma list)
+
+Every figure comes from the scripts' own output files (summary.json, metrics.jsonl, run.json, infer.py
+--json-out); bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
+--out: results.json (every figure with device, torch version, date, git commit, flags), report.md
+(Table 1 per model, the ablation tables, the plots), *.png, and runs/ + logs/ for each run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+
+
+def die(msg: str) -> None:
+    print(f"bench.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# the plan: what each mode runs. `cost` is a rough seconds estimate, used only for the ETA.
+
+def gpt_plan(mode: str) -> dict:
+    """Shapes, token budget and the ablation ladder for the GPT stage."""
+    if mode == "full":  # the seed's shape on a GPU
+        base = ["--preset", "seed", "--max-iters", "1500", "--eval-interval", "100", "--eval-iters", "20",
+                "--warmup-iters", "100", "--lr", "6e-4", "--vocab-size", "8192"]
+        big_batch = "64"
+    elif mode == "quick":
+        base = ["--preset", "cpu", "--max-iters", "200", "--eval-interval", "40", "--eval-iters", "10",
+                "--warmup-iters", "20"]
+        big_batch = "32"
+    else:  # tiny: the test suite's size
+        base = ["--preset", "cpu", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32",
+                "--vocab-size", "512", "--batch-size", "8", "--max-iters", "30", "--eval-interval", "10",
+                "--eval-iters", "2", "--warmup-iters", "5"]
+        big_batch = "16"
+    # A cumulative ladder from the optimized script with every technique off (the baseline's model
+    # with AdamW, cosine LR and clipping) to everything on; each row adds one step to the row above.
+    # The row where the script's own defaults on this device are reached is the gpt_optimized run.
+    # On the CPU sizes, techniques with small effects share a row, to keep --quick within minutes.
+    off = {"flash": "--no-flash", "fused": "--no-fused", "bias": "--bias", "tie": "--no-tie-weights",
+           "pad": "--no-pad-vocab", "rope": "--no-rope", "qk": "--no-qk-norm", "relu2": "--no-relu2",
+           "bf16": "--no-bf16", "compile": "--no-compile"}
+    on = {"flash": "--flash", "fused": "--fused", "bias": "--no-bias", "tie": "--tie-weights", "pad": "--pad-vocab",
+          "rope": "--rope", "qk": "--qk-norm", "relu2": "--relu2", "bf16": "--bf16", "compile": "--compile"}
+    names = {"flash": "flash attention (SDPA)", "fused": "fused / foreach AdamW", "bias": "bias-free linears",
+             "tie": "weight tying", "pad": "vocab padded to 64", "rope": "rotary embeddings", "qk": "QK-norm",
+             "relu2": "ReLU^2 MLP", "bf16": "bf16 autocast", "compile": "torch.compile"}
+    if mode == "full":
+        groups = [["flash"], ["fused"], ["bias"], ["tie"], ["pad"], ["rope"], ["qk"], ["relu2"], ["bf16"], ["compile"]]
+        defaults_at = None  # on a GPU the defaults include bf16 and compile: the last ladder row
+    else:
+        groups = [["flash"], ["fused"], ["bias", "tie", "pad"], ["rope", "qk", "relu2"], ["bf16"], ["compile"]]
+        defaults_at = 4  # CPU defaults: everything but bf16 and compile
+        if mode == "tiny":  # the test suite skips the minute of CPU compilation
+            groups = groups[:-1]
+    state = dict(off)
+    ladder = [("optimized script, every technique off", list(state.values()))]
+    for g in groups:
+        state.update({k: on[k] for k in g})
+        ladder.append(("+ " + ", ".join(names[k] for k in g), list(state.values())))
+    ladder.append((f"+ batch size {big_batch}", list(state.values()) + ["--batch-size", big_batch]))
+    if defaults_at is None:
+        defaults_at = len(groups)
+    extras = [("+ Muon optimizer", ["--muon"])]  # on top of the defaults
+    return {"base": base, "ladder": ladder, "defaults_at": defaults_at, "extras": extras, "big_batch": big_batch}
+
+
+def finetune_plan(mode: str, gpu: bool) -> dict:
+    if mode == "full":
+        common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "60", "--eval-tokens", "32768",
+                  "--warmup-steps", "5", "--bf16"]
+    elif mode == "quick":
+        common = ["--max-seq-length", "128", "--batch-size", "8", "--max-steps", "12", "--eval-tokens", "4096",
+                  "--warmup-steps", "2"]
+    else:
+        common = ["--max-seq-length", "64", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "512",
+                  "--warmup-steps", "1"]
+    lora, qlora = ["--backend", "hf", "--no-load-in-4bit"], ["--backend", "hf", "--load-in-4bit"]
+    # (method, flags, packing): packing is measured on LoRA, where it changes nothing but the rows
+    runs = [("LoRA", lora, True), ("LoRA", lora, False), ("QLoRA (NF4)", qlora, True)]
+    if gpu:
+        runs.append(("Unsloth 4-bit", ["--backend", "unsloth"], True))
+    return {"common": common, "runs": runs}
+
+
+# -----------------------------------------------------------------------------
+# running the scripts
+
+class Runner:
+    def __init__(self, out: Path, total_cost: float, dry: bool = False):
+        self.out, self.logs = out, out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=round(total_cost), desc="bench", unit="s~", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} est. s [{elapsed}<{remaining}] {postfix}")
+        self.failures: list[str] = []
+
+    def run(self, name: str, cmd: list[str], cost: float, env: dict | None = None) -> bool:
+        """Run one script; its output goes to logs/<name>.log. False (and a note) when it fails."""
+        self.bar.set_postfix_str(name)
+        log = self.logs / f"{name}.log"
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            f.write("$ " + shlex.join(cmd) + "\n")
+            f.flush()
+            # passive OpenMP waiting: spinning threads cost many times their work when any other
+            # process shares the cores (the fine-tuning scripts set the same)
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE,
+                                env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}).returncode
+        self.bar.update(round(cost))
+        if rc != 0:
+            tail = log.read_text().strip().splitlines()[-1:] or [""]
+            self.failures.append(f"{name}: exit {rc}: {tail[0][:200]} (see {log})")
+            self.bar.write(f"bench.py: {name} failed (exit {rc}); see {log}")
+            return False
+        self.bar.write(f"bench.py: {name} done in {time.perf_counter() - t0:.1f}s")
+        return True
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_seconds_curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """(training seconds, val loss) per evaluation: evaluation time left out, so scripts with slower
+    evaluation are not penalised. Each row's tokens_per_s covers the steps since the row before."""
+    curve, t, prev_tokens = [], 0.0, 0
+    for r in rows:
+        d = r["tokens"] - prev_tokens
+        if d > 0 and r.get("tokens_per_s"):
+            t += d / r["tokens_per_s"]
+        prev_tokens = r["tokens"]
+        curve.append((t, r["val_loss"]))
+    return curve
+
+
+def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Training seconds until val loss first reaches target, interpolated between evaluations."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return t0
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return curve[0][0] if curve and curve[0][1] <= target else None
+
+
+# -----------------------------------------------------------------------------
+# stages
+
+def stage_gpt(R: Runner, mode: str, data: str, device: str, py: str) -> dict:
+    plan = gpt_plan(mode)
+    runs = R.out / "runs"
+    common = plan["base"] + ["--data", data, "--device", device, "--max-new-tokens", "0"]
+    res: dict = {"base_flags": common, "runs": {}}
+
+    def one(key: str, script: str, flags: list[str], cost: float) -> dict | None:
+        folder = runs / key
+        cmd = [py, script, "--out", str(folder)] + common + flags
+        if not R.run(key, cmd, cost):
+            return None
+        s = read_json(folder / "summary.json")
+        m = read_jsonl(folder / "metrics.jsonl")
+        r = {"flags": flags, "summary": s, "metrics": m, "curve": train_seconds_curve(m),
+             "ckpt": str(folder / "ckpt.pt")}
+        res["runs"][key] = r
+        return r
+
+    cost = {"full": 60, "quick": 25, "tiny": 8}[mode]
+    scratch = one("gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
+    target = scratch["summary"]["val_loss"] if scratch else None
+    rows = [ablation_row("gpt_scratch.py (baseline)", scratch, target)] if scratch else []
+    optimized = None
+    for i, (name, flags) in enumerate(plan["ladder"]):
+        key = "gpt_optimized" if i == plan["defaults_at"] else f"ablation_{i:02d}"
+        r = one(key, "gpt_optimized.py", flags, cost * (2.5 if "--compile" in flags and mode != "full" else 1))
+        if r:
+            rows.append(ablation_row(name + ("  (= gpt_optimized defaults)" if key == "gpt_optimized" else ""), r, target))
+            optimized = r if key == "gpt_optimized" else optimized
+    res["ablation"] = rows
+    extra_rows = [ablation_row("gpt_optimized defaults", optimized, target)] if optimized else []
+    for i, (name, flags) in enumerate(plan["extras"]):
+        default_flags = optimized["flags"] if optimized else []
+        r = one(f"extra_{i:02d}", "gpt_optimized.py", default_flags + flags, cost)
+        if r:
+            extra_rows.append(ablation_row(name, r, target))
+    res["extras"] = extra_rows
+    if scratch and optimized:
+        t_s, t_o = time_to_loss(scratch["curve"], target), time_to_loss(optimized["curve"], target)
+        res["headline"] = {
+            "target_val_loss": target,
+            "tokens_per_s_ratio": optimized["summary"]["tokens_per_s"] / scratch["summary"]["tokens_per_s"],
+            "time_to_target_s": {"gpt_scratch": t_s, "gpt_optimized": t_o},
+            "time_to_target_ratio": (t_s / t_o) if (t_s and t_o) else None,
+            "val_loss_delta": optimized["summary"]["val_loss"] - scratch["summary"]["val_loss"],
+        }
+    return res
+
+
+def ablation_row(name: str, r: dict, target: float | None) -> dict:
+    s = r["summary"]
+    return {"name": name, "flags": r["flags"], "tokens_per_s": s["tokens_per_s"], "val_loss": s["val_loss"],
+            "peak_mem_mb": s.get("peak_mem_mb"), "mfu": s.get("mfu"),
+            "train_s_to_target": time_to_loss(r["curve"], target) if target is not None else None,
+            "train_time_s": s.get("train_time_s")}
+
+
+def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: str) -> dict:
+    plan = finetune_plan(mode, gpu)
+    res: dict = {"model": model, "common": plan["common"], "runs": []}
+    cost = {"full": 120, "quick": 40, "tiny": 15}[mode]
+    for name, flags, packing in plan["runs"]:
+        key = f"ft_{name.split()[0].lower()}_{'packed' if packing else 'padded'}"
+        folder = R.out / "runs" / key
+        cmd = [py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
+               "--packing" if packing else "--no-packing"] + flags + plan["common"]
+        if not R.run(key, cmd, cost):
+            continue
+        run = read_json(folder / "run.json")
+        res["runs"].append({"method": name, "packing": packing, "adapter": str(folder),
+                            "tokens_per_s": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"],
+                            "peak_mem_kind": run.get("peak_mem_kind"),
+                            "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
+                            "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
+                            "backend": run.get("backend"), "base": run.get("base")})
+    return res
+
+
+def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: str, device: str, py: str) -> dict:
+    n_new = "128"
+    res: dict = {"rows": [], "generations": []}
+    cost = {"full": 60, "quick": 25, "tiny": 10}[mode]
+    runs = R.out / "runs"
+    targets = []
+    if gpt:
+        for key in ("gpt_scratch", "gpt_optimized"):
+            if key in gpt["runs"]:
+                targets.append((key, ["--ckpt", gpt["runs"][key]["ckpt"]]))
+    if ft:
+        packed = [r for r in ft["runs"] if r["packing"] and r["method"] == "LoRA"] or ft["runs"]
+        if packed:
+            targets.append(("llama_lora", ["--adapter", packed[0]["adapter"]]))
+    for key, src in targets:
+        out_json = runs / f"infer_{key}.json"
+        cmd = [py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs",
+               "1" if mode == "tiny" else "3", "--json-out", str(out_json), "--device", device]
+        if mode != "full":
+            cmd.append("--no-bench-compile")
+        if key == "llama_lora":  # the demo's side-by-side: base vs adapted, greedy, and held-out perplexity
+            cmd += ["--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "40", "--temperature", "0"]
+        if R.run(f"infer_{key}", cmd, cost):
+            out = read_json(out_json)
+            for row in out.get("bench", []):
+                res["rows"].append({**row, "label": row.get("model"), "model": key})
+            res["generations"] += [{**g, "model": key} for g in out.get("generations", [])]
+    return res
+
+
+# -----------------------------------------------------------------------------
+# report
+
+def fmt(x, spec: str = ".1f", none: str = "–") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def latency_of(infer: dict | None, model: str, variant: str) -> float | None:
+    for r in (infer or {}).get("rows", []):
+        if r["model"] == model and r["variant"] == variant and "latency_ms" in r:
+            return r["latency_ms"]
+    return None
+
+
+def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plots = []
+    gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
+    if gpt and gpt["runs"]:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for key in ("gpt_scratch", "gpt_optimized"):
+            if key in gpt["runs"]:
+                c = gpt["runs"][key]["curve"]
+                ax.plot([t for t, _ in c], [l for _, l in c], marker="o", ms=3, label=key)
+        if "headline" in gpt:
+            ax.axhline(gpt["headline"]["target_val_loss"], color="grey", ls=":", lw=1, label="scratch final val loss")
+        ax.set_xlabel("training time (s)"); ax.set_ylabel("validation loss"); ax.grid(alpha=.3); ax.legend()
+        ax.set_title("GPT: validation loss against wall time")
+        fig.tight_layout(); fig.savefig(out / "gpt_val_loss_vs_time.png", dpi=120); plt.close(fig)
+        plots.append(("Validation loss against training time", "gpt_val_loss_vs_time.png"))
+    if gpt and gpt.get("ablation"):
+        rows = gpt["ablation"] + gpt.get("extras", [])
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+        names = [r["name"] for r in rows][::-1]
+        ax.barh(names, [r["tokens_per_s"] for r in rows][::-1], color="tab:blue")
+        ax.set_xlabel("training tokens/s"); ax.grid(axis="x", alpha=.3)
+        ax.set_title("GPT ablation: tokens/s per step")
+        fig.tight_layout(); fig.savefig(out / "gpt_ablation_tokens_per_s.png", dpi=120); plt.close(fig)
+        plots.append(("Tokens/s per ablation step", "gpt_ablation_tokens_per_s.png"))
+    if ft and ft["runs"]:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        labels = [f"{r['method']}\n{'packed' if r['packing'] else 'padded'}" for r in ft["runs"]]
+        ax.bar(labels, [r["peak_mem_mb"] for r in ft["runs"]], color="tab:orange")
+        ax.set_ylabel(f"peak memory (MB, {ft['runs'][0].get('peak_mem_kind') or 'process'})")
+        ax.set_title("Fine-tuning: peak memory per method"); ax.grid(axis="y", alpha=.3)
+        fig.tight_layout(); fig.savefig(out / "finetune_peak_memory.png", dpi=120); plt.close(fig)
+        plots.append(("Peak memory per fine-tuning method", "finetune_peak_memory.png"))
+    if inf and inf["rows"]:
+        models = sorted({r["model"] for r in inf["rows"] if "latency_ms" in r})
+        variants = sorted({r["variant"] for r in inf["rows"] if "latency_ms" in r})
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        w = 0.8 / max(len(variants), 1)
+        for j, v in enumerate(variants):
+            ys = [latency_of(inf, m, v) or 0 for m in models]
+            ax.bar([i + j * w for i in range(len(models))], ys, width=w, label=v)
+        ax.set_xticks([i + w * (len(variants) - 1) / 2 for i in range(len(models))], models)
+        ax.set_ylabel("latency for 128 new tokens (ms)"); ax.legend(); ax.grid(axis="y", alpha=.3)
+        ax.set_title("Decoding latency, batch 1: with and without the KV cache")
+        fig.tight_layout(); fig.savefig(out / "infer_latency_kv_cache.png", dpi=120); plt.close(fig)
+        plots.append(("Latency with and without the KV cache", "infer_latency_kv_cache.png"))
+    return plots
+
+
+def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
+    meta = results["meta"]
+    gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
+    L = [f"# Benchmark report ({meta['mode']})", "",
+         f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · commit `{meta['git_commit']}`  ",
+         f"Command: `{meta['command']}`", ""]
+    h = results.get("headline", {})
+    if h:
+        L += ["## Headline", ""] + [f"- {line}" for line in headline_lines(h)] + [""]
+    # Table 1: the seed's columns, one row per model
+    L += ["## Table 1: the three models", ""]
+    rows = []
+    if gpt:
+        for key in ("gpt_scratch", "gpt_optimized"):
+            if key not in gpt["runs"]:
+                continue
+            s = gpt["runs"][key]["summary"]
+            lat = latency_of(inf, key, "kv cache") or latency_of(inf, key, "no cache") or s.get("latency_ms")
+            rows.append([key, fmt(s["val_loss"], ".4f"), fmt(s["perplexity"], ".2f"), fmt(lat), fmt(s["model_size_mb"], ".2f"),
+                         fmt(s["peak_mem_mb"], ".0f"), fmt(s["time_per_epoch_s"], ".1f"), fmt(s["tokens_per_s"], ",.0f"),
+                         s["device"]])
+    if ft:
+        for r in ft["runs"]:
+            if r["packing"]:
+                lat = latency_of(inf, "llama_lora", "kv cache") if r["method"] == "LoRA" else None
+                rows.append([f"{Path(str(r['base'].get('resolved', ft['model']) if isinstance(r['base'], dict) else ft['model'])).name} + {r['method']}",
+                             fmt(math.log(r["eval_ppl_after"]), ".4f"), fmt(r["eval_ppl_after"], ".2f"), fmt(lat),
+                             fmt(adapter_mb(r["adapter"]), ".2f"), fmt(r["peak_mem_mb"], ".0f"), "–",
+                             fmt(r["tokens_per_s"], ",.0f"), meta["device"]])
+    L += [table(["model", "final val loss", "perplexity", "latency 128 tok (ms)", "model size (MB)",
+                 "peak memory (MB)", "time/epoch (s)", "train tokens/s", "device"], rows), ""]
+    L += ["Fine-tuned rows: loss and perplexity on held-out documents after training; model size is the "
+          "adapter alone; time/epoch is not applicable to a fixed step budget.", ""]
+    if gpt and gpt.get("ablation"):
+        L += ["## GPT ablation: one technique at a time", "",
+              f"Same shape and token budget (`{' '.join(gpt['base_flags'])}`); each row adds one technique to "
+              "the row above. Time to target = training seconds until validation loss reaches gpt_scratch's "
+              f"final {fmt(gpt.get('headline', {}).get('target_val_loss'), '.4f')}.", ""]
+        L += [ablation_table(gpt["ablation"]), ""]
+        if gpt.get("extras"):
+            L += ["### NanoGPT-speedrun extras, one at a time on top of the gpt_optimized defaults", "",
+                  ablation_table(gpt["extras"]), ""]
+    if ft and ft["runs"]:
+        L += ["## Fine-tuning: LoRA vs QLoRA" + (" vs Unsloth" if any("Unsloth" in r["method"] for r in ft["runs"]) else ""),
+              "", f"Base `{ft['model']}`, flags `{' '.join(ft['common'])}`.", ""]
+        L += [table(["method", "packing", "tokens/s", "peak memory (MB)", "held-out ppl before", "after", "change"],
+                    [[r["method"], "packed" if r["packing"] else "padded", fmt(r["tokens_per_s"], ",.0f"),
+                      fmt(r["peak_mem_mb"], ".0f"), fmt(r["eval_ppl_before"], ".2f"), fmt(r["eval_ppl_after"], ".2f"),
+                      fmt(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), "+.1f") + "%"] for r in ft["runs"]]), ""]
+    if inf and inf["rows"]:
+        L += ["## Inference: 128 new tokens, batch 1, greedy", ""]
+        L += [table(["model", "variant", "latency (ms)", "tokens/s", "ms/token", "vs no cache"],
+                    [[r["model"], r["variant"], fmt(r.get("latency_ms")), fmt(r.get("tokens_per_s")),
+                      fmt(r.get("ms_per_token"), ".2f"), fmt(r.get("speedup_vs_no_cache"), ".2f") + "x"
+                      if r.get("speedup_vs_no_cache") else r.get("error", "–")] for r in inf["rows"]]), ""]
+        for g in inf.get("generations", []):
+            L += [f"**Prompt:** {g.get('prompt', '')!r}", ""]
+            for k in ("base", "adapted", "output"):
+                if g.get(k) is not None:
+                    L += [f"- {k}: {str(g[k]).strip()!r}"]
+            L += [""]
+    if plots:
+        L += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
+    if results.get("failures"):
+        L += ["## Runs that failed", ""] + [f"- {f}" for f in results["failures"]] + [""]
+    return "\n".join(L) + "\n"
+
+
+def ablation_table(rows: list[dict]) -> str:
+    base = rows[0]["tokens_per_s"] if rows else None
+    return table(["configuration", "tokens/s", "vs first row", "final val loss", "train s to target", "peak mem (MB)"],
+                 [[r["name"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["tokens_per_s"] / base, ".2f") + "x",
+                   fmt(r["val_loss"], ".4f"), fmt(r["train_s_to_target"], ".1f", "not reached"),
+                   fmt(r["peak_mem_mb"], ".0f")] for r in rows])
+
+
+def adapter_mb(folder: str) -> float | None:
+    p = Path(folder) / "adapter_model.safetensors"
+    return p.stat().st_size / 2**20 if p.exists() else None
+
+
+def headline(results: dict) -> dict:
+    """The ratios quoted in the README, computed from the measured figures above."""
+    h: dict = {}
+    gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
+    if gpt and "headline" in gpt:
+        g = gpt["headline"]
+        h["gpt_tokens_per_s_ratio"] = g["tokens_per_s_ratio"]
+        h["gpt_time_to_target_ratio"] = g["time_to_target_ratio"]
+        h["gpt_val_loss_delta"] = g["val_loss_delta"]
+    if ft:
+        by = {(r["method"], r["packing"]): r for r in ft["runs"]}
+        lora, qlora = by.get(("LoRA", True)), by.get(("QLoRA (NF4)", True))
+        if lora and qlora:
+            h["qlora_vs_lora_memory"] = qlora["peak_mem_mb"] / lora["peak_mem_mb"]
+            h["qlora_vs_lora_tokens_per_s"] = qlora["tokens_per_s"] / lora["tokens_per_s"]
+        unsl = by.get(("Unsloth 4-bit", True))
+        if unsl and qlora:
+            h["unsloth_vs_qlora_tokens_per_s"] = unsl["tokens_per_s"] / qlora["tokens_per_s"]
+            h["unsloth_vs_qlora_memory"] = unsl["peak_mem_mb"] / qlora["peak_mem_mb"]
+        padded = by.get(("LoRA", False))
+        if lora and padded:
+            h["packing_tokens_per_s_ratio"] = lora["tokens_per_s"] / padded["tokens_per_s"]
+        if lora:
+            h["lora_ppl_change"] = lora["eval_ppl_after"] / lora["eval_ppl_before"] - 1
+    for model in ("gpt_optimized", "llama_lora"):
+        kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
+        if kv and nc:
+            h[f"{model}_kv_cache_speedup"] = nc / kv
+    return h
+
+
+def headline_lines(h: dict) -> list[str]:
+    out = []
+    if "gpt_tokens_per_s_ratio" in h:
+        out.append(f"gpt_optimized trains at **{h['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s; "
+                   f"val loss at equal tokens {h['gpt_val_loss_delta']:+.4f}")
+    if h.get("gpt_time_to_target_ratio"):
+        out.append(f"gpt_optimized reaches gpt_scratch's final val loss in **1/{h['gpt_time_to_target_ratio']:.2f}** of the training time")
+    if "qlora_vs_lora_memory" in h:
+        out.append(f"QLoRA (NF4) uses **{h['qlora_vs_lora_memory']:.2f}x** LoRA's peak memory at "
+                   f"{h['qlora_vs_lora_tokens_per_s']:.2f}x its tokens/s")
+    if "unsloth_vs_qlora_tokens_per_s" in h:
+        out.append(f"Unsloth: **{h['unsloth_vs_qlora_tokens_per_s']:.2f}x** QLoRA's tokens/s at "
+                   f"{h['unsloth_vs_qlora_memory']:.2f}x its peak memory")
+    if "packing_tokens_per_s_ratio" in h:
+        out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
+    if "lora_ppl_change" in h:
+        out.append(f"LoRA held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
+    for model in ("gpt_optimized", "llama_lora"):
+        if f"{model}_kv_cache_speedup" in h:
+            out.append(f"{model}: KV cache decodes 128 tokens **{h[f'{model}_kv_cache_speedup']:.2f}x** faster than re-running the context")
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_info(requested: str) -> tuple[str, str, bool]:
+    import torch
+    gpu = torch.cuda.is_available() and requested != "cpu"
+    if gpu:
+        return "cuda", torch.cuda.get_device_name(0), True
+    return "cpu", f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores", False
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--quick", action="store_true", help="CPU, small shapes, a few minutes on two cores (the default)")
+    m.add_argument("--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)")
+    m.add_argument("--tiny", action="store_true", help="an even smaller --quick, for the test suite")
+    p.add_argument("--only", default="gpt,finetune,infer", help="stages to run: comma list of gpt, finetune, infer")
+    p.add_argument("--out", default="out/bench", help="report folder")
+    p.add_argument("--data", default="data/finance_corpus.txt", help="corpus shared by every stage")
+    p.add_argument("--model", default=None,
+                   help="fine-tuning base (finetune_llama.py --model); default: smollm2 for --quick/--tiny, auto for --full")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scripts run")
+    args = p.parse_args(argv)
+    mode = "full" if args.full else "tiny" if args.tiny else "quick"
+    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    if not stages or set(stages) - {"gpt", "finetune", "infer"}:
+        die(f"--only takes a comma list of gpt, finetune, infer (got {args.only!r})")
+    data = Path(args.data)
+    if not data.is_file() or data.stat().st_size == 0:
+        die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
+    device, device_name, gpu = device_info(args.device)
+    if mode == "full" and not gpu:
+        die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
+    model = args.model or ("auto" if mode == "full" else "smollm2")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    meta = {"mode": mode, "device": device, "device_name": device_name, "torch": __import__("torch").__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_commit": git_commit(), "command": "python bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "flags": vars(args), "data": str(data), "stages": stages}
+    per = {"full": (60, 120, 60), "quick": (35, 40, 25), "tiny": (8, 15, 10)}[mode]
+    plan = gpt_plan(mode)
+    n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
+    n_ft = len(finetune_plan(mode, gpu)["runs"])
+    total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
+             + ("infer" in stages) * 3 * per[2])
+    R = Runner(out, total)
+    t0 = time.perf_counter()
+    results: dict = {"meta": meta}
+    if "gpt" in stages:
+        results["gpt"] = stage_gpt(R, mode, str(data), device, py)
+    if "finetune" in stages:
+        results["finetune"] = stage_finetune(R, mode, str(data), model, gpu, py)
+    if "infer" in stages:
+        results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), str(data), device, py)
+    R.bar.close()
+    meta["wall_time_s"] = time.perf_counter() - t0
+    results["failures"] = R.failures
+    results["headline"] = headline(results)
+    plots = make_plots(results, out)
+    report = make_report(results, plots)
+    for name, text in (("results.json", json.dumps(results, indent=2, default=str) + "\n"), ("report.md", report)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    # the side-by-side a user reads first: Table 1, the headline ratios and the generations
+    table1 = report.split("## Table 1")[1].split("\n## ")[0] if "## Table 1" in report else ""
+    print("\nTable 1" + table1.rstrip())
+    gens = report.split("## Inference")[1].split("\n## ")[0].split("**Prompt:**", 1) if "## Inference" in report else []
+    if len(gens) == 2:
+        print("\nPrompt:" + gens[1].rstrip())
+    print(f"\nbench.py: {meta['wall_time_s']:.0f}s -> {out / 'report.md'}")
+    for line in headline_lines(results["headline"]):
+        print("  " + line.replace("**", ""))
+    if R.failures:
+        print(f"bench.py: {len(R.failures)} run(s) failed:", file=sys.stderr)
+        for f in R.failures:
+            print("  " + f, file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(1 if res.get("failures") else 0)
