@@ -136,3 +136,20 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         p = bench(*args, "--out", tmp_path / "o", timeout=120)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and frag in lines[0], p.stderr
+
+
+def test_record_replaces_its_own_section_and_copies_plots(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import bench
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"\x89PNG fake")
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nintro\n")
+    bench.record(md, "quick-cpu", "# Benchmark report (quick)\n\nfirst\n\n![p](a.png)\n", out)
+    bench.record(md, "full-cuda", "# Benchmark report (full)\n\ngpu\n", out)
+    bench.record(md, "quick-cpu", "# Benchmark report (quick)\n\nsecond\n\n![p](a.png)\n", out)
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n") and "first" not in text
+    assert text.count("second") == 1 and text.count("gpu") == 1 and "## Benchmark report (quick)" in text
+    assert "](benchmarks/quick-cpu/a.png)" in text and (tmp_path / "benchmarks/quick-cpu/a.png").is_file()
