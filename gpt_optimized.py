@@ -214,10 +214,10 @@ class GPTConfig:
     dropout: float = 0.1
     bias: bool = False  # bias-free linears and LayerNorms: fewer kernels and bytes, same quality
     pad_vocab_multiple: int = 64  # embedding/head rows padded so the head matmul tiles evenly
-    # NanoGPT-speedrun changes, each of which cut the steps to a given validation loss here
+    # NanoGPT-speedrun changes; rope and relu2 cut the time to a given validation loss here
     rope: bool = True  # rotary position embeddings instead of learned absolute ones
-    qk_norm: bool = True  # RMS-normalise queries and keys: bounded attention logits
     relu2: bool = True  # ReLU(x)^2 in the MLP instead of GELU
+    qk_norm: bool = False  # RMS-normalise queries and keys (on CPU: ~9% fewer steps, ~10% dearer steps)
     tie_weights: bool = True  # one vocab x C matrix for embedding and head (speedrun unties them)
     flash: bool = True  # fused scaled_dot_product_attention; False: the baseline's explicit softmax(QK^T)V
 
@@ -514,7 +514,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt-activations", action="store_true", help="recompute activations in backward (saves memory, costs ~1/3 more compute)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: by detected card)")
     p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True, help="rotary position embeddings (--no-rope: learned absolute)")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True, help="RMS-normalise queries and keys")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="RMS-normalise queries and keys")
     p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=True, help="ReLU^2 MLP activation (--no-relu2: GELU)")
     p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False,
                    help="Muon optimizer for the hidden matrices (off: on CPU its bf16 Newton-Schulz costs more than it saves)")

@@ -153,7 +153,7 @@ def test_optimized_is_the_optimized_model(trained):
     assert rows[-1]["lr"] == pytest.approx(3e-4)  # decayed to --lr / 10 at --max-iters
     summary = trained["gpt_optimized"]["summary"]
     c = model.config
-    assert c.rope and c.qk_norm and c.relu2 and not hasattr(model, "wpe")  # the measured speedrun defaults
+    assert c.rope and c.relu2 and not c.qk_norm and not hasattr(model, "wpe")  # the measured speedrun defaults
     n = summary["params"]  # rotary positions: no position table; tied head counted once
     assert summary["flops_per_token"] == 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
     assert summary["mfu"] == pytest.approx(summary["flops_per_token"] * summary["tokens_per_s"] / summary["peak_flops"])
@@ -253,13 +253,13 @@ def test_resume_extends_to_new_max_iters(name, trained, tmp_path):
 # generation
 
 
-@pytest.mark.parametrize("variant", ["trained", "absolute positions, GELU, untied"])
+@pytest.mark.parametrize("variant", ["trained", "absolute positions, GELU, untied, QK-norm"])
 def test_kv_cache_greedy_equals_no_cache(variant, trained):
     mod = load("gpt_optimized")
     if variant != "trained":
         torch.manual_seed(0)
         cfg = mod.GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-                            rope=False, qk_norm=False, relu2=False, tie_weights=False)
+                            rope=False, qk_norm=True, relu2=False, tie_weights=False)
         model = mod.GPT(cfg).eval()
         prompt = torch.randint(0, 50, (2, 5))
     else:
