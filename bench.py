@@ -46,8 +46,8 @@ def gpt_plan(mode: str) -> dict:
                 "--warmup-iters", "100", "--lr", "6e-4", "--vocab-size", "8192"]
         big_batch = "64"
     elif mode == "quick":
-        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "150", "--eval-interval", "30",
-                "--eval-iters", "8", "--warmup-iters", "20"]
+        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "80", "--eval-interval", "20",
+                "--eval-iters", "4", "--warmup-iters", "10"]
         big_batch = "32"
     else:  # tiny: the test suite's size
         base = ["--preset", "cpu", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32",
