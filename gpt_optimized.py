@@ -252,9 +252,14 @@ def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) pairs (x1, x2) of channels by the position angle."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    """Rotate channel pairs (x[2i], x[2i+1]) of x (B, nh, T, hs) by their position's angle; cos, sin (T, hs/2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    if torch.compiler.is_compiling():  # real form: inductor fuses it (it has no complex code generation)
+        x0, x1 = pairs.unbind(-1)
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:  # eager: one complex multiply instead of six elementwise kernels (~6% of a CPU step)
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))
+    return out.flatten(-2).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):

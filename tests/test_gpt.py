@@ -412,3 +412,20 @@ def test_tokenizers_round_trip(name):
         state = json.loads(json.dumps(tok.state()))
         again = mod.Tokenizer.from_state(state)
         assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+
+
+def test_rope_eager_and_compiled_forms_agree():
+    """Training may run compiled and generation eager: both forms of the rotation must be one function."""
+    mod = load("gpt_optimized")
+    cos, sin = mod.rope_tables(mod.GPTConfig(block_size=16, n_head=2, n_embd=32))
+    x = torch.randn(2, 2, 16, 16)
+    eager = mod.apply_rope(x, cos, sin)
+    compiled = torch.compile(mod.apply_rope, fullgraph=True)(x, cos, sin)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(eager.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation keeps lengths
+    # attention scores depend only on the distance between positions
+    q, k = torch.randn(16), torch.randn(16)
+    rq = mod.apply_rope(q.expand(1, 1, 16, 16), cos, sin)[0, 0]
+    rk = mod.apply_rope(k.expand(1, 1, 16, 16), cos, sin)[0, 0]
+    assert torch.allclose(rq[5] @ rk[2], rq[13] @ rk[10], atol=1e-4)
+    assert not torch.allclose(rq[5] @ rk[2], rq[5] @ rk[4], atol=1e-4)
