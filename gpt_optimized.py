@@ -5,7 +5,8 @@ gpt_scratch.py plus the speed techniques: `diff gpt_scratch.py gpt_optimized.py`
 each with a comment on what it buys. torch.compile, bf16 autocast (fp16 + GradScaler where bf16
 is missing), flash attention through scaled_dot_product_attention, fused AdamW with weight decay
 on matrices only, tied embeddings, bias-free layers, a vocabulary padded to a multiple of 64,
-TF32, pinned non-blocking host-to-device copies, gradient accumulation, cosine LR, gradient
+TF32, pinned non-blocking host-to-device copies, gradient accumulation, a warmup-stable-decay LR
+schedule (a higher peak LR than the baseline tolerates, with clipping), gradient
 clipping, optional activation checkpointing, a KV cache for generation, DDP via torchrun, MFU;
 and, behind flags, NanoGPT-speedrun changes (rotary embeddings, QK-norm, ReLU^2, Muon).
 
@@ -45,7 +46,7 @@ SCRIPT = "gpt_optimized"
 PRESETS = {
     "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dropout=0.0,
-                vocab_size=2048, max_iters=600, lr=1e-3, warmup_iters=50, eval_interval=100,
+                vocab_size=2048, max_iters=600, lr=2e-3, warmup_iters=50, eval_interval=100,
                 eval_iters=20),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
@@ -510,7 +511,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank): a large batch in small memory")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D weights")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--lr-decay-iters", type=int, default=None, help="cosine decay ends here (default: --max-iters)")
+    p.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd",
+                   help="after warm-up: wsd holds --lr, then decays linearly over the last --cooldown of the steps "
+                        "(warmup-stable-decay, as the speedruns); cosine decays from the first step after warm-up")
+    p.add_argument("--cooldown", type=float, default=0.4, help="wsd: fraction of the steps spent decaying")
+    p.add_argument("--lr-decay-iters", type=int, default=None, help="the decay ends here (default: --max-iters)")
     p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the decay (default: --lr / 10)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
@@ -544,6 +549,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "eval_iters", "log_interval", "grad_accum"):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.cooldown <= 1:
+        die(f"--cooldown {args.cooldown} is a fraction of the steps: give a number in [0, 1]")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
         die("--vocab-size must be at least 257 for byte-level BPE")
     if args.rope and (args.n_embd // args.n_head) % 2:
@@ -554,13 +561,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def get_lr(it: int, args) -> float:
-    """Linear warm-up, then cosine decay to --min-lr at --lr-decay-iters."""
+    """Linear warm-up, then (wsd) --lr held and a linear decay over the last --cooldown of the steps, or
+    (cosine) a cosine decay, to --min-lr at --lr-decay-iters."""
     decay_iters = args.lr_decay_iters or args.max_iters
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if it < args.warmup_iters:
         return args.lr * (it + 1) / (args.warmup_iters + 1)
     if it >= decay_iters:
         return min_lr
+    if args.schedule == "wsd":
+        start = max(args.warmup_iters, decay_iters - round(args.cooldown * decay_iters))
+        return args.lr if it < start else args.lr + (min_lr - args.lr) * (it - start) / max(1, decay_iters - start)
     ratio = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
 

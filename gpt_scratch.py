@@ -37,7 +37,7 @@ SCRIPT = "gpt_scratch"
 PRESETS = {
     "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dropout=0.0,
-                vocab_size=2048, max_iters=600, lr=1e-3, warmup_iters=50, eval_interval=100,
+                vocab_size=2048, max_iters=600, lr=2e-3, warmup_iters=50, eval_interval=100,
                 eval_iters=20),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)

@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("what to run (one of)")
     g.add_argument("--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)")
-    g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2' or 'auto'; with --adapter it "
+    g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2', 'random-llama-3.2-1b' or 'auto'; with --adapter it "
                                    "replaces the recorded base (checked to match)")
     g.add_argument("--ckpt", help="GPT checkpoint (ckpt.pt) from gpt_scratch.py / gpt_optimized.py")
     g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
