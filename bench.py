@@ -125,8 +125,8 @@ def finetune_plan(mode: str, gpu: bool) -> dict:
 # running the scripts
 
 class Runner:
-    def __init__(self, out: Path, total_cost: float, time_limit: float | None = None):
-        self.py = sys.executable
+    def __init__(self, out: Path, total_cost: float, time_limit: float | None = None, replay: bool = False):
+        self.py, self.replay = sys.executable, replay
         self.out, self.logs = out, out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=round(total_cost), desc="bench", unit="s~", dynamic_ncols=True,
@@ -134,11 +134,17 @@ class Runner:
         self.failures: list[str] = []
         self.deadline = time.perf_counter() + time_limit if time_limit else None
 
-    def run(self, name: str, cmd: list[str], cost: float, env: dict | None = None) -> bool:
+    def run(self, name: str, cmd: list[str], cost: float, expect: Path, env: dict | None = None) -> bool:
         """Run one script; its output goes to logs/<name>.log. False (and a note) when it fails, or when
-        --time-limit has run out (the run is stopped, or not started, and the report says so)."""
+        --time-limit has run out (the run is stopped, or not started, and the report says so).
+        With --report-only nothing runs: True when the run's output file `expect` is already there."""
         self.bar.set_postfix_str(name)
         log = self.logs / f"{name}.log"
+        if self.replay:
+            self.bar.update(round(cost))
+            if not expect.is_file():
+                self.failures.append(f"{name}: no output in {expect.parent}")
+            return expect.is_file()
         left = self.deadline - time.perf_counter() if self.deadline else None
         if left is not None and left <= 0:
             self.failures.append(f"{name}: not run: --time-limit reached")
@@ -166,6 +172,12 @@ class Runner:
             return False
         self.bar.write(f"bench.py: {name} done in {time.perf_counter() - t0:.1f}s")
         return True
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict:
@@ -210,7 +222,7 @@ def gpt_run(R: Runner, res: dict, key: str, script: str, flags: list[str], cost:
     runs = R.out / "runs"
     folder = runs / key
     share_token_cache(runs, folder)
-    if not R.run(key, [R.py, script, "--out", str(folder)] + res["base_flags"] + flags, cost):
+    if not R.run(key, [R.py, script, "--out", str(folder)] + res["base_flags"] + flags, cost, folder / "summary.json"):
         return None
     m = read_jsonl(folder / "metrics.jsonl")
     r = {"flags": flags, "summary": read_json(folder / "summary.json"), "metrics": m, "curve": train_seconds_curve(m),
@@ -242,11 +254,16 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str) -> dict:
     res["extras"] = []
     if scratch and optimized:
         t_s, t_o = time_to_loss(scratch["curve"], target), time_to_loss(optimized["curve"], target)
+        st_s, st_o = steady_s_to_loss(scratch, target), steady_s_to_loss(optimized, target)
+        n_s, n_o = tokens_to_loss(scratch, target), tokens_to_loss(optimized, target)
         res["headline"] = {
             "target_val_loss": target,
             "tokens_per_s_ratio": optimized["summary"]["tokens_per_s"] / scratch["summary"]["tokens_per_s"],
             "time_to_target_s": {"gpt_scratch": t_s, "gpt_optimized": t_o},
             "time_to_target_ratio": (t_s / t_o) if (t_s and t_o) else None,
+            "steady_time_to_target_s": {"gpt_scratch": st_s, "gpt_optimized": st_o},
+            "steady_time_to_target_ratio": (st_s / st_o) if (st_s and st_o) else None,
+            "tokens_to_target_ratio": (n_o / n_s) if (n_s and n_o) else None,
             "val_loss_delta": optimized["summary"]["val_loss"] - scratch["summary"]["val_loss"],
         }
     return res
@@ -281,11 +298,26 @@ def stage_gpt_extras(R: Runner, mode: str, res: dict) -> None:
     res["extras"] = rows if len(rows) > 1 else []
 
 
+def tokens_to_loss(r: dict, target: float | None) -> float | None:
+    """Training tokens until val loss first reaches target, interpolated between evaluations."""
+    if target is None:
+        return None
+    return time_to_loss([(m["tokens"], m["val_loss"]) for m in r["metrics"]], target)
+
+
+def steady_s_to_loss(r: dict, target: float | None) -> float | None:
+    """Tokens to target at the run's steady tokens/s: the time to target without the first steps' one-off
+    costs (torch.compile's compilation, allocation), which the curve's first interval carries."""
+    n = tokens_to_loss(r, target)
+    return n / r["summary"]["tokens_per_s"] if n is not None else None
+
+
 def ablation_row(name: str, r: dict, target: float | None) -> dict:
     s = r["summary"]
     return {"name": name, "flags": r["flags"], "tokens_per_s": s["tokens_per_s"], "val_loss": s["val_loss"],
             "peak_mem_mb": s.get("peak_mem_mb"), "mfu": s.get("mfu"),
             "train_s_to_target": time_to_loss(r["curve"], target) if target is not None else None,
+            "steady_s_to_target": steady_s_to_loss(r, target),
             "train_time_s": s.get("train_time_s")}
 
 
@@ -298,7 +330,7 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: s
         folder = R.out / "runs" / key
         cmd = [py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
                "--packing" if packing else "--no-packing"] + flags + plan["common"]
-        if not R.run(key, cmd, cost):
+        if not R.run(key, cmd, cost, folder / "run.json"):
             continue
         run = read_json(folder / "run.json")
         # steady state: the first steps (allocation; Unsloth compiles its kernels there) are left out
@@ -338,7 +370,7 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: s
             cmd += ["--backend", "hf"]  # the adapter on plain transformers, whichever backend trained it
         if key == "llama_lora":  # the demo's side-by-side: base vs adapted, greedy, and held-out perplexity
             cmd += ["--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "40", "--temperature", "0"]
-        if R.run(f"infer_{key}", cmd, cost):
+        if R.run(f"infer_{key}", cmd, cost, out_json):
             out = read_json(out_json)
             for row in out.get("bench", []):
                 res["rows"].append({**row, "label": row.get("model"), "model": key})
@@ -424,7 +456,9 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
     gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
     L = [f"# Benchmark report ({meta['mode']})", "",
          f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · commit `{meta['git_commit']}`  ",
-         f"Command: `{meta['command']}`", ""]
+         f"Command: `{meta['command']}`" + (f"  \nReport rebuilt from its run folders by `{meta['report_rebuilt_by']}`"
+                                           if meta.get("report_rebuilt_by") else ""), ""]
+    L += [f"Note: {n}  " for n in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
     h = results.get("headline", {})
     if h:
         L += ["## Headline", ""] + [f"- {line}" for line in headline_lines(h)] + [""]
@@ -458,7 +492,9 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
         L += ["## GPT ablation: one technique at a time", "",
               f"Same shape and token budget (`{' '.join(gpt['base_flags'])}`); each row adds one technique to "
               "the row above. Time to target = training seconds until validation loss reaches gpt_scratch's "
-              f"final {fmt(gpt.get('headline', {}).get('target_val_loss'), '.4f')}.", ""]
+              f"final {fmt(gpt.get('headline', {}).get('target_val_loss'), '.4f')} (evaluation excluded; "
+              "compilation and warm-up included); at steady speed = the tokens it took at the run's steady "
+              "tokens/s. Tokens/s and MFU are steady-state figures.", ""]
         L += [ablation_table(gpt["ablation"]), ""]
         if gpt.get("extras"):
             L += ["### NanoGPT-speedrun extras, one at a time on top of the gpt_optimized defaults", "",
@@ -491,9 +527,12 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
 
 def ablation_table(rows: list[dict]) -> str:
     base = rows[0]["tokens_per_s"] if rows else None
-    return table(["configuration", "tokens/s", "vs first row", "final val loss", "train s to target", "peak mem (MB)"],
+    return table(["configuration", "tokens/s", "vs first row", "final val loss", "train s to target",
+                  "at steady speed", "MFU", "peak mem (MB)"],
                  [[r["name"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["tokens_per_s"] / base, ".2f") + "x",
-                   fmt(r["val_loss"], ".4f"), fmt(r["train_s_to_target"], ".1f", "not reached"),
+                   fmt(r["val_loss"], ".4f"), fmt(r["train_s_to_target"], ".2f", "not reached"),
+                   fmt(r.get("steady_s_to_target"), ".2f", "not reached"),
+                   fmt(100 * r["mfu"], ".1f") + "%" if r.get("mfu") else "–",
                    fmt(r["peak_mem_mb"], ".0f")] for r in rows])
 
 
@@ -510,6 +549,8 @@ def headline(results: dict) -> dict:
         g = gpt["headline"]
         h["gpt_tokens_per_s_ratio"] = g["tokens_per_s_ratio"]
         h["gpt_time_to_target_ratio"] = g["time_to_target_ratio"]
+        h["gpt_steady_time_to_target_ratio"] = g.get("steady_time_to_target_ratio")
+        h["gpt_tokens_to_target_ratio"] = g.get("tokens_to_target_ratio")
         h["gpt_val_loss_delta"] = g["val_loss_delta"]
     if ft:
         by = {(r["method"], r["packing"]): r for r in ft["runs"]}
@@ -524,13 +565,18 @@ def headline(results: dict) -> dict:
         padded = by.get(("LoRA", False))
         if lora and padded:
             h["packing_tokens_per_s_ratio"] = lora["tokens_per_s"] / padded["tokens_per_s"]
-        if lora:
+        if lora and (lora.get("base") or {}).get("source") != "random-init":  # random weights: no quality figure
             h["lora_ppl_change"] = lora["eval_ppl_after"] / lora["eval_ppl_before"] - 1
     for model in ("gpt_optimized", "llama_lora"):
         kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
         if kv and nc:
             h[f"{model}_kv_cache_speedup"] = nc / kv
             h[f"{model}_kv_cache_new_tokens"] = [r["new_tokens"] for r in inf["rows"] if r["model"] == model][0]
+        comp = [r for r in (inf or {}).get("rows", []) if r["model"] == model and r["variant"].startswith("static")
+                and "latency_ms" in r]
+        if comp and kv:
+            h[f"{model}_compiled_tokens_per_s"] = comp[0]["tokens_per_s"]
+            h[f"{model}_compiled_vs_kv_cache"] = kv / comp[0]["latency_ms"]
     return h
 
 
@@ -540,7 +586,14 @@ def headline_lines(h: dict) -> list[str]:
         out.append(f"gpt_optimized trains at **{h['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s; "
                    f"val loss at equal tokens {h['gpt_val_loss_delta']:+.4f}")
     if h.get("gpt_time_to_target_ratio"):
-        out.append(f"gpt_optimized reaches gpt_scratch's final val loss in **1/{h['gpt_time_to_target_ratio']:.2f}** of the training time")
+        def part(r: float) -> str:  # a ratio of scratch's time over optimized's
+            return f"1/{r:.2f} of" if r >= 1 else f"{1 / r:.2f}x"
+        line = (f"gpt_optimized reaches gpt_scratch's final val loss in **{part(h['gpt_time_to_target_ratio'])}** "
+                f"gpt_scratch's training time")
+        if h.get("gpt_steady_time_to_target_ratio"):
+            line += (f" ({part(h['gpt_steady_time_to_target_ratio'])} it at steady speed, without compilation and "
+                     f"warm-up; {100 * h['gpt_tokens_to_target_ratio']:.0f}% of the tokens)")
+        out.append(line)
     if "qlora_vs_lora_memory" in h:
         out.append(f"QLoRA (NF4) uses **{h['qlora_vs_lora_memory']:.2f}x** LoRA's peak memory at "
                    f"{h['qlora_vs_lora_tokens_per_s']:.2f}x its tokens/s")
@@ -555,7 +608,24 @@ def headline_lines(h: dict) -> list[str]:
         if f"{model}_kv_cache_speedup" in h:
             out.append(f"{model}: the KV cache decodes {h[f'{model}_kv_cache_new_tokens']} tokens "
                        f"**{h[f'{model}_kv_cache_speedup']:.2f}x** faster than re-running the context")
+        if f"{model}_compiled_tokens_per_s" in h:
+            out.append(f"{model}: a static KV cache with compiled decoding runs **{h[f'{model}_compiled_tokens_per_s']:.0f} "
+                       f"tokens/s** at batch 1, {h[f'{model}_compiled_vs_kv_cache']:.2f}x the eager KV cache")
     return out
+
+
+def record_headline(readme: Path, key: str, results: dict) -> None:
+    """Replace the <!-- headline:KEY --> ... <!-- /headline:KEY --> block of readme with this run's headline
+    ratios, with the command, device, date and commit they come from."""
+    start, end = f"<!-- headline:{key} -->", f"<!-- /headline:{key} -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        die(f"--readme {readme}: no {start} ... {end} block to fill")
+    m = results["meta"]
+    lines = [f"**{key}** (`{m['command']}`, {m['device_name']}, {m['date'][:10]}, commit {m['git_commit']}; "
+             "details in [BENCHMARKS.md](BENCHMARKS.md)):", ""] + [f"- {x}" for x in headline_lines(results["headline"])]
+    text = text[:text.index(start) + len(start)] + "\n" + "\n".join(lines) + "\n" + text[text.index(end):]
+    atomic_write(readme, text)
 
 
 def record(md: Path, key: str, report: str, out: Path) -> None:
@@ -618,6 +688,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
                    help="stop after S seconds: the run in progress is stopped, later runs are skipped, and the "
                         "report holds everything measured so far")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild results.json and report.md from the runs already in --out (e.g. "
+                        "after a run was cut off), with the device and command recorded in its meta.json")
+    p.add_argument("--readme", metavar="MD", default=None,
+                   help="also write the headline ratios into this file's <!-- headline:MODE-DEVICE --> block "
+                        "(e.g. README.md)")
     p.add_argument("--record", metavar="MD", default=None,
                    help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
                         "section of the same mode and device kind")
@@ -628,27 +704,38 @@ def main(argv: list[str] | None = None) -> dict:
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:
         die(f"--only takes a comma list of gpt, finetune, infer (got {args.only!r})")
-    data = Path(args.data)
-    if not data.is_file() or data.stat().st_size == 0:
-        die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
-    device, device_name, gpu = device_info(args.device)
-    if mode == "full" and not gpu:
-        die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
-    model = args.model or ("auto" if mode == "full" else "smollm2")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.report_only:  # the run's own record of what it was: mode, device, flags, stages
+        if not (out / "meta.json").is_file():
+            die(f"--report-only: {out} holds no meta.json (not a bench.py output folder)")
+        meta = read_json(out / "meta.json")
+        meta["report_rebuilt_by"] = command
+        mode, stages, device, gpu = meta["mode"], meta["stages"], meta["device"], meta["device"] == "cuda"
+        data, model, args.time_limit = Path(meta["data"]), meta["model"], None
+    else:
+        data = Path(args.data)
+        if not data.is_file() or data.stat().st_size == 0:
+            die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
+        device, device_name, gpu = device_info(args.device)
+        if mode == "full" and not gpu:
+            die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
+        model = args.model or ("auto" if mode == "full" else "smollm2")
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"mode": mode, "device": device, "device_name": device_name, "torch": __import__("torch").__version__,
+                "python": platform.python_version(),
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "git_commit": git_commit(), "command": command, "flags": vars(args), "data": str(data),
+                "stages": stages, "model": model}
+        atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
     py = sys.executable
-    meta = {"mode": mode, "device": device, "device_name": device_name, "torch": __import__("torch").__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git_commit": git_commit(), "command": "python bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "flags": vars(args), "data": str(data), "stages": stages}
     per = {"full": (60, 120, 60), "quick": (35, 40, 25), "tiny": (8, 15, 10)}[mode]
     plan = gpt_plan(mode)
     n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
     n_ft = len(finetune_plan(mode, gpu)["runs"])
     total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
              + ("infer" in stages) * 3 * per[2])
-    R = Runner(out, total, args.time_limit)
+    R = Runner(out, total, args.time_limit, replay=args.report_only)
     t0 = time.perf_counter()
     results: dict = {"meta": meta}
     if "gpt" in stages:
@@ -660,24 +747,25 @@ def main(argv: list[str] | None = None) -> dict:
     if "gpt" in stages:
         stage_gpt_extras(R, mode, results["gpt"])
     R.bar.close()
-    meta["wall_time_s"] = time.perf_counter() - t0
+    if not args.report_only:
+        meta["wall_time_s"] = time.perf_counter() - t0
     results["failures"] = R.failures
     results["headline"] = headline(results)
     plots = make_plots(results, out)
     report = make_report(results, plots)
-    for name, text in (("results.json", json.dumps(results, indent=2, default=str) + "\n"), ("report.md", report)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write(out / "report.md", report)
     if args.record:
         record(Path(args.record), f"{mode}-{device}", report, out)
+    if args.readme:
+        record_headline(Path(args.readme), f"{mode}-{device}", results)
     # the side-by-side a user reads first: Table 1, the headline ratios and the generations
     table1 = report.split("## Table 1")[1].split("\n## ")[0] if "## Table 1" in report else ""
     print("\nTable 1" + table1.rstrip())
     gens = report.split("## Inference")[1].split("\n## ")[0].split("**Prompt:**", 1) if "## Inference" in report else []
     if len(gens) == 2:
         print("\nPrompt:" + gens[1].rstrip())
-    print(f"\nbench.py: {meta['wall_time_s']:.0f}s -> {out / 'report.md'}")
+    print(f"\nbench.py: {time.perf_counter() - t0:.0f}s -> {out / 'report.md'}")
     for line in headline_lines(results["headline"]):
         print("  " + line.replace("**", ""))
     if R.failures:
