@@ -46,8 +46,8 @@ def gpt_plan(mode: str) -> dict:
                 "--warmup-iters", "30", "--lr", "6e-4", "--vocab-size", "8192"]
         big_batch = "64"
     elif mode == "quick":
-        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "80", "--eval-interval", "20",
-                "--eval-iters", "4", "--warmup-iters", "10"]
+        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "64", "--eval-interval", "16",
+                "--eval-iters", "4", "--warmup-iters", "8"]
         big_batch = "32"
     else:  # tiny: the test suite's size
         base = ["--preset", "cpu", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32",
@@ -108,7 +108,7 @@ def finetune_plan(mode: str, gpu: bool) -> dict:
         common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "30", "--eval-tokens", "8192",
                   "--warmup-steps", "3", "--lr", "2e-4", "--bf16"]
     elif mode == "quick":
-        common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "10", "--eval-tokens", "2048",
+        common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "8", "--eval-tokens", "1024",
                   "--warmup-steps", "2", "--lr", "2e-3"]
     else:
         common = ["--max-seq-length", "64", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "512",
@@ -214,7 +214,8 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 # -----------------------------------------------------------------------------
 # stages
 
-GPT_COST = {"full": 60, "quick": 25, "tiny": 8}
+# rough seconds per run (GPT, fine-tuning, inference), measured on the two-core CPU and the GPU: only for the ETA
+COST = {"full": (25, 50, 40), "quick": (15, 60, 30), "tiny": (8, 15, 10)}
 
 
 def gpt_run(R: Runner, res: dict, key: str, script: str, flags: list[str], cost: float) -> dict | None:
@@ -239,14 +240,14 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str) -> dict:
     def one(key: str, script: str, flags: list[str], cost: float) -> dict | None:
         return gpt_run(R, res, key, script, flags, cost)
 
-    cost = GPT_COST[mode]
+    cost = COST[mode][0]
     scratch = one("gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
     target = scratch["summary"]["val_loss"] if scratch else None
     rows = [ablation_row("gpt_scratch.py (baseline)", scratch, target)] if scratch else []
     optimized = None
     for i, (name, flags) in enumerate(plan["ladder"]):
         key = "gpt_optimized" if i == plan["defaults_at"] else f"ablation_{i:02d}"
-        r = one(key, "gpt_optimized.py", flags, cost * (2.5 if "--compile" in flags and mode != "full" else 1))
+        r = one(key, "gpt_optimized.py", flags, cost * (2 if "--compile" in flags else 1))
         if r:
             rows.append(ablation_row(name + ("  (= gpt_optimized defaults)" if key == "gpt_optimized" else ""), r, target))
             optimized = r if key == "gpt_optimized" else optimized
@@ -292,7 +293,7 @@ def stage_gpt_extras(R: Runner, mode: str, res: dict) -> None:
         return
     rows = [ablation_row("gpt_optimized defaults", optimized, target)]
     for i, (name, flags) in enumerate(gpt_plan(mode)["extras"]):
-        r = gpt_run(R, res, f"extra_{i:02d}", "gpt_optimized.py", optimized["flags"] + flags, GPT_COST[mode])
+        r = gpt_run(R, res, f"extra_{i:02d}", "gpt_optimized.py", optimized["flags"] + flags, COST[mode][0])
         if r:
             rows.append(ablation_row(name, r, target))
     res["extras"] = rows if len(rows) > 1 else []
@@ -324,7 +325,7 @@ def ablation_row(name: str, r: dict, target: float | None) -> dict:
 def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: str) -> dict:
     plan = finetune_plan(mode, gpu)
     res: dict = {"model": model, "common": plan["common"], "runs": []}
-    cost = {"full": 120, "quick": 40, "tiny": 15}[mode]
+    cost = COST[mode][1]
     for name, flags, packing in plan["runs"]:
         key = f"ft_{name.split()[0].lower()}_{'packed' if packing else 'padded'}"
         folder = R.out / "runs" / key
@@ -346,7 +347,7 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: s
 
 def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: str, device: str, py: str) -> dict:
     res: dict = {"rows": [], "generations": []}
-    cost = {"full": 60, "quick": 25, "tiny": 10}[mode]
+    cost = COST[mode][2]
     runs = R.out / "runs"
     targets = []
     if gpt:
@@ -362,14 +363,15 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: s
         # on a CPU, re-running a 135M model's whole context for each of 128 tokens takes minutes:
         # --quick times the Llama at 32 new tokens (the report says so), the GPTs at 128
         n_new = "32" if key == "llama_lora" and mode != "full" else "128"
-        cmd = [py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs",
-               "1" if mode == "tiny" else "3", "--json-out", str(out_json), "--device", device]
+        runs_ = "1" if mode == "tiny" else "2" if (mode == "quick" and key == "llama_lora") else "3"
+        cmd = [py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs", runs_,
+               "--json-out", str(out_json), "--device", device]
         if mode != "full" or key != "llama_lora":  # compiled decoding is timed where it matters: the Llama
             cmd.append("--no-bench-compile")
         if key == "llama_lora":
             cmd += ["--backend", "hf"]  # the adapter on plain transformers, whichever backend trained it
         if key == "llama_lora":  # the demo's side-by-side: base vs adapted, greedy, and held-out perplexity
-            cmd += ["--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "40", "--temperature", "0"]
+            cmd += ["--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "32", "--temperature", "0"]
         if R.run(f"infer_{key}", cmd, cost, out_json):
             out = read_json(out_json)
             for row in out.get("bench", []):
@@ -729,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "stages": stages, "model": model}
         atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
     py = sys.executable
-    per = {"full": (60, 120, 60), "quick": (35, 40, 25), "tiny": (8, 15, 10)}[mode]
+    per = COST[mode]
     plan = gpt_plan(mode)
     n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
     n_ft = len(finetune_plan(mode, gpu)["runs"])

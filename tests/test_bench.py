@@ -153,3 +153,54 @@ def test_record_replaces_its_own_section_and_copies_plots(tmp_path):
     assert text.startswith("# Benchmarks\n\nintro\n") and "first" not in text
     assert text.count("second") == 1 and text.count("gpu") == 1 and "## Benchmark report (quick)" in text
     assert "](benchmarks/quick-cpu/a.png)" in text and (tmp_path / "benchmarks/quick-cpu/a.png").is_file()
+
+
+def test_time_limit_stops_and_skips_but_still_reports(tmp_path):
+    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-200:]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    p = bench("--tiny", "--only", "gpt", "--data", tmp_path / "c.txt", "--device", "cpu", "--out", out,
+              "--time-limit", "0.5", timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["failures"][0].startswith("gpt_scratch: stopped after") and "--time-limit" in res["failures"][0]
+    assert all("not run: --time-limit reached" in f for f in res["failures"][1:]) and len(res["failures"]) > 5
+    assert res["gpt"]["runs"] == {} and "## Runs that failed" in (out / "report.md").read_text()
+    assert bench("--tiny", "--time-limit", "0", "--out", out, timeout=60).returncode == 2
+
+
+def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_setup["out"], out)
+    (out / "results.json").unlink()
+    (out / "report.md").unlink()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- headline:tiny-cpu -->\nold\n<!-- /headline:tiny-cpu -->\n\nrest\n")
+    p = bench("--report-only", "--out", out, "--readme", readme, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["headline"] == tiny_setup["results"]["headline"]
+    assert res["meta"]["date"] == tiny_setup["results"]["meta"]["date"]
+    assert res["meta"]["report_rebuilt_by"].startswith("python bench.py --report-only")
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- /headline:tiny-cpu -->\n\nrest\n")
+    assert f"**{res['headline']['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s" in text
+    (out / "meta.json").unlink()
+    p = bench("--report-only", "--out", out, timeout=60)
+    assert p.returncode == 2 and "meta.json" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_steady_time_and_tokens_to_target():
+    sys.path.insert(0, str(ROOT))
+    import bench
+    # the first interval carries a 30 s compilation; the steady speed is 1,000 tokens/s
+    run = {"summary": {"tokens_per_s": 1000.0},
+           "metrics": [{"tokens": 0, "tokens_per_s": 0, "val_loss": 5.0},
+                       {"tokens": 2000, "tokens_per_s": 2000 / 32, "val_loss": 3.0},
+                       {"tokens": 4000, "tokens_per_s": 1000, "val_loss": 2.0}]}
+    run["curve"] = bench.train_seconds_curve(run["metrics"])
+    assert bench.time_to_loss(run["curve"], 2.5) == pytest.approx(33.0)
+    assert bench.tokens_to_loss(run, 2.5) == pytest.approx(3000)
+    assert bench.steady_s_to_loss(run, 2.5) == pytest.approx(3.0)
+    assert bench.steady_s_to_loss(run, 1.0) is None and bench.tokens_to_loss(run, None) is None

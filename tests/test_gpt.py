@@ -429,3 +429,17 @@ def test_rope_eager_and_compiled_forms_agree():
     rk = mod.apply_rope(k.expand(1, 1, 16, 16), cos, sin)[0, 0]
     assert torch.allclose(rq[5] @ rk[2], rq[13] @ rk[10], atol=1e-4)
     assert not torch.allclose(rq[5] @ rk[2], rq[5] @ rk[4], atol=1e-4)
+
+
+def test_lr_schedules_warmup_stable_decay_and_cosine():
+    mod = load("gpt_optimized")
+    args = mod.parse_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "100"])
+    assert args.schedule == "wsd" and args.cooldown == pytest.approx(0.4)
+    lrs = [mod.get_lr(i, args) for i in range(101)]
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[10:61])  # held until the last 40% of the steps
+    assert lrs[80] == pytest.approx(1e-3 + (1e-4 - 1e-3) * 20 / 40)  # linear to --lr / 10
+    assert lrs[100] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lrs[60:], lrs[61:]))
+    cos = mod.parse_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "100", "--schedule", "cosine"])
+    assert mod.get_lr(55, cos) == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway through the decay
+    assert mod.get_lr(11, cos) < 1e-3
