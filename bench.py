@@ -46,8 +46,8 @@ def gpt_plan(mode: str) -> dict:
                 "--warmup-iters", "30", "--lr", "6e-4", "--vocab-size", "8192"]
         big_batch = "64"
     elif mode == "quick":
-        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "64", "--eval-interval", "16",
-                "--eval-iters", "4", "--warmup-iters", "8"]
+        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "48", "--eval-interval", "12",
+                "--eval-iters", "4", "--warmup-iters", "6"]
         big_batch = "32"
     else:  # tiny: the test suite's size
         base = ["--preset", "cpu", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32",
@@ -108,7 +108,7 @@ def finetune_plan(mode: str, gpu: bool) -> dict:
         common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "30", "--eval-tokens", "8192",
                   "--warmup-steps", "3", "--lr", "2e-4", "--bf16"]
     elif mode == "quick":
-        common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "8", "--eval-tokens", "1024",
+        common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "6", "--eval-tokens", "1024",
                   "--warmup-steps", "2", "--lr", "2e-3"]
     else:
         common = ["--max-seq-length", "64", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "512",
@@ -363,7 +363,7 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: s
         # on a CPU, re-running a 135M model's whole context for each of 128 tokens takes minutes:
         # --quick times the Llama at 32 new tokens (the report says so), the GPTs at 128
         n_new = "32" if key == "llama_lora" and mode != "full" else "128"
-        runs_ = "1" if mode == "tiny" else "2" if (mode == "quick" and key == "llama_lora") else "3"
+        runs_ = "1" if mode == "tiny" or (mode == "quick" and key == "llama_lora") else "3"
         cmd = [py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs", runs_,
                "--json-out", str(out_json), "--device", device]
         if mode != "full" or key != "llama_lora":  # compiled decoding is timed where it matters: the Llama
