@@ -722,8 +722,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     @torch.no_grad()
     def estimate_loss() -> dict:
-        """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare."""
-        model.eval()
+        """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare. The plain module
+        runs them: a few forward passes do not repay compiling a second (eval-mode) graph."""
+        raw_model.eval()
         gen = torch.Generator().manual_seed(args.seed + 1 + rank)
         losses = {}
         for name, split in (("train", train_data), ("val", val_data)):
@@ -731,13 +732,13 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.eval_iters):
                 x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
                 with ctx:
-                    total += model(x, y)[1].item()
+                    total += raw_model(x, y)[1].item()
             losses[name] = total / args.eval_iters
         if ddp:  # average over the ranks' batches
             t = torch.tensor([losses["train"], losses["val"]], device=device)
             dist.all_reduce(t)
             losses = {"train": t[0].item() / world_size, "val": t[1].item() / world_size}
-        model.train()
+        raw_model.train()
         return losses
 
     def save_checkpoint() -> None:
