@@ -717,6 +717,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not (out / "meta.json").is_file():
             die(f"--report-only: {out} holds no meta.json (not a bench.py output folder)")
         meta = read_json(out / "meta.json")
+        given = [f for f, v in (("--time-limit", args.time_limit), ("--model", args.model),
+                                ("--only", args.only != "gpt,finetune,infer"),
+                                ("--quick/--full/--tiny", (args.full or args.tiny or args.quick) and mode != meta["mode"]))
+                 if v]
+        if given:
+            die(f"--report-only takes the run's own flags from {out / 'meta.json'}; drop {', '.join(given)}")
         meta["report_rebuilt_by"] = command
         mode, stages, device, gpu = meta["mode"], meta["stages"], meta["device"], meta["device"] == "cuda"
         data, model, args.time_limit = Path(meta["data"]), meta["model"], None

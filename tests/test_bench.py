@@ -186,6 +186,9 @@ def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, 
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- /headline:tiny-cpu -->\n\nrest\n")
     assert f"**{res['headline']['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s" in text
+    for extra in (["--time-limit", "5"], ["--full"], ["--only", "gpt"]):
+        p = bench("--report-only", "--out", out, *extra, timeout=60)
+        assert p.returncode == 2 and "drop" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     (out / "meta.json").unlink()
     p = bench("--report-only", "--out", out, timeout=60)
     assert p.returncode == 2 and "meta.json" in p.stderr and len(p.stderr.strip().splitlines()) == 1
