@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -237,17 +238,14 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str) -> dict:
     plan = gpt_plan(mode)
     res: dict = {"base_flags": plan["base"] + ["--data", data, "--device", device, "--max-new-tokens", "0"], "runs": {}}
 
-    def one(key: str, script: str, flags: list[str], cost: float) -> dict | None:
-        return gpt_run(R, res, key, script, flags, cost)
-
     cost = COST[mode][0]
-    scratch = one("gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
+    scratch = gpt_run(R, res, "gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
     target = scratch["summary"]["val_loss"] if scratch else None
     rows = [ablation_row("gpt_scratch.py (baseline)", scratch, target)] if scratch else []
     optimized = None
     for i, (name, flags) in enumerate(plan["ladder"]):
         key = "gpt_optimized" if i == plan["defaults_at"] else f"ablation_{i:02d}"
-        r = one(key, "gpt_optimized.py", flags, cost * (2 if "--compile" in flags else 1))
+        r = gpt_run(R, res, key, "gpt_optimized.py", flags, cost * (2 if "--compile" in flags else 1))
         if r:
             rows.append(ablation_row(name + ("  (= gpt_optimized defaults)" if key == "gpt_optimized" else ""), r, target))
             optimized = r if key == "gpt_optimized" else optimized
@@ -280,7 +278,6 @@ def share_token_cache(runs: Path, folder: Path) -> None:
             try:
                 os.link(f, dest)
             except OSError:
-                import shutil
                 shutil.copyfile(f, dest)
 
 
@@ -322,14 +319,14 @@ def ablation_row(name: str, r: dict, target: float | None) -> dict:
             "train_time_s": s.get("train_time_s")}
 
 
-def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: str) -> dict:
+def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool) -> dict:
     plan = finetune_plan(mode, gpu)
     res: dict = {"model": model, "common": plan["common"], "runs": []}
     cost = COST[mode][1]
     for name, flags, packing in plan["runs"]:
         key = f"ft_{name.split()[0].lower()}_{'packed' if packing else 'padded'}"
         folder = R.out / "runs" / key
-        cmd = [py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
+        cmd = [R.py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
                "--packing" if packing else "--no-packing"] + flags + plan["common"]
         if not R.run(key, cmd, cost, folder / "run.json"):
             continue
@@ -345,7 +342,7 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, py: s
     return res
 
 
-def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: str, device: str, py: str) -> dict:
+def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device: str) -> dict:
     res: dict = {"rows": [], "generations": []}
     cost = COST[mode][2]
     runs = R.out / "runs"
@@ -364,14 +361,12 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, data: s
         # --quick times the Llama at 32 new tokens (the report says so), the GPTs at 128
         n_new = "32" if key == "llama_lora" and mode != "full" else "128"
         runs_ = "1" if mode == "tiny" or (mode == "quick" and key == "llama_lora") else "3"
-        cmd = [py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs", runs_,
+        cmd = [R.py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs", runs_,
                "--json-out", str(out_json), "--device", device]
         if mode != "full" or key != "llama_lora":  # compiled decoding is timed where it matters: the Llama
             cmd.append("--no-bench-compile")
-        if key == "llama_lora":
-            cmd += ["--backend", "hf"]  # the adapter on plain transformers, whichever backend trained it
-        if key == "llama_lora":  # the demo's side-by-side: base vs adapted, greedy, and held-out perplexity
-            cmd += ["--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "32", "--temperature", "0"]
+        if key == "llama_lora":  # on plain transformers, whichever backend trained it; the demo's side-by-side
+            cmd += ["--backend", "hf", "--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "32", "--temperature", "0"]
         if R.run(f"infer_{key}", cmd, cost, out_json):
             out = read_json(out_json)
             for row in out.get("bench", []):
@@ -638,7 +633,6 @@ def record_headline(readme: Path, key: str, results: dict) -> None:
 def record(md: Path, key: str, report: str, out: Path) -> None:
     """Replace (or append) this mode's section of md with the report, headings one level down; the
     plots are copied beside md into benchmarks/<key>/ so the file shows them."""
-    import shutil
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
     figs = md.parent / "benchmarks" / key
     figs.mkdir(parents=True, exist_ok=True)
@@ -652,9 +646,7 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
         text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md)
+    atomic_write(md, text)
 
 
 # -----------------------------------------------------------------------------
@@ -741,7 +733,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "git_commit": git_commit(), "command": command, "flags": vars(args), "data": str(data),
                 "stages": stages, "model": model}
         atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
-    py = sys.executable
     per = COST[mode]
     plan = gpt_plan(mode)
     n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
@@ -754,9 +745,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "gpt" in stages:
         results["gpt"] = stage_gpt(R, mode, str(data), device)
     if "finetune" in stages:
-        results["finetune"] = stage_finetune(R, mode, str(data), model, gpu, py)
+        results["finetune"] = stage_finetune(R, mode, str(data), model, gpu)
     if "infer" in stages:
-        results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), str(data), device, py)
+        results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), device)
     if "gpt" in stages:
         stage_gpt_extras(R, mode, results["gpt"])
     R.bar.close()

@@ -159,16 +159,26 @@ def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Pat
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    return save_model_folder(model, tok, dest, f"random weights (seed {seed}) in the Llama-3.2-1B architecture; "
+                                               f"tokenizer from {tok_dir}\n")
+
+
+def save_model_folder(model, tok, dest: Path, source: str) -> Path:
+    """Model, tokenizer and SOURCE.txt written into a temp folder beside dest, then moved in with one
+    os.replace; when another process got there first, its folder stays."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable model folder
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"random weights (seed {seed}) in the Llama-3.2-1B architecture; "
-                                        f"tokenizer from {tok_dir}\n")
+        (tmp / "SOURCE.txt").write_text(source)
         os.replace(tmp, dest)
+    except OSError:
+        if not (dest / "config.json").exists():
+            raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful replace
     return dest
 
 
@@ -177,7 +187,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     if (dest / "config.json").exists():
         return dest
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     note(f"converting {gguf_path.name} into {dest} (once; later runs reuse it)")
     kw = dict(gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
@@ -195,20 +205,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
         # the GGUF metadata names <|im_start|> as EOS; restore the chat model's own EOS/PAD (<|im_end|>)
         tok.eos_token = tok.pad_token = "<|im_end|>"
     tok.clean_up_tokenization_spaces = False  # decode must give back the exact text (numbers, punctuation)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable model folder
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(f"converted from {gguf_path}\n")
-        os.replace(tmp, dest)
-    except OSError:
-        if not (dest / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful replace
-    return dest
+    return save_model_folder(plain, tok, dest, f"converted from {gguf_path}\n")
 
 
 def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = False) -> dict:

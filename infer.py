@@ -430,7 +430,6 @@ def timed(fn) -> tuple[float, object]:
 
 def run_bench(lm, args, context: int) -> list[dict]:
     """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one warm-up."""
-    import torch
     ns = [int(n) for n in str(args.bench_new_tokens).split(",") if n.strip()]
     variants = []  # (name, fn(ids, n) -> new ids)
     greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
