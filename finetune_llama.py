@@ -29,6 +29,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -58,6 +59,9 @@ LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
                     rope_theta=500000.0, rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+# On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a GEMM kernel from the hub and logs a warning
+# when it cannot (always, offline); its built-in kernel serves instead, so the message is noise on stderr.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def die(msg: str) -> None:
@@ -404,6 +408,8 @@ def load_for_training(args, backend: str, resolved: str, device: str):
     model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa",
                                                  device_map={"": device},
                                                  **kw)
+    if getattr(model, "is_loaded_in_4bit", False) and device == "cpu":
+        set_cpu_4bit_path(model, allow_packed=False)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     elif args.gradient_checkpointing:
@@ -412,6 +418,33 @@ def load_for_training(args, backend: str, resolved: str, device: str):
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), tok
+
+
+def packed_4bit_fits(out_features: int, in_features: int, blocksize: int) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 CPU layout can hold a 4-bit weight of this shape: rows in tiles of 32,
+    and whole quantization blocks along each row (a narrower row reshapes to zero blocks and fails)."""
+    return out_features % 32 == 0 and in_features % blocksize == 0
+
+
+def set_cpu_4bit_path(model, allow_packed: bool) -> tuple[int, int]:
+    """Choose bitsandbytes' CPU kernel for every 4-bit layer, through the layer's own switch.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's NF4 weights into a bf16 GEMV layout the
+    first time the layer runs without gradients, and keeps them so. The repack fails mid-run for shapes the
+    layout cannot hold (packed_4bit_fits), and a repacked layer has no backward: training after an evaluation
+    would silently lose the gradient through the frozen base. Training therefore keeps every layer on the plain
+    dequantize path (the same numbers on every CPU); inference may take the packed path where the shape fits.
+    Returns (layers on the packed path, 4-bit layers)."""
+    import bitsandbytes as bnb
+    cpu_packed = allow_packed and bool(bnb.functional.has_avx512bf16())
+    packed = total = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            state = m.weight.quant_state
+            use = cpu_packed and packed_4bit_fits(int(state.shape[0]), int(state.shape[1]), state.blocksize)
+            m.support_avx512bf16_for_cpu = use
+            packed, total = packed + use, total + 1
+    return packed, total
 
 
 def parse_target_modules(spec: str) -> list[str] | str:
