@@ -35,6 +35,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import traceback
 import urllib.parse
@@ -69,6 +70,10 @@ EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
 
 class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr, exit code 2."""
+
+
+class FolderBusy(UserError):
+    """Another run holds --out-dir: its files are not ours to tidy up."""
 
 
 # -----------------------------------------------------------------------------
@@ -112,6 +117,57 @@ def atomic_open(path: str):
 def atomic_write_bytes(path: str, data: bytes) -> None:
     with atomic_open(path) as f:
         f.write(data)
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """Refuse an output folder that cannot be written, before any work is done: it is a file, it
+    lies under a file, or its nearest existing folder does not let us create files. Probing with a
+    temp file answers for read-only mounts, modes and ACLs alike, and creates no folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({e.strerror})")
+
+
+def check_output_files(out_dir: str, names) -> None:
+    """A folder where an output file should be would only fail at os.replace, after the work."""
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, not a file; move it away or use another --out-dir")
+
+
+def first_missing(path: str):
+    """The topmost folder of path that does not exist yet (what a run will create), or None."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def remove_created(top, out_dir: str) -> None:
+    """Undo the folders a failed run created, as long as they hold nothing of value: only empty
+    folders go (and the lock file, when it is all there is)."""
+    if top is None:
+        return
+    out_dir = os.path.abspath(out_dir)
+    with contextlib.suppress(OSError):
+        if os.listdir(out_dir) == ["news.lock"]:
+            os.remove(os.path.join(out_dir, "news.lock"))
+    d = out_dir
+    while d == top or d.startswith(top + os.sep):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+        d = os.path.dirname(d)
 
 
 def write_corpus(path: str, docs: list[str]) -> bytes:
@@ -313,6 +369,15 @@ def short_date(d: dt.date) -> str:
     return f"{MONTHS[d.month - 1]} {d.day}, {d.year}"
 
 
+def prior_close(d: dt.date, pd: dt.date) -> str:
+    """The previous session's close, named from the trading calendar: after a weekend that is usually
+    Friday's, but after Good Friday it is Thursday's, and after a closure of a week or more
+    (September 2001) a weekday name alone would be ambiguous, so the date is given."""
+    if (d - pd).days < 7:
+        return f"{WEEKDAYS[pd.weekday()]}'s close"
+    return f"the close of {long_date(pd)}"
+
+
 def month_name(y: int, m: int) -> str:
     return f"{MONTHS[m - 1]} {y}"
 
@@ -431,7 +496,7 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
     d = sp.dates[i]
     rng = random.Random(f"daily:{d.isoformat()}")
     o, h, l, c, v = (sp.cols[k][i] for k in ("open", "high", "low", "close", "volume"))
-    pc = sp.cols["close"][i - 1]
+    pd, pc = sp.dates[i - 1], sp.cols["close"][i - 1]
     r, pts = sps.ret[i], c - pc
     nc, nr = nq.cols["close"][i], nqs.ret[i]
 
@@ -466,9 +531,9 @@ def daily_doc(i: int, data: dict, sps: EquityStats, nqs: EquityStats, wti: Looku
     if abs(gap) >= 0.5:
         body.append(pick(rng, [
             "The index gapped {ud} at the open, starting {g} away from the prior close.",
-            "The open at {o} was {g} {hl} than Friday's close." if d.weekday() == 0 else
+            "The open at {o} was {g} {hl} than {prev}." if (d - pd).days > 1 else
             "The open at {o} was {g} {hl} than the previous close.",
-        ], ud=up_down(gap), g=fp(gap), o=f2(o), hl=higher_lower(gap)))
+        ], ud=up_down(gap), g=fp(gap), o=f2(o), hl=higher_lower(gap), prev=prior_close(d, pd)))
 
     diff = nr - r
     rel = ("outperforming" if diff > 0 else "underperforming") + f" the S&P 500 by {fpp(diff)}"
@@ -988,8 +1053,8 @@ def annual_doc(y: int, data: dict, sps: EquityStats, wti: Lookup, vix: Lookup):
 # market corpus: put it together
 
 
-def build_market_docs() -> list[str]:
-    data = load_market_data()
+def build_market_docs(data: dict = None) -> list[str]:
+    data = data if data is not None else load_market_data()
     sp, nq = data["sp"], data["nq"]
     sps, nqs = EquityStats(sp), EquityStats(nq)
     wti, vix = Lookup(data["wti"]), Lookup(data["vix"])
@@ -1043,8 +1108,11 @@ def build_market_docs() -> list[str]:
 
 
 def run_market(out_dir: str) -> None:
-    docs = build_market_docs()
     path = os.path.join(out_dir, CORPUS_NAME)
+    check_writable_dir(out_dir, "--out-dir")
+    check_output_files(out_dir, [CORPUS_NAME])
+    print(f"building the market corpus for {path} ...", file=sys.stderr, flush=True)
+    docs = build_market_docs()
     data = write_corpus(path, docs)
     print(f"wrote {path}: {len(docs):,} documents, {len(data):,} bytes, {len(data.decode('utf-8')):,} characters")
 
@@ -1115,6 +1183,17 @@ class NewsClient:
         except (TypeError, ValueError):
             return None
 
+    def rate_limited(self, resp, attempt: int) -> tuple:
+        """(reason, wait) for a 429. Retry-After is honoured up to --backoff-max: a server asking for
+        a day's pause must not stall the fetch for a day."""
+        ra = self.retry_after(resp)
+        if ra is None:
+            return "rate limited (HTTP 429)", self.backoff(attempt)
+        if ra <= self.backoff_max:
+            return "rate limited (HTTP 429)", ra
+        return (f"rate limited (HTTP 429): server asked Retry-After {ra:.0f} s; "
+                f"waiting {self.backoff_max:g} s (--backoff-max)", self.backoff_max)
+
     def page(self, ticker: str, offset: int, limit: int, date_from, date_to) -> list:
         params = {"s": ticker, "offset": offset, "limit": limit, "api_token": self.api_key, "fmt": "json"}
         if date_from:
@@ -1148,8 +1227,7 @@ class NewsClient:
                 elif code == 404:
                     raise TickerNotFound()
                 elif code == 429:
-                    ra = self.retry_after(resp)
-                    reason, wait = "rate limited (HTTP 429)", ra if ra is not None else self.backoff(attempt)
+                    reason, wait = self.rate_limited(resp, attempt)
                 elif code >= 500:
                     reason, wait = f"server error (HTTP {code})", self.backoff(attempt)
                 else:  # other 4xx: retrying the same request cannot help
@@ -1174,6 +1252,11 @@ class NewsClient:
 # between only means the page is fetched again on the next run; the link index rebuilt from
 # news.jsonl (+ merges) at start-up turns those repeats into no-ops. A torn last line (killed
 # mid-append) is dropped at start-up; its articles come back with the refetched page.
+
+
+def str_list(v) -> list:
+    """The strings of a tickers/symbols field; anything else an answer or an edited file holds is ignored."""
+    return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
 
 
 def article_key(a: dict) -> str:
@@ -1226,7 +1309,8 @@ class NewsStore:
             if fcntl is not None:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(f"another fetch_news.py run is writing to {out_dir}; wait for it or use another --out-dir")
+            raise FolderBusy(f"another fetch_news.py run is writing to {out_dir}; "
+                             f"wait for it or use another --out-dir")
         for name in os.listdir(out_dir):  # temp files of a run killed during a rewrite
             if re.fullmatch(r"(news\.jsonl|news_progress\.json|finance_corpus\.txt)\.tmp\d+", name):
                 os.remove(os.path.join(out_dir, name))
@@ -1237,7 +1321,10 @@ class NewsStore:
             try:
                 with open(self.progress_path, encoding="utf-8") as f:
                     self.progress = json.load(f)
+                if not isinstance(self.progress, dict):
+                    raise ValueError
             except ValueError:  # cannot happen with os.replace, but never lose articles over it
+                self.progress = {}
                 self.log(f"ignoring unreadable {self.progress_path}; every ticker restarts at offset 0")
 
     def compact(self, startup: bool = False) -> int:
@@ -1247,8 +1334,8 @@ class NewsStore:
         for _, m in scan_jsonl(self.merges_path):
             if m is not None:
                 t, sy = merges.setdefault(article_key(m), (set(), set()))
-                t.update(m.get("tickers") or [])
-                sy.update(m.get("symbols") or [])
+                t.update(str_list(m.get("tickers")))
+                sy.update(str_list(m.get("symbols")))
         index, rewrite, bad = {}, False, 0
         for _, obj in scan_jsonl(self.path):
             if obj is None:
@@ -1258,8 +1345,9 @@ class NewsStore:
             if k in index:
                 rewrite = True
                 continue
-            index[k] = set(obj.get("tickers") or [])
-            if k in merges and not (merges[k][0] <= index[k] and merges[k][1] <= set(obj.get("symbols") or [])):
+            index[k] = set(str_list(obj.get("tickers")))
+            symbols = set(str_list(obj.get("symbols")))
+            if k in merges and not (merges[k][0] <= index[k] and merges[k][1] <= symbols):
                 rewrite = True
         if bad and startup:
             self.log(f"{self.path}: dropped {bad} incomplete line(s) left by an interrupted run; "
@@ -1273,8 +1361,8 @@ class NewsStore:
                     k = article_key(obj)
                     written.add(k)
                     if k in merges:
-                        obj["tickers"] = sorted(set(obj.get("tickers") or []) | merges[k][0])
-                        obj["symbols"] = sorted(set(obj.get("symbols") or []) | merges[k][1])
+                        obj["tickers"] = sorted(set(str_list(obj.get("tickers"))) | merges[k][0])
+                        obj["symbols"] = sorted(set(str_list(obj.get("symbols"))) | merges[k][1])
                         out.write(jsonl_bytes([obj]))
                     else:  # copy the original bytes: no re-serialisation for untouched articles
                         src.seek(off)
@@ -1299,7 +1387,7 @@ class NewsStore:
                     self.tickers[k].add(ticker)
                     m = merges.setdefault(k, {"link": k, "tickers": set(), "symbols": set()})
                     m["tickers"].add(ticker)
-                    m["symbols"].update(s for s in (a.get("symbols") or []) if isinstance(s, str))
+                    m["symbols"].update(str_list(a.get("symbols")))
                 continue
             rec = dict(a)
             rec["link"] = k
@@ -1374,6 +1462,8 @@ def collect_tickers(args, log) -> list[str]:
                 lines = f.read().splitlines()
         except OSError as e:
             raise UserError(f"cannot read --tickers-file {args.tickers_file}: {e.strerror}")
+        except UnicodeDecodeError:
+            raise UserError(f"--tickers-file {args.tickers_file} is not UTF-8 text")
         found = [t for ln in lines for t in ln.split("#")[0].replace(",", " ").split()]
         if not found:
             raise UserError(f"--tickers-file {args.tickers_file} lists no tickers")
@@ -1470,6 +1560,19 @@ def write_news_corpus(out_dir: str) -> tuple:
 # -----------------------------------------------------------------------------
 # eodhd: the fetch loop
 
+EODHD_OUTPUTS = ("news.jsonl", "news_merges.jsonl", "news_progress.json", "news.lock", CORPUS_NAME,
+                 SP500_CACHE)
+
+
+def eodhd_kept(out_dir: str) -> str:
+    """What a stopped run leaves behind, for its last line; read from disk, whatever stopped the run."""
+    path = os.path.join(out_dir, "news.jsonl")
+    try:
+        n = len({article_key(obj) for _, obj in scan_jsonl(path) if obj is not None})
+    except OSError:
+        return f"the articles stored so far are kept in {path}"
+    return f"{n} articles kept in {path}" if n else "no articles stored yet"
+
 
 def run_eodhd(args) -> int:
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
@@ -1477,25 +1580,13 @@ def run_eodhd(args) -> int:
     if not api_key.strip():
         raise UserError("no API key: pass --api-key or set EODHD_API_KEY (--api-key demo serves AAPL.US and TSLA.US)")
     redact = Redactor(api_key)
-    for name in ("date_from", "date_to"):
-        v = getattr(args, name)
-        if v is not None:
-            try:
-                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
-                    raise ValueError
-                dt.date.fromisoformat(v)
-            except ValueError:
-                raise UserError(f"--{name[5:]} must be a date as YYYY-MM-DD, got {v!r}")
     if args.date_from and args.date_to and args.date_from > args.date_to:
         raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
-    if not 1 <= args.limit <= 1000:
-        raise UserError(f"--limit must be between 1 and 1000, got {args.limit}")
-    if args.max_pages is not None and args.max_pages < 1:
-        raise UserError(f"--max-pages must be at least 1, got {args.max_pages}")
-    if args.timeout <= 0 or args.max_retries < 0 or args.backoff_base < 0 or args.backoff_max < 0:
-        raise UserError("--timeout must be > 0; --max-retries, --backoff-base and --backoff-max >= 0")
     if not re.match(r"^https?://", args.base_url):
         raise UserError(f"--base-url must start with http:// or https://, got {redact(args.base_url)!r}")
+    # every output is checked before the first request (the S&P 500 list cache included)
+    check_writable_dir(args.out_dir, "--out-dir")
+    check_output_files(args.out_dir, EODHD_OUTPUTS)
 
     tickers = collect_tickers(args, log)
     store = NewsStore(args.out_dir, log)
@@ -1506,12 +1597,14 @@ def run_eodhd(args) -> int:
     stop, bar = None, None
     try:
         for ticker in tickers:
-            st = store.progress.get(ticker, {})
+            st = store.progress.get(ticker)
+            st = st if isinstance(st, dict) else {}
             same_query = not args.restart and st.get("from") == query["from"] and st.get("to") == query["to"]
             if same_query and st.get("done"):
                 already += 1
                 continue
             offset = st.get("offset", 0) if same_query else 0
+            offset = offset if isinstance(offset, int) and offset >= 0 else 0
             pages = 0
             while True:
                 if args.max_pages is not None and pages >= args.max_pages:
@@ -1570,7 +1663,8 @@ def run_eodhd(args) -> int:
               "same command again after the quota resets to resume where it stopped.", file=sys.stderr)
         return EXIT_QUOTA
     if stop == "interrupt":
-        print("interrupted: everything fetched is saved; run the same command again to resume.", file=sys.stderr)
+        print(f"interrupted: {eodhd_kept(args.out_dir)}; run the same command again to resume",
+              file=sys.stderr)
         return 130
     if unfinished:
         print(f"{len(unfinished)} tickers stopped at --max-pages; run the same command again to continue them.")
@@ -1586,16 +1680,86 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
 
 
+# typed flag values: a bad one is refused by the parser, before anything runs
+
+MAX_WAIT_S = 86400.0  # a day; far larger values overflow sleep() and socket timeouts
+
+
+def whole_number(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}")
+
+
+def page_size(s: str) -> int:
+    n = whole_number(s)
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000 (EODHD's largest page), got {n}")
+    return n
+
+
+def positive_int(s: str) -> int:
+    n = whole_number(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def non_negative_int(s: str) -> int:
+    n = whole_number(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def seconds(s: str, allow_zero: bool) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {s!r}")
+    if not (0.0 <= x <= MAX_WAIT_S) or (x == 0.0 and not allow_zero):  # nan fails every comparison
+        rule = "between 0 and" if allow_zero else "more than 0 and at most"
+        raise argparse.ArgumentTypeError(f"must be {rule} {MAX_WAIT_S:.0f} seconds, got {s!r}")
+    return x
+
+
+def positive_seconds(s: str) -> float:
+    return seconds(s, allow_zero=False)
+
+
+def non_negative_seconds(s: str) -> float:
+    return seconds(s, allow_zero=True)
+
+
+def iso_date(s: str) -> str:
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
+            raise ValueError
+        dt.date.fromisoformat(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date as YYYY-MM-DD, got {s!r}")
+    return s
+
+
+def folder(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description=__doc__.split("\n\n")[0].strip() + " See the module docstring for details.",
-        epilog="exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input or rejected API key; "
-               "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume). "
+        epilog="exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that "
+               "cannot be written, or a rejected API key; "
+               "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume); "
+               "130 interrupted with Ctrl-C (the same: kept, rerun to resume). "
                "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir.")
     p.add_argument("--source", choices=["market", "eodhd"], default=SOURCE,
                    help="market: offline reports from bundled historical series; eodhd: news from the EODHD "
                         "API (default: %(default)s)")
-    p.add_argument("--out-dir", default=OUT_DIR,
+    p.add_argument("--out-dir", type=folder, default=OUT_DIR,
                    help="where finance_corpus.txt (and for eodhd news.jsonl, progress and the S&P 500 "
                         "list cache) are written (default: %(default)s)")
     g = p.add_argument_group("eodhd source")
@@ -1609,11 +1773,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"<out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes BRK-B.US (default: off)")
     g.add_argument("--sp500-url", default=SP500_URL,
                    help="CSV with a Symbol column listing the S&P 500 (default: %(default)s)")
-    g.add_argument("--from", dest="date_from", default=None, metavar="YYYY-MM-DD",
+    g.add_argument("--from", dest="date_from", type=iso_date, default=None, metavar="YYYY-MM-DD",
                    help="oldest article date, YYYY-MM-DD (default: none, the API's own range)")
-    g.add_argument("--to", dest="date_to", default=None, metavar="YYYY-MM-DD", help="newest article date, YYYY-MM-DD (default: none)")
-    g.add_argument("--limit", type=int, default=LIMIT, help="articles per request, 1-1000 (default: %(default)s)")
-    g.add_argument("--max-pages", type=int, default=None,
+    g.add_argument("--to", dest="date_to", type=iso_date, default=None, metavar="YYYY-MM-DD",
+                   help="newest article date, YYYY-MM-DD (default: none)")
+    g.add_argument("--limit", type=page_size, default=LIMIT,
+                   help="articles per request, 1-1000 (default: %(default)s)")
+    g.add_argument("--max-pages", type=positive_int, default=None,
                    help="stop each ticker after this many requests this run; a rerun continues "
                         "(default: no cap, page until an empty page)")
     g.add_argument("--api-key", default=None,
@@ -1621,16 +1787,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "AAPL.US and TSLA.US)")
     g.add_argument("--base-url", default=os.environ.get("EODHD_BASE_URL", BASE_URL),
                    help=f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})")
-    g.add_argument("--timeout", type=float, default=TIMEOUT_S,
-                   help="seconds to wait for a connection or an answer (default: %(default)s)")
-    g.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+    g.add_argument("--timeout", type=positive_seconds, default=TIMEOUT_S,
+                   help="seconds to wait for a connection or an answer, at most a day (default: %(default)s)")
+    g.add_argument("--max-retries", type=non_negative_int, default=MAX_RETRIES,
                    help="retries of one request after 429, 5xx, timeouts or invalid JSON before the ticker "
                         "is skipped (default: %(default)s)")
-    g.add_argument("--backoff-base", type=float, default=BACKOFF_BASE_S,
+    g.add_argument("--backoff-base", type=non_negative_seconds, default=BACKOFF_BASE_S,
                    help="first retry wait in seconds, doubled each retry, with jitter; a 429's Retry-After "
                         "overrides it (default: %(default)s)")
-    g.add_argument("--backoff-max", type=float, default=BACKOFF_MAX_S,
-                   help="cap on one backoff wait in seconds (default: %(default)s)")
+    g.add_argument("--backoff-max", type=non_negative_seconds, default=BACKOFF_MAX_S,
+                   help="cap on one wait before a retry in seconds, a 429's Retry-After included: a server "
+                        "asking for longer is retried after this long (default: %(default)s)")
     g.add_argument("--restart", action="store_true",
                    help="ignore recorded progress and page every ticker from offset 0; stored articles are "
                         "still not duplicated (default: off, resume)")
@@ -1640,10 +1807,17 @@ def build_parser() -> argparse.ArgumentParser:
 EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 
 
+def kept_note(args) -> str:
+    if args.source == "market":  # written whole through a temp file: all of it or none of it
+        return f"nothing written, {os.path.join(args.out_dir, CORPUS_NAME)} left as it was"
+    return eodhd_kept(args.out_dir)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
     redact = Redactor(key)
+    created = first_missing(args.out_dir)  # folders this run makes; a run that fails removes them again
     try:
         if args.source == "market":
             used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
@@ -1652,9 +1826,28 @@ def main(argv=None) -> int:
             run_market(args.out_dir)
             return 0
         return run_eodhd(args)
-    except UserError as e:
+    except FolderBusy as e:
         print(f"error: {redact(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except UserError as e:
+        remove_created(created, args.out_dir)
+        print(f"error: {redact(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # disk full, permissions changed mid-run: the machine's problem, not a bug
+        remove_created(created, args.out_dir)
+        if e.filename:
+            where = e.filename
+        else:  # a failed write() does not say which file: the market source writes only one
+            where = os.path.join(args.out_dir, CORPUS_NAME) if args.source == "market" else f"to {args.out_dir}"
+        print(redact(f"error: cannot write {where} ({e.strerror or e}); {kept_note(args)}; "
+                     f"fix that and run the same command again"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        remove_created(created, args.out_dir)
+        again = "build it" if args.source == "market" else "resume"
+        print(redact(f"interrupted: {kept_note(args)}; run the same command again to {again}"),
+              file=sys.stderr)
+        return 130
     except Exception:  # a bug: show the traceback, but never the key
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return 1

@@ -1,11 +1,18 @@
 """fetch_news.py against a real HTTP server on 127.0.0.1 that behaves like EODHD's /news endpoint,
 and the offline market corpus against the committed data/finance_corpus.txt."""
 
+import contextlib
+import datetime as dt
+import email.utils
 import json
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -48,6 +55,7 @@ class FakeEODHD:
         self.always = {}  # ticker -> behaviour for every request
         self.delay_s = 0.0  # added to every answer (makes a kill land mid-run)
         self.slow_s = 2.0  # how long a "slow" answer takes
+        self.retry_after = "1"  # the Retry-After header of a 429
         self.quota = None  # OK answers left before 402
         self.log = []  # (time, ticker, offset, limit, status, n_items)
         self.n_req = {}
@@ -76,7 +84,7 @@ class FakeEODHD:
         if what == "404" or ticker not in self.feeds:
             return 404, "application/json", b'{"error": "ticker not found"}', {}
         if what == "429":
-            return 429, "text/plain", b"Too Many Requests", {"Retry-After": "1"}
+            return 429, "text/plain", b"Too Many Requests", {"Retry-After": self.retry_after}
         if what == "500":
             return 500, "text/plain", b"Internal Server Error", {}
         if what == "badjson":
@@ -152,6 +160,26 @@ def fetch(api, out_dir, *extra, key=KEY, timeout=60):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)
 
 
+def assert_user_error(r, *fragments):
+    """Exit 2, exactly one line on stderr holding every fragment, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert "Traceback" not in r.stderr
+
+
+def assert_error_last(r, *fragments):
+    """A failure after work began: exit 2, no traceback, the error on the last stderr line (progress
+    output may come before it)."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in last, (f, last)
+
+
 def read_news(out_dir) -> list[dict]:
     lines = (Path(out_dir) / "news.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(ln) for ln in lines]  # every line must parse on its own
@@ -210,30 +238,41 @@ def test_help_documents_every_flag():
 @pytest.mark.parametrize("args, fragment", [
     (["--tickers-file", "/nonexistent/tickers.txt"], "cannot read --tickers-file"),
     (["--tickers-file", "EMPTY"], "lists no tickers"),
-    (["--tickers", "AAPL.US", "--limit", "0"], "--limit must be between 1 and 1000"),
-    (["--tickers", "AAPL.US", "--limit", "1001"], "--limit must be between 1 and 1000"),
-    (["--tickers", "AAPL.US", "--from", "2024-13-01"], "--from must be a date"),
+    (["--tickers", "AAPL.US", "--limit", "0"], "argument --limit: must be between 1 and 1000"),
+    (["--tickers", "AAPL.US", "--limit", "1001"], "argument --limit: must be between 1 and 1000"),
+    (["--tickers", "AAPL.US", "--from", "2024-13-01"], "argument --from: must be a date as YYYY-MM-DD"),
+    (["--tickers", "AAPL.US", "--to", "2024-3-1"], "argument --to: must be a date as YYYY-MM-DD"),
     (["--tickers", "AAPL.US", "--from", "2024-03-02", "--to", "2024-03-01"], "is after --to"),
     (["--tickers", "AA PL"], "not a ticker"),
     (["--tickers", "AAPL.US", "--api-key", ""], "no API key"),
     ([], "no tickers"),
     (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must start with"),
-    (["--tickers", "AAPL.US", "--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
-    (["--tickers", "AAPL.US", "--timeout", "0"], "--timeout must be > 0"),
+    (["--tickers", "AAPL.US", "--limit", "ten"], "argument --limit: must be a whole number, got 'ten'"),
+    (["--tickers", "AAPL.US", "--timeout", "0"], "argument --timeout: must be more than 0"),
+    # nan and inf passed the old range checks, then crashed in time.sleep() or the socket layer
+    (["--tickers", "AAPL.US", "--timeout", "nan"], "argument --timeout: must be more than 0 and at most"),
+    (["--tickers", "AAPL.US", "--timeout", "1e300"], "argument --timeout: must be more than 0 and at most"),
+    (["--tickers", "AAPL.US", "--backoff-base", "nan"], "argument --backoff-base: must be between 0 and"),
+    (["--tickers", "AAPL.US", "--backoff-max", "inf"], "argument --backoff-max: must be between 0 and 86400"),
+    (["--tickers", "AAPL.US", "--backoff-max", "-1"], "argument --backoff-max: must be between 0 and 86400"),
+    (["--tickers", "AAPL.US", "--max-retries", "-1"], "argument --max-retries: must be 0 or more, got -1"),
+    (["--tickers", "AAPL.US", "--max-pages", "0"], "argument --max-pages: must be at least 1, got 0"),
+    (["--tickers", "AAPL.US", "--out-dir", ""], "argument --out-dir: must name a folder"),
+    (["--tickers-file", "BINARY"], "is not UTF-8 text"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
-    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "bin.txt") if a == "BINARY" else a
+            for a in args]
     (tmp_path / "empty.txt").write_text("# nothing here\n\n")
+    (tmp_path / "bin.txt").write_bytes(b"AAPL.US\n\xff\xfe\x00\x81\n")
     cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path / "out"),
            *args]
     if "--api-key" not in args:
         cmd += ["--api-key", KEY]
     r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    assert_user_error(r, fragment)
     assert_no_key(r.stdout, r.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 def test_market_rejects_eodhd_flags(tmp_path):
@@ -250,7 +289,7 @@ def test_market_rejects_eodhd_flags(tmp_path):
 def test_fetch_complete_deduplicated_and_resilient(api, tmp_path):
     tickers = standard_feeds(api)
     out = tmp_path / "news"
-    r = fetch(api, out, "--tickers", ",".join(tickers), "--limit", "10")
+    r = fetch(api, out, "--tickers", ",".join(tickers), "--limit", "10", "--backoff-max", "2")
     assert r.returncode == 0, r.stderr
     assert_no_key(r.stdout, r.stderr, out_dir=out)
 
@@ -602,3 +641,267 @@ def test_market_corpus_numbers_come_from_the_data():
     jan19 = _doc_for(docs, "January 1919")
     assert f"{round((cr['BAA'].iloc[0] - cr['AAA'].iloc[0]) * 100):.0f} basis points" in jan19
     assert f"{cr['AAA'].iloc[0]:.2f}%" in jan19 and f"{cr['BAA'].iloc[0]:.2f}%" in jan19
+
+
+WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+DAILY_TITLE = re.compile(r"^(?:Daily market report: |Market close, |U\.S\. equities, |Closing bell, "
+                         r"|Stocks (?:higher|lower) on )?(?:" + WEEKDAY + r", )?"
+                         r"([A-Z][a-z]+ \d{1,2}, \d{4})(?::|$)")
+
+
+def previous_sessions_named(docs, dates) -> dict:
+    """Checks that every daily report names only its own weekday, and the previous trading day for
+    the previous session; returns {date: [how the previous session was named]}."""
+    index = {d: i for i, d in enumerate(dates)}
+    named, n_daily = {}, 0
+    for doc in docs:
+        m = DAILY_TITLE.match(doc.split("\n", 1)[0])
+        if not m:
+            continue
+        n_daily += 1
+        d = dt.datetime.strptime(m.group(2), "%B %d, %Y").date()
+        prev = dates[index[d] - 1]
+        names = []
+        for long in re.findall(r"the close of (" + WEEKDAY[1:-1] + r", [A-Z][a-z]+ \d{1,2}, \d{4})", doc):
+            assert long == fetch_news.long_date(prev), (d, long)
+            names.append(long)
+        rest = re.sub(r"the close of " + WEEKDAY + r", [A-Z][a-z]+ \d{1,2}, \d{4}", "", doc)
+        for wd in re.findall(WEEKDAY + "'s close", rest):
+            assert wd == fetch_news.WEEKDAYS[prev.weekday()], (d, prev, wd)
+            names.append(wd)
+        rest = re.sub(WEEKDAY + "'s close", "", rest)
+        assert set(re.findall(WEEKDAY, rest)) <= {fetch_news.WEEKDAYS[d.weekday()]}, (d, doc)
+        if names:
+            named[d] = names
+    assert n_daily == len(dates) - 1  # every session but the first has its report, and the titles parse
+    return named
+
+
+def test_committed_daily_reports_name_only_the_right_days():
+    sp = fetch_news.load_ohlcv("sp500")
+    docs = COMMITTED.read_text(encoding="utf-8")[:-1].split("\n\n")
+    named = previous_sessions_named(docs, sp.dates)
+    assert len(named) >= 10
+    assert named[dt.date(2018, 12, 26)] == ["Monday"]  # after Christmas Tuesday
+    assert named[dt.date(2010, 7, 6)] == ["Friday"]  # a Tuesday after Independence Day
+
+
+def test_market_reports_name_the_previous_trading_day_after_holidays():
+    data = fetch_news.load_market_data()
+    sp = data["sp"]
+    dates = sp.dates
+    good_friday_mondays = [d for i, d in enumerate(dates)
+                           if d.weekday() == 0 and (d - dates[i - 1]).days == 4 and d.month in (3, 4)]
+    assert dt.date(2000, 4, 24) in good_friday_mondays and len(good_friday_mondays) >= 15
+    i = dates.index(dt.date(2000, 4, 24))
+    assert dates[i - 1] == dt.date(2000, 4, 20)  # Good Friday 2000-04-21: no trading
+    assert fetch_news.prior_close(dates[i], dates[i - 1]) == "Thursday's close"
+    i = dates.index(dt.date(2001, 9, 17))  # closed for a week after September 11
+    assert fetch_news.prior_close(dates[i], dates[i - 1]) == "the close of Monday, September 10, 2001"
+    # open every session after a break 1% above the previous close: the sentence comparing the open
+    # with the previous close then appears wherever the seeded phrasing picks it
+    for i in range(1, len(dates)):
+        if (dates[i] - dates[i - 1]).days > 1:
+            sp.cols["open"][i] = sp.cols["close"][i - 1] * 1.01
+    named = previous_sessions_named(fetch_news.build_market_docs(data), dates)
+    after_good_friday = {d: n for d, n in named.items() if d in good_friday_mondays}
+    assert len(after_good_friday) >= 5
+    assert all(n == ["Thursday"] for n in after_good_friday.values()), after_good_friday
+    assert named[dt.date(2007, 7, 5)] == ["Tuesday"]  # a Thursday after Independence Day
+    assert named[dt.date(2002, 5, 28)] == ["Friday"]  # a Tuesday after Memorial Day
+
+
+# -----------------------------------------------------------------------------
+# Retry-After, output locations, write failures, Ctrl-C
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_retry_after_is_capped_by_backoff_max(api, tmp_path, form):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(6)]
+    api.script["AAPL.US"] = ["429"]
+    day = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+    api.retry_after = "86400" if form == "seconds" else email.utils.format_datetime(day, usegmt=True)
+    t0 = time.monotonic()
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--backoff-max", "0.5", timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert re.search(r"AAPL\.US offset 0: rate limited \(HTTP 429\): server asked Retry-After 86[34]\d\d s; "
+                     r"waiting 0\.5 s \(--backoff-max\)", r.stderr), r.stderr
+    times = [t for t, s, _, _, st, _ in api.log if s == "AAPL.US"]
+    assert [st for _, s, _, _, st, _ in api.log if s == "AAPL.US"][:2] == [429, 200]
+    assert 0.45 <= times[1] - times[0] < 5
+    assert [a["link"] for a in read_news(tmp_path)] == [a["link"] for a in api.feeds["AAPL.US"]]
+
+
+def as_nobody(cmd: list) -> dict:
+    """subprocess arguments that run cmd as user nobody. setpriv keeps root's rights up to the exec,
+    so an interpreter installed under a 0700 /root still starts; a preexec_fn setuid could not exec it."""
+    if shutil.which("setpriv"):
+        return dict(args=["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd])
+    return dict(args=cmd, preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+
+
+@contextlib.contextmanager
+def output_problem(kind: str, tmp_path: Path):
+    """(--out-dir, expected message, run as nobody?) for an output folder that cannot be used. Root
+    writes into a 555 folder anyway, so then the run is made as user nobody, in a folder nobody
+    can reach (pytest's tmp_path lies under a 0700 folder)."""
+    if kind == "file":
+        (tmp_path / "afile").write_text("x")
+        yield tmp_path / "afile", f"--out-dir {tmp_path / 'afile'} is a file, not a folder", False
+    elif kind == "under-file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub" / "out"
+        yield out, f"--out-dir {out} lies under a file ({tmp_path / 'afile'})", False
+    elif kind == "corpus-is-folder":
+        (tmp_path / "out" / "finance_corpus.txt").mkdir(parents=True)
+        yield tmp_path / "out", f"{tmp_path / 'out' / 'finance_corpus.txt'} is a folder, not a file", False
+    else:
+        as_root = os.geteuid() == 0
+        base = Path(tempfile.mkdtemp()) if as_root else tmp_path
+        base.chmod(0o755)
+        ro = base / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            out = ro / "out"
+            yield out, f"--out-dir {out} is not writable (Permission denied)", as_root
+        finally:
+            ro.chmod(0o755)
+            if as_root:
+                shutil.rmtree(base)
+
+
+KINDS = ["file", "under-file", "corpus-is-folder", "not-writable"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_market_refuses_unusable_out_dir_before_building(tmp_path, kind):
+    with output_problem(kind, tmp_path) as (out, message, nobody):
+        cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir", str(out)]
+        r = subprocess.run(**(as_nobody(cmd) if nobody else dict(args=cmd)), capture_output=True, text=True,
+                           env=clean_env(), timeout=120)
+        assert_user_error(r, message)
+        assert "building" not in r.stderr  # refused before the build starts
+        assert not (out / "finance_corpus.txt").is_file()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eodhd_refuses_unusable_out_dir_before_any_request(api, tmp_path, kind):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(3)]
+    api.files["/constituents.csv"] = ("text/csv", b"Symbol\nAAPL\n")
+    with output_problem(kind, tmp_path) as (out, message, nobody):
+        cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(out),
+               "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--sp500",
+               "--sp500-url", api.root + "/constituents.csv"]
+        r = subprocess.run(**(as_nobody(cmd) if nobody else dict(args=cmd)), capture_output=True, text=True,
+                           env=clean_env(), timeout=60)
+        assert_user_error(r, message)
+        assert api.log == [] and api.n_req == {}  # not even the S&P 500 list was asked for
+        assert not (out / "news.jsonl").exists()
+
+
+def limit_file_size(n_bytes: int):
+    # a disk that fills up: writes past n_bytes fail with EFBIG (Python ignores SIGXFSZ)
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+
+
+def test_market_write_failure_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "out"
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=120,
+                       preexec_fn=limit_file_size(100_000))
+    assert_error_last(r, f"cannot write {out / 'finance_corpus.txt'} (File too large); nothing written, "
+                         f"{out / 'finance_corpus.txt'} left as it was")
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again, temp file included
+
+
+def test_eodhd_write_failure_says_what_was_kept_and_resumes(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(40)]
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "4")
+    full_size = (tmp_path / "news.jsonl").stat().st_size
+    shutil.rmtree(tmp_path)
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
+           "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--limit", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60,
+                       preexec_fn=limit_file_size(full_size // 3))
+    stored = [ln for ln in (tmp_path / "news.jsonl").read_bytes().split(b"\n") if ln.endswith(b"}")]
+    assert 0 < len(stored) < 40
+    assert_error_last(r, f"cannot write to {tmp_path} (File too large); {len(stored)} articles kept in "
+                         f"{tmp_path / 'news.jsonl'}; "
+                         f"fix that and run the same command again")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(a["link"] for a in read_news(tmp_path)) == sorted(a["link"] for a in api.feeds["AAPL.US"])
+
+
+def test_rejected_key_leaves_no_new_folder(api, tmp_path):
+    out = tmp_path / "fresh" / "news"
+    r = fetch(api, out, "--tickers", "AAPL.US", key="wrong-KEY-77aa")
+    assert_user_error(r, "EODHD rejected the API key")
+    assert not (tmp_path / "fresh").exists()
+
+
+def default_sigint():
+    """In the child: SIGINT at its default, as in a terminal (a shell's background jobs, CI's among them, ignore it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sigint_when(proc, ready, timeout=30):
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "never got going"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)
+
+
+def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(60)]
+    api.delay_s = 0.2
+    news = tmp_path / "news.jsonl"
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
+           "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--limit", "3"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                         preexec_fn=default_sigint)
+    _, err = sigint_when(p, lambda: news.exists() and news.read_bytes().count(b"\n") >= 6)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    stored = read_news(tmp_path)  # every line is whole JSON
+    assert 6 <= len(stored) < 60
+    assert err.strip().splitlines()[-1] == (f"interrupted: {len(stored)} articles kept in {news}; "
+                                            f"run the same command again to resume")
+    api.delay_s = 0.0
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [a["link"] for a in read_news(tmp_path)] == [a["link"] for a in api.feeds["AAPL.US"]]
+
+
+def test_ctrl_c_while_building_market_corpus_writes_nothing(tmp_path):
+    out = tmp_path / "new" / "data"
+    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                         preexec_fn=default_sigint)
+    first = p.stderr.readline()  # blocks until the build has started
+    assert first.startswith("building the market corpus")
+    time.sleep(0.3)
+    _, err = sigint_when(p, lambda: True)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    corpus = out / "finance_corpus.txt"
+    assert err.strip().splitlines()[-1] == (f"interrupted: nothing written, {corpus} left as it was; "
+                                            f"run the same command again to build it")
+    assert not (tmp_path / "new").exists()
+
+
+def test_odd_shapes_in_answers_and_progress_do_not_crash(api, tmp_path):
+    shared = article(900, ["AAPL.US", "MSFT.US"])
+    odd = dict(shared, symbols=5)  # the second ticker's copy has a malformed symbols field
+    api.feeds["AAPL.US"] = [article(1, ["AAPL.US"]), shared]
+    api.feeds["MSFT.US"] = [odd, article(2, ["MSFT.US"])]
+    (tmp_path / "news_progress.json").write_text("[]")  # valid JSON of the wrong shape
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US,MSFT.US")
+    assert r.returncode == 0, r.stderr
+    assert "ignoring unreadable" in r.stderr
+    by_link = {a["link"]: a for a in read_news(tmp_path)}
+    assert len(by_link) == 3
+    assert by_link[shared["link"]]["tickers"] == ["AAPL.US", "MSFT.US"]
+    assert by_link[shared["link"]]["symbols"] == ["AAPL.US", "MSFT.US"]

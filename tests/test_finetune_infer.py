@@ -358,7 +358,8 @@ def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "finetune_llama.py"), "--model", str(tiny["llama_a"]),
                              "--backend", "hf", "--data", str(tiny["corpus"]), "--max-seq-length", "32",
                              "--max-steps", "100000", "--out", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=ENV)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # background jobs ignore it
     seen = []
     for line in proc.stderr:  # the data line comes just before training starts
         seen.append(line)
