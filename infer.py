@@ -22,13 +22,15 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
 from pathlib import Path
 
 from finetune_llama import (DEFAULT_CACHE_DIR, HelpFormatter, choose_backend, config_identity, die, doc_separator_id,
-                            encode_documents, note, resolve_model, score_sequences)
+                            encode_documents, note, resolve_model, score_sequences,
+                            set_cpu_4bit_path)
 
 BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
                 "in three weeks, as")
@@ -182,24 +184,80 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def load_gpt(path: str, device: str) -> GPTModel:
+GPT_SCRIPTS = ("gpt_scratch", "gpt_optimized")  # the only modules a checkpoint may name: it picks code to run
+CKPT_EXPECTED = "expected a ckpt.pt written by gpt_scratch.py or gpt_optimized.py"
+
+
+def describe_unloadable(p: Path, e: Exception) -> str:
+    """What a file torch.load refused is, from its first bytes (never torch's advice to load it unsafely)."""
+    import codecs
+    import pickle
+    import zipfile
+    size = p.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive holding <name>/data.pkl
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return f"is damaged or truncated ({size:,} bytes)"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "is a zip archive, not a PyTorch checkpoint"
+        if isinstance(e, pickle.UnpicklingError):  # a weights-only load refuses pickled code (a whole module)
+            return "holds pickled Python objects besides tensors, which loading could run as code"
+        return f"is damaged or truncated ({size:,} bytes)"
+    if b"\0" not in head:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4096 bytes is fine
+            return "is a text file, not a checkpoint"
+        except UnicodeDecodeError:
+            pass
+    return f"is not a PyTorch checkpoint ({size:,} bytes of unknown data)"
+
+
+def read_gpt_checkpoint(path: str) -> dict:
+    """torch.load once (tensors and plain data only), then check it is a GPT checkpoint infer.py can run."""
     import torch
     p = Path(path)
     if not p.is_file():
         die(f"--ckpt {path}: file not found")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"--ckpt {path}: not a loadable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("script"), str) or "model_args" not in ckpt:
-        die(f"--ckpt {path}: not a GPT checkpoint from gpt_scratch.py / gpt_optimized.py (no 'script'/'model_args')")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except OSError as e:
+        die(f"--ckpt {path} cannot be read ({e.strerror})")
+    except Exception as e:  # anything torch's reader raises on a file that is not a sound checkpoint
+        die(f"--ckpt {path} {describe_unloadable(p, e)}; {CKPT_EXPECTED}")
+    if not isinstance(ckpt, dict) or not {"script", "model_args", "model", "tokenizer"} <= ckpt.keys():
+        die(f"--ckpt {path} loads, but is not a GPT checkpoint (it lacks script, model_args, model or "
+            f"tokenizer); {CKPT_EXPECTED}")
+    if ckpt["script"] not in GPT_SCRIPTS:
+        die(f"--ckpt {path} names the script {str(ckpt['script'])[:40]!r}; {CKPT_EXPECTED}")
+    return ckpt
+
+
+def load_gpt(path: str, device: str) -> GPTModel:
+    """The model class and tokenizer come from the script the checkpoint names (one of GPT_SCRIPTS)."""
+    ckpt = read_gpt_checkpoint(path)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         module = importlib.import_module(ckpt["script"])
     except ImportError:
         die(f"--ckpt {path}: written by {ckpt['script']}.py, which is not importable from here")
-    model, tok, ckpt = module.load_checkpoint(str(p), device)  # exits 2 with one line on a bad file
-    return GPTModel(module, model.eval(), tok, ckpt, f"{ckpt['script']} (iter {ckpt.get('iter_num', '?')})", device)
+    try:
+        model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        tok = module.Tokenizer.from_state(ckpt["tokenizer"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # fields that do not fit each other
+        reason = " ".join(str(e).split())[:160]  # load_state_dict gives its reason on the second line
+        die(f"--ckpt {path} is inconsistent: its model_args, weights and tokenizer do not fit together "
+            f"({type(e).__name__}: {reason})")
+    label = f"{ckpt['script']} (iter {ckpt.get('iter_num', '?')})"
+    return GPTModel(module, model.to(device).eval(), tok, ckpt, label, device)
 
 
 def read_run(adapter_dir: Path) -> tuple[dict, dict]:
@@ -226,16 +284,29 @@ def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path
         note(f"warning: {base_desc} has the same shape as the adapter's base but a different config hash")
 
 
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Each adapter tensor's shape, from the safetensors header alone (no weights read)."""
+    from safetensors import SafetensorError, safe_open
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        die(f"--adapter {adapter_dir}: no adapter_model.safetensors")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as e:  # a cut-off copy: the header promises more bytes than the file has
+        die(f"--adapter {adapter_dir}: {weights.name} ({weights.stat().st_size:,} bytes) is damaged or "
+            f"truncated ({str(e).strip()[:100]}); expected the safetensors file finetune_llama.py writes")
+    except OSError as e:
+        die(f"--adapter {adapter_dir}: {weights.name} cannot be read ({e.strerror})")
+
+
 def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
     """Compare every adapter tensor's shape with the LoRA layer the base would get, on an empty (meta) model,
     before any weights load; this also covers adapter folders that carry no run.json."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        die(f"--adapter {adapter_dir}: no adapter_model.safetensors")
+    shapes = adapter_shapes(adapter_dir)
     try:
         lora = LoraConfig.from_pretrained(str(adapter_dir))
         with torch.device("meta"), warnings.catch_warnings():
@@ -244,14 +315,12 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
         expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(skeleton).items()}
     except (ValueError, TypeError, KeyError) as e:  # e.g. target modules the base does not have
         die(f"--adapter {adapter_dir} does not fit {base_desc}: {(str(e).splitlines() or [''])[0][:160]}")
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            shape = tuple(f.get_slice(key).get_shape())
-            if key not in expected:
-                die(f"--adapter {adapter_dir} does not fit {base_desc}: it has {key}, which the base lacks")
-            if shape != expected[key]:
-                die(f"--adapter {adapter_dir} does not fit {base_desc}: {key} is {shape}, the base needs "
-                    f"{expected[key]}")
+    for key, shape in shapes.items():
+        if key not in expected:
+            die(f"--adapter {adapter_dir} does not fit {base_desc}: it has {key}, which the base lacks")
+        if shape != expected[key]:
+            die(f"--adapter {adapter_dir} does not fit {base_desc}: {key} is {shape}, the base needs "
+                f"{expected[key]}")
 
 
 def load_hf(args, device: str):
@@ -311,6 +380,11 @@ def load_hf(args, device: str):
             reason = (str(e).splitlines() or [""])[0][:160]
             die(f"--adapter {adapter_dir} does not fit base {base['resolved']}: {reason}")
     model.eval()
+    if load_4bit and device == "cpu":
+        # perplexity on the plain 4-bit kernel, as finetune_llama.py scores it (the same figure on every CPU);
+        # generation and --bench on bitsandbytes' packed bf16 kernel where the CPU and the layer shape allow
+        packed, total = set_cpu_4bit_path(model, allow_packed=not args.ppl)
+        note(f"4-bit layers: {packed} of {total} on the packed AVX512-BF16 CPU kernel, the rest dequantize")
     return HFModel(model, tok, label, device)
 
 # -----------------------------------------------------------------------------
@@ -324,7 +398,10 @@ def read_prompts(args) -> list[str]:
         p = Path(args.prompts_file)
         if not p.is_file():
             die(f"--prompts-file {p}: file not found")
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            die(f"--prompts-file {p} is not UTF-8 text (byte {e.start}); expected one prompt per line")
         if not prompts:
             die(f"--prompts-file {p} holds no prompts (one per line)")
     elif args.ppl or args.bench:
@@ -430,7 +507,7 @@ def timed(fn) -> tuple[float, object]:
 
 def run_bench(lm, args, context: int) -> list[dict]:
     """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one warm-up."""
-    ns = [int(n) for n in str(args.bench_new_tokens).split(",") if n.strip()]
+    ns = args.bench_new_tokens
     variants = []  # (name, fn(ids, n) -> new ids)
     greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     if isinstance(lm, HFModel):
@@ -510,6 +587,108 @@ def print_bench(rows: list[dict]) -> None:
               f"{r['ms_per_token']:>9.2f} {r.get('speedup_vs_no_cache', float('nan')):>10.2f}x {r['warmup_s']:>9.1f}")
 
 
+# -----------------------------------------------------------------------------
+# command line: flags checked where they are parsed, outputs checked before any model loads
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's mistakes in one line (no usage block), like every other user mistake here."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(s: str, kind: type):
+    try:
+        x = kind(s)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+    if kind is float and not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return x
+
+
+def positive_int(s: str) -> int:
+    if (n := _number(s, int)) < 1:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 1")
+    return n
+
+
+def non_negative_int(s: str) -> int:
+    if (n := _number(s, int)) < 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
+    return n
+
+
+def window_tokens(s: str) -> int:
+    """0 (the default), or at least 2 tokens: a window must hold one token to read and one to predict."""
+    if (n := _number(s, int)) != 0 and n < 2:
+        raise argparse.ArgumentTypeError(f"{s} must be 0 (the default) or >= 2 tokens")
+    return n
+
+
+def seed_int(s: str) -> int:
+    if not 0 <= (n := _number(s, int)) < 2 ** 64:  # torch.manual_seed's range
+        raise argparse.ArgumentTypeError(f"{s} must be in [0, 2**64)")
+    return n
+
+
+def non_negative_float(s: str) -> float:
+    if (x := _number(s, float)) < 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
+    return x
+
+
+def positive_float(s: str) -> float:
+    if (x := _number(s, float)) <= 0:
+        raise argparse.ArgumentTypeError(f"{s} must be > 0")
+    return x
+
+
+def nucleus_mass(s: str) -> float:
+    if not 0 < (x := _number(s, float)) <= 1:
+        raise argparse.ArgumentTypeError(f"{s} must be in (0, 1]")
+    return x
+
+
+def token_counts(s: str) -> list[int]:
+    """A comma list of generation lengths, each >= 1."""
+    parts = [x.strip() for x in s.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{s!r} lists no token counts (e.g. 32,128)")
+    bad = [x for x in parts if not (x.isdigit() and int(x) >= 1)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{s!r}: each count must be an integer >= 1, not {bad[0]!r}")
+    return [int(x) for x in parts]
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """The output file's folder exists (or can be made) and takes new files; nothing is created here."""
+    if path.is_dir():
+        die(f"{flag} {path} is a folder, not a file")
+    probe = path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        die(f"{flag} {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        die(f"{flag} {path} is not writable ({e.strerror})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one; an interrupted write leaves no temp file behind."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     sources = [n for n in ("adapter", "model", "ckpt") if getattr(args, n)]
@@ -519,18 +698,16 @@ def main(argv: list[str] | None = None) -> dict:
         die("nothing to run: give --adapter DIR, --model SPEC or --ckpt FILE")
     if args.compare_base and not args.adapter:
         die("--compare-base needs --adapter (it compares the adapter with its base)")
-    if args.max_new_tokens < 1:
-        die("--max-new-tokens must be >= 1")
-    if args.repetition_penalty <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        die("--repetition-penalty must be > 0, --top-p in (0, 1], --top-k >= 0")
-    if args.bench_runs < 1:
-        die("--bench-runs must be >= 1")
+    if args.json_out:
+        check_writable_file(Path(args.json_out), "--json-out")  # found now, not after all the generation
     for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file)):
         if path and not Path(path).is_file():
             die(f"{flag} {path}: file not found")
     if args.ckpt and not Path(args.ckpt).is_file():
         die(f"--ckpt {args.ckpt}: file not found")
     run = read_run(Path(args.adapter))[1] if args.adapter else {}  # a bad adapter folder fails here, early
+    if args.adapter:
+        adapter_shapes(Path(args.adapter))  # and damaged adapter weights, before any base model loads
     prompts = read_prompts(args)
     ppl_docs = read_ppl_docs(args.ppl) if args.ppl else None
     device = pick_device(args.device)
@@ -551,14 +728,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["bench"] = run_bench(lm, args, context)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{args.json_out}.tmp{os.getpid()}"
-        Path(tmp).write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, args.json_out)
+        atomic_write_text(Path(args.json_out), json.dumps(results, indent=2) + "\n")
     return results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
+    p = OneLineErrorParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("what to run (one of)")
     g.add_argument("--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)")
     g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2', 'random-llama-3.2-1b' or 'auto'; with --adapter it "
@@ -570,31 +745,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the base in 4-bit; default: as the adapter was trained (run.json), else off")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where converted GGUF models are kept")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument("--threads", type=non_negative_int, default=0,
+                   help="CPU threads for torch (0: torch's default)")
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
     g.add_argument("--prompts-file", help="text file with one prompt per line")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 means greedy decoding")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1: off)")
-    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.1, help="1: off")
-    g.add_argument("--seed", type=int, default=1337, help="seeds sampling (the same for every prompt)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=non_negative_float, default=0.7, help="0 means greedy decoding")
+    g.add_argument("--top-p", type=nucleus_mass, default=0.9, help="nucleus sampling mass (1: off)")
+    g.add_argument("--top-k", type=non_negative_int, default=50,
+                   help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--repetition-penalty", type=positive_float, default=1.1, help="1: off")
+    g.add_argument("--seed", type=seed_int, default=1337, help="seeds sampling (the same for every prompt)")
     g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse past keys/values while generating (HF models)")
     g.add_argument("--compare-base", action="store_true",
                    help="with --adapter: print base and adapted outputs (and perplexities) side by side")
-    g.add_argument("--context", type=int, default=0,
+    g.add_argument("--context", type=window_tokens, default=0,
                    help="cap the context in tokens (0: the model's own); longer prompts are cut from the left")
     g = p.add_argument_group("perplexity and benchmark")
     g.add_argument("--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)")
-    g.add_argument("--ppl-context", type=int, default=0,
+    g.add_argument("--ppl-context", type=window_tokens, default=0,
                    help="scoring window in tokens (0: the adapter's --max-seq-length, else min(context, 1024))")
-    g.add_argument("--batch-size", type=int, default=8, help="windows per batch when scoring")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="windows per batch when scoring")
     g.add_argument("--bench", action="store_true",
                    help="latency / tokens/s of greedy decoding at batch 1, with and without the KV cache")
-    g.add_argument("--bench-new-tokens", default="128", help="comma list of generation lengths to time")
-    g.add_argument("--bench-runs", type=int, default=3, help="timed runs per variant (median; one warm-up first)")
+    g.add_argument("--bench-new-tokens", type=token_counts, default="128",
+                   help="comma list of generation lengths to time")
+    g.add_argument("--bench-runs", type=positive_int, default=3,
+                   help="timed runs per variant (median; one warm-up first)")
     g.add_argument("--bench-compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a static KV cache with compiled decoding (HF models)")
     g.add_argument("--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here")
@@ -603,4 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see finetune_llama.py: spinning threads hurt shared CPUs
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outputs so far are on the screen; --json-out is written only at the very end
+        print("interrupted: nothing was written (infer.py writes only --json-out, once every job is done)",
+              file=sys.stderr)
+        raise SystemExit(130)
