@@ -11,6 +11,7 @@ Every figure comes from the scripts' own output files (summary.json, metrics.jso
 --json-out); bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
 --out: results.json (every figure with device, torch version, date, git commit, flags), report.md
 (Table 1 per model, the ablation tables, the plots), *.png, and runs/ + logs/ for each run.
+Ctrl-C keeps the finished runs; `python bench.py --report-only --out DIR` builds the report from them.
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = "data/finance_corpus.txt"
 
 
 def die(msg: str) -> None:
@@ -37,11 +41,68 @@ def die(msg: str) -> None:
     sys.exit(2)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the one line that says what was kept and how to go on."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage block; one line says it better
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_seconds(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number of seconds")
+    if not (0 < x < math.inf):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{s}: give a number of seconds above 0")
+    return x
+
+
+def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
+    """Refuse an output location that cannot be written, before any run: probe the nearest existing
+    folder of `folder` (default: path itself) with a temp file, without creating any folder."""
+    if folder is None and path.exists() and not path.is_dir():
+        die(f"{flag} {path} is a file, not a folder")
+    probe = path if folder is None else folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        die(f"{flag} {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        die(f"{flag} {path} is not writable ({e.strerror})")
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """A file written atomically (temp file + rename): its folder must take new files."""
+    if path.is_dir():
+        die(f"{flag} {path} is a folder, not a file")
+    check_writable_dir(path, flag, folder=path.parent)
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
+    import torch
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def cpu_bf16_flags() -> dict:
+    import torch
+    return {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+            "amx": bool(torch.cpu._is_amx_tile_supported())}
+
+
 # -----------------------------------------------------------------------------
 # the plan: what each mode runs. `cost` is a rough seconds estimate, used only for the ETA.
 
-def gpt_plan(mode: str) -> dict:
-    """Shapes, token budget and the ablation ladder for the GPT stage."""
+def gpt_plan(mode: str, bf16_units: bool = False) -> dict:
+    """Shapes, token budget and the ablation ladder for the GPT stage. bf16_units: the device runs bf16
+    matmuls faster than fp32 (see bf16_units_decision), so gpt_optimized.py turns bf16 autocast on by
+    default and --quick measures it."""
     if mode == "full":  # the seed's shape on a GPU; 300 steps (1.2M tokens) keep the whole run within minutes
         base = ["--preset", "seed", "--batch-size", "16", "--max-iters", "300", "--eval-interval", "30", "--eval-iters", "10",
                 "--warmup-iters", "30", "--lr", "6e-4", "--vocab-size", "8192"]
@@ -73,13 +134,14 @@ def gpt_plan(mode: str) -> dict:
         groups = [["flash"], ["fused"], ["bias", "tie", "pad"], ["rope", "relu2"], ["bf16"], ["compile"]]
         defaults_at = None  # on a GPU the defaults include bf16 and compile: the last ladder row
     else:
-        # CPU defaults: everything but bf16 and compile. Those two are GPU techniques: on a CPU without
-        # bf16 matrix units, autocast ran about 10x slower here and compiling costs minutes, so --quick
-        # leaves them to --full (the test suite keeps the bf16 row to exercise the flag).
+        # CPU defaults: everything but compile, and bf16 only on CPUs with bf16 matrix units (AVX512-BF16,
+        # AMX): without them autocast ran about 10x slower. Compiling costs minutes on a CPU, so --quick
+        # leaves it to --full; it measures bf16 where it is a default (the test suite always keeps the
+        # bf16 row to exercise the flag).
         groups = [["flash"], ["fused"], ["bias", "tie", "pad"], ["rope", "relu2"]]
-        defaults_at = 4
-        if mode == "tiny":
+        if mode == "tiny" or bf16_units:
             groups = groups + [["bf16"]]
+        defaults_at = 5 if bf16_units else 4
     state = dict(off)
     ladder = [("optimized script, every technique off", list(state.values()))]
     for g in groups:
@@ -104,21 +166,38 @@ def gpt_plan(mode: str) -> dict:
     return {"base": base, "ladder": ladder, "defaults_at": defaults_at, "extras": extras, "big_batch": big_batch}
 
 
-def finetune_plan(mode: str, gpu: bool) -> dict:
+def bf16_units_decision(device: str) -> tuple[bool, str]:
+    """Whether the device has bf16 matrix units (bf16 autocast is then a gpt_optimized default and --quick
+    measures it), and the line that says which CPU flags decided it."""
+    if device == "cuda":
+        return True, "GPU: the ablation includes bf16 autocast"
+    f = cpu_bf16_flags()
+    units = " and ".join(n for k, n in (("avx512_bf16", "AVX512-BF16"), ("amx", "AMX")) if f[k])
+    if units:
+        return True, f"CPU has {units}: the ablation includes bf16 autocast (a gpt_optimized default here)"
+    return False, ("CPU has neither AVX512-BF16 nor AMX: bf16 autocast (about 10x slower than fp32 on such "
+                   "CPUs) is left out of the ablation")
+
+
+def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
     if mode == "full":
         common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "30", "--eval-tokens", "8192",
-                  "--warmup-steps", "3", "--lr", "2e-4", "--bf16"]
+                  "--warmup-steps", "3", "--lr", "2e-4"]
     elif mode == "quick":
         common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "6", "--eval-tokens", "1024",
                   "--warmup-steps", "2", "--lr", "2e-3"]
     else:
         common = ["--max-seq-length", "64", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "512",
                   "--warmup-steps", "1"]
+    # no --bf16 either way: finetune_llama.py picks it where the device has the units, and each
+    # run.json records the setting it used
     lora, qlora = ["--backend", "hf", "--no-load-in-4bit"], ["--backend", "hf", "--load-in-4bit"]
     # (method, flags, packing): packing is measured on LoRA, where it changes nothing but the rows
     runs = [("LoRA", lora, True), ("LoRA", lora, False), ("QLoRA (NF4)", qlora, True)]
     if gpu:
         runs.append(("Unsloth 4-bit", ["--backend", "unsloth"], True))
+    elif bf16_units:  # a CPU with bf16 units trains under bf16 autocast by default: measure what that buys
+        runs.append(("LoRA fp32", lora + ["--no-bf16"], True))
     return {"common": common, "runs": runs}
 
 
@@ -133,6 +212,9 @@ class Runner:
         self.bar = tqdm(total=round(total_cost), desc="bench", unit="s~", dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} est. s [{elapsed}<{remaining}] {postfix}")
         self.failures: list[str] = []
+        self.done: list[str] = []  # runs finished in this invocation, and the one in progress (for Ctrl-C)
+        self.current: str | None = None
+        self.current_expect: Path | None = None
         self.deadline = time.perf_counter() + time_limit if time_limit else None
 
     def run(self, name: str, cmd: list[str], cost: float, expect: Path, env: dict | None = None) -> bool:
@@ -152,6 +234,7 @@ class Runner:
             self.bar.update(round(cost))
             return False
         t0 = time.perf_counter()
+        self.current, self.current_expect = name, expect
         with open(log, "w") as f:
             f.write("$ " + shlex.join(cmd) + "\n")
             f.flush()
@@ -161,10 +244,12 @@ class Runner:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=left,
                                     env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}).returncode
             except subprocess.TimeoutExpired:
+                self.current = None
                 self.failures.append(f"{name}: stopped after {time.perf_counter() - t0:.0f}s: --time-limit reached")
                 self.bar.write(f"bench.py: {name} stopped: --time-limit reached")
                 self.bar.update(round(cost))
                 return False
+        self.current = None
         self.bar.update(round(cost))
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-1:] or [""]
@@ -172,6 +257,7 @@ class Runner:
             self.bar.write(f"bench.py: {name} failed (exit {rc}); see {log}")
             return False
         self.bar.write(f"bench.py: {name} done in {time.perf_counter() - t0:.1f}s")
+        self.done.append(name)
         return True
 
 
@@ -233,9 +319,9 @@ def gpt_run(R: Runner, res: dict, key: str, script: str, flags: list[str], cost:
     return r
 
 
-def stage_gpt(R: Runner, mode: str, data: str, device: str) -> dict:
+def stage_gpt(R: Runner, mode: str, data: str, device: str, bf16_units: bool = False) -> dict:
     """gpt_scratch, then the ablation ladder (whose defaults row is gpt_optimized) and the headline ratios."""
-    plan = gpt_plan(mode)
+    plan = gpt_plan(mode, bf16_units)
     res: dict = {"base_flags": plan["base"] + ["--data", data, "--device", device, "--max-new-tokens", "0"], "runs": {}}
 
     cost = COST[mode][0]
@@ -319,12 +405,13 @@ def ablation_row(name: str, r: dict, target: float | None) -> dict:
             "train_time_s": s.get("train_time_s")}
 
 
-def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool) -> dict:
-    plan = finetune_plan(mode, gpu)
+def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_units: bool = False) -> dict:
+    plan = finetune_plan(mode, gpu, bf16_units)
     res: dict = {"model": model, "common": plan["common"], "runs": []}
     cost = COST[mode][1]
     for name, flags, packing in plan["runs"]:
-        key = f"ft_{name.split()[0].lower()}_{'packed' if packing else 'padded'}"
+        words = [w for w in name.lower().split() if w.isalnum()]  # "QLoRA (NF4)" -> qlora, "LoRA fp32" -> lora_fp32
+        key = f"ft_{'_'.join(words)}_{'packed' if packing else 'padded'}"
         folder = R.out / "runs" / key
         cmd = [R.py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
                "--packing" if packing else "--no-packing"] + flags + plan["common"]
@@ -338,7 +425,7 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool) -> di
                             "peak_mem_kind": run.get("peak_mem_kind"),
                             "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
                             "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
-                            "backend": run.get("backend"), "base": run.get("base")})
+                            "backend": run.get("backend"), "base": run.get("base"), "bf16": run.get("bf16")})
     return res
 
 
@@ -384,6 +471,16 @@ def fmt(x, spec: str = ".1f", none: str = "–") -> str:
     return format(x, spec)
 
 
+def percent(x: float | None) -> str:
+    """A fraction as a percentage; "–" where it is missing (on a CPU gpt_optimized reports no MFU: its
+    peak FLOP/s would be a guess)."""
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def precision(bf16: bool | None) -> str:
+    return {True: "bf16", False: "fp32"}.get(bf16, "–")
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -397,59 +494,163 @@ def latency_of(infer: dict | None, model: str, variant: str) -> float | None:
     return None
 
 
+def human(x: float) -> str:
+    """A short axis figure: 1.25M, 250k, 2k, 674."""
+    for scale, unit in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}".rstrip("0").rstrip(".") + unit
+    return f"{x:.0f}"
+
+
+def hbars(ax, labels: list[str], values: list[float], texts: list[str], colors: list[str],
+          baseline: float | None = None, baseline_label: str = "") -> None:
+    """Horizontal bars, first row on top, the label of each row on the left (wrapped, so long names do
+    not squeeze the bars) and its figure written at the bar's end; the baseline a dashed vertical line."""
+    ys = range(len(values))
+    ax.barh(ys, values, color=colors, height=0.7)
+    ax.set_yticks(list(ys), [wrap_label(s) for s in labels])
+    ax.invert_yaxis()
+    right = max(values + [baseline or 0]) or 1
+    for y, v, t in zip(ys, values, texts):
+        ax.text(v + right * 0.01, y, t, va="center", fontsize=8, gid="bar-value",
+                bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))  # legible over a line
+    ax.set_xlim(0, right * 1.1)  # widened to fit the written figures once the layout is known (save_plot)
+    ax.xaxis.set_major_formatter(lambda x, _: human(x))
+    ax.grid(axis="x", alpha=.3)
+    ax.set_axisbelow(True)
+    if baseline is not None:
+        ax.axvline(baseline, color="dimgrey", ls="--", lw=1)
+        ax.annotate(baseline_label, xy=(baseline, 1), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8, color="dimgrey")
+
+
+def wrap_label(s: str) -> str:
+    return "\n".join(textwrap.fill(part, 42) for part in s.split("\n"))
+
+
+def bar_rows_height(labels: list[str]) -> float:
+    """Figure height in inches for horizontal bars: by the number of (wrapped) label lines."""
+    return sum(0.48 + 0.17 * wrap_label(s).count("\n") for s in labels)
+
+
+def fit_bar_values(fig) -> None:
+    """Widen each bar chart's x range until the figures written past the bars end inside the axes: a text
+    of w pixels starting at data x0 fits when x0 + w * right / axes_width <= 0.98 * right."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        texts = [t for t in ax.texts if t.get_gid() == "bar-value"]
+        if not texts:
+            continue
+        width = ax.get_window_extent(r).width
+        right = max([ax.get_xlim()[1]] + [t.get_position()[0] / (0.98 - t.get_window_extent(r).width / width)
+                                          for t in texts])
+        ax.set_xlim(0, right)
+
+
+def save_plot(fig, title: str, path: Path) -> None:
+    """The title over the whole figure, wrapped to its width, so long row labels never push it off the
+    right edge; the figures on the bars inside their axes; saved with a tight box, so nothing is cut."""
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 11)))
+    fig.tight_layout()
+    fit_bar_values(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def ablation_figure(gpt: dict):
+    """Training tokens/s per ablation row, the baseline (gpt_scratch, or the ladder's first row) marked."""
+    import matplotlib.pyplot as plt
+    rows = list(gpt["ablation"]) + [{**r, "name": "gpt_optimized defaults " + r["name"]}
+                                    for r in gpt.get("extras", [])[1:]]  # extras[0] repeats the defaults row
+    base = rows[0]["tokens_per_s"]
+    labels = [r["name"].replace("  (= gpt_optimized defaults)", "\n(= gpt_optimized defaults)") for r in rows]
+    colors = ["dimgrey" if i == 0 else "tab:green" if "gpt_optimized defaults)" in r["name"]
+              else "tab:purple" if i >= len(gpt["ablation"]) else "tab:blue" for i, r in enumerate(rows)]
+    texts = [f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / base:.2f}x)" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + bar_rows_height(labels)))
+    hbars(ax, labels, [r["tokens_per_s"] for r in rows], texts, colors, base,
+          f"baseline: {rows[0]['name'].replace(' (baseline)', '')}")
+    ax.set_xlabel("training tokens/s (steady state; higher is better)")
+    return fig, "GPT ablation: training tokens/s as each technique is added (x = ratio to the baseline)"
+
+
+def val_loss_figure(gpt: dict):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in ("gpt_scratch", "gpt_optimized"):
+        if key in gpt["runs"]:
+            r = gpt["runs"][key]
+            c = r["curve"]
+            line, = ax.plot([t for t, _ in c], [l for _, l in c], marker="o", ms=3, label=key)
+            steady = [(m["tokens"] / r["summary"]["tokens_per_s"], m["val_loss"]) for m in r["metrics"]]
+            if c and c[-1][0] > 1.5 * steady[-1][0]:  # one-off costs (compilation) dominate: show both
+                ax.plot([t for t, _ in steady], [l for _, l in steady], ls="--", color=line.get_color(),
+                        label=f"{key} at steady speed (without compilation)")
+    if "headline" in gpt:
+        target = gpt["headline"]["target_val_loss"]
+        ax.axhline(target, color="dimgrey", ls=":", lw=1,
+                   label=f"baseline: gpt_scratch's final val loss {target:.3f}")
+    ax.set_xlabel("training time (s, evaluation excluded)"); ax.set_ylabel("validation loss")
+    ax.grid(alpha=.3); ax.legend(fontsize=8)
+    return fig, "GPT: validation loss against training time (lower and further left is better)"
+
+
+def finetune_figure(ft: dict):
+    import matplotlib.pyplot as plt
+    runs = ft["runs"]
+    labels = [f"{r['method']}, {'packed' if r['packing'] else 'padded'}"
+              + (f", {precision(r.get('bf16'))}" if r.get("bf16") is not None else "") for r in runs]
+    base = runs[0]["peak_mem_mb"]
+    texts = [f"{r['peak_mem_mb']:,.0f} MB ({r['peak_mem_mb'] / base:.2f}x), {r['tokens_per_s']:,.0f} tokens/s"
+             for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + bar_rows_height(labels)))
+    hbars(ax, labels, [r["peak_mem_mb"] for r in runs], texts,
+          ["dimgrey"] + ["tab:orange"] * (len(runs) - 1), base, f"baseline: {labels[0]}")
+    ax.set_xlabel(f"peak memory (MB, {runs[0].get('peak_mem_kind') or 'process'}; lower is better)")
+    return fig, "Fine-tuning: peak memory per method (x = ratio to the baseline)"
+
+
+def infer_figure(inf: dict):
+    """One panel per model (their latencies differ by orders of magnitude), its no-cache run the baseline."""
+    import matplotlib.pyplot as plt
+    timed = [r for r in inf["rows"] if "latency_ms" in r]
+    models = list(dict.fromkeys(r["model"] for r in timed))
+    per = {m: [r for r in timed if r["model"] == m] for m in models}
+    fig, axes = plt.subplots(len(models), 1, squeeze=False,
+                             figsize=(8, 0.9 * len(models) + sum(0.45 * len(v) for v in per.values()) + 0.6))
+    for ax, m in zip(axes[:, 0], models):
+        rows = per[m]
+        nc = next((r["latency_ms"] for r in rows if r["variant"] == "no cache"), None)
+        texts = [f"{r['latency_ms']:,.0f} ms" + (f" ({nc / r['latency_ms']:.2f}x faster)"
+                                                 if nc and r["variant"] != "no cache" else "") for r in rows]
+        hbars(ax, [r["variant"] for r in rows], [r["latency_ms"] for r in rows], texts,
+              ["dimgrey" if r["variant"] == "no cache" else "tab:blue" for r in rows], nc,
+              "baseline: no cache" if nc else "")
+        ax.set_ylabel(f"{m}\n{rows[0]['new_tokens']} tokens", fontsize=9)
+    axes[-1, 0].set_xlabel("decoding latency, batch 1 (ms; lower is better)")
+    return fig, "Decoding latency, batch 1: with and without the KV cache"
+
+
 def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plots = []
     gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
-    if gpt and gpt["runs"]:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for key in ("gpt_scratch", "gpt_optimized"):
-            if key in gpt["runs"]:
-                r = gpt["runs"][key]
-                c = r["curve"]
-                line, = ax.plot([t for t, _ in c], [l for _, l in c], marker="o", ms=3, label=key)
-                steady = [(m["tokens"] / r["summary"]["tokens_per_s"], m["val_loss"]) for m in r["metrics"]]
-                if c and c[-1][0] > 1.5 * steady[-1][0]:  # one-off costs (compilation) dominate: show both
-                    ax.plot([t for t, _ in steady], [l for _, l in steady], ls="--", color=line.get_color(),
-                            label=f"{key} at steady speed (without compilation)")
-        if "headline" in gpt:
-            ax.axhline(gpt["headline"]["target_val_loss"], color="grey", ls=":", lw=1, label="scratch final val loss")
-        ax.set_xlabel("training time (s)"); ax.set_ylabel("validation loss"); ax.grid(alpha=.3); ax.legend()
-        ax.set_title("GPT: validation loss against wall time")
-        fig.tight_layout(); fig.savefig(out / "gpt_val_loss_vs_time.png", dpi=120); plt.close(fig)
-        plots.append(("Validation loss against training time", "gpt_val_loss_vs_time.png"))
-    if gpt and gpt.get("ablation"):
-        rows = gpt["ablation"] + gpt.get("extras", [])
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
-        names = [r["name"] for r in rows][::-1]
-        ax.barh(names, [r["tokens_per_s"] for r in rows][::-1], color="tab:blue")
-        ax.set_xlabel("training tokens/s"); ax.grid(axis="x", alpha=.3)
-        ax.set_title("GPT ablation: tokens/s per step")
-        fig.tight_layout(); fig.savefig(out / "gpt_ablation_tokens_per_s.png", dpi=120); plt.close(fig)
-        plots.append(("Tokens/s per ablation step", "gpt_ablation_tokens_per_s.png"))
-    if ft and ft["runs"]:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        labels = [f"{r['method']}\n{'packed' if r['packing'] else 'padded'}" for r in ft["runs"]]
-        ax.bar(labels, [r["peak_mem_mb"] for r in ft["runs"]], color="tab:orange")
-        ax.set_ylabel(f"peak memory (MB, {ft['runs'][0].get('peak_mem_kind') or 'process'})")
-        ax.set_title("Fine-tuning: peak memory per method"); ax.grid(axis="y", alpha=.3)
-        fig.tight_layout(); fig.savefig(out / "finetune_peak_memory.png", dpi=120); plt.close(fig)
-        plots.append(("Peak memory per fine-tuning method", "finetune_peak_memory.png"))
-    if inf and inf["rows"]:
-        models = sorted({r["model"] for r in inf["rows"] if "latency_ms" in r})
-        variants = sorted({r["variant"] for r in inf["rows"] if "latency_ms" in r})
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        w = 0.8 / max(len(variants), 1)
-        for j, v in enumerate(variants):
-            ys = [latency_of(inf, m, v) or 0 for m in models]
-            ax.bar([i + j * w for i in range(len(models))], ys, width=w, label=v)
-        ax.set_xticks([i + w * (len(variants) - 1) / 2 for i in range(len(models))], models)
-        ax.set_ylabel("decoding latency, batch 1 (ms)"); ax.legend(); ax.grid(axis="y", alpha=.3)
-        ax.set_title("Decoding latency, batch 1: with and without the KV cache")
-        fig.tight_layout(); fig.savefig(out / "infer_latency_kv_cache.png", dpi=120); plt.close(fig)
-        plots.append(("Latency with and without the KV cache", "infer_latency_kv_cache.png"))
+    todo = [(gpt and gpt["runs"], val_loss_figure, gpt, "Validation loss against training time",
+             "gpt_val_loss_vs_time.png"),
+            (gpt and gpt.get("ablation"), ablation_figure, gpt, "Tokens/s per ablation step",
+             "gpt_ablation_tokens_per_s.png"),
+            (ft and ft["runs"], finetune_figure, ft, "Peak memory per fine-tuning method",
+             "finetune_peak_memory.png"),
+            (inf and any("latency_ms" in r for r in inf["rows"]), infer_figure, inf,
+             "Latency with and without the KV cache", "infer_latency_kv_cache.png")]
+    plots = []
+    for wanted, figure, data, caption, name in todo:
+        if wanted:
+            fig, title = figure(data)
+            save_plot(fig, title, out / name)
+            plt.close(fig)
+            plots.append((caption, name))
     return plots
 
 
@@ -503,9 +704,12 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
                   ablation_table(gpt["extras"]), ""]
     if ft and ft["runs"]:
         L += ["## Fine-tuning: LoRA vs QLoRA" + (" vs Unsloth" if any("Unsloth" in r["method"] for r in ft["runs"]) else ""),
-              "", f"Base `{ft['model']}`, flags `{' '.join(ft['common'])}`.", ""]
-        L += [table(["method", "packing", "tokens/s", "peak memory (MB)", "held-out ppl before", "after", "change"],
-                    [[r["method"], "packed" if r["packing"] else "padded", fmt(r["tokens_per_s"], ",.0f"),
+              "", f"Base `{ft['model']}`, flags `{' '.join(ft['common'])}`; precision: the setting each run "
+              "used (finetune_llama.py's default: bf16 where the device has bf16 units).", ""]
+        L += [table(["method", "packing", "precision", "tokens/s", "peak memory (MB)", "held-out ppl before",
+                     "after", "change"],
+                    [[r["method"], "packed" if r["packing"] else "padded", precision(r.get("bf16")),
+                      fmt(r["tokens_per_s"], ",.0f"),
                       fmt(r["peak_mem_mb"], ".0f"), fmt(r["eval_ppl_before"], ".2f"), fmt(r["eval_ppl_after"], ".2f"),
                       fmt(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), "+.1f") + "%"] for r in ft["runs"]]), ""]
     if inf and inf["rows"]:
@@ -534,7 +738,7 @@ def ablation_table(rows: list[dict]) -> str:
                  [[r["name"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["tokens_per_s"] / base, ".2f") + "x",
                    fmt(r["val_loss"], ".4f"), fmt(r["train_s_to_target"], ".2f", "not reached"),
                    fmt(r.get("steady_s_to_target"), ".2f", "not reached"),
-                   fmt(100 * r["mfu"], ".1f") + "%" if r.get("mfu") else "–",
+                   percent(r.get("mfu")),
                    fmt(r["peak_mem_mb"], ".0f")] for r in rows])
 
 
@@ -564,6 +768,9 @@ def headline(results: dict) -> dict:
         if unsl and qlora:
             h["unsloth_vs_qlora_tokens_per_s"] = unsl["tokens_per_s"] / qlora["tokens_per_s"]
             h["unsloth_vs_qlora_memory"] = unsl["peak_mem_mb"] / qlora["peak_mem_mb"]
+        fp32 = by.get(("LoRA fp32", True))
+        if lora and fp32:
+            h["lora_bf16_vs_fp32_tokens_per_s"] = lora["tokens_per_s"] / fp32["tokens_per_s"]
         padded = by.get(("LoRA", False))
         if lora and padded:
             h["packing_tokens_per_s_ratio"] = lora["tokens_per_s"] / padded["tokens_per_s"]
@@ -602,6 +809,9 @@ def headline_lines(h: dict) -> list[str]:
     if "unsloth_vs_qlora_tokens_per_s" in h:
         out.append(f"Unsloth: **{h['unsloth_vs_qlora_tokens_per_s']:.2f}x** QLoRA's tokens/s at "
                    f"{h['unsloth_vs_qlora_memory']:.2f}x its peak memory")
+    if "lora_bf16_vs_fp32_tokens_per_s" in h:
+        out.append(f"bf16 autocast (this CPU's bf16 units): LoRA trains at **{h['lora_bf16_vs_fp32_tokens_per_s']:.2f}x** "
+                   f"fp32's tokens/s")
     if "packing_tokens_per_s_ratio" in h:
         out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
     if "lora_ppl_change" in h:
@@ -665,26 +875,29 @@ def git_commit() -> str:
 
 def device_info(requested: str) -> tuple[str, str, bool]:
     import torch
+    if requested == "cuda" and not torch.cuda.is_available():  # not silently on the CPU
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        die(f"--device cuda: no CUDA device here ({why}; torch {torch.__version__}): use --device cpu")
     gpu = torch.cuda.is_available() and requested != "cpu"
     if gpu:
         return "cuda", torch.cuda.get_device_name(0), True
     return "cpu", f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores", False
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_mutually_exclusive_group()
     m.add_argument("--quick", action="store_true", help="CPU, small shapes, a few minutes on two cores (the default)")
     m.add_argument("--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)")
     m.add_argument("--tiny", action="store_true", help="an even smaller --quick, for the test suite")
     p.add_argument("--only", default="gpt,finetune,infer", help="stages to run: comma list of gpt, finetune, infer")
     p.add_argument("--out", default="out/bench", help="report folder")
-    p.add_argument("--data", default="data/finance_corpus.txt", help="corpus shared by every stage")
+    p.add_argument("--data", default=DEFAULT_DATA, help="corpus shared by every stage")
     p.add_argument("--model", default=None,
                    help="fine-tuning base (finetune_llama.py --model); default: smollm2 for --quick/--tiny, auto for --full")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scripts run")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+    p.add_argument("--time-limit", type=positive_seconds, default=None, metavar="S",
                    help="stop after S seconds: the run in progress is stopped, later runs are skipped, and the "
                         "report holds everything measured so far")
     p.add_argument("--report-only", action="store_true",
@@ -696,56 +909,142 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--record", metavar="MD", default=None,
                    help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
                         "section of the same mode and device kind")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def read_meta(out: Path) -> dict:
+    """The run's own record of what it was (mode, device, flags, stages), for --report-only."""
+    path = out / "meta.json"
+    if not path.is_file():
+        die(f"--report-only: {out} holds no meta.json (not a bench.py output folder)")
+    try:
+        meta = read_json(path)
+        missing = [k for k in ("mode", "stages", "device", "device_name", "data", "model") if k not in meta]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        die(f"--report-only: {path} cannot be read ({e})")
+    if missing:
+        die(f"--report-only: {path} is not a bench.py meta.json (no {', '.join(missing)})")
+    return meta
+
+
+def check_outputs(args: argparse.Namespace, out: Path) -> None:
+    """Every place this run writes, checked before any run: a long run that cannot save its report
+    would be lost."""
+    check_writable_dir(out, "--out")
+    for flag, md in (("--readme", args.readme), ("--record", args.record)):
+        if md:
+            check_writable_file(Path(md), flag)
+    if args.readme and not Path(args.readme).is_file():
+        die(f"--readme {args.readme} does not exist")
+
+
+def check_record_targets(args: argparse.Namespace, key: str) -> None:
+    """--readme must hold this mode's headline block; --record copies the plots into benchmarks/KEY
+    beside its file."""
+    if args.readme:
+        start, end = f"<!-- headline:{key} -->", f"<!-- /headline:{key} -->"
+        try:
+            text = Path(args.readme).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"--readme {args.readme} cannot be read ({e})")
+        if start not in text or end not in text:
+            die(f"--readme {args.readme}: no {start} ... {end} block to fill")
+    if args.record:
+        check_writable_dir(Path(args.record).parent / "benchmarks" / key, "--record: its plot folder")
+
+
+def interrupted_message(R: Runner | None, out: Path, created: bool, report_only: bool) -> str:
+    """What Ctrl-C leaves behind and how to go on, in one line."""
+    if report_only:
+        return f"interrupted: the runs in {out} are untouched; run the same command again for the report"
+    if R is not None and R.current and R.current_expect.is_file():  # stopped as it ended: output whole
+        R.done.append(R.current)
+        R.current = None
+    if R is not None and R.done:
+        stopped = f" ({R.current} was stopped)" if R.current else ""
+        return (f"interrupted: {len(R.done)} finished run(s) kept in {out}{stopped}; rebuild the report from "
+                f"them with `python bench.py --report-only --out {out}`")
+    if created and out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        return f"interrupted before any run finished: {out} removed"
+    return "interrupted before any run finished"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     mode = "full" if args.full else "tiny" if args.tiny else "quick"
-    if args.time_limit is not None and args.time_limit <= 0:
-        die(f"--time-limit {args.time_limit:g}: give a number of seconds above 0")
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:
         die(f"--only takes a comma list of gpt, finetune, infer (got {args.only!r})")
     out = Path(args.out)
+    check_outputs(args, out)
     command = "python bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    if args.report_only:  # the run's own record of what it was: mode, device, flags, stages
-        if not (out / "meta.json").is_file():
-            die(f"--report-only: {out} holds no meta.json (not a bench.py output folder)")
-        meta = read_json(out / "meta.json")
+    created = not out.exists()
+    if args.report_only:
+        meta = read_meta(out)
+        other_mode = (args.full or args.tiny or args.quick) and mode != meta["mode"]
+        other_data = args.data != DEFAULT_DATA and Path(args.data) != Path(meta["data"])
         given = [f for f, v in (("--time-limit", args.time_limit), ("--model", args.model),
                                 ("--only", args.only != "gpt,finetune,infer"),
-                                ("--quick/--full/--tiny", (args.full or args.tiny or args.quick) and mode != meta["mode"]))
-                 if v]
+                                ("--quick/--full/--tiny", other_mode),
+                                ("--device", args.device not in ("auto", meta["device"])),
+                                ("--data", other_data)) if v]
         if given:
             die(f"--report-only takes the run's own flags from {out / 'meta.json'}; drop {', '.join(given)}")
         meta["report_rebuilt_by"] = command
         mode, stages, device, gpu = meta["mode"], meta["stages"], meta["device"], meta["device"] == "cuda"
         data, model, args.time_limit = Path(meta["data"]), meta["model"], None
+        bf16_units = bool(meta.get("bf16_units", False))  # the ladder the run was planned with
+        check_record_targets(args, f"{mode}-{device}")
     else:
         data = Path(args.data)
         if not data.is_file() or data.stat().st_size == 0:
             die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
+        try:
+            data.open("rb").close()
+        except OSError as e:
+            die(f"corpus {data} cannot be read ({e.strerror})")
         device, device_name, gpu = device_info(args.device)
         if mode == "full" and not gpu:
             die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
+        check_record_targets(args, f"{mode}-{device}")
         model = args.model or ("auto" if mode == "full" else "smollm2")
+        bf16_units, why = bf16_units_decision(device)
+        why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU
         out.mkdir(parents=True, exist_ok=True)
         meta = {"mode": mode, "device": device, "device_name": device_name, "torch": __import__("torch").__version__,
                 "python": platform.python_version(),
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "git_commit": git_commit(), "command": command, "flags": vars(args), "data": str(data),
-                "stages": stages, "model": model}
+                "stages": stages, "model": model, "cpu_bf16": cpu_bf16_flags(), "bf16_units": bf16_units,
+                "notes": [why] if why and "gpt" in stages else []}
         atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
+        if why and "gpt" in stages:
+            print(f"bench.py: {why}")
     per = COST[mode]
-    plan = gpt_plan(mode)
+    plan = gpt_plan(mode, bf16_units)
     n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
-    n_ft = len(finetune_plan(mode, gpu)["runs"])
+    n_ft = len(finetune_plan(mode, gpu, bf16_units)["runs"])
     total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
              + ("infer" in stages) * 3 * per[2])
     R = Runner(out, total, args.time_limit, replay=args.report_only)
+    try:
+        return run_bench(R, args, meta, mode, stages, device, gpu, str(data), model, bf16_units)
+    except KeyboardInterrupt:
+        R.bar.close()  # the message goes on a line of its own, not after the progress bar
+        raise Interrupted(interrupted_message(R, out, created, args.report_only)) from None
+
+
+def run_bench(R: Runner, args: argparse.Namespace, meta: dict, mode: str, stages: list[str], device: str,
+              gpu: bool, data: str, model: str, bf16_units: bool) -> dict:
+    """Every stage, then results.json, report.md and the plots; the side-by-side printed at the end."""
+    out = R.out
     t0 = time.perf_counter()
     results: dict = {"meta": meta}
     if "gpt" in stages:
-        results["gpt"] = stage_gpt(R, mode, str(data), device)
+        results["gpt"] = stage_gpt(R, mode, data, device, bf16_units)
     if "finetune" in stages:
-        results["finetune"] = stage_finetune(R, mode, str(data), model, gpu)
+        results["finetune"] = stage_finetune(R, mode, data, model, gpu, bf16_units)
     if "infer" in stages:
         results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), device)
     if "gpt" in stages:
@@ -780,5 +1079,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    res = main()
+    try:
+        res = main()
+    except KeyboardInterrupt as e:  # one line that says what was kept, no traceback
+        msg = e if isinstance(e, Interrupted) else "interrupted before any run started"
+        print(f"bench.py: {msg}", file=sys.stderr)
+        sys.exit(130)
     sys.exit(1 if res.get("failures") else 0)

@@ -75,6 +75,10 @@ def test_meta_records_device_torch_date_commit_flags(tiny_setup):
     import torch
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["mode"] == "tiny"
     assert meta["date"][:4].isdigit() and meta["git_commit"] and meta["flags"]["device"] == "cpu"
+    # the CPU's bf16 units, which decide whether bf16 autocast is a default (and measured in --quick)
+    units = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+             "amx": bool(torch.cpu._is_amx_tile_supported())}
+    assert meta["cpu_bf16"] == units and meta["bf16_units"] == any(units.values())
     assert "--tiny" in meta["command"]
 
 
@@ -125,6 +129,20 @@ def test_finetune_and_inference_ratios(tiny_setup):
     nc = [r for r in inf if r["variant"] == "no cache"][0]
     assert kv["new_tokens"] == nc["new_tokens"] == 128
     assert h["gpt_optimized_kv_cache_speedup"] == pytest.approx(nc["latency_ms"] / kv["latency_ms"])
+    # the bf16 setting each run used, as its run.json says (bench.py leaves it to finetune_llama.py)
+    assert [r["bf16"] for r in res["finetune"]["runs"]][:3] == [lora["bf16"], padded["bf16"], qlora["bf16"]]
+    # on a CPU with bf16 units the default LoRA run is bf16, and an fp32 twin measures what that buys
+    fp32_folder = out / "runs" / "ft_lora_fp32_packed"
+    assert fp32_folder.is_dir() == res["meta"]["bf16_units"] == lora["bf16"]
+    if res["meta"]["bf16_units"]:
+        fp32 = json.loads((fp32_folder / "run.json").read_text())
+        assert fp32["bf16"] is False and fp32["eval_ppl_before"] == lora["eval_ppl_before"]  # fp32 evaluation
+        assert h["lora_bf16_vs_fp32_tokens_per_s"] == pytest.approx(
+            lora["tokens_per_s_steady"] / fp32["tokens_per_s_steady"])
+        assert "LoRA trains at" in tiny_setup["report"]
+    else:
+        assert "lora_bf16_vs_fp32_tokens_per_s" not in h
+    assert f"| LoRA | padded | {'bf16' if padded['bf16'] else 'fp32'} |" in tiny_setup["report"]
     ppl_row = [r for r in res["finetune"]["runs"] if r["method"] == "LoRA" and r["packing"]][0]
     assert math.isfinite(ppl_row["eval_ppl_before"]) and ppl_row["eval_ppl_before"] > 1
 
@@ -207,3 +225,279 @@ def test_steady_time_and_tokens_to_target():
     assert bench.tokens_to_loss(run, 2.5) == pytest.approx(3000)
     assert bench.steady_s_to_loss(run, 2.5) == pytest.approx(3.0)
     assert bench.steady_s_to_loss(run, 1.0) is None and bench.tokens_to_loss(run, None) is None
+
+
+# -----------------------------------------------------------------------------
+# bad inputs, Ctrl-C, the CPU's bf16 units, and the report and plots on figures shaped like a GPU run
+
+def assert_user_error(p, *fragments):
+    """A user mistake: exit 2, exactly one line on stderr, no traceback."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def small_corpus(path: Path, n_docs: int = 200) -> Path:
+    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-n_docs:]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def test_device_cuda_without_cuda_is_refused_not_run_on_the_cpu(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "o"
+    corpus = small_corpus(tmp_path / "c.txt")
+    p = bench("--tiny", "--only", "gpt", "--data", corpus, "--device", "cuda", "--out", out, timeout=60)
+    assert_user_error(p, "--device cuda", "no CUDA device", "--device cpu")
+    assert not out.exists()
+    p = bench("--device", "mps", "--out", out, timeout=60)
+    assert_user_error(p, "--device", "invalid choice: 'mps'")
+    assert not out.exists()
+
+
+def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
+    corpus = small_corpus(tmp_path / "c.txt")
+    readme = tmp_path / "README.md"
+    readme.write_text("# no headline block\n")
+    out = tmp_path / "o"
+    for args, frags in ((["--time-limit", "nan"], ["--time-limit", "above 0"]),
+                        (["--time-limit", "inf"], ["--time-limit", "above 0"]),
+                        (["--time-limit", "soon"], ["--time-limit", "not a number"]),
+                        (["--bogus"], ["unrecognized arguments: --bogus"]),
+                        (["--readme", tmp_path / "missing.md"], ["--readme", "does not exist"]),
+                        (["--readme", readme], ["--readme", "<!-- headline:tiny-cpu -->"]),
+                        (["--readme", tmp_path], ["--readme", "is a folder"]),
+                        (["--record", tmp_path], ["--record", "is a folder"])):
+        p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, *args, timeout=60)
+        assert_user_error(p, *frags)
+        assert not out.exists(), args
+    # --report-only on a meta.json that is cut short, or not bench.py's
+    out.mkdir()
+    (out / "meta.json").write_text('{"mode": "tiny", ')
+    assert_user_error(bench("--report-only", "--out", out, timeout=60), "meta.json cannot be read")
+    (out / "meta.json").write_text('{"mode": "tiny"}')
+    assert_user_error(bench("--report-only", "--out", out, timeout=60), "not a bench.py meta.json", "stages")
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_run(tmp_path):
+    import shutil
+    import tempfile
+    corpus = small_corpus(tmp_path / "c.txt")
+    (tmp_path / "f").write_text("x")
+    for out, frag in ((tmp_path / "f", "is a file, not a folder"),
+                      (tmp_path / "f" / "sub" / "o", f"lies under a file ({tmp_path / 'f'})")):
+        assert_user_error(bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, timeout=60),
+                          f"--out {out}", frag)
+    # read-only: root writes anywhere, so run as nobody in a folder nobody can reach
+    root = Path(tempfile.mkdtemp())
+    try:
+        root.chmod(0o755)
+        shutil.copy(corpus, root / "c.txt")
+        (root / "c.txt").chmod(0o644)
+        ro = root / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        cmd = [sys.executable, str(ROOT / "bench.py"), "--tiny", "--data", str(root / "c.txt"),
+               "--device", "cpu", "--out", str(ro / "o")]
+        if os.geteuid() == 0:  # setpriv: a setuid in preexec_fn could not exec the interpreter under /root
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: cannot drop to an unprivileged user")
+            cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60)
+        assert_user_error(p, f"--out {ro / 'o'} is not writable (Permission denied)")
+        assert not (ro / "o").exists()
+    finally:
+        (root / "ro").chmod(0o755)
+        shutil.rmtree(root)
+
+
+def interrupt_bench(tmp_path: Path, out: Path, ready: str):
+    """Start a real --tiny GPT stage, wait until the file `ready` (under --out) appears, then Ctrl-C it."""
+    import signal
+    import time
+    cmd = [sys.executable, str(ROOT / "bench.py"), "--tiny", "--only", "gpt", "--data",
+           str(small_corpus(tmp_path / "c.txt")), "--device", "cpu", "--out", str(out)]
+    # SIGINT at its default in the child, whatever the test runner's shell set (background jobs ignore it)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while not (out / ready).exists():
+            assert proc.poll() is None and time.time() < deadline, "bench.py ended before the interrupt"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_rebuild_the_report(tmp_path):
+    out = tmp_path / "o"
+    p = interrupt_bench(tmp_path, out, "logs/ablation_00.log")  # gpt_scratch done, the next one started
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bench.py: interrupted: 1 finished run(s) kept in {out} ("), last
+    assert last.endswith(f"rebuild the report from them with `python bench.py --report-only --out {out}`")
+    # the advice works: the report holds the finished run, the others listed as missing
+    p = bench("--report-only", "--out", out, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["gpt"]["runs"]) == ["gpt_scratch"]
+    assert "| gpt_scratch |" in (out / "report.md").read_text()
+    assert res["gpt"]["runs"]["gpt_scratch"]["summary"]["val_loss"] == pytest.approx(
+        json.loads((out / "runs/gpt_scratch/summary.json").read_text())["val_loss"])
+
+
+def test_ctrl_c_before_any_run_finished_leaves_no_out_folder(tmp_path):
+    out = tmp_path / "o"
+    p = interrupt_bench(tmp_path, out, "logs/gpt_scratch.log")
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == f"bench.py: interrupted before any run finished: {out} removed"
+    assert not out.exists()
+
+
+def test_quick_measures_bf16_exactly_where_the_cpu_has_bf16_units():
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import torch
+    names = lambda plan: [name for name, _ in plan["ladder"]]  # noqa: E731
+    assert "+ bf16 autocast" in names(bench.gpt_plan("quick", bf16_units=True))
+    assert "+ bf16 autocast" not in names(bench.gpt_plan("quick", bf16_units=False))
+    assert all("+ bf16 autocast" in names(bench.gpt_plan(mode)) for mode in ("tiny", "full"))
+    # the gpt_optimized run is the row where gpt_optimized.py's own defaults on this CPU are reached:
+    # with bf16 units that is the bf16 row, without them the row before it
+    for units in (True, False):
+        for mode in ("quick", "tiny"):
+            plan = bench.gpt_plan(mode, bf16_units=units)
+            flags = plan["ladder"][plan["defaults_at"]][1]
+            assert ("--bf16" if units else "--no-bf16") in flags and "--rope" in flags, (mode, units)
+    avx, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
+    include, why = bench.bf16_units_decision("cpu")
+    assert include == bool(avx or amx) == bench.cpu_has_bf16_units()
+    assert ("AVX512-BF16" in why) and ("includes" in why if include else "left out" in why)
+    assert bench.cpu_bf16_flags() == {"avx512_bf16": bool(avx), "amx": bool(amx)}
+    # fine-tuning: bench leaves --bf16 to finetune_llama.py's own default on every mode
+    for mode in ("full", "quick", "tiny"):
+        common = bench.finetune_plan(mode, gpu=mode == "full")["common"]
+        assert "--bf16" not in common and "--no-bf16" not in common, mode
+
+
+def gpu_shaped_results() -> dict:
+    """Results shaped like a --full run (long ladder labels, four fine-tuning methods, three inference
+    variants), with MFU missing where a CPU run would leave it out."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    def run(tps, loss, mfu):
+        metrics = [{"tokens": t, "tokens_per_s": tps if t else 0, "val_loss": 4.0 - (4.0 - loss) * t / 4e5}
+                   for t in (0, 1e5, 2e5, 3e5, 4e5)]
+        summary = {"tokens_per_s": tps, "val_loss": loss, "perplexity": math.exp(loss), "peak_mem_mb": 1000.0,
+                   "mfu": mfu, "model_size_mb": 80.0, "time_per_epoch_s": 3.0, "device": "cuda"}
+        return {"flags": [], "summary": summary,
+                "metrics": metrics, "curve": bench.train_seconds_curve(metrics)}
+    ladder = [("gpt_scratch.py (baseline)", 227139, 1.3519, None),
+              ("optimized script, every technique off", 145822, 1.3267, None),
+              ("+ flash attention (SDPA)", 191855, 1.3191, None),
+              ("+ fused / foreach AdamW", 324847, 1.3191, 0.087),
+              ("+ bias-free linears, weight tying, vocab padded to 64", 386832, 1.3093, 0.104),
+              ("+ rotary embeddings, ReLU^2 MLP", 252632, 1.2352, 0.068),
+              ("+ bf16 autocast", 213586, 1.2392, 0.029),
+              ("+ torch.compile  (= gpt_optimized defaults)", 461723, 1.2381, 0.062),
+              ("+ batch size 64", 1645756, 1.4712, 0.221)]
+    runs = {name: run(tps, loss, mfu) for name, tps, loss, mfu in ladder}
+    target = ladder[0][2]
+    gpt = {"base_flags": ["--preset", "seed"], "runs": {"gpt_scratch": runs[ladder[0][0]],
+                                                      "gpt_optimized": runs[ladder[7][0]]},
+           "ablation": [bench.ablation_row(name, runs[name], target) for name, *_ in ladder],
+           "extras": [bench.ablation_row("gpt_optimized defaults", runs[ladder[7][0]], target),
+                      bench.ablation_row("+ Muon optimizer", run(401234, 1.2012, None), target)]}
+    s, o = runs[ladder[0][0]], runs[ladder[7][0]]
+    gpt["headline"] = {"target_val_loss": target, "tokens_per_s_ratio": 461723 / 227139,
+                       "time_to_target_ratio": None, "val_loss_delta": 1.2381 - 1.3519,
+                       "time_to_target_s": {"gpt_scratch": bench.time_to_loss(s["curve"], target),
+                                            "gpt_optimized": bench.time_to_loss(o["curve"], target)}}
+    ft = {"model": "random-llama-3.2-1b", "common": ["--max-steps", "30"], "runs": [
+        {"method": m, "packing": pk, "adapter": "/nonexistent", "tokens_per_s": tps, "peak_mem_mb": mem,
+         "peak_mem_kind": "cuda_max_allocated", "eval_ppl_before": 15.7, "eval_ppl_after": 9.7, "base": None,
+         "bf16": bf16}
+        for m, pk, tps, mem, bf16 in (("LoRA", True, 17026, 8851, True), ("LoRA", False, 3735, 7526, True),
+                                      ("QLoRA (NF4)", True, 17192, 8732, True),
+                                      ("Unsloth 4-bit", True, 24597, 1833, None))]}
+    inf = {"generations": [], "rows": [
+        {"model": m, "variant": v, "new_tokens": 128, "latency_ms": ms, "tokens_per_s": 128e3 / ms}
+        for m, v, ms in (("gpt_scratch", "no cache", 303.3), ("gpt_optimized", "kv cache", 436.6),
+                         ("gpt_optimized", "no cache", 457.2), ("llama_lora", "kv cache", 3253.6),
+                         ("llama_lora", "no cache", 3364.7),
+                         ("llama_lora", "static cache + compile", 520.6))]}
+    results = {"meta": {"mode": "full", "device": "cuda", "device_name": "GPU", "torch": "2",
+                        "date": "2025-01-01", "git_commit": "abc", "command": "python bench.py --full"},
+               "gpt": gpt, "finetune": ft, "infer": inf, "failures": []}
+    results["headline"] = bench.headline(results)
+    return results
+
+
+def test_report_renders_a_missing_mfu_as_a_dash_and_the_bf16_setting_of_each_run(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import bench
+    results = gpu_shaped_results()
+    report = bench.make_report(results, bench.make_plots(results, tmp_path))
+    ablation = report.split("## GPT ablation")[1].split("\n## ")[0]
+    row = lambda name: [r for r in ablation.splitlines() if r.startswith(f"| {name} |")][0]  # noqa: E731
+    assert row("gpt_scratch.py (baseline)").split(" | ")[6] == "–"
+    assert row("optimized script, every technique off").split(" | ")[6] == "–"
+    assert row("+ fused / foreach AdamW").split(" | ")[6] == "8.7%"
+    assert row("+ Muon optimizer").split(" | ")[6] == "–"
+    assert [bench.percent(x) for x in (None, 0.0, float("nan"), 0.0871)] == ["–", "0.0%", "–", "8.7%"]
+    ft = report.split("## Fine-tuning")[1].split("\n## ")[0]
+    assert "| method | packing | precision |" in ft
+    assert "| LoRA | padded | bf16 | 3,735 |" in ft and "| Unsloth 4-bit | packed | – | 24,597 |" in ft
+    assert "gpt_optimized trains at **2.03x** gpt_scratch's tokens/s" in report
+
+
+def test_plots_read_at_a_glance(tmp_path):
+    """Whole titles, the figures on the bars, the baseline marked, no label cut at the figure's edge."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = gpu_shaped_results()
+    gpt, ft, inf = results["gpt"], results["finetune"], results["infer"]
+    for figure, data in ((bench.ablation_figure, gpt), (bench.finetune_figure, ft), (bench.infer_figure, inf),
+                         (bench.val_loss_figure, gpt)):
+        fig, title = figure(data)
+        bench.save_plot(fig, title, tmp_path / "p.png")
+        r = fig.canvas.get_renderer()
+
+        def inside(b, box=fig.bbox):
+            return b.x0 >= box.x0 - 1 and b.x1 <= box.x1 + 1 and b.y0 >= box.y0 - 1 and b.y1 <= box.y1 + 1
+        # every word of the title drawn, over as many lines as it takes, all of it within the figure
+        assert " ".join(fig.get_suptitle().split()) == title
+        assert inside(fig._suptitle.get_window_extent(r)), title
+        for ax in fig.axes:
+            for t in ax.get_yticklabels() + ax.texts:
+                assert inside(t.get_window_extent(r)), t.get_text()
+            for t in (t for t in ax.texts if t.get_gid() == "bar-value"):  # within its axes
+                assert t.get_window_extent(r).x1 <= ax.get_window_extent(r).x1, t.get_text()
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        if figure is bench.ablation_figure:
+            assert "227,139 (1.00x)" in texts and "1,645,756 (7.25x)" in texts and "401,234 (1.77x)" in texts
+            ax = fig.axes[0]
+            assert [line.get_xdata()[0] for line in ax.lines] == [227139]  # the baseline's value, labelled
+            assert "baseline: gpt_scratch.py" in texts
+            labels = [t.get_text() for t in ax.get_yticklabels()]
+            assert len(labels) == 10 and labels[-1] == "gpt_optimized defaults + Muon optimizer"
+        if figure is bench.finetune_figure:
+            assert "1,833 MB (0.21x), 24,597 tokens/s" in texts and "baseline: LoRA, packed, bf16" in texts
+        if figure is bench.infer_figure:
+            assert len(fig.axes) == 3 and "521 ms (6.46x faster)" in texts and "3,365 ms" in texts
+        plt.close(fig)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"p.png"}
+
