@@ -21,13 +21,20 @@ summary.json. In-process use: main(argv) -> summary dict.
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import math
 import os
+import pickle
 import resource
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,12 +57,12 @@ PRESETS = {
                 eval_iters=20),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
-# dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given
+# dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given;
+# a CPU has no such figure to look up, so its MFU is reported only with --peak-flops
 PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),
               "GH200": (989e12, 494e12), "B200": (2250e12, 1100e12), "A100": (312e12, 156e12),
               "L40S": (362e12, 183e12), "L4": (121e12, 60e12), "A10": (125e12, 62.5e12),
               "4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
-CPU_FLOPS_PER_THREAD = 2.5e9 * 32  # ~2.5 GHz x AVX2 (2 FMA units x 8 fp32 lanes x 2): a modest guess
 
 
 def die(msg: str) -> None:
@@ -72,6 +79,156 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse adds the usage block; a mistake gets one line
+        die(message)
+
+
+def whole_number(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+
+
+def positive_int(s: str) -> int:
+    n = whole_number(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
+    return n
+
+
+def non_negative_int(s: str) -> int:
+    n = whole_number(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+    return n
+
+
+def finite_float(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{s} is not a finite number")
+    return x
+
+
+def positive_float(s: str) -> float:
+    x = finite_float(s)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {s}")
+    return x
+
+
+def probability(s: str) -> float:
+    x = finite_float(s)
+    if not 0 <= x < 1:  # a dropout of 1 zeroes every activation
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {s}")
+    return x
+
+
+def non_negative_float(s: str) -> float:
+    x = finite_float(s)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+    return x
+
+
+def fraction(s: str) -> float:
+    x = finite_float(s)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {s}")
+    return x
+
+
+def device_arg(s: str) -> str:
+    """auto (cuda if visible, else cpu), cpu, cuda or cuda:N, checked against the devices this machine has."""
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(s).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {s!r}: give auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s}: no CUDA GPU is visible; use --device cpu")
+    index = torch.device(s).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return s
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be written, before any work: probe the nearest existing
+    folder with a temp file, without creating the output folder itself."""
+    if path.exists() and not path.is_dir():
+        die(f"{flag} {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        die(f"{flag} {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        die(f"{flag} {path} is not writable ({e.strerror})")
+
+
+class RunState:
+    """What a run has made in --out so far: a run that fails before its first checkpoint removes what
+    it made (never what was there before), and Ctrl-C can say which checkpoint is kept."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        top = out  # the highest folder this run will create
+        while not top.parent.exists():
+            top = top.parent
+        self.created = None if out.exists() else top
+        self.before = set(os.listdir(out)) if out.is_dir() else set()
+        self.iter_num = 0
+        self.ckpt_iter: int | None = None  # the iteration of the checkpoint on disk (resumed from or written)
+        self.wrote_ckpt = False
+        self.pbar: tqdm | None = None
+        self.master = True  # with several processes, only the one that writes files cleans up and speaks
+
+    def remove_new(self) -> None:
+        """Remove the folders and files this run made; what was there before stays."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        elif self.out.is_dir():
+            for name in set(os.listdir(self.out)) - self.before:
+                p = self.out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def remove_partial(self) -> None:
+        """Temp files of an atomic write that the interrupt cut short."""
+        for p in self.out.glob("*.tmp"):
+            if p.name not in self.before:
+                p.unlink(missing_ok=True)
+
+    def commit_checkpoint(self, tmp: Path, path: Path, iter_num: int) -> None:
+        """Move a written checkpoint into place and note it, with Ctrl-C held off in between: the
+        interrupt message then names the checkpoint that is on disk."""
+        pending = []
+        held = threading.current_thread() is threading.main_thread()  # only the main thread handles signals
+        old = signal.signal(signal.SIGINT, lambda *a: pending.append(a)) if held else None
+        try:
+            os.replace(tmp, path)
+            self.ckpt_iter, self.wrote_ckpt = iter_num, True
+        finally:
+            if held:
+                signal.signal(signal.SIGINT, old)
+                if pending and callable(old):
+                    old(*pending[0])  # the default handler raises KeyboardInterrupt now
+
+    def close_bar(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()  # before the last message, so the bar does not redraw under it
 
 
 # -----------------------------------------------------------------------------
@@ -147,9 +304,14 @@ def decode_utf8(raw: bytes) -> tuple[str, int]:
 def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, dict]:
     """Return (tokenizer, train tokens, val tokens, meta); the last 10% of documents are validation."""
     path = Path(args.data)
+    if path.is_dir():
+        die(f"--data {path} is a folder; give the corpus text file")
     if not path.is_file():
         die(f"corpus not found: {path}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        die(f"cannot read corpus {path} ({e.strerror})")
     if not raw.strip():
         die(f"corpus is empty: {path}")
     sha = hashlib.sha256(raw).hexdigest()
@@ -373,11 +535,13 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope, input_pos)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, padded vocab)
+        # (B, T, vocab): the padded head matmul tiles evenly, then the padding columns are dropped, so they
+        # take no probability mass in the loss or in sampling (they are never a real token)
+        logits = self.lm_head(self.ln_f(x))[..., :self.config.vocab_size]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits[..., :self.config.vocab_size], loss  # padding rows are never a real token
+        return logits, loss
 
     def flops_per_token(self) -> float:
         """6N + 12*L*H*Q*T (PaLM appendix B): matmul flops of forward + backward for one token."""
@@ -452,17 +616,50 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
 
 
+def describe_unloadable(path: Path, error: Exception) -> str:
+    """What a file that torch.load refused is, in words (torch's own message may advise unpickling it
+    unsafely, which a checkpoint of ours never needs)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive holding <name>/data.pkl
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return f"is a damaged/truncated checkpoint ({size:,} bytes)"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "is a zip archive, not a PyTorch checkpoint"
+        if isinstance(error, pickle.UnpicklingError):
+            return "holds pickled Python objects besides tensors, which loading could run as code"
+        return f"is a damaged/truncated checkpoint ({size:,} bytes)"
+    if b"\0" not in head:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4096 bytes is fine
+            return "is a text file, not a checkpoint"
+        except UnicodeDecodeError:
+            pass
+    return f"is not a PyTorch checkpoint ({size:,} bytes of unknown data)"
+
+
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     """The checkpoint dict (tensors only, no pickled code); a bad file exits 2 with one line."""
-    if not Path(path).is_file():
+    path = Path(path)
+    expected = f"expected a ckpt.pt written by {SCRIPT}.py"
+    if path.is_dir():
+        die(f"checkpoint {path} is a folder; {expected}")
+    if not path.is_file():
         die(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        die(f"cannot read checkpoint {path} ({e.strerror})")
     except Exception as e:  # truncated file, not a checkpoint, arbitrary pickle
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        die(f"cannot load checkpoint {path}: {type(e).__name__}: {first_line}")
+        die(f"cannot load checkpoint {path}: it {describe_unloadable(path, e)}; {expected}")
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a GPT checkpoint")
+        die(f"{path} is not a GPT checkpoint (a PyTorch file without 'script'/'model_args'); {expected}")
     if ckpt["script"] != SCRIPT:
         die(f"{path} was written by {ckpt['script']}.py; load it with that module, not {SCRIPT}.py")
     return ckpt
@@ -481,51 +678,74 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokeniz
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/finance_corpus.txt", help="corpus: documents separated by a blank line")
-    p.add_argument("--out", default=f"out/{SCRIPT}", help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
+    p = OneLineParser(description=__doc__.split("\n\n")[1],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/finance_corpus.txt",
+                   help="corpus: documents separated by a blank line")
+    p.add_argument("--out", default=f"out/{SCRIPT}",
+                   help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="fill in a shape and schedule: " + "; ".join(
                        f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
                    + " (flags given explicitly override it)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe", help="characters, or byte-level BPE")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (trained on the training split only)")
-    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
-    p.add_argument("--n-head", type=int, default=8, help="attention heads (must divide --n-embd)")
-    p.add_argument("--n-embd", type=int, default=512, help="model width")
-    p.add_argument("--block-size", type=int, default=256, help="context length in tokens")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--max-iters", type=int, default=5000, help="train up to this step (with --resume: the new end)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup-iters", type=int, default=100, help="linear learning-rate warm-up steps")
-    p.add_argument("--eval-interval", type=int, default=250, help="evaluate, log and checkpoint every N steps")
-    p.add_argument("--eval-iters", type=int, default=50, help="batches per split in each evaluation")
-    p.add_argument("--log-interval", type=int, default=10, help="update the progress bar every N steps")
-    p.add_argument("--seed", type=int, default=1337, help="seeds weights, dropout and batch sampling")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe",
+                   help="characters, or byte-level BPE")
+    p.add_argument("--vocab-size", type=positive_int, default=8192,
+                   help="BPE vocabulary size (trained on the training split only)")
+    p.add_argument("--n-layer", type=positive_int, default=6, help="transformer blocks")
+    p.add_argument("--n-head", type=positive_int, default=8, help="attention heads (must divide --n-embd)")
+    p.add_argument("--n-embd", type=positive_int, default=512, help="model width")
+    p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
+    p.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
+    p.add_argument("--max-iters", type=non_negative_int, default=5000,
+                   help="train up to this step (with --resume: the new end)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup-iters", type=non_negative_int, default=100,
+                   help="linear learning-rate warm-up steps")
+    p.add_argument("--eval-interval", type=positive_int, default=250,
+                   help="evaluate, log and checkpoint every N steps")
+    p.add_argument("--eval-iters", type=positive_int, default=50, help="batches per split in each evaluation")
+    p.add_argument("--log-interval", type=positive_int, default=10,
+                   help="update the progress bar every N steps")
+    p.add_argument("--seed", type=non_negative_int, default=1337,
+                   help="seeds weights, dropout and batch sampling")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt to --max-iters")
     p.add_argument("--prompt", default="The market", help="prompt for the sample printed at the end")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="length of that sample (0: no sample)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (per rank): a large batch in small memory")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D weights")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=200,
+                   help="length of that sample (0: no sample)")
+    p.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches per step (per rank): a large batch in small memory")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
+                   help="AdamW weight decay on 2-D weights")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                   help="clip the gradient norm to this (0: off)")
     p.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd",
                    help="after warm-up: wsd holds --lr, then decays linearly over the last --cooldown of the steps "
                         "(warmup-stable-decay, as the speedruns); cosine decays from the first step after warm-up")
-    p.add_argument("--cooldown", type=float, default=0.4, help="wsd: fraction of the steps spent decaying")
-    p.add_argument("--lr-decay-iters", type=int, default=None, help="the decay ends here (default: --max-iters)")
-    p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the decay (default: --lr / 10)")
+    p.add_argument("--cooldown", type=fraction, default=0.4, help="wsd: fraction of the steps spent decaying")
+    p.add_argument("--lr-decay-iters", type=positive_int, default=None,
+                   help="the decay ends here (default: --max-iters)")
+    p.add_argument("--min-lr", type=non_negative_float, default=None,
+                   help="learning rate at the end of the decay (default: --lr / 10)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default: on with CUDA, off on CPU)")
-    p.add_argument("--ckpt-activations", action="store_true", help="recompute activations in backward (saves memory, costs ~1/3 more compute)")
-    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: by detected card)")
-    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True, help="rotary position embeddings (--no-rope: learned absolute)")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="RMS-normalise queries and keys")
-    p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=True, help="ReLU^2 MLP activation (--no-relu2: GELU)")
+                   help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default None: on with "
+                        "CUDA; on CPU exactly when it has AVX512-BF16 or AMX units, where bf16 matmuls beat "
+                        "fp32: without them bf16 ran ~10x slower)")
+    p.add_argument("--ckpt-activations", action="store_true",
+                   help="recompute activations in backward (saves memory, costs ~1/3 more compute)")
+    p.add_argument("--peak-flops", type=positive_float, default=None,
+                   help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")
+    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
+                   help="rotary position embeddings (--no-rope: learned absolute)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="RMS-normalise queries and keys")
+    p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=True,
+                   help="ReLU^2 MLP activation (--no-relu2: GELU)")
     p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False,
                    help="Muon optimizer for the hidden matrices (off: on CPU its bf16 Newton-Schulz costs more than it saves)")
     # each technique can be switched off, so bench.py can measure what it buys on its own
@@ -545,18 +765,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
-                 "eval_iters", "log_interval", "grad_accum"):
-        if getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.cooldown <= 1:
-        die(f"--cooldown {args.cooldown} is a fraction of the steps: give a number in [0, 1]")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
         die("--vocab-size must be at least 257 for byte-level BPE")
     if args.rope and (args.n_embd // args.n_head) % 2:
         die(f"--rope needs an even head size; n_embd / n_head = {args.n_embd // args.n_head}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
+        die(f"--seed {args.seed} is too large: give a number below 2**62")
     return args
 
 
@@ -594,8 +808,51 @@ def peak_mem_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this process
 
 
-def default_peak_flops(device: str, amp: bool) -> float:
-    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure, or a CPU estimate."""
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
+    import torch
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def choose_amp(flag: bool | None, device_type: str) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype, or None for fp32; why). --bf16 / --no-bf16 force it; the default is bf16 wherever
+    bf16 matmuls are fast: CUDA cards, and CPUs with bf16 units."""
+    if device_type == "cuda":
+        if flag is False:
+            return None, "fp32 (--no-bf16)"
+        if not torch.cuda.is_bf16_supported():  # older cards: fp16, whose narrow range needs loss scaling
+            return torch.float16, "fp16 + GradScaler (the card has no bf16)"
+        return torch.bfloat16, "bf16 (--bf16)" if flag else "bf16 (CUDA)"
+    if flag is not None:
+        return (torch.bfloat16, "bf16 (--bf16)") if flag else (None, "fp32 (--no-bf16)")
+    if cpu_has_bf16_units():
+        return torch.bfloat16, "bf16 (CPU has AVX512-BF16/AMX)"
+    return None, "fp32 (CPU has no AVX512-BF16/AMX: bf16 would run ~10x slower)"
+
+
+def percent(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fetch, grad_accum: int, ctx,
+               scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward over grad_accum micro-batches, from the batch (x, y) in hand; returns (the last
+    micro-batch's loss, the next batch). As in nanoGPT, the next batch is fetched between forward and
+    backward: the CPU draws and pins it, and queues its non-blocking copy, while the GPU still works through
+    the queued forward. The batch order is the same as fetching each batch just before its forward."""
+    for micro_step in range(grad_accum):
+        if isinstance(model, DDP):  # all-reduce the gradients once per step, on the last micro-batch
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with ctx:
+            _, loss = model(x, y)
+        x, y = fetch()
+        scaler.scale(loss / grad_accum).backward()
+    return loss, x, y
+
+
+def default_peak_flops(device: str, amp: bool) -> float | None:
+    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure; None on CPU, where a guess
+    from the thread count overshot (it reported an MFU above 100%)."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for key, (half, tf32) in PEAK_FLOPS.items():
@@ -603,13 +860,19 @@ def default_peak_flops(device: str, amp: bool) -> float:
                 return half if amp else tf32
         print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
         return PEAK_FLOPS["A100"][0 if amp else 1]
-    return CPU_FLOPS_PER_THREAD * torch.get_num_threads()
+    return None
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def train(args: argparse.Namespace, run: RunState) -> dict:
     device = args.device
-    out = Path(args.out)
+    out = run.out
+    ckpt_path = out / "ckpt.pt"
+    ckpt = None
+    if args.resume:  # a bad checkpoint is refused before any tokenizing
+        if not ckpt_path.exists():
+            die(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path)
+        run.iter_num = run.ckpt_iter = ckpt["iter_num"]
     # DDP: torchrun starts one process per device and sets RANK/LOCAL_RANK/WORLD_SIZE; gradients are
     # averaged across ranks, so N devices train N times the tokens per step
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -622,6 +885,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0  # only rank 0 writes files and prints
+    run.master = master
     if ddp:  # one process per node tokenizes; the others wait, then read its cache
         if local_rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -635,12 +899,7 @@ def main(argv: list[str] | None = None) -> dict:
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                        rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2, tie_weights=args.tie_weights,
                        flash=args.flash, bias=args.bias, pad_vocab_multiple=64 if args.pad_vocab else 1)
-    ckpt_path = out / "ckpt.pt"
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.exists():
-            die(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path)
+    if ckpt is not None:
         if ckpt["tokenizer"] != tok.state():
             die(f"--resume: checkpoint {ckpt_path} was trained with another tokenizer "
                 f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}")
@@ -659,11 +918,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.fp32_precision = "tf32"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    use_amp = args.bf16 if args.bf16 is not None else device_type == "cuda"
-    amp_dtype = torch.bfloat16
-    if use_amp and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16  # older cards: fp16, whose narrow range needs loss scaling
-    # bf16 autocast: matmuls on the bf16 tensor cores, half the activation memory and bandwidth
+    amp_dtype, amp_why = choose_amp(args.bf16, device_type)
+    use_amp = amp_dtype is not None
+    # bf16 autocast: matmuls on bf16 tensor cores (or a CPU's bf16 units), half the activation bytes
     ctx = torch.autocast(device_type, dtype=amp_dtype) if use_amp else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=use_amp and amp_dtype == torch.float16)
 
@@ -700,11 +957,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{SCRIPT}: {n_params / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
               f"{meta['n_val_tokens']:,} val tokens, {tokens_per_iter:,} tokens per step, device {device}"
               f" x {world_size}, {'compiled' if use_compile else 'eager'}, "
-              f"{str(amp_dtype).split('.')[-1] if use_amp else 'fp32'}", file=sys.stderr)
+              f"{amp_why}", file=sys.stderr)
 
-    def mfu(tokens_per_s: float) -> float:
-        """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices."""
-        return flops_per_token * tokens_per_s / (peak_flops * world_size)
+    def mfu(tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
+        return None if peak_flops is None else flops_per_token * tokens_per_s / (peak_flops * world_size)
 
     # metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps
     metrics_path = out / "metrics.jsonl"
@@ -741,11 +998,20 @@ def main(argv: list[str] | None = None) -> dict:
         raw_model.train()
         return losses
 
+    # the batch generator as it was before the batch in hand was drawn: a resumed run draws that batch again
+    batch_state = data_gen.get_state()
+
+    def fetch() -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal batch_state
+        batch_state = data_gen.get_state()
+        return get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
+
     def save_checkpoint() -> None:
-        rngs = [rng_state(data_gen)]  # every rank's generators, so each rank replays its batches
+        state = {**rng_state(data_gen), "data": batch_state}
+        rngs = [state]  # every rank's generators, so each rank replays its batches
         if ddp:
             rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state(data_gen))
+            dist.all_gather_object(rngs, state)
         if not master:
             return
         atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
@@ -755,7 +1021,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": {"ranks": rngs},
                     "args": vars(args), "corpus_sha256": meta["corpus_sha256"],
                     "elapsed_s": elapsed_before + time.perf_counter() - t_start}, atomic_save)
-        os.replace(atomic_save, ckpt_path)
+        run.commit_checkpoint(atomic_save, ckpt_path, iter_num)
 
     # throughput counts training steps only: evaluations and checkpoints are outside the windows
     steady_tokens, steady_s, all_tokens, all_s, windows = 0, 0.0, 0, 0.0, 0
@@ -780,6 +1046,8 @@ def main(argv: list[str] | None = None) -> dict:
     iter_mark = iter_num
     pbar = tqdm(total=max(args.max_iters - iter_num, 0), desc=SCRIPT, unit="step", dynamic_ncols=True,
                 disable=not master)
+    run.pbar = pbar
+    x, y = fetch()  # the first batch; each step fetches the next one (train_step)
     while True:
         lr = get_lr(iter_num, args)
         for optimizer in optimizers:
@@ -799,21 +1067,15 @@ def main(argv: list[str] | None = None) -> dict:
             if master:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                pbar.write(f"iter {iter_num}: train {losses['train']:.4f}, val {val_loss:.4f}, mfu {row['mfu']:.1%}")
+                pbar.write(f"iter {iter_num}: train {losses['train']:.4f}, val {val_loss:.4f}, "
+                           f"mfu {percent(row['mfu'])}")
             if ckpt is None or iter_num > ckpt["iter_num"]:
                 save_checkpoint()
             t_mark = time.perf_counter()
         if iter_num >= args.max_iters:
             break
 
-        for micro_step in range(args.grad_accum):
-            # pinned host memory + non_blocking: the copy overlaps with the GPU's work
-            x, y = get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
-            if ddp:  # all-reduce the gradients once per step, on the last micro-batch
-                model.require_backward_grad_sync = micro_step == args.grad_accum - 1
-            with ctx:
-                _, loss = model(x, y)
-            scaler.scale(loss / args.grad_accum).backward()
+        loss, x, y = train_step(model, x, y, fetch, args.grad_accum, ctx, scaler)
         if args.grad_clip > 0:  # clip the global gradient norm: no blow-ups from rare bad batches
             for optimizer in optimizers:
                 scaler.unscale_(optimizer)
@@ -824,6 +1086,7 @@ def main(argv: list[str] | None = None) -> dict:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        run.iter_num = iter_num
         pbar.update(1)
         if iter_num % args.log_interval == 0:
             loss_f = loss.item()
@@ -832,6 +1095,7 @@ def main(argv: list[str] | None = None) -> dict:
     pbar.close()
     train_time_s = time.perf_counter() - t_start
     if ddp:
+        dist.barrier()  # every rank done with its collectives before any tears down (gloo aborts otherwise)
         dist.destroy_process_group()
     if not master:
         return {}
@@ -876,11 +1140,38 @@ def main(argv: list[str] | None = None) -> dict:
         "corpus_sha256": meta["corpus_sha256"], "sample": sample_text, "args": vars(args),
         "mfu": mfu(tokens_per_s), "flops_per_token": flops_per_token, "peak_flops": peak_flops,
         "world_size": world_size, "compile": use_compile, "amp_dtype": str(amp_dtype).split(".")[-1] if use_amp else None,
+        "bf16": amp_dtype == torch.bfloat16, "amp": amp_why,
     }
     atomic_write_json(out / "summary.json", summary)
     print(f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
-          f"mfu {summary['mfu']:.1%}, {train_time_s:.1f}s -> {out}")
+          f"mfu {percent(summary['mfu'])}, {train_time_s:.1f}s -> {out}")
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, check --out, train. A refusal or failure before the first checkpoint leaves nothing it made
+    behind; Ctrl-C exits 130 with one line saying which checkpoint is kept."""
+    args = parse_args(argv)
+    check_writable_dir(Path(args.out), "--out")
+    run = RunState(Path(args.out))
+    try:
+        return train(args, run)
+    except KeyboardInterrupt:
+        run.close_bar()
+        if run.master:
+            if run.ckpt_iter is None:
+                run.remove_new()
+                print(f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
+                      "run the same command again", file=sys.stderr)
+            else:
+                run.remove_partial()
+                print(f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
+                      f"{run.out}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseException:  # a refusal (exit 2) or a crash
+        if run.master and not run.wrote_ckpt:
+            run.remove_new()
+        raise
 
 
 if __name__ == "__main__":

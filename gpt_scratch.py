@@ -16,13 +16,20 @@ summary.json. In-process use: main(argv) -> summary dict.
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import math
 import os
+import pickle
 import resource
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +64,142 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse adds the usage block; a mistake gets one line
+        die(message)
+
+
+def whole_number(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+
+
+def positive_int(s: str) -> int:
+    n = whole_number(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
+    return n
+
+
+def non_negative_int(s: str) -> int:
+    n = whole_number(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+    return n
+
+
+def finite_float(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{s} is not a finite number")
+    return x
+
+
+def positive_float(s: str) -> float:
+    x = finite_float(s)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {s}")
+    return x
+
+
+def probability(s: str) -> float:
+    x = finite_float(s)
+    if not 0 <= x < 1:  # a dropout of 1 zeroes every activation
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {s}")
+    return x
+
+
+def device_arg(s: str) -> str:
+    """auto (cuda if visible, else cpu), cpu, cuda or cuda:N, checked against the devices this machine has."""
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(s).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {s!r}: give auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s}: no CUDA GPU is visible; use --device cpu")
+    index = torch.device(s).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return s
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be written, before any work: probe the nearest existing
+    folder with a temp file, without creating the output folder itself."""
+    if path.exists() and not path.is_dir():
+        die(f"{flag} {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        die(f"{flag} {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        die(f"{flag} {path} is not writable ({e.strerror})")
+
+
+class RunState:
+    """What a run has made in --out so far: a run that fails before its first checkpoint removes what
+    it made (never what was there before), and Ctrl-C can say which checkpoint is kept."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        top = out  # the highest folder this run will create
+        while not top.parent.exists():
+            top = top.parent
+        self.created = None if out.exists() else top
+        self.before = set(os.listdir(out)) if out.is_dir() else set()
+        self.iter_num = 0
+        self.ckpt_iter: int | None = None  # the iteration of the checkpoint on disk (resumed from or written)
+        self.wrote_ckpt = False
+        self.pbar: tqdm | None = None
+        self.master = True  # with several processes, only the one that writes files cleans up and speaks
+
+    def remove_new(self) -> None:
+        """Remove the folders and files this run made; what was there before stays."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        elif self.out.is_dir():
+            for name in set(os.listdir(self.out)) - self.before:
+                p = self.out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def remove_partial(self) -> None:
+        """Temp files of an atomic write that the interrupt cut short."""
+        for p in self.out.glob("*.tmp"):
+            if p.name not in self.before:
+                p.unlink(missing_ok=True)
+
+    def commit_checkpoint(self, tmp: Path, path: Path, iter_num: int) -> None:
+        """Move a written checkpoint into place and note it, with Ctrl-C held off in between: the
+        interrupt message then names the checkpoint that is on disk."""
+        pending = []
+        held = threading.current_thread() is threading.main_thread()  # only the main thread handles signals
+        old = signal.signal(signal.SIGINT, lambda *a: pending.append(a)) if held else None
+        try:
+            os.replace(tmp, path)
+            self.ckpt_iter, self.wrote_ckpt = iter_num, True
+        finally:
+            if held:
+                signal.signal(signal.SIGINT, old)
+                if pending and callable(old):
+                    old(*pending[0])  # the default handler raises KeyboardInterrupt now
+
+    def close_bar(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()  # before the last message, so the bar does not redraw under it
 
 
 # -----------------------------------------------------------------------------
@@ -132,9 +275,14 @@ def decode_utf8(raw: bytes) -> tuple[str, int]:
 def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, dict]:
     """Return (tokenizer, train tokens, val tokens, meta); the last 10% of documents are validation."""
     path = Path(args.data)
+    if path.is_dir():
+        die(f"--data {path} is a folder; give the corpus text file")
     if not path.is_file():
         die(f"corpus not found: {path}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        die(f"cannot read corpus {path} ({e.strerror})")
     if not raw.strip():
         die(f"corpus is empty: {path}")
     sha = hashlib.sha256(raw).hexdigest()
@@ -307,17 +455,50 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
 
 
+def describe_unloadable(path: Path, error: Exception) -> str:
+    """What a file that torch.load refused is, in words (torch's own message may advise unpickling it
+    unsafely, which a checkpoint of ours never needs)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive holding <name>/data.pkl
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return f"is a damaged/truncated checkpoint ({size:,} bytes)"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "is a zip archive, not a PyTorch checkpoint"
+        if isinstance(error, pickle.UnpicklingError):
+            return "holds pickled Python objects besides tensors, which loading could run as code"
+        return f"is a damaged/truncated checkpoint ({size:,} bytes)"
+    if b"\0" not in head:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4096 bytes is fine
+            return "is a text file, not a checkpoint"
+        except UnicodeDecodeError:
+            pass
+    return f"is not a PyTorch checkpoint ({size:,} bytes of unknown data)"
+
+
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     """The checkpoint dict (tensors only, no pickled code); a bad file exits 2 with one line."""
-    if not Path(path).is_file():
+    path = Path(path)
+    expected = f"expected a ckpt.pt written by {SCRIPT}.py"
+    if path.is_dir():
+        die(f"checkpoint {path} is a folder; {expected}")
+    if not path.is_file():
         die(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:
+        die(f"cannot read checkpoint {path} ({e.strerror})")
     except Exception as e:  # truncated file, not a checkpoint, arbitrary pickle
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        die(f"cannot load checkpoint {path}: {type(e).__name__}: {first_line}")
+        die(f"cannot load checkpoint {path}: it {describe_unloadable(path, e)}; {expected}")
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "script" not in ckpt:
-        die(f"{path} is not a GPT checkpoint")
+        die(f"{path} is not a GPT checkpoint (a PyTorch file without 'script'/'model_args'); {expected}")
     if ckpt["script"] != SCRIPT:
         die(f"{path} was written by {ckpt['script']}.py; load it with that module, not {SCRIPT}.py")
     return ckpt
@@ -336,47 +517,54 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokeniz
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/finance_corpus.txt", help="corpus: documents separated by a blank line")
-    p.add_argument("--out", default=f"out/{SCRIPT}", help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
+    p = OneLineParser(description=__doc__.split("\n\n")[1],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/finance_corpus.txt",
+                   help="corpus: documents separated by a blank line")
+    p.add_argument("--out", default=f"out/{SCRIPT}",
+                   help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="fill in a shape and schedule: " + "; ".join(
                        f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
                    + " (flags given explicitly override it)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe", help="characters, or byte-level BPE")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (trained on the training split only)")
-    p.add_argument("--n-layer", type=int, default=6, help="transformer blocks")
-    p.add_argument("--n-head", type=int, default=8, help="attention heads (must divide --n-embd)")
-    p.add_argument("--n-embd", type=int, default=512, help="model width")
-    p.add_argument("--block-size", type=int, default=256, help="context length in tokens")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--max-iters", type=int, default=5000, help="train up to this step (with --resume: the new end)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup-iters", type=int, default=100, help="linear learning-rate warm-up steps")
-    p.add_argument("--eval-interval", type=int, default=250, help="evaluate, log and checkpoint every N steps")
-    p.add_argument("--eval-iters", type=int, default=50, help="batches per split in each evaluation")
-    p.add_argument("--log-interval", type=int, default=10, help="update the progress bar every N steps")
-    p.add_argument("--seed", type=int, default=1337, help="seeds weights, dropout and batch sampling")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe",
+                   help="characters, or byte-level BPE")
+    p.add_argument("--vocab-size", type=positive_int, default=8192,
+                   help="BPE vocabulary size (trained on the training split only)")
+    p.add_argument("--n-layer", type=positive_int, default=6, help="transformer blocks")
+    p.add_argument("--n-head", type=positive_int, default=8, help="attention heads (must divide --n-embd)")
+    p.add_argument("--n-embd", type=positive_int, default=512, help="model width")
+    p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
+    p.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
+    p.add_argument("--max-iters", type=non_negative_int, default=5000,
+                   help="train up to this step (with --resume: the new end)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup-iters", type=non_negative_int, default=100,
+                   help="linear learning-rate warm-up steps")
+    p.add_argument("--eval-interval", type=positive_int, default=250,
+                   help="evaluate, log and checkpoint every N steps")
+    p.add_argument("--eval-iters", type=positive_int, default=50, help="batches per split in each evaluation")
+    p.add_argument("--log-interval", type=positive_int, default=10,
+                   help="update the progress bar every N steps")
+    p.add_argument("--seed", type=non_negative_int, default=1337,
+                   help="seeds weights, dropout and batch sampling")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt to --max-iters")
     p.add_argument("--prompt", default="The market", help="prompt for the sample printed at the end")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="length of that sample (0: no sample)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=200,
+                   help="length of that sample (0: no sample)")
     args, _ = p.parse_known_args(argv)
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
     args = p.parse_args(argv)
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
-                 "eval_iters", "log_interval"):
-        if getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
         die("--vocab-size must be at least 257 for byte-level BPE")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
+        die(f"--seed {args.seed} is too large: give a number below 2**62")
     return args
 
 
@@ -403,21 +591,22 @@ def peak_mem_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this process
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def train(args: argparse.Namespace, run: RunState) -> dict:
     device = args.device
-    out = Path(args.out)
+    out = run.out
+    ckpt_path = out / "ckpt.pt"
+    ckpt = None
+    if args.resume:  # a bad checkpoint is refused before any tokenizing
+        if not ckpt_path.exists():
+            die(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path)
+        run.iter_num = run.ckpt_iter = ckpt["iter_num"]
     out.mkdir(parents=True, exist_ok=True)
     tok, train_data, val_data, meta = prepare_data(args, out)
 
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    ckpt_path = out / "ckpt.pt"
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.exists():
-            die(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path)
+    if ckpt is not None:
         if ckpt["tokenizer"] != tok.state():
             die(f"--resume: checkpoint {ckpt_path} was trained with another tokenizer "
                 f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}")
@@ -480,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng_state(data_gen),
                     "args": vars(args), "corpus_sha256": meta["corpus_sha256"],
                     "elapsed_s": elapsed_before + time.perf_counter() - t_start}, atomic_save)
-        os.replace(atomic_save, ckpt_path)
+        run.commit_checkpoint(atomic_save, ckpt_path, iter_num)
 
     # throughput counts training steps only: evaluations and checkpoints are outside the windows
     steady_tokens, steady_s, all_tokens, all_s, windows = 0, 0.0, 0, 0.0, 0
@@ -504,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = t_mark = time.perf_counter()
     iter_mark = iter_num
     pbar = tqdm(total=max(args.max_iters - iter_num, 0), desc=SCRIPT, unit="step", dynamic_ncols=True)
+    run.pbar = pbar
     while True:
         lr = get_lr(iter_num, args)
         for group in optimizer.param_groups:
@@ -533,6 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         optimizer.step()
         iter_num += 1
+        run.iter_num = iter_num
         pbar.update(1)
         if iter_num % args.log_interval == 0:
             loss_f = loss.item()
@@ -580,6 +771,32 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
           f"{train_time_s:.1f}s -> {out}")
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse, check --out, train. A refusal or failure before the first checkpoint leaves nothing it made
+    behind; Ctrl-C exits 130 with one line saying which checkpoint is kept."""
+    args = parse_args(argv)
+    check_writable_dir(Path(args.out), "--out")
+    run = RunState(Path(args.out))
+    try:
+        return train(args, run)
+    except KeyboardInterrupt:
+        run.close_bar()
+        if run.master:
+            if run.ckpt_iter is None:
+                run.remove_new()
+                print(f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
+                      "run the same command again", file=sys.stderr)
+            else:
+                run.remove_partial()
+                print(f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
+                      f"{run.out}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseException:  # a refusal (exit 2) or a crash
+        if run.master and not run.wrote_ckpt:
+            run.remove_new()
+        raise
 
 
 if __name__ == "__main__":

@@ -1,15 +1,24 @@
 """Tests for gpt_scratch.py and gpt_optimized.py: tiny shapes, CPU, real files and processes."""
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
+import io
 import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
+from argparse import Namespace
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +84,32 @@ def read_rows(out: Path) -> list[dict]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(name: str, args: list[str]) -> subprocess.CompletedProcess:
+def run_cli(name: str, args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=ENV)
+                          capture_output=True, text=True, timeout=300, env=ENV, **kw)
+
+
+def assert_user_error(p, *fragments):
+    """Exit code 2, exactly one line on stderr, no traceback."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def one_line_exit2(fn, capsys, *fragments) -> str:
+    """In-process: fn() exits 2 with exactly one stderr line holding every fragment."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +188,11 @@ def test_optimized_is_the_optimized_model(trained):
     assert c.rope and c.relu2 and not c.qk_norm and not hasattr(model, "wpe")  # the measured speedrun defaults
     n = summary["params"]  # rotary positions: no position table; tied head counted once
     assert summary["flops_per_token"] == 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-    assert summary["mfu"] == pytest.approx(summary["flops_per_token"] * summary["tokens_per_s"] / summary["peak_flops"])
+    if summary["device"] == "cpu":  # no known peak to divide by: MFU only with --peak-flops
+        assert summary["mfu"] is None and summary["peak_flops"] is None
+    else:
+        want = summary["flops_per_token"] * summary["tokens_per_s"] / summary["peak_flops"]
+        assert summary["mfu"] == pytest.approx(want)
     scratch = load("gpt_scratch").load_checkpoint(trained["gpt_scratch"]["out"] / "ckpt.pt")[0]
     assert scratch.wte.weight is not scratch.lm_head.weight  # the baseline keeps the untied head
 
@@ -443,3 +479,335 @@ def test_lr_schedules_warmup_stable_decay_and_cosine():
     cos = mod.parse_args(["--lr", "1e-3", "--warmup-iters", "10", "--max-iters", "100", "--schedule", "cosine"])
     assert mod.get_lr(55, cos) == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway through the decay
     assert mod.get_lr(11, cos) < 1e-3
+
+
+# -----------------------------------------------------------------------------
+# gpt_optimized.py = gpt_scratch.py + optimizations: the shared code is the same code
+
+SHARED = ["die", "atomic_write_bytes", "atomic_write_json", "OneLineParser", "whole_number", "positive_int",
+          "non_negative_int", "finite_float", "positive_float", "probability", "device_arg",
+          "check_writable_dir", "RunState", "Tokenizer", "decode_utf8", "prepare_data", "sample",
+          "count_params", "describe_unloadable", "read_checkpoint", "load_checkpoint", "rng_state",
+          "set_rng_state", "peak_mem_mb", "main"]
+
+
+def test_shared_helpers_are_byte_identical_and_in_the_same_order():
+    mods = [load(name) for name in MODULES]
+    for name in SHARED:
+        a, b = (inspect.getsource(getattr(m, name)) for m in mods)
+        assert a == b, f"{name} differs between gpt_scratch.py and gpt_optimized.py"
+    orders = []
+    for name in MODULES:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        top = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        orders.append([n for n in top if n in SHARED])
+    assert orders[0] == orders[1] and sorted(orders[0]) == sorted(SHARED)
+
+
+# -----------------------------------------------------------------------------
+# padded vocabulary, batch prefetch, MFU, bf16 (gpt_optimized.py)
+
+
+def padded_model_with_loud_padding():
+    """A padded model whose padding rows would win every softmax if they took part."""
+    mod = load("gpt_optimized")
+    torch.manual_seed(0)
+    model = mod.GPT(mod.GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    assert model.lm_head.weight.shape[0] == 64  # padded to a multiple of 64
+    with torch.no_grad():
+        model.lm_head.weight[50:] = 20 * torch.randn(14, 32)
+    return mod, model.eval()
+
+
+def test_padded_vocab_loss_is_over_the_real_vocab_only():
+    _, model = padded_model_with_loud_padding()
+    full = []
+    model.lm_head.register_forward_hook(lambda m, inp, out: full.append(out))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 50, (4, 16), generator=g), torch.randint(0, 50, (4, 16), generator=g)
+    with torch.no_grad():
+        logits, loss = model(x, y)
+    padded = full[0]
+    assert padded.shape[-1] == 64 and logits.shape == (4, 16, 50)
+    assert torch.equal(logits, padded[..., :50])
+    real = F_cross_entropy(padded[..., :50], y)
+    assert loss.item() == pytest.approx(real.item(), rel=1e-6)
+    # the padding columns would have dominated: over all 64 columns the loss is far higher
+    assert F_cross_entropy(padded, y).item() > real.item() + 5
+
+
+def F_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def test_padded_vocab_sampling_never_yields_a_padding_id():
+    _, model = padded_model_with_loud_padding()
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 50, (8, 3))
+    for kw in (dict(temperature=1.0), dict(temperature=2.0, top_k=60), dict(temperature=0.0),
+               dict(temperature=1.0, use_kv_cache=False)):
+        idx = model.generate(prompt, 20, **kw)
+        assert idx.shape == (8, 23) and int(idx.max()) < 50, kw
+
+
+def test_train_step_fetches_the_next_batch_after_the_forward_in_the_same_order():
+    mod = load("gpt_optimized")
+    torch.manual_seed(0)
+    model = mod.GPT(mod.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0))
+    data = (np.arange(2000) * 7 % 50).astype(np.uint16)
+    gen = torch.Generator().manual_seed(3)
+    events, seen = [], []
+
+    def on_forward(module, args) -> None:  # returns None: the inputs pass through unchanged
+        events.append("forward")
+        seen.append(args[0].clone())
+
+    model.register_forward_pre_hook(on_forward)
+    model.lm_head.weight.register_hook(lambda g: events.append("backward"))
+
+    def fetch():
+        events.append("fetch")
+        return mod.get_batch(data, 2, 8, gen, "cpu")
+
+    x, y = fetch()
+    events.clear()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(3):  # 3 steps of 2 micro-batches
+        loss, x, y = mod.train_step(model, x, y, fetch, 2, nullcontext(), scaler)
+    # the next batch is drawn while the forward's work is queued, before the backward
+    assert events == ["forward", "fetch", "backward"] * 6
+    ref_gen = torch.Generator().manual_seed(3)
+    ref = [mod.get_batch(data, 2, 8, ref_gen, "cpu")[0] for _ in range(7)]
+    assert len(seen) == 6 and all(torch.equal(a, b) for a, b in zip(seen, ref))  # the same batch order
+    assert torch.equal(x, ref[6]) and loss.ndim == 0
+
+
+def tiny_main(mod, corpus: Path, out: Path, *extra: str) -> dict:
+    return mod.main(["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "4",
+                     "--eval-interval", "2", "--eval-iters", "1", *extra])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_mfu_on_cpu_is_none_unless_peak_flops_is_given(corpus, tmp_path, capsys):
+    mod = load("gpt_optimized")
+    s = tiny_main(mod, corpus, tmp_path / "a")
+    assert s["mfu"] is None and s["peak_flops"] is None
+    assert all(r["mfu"] is None for r in read_rows(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["mfu"] is None
+    out = capsys.readouterr().out
+    assert "mfu –" in out and not re.search(r"mfu [\d.]+%", out)
+    s = tiny_main(mod, corpus, tmp_path / "b", "--peak-flops", "2e9")
+    assert s["peak_flops"] == 2e9
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / 2e9)
+    assert f"mfu {s['mfu']:.1%}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_bf16_default_on_cpu_follows_the_bf16_units_and_flags_force_it(corpus, trained, tmp_path):
+    mod = load("gpt_optimized")
+    units = mod.cpu_has_bf16_units()
+    summary = trained["gpt_optimized"]["summary"]  # the default
+    assert summary["bf16"] is units
+    assert summary["amp"] == ("bf16 (CPU has AVX512-BF16/AMX)" if units else
+                              "fp32 (CPU has no AVX512-BF16/AMX: bf16 would run ~10x slower)")
+    assert (mod.choose_amp(None, "cpu")[0] == torch.bfloat16) is units
+    on = tiny_main(mod, corpus, tmp_path / "on", "--bf16")
+    off = tiny_main(mod, corpus, tmp_path / "off", "--no-bf16")
+    assert (on["bf16"], on["amp"], on["amp_dtype"]) == (True, "bf16 (--bf16)", "bfloat16")
+    assert (off["bf16"], off["amp"], off["amp_dtype"]) == (False, "fp32 (--no-bf16)", None)
+    assert on["val_loss"] != off["val_loss"]  # the autocast really ran: bf16 rounding moves the numbers
+    assert "AVX512-BF16" in run_cli("gpt_optimized", ["--help"]).stdout
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit 2, before any work; nothing left behind
+
+
+BAD_FLAGS = [
+    (["--n-head", "0"], "argument --n-head: must be at least 1, got 0"),
+    (["--n-embd", "30", "--n-head", "4"], "not divisible"),
+    (["--dropout", "1.5"], "argument --dropout: must be a probability in [0, 1), got 1.5"),
+    (["--dropout", "-0.1"], "probability"),
+    (["--lr", "-1"], "argument --lr: must be above 0, got -1"),
+    (["--lr", "nan"], "not a finite number"),
+    (["--max-iters", "-3"], "argument --max-iters: must be 0 or more, got -3"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--batch-size", "two"], "'two' is not a whole number"),
+    (["--block-size", "0"], "--block-size: must be at least 1"),
+    (["--n-layer", "-1"], "--n-layer: must be at least 1"),
+    (["--n-embd", "0"], "--n-embd: must be at least 1"),
+    (["--eval-iters", "0"], "--eval-iters: must be at least 1"),
+    (["--eval-interval", "0"], "--eval-interval: must be at least 1"),
+    (["--log-interval", "0"], "--log-interval: must be at least 1"),
+    (["--warmup-iters", "-1"], "--warmup-iters: must be 0 or more"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens: must be 0 or more"),
+    (["--vocab-size", "0"], "--vocab-size: must be at least 1"),
+    (["--tokenizer", "bpe", "--vocab-size", "100"], "at least 257"),
+    (["--seed", "-1"], "--seed: must be 0 or more"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:x"], "unknown device"),
+    (["--temperature", "-1"], "unrecognized arguments: --temperature -1"),
+]
+if not torch.cuda.is_available():
+    BAD_FLAGS += [(["--device", "cuda"], "cuda: no CUDA GPU is visible; use --device cpu"),
+                  (["--device", "cuda:1"], "no CUDA GPU is visible")]
+BAD_OPTIMIZED_FLAGS = [
+    (["--grad-accum", "0"], "--grad-accum: must be at least 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay: must be 0 or more"),
+    (["--grad-clip", "-1"], "--grad-clip: must be 0 or more"),
+    (["--cooldown", "1.5"], "--cooldown: must be a fraction in [0, 1]"),
+    (["--lr-decay-iters", "0"], "--lr-decay-iters: must be at least 1"),
+    (["--min-lr", "-0.0001"], "--min-lr: must be 0 or more"),
+    (["--peak-flops", "0"], "--peak-flops: must be above 0"),
+    (["--peak-flops", "inf"], "not a finite number"),
+    (["--n-embd", "36", "--n-head", "4"], "even head size"),
+]
+
+
+@pytest.mark.parametrize("name,argv,needle", [(n, a, w) for n in MODULES for a, w in BAD_FLAGS]
+                         + [("gpt_optimized", a, w) for a, w in BAD_OPTIMIZED_FLAGS])
+def test_bad_flags_get_one_line(name, argv, needle, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["--data", "missing.txt", "--out", str(out), *argv]
+    one_line_exit2(lambda: load(name).main(argv), capsys, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bad_flags_from_the_command_line_are_one_line_no_traceback(name, tmp_path):
+    line = assert_user_error(run_cli(name, ["--n-head", "0", "--out", str(tmp_path / "o")]), "--n-head")
+    assert line == f"{name}: error: argument --n-head: must be at least 1, got 0"
+    assert_user_error(run_cli(name, ["--device", "tpu"]), "unknown device 'tpu'")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_out_that_is_a_file_or_under_a_file_is_refused(name, corpus, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    run = lambda out: load(name).main(["--data", str(corpus), "--out", str(out), *TINY])  # noqa: E731
+    one_line_exit2(lambda: run(f), capsys, f"--out {f} is a file, not a folder")
+    under = f / "sub" / "run"
+    one_line_exit2(lambda: run(under), capsys, f"--out {under} lies under a file ({f})")
+    assert f.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def as_nobody(cmd: list[str]) -> list[str]:
+    """Root writes into a 555 folder regardless: as root, run cmd as nobody. setpriv, since a plain
+    setuid in preexec_fn could not exec the interpreter here (it lives under root's 0700 home)."""
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop to an unprivileged user")
+    return ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_out_not_writable_is_refused_before_work(name):
+    base = Path(tempfile.mkdtemp())  # reachable by the unprivileged user, unlike pytest's 0700 tmp_path
+    base.chmod(0o755)
+    ro = base / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        cmd = [sys.executable, str(ROOT / f"{name}.py"), "--data", "data/finance_corpus.txt",
+               "--out", str(ro / "run"), *TINY]
+        r = subprocess.run(as_nobody(cmd), cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        assert_user_error(r, f"--out {ro / 'run'} is not writable (Permission denied)")
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_refused_run_leaves_nothing_it_made(name, corpus, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Stocks rose.\n\nBonds fell.\n\nOil was flat.\n")
+    new = tmp_path / "new" / "deeper"  # refused after tokenizing: the token cache was written first
+    expect_exit2(name, ["--data", str(short), "--out", str(new), *TINY], capsys, "block_size + 1")
+    assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    expect_exit2(name, ["--data", str(short), "--out", str(old), *TINY], capsys, "block_size + 1")
+    assert os.listdir(old) == ["notes.txt"] and (old / "notes.txt").read_text() == "mine"
+    missing = tmp_path / "missing.txt"
+    expect_exit2(name, ["--data", str(missing), "--out", str(new), *TINY], capsys, "not found")
+    assert not (tmp_path / "new").exists()
+
+
+def zip_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("notes.txt", "not a model")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bad_checkpoint_files_are_described_in_one_line(name, trained, tmp_path, capsys):
+    mod = load(name)
+    good = (trained[name]["out"] / "ckpt.pt").read_bytes()
+    random_bytes = bytes(random.Random(0).randrange(256) for _ in range(5000))
+    cases = [("empty.pt", b"", "it is empty (0 bytes)"),
+             ("notes.pt", "iter 100: train 2.1, val 2.3 — a log, not a model\n".encode(),
+              "it is a text file, not a checkpoint"),
+             ("random.pt", random_bytes, "it is not a PyTorch checkpoint (5,000 bytes of unknown data)"),
+             ("cut.pt", good[:len(good) // 2], "it is a damaged/truncated checkpoint"),
+             ("archive.pt", zip_bytes(), "it is a zip archive, not a PyTorch checkpoint")]
+    torch.save({"args": Namespace(lr=1.0)}, tmp_path / "code.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for fname, data, _ in cases:
+        (tmp_path / fname).write_bytes(data)
+    cases += [("code.pt", None, "pickled Python objects besides tensors"),
+              ("tensor.pt", None, "is not a GPT checkpoint")]
+    for fname, _, want in cases:
+        line = one_line_exit2(lambda: mod.read_checkpoint(tmp_path / fname), capsys, want,
+                              f"expected a ckpt.pt written by {name}.py")
+        assert "weights_only" not in line and "False" not in line, line
+    one_line_exit2(lambda: mod.read_checkpoint(tmp_path), capsys, "is a folder")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_resume_from_a_bad_checkpoint_is_refused_before_tokenizing(name, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"")
+    one_line_exit2(lambda: load(name).main(["--data", str(corpus), "--out", str(out), *TINY, "--resume"]),
+                   capsys, f"cannot load checkpoint {out / 'ckpt.pt'}: it is empty (0 bytes)")
+    assert os.listdir(out) == ["ckpt.pt"]
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, corpus, tmp_path):
+    out, err_path = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:  # a file, not a pipe: the progress bar cannot fill it and block
+        proc = subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), "--data", str(corpus),
+                                 "--out", str(out), *TINY, "--eval-interval", "5", "--max-iters", "100000"],
+                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 240
+            while not (out / "metrics.jsonl").exists() or \
+                    not any(json.loads(line)["iter"] >= 10 for line in (out / "metrics.jsonl").read_text()
+                            .splitlines() if line.endswith("}")):
+                assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-2000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_path.read_text()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    ckpt_iter = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    m = re.fullmatch(rf"interrupted at iter (\d+): ckpt\.pt at iter {ckpt_iter} kept in "
+                     rf"{re.escape(str(out))}; continue with --resume", last)
+    assert m, last
+    assert int(m[1]) >= ckpt_iter >= 5 and ckpt_iter % 5 == 0  # row 10 is logged just before its checkpoint
+    assert not list(out.glob("*.tmp"))
