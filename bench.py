@@ -758,6 +758,10 @@ def headline(results: dict) -> dict:
         h["gpt_steady_time_to_target_ratio"] = g.get("steady_time_to_target_ratio")
         h["gpt_tokens_to_target_ratio"] = g.get("tokens_to_target_ratio")
         h["gpt_val_loss_delta"] = g["val_loss_delta"]
+    rows = (gpt or {}).get("ablation", [])
+    for above, row in zip(rows, rows[1:]):  # the ladder's bf16 row against the fp32 row above it
+        if row["name"].startswith("+ bf16 autocast") and row["tokens_per_s"] and above["tokens_per_s"]:
+            h["gpt_bf16_vs_fp32_tokens_per_s"] = row["tokens_per_s"] / above["tokens_per_s"]
     if ft:
         by = {(r["method"], r["packing"]): r for r in ft["runs"]}
         lora, qlora = by.get(("LoRA", True)), by.get(("QLoRA (NF4)", True))
@@ -809,9 +813,10 @@ def headline_lines(h: dict) -> list[str]:
     if "unsloth_vs_qlora_tokens_per_s" in h:
         out.append(f"Unsloth: **{h['unsloth_vs_qlora_tokens_per_s']:.2f}x** QLoRA's tokens/s at "
                    f"{h['unsloth_vs_qlora_memory']:.2f}x its peak memory")
-    if "lora_bf16_vs_fp32_tokens_per_s" in h:
-        out.append(f"bf16 autocast (this CPU's bf16 units): LoRA trains at **{h['lora_bf16_vs_fp32_tokens_per_s']:.2f}x** "
-                   f"fp32's tokens/s")
+    bf16 = [f"{what} **{h[key]:.2f}x**" for what, key in (("the GPT at", "gpt_bf16_vs_fp32_tokens_per_s"),
+                                                           ("LoRA at", "lora_bf16_vs_fp32_tokens_per_s")) if key in h]
+    if bf16:
+        out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
     if "packing_tokens_per_s_ratio" in h:
         out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
     if "lora_ppl_change" in h:

@@ -139,9 +139,14 @@ def test_finetune_and_inference_ratios(tiny_setup):
         assert fp32["bf16"] is False and fp32["eval_ppl_before"] == lora["eval_ppl_before"]  # fp32 evaluation
         assert h["lora_bf16_vs_fp32_tokens_per_s"] == pytest.approx(
             lora["tokens_per_s_steady"] / fp32["tokens_per_s_steady"])
-        assert "LoRA trains at" in tiny_setup["report"]
+        assert "LoRA at **" in tiny_setup["report"]
     else:
         assert "lora_bf16_vs_fp32_tokens_per_s" not in h
+    # the GPT ladder's bf16 row (always in --tiny) against the fp32 row above it
+    names = [r["name"] for r in res["gpt"]["ablation"]]
+    i = [k for k, n in enumerate(names) if n.startswith("+ bf16 autocast")][0]
+    rows = res["gpt"]["ablation"]
+    assert h["gpt_bf16_vs_fp32_tokens_per_s"] == pytest.approx(rows[i]["tokens_per_s"] / rows[i - 1]["tokens_per_s"])
     assert f"| LoRA | padded | {'bf16' if padded['bf16'] else 'fp32'} |" in tiny_setup["report"]
     ppl_row = [r for r in res["finetune"]["runs"] if r["method"] == "LoRA" and r["packing"]][0]
     assert math.isfinite(ppl_row["eval_ppl_before"]) and ppl_row["eval_ppl_before"] > 1
