@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -733,53 +732,31 @@ def test_retry_after_is_capped_by_backoff_max(api, tmp_path, form):
     assert [a["link"] for a in read_news(tmp_path)] == [a["link"] for a in api.feeds["AAPL.US"]]
 
 
-def as_nobody(cmd: list) -> dict:
-    """subprocess arguments that run cmd as user nobody. setpriv keeps root's rights up to the exec,
-    so an interpreter installed under a 0700 /root still starts; a preexec_fn setuid could not exec it."""
-    if shutil.which("setpriv"):
-        return dict(args=["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd])
-    return dict(args=cmd, preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
-
-
 @contextlib.contextmanager
-def output_problem(kind: str, tmp_path: Path):
-    """(--out-dir, expected message, run as nobody?) for an output folder that cannot be used. Root
-    writes into a 555 folder anyway, so then the run is made as user nobody, in a folder nobody
-    can reach (pytest's tmp_path lies under a 0700 folder)."""
+def output_problem(kind: str, tmp_path: Path, unwritable: Path):
+    """(--out-dir, expected message) for an output folder that cannot be used."""
     if kind == "file":
         (tmp_path / "afile").write_text("x")
-        yield tmp_path / "afile", f"--out-dir {tmp_path / 'afile'} is a file, not a folder", False
+        yield tmp_path / "afile", f"--out-dir {tmp_path / 'afile'} is a file, not a folder"
     elif kind == "under-file":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "sub" / "out"
-        yield out, f"--out-dir {out} lies under a file ({tmp_path / 'afile'})", False
+        yield out, f"--out-dir {out} lies under a file ({tmp_path / 'afile'})"
     elif kind == "corpus-is-folder":
         (tmp_path / "out" / "finance_corpus.txt").mkdir(parents=True)
-        yield tmp_path / "out", f"{tmp_path / 'out' / 'finance_corpus.txt'} is a folder, not a file", False
+        yield tmp_path / "out", f"{tmp_path / 'out' / 'finance_corpus.txt'} is a folder, not a file"
     else:
-        as_root = os.geteuid() == 0
-        base = Path(tempfile.mkdtemp()) if as_root else tmp_path
-        base.chmod(0o755)
-        ro = base / "ro"
-        ro.mkdir()
-        ro.chmod(0o555)
-        try:
-            out = ro / "out"
-            yield out, f"--out-dir {out} is not writable (Permission denied)", as_root
-        finally:
-            ro.chmod(0o755)
-            if as_root:
-                shutil.rmtree(base)
+        yield unwritable / "out", f"--out-dir {unwritable / 'out'} is not writable ("
 
 
 KINDS = ["file", "under-file", "corpus-is-folder", "not-writable"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_market_refuses_unusable_out_dir_before_building(tmp_path, kind):
-    with output_problem(kind, tmp_path) as (out, message, nobody):
+def test_market_refuses_unusable_out_dir_before_building(tmp_path, unwritable_dir, kind):
+    with output_problem(kind, tmp_path, unwritable_dir) as (out, message):
         cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir", str(out)]
-        r = subprocess.run(**(as_nobody(cmd) if nobody else dict(args=cmd)), capture_output=True, text=True,
+        r = subprocess.run(cmd, capture_output=True, text=True,
                            env=clean_env(), timeout=120)
         assert_user_error(r, message)
         assert "building" not in r.stderr  # refused before the build starts
@@ -787,14 +764,14 @@ def test_market_refuses_unusable_out_dir_before_building(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_eodhd_refuses_unusable_out_dir_before_any_request(api, tmp_path, kind):
+def test_eodhd_refuses_unusable_out_dir_before_any_request(api, tmp_path, unwritable_dir, kind):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(3)]
     api.files["/constituents.csv"] = ("text/csv", b"Symbol\nAAPL\n")
-    with output_problem(kind, tmp_path) as (out, message, nobody):
+    with output_problem(kind, tmp_path, unwritable_dir) as (out, message):
         cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(out),
                "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--sp500",
                "--sp500-url", api.root + "/constituents.csv"]
-        r = subprocess.run(**(as_nobody(cmd) if nobody else dict(args=cmd)), capture_output=True, text=True,
+        r = subprocess.run(cmd, capture_output=True, text=True,
                            env=clean_env(), timeout=60)
         assert_user_error(r, message)
         assert api.log == [] and api.n_req == {}  # not even the S&P 500 list was asked for

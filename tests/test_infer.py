@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,15 +25,9 @@ EXPECTED = "expected a ckpt.pt written by gpt_scratch.py or gpt_optimized.py"
 INTERRUPTED = "interrupted: nothing was written (infer.py writes only --json-out, once every job is done)"
 
 
-def run(script, *args, check=True, as_nobody=False):
-    cmd, preexec = [sys.executable, str(ROOT / script), *map(str, args)], None
-    if as_nobody and os.geteuid() == 0:  # root writes into a 555 folder anyway: run as user nobody
-        if shutil.which("setpriv"):  # it looks up the interpreter as root (it may lie under a 0700 /root)
-            cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd]
-        else:
-            preexec = lambda: (os.setgid(65534), os.setuid(65534))  # noqa: E731
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600,
-                       preexec_fn=preexec)
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
@@ -57,12 +50,9 @@ def corpus_docs(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def shared_dir():
-    """A folder user nobody can read too (pytest's tmp_path lies under a 0700 folder)."""
-    d = Path(tempfile.mkdtemp(prefix="test_infer_"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def shared_dir(tmp_path_factory):
+    """Checkpoints and corpora the tests of this file share."""
+    return tmp_path_factory.mktemp("infer")
 
 
 def train_gpt(script: str, out: Path, corpus: Path) -> Path:
@@ -236,7 +226,7 @@ def test_bad_flags_exit_2_with_one_line(ckpt, corpus, flags, fragment):
 # --json-out: checked before any model loads
 
 
-def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, shared_dir, tmp_path):
+def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, tmp_path, unwritable_dir):
     broken = bad_ckpts["random.pt"][0]  # were the model loaded first, this file's error would come instead
     (tmp_path / "file.txt").write_text("x")
     under_file = tmp_path / "file.txt" / "out.json"
@@ -244,17 +234,10 @@ def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, shared_dir, tm
                           (under_file, f"lies under a file ({tmp_path / 'file.txt'})")):
         p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False)
         assert_user_error(p, f"--json-out {out} ", fragment)
-    ro = Path(tempfile.mkdtemp(dir=shared_dir)) / "ro"
-    ro.parent.chmod(0o755)
-    ro.mkdir(mode=0o555)
-    ro.chmod(0o555)
-    try:
-        out = ro / "sub" / "out.json"
-        p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False, as_nobody=True)
-        assert_user_error(p, f"--json-out {out} is not writable (Permission denied)")
-        assert list(ro.iterdir()) == []  # the missing folder was not made
-    finally:
-        ro.chmod(0o755)
+    out = unwritable_dir / "sub" / "out.json"
+    p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False)
+    assert_user_error(p, f"--json-out {out} is not writable (")
+    assert list(unwritable_dir.iterdir()) == []  # the missing folder was not made
 
 # -----------------------------------------------------------------------------
 # Ctrl-C
