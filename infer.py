@@ -28,8 +28,8 @@ import time
 import warnings
 from pathlib import Path
 
-from finetune_llama import (DEFAULT_CACHE_DIR, HelpFormatter, choose_backend, config_identity, die, doc_separator_id,
-                            encode_documents, note, resolve_model, score_sequences,
+from finetune_llama import (DEFAULT_CACHE_DIR, ArgumentParser, HelpFormatter, choose_backend, config_identity, die,
+                            doc_separator_id, encode_documents, note, resolve_model, score_sequences,
                             set_cpu_4bit_path)
 
 BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
@@ -591,14 +591,6 @@ def print_bench(rows: list[dict]) -> None:
 # command line: flags checked where they are parsed, outputs checked before any model loads
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse's mistakes in one line (no usage block), like every other user mistake here."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _number(s: str, kind: type):
     try:
         x = kind(s)
@@ -733,7 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description=__doc__.strip(), formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("what to run (one of)")
     g.add_argument("--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)")
     g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2', 'random-llama-3.2-1b' or 'auto'; with --adapter it "
