@@ -76,11 +76,12 @@ def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_writable_dir(path: Path, flag: str) -> None:
-    """Fail before any work when `path` cannot become a folder to write into; creates nothing."""
-    if path.exists() and not path.is_dir():
+def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
+    """Fail before any work when `path` cannot become a folder to write into (or, given `folder`, when a file
+    `path` cannot be written into `folder`); creates nothing."""
+    if folder is None and path.exists() and not path.is_dir():
         die(f"{flag} {path} is a file, not a folder")
-    probe = path
+    probe = path if folder is None else folder
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():

@@ -22,15 +22,14 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
 from pathlib import Path
 
-from finetune_llama import (DEFAULT_CACHE_DIR, ArgumentParser, HelpFormatter, choose_backend, config_identity, die,
-                            doc_separator_id, encode_documents, note, resolve_model, score_sequences,
-                            set_cpu_4bit_path)
+from finetune_llama import (DEFAULT_CACHE_DIR, ArgumentParser, HelpFormatter, check_writable_dir, choose_backend,
+                            config_identity, die, doc_separator_id, encode_documents, note, resolve_model,
+                            score_sequences, set_cpu_4bit_path)
 
 BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
                 "in three weeks, as")
@@ -660,15 +659,7 @@ def check_writable_file(path: Path, flag: str) -> None:
     """The output file's folder exists (or can be made) and takes new files; nothing is created here."""
     if path.is_dir():
         die(f"{flag} {path} is a folder, not a file")
-    probe = path.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        die(f"{flag} {path} lies under a file ({probe})")
-    try:
-        tempfile.TemporaryFile(dir=probe).close()
-    except OSError as e:
-        die(f"{flag} {path} is not writable ({e.strerror})")
+    check_writable_dir(path, flag, folder=path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
