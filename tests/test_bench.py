@@ -14,13 +14,14 @@ CORPUS = ROOT / "data" / "finance_corpus.txt"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def bench(*args, timeout=900):
+def bench(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=ENV, timeout=timeout)
+                          text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    """A slice of the corpus and a tiny random Llama with a BPE tokenizer trained on it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -40,8 +41,15 @@ def tiny_setup(tmp_path_factory):
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d / "llama")
     tok.save_pretrained(d / "llama")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_model):
+    d = tiny_model
     out = d / "report"
-    p = bench("--tiny", "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu", "--out", out)
+    p = bench("--tiny", "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu", "--out", out,
+              env={"FINLLM_CACHE": str(d / "cache")})  # the retention set's base-model samples stay here
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return {"dir": d, "out": out, "proc": p, "results": json.loads((out / "results.json").read_text()),
             "report": (out / "report.md").read_text()}
@@ -50,10 +58,10 @@ def tiny_setup(tmp_path_factory):
 def test_report_has_every_section_and_plot(tiny_setup):
     report, out = tiny_setup["report"], tiny_setup["out"]
     for section in ("## Headline", "## Table 1", "## GPT ablation", "speedrun extras", "## Fine-tuning: LoRA vs QLoRA",
-                    "## Inference", "## Plots"):
+                    "### Transfer: LoRA (packed)", "## Inference", "## Plots"):
         assert section in report, section
     for png in ("gpt_val_loss_vs_time.png", "gpt_ablation_tokens_per_s.png", "finetune_peak_memory.png",
-                "infer_latency_kv_cache.png"):
+                "finetune_transfer.png", "infer_latency_kv_cache.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in report
@@ -486,3 +494,227 @@ def test_plots_read_at_a_glance(tmp_path):
         plt.close(fig)
     assert {p.name for p in tmp_path.glob("*.png")} == {"p.png"}
 
+
+
+# -----------------------------------------------------------------------------
+# transfer: every evaluation set of run.json in the report, and the fine-tune settings sweep
+
+
+def fine_tune_run_json(tokens_per_s: float, peak_mem_mb: float, eval_sets: bool) -> dict:
+    """A run.json as finetune_llama.py writes it; with eval_sets: held-out, retention and one --eval-text."""
+    run = {"base": {"resolved": "/models/llama", "source": "local"}, "backend": "hf", "bf16": False,
+           "load_in_4bit": False, "tokens_per_s": tokens_per_s, "tokens_per_s_steady": tokens_per_s,
+           "peak_mem_mb": peak_mem_mb, "peak_mem_kind": "process_max_rss", "eval_ppl_before": 15.0,
+           "eval_ppl_after": 9.0, "eval_ppl_change": 9.0 / 15.0 - 1, "train_time_s": 30.0,
+           "wall_time_s": 41.0,
+           "data": {"path": "data/finance_corpus.txt", "eval_scored_documents": 8, "eval_tokens": 1024}}
+    if eval_sets:
+        sets = {"heldout": ("heldout", "data/finance_corpus.txt (held-out: last 5%)", 120, 4096, 15.0, 9.0),
+                "retention": ("retention", "/cache/samples/retention-n64.txt", 64, 8192, 20.0, 20.62),
+                "fiqa_posts": ("text", "texts/fiqa_posts.txt", 50, 3000, 30.0, 30.6)}
+        run["eval_sets"] = {name: {"kind": k, "source": src, "documents": docs, "tokens": tokens,
+                                   "ppl_before": b, "ppl_after": a, "change": a / b - 1}
+                            for name, (k, src, docs, tokens, b, a) in sets.items()}
+        run["eval_context"] = 1024
+        run["replay"] = {"fraction": 0.25, "source": "base-samples", "documents": 40, "rows": 40}
+    return run
+
+
+def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool):
+    """A bench.py output folder holding fine-tune runs only, rebuilt into a report by the real script."""
+    out = tmp_path / "o"
+    meta = {"mode": "tiny", "stages": ["finetune"], "device": "cpu", "device_name": "test CPU", "torch": "2",
+            "date": "2026-01-01T00:00:00", "git_commit": "abc", "command": "python bench.py --tiny",
+            "data": "data/finance_corpus.txt", "model": "/models/llama", "bf16_units": False}
+    (out / "runs").mkdir(parents=True)
+    (out / "meta.json").write_text(json.dumps(meta))
+    for key, tps, mem in (("ft_lora_packed", 900.0, 800.0), ("ft_lora_padded", 500.0, 700.0),
+                          ("ft_qlora_packed", 700.0, 500.0)):
+        (out / "runs" / key).mkdir()
+        (out / "runs" / key / "run.json").write_text(json.dumps(fine_tune_run_json(tps, mem, eval_sets)))
+    p = bench("--report-only", "--out", out, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out, p, (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+
+
+def transfer_rows(report: str) -> list[str]:
+    section = report.split("### Transfer:")[1].split("\n#")[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| set |")]
+
+
+def test_transfer_table_plot_and_headline_carry_every_eval_set(tmp_path):
+    out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=True)
+    assert transfer_rows(report) == ["| heldout | heldout | 120 | 4,096 | 15.00 | 9.00 | -40.0% |",
+                                     "| retention | retention | 64 | 8,192 | 20.00 | 20.62 | +3.1% |",
+                                     "| fiqa_posts | text | 50 | 3,000 | 30.00 | 30.60 | +2.0% |"]
+    assert "windows of 1,024 tokens" in report
+    assert "Replay: 25% of the training rows from base-samples" in report
+    run = json.loads((out / "runs" / "ft_lora_packed" / "run.json").read_text())
+    assert res["finetune"]["runs"][0]["eval_sets"] == run["eval_sets"]
+    # the headline: the in-domain change beside retention and the eval text, in the report and on screen
+    line = "LoRA: held-out ppl **-40.0%**, retention +3.1%, fiqa_posts +2.0%"
+    assert f"- {line}" in report and line.replace("**", "") in p.stdout
+    changes = [s["change"] for s in run["eval_sets"].values()]
+    assert [x["change"] for x in res["headline"]["lora_transfer"]] == changes
+    png = (out / "finetune_transfer.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 and "(finetune_transfer.png)" in report
+
+
+def test_transfer_plot_marks_zero_and_the_tolerance_and_fits_every_figure(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ft = {"runs": [{"method": "LoRA", "packing": True,
+                    "eval_sets": bench.eval_sets_of(fine_tune_run_json(900.0, 800.0, eval_sets=True))}]}
+    ft["runs"][0]["eval_sets"]["macro_notes"] = {"kind": "text", "ppl_before": 10.0, "ppl_after": 11.5,
+                                                 "change": 0.15}  # over the tolerance
+    fig, title = bench.transfer_figure(ft)
+    bench.save_plot(fig, title, tmp_path / "t.png")
+    ax, r = fig.axes[0], fig.canvas.get_renderer()
+    assert [line.get_xdata()[0] for line in ax.lines] == [0, 5]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["0: no change", "+5% tolerance"]
+    values = [t for t in ax.texts if t.get_gid() == "signed-value"]
+    assert [t.get_text().strip() for t in values] == ["-40.0%", "+3.1%", "+2.0%", "+15.0%"]
+    box = ax.get_window_extent(r)
+    for t in values:  # each figure inside the axes, on the outer side of its bar
+        b = t.get_window_extent(r)
+        assert box.x0 <= b.x0 and b.x1 <= box.x1, t.get_text()
+    assert values[0].get_window_extent(r).x1 <= ax.transData.transform((0, 0))[0] + 1  # left of 0: negative
+    colors = [tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in ax.patches]
+    to_rgb = lambda name: tuple(round(c, 3) for c in matplotlib.colors.to_rgb(name))  # noqa: E731
+    assert colors == [to_rgb("tab:green"), to_rgb("tab:orange"), to_rgb("tab:orange"), to_rgb("tab:red")]
+    plt.close(fig)
+
+
+def test_old_run_json_without_eval_sets_still_renders_the_held_out_set(tmp_path):
+    out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=False)
+    assert transfer_rows(report) == ["| heldout | heldout | 8 | 1,024 | 15.00 | 9.00 | -40.0% |"]
+    assert "- LoRA: held-out ppl **-40.0%**\n" in report and "Replay" not in report
+    assert (out / "finetune_transfer.png").is_file() and "Runs that failed" not in report
+
+
+def test_eval_text_and_sweep_flags_are_checked_before_any_work(tmp_path):
+    corpus = small_corpus(tmp_path / "c.txt")
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "o"
+    common = ["--tiny", "--data", corpus, "--device", "cpu", "--out", out]
+    missing, empty, sweep = tmp_path / "missing.txt", tmp_path / "empty.txt", ["--sweep", "transfer"]
+    for args, frags in ((["--eval-text", missing], [f"--eval-text {missing}", "file not found"]),
+                        (["--eval-text", corpus, "--eval-text", empty], ["empty.txt is empty"]),
+                        (sweep + ["--eval-text", missing], ["file not found"]),
+                        (["--only", "gpt", "--eval-text", corpus], ["add finetune to --only"]),
+                        (["--sweep-extra", "--max-steps 2"], ["--sweep-extra needs --sweep transfer"]),
+                        (["--sweep-settings", "default"], ["--sweep-settings needs --sweep transfer"]),
+                        (sweep + ["--only", "gpt"], ["drop --only"]),
+                        (sweep + ["--sweep-settings", "default,nope"], ["no setting 'nope'", "lr 5e-4"]),
+                        (sweep + ["--sweep-settings", "default", "--sweep-extra", "--max-steps two"],
+                         ["setting 'default'", "finetune_llama.py refuses it", "--max-steps"]),
+                        (sweep + ["--sweep-extra", "--max-steps 'two"], ["--sweep-extra", "quotation"])):
+        assert_user_error(bench(*common, *args, timeout=120), *frags)
+        assert not out.exists(), args
+
+
+def test_sweep_settings_are_data_with_distinct_folders():
+    sys.path.insert(0, str(ROOT))
+    import bench
+    names = [name for name, _ in bench.TRANSFER_SWEEP]
+    assert 4 <= len(names) <= 8 and names[0] == "default" and bench.TRANSFER_SWEEP[0][1] == []
+    assert len({bench.slug(n) for n in names}) == len(names)
+    assert bench.slug("lr 5e-4 + replay 25%") == "lr_5e-4_replay_25"
+    lr = ("lr 5e-4", ["--lr", "5e-4"])
+    assert bench.sweep_settings("lr_5e-4, default") == [bench.TRANSFER_SWEEP[0], lr]
+
+
+SWEEP_EXTRA = ("--max-steps 2 --warmup-steps 1 --max-seq-length 32 --batch-size 2 --eval-tokens 256 "
+               "--eval-context 64 --retention-docs 4")
+
+
+def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, tmp_path):
+    d, out = tiny_model, tmp_path / "o"
+    text = tmp_path / "plain_prose.txt"  # outside the corpus's domain
+    text.write_text("The library opens at nine and closes at six on weekdays.\n\nRain is expected over the "
+                    "hills this afternoon, clearing by the evening.\n\nShe planted tomatoes along the south "
+                    "wall of the garden.\n", encoding="utf-8")
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    cmd = ["--tiny", "--sweep", "transfer", "--sweep-settings", "default,lr 5e-4",
+           "--sweep-extra", SWEEP_EXTRA, "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu",
+           "--out", out, "--eval-text", text, "--record", md]
+    env = {"FINLLM_CACHE": str(tmp_path / "cache")}  # the base-model samples of the retention set
+    p = bench(*cmd, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    sweep = out / "sweep"
+    res, report = json.loads((sweep / "results.json").read_text()), (sweep / "report.md").read_text()
+    assert [r["setting"] for r in res["rows"]] == ["default", "lr 5e-4"]
+    pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
+    for row, folder, flags in zip(res["rows"], ("default", "lr_5e-4"), ("(finetune_llama.py defaults)",
+                                                                         "`--lr 5e-4`")):
+        run = json.loads((sweep / folder / "run.json").read_text())
+        sets = run["eval_sets"]
+        assert row["in_domain_change"] == sets["heldout"]["change"]
+        assert row["retention_change"] == sets["retention"]["change"]
+        assert row["text_changes"] == {"plain_prose": sets["plain_prose"]["change"]}
+        assert row["worst_other_change"] == max(sets["retention"]["change"], sets["plain_prose"]["change"])
+        cells = [row["setting"], flags, pct(sets["heldout"]["change"]), pct(sets["retention"]["change"]),
+                 pct(sets["plain_prose"]["change"]), f"{run['wall_time_s']:,.0f} s"]
+        assert "| " + " | ".join(cells) + " |" in report.splitlines()
+        assert "| " + " | ".join(cells) + " |" in p.stdout  # the table is printed too
+        assert sets["plain_prose"]["source"] == str(text) and run["eval_context"] == 64
+    lrs = [json.loads((sweep / f / "run.json").read_text())["args"]["lr"] for f in ("default", "lr_5e-4")]
+    assert lrs[1] == 5e-4 and lrs[0] != 5e-4
+    header = "| setting | flags | in-domain change | retention change | plain_prose change | wall time |"
+    assert header in report
+    png = (sweep / "transfer_frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 and "(transfer_frontier.png)" in report
+    recorded = md.read_text()
+    assert "<!-- bench:sweep-transfer-cpu:start -->" in recorded and "| lr 5e-4 | `--lr 5e-4` |" in recorded
+    assert (tmp_path / "benchmarks" / "sweep-transfer-cpu" / "transfer_frontier.png").is_file()
+    # the same command again reuses both runs (same flags, same corpus): nothing is trained twice
+    before = [(sweep / f / "run.json").read_text() for f in ("default", "lr_5e-4")]
+    again = bench(*cmd, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout.count(" reused: ") == 2, again.stdout[-2000:]
+    assert " done in " not in again.stdout
+    assert [(sweep / f / "run.json").read_text() for f in ("default", "lr_5e-4")] == before
+    assert json.loads((sweep / "results.json").read_text())["rows"] == res["rows"]
+    # other flags for a setting: its run is trained again, the other setting's left as it was
+    cmd[cmd.index(SWEEP_EXTRA)] = SWEEP_EXTRA.replace("--max-steps 2", "--max-steps 1")
+    cmd[cmd.index("default,lr 5e-4")] = "default"
+    third = bench(*cmd, env=env, timeout=300)
+    assert third.returncode == 0 and "bench.py: default done in" in third.stdout, third.stderr[-2000:]
+    assert json.loads((sweep / "default" / "run.json").read_text())["args"]["max_steps"] == 1
+    assert (sweep / "lr_5e-4" / "run.json").read_text() == before[1]
+
+
+def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_model, tmp_path):
+    import signal
+    import time
+    d, out = tiny_model, tmp_path / "o"
+    args = ["--tiny", "--sweep", "transfer", "--sweep-settings", "default,lr 5e-4",
+            "--sweep-extra", SWEEP_EXTRA, "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu",
+            "--out", out]
+    env = {**ENV, "FINLLM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while not (out / "sweep" / "logs" / "lr_5e-4.log").exists():  # the default run done, the next started
+            assert proc.poll() is None and time.time() < deadline, "bench.py ended before the interrupt"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"bench.py: interrupted: 1 finished run(s) kept in {out / 'sweep'} (lr_5e-4 was stopped); "
+        "run the same command again to go on (finished runs are reused)")
+    p = bench(*args, env={"FINLLM_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "bench.py: default reused" in p.stdout and "bench.py: lr_5e-4 done in" in p.stdout
+    rows = json.loads((out / "sweep" / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["default", "lr 5e-4"] and not any(r.get("failed") for r in rows)

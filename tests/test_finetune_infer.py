@@ -545,7 +545,7 @@ def test_bundled_smollm2_finetune_lowers_heldout_perplexity(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
     p = run("finetune_llama.py", "--model", "smollm2", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "out",
             "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 6, "--lr", 2e-3, "--warmup-steps", 1,
-            "--eval-split", 4, "--eval-tokens", 512)
+            "--eval-split", 4, "--eval-tokens", 512, "--retention-docs", 0)
     r = json.loads((tmp_path / "out" / "run.json").read_text())
     assert r["base"]["architecture"] == "LlamaForCausalLM" and r["base"]["vocab_size"] == 49152
     assert r["eval_ppl_after"] < r["eval_ppl_before"], p.stdout
@@ -581,3 +581,156 @@ def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenize
             "--eval-split", 3, "--eval-tokens", 256)
     r = json.loads((tmp_path / "out" / "run.json").read_text())
     assert r["base"]["vocab_size"] == 128256 and r["steps"] == 3 and r["train_tokens"] == 3 * 2 * 64, p.stdout
+
+# -----------------------------------------------------------------------------
+# transfer: outside texts, the retention set sampled from the base, replay, and a weighted mix of corpora
+
+
+def test_data_spec_weights_and_row_fractions():
+    assert finetune_llama.parse_data_spec("a.txt, b.txt:3,c:d.txt") == [("a.txt", None), ("b.txt", 3.0),
+                                                                        ("c:d.txt", None)]
+    src = [finetune_llama.Source(p, w, [], [], "") for p, w in (("a", None), ("b", None))]
+    assert finetune_llama.pool_fractions(src, [30, 10], 0.0) == [0.75, 0.25]  # no weights: by size
+    assert finetune_llama.pool_fractions(src, [30, 10], 0.2) == pytest.approx([0.6, 0.2, 0.2])
+    src[1].weight = 3.0  # one weight given: the other counts 1
+    assert finetune_llama.pool_fractions(src, [30, 10], 0.5) == pytest.approx([0.125, 0.375, 0.5])
+
+
+def test_row_schedule_gives_each_pool_its_share_and_cycles_through_it():
+    pools = [[[i] for i in range(10)], [[100 + i] for i in range(3)], [[200 + i] for i in range(50)]]
+    rows = finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=1)
+    assert rows == finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=1)  # seeded
+    assert rows != finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=2)
+    got = [[r[0] for r in rows if r[0] // 100 == k] for k in range(3)]
+    assert [len(g) for g in got] == [20, 12, 8]
+    assert sorted(got[0]) == sorted(list(range(10)) * 2)  # whole passes over a pool before any row repeats
+    assert sorted(got[1]) == sorted([100, 101, 102] * 4) and len(set(got[2])) == 8
+    # largest remainder: 7 rows at 1/3 each -> 3, 2, 2 (or a permutation), never 6 or 8 rows
+    assert len(finetune_llama.row_schedule(pools, [1 / 3] * 3, 7, seed=0)) == 7
+
+
+def test_base_samples_are_seeded_cached_and_free_of_blank_lines(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
+    tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
+    a = finetune_llama.base_samples(model, tok, 20, 24, 7, tmp_path / "a.txt", "hf", "samples")
+    b = finetune_llama.base_samples(model, tok, 20, 24, 7, tmp_path / "b.txt", "hf", "samples")
+    c = finetune_llama.base_samples(model, tok, 20, 24, 8, tmp_path / "c.txt", "hf", "samples")
+    assert a == b != c and 0 < len(a) <= 20
+    assert all(d and d == d.strip() and "\n\n" not in d for d in a)
+    assert finetune_llama.read_documents(str(tmp_path / "a.txt")) == a
+    (tmp_path / "a.txt").write_text("cached\n\nsamples\n")  # a cached file is read, not sampled again
+    assert finetune_llama.base_samples(model, tok, 20, 24, 7, tmp_path / "a.txt", "hf", "x") == ["cached", "samples"]
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tiny):
+    """Two corpora mixed 1:3, an outside text, the retention set and replay of base samples."""
+    d = tiny["dir"] / "transfer"
+    d.mkdir()
+    docs = tiny["docs"]
+    (d / "a.txt").write_text("\n\n".join(docs[:40]) + "\n")
+    (d / "b.txt").write_text("\n\n".join(docs[40:]) + "\n")
+    prose = ["The central bank kept its policy rate unchanged and said inflation was easing slowly.",
+             "Shares of the retailer rose after it reported stronger holiday sales than analysts expected.",
+             "Bond investors bought long-dated Treasuries as growth worries returned."]
+    (d / "prose.txt").write_text("\n\n".join(prose) + "\n")
+    env = {**ENV, "FINLLM_CACHE": str(d / "cache")}
+    args = ["--model", tiny["llama_a"], "--backend", "hf", "--data", f"{d / 'a.txt'},{d / 'b.txt'}:3",
+            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 10, "--lr", 1e-2, "--warmup-steps", 2,
+            "--eval-split", 4, "--eval-tokens", 0, "--eval-text", d / "prose.txt", "--retention-docs", 12,
+            "--retention-tokens", 20, "--replay", 0.25]
+    p = subprocess.run([sys.executable, str(ROOT / "finetune_llama.py"), *map(str, args), "--out", str(d / "out")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"dir": d, "args": args, "env": env, "proc": p, "prose": prose,
+            "run": json.loads((d / "out" / "run.json").read_text())}
+
+
+def test_every_eval_set_is_scored_before_and_after_and_recorded(tiny, transfer_run):
+    r, d = transfer_run["run"], transfer_run["dir"]
+    sets = r["eval_sets"]
+    assert list(sets) == ["heldout", "retention", "prose"]
+    assert [sets[k]["kind"] for k in sets] == ["heldout", "retention", "text"]
+    assert r["eval_context"] == 256  # 1,024 asked, capped by the tiny model's 256 positions
+    for k, e in sets.items():
+        assert e["change"] == pytest.approx(e["ppl_after"] / e["ppl_before"] - 1)
+    assert (sets["heldout"]["ppl_before"], sets["heldout"]["ppl_after"]) == (r["eval_ppl_before"], r["eval_ppl_after"])
+    assert sets["heldout"]["documents"] == 8  # the last 4 of each corpus
+    # an independent count: the base scores every set to the same perplexity, with the same windows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
+    tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
+    retention = Path(sets["retention"]["source"])
+    assert retention.parent.parent == d / "cache" / "samples"
+    for k, docs in (("prose", transfer_run["prose"]), ("retention", finetune_llama.read_documents(str(retention)))):
+        ids = finetune_llama.encode_documents(tok, docs)
+        nll = n = 0
+        with torch.no_grad():
+            for s in ids:
+                logits = base(torch.tensor([s])).logits[0, :-1]
+                nll += torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="sum").item()
+                n += len(s) - 1
+        assert sets[k]["tokens"] == n and sets[k]["documents"] == len(docs)
+        assert math.isclose(sets[k]["ppl_before"], math.exp(nll / n), rel_tol=1e-4)
+    # metrics.jsonl: the eval lines carry every set; the output names each
+    evals = [json.loads(x) for x in (d / "out" / "metrics.jsonl").read_text().splitlines() if '"sets"' in x]
+    assert [m["iter"] for m in evals] == [0, 10]
+    assert evals[-1]["sets"] == {k: e["ppl_after"] for k, e in sets.items()}
+    out = transfer_run["proc"].stdout
+    assert "retention perplexity:" in out and "prose perplexity:" in out
+    assert out.strip().splitlines()[-1].startswith("held-out perplexity:")
+
+
+def test_mix_and_replay_take_their_share_of_rows(transfer_run):
+    r = transfer_run["run"]
+    a, b = r["data"]["sources"]
+    assert (a["weight"], b["weight"]) == (None, 3.0)
+    assert a["row_fraction"] == pytest.approx(0.75 * 0.25) and b["row_fraction"] == pytest.approx(0.75 * 0.75)
+    assert a["train_documents"] == b["train_documents"] == 36 and r["data"]["train_documents"] == 72
+    assert r["replay"]["fraction"] == 0.25 and r["replay"]["source"] == "base-samples"
+    replay_docs = finetune_llama.read_documents(r["replay"]["path"])
+    retention_docs = finetune_llama.read_documents(r["eval_sets"]["retention"]["source"])
+    assert len(replay_docs) == r["replay"]["documents"] == 64 and not set(replay_docs) & set(retention_docs)
+
+
+def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, transfer_run):
+    d, args = transfer_run["dir"], transfer_run["args"]
+    retention = Path(transfer_run["run"]["eval_sets"]["retention"]["source"])
+    stamp = retention.stat().st_mtime_ns
+
+    def finetune(out, *extra):
+        p = subprocess.run([sys.executable, str(ROOT / "finetune_llama.py"), *map(str, args), *map(str, extra),
+                            "--out", str(d / out)], capture_output=True, text=True, cwd=ROOT,
+                           env=transfer_run["env"], timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads((d / out / "run.json").read_text())
+
+    plain = finetune("plain", "--replay", 0)
+    rehearsed = finetune("rehearsed", "--replay", 0.5, "--replay-data", d / "prose.txt")
+    assert retention.stat().st_mtime_ns == stamp  # the cached samples, not new ones
+    assert plain["eval_sets"]["retention"]["ppl_before"] == transfer_run["run"]["eval_sets"]["retention"]["ppl_before"]
+    assert plain["replay"] is None and rehearsed["replay"]["source"] == str(d / "prose.txt")
+    # rehearsing the outside text keeps (here: makes) it likelier than training on the corpora alone
+    assert rehearsed["eval_sets"]["prose"]["change"] < plain["eval_sets"]["prose"]["change"]
+    assert rehearsed["eval_sets"]["prose"]["ppl_after"] < rehearsed["eval_sets"]["prose"]["ppl_before"]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--eval-text", "missing.txt"], "--eval-text missing.txt not found"),
+    (["--eval-text", "EMPTY"], "is empty"),
+    (["--replay-data", "CORPUS"], "--replay-data needs --replay"),
+    (["--replay", "1"], "--replay"),
+    (["--data", "CORPUS:0"], "a weight must be above 0"),
+    (["--data", "CORPUS,CORPUS"], "named twice"),
+    (["--retention-tokens", "0"], "--retention-tokens"),
+])
+def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    sub = {"EMPTY": str(tmp_path / "empty.txt"), "CORPUS": str(tiny["corpus"])}
+    flags = [sub.get(f, f.replace("CORPUS", str(tiny["corpus"]))) for f in flags]
+    if "--data" not in flags:
+        flags += ["--data", str(tiny["corpus"])]
+    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--out", tmp_path / "out", *flags, check=False)
+    assert_user_error(p, fragment)
+    assert not (tmp_path / "out").exists()

@@ -189,6 +189,46 @@ def test_truncated_adapter_weights_exit_2(adapter, tmp_path, keep):
     p = run("infer.py", "--adapter", cut, "--prompt", "Oil", "--max-new-tokens", "2", check=False)
     assert_user_error(p, f"--adapter {cut}: adapter_model.safetensors", "is damaged or truncated")
 
+def base_with_context(adapter, folder: Path, positions: int) -> Path:
+    """The adapter's base with another max_position_embeddings (rotary positions: the same weights fit)."""
+    shutil.copytree(adapter.parent / "base", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": positions}))
+    return folder
+
+
+def test_ppl_context_default_is_the_same_for_base_and_adapter(adapter, corpus, tmp_path, capsys):
+    long_base = base_with_context(adapter, tmp_path / "base4096", 4096)
+    trained = tmp_path / "adapter"  # as finetune_llama.py leaves it: run.json records 16-token training rows
+    shutil.copytree(adapter, trained)
+    (trained / "run.json").write_text(json.dumps({"args": {"max_seq_length": 16}}))
+    ppl = ["--ppl", str(corpus)]
+    alone = infer.main(["--model", str(long_base), *ppl, "--json-out", str(tmp_path / "a.json")])
+    both = infer.main(["--adapter", str(trained), "--model", str(long_base), *ppl, "--compare-base",
+                       "--json-out", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert alone["ppl"]["context"] == both["ppl"]["context"] == 1024  # 1024, not the adapter's 16
+    assert err.count("perplexity: windows of 1024 tokens (model context 4096)") == 2
+    for name, res in (("a.json", alone), ("b.json", both)):
+        recorded = json.loads((tmp_path / name).read_text())["ppl"]
+        assert recorded["context"] == 1024 and recorded["model_context"] == 4096 and recorded == res["ppl"]
+    # the base under the adapter scores exactly as the base alone: the same windows
+    assert both["ppl"]["base_perplexity"] == pytest.approx(alone["ppl"]["perplexity"], rel=1e-6)
+    # which windows matters (these documents are longer than 16 tokens), and an explicit one is used as given
+    short = infer.main(["--model", str(long_base), *ppl, "--ppl-context", "16"])["ppl"]
+    assert short["context"] == 16 and short["tokens"] == alone["ppl"]["tokens"]
+    assert abs(short["perplexity"] / alone["ppl"]["perplexity"] - 1) > 1e-3
+
+
+def test_ppl_context_default_is_capped_by_the_model_context(adapter, ckpt, corpus, tmp_path):
+    ppl = ["--ppl", str(corpus)]
+    res = infer.main(["--adapter", str(adapter), *ppl, "--json-out", str(tmp_path / "a.json")])
+    assert res["ppl"]["context"] == 128 == json.loads((tmp_path / "a.json").read_text())["ppl"]["context"]
+    res = infer.main(["--ckpt", str(ckpt), *ppl, "--ppl-context", "4096"])  # capped by the GPT's block size
+    assert res["ppl"]["context"] == 32 and res["ppl"]["model_context"] == 32
+    assert infer.main(["--ckpt", str(ckpt), "--ppl", str(corpus)])["ppl"]["context"] == 32
+
+
 def test_prompts_file_that_is_not_utf8_exit_2(ckpt, tmp_path):
     (tmp_path / "prompts.txt").write_bytes("Oil fell\nCaf\u00e9 prices\n".encode("latin-1"))
     p = run("infer.py", "--ckpt", ckpt, "--prompts-file", tmp_path / "prompts.txt", check=False)
