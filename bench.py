@@ -192,6 +192,12 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
     else:
         common = ["--max-seq-length", "64", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "512",
                   "--warmup-steps", "1"]
+    # the recipe run: finetune_llama.py's own defaults, i.e. a user's default command (replay, retention set,
+    # its own step count); --tiny keeps the test suite's shapes and few, short base samples
+    recipe = common + ["--retention-docs", "8", "--retention-tokens", "16"] if mode == "tiny" else []
+    # the speed runs time the training step alone: no replay rows (their KL loss adds a forward pass of the
+    # base) and no base sampling for a retention set, so their tokens/s compare like with like
+    common = common + ["--replay", "0", "--retention-docs", "0"]
     # no --bf16 either way: finetune_llama.py picks it where the device has the units, and each
     # run.json records the setting it used
     lora, qlora = ["--backend", "hf", "--no-load-in-4bit"], ["--backend", "hf", "--load-in-4bit"]
@@ -201,19 +207,22 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
         runs.append(("Unsloth 4-bit", ["--backend", "unsloth"], True))
     elif bf16_units:  # a CPU with bf16 units trains under bf16 autocast by default: measure what that buys
         runs.append(("LoRA fp32", lora + ["--no-bf16"], True))
-    return {"common": common, "runs": runs}
+    # recipe_cost: the recipe run's ETA weight in speed runs (40 steps, replay, 64 base samples to draw)
+    return {"common": common, "runs": runs, "recipe": recipe, "recipe_cost": 1.5 if mode == "tiny" else 5.0}
 
 
 # Fine-tune settings `--sweep transfer` compares: (name, finetune_llama.py flags), each run on the same base
 # command. The question: which settings keep the in-domain gain while the model keeps what it knew.
 TRANSFER_SWEEP: list[tuple[str, list[str]]] = [
-    ("default", []),
-    ("lr 5e-4", ["--lr", "5e-4"]),
-    ("rank 4", ["--rank", "4", "--alpha", "4"]),
-    ("attention only", ["--target-modules", "q,k,v,o"]),
-    ("replay 25%", ["--replay", "0.25"]),
-    ("replay 50%", ["--replay", "0.5"]),
-    ("lr 5e-4 + replay 25%", ["--lr", "5e-4", "--replay", "0.25"]),
+    ("no replay (the earlier recipe)", ["--replay", "0", "--replay-loss", "ce"]),
+    ("no replay, lr 5e-4", ["--replay", "0", "--replay-loss", "ce", "--lr", "5e-4"]),
+    ("replay 50% ce", ["--replay-loss", "ce"]),
+    ("replay 50% ce, lr 5e-4", ["--replay-loss", "ce", "--lr", "5e-4"]),
+    ("replay 75% ce", ["--replay", "0.75", "--replay-loss", "ce"]),
+    ("replay 25% kl", ["--replay", "0.25"]),
+    ("replay 50% kl, attention only", ["--target-modules", "q,k,v,o"]),
+    ("replay 75% kl", ["--replay", "0.75"]),
+    ("default: replay 50% kl", []),  # [] flags: finetune_llama.py's defaults, starred on the frontier plot
 ]
 TRANSFER_TARGET = (-0.30, 0.05)  # a setting in the box: in-domain ppl -30% or better, no other set over +5%
 
@@ -432,6 +441,8 @@ def ablation_row(name: str, r: dict, target: float | None) -> dict:
 
 def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_units: bool = False,
                    eval_texts: list[str] | None = None) -> dict:
+    """The speed runs (one training step's cost per method), then the recipe run: the user's default command,
+    whose figures the transfer table and the headline quote."""
     plan = finetune_plan(mode, gpu, bf16_units)
     eval_texts = list(eval_texts or [])  # every run scores them too: the transfer table of each run
     res: dict = {"model": model, "common": plan["common"], "eval_texts": eval_texts, "runs": []}
@@ -443,20 +454,33 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_
         cmd = [R.py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
                "--packing" if packing else "--no-packing"] + flags + plan["common"]
         cmd += eval_text_flags(eval_texts)
-        if not R.run(key, cmd, cost, folder / "run.json"):
-            continue
-        run = read_json(folder / "run.json")
-        # steady state: the first steps (allocation; Unsloth compiles its kernels there) are left out
-        res["runs"].append({"method": name, "packing": packing, "adapter": str(folder),
-                            "tokens_per_s": run.get("tokens_per_s_steady", run["tokens_per_s"]),
-                            "tokens_per_s_all_steps": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"],
-                            "peak_mem_kind": run.get("peak_mem_kind"),
-                            "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
-                            "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
-                            "backend": run.get("backend"), "base": run.get("base"), "bf16": run.get("bf16"),
-                            "eval_sets": eval_sets_of(run), "eval_context": run.get("eval_context"),
-                            "replay": run.get("replay")})
+        if R.run(key, cmd, cost, folder / "run.json"):
+            res["runs"].append(finetune_record(name, packing, folder))
+    # nothing but what a user types (and the eval texts): on a GPU the script picks its backend itself
+    flags = ["--model", model, "--data", data] + plan["recipe"] + eval_text_flags(eval_texts)
+    folder = R.out / "runs" / "ft_recipe"
+    if R.run("ft_recipe", [R.py, "finetune_llama.py", *flags, "--out", str(folder), "--overwrite"],
+             cost * plan["recipe_cost"], folder / "run.json"):
+        run = finetune_record("LoRA recipe", None, folder)
+        res["runs"].append({**run, "recipe": True, "flags": flags})
     return res
+
+
+def finetune_record(method: str, packing: bool | None, folder: Path) -> dict:
+    """One fine-tune run's figures from its run.json; packing None: the setting the run recorded."""
+    run = read_json(folder / "run.json")
+    if packing is None:
+        packing = bool((run.get("data") or {}).get("packing", (run.get("args") or {}).get("packing", True)))
+    # steady state: the first steps (allocation; Unsloth compiles its kernels there) are left out
+    return {"method": method, "packing": packing, "adapter": str(folder),
+            "tokens_per_s": run.get("tokens_per_s_steady", run["tokens_per_s"]),
+            "tokens_per_s_all_steps": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"],
+            "peak_mem_kind": run.get("peak_mem_kind"),
+            "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
+            "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
+            "backend": run.get("backend"), "base": run.get("base"), "bf16": run.get("bf16"),
+            "eval_sets": eval_sets_of(run), "eval_context": run.get("eval_context"),
+            "replay": run.get("replay"), "steps": run.get("steps")}
 
 
 def eval_text_flags(paths: list[str]) -> list[str]:
@@ -712,9 +736,27 @@ TOLERANCE = TRANSFER_TARGET[1]  # how much worse a set other than the in-domain 
 
 
 def transfer_run(ft: dict | None) -> dict | None:
-    """The run the transfer figures describe: LoRA with packing (the headline's), else the first one."""
+    """The run the transfer figures describe: the recipe run (what a user's default command gives), else LoRA
+    with packing (a speed run), else the first one."""
     runs = (ft or {}).get("runs", [])
-    return next((r for r in runs if r["method"] == "LoRA" and r["packing"]), runs[0] if runs else None)
+    recipe = next((r for r in runs if r.get("recipe")), None)
+    lora = next((r for r in runs if r["method"] == "LoRA" and r["packing"]), runs[0] if runs else None)
+    return recipe or lora
+
+
+def run_label(run: dict) -> str:
+    """"LoRA, default recipe" for the recipe run, else its method and rows: "LoRA (packed)"."""
+    if run.get("recipe"):
+        return "LoRA, default recipe"
+    return f"{run['method']} ({'packed' if run['packing'] else 'padded'})"
+
+
+def replay_words(replay: dict | None) -> str:
+    """"50% of the training rows from base-samples, kl loss", or "none"."""
+    if not (replay or {}).get("fraction"):
+        return "none"
+    loss = f", {replay['loss']} loss" if replay.get("loss") else ""
+    return f"{100 * replay['fraction']:.0f}% of the training rows from {replay.get('source')}{loss}"
 
 
 def set_label(name: str, kind: str) -> str:
@@ -746,8 +788,7 @@ def transfer_figure(ft: dict):
     ax.set_axisbelow(True)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1), ncol=2, frameon=False)  # not on a bar
     ax.set_xlabel("perplexity after fine-tuning / before - 1 (negative is better)")
-    return fig, (f"Transfer: perplexity change per evaluation set, {run['method']} "
-                 f"({'packed' if run['packing'] else 'padded'})")
+    return fig, f"Transfer: perplexity change per evaluation set, {run_label(run)}"
 
 
 def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
@@ -825,8 +866,9 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
                   ablation_table(gpt["extras"]), ""]
     if ft and ft["runs"]:
         L += ["## Fine-tuning: LoRA vs QLoRA" + (" vs Unsloth" if any("Unsloth" in r["method"] for r in ft["runs"]) else ""),
-              "", f"Base `{ft['model']}`, flags `{' '.join(ft['common'])}`; precision: the setting each run "
-              "used (finetune_llama.py's default: bf16 where the device has bf16 units).", ""]
+              "", f"Base `{ft['model']}`, speed runs' flags `{' '.join(ft['common'])}`; precision: the "
+              "setting each run used (finetune_llama.py's default: bf16 where the device has bf16 units)."
+              + recipe_note(ft), ""]
         L += [table(["method", "packing", "precision", "tokens/s", "peak memory (MB)", "held-out ppl before",
                      "after", "change"],
                     [[r["method"], "packed" if r["packing"] else "padded", precision(r.get("bf16")),
@@ -853,18 +895,31 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
     return "\n".join(L) + "\n"
 
 
+def recipe_note(ft: dict) -> str:
+    """What sets the LoRA recipe row apart from the speed runs above it."""
+    run = next((r for r in ft["runs"] if r.get("recipe")), None)
+    if run is None:
+        return ""
+    steps = f"{run['steps']} steps, " if run.get("steps") else ""
+    return (f" LoRA recipe: a user's default command ({steps}replay: {replay_words(run.get('replay'))}); "
+            "its tokens/s count the replay rows, whose KL loss costs one more forward pass of the base each, "
+            "so the speed runs (no replay, no retention set) are the ones to compare for speed.")
+
+
 def transfer_section(ft: dict) -> list[str]:
     """Every set the headline run scored before and after training: in-domain, retention, other texts."""
     run = transfer_run(ft)
     if run is None:
         return []
     windows = f"windows of {run['eval_context']:,} tokens" if run.get("eval_context") else "the run's windows"
-    replay = run.get("replay") or {}
-    kind = "packed" if run["packing"] else "padded"
-    replayed = (f" Replay: {100 * replay['fraction']:.0f}% of the training rows from {replay.get('source')}."
-                if replay.get("fraction") else "")
-    L = [f"### Transfer: {run['method']} ({kind}), every evaluation set", "",
-         f"Each set scored by the base and by the adapter in {windows}; change = ppl after / ppl before - 1 "
+    replayed = (f" Replay: {replay_words(run.get('replay'))}."
+                if run.get("recipe") or (run.get("replay") or {}).get("fraction") else "")
+    L = [f"### Transfer: {run_label(run)}, every evaluation set", ""]
+    if run.get("recipe"):  # the command a user runs, with the script's own defaults for everything else
+        steps = f" ({run['steps']} steps)" if run.get("steps") else ""
+        L += [f"Command: `python finetune_llama.py {shlex.join(run['flags'])}`{steps}: finetune_llama.py's "
+              "defaults besides these flags.", ""]
+    L += [f"Each set scored by the base and by the adapter in {windows}; change = ppl after / ppl before - 1 "
          "(negative: better). heldout: the corpus's held-out end (in-domain); retention: documents sampled "
          "from the base model itself (a rise: the model moved off what it knew); text: an `--eval-text` file. "
          f"Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every other set at most "
@@ -923,10 +978,13 @@ def headline(results: dict) -> dict:
         padded = by.get(("LoRA", False))
         if lora and padded:
             h["packing_tokens_per_s_ratio"] = lora["tokens_per_s"] / padded["tokens_per_s"]
-        if lora and (lora.get("base") or {}).get("source") != "random-init":  # random weights: no quality figure
-            h["lora_ppl_change"] = lora["eval_ppl_after"] / lora["eval_ppl_before"] - 1
+        # the quality figures: the recipe run's (a user's default command), else the LoRA speed run's
+        run = next((r for r in ft["runs"] if r.get("recipe")), lora)
+        if run and (run.get("base") or {}).get("source") != "random-init":  # random weights: no quality
+            h["lora_label"] = "LoRA, default recipe" if run.get("recipe") else "LoRA"
+            h["lora_ppl_change"] = run["eval_ppl_after"] / run["eval_ppl_before"] - 1
             h["lora_transfer"] = [{"set": n, "kind": s["kind"], "change": s["change"]}
-                                  for n, s in eval_sets_of(lora).items()]
+                                  for n, s in eval_sets_of(run).items()]
     for model in ("gpt_optimized", "llama_lora"):
         kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
         if kv and nc:
@@ -966,10 +1024,11 @@ def headline_lines(h: dict) -> list[str]:
         out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
     if "packing_tokens_per_s_ratio" in h:
         out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
+    label = h.get("lora_label", "LoRA")
     if h.get("lora_transfer"):
-        out.append("LoRA: " + transfer_words(h["lora_transfer"]))
+        out.append(f"{label}: " + transfer_words(h["lora_transfer"]))
     elif "lora_ppl_change" in h:
-        out.append(f"LoRA held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
+        out.append(f"{label} held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
     for model in ("gpt_optimized", "llama_lora"):
         if f"{model}_kv_cache_speedup" in h:
             out.append(f"{model}: the KV cache decodes {h[f'{model}_kv_cache_new_tokens']} tokens "
@@ -1033,16 +1092,24 @@ def slug(name: str) -> str:
 
 
 def sweep_settings(spec: str | None) -> list[tuple[str, list[str]]]:
-    """The settings --sweep-settings names (by name or folder name), in TRANSFER_SWEEP's order."""
+    """The settings --sweep-settings names (by name or folder name), in TRANSFER_SWEEP's order. A name may
+    hold a comma itself ("no replay, lr 5e-4"): the longest run of comma-separated pieces naming one wins."""
     if spec is None:
         return list(TRANSFER_SWEEP)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
     known = {key: name for name, _ in TRANSFER_SWEEP for key in (name, slug(name))}
-    bad = [n for n in names if n not in known] or ([] if names else [spec])
-    if bad:
-        die(f"--sweep-settings: no setting {bad[0]!r}; the settings are: "
-            + ", ".join(name for name, _ in TRANSFER_SWEEP))
-    wanted = {known[n] for n in names}
+    pieces, wanted, i = spec.split(","), set(), 0
+    while i < len(pieces):
+        for j in range(len(pieces), i, -1):
+            name = re.sub(r"\s*,\s*", ", ", ",".join(pieces[i:j]).strip())
+            if name in known:
+                wanted.add(known[name])
+                break
+        else:
+            j = i + 1
+            if pieces[i].strip() or not wanted and j == len(pieces):
+                die(f"--sweep-settings: no setting {pieces[i].strip() or spec!r}; the settings are: "
+                    + "; ".join(name for name, _ in TRANSFER_SWEEP))
+        i = j
     return [(name, flags) for name, flags in TRANSFER_SWEEP if name in wanted]
 
 
@@ -1421,6 +1488,7 @@ def main(argv: list[str] | None = None) -> dict:
         meta["report_rebuilt_by"] = command
         mode, stages, device, gpu = meta["mode"], meta["stages"], meta["device"], meta["device"] == "cuda"
         data, model, args.time_limit = Path(meta["data"]), meta["model"], None
+        args.eval_text = (meta.get("flags") or {}).get("eval_text") or []  # the recipe's command names them
         bf16_units = bool(meta.get("bf16_units", False))  # the ladder the run was planned with
         check_record_targets(args, f"{mode}-{device}")
     else:
@@ -1443,7 +1511,8 @@ def main(argv: list[str] | None = None) -> dict:
     per = COST[mode]
     plan = gpt_plan(mode, bf16_units)
     n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
-    n_ft = len(finetune_plan(mode, gpu, bf16_units)["runs"])
+    ft_plan = finetune_plan(mode, gpu, bf16_units)
+    n_ft = len(ft_plan["runs"]) + ft_plan["recipe_cost"]
     total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
              + ("infer" in stages) * 3 * per[2])
     R = Runner(out, total, args.time_limit, replay=args.report_only)

