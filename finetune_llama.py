@@ -848,11 +848,11 @@ def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:
             "sets": {k: v["ppl"] for k, v in scores.items()}, "elapsed_s": elapsed_s}
 
 
-def distill_loss(model, ids, mask, labels, replay, autocast):
+def distill_loss(model, ids, mask, labels, replay, autocast, weight: float = 1.0):
     """Mean per-token loss of a batch: cross-entropy on the corpus rows; on the replay rows the KL divergence
     from the base's whole next-token distribution (the LoRA switched off) to the model's. That is the
     retention set's measure itself, per token, rather than a one-sample estimate of it (self-distillation, as in
-    Learning without Forgetting, Li & Hoiem 2016)."""
+    Learning without Forgetting, Li & Hoiem 2016), scaled by `weight` (LwF's lambda: how hard to hold on)."""
     import torch
     import torch.nn.functional as F
     with autocast:
@@ -865,7 +865,7 @@ def distill_loss(model, ids, mask, labels, replay, autocast):
         base_logits = model(input_ids=ids[replay], attention_mask=mask[replay]).logits[:, :-1]
     base_logp = F.log_softmax(base_logits.float(), dim=-1)
     kl = (base_logp.exp() * (base_logp - logp[replay])).sum(-1)  # (R, T-1)
-    tok_loss[replay] = kl
+    tok_loss[replay] = weight * kl
     return (tok_loss * valid).sum() / valid.sum()
 
 
@@ -896,7 +896,7 @@ def train(model, args, rows: list[tuple[int, list[int]]], total_steps: int, devi
             ids, mask, labels = pad_batch([r for _, r in batch], pad_id, device)
             replay = torch.tensor([i == replay_pool for i, _ in batch], device=device)
             if args.replay_loss == "kl" and bool(replay.any()):
-                loss = distill_loss(model, ids, mask, labels, replay, autocast)
+                loss = distill_loss(model, ids, mask, labels, replay, autocast, args.replay_weight)
             else:
                 with autocast:
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -1054,7 +1054,8 @@ def run_record(args, args_given, base, backend, device, sources, sets, replay, p
         "cpu_bf16_units": cpu_has_bf16_units() if device == "cpu" else None,
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "trainable_params": n_trainable, "total_params": n_total, "data": data,
-        "replay": {"fraction": args.replay, "loss": args.replay_loss, "source": replay["source"], "path": replay["path"],
+        "replay": {"fraction": args.replay, "loss": args.replay_loss, "weight": args.replay_weight,
+                   "source": replay["source"], "path": replay["path"],
                    "documents": len(replay["docs"]), "pool_rows": plan["replay_pool_rows"]} if replay else None,
         "steps": plan["total_steps"], "train_tokens": stats["train_tokens"],
         "eval_context": context, "eval_sets": eval_sets,
@@ -1167,6 +1168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replay-loss", default="kl", choices=["ce", "kl"],
                    help="on replay rows, ce: learn the sampled tokens; kl: match the base's whole next-token "
                         "distribution (self-distillation: one more forward pass of the base per replay row)")
+    g.add_argument("--replay-weight", type=bounded(float, 0, low_open=True), default=1.0,
+                   help="--replay-loss kl: weight of the KL term against the corpus rows' cross-entropy")
     g.add_argument("--max-seq-length", type=bounded(int, 2), default=128, help="tokens per training row")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="pack documents into full --max-seq-length blocks with the separator between them "

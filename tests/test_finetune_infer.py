@@ -768,5 +768,31 @@ def test_distill_loss_is_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_repl
         expect = (ce0 + kl[1].sum() + kl[2, :8].sum()) / 30
     loss = finetune_llama.distill_loss(model, ids, mask, labels, replay, off)
     assert kl[1].sum() > 0 and math.isclose(loss.item(), expect.item(), rel_tol=1e-5)
+    held = finetune_llama.distill_loss(model, ids, mask, labels, replay, off, weight=3.0)  # LwF's lambda
+    assert math.isclose(held.item(), (ce0 + 3 * (kl[1].sum() + kl[2, :8].sum())).item() / 30, rel_tol=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fetched_news_trains_with_the_same_command_mixed_into_the_market_corpus(tiny, tmp_path):
+    import fetch_news
+    recs = [{"date": f"2024-03-{d:02d}T14:00:00+00:00", "link": f"https://news.example/{d}",
+             "title": f"<b>Company {d} reports quarterly results</b>",
+             "content": f"<p>Revenue rose {d}% from a year earlier.</p><p>The shares gained {d / 10:.1f}% in "
+                        f"early trading as analysts raised their targets.</p>"} for d in range(1, 21)]
+    news = tmp_path / "news"
+    news.mkdir()
+    (news / "news.jsonl").write_bytes(fetch_news.jsonl_bytes(recs))
+    corpus, n_docs, _ = fetch_news.write_news_corpus(str(news))
+    assert n_docs == 20
+    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--data", f"{tiny['corpus']},{corpus}:1",
+            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 3, "--eval-split", 0.1, "--retention-docs", 0,
+            "--replay", 0, "--out", tmp_path / "out")
+    r = json.loads((tmp_path / "out" / "run.json").read_text())
+    market, fetched = r["data"]["sources"]
+    assert fetched["path"] == corpus and fetched["weight"] == 1.0 and market["weight"] is None
+    assert market["row_fraction"] == fetched["row_fraction"] == 0.5  # one weight given: the other counts 1
+    assert (fetched["train_documents"], fetched["eval_documents"]) == (18, 2)
+    held = (tmp_path / "out" / "eval_docs.txt").read_text().split("\n\n")
+    assert held[-1].startswith("Company 20 reports quarterly results") and len(held) == 8 + 2
+    assert "held-out perplexity" in p.stdout.splitlines()[-1]
