@@ -216,13 +216,18 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
 TRANSFER_SWEEP: list[tuple[str, list[str]]] = [
     ("no replay (the earlier recipe)", ["--replay", "0", "--replay-loss", "ce"]),
     ("no replay, lr 5e-4", ["--replay", "0", "--replay-loss", "ce", "--lr", "5e-4"]),
-    ("replay 50% ce", ["--replay-loss", "ce"]),
     ("replay 50% ce, lr 5e-4", ["--replay-loss", "ce", "--lr", "5e-4"]),
     ("replay 75% ce", ["--replay", "0.75", "--replay-loss", "ce"]),
-    ("replay 25% kl", ["--replay", "0.25"]),
-    ("replay 50% kl, attention only", ["--target-modules", "q,k,v,o"]),
-    ("replay 75% kl", ["--replay", "0.75"]),
-    ("default: replay 50% kl", []),  # [] flags: finetune_llama.py's defaults, starred on the frontier plot
+    ("replay 25% kl", ["--replay", "0.25", "--replay-weight", "1"]),
+    ("replay 50% kl, weight 1", ["--replay-weight", "1"]),
+    ("replay 50% kl, weight 1, seed 2", ["--replay-weight", "1", "--seed", "2"]),
+    ("replay 50% kl, weight 1, attention only", ["--replay-weight", "1", "--target-modules", "q,k,v,o"]),
+    ("replay 75% kl", ["--replay", "0.75", "--replay-weight", "1"]),
+    ("replay 50% kl, weight 4", ["--replay-weight", "4"]),
+    ("replay 50% kl, weight 4, seed 2", ["--replay-weight", "4", "--seed", "2"]),
+    ("default, seed 2", ["--seed", "2"]),
+    ("default, fp32 (a CPU without bf16 units)", ["--no-bf16"]),
+    ("default: replay 50% kl", []),  # [] flags: finetune_llama.py's defaults (weight 2), starred on the plot
 ]
 TRANSFER_TARGET = (-0.30, 0.05)  # a setting in the box: in-domain ppl -30% or better, no other set over +5%
 
