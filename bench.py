@@ -1198,33 +1198,44 @@ def sweep_table(rows: list[dict]) -> str:
 
 def frontier_figure(rows: list[dict]):
     """x: in-domain change, y: the worst change among the other sets; the default starred, the target shaded.
+    Left the whole sweep, right a close-up of the target corner; points are numbered, names in the key below.
     A setting without a retention or eval-text figure has no y and is left out."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     pts = [r for r in rows if None not in (r.get("in_domain_change"), r.get("worst_other_change"))]
     xs, ys = [100 * r["in_domain_change"] for r in pts], [100 * r["worst_other_change"] for r in pts]
     tx, ty = 100 * TRANSFER_TARGET[0], 100 * TRANSFER_TARGET[1]
-    (x0, x1), (y0, y1) = [(min(v + [t, 0.0]), max(v + [t, 0.0])) for v, t in ((xs, tx), (ys, ty))]
-    dx, dy = x1 - x0, y1 - y0
-    x0, x1, y0, y1 = x0 - 0.15 * dx, x1 + 0.25 * dx, y0 - 0.15 * dy, y1 + 0.15 * dy  # room for the names
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.add_patch(Rectangle((x0, y0), tx - x0, ty - y0, color="tab:green", alpha=0.12, lw=0,
-                           label=f"target: in-domain <= {tx:+.0f}%, others <= {ty:+.0f}%"))
-    ax.axvline(0, color="dimgrey", lw=0.8)
-    ax.axhline(0, color="dimgrey", lw=0.8)
-    for r, x, y in zip(pts, xs, ys):
-        default = not r["flags"]
-        ax.scatter([x], [y], marker="*" if default else "o", s=180 if default else 40, zorder=3,
-                   color="tab:red" if default else "tab:blue", label="default" if default else None)
-        ax.annotate(r["setting"], (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.xaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
-    ax.set_xlabel("in-domain (held-out) perplexity change (left is better)")
-    ax.set_ylabel("worst change: retention and eval texts (lower is better)")
-    ax.grid(alpha=.3)
-    ax.legend(fontsize=8, loc="upper right")
+    half = (len(pts) + 1) // 2
+    fig, grid = plt.subplots(2, 2, figsize=(11, 5.5 + 0.16 * half), height_ratios=[5.5, 0.16 * half + 0.2])
+    axes = grid[0]
+    near = [(x, y) for x, y in zip(xs, ys) if y <= 3 * ty] or list(zip(xs, ys))
+    views = [(xs, ys), ([x for x, _ in near], [y for _, y in near])]
+    for ax, (vx, vy) in zip(axes, views):
+        (x0, x1), (y0, y1) = [(min(v + [t, 0.0]), max(v + [t, 0.0])) for v, t in ((vx, tx), (vy, ty))]
+        dx, dy = x1 - x0, y1 - y0
+        x0, x1, y0, y1 = x0 - 0.1 * dx, x1 + 0.1 * dx, y0 - 0.1 * dy, y1 + 0.1 * dy
+        ax.add_patch(Rectangle((x0, y0), tx - x0, ty - y0, color="tab:green", alpha=0.12, lw=0,
+                               label=f"target: in-domain <= {tx:+.0f}%, others <= {ty:+.0f}%"))
+        ax.axvline(0, color="dimgrey", lw=0.8)
+        ax.axhline(0, color="dimgrey", lw=0.8)
+        for i, (r, x, y) in enumerate(zip(pts, xs, ys), 1):
+            default = not r["flags"]
+            ax.scatter([x], [y], marker="*" if default else "o", s=180 if default else 40, zorder=3,
+                       color="tab:red" if default else "tab:blue", label="default" if default else None)
+            ax.annotate(str(i), (x, y), xytext=(5, 3), textcoords="offset points", fontsize=8, clip_on=True)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
+        ax.set_xlabel("in-domain (held-out) perplexity change (left is better)")
+        ax.grid(alpha=.3)
+    axes[0].set_ylabel("worst change: retention and eval texts (lower is better)")
+    axes[0].legend(fontsize=8, loc="upper right")
+    axes[1].set_title("close-up of the target corner", fontsize=9)
+    key = [f"{i}: {r['setting']}" for i, r in enumerate(pts, 1)]
+    for ax, part in zip(grid[1], (key[:half], key[half:])):  # the key: two columns under the plots
+        ax.axis("off")
+        ax.text(0, 1, "\n".join(part), fontsize=8, va="top", family="monospace", transform=ax.transAxes)
     return fig, "Transfer sweep: the in-domain gain against the worst change elsewhere, one point per setting"
 
 

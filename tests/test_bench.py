@@ -750,7 +750,8 @@ def test_frontier_plot_stars_the_default_setting():
     stars = [c for c in ax.collections if c.get_label() == "default"]
     n = len(bench.TRANSFER_SWEEP)  # the default is the last setting
     assert len(stars) == 1 and [tuple(o) for o in stars[0].get_offsets()] == [(-10.0 * n, float(n - 1))]
-    assert [t.get_text() for t in ax.texts][-1] == "default: replay 50% kl"
+    assert [t.get_text() for t in ax.texts] == [str(i) for i in range(1, n + 1)]  # numbered, named in the key
+    assert f"{n}: default: replay 50% kl" in "\n".join(t.get_text() for a in fig.axes[2:] for t in a.texts)
     assert "default" in [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
 
