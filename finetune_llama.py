@@ -65,6 +65,7 @@ LORA_SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
+REPLAY_POOL_MAX_DOCS = 512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
 RETENTION_SEED, REPLAY_SEED = 10_000, 20_000  # base samples: batch b is seeded with SEED + b (two disjoint sets)
 MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the folder, so it may replace it
 # The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
@@ -1003,6 +1004,7 @@ def main(args) -> dict:
     if args.replay > 0:
         if replay_file_docs is None:  # enough base samples for the rows replay takes, in steps of 64 documents
             n = 64 * math.ceil(replay_rows_needed(args) * args.max_seq_length / (64 * args.retention_tokens))
+            n = min(n, REPLAY_POOL_MAX_DOCS)  # a long run cycles through the pool rather than sampling for hours
             path = samples_path(args.cache_dir, base, "replay", n, args.retention_tokens)
             docs = base_samples(model, tok, n, args.retention_tokens, REPLAY_SEED, path, backend,
                                 "replay documents from the base")
