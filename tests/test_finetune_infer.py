@@ -723,7 +723,7 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
 @pytest.mark.parametrize("flags, fragment", [
     (["--eval-text", "missing.txt"], "--eval-text missing.txt not found"),
     (["--eval-text", "EMPTY"], "is empty"),
-    (["--replay-data", "CORPUS"], "--replay-data needs --replay"),
+    (["--replay", "0", "--replay-data", "CORPUS"], "--replay-data needs --replay"),
     (["--replay", "1"], "--replay"),
     (["--data", "CORPUS:0"], "a weight must be above 0"),
     (["--data", "CORPUS,CORPUS"], "named twice"),
