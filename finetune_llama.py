@@ -24,7 +24,7 @@ CPU recipe = the defaults: LoRA r=16 on all projections, packed 128-token rows, 
 half the rows replayed with the KL loss at weight 2. On two CPU cores (AVX512-BF16) it took the bundled base's
 held-out perplexity on data/finance_corpus.txt from 13.87 to 6.53 (-52.9%) with retention +3.1%, and made
 real finance posts it never saw (FiQA 2018) 17% likelier, in about 100 s of training (6 min with every
-evaluation and the first sampling of the base's documents):
+evaluation, on a machine busy with other work; sampling the base's documents adds about 4 min the first time):
     python finetune_llama.py --model smollm2 --out out/finetune --eval-text posts.txt
 The earlier recipe (the same without replay) gave -62.5% in-domain but retention +97% and FiQA +6.5%; on the
 earlier template corpus, FiQA +54%. BENCHMARKS.md has the sweep behind these defaults.
