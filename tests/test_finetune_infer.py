@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import finetune_llama  # noqa: E402
 import infer  # noqa: E402
-
-CORPUS = ROOT / "data" / "finance_corpus.txt"
+from conftest import CORPUS, fallback_docs  # noqa: E402
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -46,49 +45,8 @@ def finetune_llama_has_avx512bf16() -> bool:
     return bool(has_avx512bf16())
 
 
-def fallback_docs(n):
-    """Used only when data/finance_corpus.txt is absent: small market notes with real arithmetic."""
-    docs, level = [], 1000.0
-    for i in range(n):
-        move = ((i * 37) % 21 - 10) / 4
-        level *= 1 + move / 100
-        docs.append(f"Market close, day {i + 1}\nThe index {'rose' if move > 0 else 'fell'} {abs(move):.2f}% "
-                    f"to {level:,.2f}. Volume was {80 + (i * 13) % 40} million shares.")
-    return docs
-
-
 # -----------------------------------------------------------------------------
-# fixtures: a corpus, a tokenizer trained on it, two tiny Llamas of different width
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny")
-    if CORPUS.is_file():
-        docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:80]
-    else:
-        docs = fallback_docs(80)
-    (d / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    models_ = {}
-    for name, hidden in (("llama_a", 32), ("llama_b", 48)):
-        cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
-                          eos_token_id=0, pad_token_id=0)
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(d / name)
-        tok.save_pretrained(d / name)
-        models_[name] = d / name
-    return {"dir": d, "corpus": d / "corpus.txt", "docs": docs, **models_}
+# fixtures (the tiny Llamas, their corpus and tokenizer: conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -740,12 +698,11 @@ def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
     assert not (tmp_path / "out").exists()
 
 
-def test_distill_loss_is_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_replay_rows(tiny):
+def test_token_losses_are_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_replay_rows(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llama_a"]),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    off = torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     ids = torch.randint(1, 300, (3, 12))
     mask = torch.ones_like(ids)
@@ -753,7 +710,12 @@ def test_distill_loss_is_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_repl
     labels = ids.masked_fill(mask == 0, -100)
     replay = torch.tensor([False, True, True])
     # LoRA starts at zero: the model is the base, so replay rows add nothing and corpus rows are plain CE
-    loss = finetune_llama.distill_loss(model, ids, mask, labels, replay, off)
+    def distill(weight=1.0):  # mean per scored token, as the trainer takes it for a one-micro-batch step
+        total, n = finetune_llama.token_losses(model, {"input_ids": ids, "attention_mask": mask}, labels, replay,
+                                               weight)
+        return total / n
+
+    loss = distill()
     ce_row0 = model(input_ids=ids[:1], labels=ids[:1]).loss
     assert math.isclose(loss.item(), ce_row0.item() * 11 / (11 + 11 + 8), rel_tol=1e-5)
     for p in model.parameters():  # move the adapter: the replay rows now cost their exact KL
@@ -766,9 +728,9 @@ def test_distill_loss_is_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_repl
         kl = (base.exp() * (base - logp)).sum(-1)
         ce0 = -logp[0].gather(-1, ids[0, 1:, None]).sum()
         expect = (ce0 + kl[1].sum() + kl[2, :8].sum()) / 30
-    loss = finetune_llama.distill_loss(model, ids, mask, labels, replay, off)
+    loss = distill()
     assert kl[1].sum() > 0 and math.isclose(loss.item(), expect.item(), rel_tol=1e-5)
-    held = finetune_llama.distill_loss(model, ids, mask, labels, replay, off, weight=3.0)  # LwF's lambda
+    held = distill(weight=3.0)  # LwF's lambda
     assert math.isclose(held.item(), (ce0 + 3 * (kl[1].sum() + kl[2, :8].sum())).item() / 30, rel_tol=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

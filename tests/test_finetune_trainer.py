@@ -1,0 +1,232 @@
+"""finetune_llama.py on TRL's SFTTrainer: packing that keeps documents apart, resume after kill -9, and
+data-parallel training with two processes. Tiny random Llamas (conftest.py) on the CPU, through the real script."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import finetune_llama  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def finetune_cmd(tiny, out, *extra) -> list[str]:
+    """A run on the 32-wide Llama whose every step trains one checkpointable, deterministic update."""
+    return [sys.executable, str(ROOT / "finetune_llama.py"), "--model", str(tiny["llama_a"]), "--backend", "hf",
+            "--data", str(tiny["corpus"]), "--max-seq-length", "64", "--batch-size", "4", "--lr", "1e-2",
+            "--warmup-steps", "2", "--eval-split", "8", "--eval-tokens", "0", "--retention-docs", "16",
+            "--retention-tokens", "32", "--threads", "1", "--out", str(out), *map(str, extra)]
+
+
+def run(cmd, check=True, cache=None):
+    env = {**ENV, "FINLLM_CACHE": str(cache)} if cache else ENV
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def assert_user_error(p, *fragments):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(out / "adapter_model.safetensors")
+
+# -----------------------------------------------------------------------------
+# the trainer
+
+
+def test_training_runs_through_trl_sfttrainer_on_a_datasets_dataset(tiny, tmp_path):
+    import datasets
+    import trl
+    out = tmp_path / "o"
+    p = run(finetune_cmd(tiny, out, "--max-steps", 6), cache=tmp_path / "cache")
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["trainer"]["class"] == "FinetuneTrainer" and "SFTTrainer" in rec["trainer"]["bases"]
+    assert rec["trainer"]["trl"] == trl.__version__ and rec["trainer"]["datasets"] == datasets.__version__
+    assert rec["world_size"] == 1 and rec["resumed_from_step"] is None and rec["steps"] == 6
+    lines = metrics(out)
+    train = [m for m in lines if "train_loss" in m]
+    assert [m["iter"] for m in train] == [1, 2, 3, 4, 5, 6]
+    assert [m["tokens"] for m in train] == [256 * k for k in range(1, 7)]  # 4 packed rows of 64 per step
+    # the schedule of the old loop: linear warmup over 2 steps, then cosine to 10% of --lr
+    assert [round(m["lr"], 8) for m in train] == [round(finetune_llama.lr_at(i, finetune_llama.build_parser()
+                                                  .parse_args(["--lr", "1e-2", "--warmup-steps", "2"]), 6), 8)
+                                                  for i in range(6)]
+    assert train[0]["lr"] == pytest.approx(5e-3) and train[-1]["lr"] < 1e-2
+    assert all(m["tokens_per_s"] > 0 for m in train) and rec["tokens_per_s_steady"] > 0
+    assert "{'loss'" not in p.stdout + p.stderr  # the trainer's own log printer is off: one progress bar
+    assert not (out / "checkpoints").exists()  # no --save-steps: no checkpoints
+
+
+def test_packed_rows_never_attend_to_the_document_before(tiny):
+    """A token's logits do not depend on the document packed before it in the row, in either layout of the
+    batch; the same rows without the position restart do depend on it (so the check can fail)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).eval()
+    torch.manual_seed(0)
+    a, other, b = (torch.randint(1, 300, (n,)).tolist() for n in (20, 20, 12))
+
+    def logits(collator, rows):
+        batch = collator([{"input_ids": r, "seq_lengths": lengths, "replay": 0} for r, lengths in rows])
+        for k in ("labels", "replay", "packed_seq_lengths"):  # packed_seq_lengths: read by Unsloth only
+            batch.pop(k, None)
+        with torch.no_grad():
+            return model(**batch).logits.view(len(rows), -1, model.config.vocab_size)
+
+    alone = logits(finetune_llama.RowCollator(0, packed=True), [(b, [12])])[0]
+    for flat in (False, True):
+        collator = finetune_llama.RowCollator(0, packed=True, flat=flat)
+        x = logits(collator, [(a + b, [20, 12]), (other + b, [20, 12])])
+        assert torch.allclose(x[0, 20:], x[1, 20:], atol=1e-5) and torch.allclose(x[0, 20:], alone, atol=1e-5)
+        assert not torch.allclose(x[0, :20], x[1, :20], atol=1e-3)  # the first documents do differ
+    crossing = logits(finetune_llama.RowCollator(0, packed=True), [(a + b, [32]), (other + b, [32])])
+    assert (crossing[0, 20:] - crossing[1, 20:]).abs().max() > 1e-3
+
+
+def test_collator_masks_each_document_start_and_flat_layout_carries_piece_lengths():
+    collator = finetune_llama.RowCollator(pad_id=0, packed=True, flat=True)
+    batch = collator([{"input_ids": [5, 6, 7, 8, 9, 10], "seq_lengths": [2, 4], "replay": 1},
+                      {"input_ids": [11, 12, 13, 14, 15, 16], "seq_lengths": [6], "replay": 0}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]
+    assert batch["packed_seq_lengths"].tolist() == [2, 4, 6] and batch["packed_seq_lengths"].dtype == torch.int32
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, 10], [-100, 12, 13, 14, 15, 16]]
+    assert batch["replay"].tolist() == [True, False] and batch["use_cache"] is False and "attention_mask" not in batch
+    picked = finetune_llama.select_rows({k: v for k, v in batch.items() if k not in ("labels", "replay")},
+                                        torch.tensor([True, False]), T=6)
+    assert picked["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]] and picked["packed_seq_lengths"].tolist() == [2, 4]
+    padded = finetune_llama.RowCollator(pad_id=0, packed=False)([{"input_ids": [5, 6, 7], "seq_lengths": [3],
+                                                                  "replay": 0},
+                                                                 {"input_ids": [8], "seq_lengths": [1], "replay": 0}])
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert padded["labels"].tolist() == [[5, 6, 7], [8, -100, -100]] and "position_ids" not in padded
+
+
+def test_pack_blocks_records_the_document_pieces_of_each_row():
+    rows = finetune_llama.pack_blocks([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]], 4)
+    assert rows == [([1, 2, 3, 4], [3, 1]), ([5, 6, 7, 8], [4])]  # the tail (9, 10) is dropped
+    assert finetune_llama.pack_blocks([[1, 2], [3, 4]], 2) == [([1, 2], [2]), ([3, 4], [2])]
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def wait_for_checkpoint(proc, out: Path, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not list((out / "checkpoints").glob("checkpoint-*/checkpoint_done.json")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() - t0 < timeout, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    steps = 120
+    run(finetune_cmd(tiny, full, "--max-steps", steps, "--save-steps", 5), cache=cache)
+    proc = subprocess.Popen(finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5), cwd=ROOT,
+                            env={**ENV, "FINLLM_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(proc, killed)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "run.json").exists()
+    done = finetune_llama.complete_checkpoints(killed)
+    assert done and finetune_llama.checkpoint_step(done[-1]) < steps
+
+    again = run(finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5), check=False, cache=cache)
+    assert_user_error(again, "holds an unfinished run", "--resume")  # a plain rerun does not start over
+    resumed = run(finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5, "--resume"), cache=cache)
+    assert "resuming from" in resumed.stderr
+    a, b = metrics(full), metrics(killed)
+    assert [m["iter"] for m in a] == [m["iter"] for m in b]  # the whole run's lines, not only the resumed part
+    loss_a, loss_b = (next(m["train_loss"] for m in reversed(x) if "train_loss" in m) for x in (a, b))
+    assert abs(loss_a - loss_b) < 1e-3
+    ra, rb = (json.loads((d / "run.json").read_text()) for d in (full, killed))
+    assert rb["resumed_from_step"] == finetune_llama.checkpoint_step(done[-1]) and ra["resumed_from_step"] is None
+    assert abs(ra["eval_ppl_after"] - rb["eval_ppl_after"]) < 1e-3 * ra["eval_ppl_after"]
+    assert ra["eval_sets"]["retention"]["ppl_before"] == rb["eval_sets"]["retention"]["ppl_before"]
+    wa, wb = adapter_weights(full), adapter_weights(killed)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    finished = run(finetune_cmd(tiny, killed, "--max-steps", steps, "--resume"), check=False, cache=cache)
+    assert_user_error(finished, "finished", "nothing to resume")
+
+
+def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    p = run(finetune_cmd(tiny, out, "--max-steps", 4), check=False, cache=cache)
+    assert p.returncode == 0
+    assert_user_error(run(finetune_cmd(tiny, tmp_path / "none", "--max-steps", 4, "--resume"), check=False),
+                      "--resume", "no complete checkpoint", "--save-steps")
+    assert not (tmp_path / "none").exists()
+    # an unfinished run: its adapter is not written yet; kill it after its first checkpoint
+    part = tmp_path / "part"
+    proc = subprocess.Popen(finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3), cwd=ROOT,
+                            env={**ENV, "FINLLM_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(proc, part)
+    proc.kill()
+    proc.wait(timeout=60)
+    before = sorted(p.name for p in (part / "checkpoints").iterdir())
+    other = run(finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3, "--lr", "5e-3", "--resume"),
+                check=False, cache=cache)
+    assert_user_error(other, "--resume", "do not match", "--lr 0.01 then, 0.005 now")
+    assert_user_error(run(finetune_cmd(tiny, part, "--max-steps", 100000, "--resume", "--overwrite"), check=False,
+                          cache=cache), "--resume", "--overwrite")
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == before  # refusals touch nothing
+
+# -----------------------------------------------------------------------------
+# data parallel
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_data_parallel_like_one_with_twice_the_batch(tiny, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on the CPU): each step's rows split between the processes, gradients
+    averaged; the result matches one process taking both halves. Only the first process writes."""
+    cache = tmp_path / "cache"
+    single, dp = tmp_path / "single", tmp_path / "dp"
+    base = finetune_cmd(tiny, single, "--max-steps", 8)
+    run(base, cache=cache)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           *finetune_cmd(tiny, dp, "--max-steps", 8, "--batch-size", 2)[1:]]
+    p = run(cmd, cache=cache)
+    assert p.stdout.count("adapter written to") == 1 and p.stderr.count("data: ") == 1  # one process speaks
+    a, b = (json.loads((d / "run.json").read_text()) for d in (single, dp))
+    assert b["world_size"] == 2 and a["world_size"] == 1 and a["train_tokens"] == b["train_tokens"]
+    la = [m["train_loss"] for m in metrics(single) if "train_loss" in m]
+    lb = [m["train_loss"] for m in metrics(dp) if "train_loss" in m]
+    assert len(la) == len(lb) == 8 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
+    assert abs(a["eval_ppl_after"] - b["eval_ppl_after"]) < 1e-3 * a["eval_ppl_after"]
+    assert sorted(f.name for f in dp.iterdir()) == sorted(f.name for f in single.iterdir())  # no stray files
+    ppl = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", str(dp), "--ppl",
+                          str(dp / "eval_docs.txt")], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert ppl.returncode == 0, ppl.stderr[-2000:]
+    line = next(x for x in ppl.stdout.splitlines() if x.startswith("perplexity: "))
+    assert abs(float(line.split()[1]) - b["eval_ppl_after"]) < 1e-3 * b["eval_ppl_after"]  # the adapter it trained
