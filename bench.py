@@ -6,6 +6,7 @@ and without packing, and decoding with and without the KV cache. Same corpus, sa
     python bench.py --quick                  # CPU, small shapes, a few minutes on two cores (make demo)
     python bench.py --full                   # GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)
     python bench.py --quick --only gpt       # one stage: gpt, finetune or infer (comma list)
+    python bench.py --quick --only finetune --baseline-rev 58f11e9   # + the earlier loop against SFTTrainer
 
 Every figure comes from the scripts' own output files (summary.json, metrics.jsonl, run.json, infer.py
 --json-out); bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
@@ -209,6 +210,26 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
         runs.append(("LoRA fp32", lora + ["--no-bf16"], True))
     # recipe_cost: the recipe run's ETA weight in speed runs (40 steps, replay, 64 base samples to draw)
     return {"common": common, "runs": runs, "recipe": recipe, "recipe_cost": 1.5 if mode == "tiny" else 5.0}
+
+
+# --baseline-rev: the hand-written training loop of an earlier finetune_llama.py (read from git) against the
+# current script's SFTTrainer, on the LoRA packed speed run's command. More steps than the speed runs so the
+# steady rate is not noise; the two scripts run alternately, so a change in the machine's load falls on both.
+LOOP_VS_TRAINER = {
+    "flags": ["--backend", "hf", "--no-load-in-4bit", "--packing"],
+    "max_steps": {"full": 40, "quick": 20, "tiny": 4},
+    "repeats": 2,
+    "sides": (("loop", "hand-written loop"), ("trainer", "SFTTrainer")),  # the order each repeat runs them
+    "tolerance": 0.10,  # the trainer's steady tokens/s within 10% of the loop's
+    "cost": {"full": 1.5, "quick": 2.5, "tiny": 1.0},  # one run's ETA weight, in speed runs
+}
+
+
+def loop_vs_trainer_flags(mode: str, common: list[str]) -> list[str]:
+    """The LoRA packed speed run's flags (finetune_plan's common ones) with LOOP_VS_TRAINER's step count."""
+    flags = list(common)
+    flags[flags.index("--max-steps") + 1] = str(LOOP_VS_TRAINER["max_steps"][mode])
+    return LOOP_VS_TRAINER["flags"] + flags
 
 
 # Fine-tune settings `--sweep transfer` compares: (name, finetune_llama.py flags), each run on the same base
@@ -445,9 +466,10 @@ def ablation_row(name: str, r: dict, target: float | None) -> dict:
 
 
 def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_units: bool = False,
-                   eval_texts: list[str] | None = None) -> dict:
+                   eval_texts: list[str] | None = None, baseline: dict | None = None) -> dict:
     """The speed runs (one training step's cost per method), then the recipe run: the user's default command,
-    whose figures the transfer table and the headline quote."""
+    whose figures the transfer table and the headline quote; with a baseline (--baseline-rev), the earlier
+    script's hand-written loop against the current one."""
     plan = finetune_plan(mode, gpu, bf16_units)
     eval_texts = list(eval_texts or [])  # every run scores them too: the transfer table of each run
     res: dict = {"model": model, "common": plan["common"], "eval_texts": eval_texts, "runs": []}
@@ -468,7 +490,62 @@ def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_
              cost * plan["recipe_cost"], folder / "run.json"):
         run = finetune_record("LoRA recipe", None, folder)
         res["runs"].append({**run, "recipe": True, "flags": flags})
+    if baseline:
+        res["loop_vs_trainer"] = loop_vs_trainer(R, mode, data, model, plan["common"], baseline)
     return res
+
+
+def loop_vs_trainer(R: Runner, mode: str, data: str, model: str, common: list[str], baseline: dict) -> dict:
+    """The same command run by the baseline script (its hand-written loop) and by the current one,
+    alternately, LOOP_VS_TRAINER["repeats"] times each, into runs/ft_loop_r1, ft_trainer_r1, ...; the figures
+    come from each run's run.json. The baseline runs from the repository root like the current one, so
+    data/... resolves the same."""
+    flags = ["--model", model, "--data", data] + loop_vs_trainer_flags(mode, common)
+    scripts = {"loop": str(Path(baseline["script"]).resolve()), "trainer": "finetune_llama.py"}
+    cost = COST[mode][1] * LOOP_VS_TRAINER["cost"][mode]
+    runs = []
+    for i in range(1, LOOP_VS_TRAINER["repeats"] + 1):
+        for side, _ in LOOP_VS_TRAINER["sides"]:
+            key = f"ft_{side}_r{i}"
+            folder = R.out / "runs" / key
+            cmd = [R.py, scripts[side], *flags, "--out", str(folder), "--overwrite"]
+            if R.run(key, cmd, cost, folder / "run.json"):
+                runs.append({"side": side, "repeat": i, "folder": str(folder),
+                             **run_speed(read_json(folder / "run.json"))})
+    return {"baseline_rev": baseline["rev"], "baseline_commit": baseline["commit"],
+            "baseline_script": baseline["script"], "flags": flags, "runs": runs,
+            **loop_vs_trainer_means(runs)}
+
+
+def run_speed(run: dict) -> dict:
+    """A run.json's speed figures: steady and all-steps tokens/s, the steps' time, the whole process's."""
+    keys = ("tokens_per_s_steady", "tokens_per_s", "train_time_s", "steps", "wall_time_s", "load_time_s")
+    return {k: run.get(k) for k in keys + ("bf16",)}
+
+
+def loop_vs_trainer_means(runs: list[dict]) -> dict:
+    """Per side: each repeat's steady tokens/s and the means; then trainer / loop. Outside the steps: the
+    process's wall time less its training steps' (loading, tokenization, evaluation, saving)."""
+    def mean(xs: list) -> float | None:
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+    sides = {}
+    for side, _ in LOOP_VS_TRAINER["sides"]:
+        rs = [r for r in runs if r["side"] == side]
+        sides[side] = {"tokens_per_s_steady": [r["tokens_per_s_steady"] for r in rs],
+                       "mean_tokens_per_s_steady": mean([r["tokens_per_s_steady"] for r in rs]),
+                       "mean_tokens_per_s": mean([r["tokens_per_s"] for r in rs]),
+                       "mean_train_time_s": mean([r["train_time_s"] for r in rs]),
+                       "mean_wall_time_s": mean([r["wall_time_s"] for r in rs]),
+                       "mean_outside_steps_s": mean([r["wall_time_s"] - r["train_time_s"] for r in rs
+                                                     if None not in (r["wall_time_s"], r["train_time_s"])])}
+    loop, trainer = sides["loop"], sides["trainer"]
+
+    def ratio(key: str) -> float | None:
+        return trainer[key] / loop[key] if trainer[key] and loop[key] else None
+    r = ratio("mean_tokens_per_s_steady")
+    return {**sides, "ratio_steady": r, "ratio_wall_time": ratio("mean_wall_time_s"),
+            "within_tolerance": None if r is None else abs(r - 1) <= LOOP_VS_TRAINER["tolerance"]}
 
 
 def finetune_record(method: str, packing: bool | None, folder: Path) -> dict:
@@ -881,6 +958,8 @@ def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
                       fmt(r["peak_mem_mb"], ".0f"), fmt(r["eval_ppl_before"], ".2f"), fmt(r["eval_ppl_after"], ".2f"),
                       fmt(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), "+.1f") + "%"] for r in ft["runs"]]), ""]
         L += transfer_section(ft)
+    if ft and ft.get("loop_vs_trainer"):
+        L += loop_vs_trainer_section(ft["loop_vs_trainer"], meta["device"])
     if inf and inf["rows"]:
         L += ["## Inference: batch 1, greedy", ""]
         L += [table(["model", "variant", "new tokens", "latency (ms)", "tokens/s", "ms/token", "vs no cache"],
@@ -934,6 +1013,62 @@ def transfer_section(ft: dict) -> list[str]:
                   fmt(s["ppl_before"], ".2f"), fmt(s["ppl_after"], ".2f"), signed_percent(s["change"])]
                  for name, s in eval_sets_of(run).items()]), ""]
     return L
+
+
+def rev_words(lvt: dict) -> str:
+    """"58f11e9" for a revision given as its own short hash, else "HEAD~3 58f11e9": its name and commit."""
+    rev, short = lvt["baseline_rev"], lvt["baseline_commit"][:7]
+    return short if lvt["baseline_commit"].startswith(rev) else f"{rev} {short}"
+
+
+def loop_vs_trainer_words(lvt: dict, device: str) -> str:
+    """The ratio line: trainer / loop at steady speed, and plainly whether it is within the tolerance."""
+    r, tol = lvt["ratio_steady"], LOOP_VS_TRAINER["tolerance"]
+    line = (f"SFTTrainer: {r:.2f}x the hand-written loop's steady tokens/s ({rev_words(lvt)}, same "
+            f"{'GPU' if device == 'cuda' else 'CPU'}, one bench run)")
+    if lvt["within_tolerance"]:
+        return line + f": within {100 * tol:.0f}%"
+    return line + (f": {100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside the "
+                   f"{100 * tol:.0f}% tolerance")
+
+
+def loop_vs_trainer_cost(lvt: dict) -> str:
+    """What the trainer costs outside the training steps: the whole process's wall time per side."""
+    loop, tr = lvt["loop"], lvt["trainer"]
+    if not (loop["mean_wall_time_s"] and tr["mean_wall_time_s"]):
+        return ""
+    d = tr["mean_wall_time_s"] - loop["mean_wall_time_s"]
+    out = (f"Whole run (setup, evaluation before and after, saving included): SFTTrainer "
+           f"{tr['mean_wall_time_s']:.1f} s, the loop {loop['mean_wall_time_s']:.1f} s on average "
+           f"({d:+.1f} s, {lvt['ratio_wall_time']:.2f}x)")
+    if loop["mean_outside_steps_s"] is not None and tr["mean_outside_steps_s"] is not None:
+        out += (f"; outside the training steps {tr['mean_outside_steps_s']:.1f} s against "
+                f"{loop['mean_outside_steps_s']:.1f} s")
+    return out + "."
+
+
+def loop_vs_trainer_section(lvt: dict, device: str) -> list[str]:
+    """The earlier script's hand-written loop against the current SFTTrainer, same command, alternate runs."""
+    L = ["## Training loop vs SFTTrainer", "",
+         f"`python finetune_llama.py {shlex.join(lvt['flags'])}`, run alternately by finetune_llama.py of "
+         f"commit `{lvt['baseline_commit']}` (`--baseline-rev {lvt['baseline_rev']}`, its hand-written loop) "
+         "and "
+         f"by the current one (SFTTrainer), {LOOP_VS_TRAINER['repeats']} times each, one after the other. "
+         "Steady tokens/s: the training steps without the first ones; wall time: the whole process.", ""]
+    rows = []
+    for side, name in LOOP_VS_TRAINER["sides"]:
+        s = lvt[side]
+        bf16 = {r["bf16"] for r in lvt["runs"] if r["side"] == side}
+        rows.append([name, ", ".join(fmt(x, ",.0f") for x in s["tokens_per_s_steady"]) or "failed",
+                     fmt(s["mean_tokens_per_s_steady"], ",.0f"), fmt(s["mean_tokens_per_s"], ",.0f"),
+                     fmt(s["mean_train_time_s"], ".2f"), fmt(s["mean_wall_time_s"]),
+                     precision(bf16.pop()) if len(bf16) == 1 else "–"])
+    L += [table(["side", "steady tokens/s per repeat", "mean", "all steps, mean", "steps time (s)",
+                 "wall time (s)", "precision"], rows), ""]
+    if lvt["ratio_steady"] is not None:
+        L += [loop_vs_trainer_words(lvt, device), ""]
+    cost = loop_vs_trainer_cost(lvt)
+    return L + ([cost, ""] if cost else [])
 
 
 def ablation_table(rows: list[dict]) -> str:
@@ -990,6 +1125,11 @@ def headline(results: dict) -> dict:
             h["lora_ppl_change"] = run["eval_ppl_after"] / run["eval_ppl_before"] - 1
             h["lora_transfer"] = [{"set": n, "kind": s["kind"], "change": s["change"]}
                                   for n, s in eval_sets_of(run).items()]
+    lvt = (ft or {}).get("loop_vs_trainer")
+    if lvt and lvt.get("ratio_steady") is not None:
+        h["trainer_vs_loop_tokens_per_s"] = lvt["ratio_steady"]
+        h["trainer_vs_loop_wall_time"] = lvt["ratio_wall_time"]
+        h["trainer_vs_loop_rev"] = rev_words(lvt)
     for model in ("gpt_optimized", "llama_lora"):
         kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
         if kv and nc:
@@ -1029,6 +1169,14 @@ def headline_lines(h: dict) -> list[str]:
         out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
     if "packing_tokens_per_s_ratio" in h:
         out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
+    if "trainer_vs_loop_tokens_per_s" in h:
+        r, tol = h["trainer_vs_loop_tokens_per_s"], LOOP_VS_TRAINER["tolerance"]
+        verdict = (f"within {100 * tol:.0f}%" if abs(r - 1) <= tol else
+                   f"{100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside {100 * tol:.0f}%")
+        wall = h.get("trainer_vs_loop_wall_time")
+        out.append(f"SFTTrainer trains at **{r:.2f}x** the hand-written loop's steady tokens/s "
+                   f"({h['trainer_vs_loop_rev']}; {verdict})"
+                   + (f", {wall:.2f}x its whole-run wall time" if wall else ""))
     label = h.get("lora_label", "LoRA")
     if h.get("lora_transfer"):
         out.append(f"{label}: " + transfer_words(h["lora_transfer"]))
@@ -1359,6 +1507,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-text", metavar="FILE", action="append", default=[],
                    help="a text every fine-tune run also scores before and after training (finetune_llama.py "
                         "--eval-text; repeatable): the transfer table, plot and headline show its change")
+    p.add_argument("--baseline-rev", metavar="REV", default=None,
+                   help="the fine-tune stage also runs the LoRA packed speed run's command, with more "
+                        "steps, alternately by finetune_llama.py of git revision REV (its hand-written "
+                        "training loop, read with git show into OUT/baseline/) and by the current one, twice "
+                        "each, and reports the trainer's steady tokens/s as a ratio to the loop's")
     p.add_argument("--sweep", choices=["transfer"], default=None,
                    help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP into "
                         "OUT/sweep/NAME (a run whose run.json has the same flags is reused), then a table "
@@ -1375,7 +1528,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_flag_combinations(args: argparse.Namespace, stages: list[str]) -> None:
     if args.sweep:
         given = [f for f, v in (("--report-only", args.report_only), ("--readme", args.readme),
-                                ("--only", args.only != DEFAULT_STAGES)) if v]
+                                ("--only", args.only != DEFAULT_STAGES),
+                                ("--baseline-rev", args.baseline_rev is not None)) if v]
         if given:
             die(f"--sweep runs its fine-tune settings alone (run it again to go on); drop {', '.join(given)}")
         return
@@ -1384,6 +1538,44 @@ def check_flag_combinations(args: argparse.Namespace, stages: list[str]) -> None
         die(f"{given[0]} needs --sweep transfer")
     if args.eval_text and "finetune" not in stages and not args.report_only:
         die("--eval-text is scored by the fine-tune runs: add finetune to --only")
+    if args.baseline_rev is not None and "finetune" not in stages and not args.report_only:
+        die("--baseline-rev is compared in the fine-tune stage: add finetune to --only")
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=HERE, capture_output=True)
+
+
+def check_baseline_rev(rev: str) -> str:
+    """--baseline-rev: a commit of this repository that holds finetune_llama.py; its full hash."""
+    try:
+        inside = git("rev-parse", "--is-inside-work-tree")
+    except OSError as e:
+        die(f"--baseline-rev {rev}: git cannot be run ({e.strerror})")
+    if inside.returncode != 0 or inside.stdout.strip() != b"true":
+        die(f"--baseline-rev {rev}: {HERE} is not a git checkout (the earlier script comes from its history)")
+    sha = git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    if not rev or sha.returncode != 0:
+        die(f"--baseline-rev {rev!r} is not a commit in this repository")
+    commit = sha.stdout.decode().strip()
+    if git("cat-file", "-e", f"{commit}:finetune_llama.py").returncode != 0:
+        die(f"--baseline-rev {rev}: commit {commit[:7]} has no finetune_llama.py")
+    return commit
+
+
+def extract_baseline(out: Path, rev: str, commit: str) -> dict:
+    """The baseline script, `git show COMMIT:finetune_llama.py`, written (atomically) to OUT/baseline/: run
+    as `python OUT/baseline/finetune_llama.py`, it imports nothing from this checkout."""
+    shown = git("show", f"{commit}:finetune_llama.py")
+    if shown.returncode != 0:
+        die(f"--baseline-rev {rev}: git show {commit[:7]}:finetune_llama.py failed: "
+            f"{shown.stderr.decode(errors='replace').strip()[:200]}")
+    path = out / "baseline" / "finetune_llama.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(shown.stdout)
+    os.replace(tmp, path)
+    return {"rev": rev, "commit": commit, "script": str(path)}
 
 
 def check_eval_texts(paths: list[str]) -> None:
@@ -1486,6 +1678,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     check_outputs(args, out)
     check_eval_texts(args.eval_text)
+    baseline_commit = None
+    if args.baseline_rev is not None and not args.report_only and not args.sweep:
+        baseline_commit = check_baseline_rev(args.baseline_rev)
     command = "python bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     created = not out.exists()
     if args.sweep:
@@ -1498,7 +1693,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 ("--only", args.only != DEFAULT_STAGES), ("--eval-text", args.eval_text),
                                 ("--quick/--full/--tiny", other_mode),
                                 ("--device", args.device not in ("auto", meta["device"])),
-                                ("--data", other_data)) if v]
+                                ("--data", other_data),
+                                ("--baseline-rev", args.baseline_rev is not None)) if v]
         if given:
             die(f"--report-only takes the run's own flags from {out / 'meta.json'}; drop {', '.join(given)}")
         meta["report_rebuilt_by"] = command
@@ -1521,6 +1717,8 @@ def main(argv: list[str] | None = None) -> dict:
         meta = {**run_meta(mode, device, device_name, command, args, data, model), "stages": stages,
                 "cpu_bf16": cpu_bf16_flags(), "bf16_units": bf16_units,
                 "notes": [why] if why and "gpt" in stages else []}
+        if baseline_commit:  # the meta.json records it, so --report-only finds the comparison's runs
+            meta["baseline"] = extract_baseline(out, args.baseline_rev, baseline_commit)
         atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
         if why and "gpt" in stages:
             print(f"bench.py: {why}")
@@ -1529,6 +1727,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
     ft_plan = finetune_plan(mode, gpu, bf16_units)
     n_ft = len(ft_plan["runs"]) + ft_plan["recipe_cost"]
+    if meta.get("baseline"):
+        n_ft += 2 * LOOP_VS_TRAINER["repeats"] * LOOP_VS_TRAINER["cost"][mode]
     total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
              + ("infer" in stages) * 3 * per[2])
     R = Runner(out, total, args.time_limit, replay=args.report_only)
@@ -1548,7 +1748,8 @@ def run_bench(R: Runner, args: argparse.Namespace, meta: dict, mode: str, stages
     if "gpt" in stages:
         results["gpt"] = stage_gpt(R, mode, data, device, bf16_units)
     if "finetune" in stages:
-        results["finetune"] = stage_finetune(R, mode, data, model, gpu, bf16_units, args.eval_text)
+        results["finetune"] = stage_finetune(R, mode, data, model, gpu, bf16_units, args.eval_text,
+                                             meta.get("baseline"))
     if "infer" in stages:
         results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), device)
     if "gpt" in stages:

@@ -857,3 +857,121 @@ def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_
     rows = json.loads((out / "sweep" / "results.json").read_text())["rows"]
     assert [r["setting"] for r in rows] == ["no replay (the earlier recipe)", "no replay, lr 5e-4"]
     assert not any(r.get("failed") for r in rows)
+
+
+# -----------------------------------------------------------------------------
+# --baseline-rev: the hand-written loop of an earlier finetune_llama.py (from git) against SFTTrainer
+
+LOOP_REV = "58f11e9"  # the last finetune_llama.py with the hand-written training loop
+LOOP_KEYS = ("ft_loop_r1", "ft_trainer_r1", "ft_loop_r2", "ft_trainer_r2")  # the order they run in
+
+
+def git_out(*args) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_baseline_rev_runs_the_earlier_loop_and_the_trainer_alternately(tiny_model, tmp_path):
+    import shlex
+    import shutil
+    d, out = tiny_model, tmp_path / "o"
+    p = bench("--tiny", "--only", "finetune", "--baseline-rev", LOOP_REV, "--data", d / "corpus.txt",
+              "--model", d / "llama", "--device", "cpu", "--out", out, env={"FINLLM_CACHE": str(d / "cache")})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    commit = git_out("rev-parse", LOOP_REV).strip()
+    script = out / "baseline" / "finetune_llama.py"
+    assert script.read_text() == git_out("show", f"{LOOP_REV}:finetune_llama.py")
+    runs = {k: json.loads((out / "runs" / k / "run.json").read_text()) for k in LOOP_KEYS}
+    for key, run in runs.items():
+        trainer = key.startswith("ft_trainer")
+        # which script ran it: only the current one writes run_id and world_size
+        assert ("run_id" in run) == ("world_size" in run) == trainer, key
+        cmd = (out / "logs" / f"{key}.log").read_text().splitlines()[0]
+        assert shlex.split(cmd)[2] == ("finetune_llama.py" if trainer else str(script.resolve())), cmd
+        # the LoRA packed speed run's command, with the comparison's step count
+        a = run["args"]
+        assert (a["max_steps"], run["steps"], a["packing"], a["backend"], a["load_in_4bit"]) == (
+            4, 4, True, "hf", False), key
+        assert (a["replay"], a["retention_docs"], a["max_seq_length"], a["batch_size"]) == (0, 0, 64, 2), key
+        assert "save_steps" not in a and "resume" not in a or trainer
+    # alternately: each run.json written after the one before it
+    mtimes = [(out / "runs" / k / "run.json").stat().st_mtime_ns for k in LOOP_KEYS]
+    assert mtimes == sorted(mtimes)
+    res, report = json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+    lvt = res["finetune"]["loop_vs_trainer"]
+    loop = [runs[k]["tokens_per_s_steady"] for k in LOOP_KEYS if "loop" in k]
+    trainer = [runs[k]["tokens_per_s_steady"] for k in LOOP_KEYS if "trainer" in k]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    ratio = mean(trainer) / mean(loop)
+    assert lvt["loop"]["tokens_per_s_steady"] == loop and lvt["trainer"]["tokens_per_s_steady"] == trainer
+    assert lvt["ratio_steady"] == pytest.approx(ratio, rel=1e-12)
+    walls = {side: mean([runs[k]["wall_time_s"] for k in LOOP_KEYS if side in k]) for side in ("loop", "trainer")}
+    assert lvt["ratio_wall_time"] == pytest.approx(walls["trainer"] / walls["loop"], rel=1e-12)
+    assert lvt["loop"]["mean_outside_steps_s"] == pytest.approx(
+        mean([runs[k]["wall_time_s"] - runs[k]["train_time_s"] for k in LOOP_KEYS if "loop" in k]))
+    assert lvt["baseline_commit"] == commit == res["meta"]["baseline"]["commit"] and lvt["baseline_rev"] == LOOP_REV
+    assert lvt["within_tolerance"] == (0.9 <= ratio <= 1.1)
+    # the report: its section, the table's figures, the ratio line saying plainly where it stands
+    assert "## Training loop vs SFTTrainer" in report
+    section = report.split("## Training loop vs SFTTrainer")[1].split("\n## ")[0]
+    assert f"| hand-written loop | {loop[0]:,.0f}, {loop[1]:,.0f} | {mean(loop):,.0f} |" in section
+    assert f"| SFTTrainer | {trainer[0]:,.0f}, {trainer[1]:,.0f} | {mean(trainer):,.0f} |" in section
+    line = f"SFTTrainer: {ratio:.2f}x the hand-written loop's steady tokens/s ({LOOP_REV}, same CPU, one bench run)"
+    verdict = "within 10%" if 0.9 <= ratio <= 1.1 else "outside the 10% tolerance"
+    assert any(x.startswith(line) and verdict in x for x in section.splitlines()), section
+    assert f"SFTTrainer {walls['trainer']:.1f} s, the loop {walls['loop']:.1f} s on average" in section
+    assert res["headline"]["trainer_vs_loop_tokens_per_s"] == lvt["ratio_steady"]
+    assert f"- SFTTrainer trains at **{ratio:.2f}x** the hand-written loop's steady tokens/s ({LOOP_REV}; " in report
+    # --report-only rebuilds the same section from the run folders, the revision from meta.json
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "results.json").unlink()
+    (copy / "report.md").unlink()
+    shutil.rmtree(copy / "baseline")  # not needed to rebuild: nothing runs
+    p = bench("--report-only", "--out", copy, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rebuilt = json.loads((copy / "results.json").read_text())["finetune"]["loop_vs_trainer"]
+    assert rebuilt["ratio_steady"] == lvt["ratio_steady"] and rebuilt["loop"] == lvt["loop"]
+    assert section in (copy / "report.md").read_text()
+    assert_user_error(bench("--report-only", "--out", copy, "--baseline-rev", LOOP_REV, timeout=60),
+                      "drop --baseline-rev")
+
+
+def test_bad_baseline_rev_exits_2_with_one_line_before_any_run(tmp_path):
+    import shutil
+    corpus = small_corpus(tmp_path / "c.txt")
+    out = tmp_path / "o"
+    root = git_out("rev-list", "--max-parents=0", "HEAD").split()[-1]  # the first commit: no finetune_llama.py
+    for args, frags in ((["--baseline-rev", "nosuchrev"], ["--baseline-rev 'nosuchrev' is not a commit"]),
+                        (["--baseline-rev", "HEAD:finetune_llama.py"], ["is not a commit"]),
+                        (["--baseline-rev", root], [f"commit {root[:7]} has no finetune_llama.py"]),
+                        (["--baseline-rev", LOOP_REV, "--only", "gpt"], ["add finetune to --only"]),
+                        (["--baseline-rev", LOOP_REV, "--sweep", "transfer"], ["drop --baseline-rev"])):
+        p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, *args, timeout=60)
+        assert_user_error(p, *frags)
+        assert not out.exists(), args
+    # outside a git checkout there is no earlier script to read
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(ROOT / "bench.py", lone / "bench.py")
+    p = subprocess.run([sys.executable, str(lone / "bench.py"), "--tiny", "--data", str(corpus), "--out", str(out),
+                        "--baseline-rev", LOOP_REV], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                       env={**ENV, "GIT_CEILING_DIRECTORIES": str(tmp_path)})
+    assert_user_error(p, f"--baseline-rev {LOOP_REV}: {lone} is not a git checkout")
+    assert not out.exists()
+
+
+def test_loop_vs_trainer_flags_are_the_lora_packed_speed_run_with_more_steps():
+    sys.path.insert(0, str(ROOT))
+    import bench
+    for mode, steps in (("full", 40), ("quick", 20), ("tiny", 4)):
+        common = bench.finetune_plan(mode, gpu=mode == "full")["common"]
+        flags = bench.loop_vs_trainer_flags(mode, common)
+        assert flags[:4] == ["--backend", "hf", "--no-load-in-4bit", "--packing"], mode
+        i = flags.index("--max-steps")
+        assert int(flags[i + 1]) == steps and (steps >= 20 or mode == "tiny"), mode
+        # besides the step count, the speed runs' flags unchanged, without those the earlier script lacks
+        j = common.index("--max-steps")
+        assert flags[4:i] + flags[i + 2:] == common[:j] + common[j + 2:], mode
+        assert not {"--save-steps", "--resume"} & set(flags), mode
+    assert bench.LOOP_VS_TRAINER["repeats"] == 2
+    assert [side for side, _ in bench.LOOP_VS_TRAINER["sides"]] == ["loop", "trainer"]
