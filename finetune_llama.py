@@ -1005,6 +1005,15 @@ def token_losses(model, inputs: dict, labels, replay, weight: float | None, refe
     return (tok_loss * valid).sum(), valid.sum()
 
 
+def cross_entropy_loss(model, inputs: dict, labels, num_items_in_batch=None):
+    """The model's own next-token loss: the sum over the batch / num_items_in_batch, or the mean. Unsloth computes
+    it fused, without materialising the full-vocabulary logits (a 128k vocabulary makes them the largest
+    tensor of a 1B model's step). token_losses' cross-entropy is the same figure."""
+    kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    # labels in the inputs' layout: in the flat one, each row's first label is -100, so nothing crosses rows
+    return model(**inputs, labels=labels.reshape(inputs["input_ids"].shape), **kw).loss
+
+
 def select_rows(inputs: dict, keep, T: int) -> dict:
     """The model inputs of the rows `keep` (a bool per row) selects, in the batch's own layout."""
     import torch
@@ -1122,12 +1131,14 @@ def build_trainer(model, tok, args, folder: Path, backend: str, device: str, row
             return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # with num_items_in_batch: one token-weighted mean over every micro-batch of the step on every
+            # process (DDP averages the gradients, hence the scale); without it the trainer averages micro-batches
             replay, labels = inputs.pop("replay"), inputs.pop("labels")
+            scale = 1 if num_items_in_batch is None else self.accelerator.num_processes
+            if kl_weight is None or not bool(replay.any()):
+                return cross_entropy_loss(model, inputs, labels, num_items_in_batch) * scale
             total, n = token_losses(model, inputs, labels, replay, kl_weight, self.accelerator.unwrap_model(model))
-            if num_items_in_batch is None:  # the trainer then averages the micro-batches itself
-                return total / n.clamp(min=1)
-            # one token-weighted mean over every micro-batch of the step on every process; DDP averages gradients
-            return total / num_items_in_batch * self.accelerator.num_processes
+            return total / (n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch) * scale
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)

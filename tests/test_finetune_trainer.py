@@ -230,3 +230,26 @@ def test_two_processes_train_data_parallel_like_one_with_twice_the_batch(tiny, t
     assert ppl.returncode == 0, ppl.stderr[-2000:]
     line = next(x for x in ppl.stdout.splitlines() if x.startswith("perplexity: "))
     assert abs(float(line.split()[1]) - b["eval_ppl_after"]) < 1e-3 * b["eval_ppl_after"]  # the adapter it trained
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
+    """Batches without KL rows train on the model's own loss (fused in Unsloth): the same figure as
+    token_losses, as a mean and as a sum over the step's tokens, in either batch layout."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).eval()
+    torch.manual_seed(1)
+    rows = [(torch.randint(1, 300, (16,)).tolist(), lengths) for lengths in ([16], [5, 11], [9, 7])]
+    batch = finetune_llama.RowCollator(0, packed=True, flat=flat)([{"input_ids": r, "seq_lengths": lengths,
+                                                                    "replay": 0} for r, lengths in rows])
+    labels, replay = batch.pop("labels"), batch.pop("replay")
+    if not flat:
+        batch.pop("packed_seq_lengths", None)
+    inputs = {k: v for k, v in batch.items() if k != "packed_seq_lengths"}
+    with torch.no_grad():
+        total, n = finetune_llama.token_losses(model, inputs, labels, replay, weight=None)
+        assert int(n) == 15 + 14 + 14  # a row predicts 15 tokens, less one for each piece starting inside it
+        mean = finetune_llama.cross_entropy_loss(model, inputs, labels)
+        summed = finetune_llama.cross_entropy_loss(model, inputs, labels, num_items_in_batch=torch.tensor(100))
+    assert abs(mean.item() - (total / n).item()) < 1e-5
+    assert abs(summed.item() - total.item() / 100) < 1e-5
