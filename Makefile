@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install corpus clean
+.PHONY: demo test lint format install corpus clean
 
 $(STAMP): requirements.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,16 @@ corpus: $(STAMP)
 demo: corpus
 	$(BIN)/python bench.py --quick --out out/bench
 
-test: $(STAMP)
+# style holds without anyone policing it: ruff (settings in pyproject.toml) before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 clean:

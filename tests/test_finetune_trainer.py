@@ -1,5 +1,7 @@
 """finetune_llama.py on TRL's SFTTrainer: packing that keeps documents apart, resume after kill -9, and
-data-parallel training with two processes. Tiny random Llamas (conftest.py) on the CPU, through the real script."""
+data-parallel training with two processes. Tiny random Llamas (conftest.py) on the CPU, through the real
+script."""
+
 import json
 import os
 import signal
@@ -22,10 +24,37 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS
 
 def finetune_cmd(tiny, out, *extra) -> list[str]:
     """A run on the 32-wide Llama whose every step trains one checkpointable, deterministic update."""
-    return [sys.executable, str(ROOT / "finetune_llama.py"), "--model", str(tiny["llama_a"]), "--backend", "hf",
-            "--data", str(tiny["corpus"]), "--max-seq-length", "64", "--batch-size", "4", "--lr", "1e-2",
-            "--warmup-steps", "2", "--eval-split", "8", "--eval-tokens", "0", "--retention-docs", "16",
-            "--retention-tokens", "32", "--threads", "1", "--out", str(out), *map(str, extra)]
+    return [
+        sys.executable,
+        str(ROOT / "finetune_llama.py"),
+        "--model",
+        str(tiny["llama_a"]),
+        "--backend",
+        "hf",
+        "--data",
+        str(tiny["corpus"]),
+        "--max-seq-length",
+        "64",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "2",
+        "--eval-split",
+        "8",
+        "--eval-tokens",
+        "0",
+        "--retention-docs",
+        "16",
+        "--retention-tokens",
+        "32",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *map(str, extra),
+    ]
 
 
 def run(cmd, check=True, cache=None):
@@ -50,7 +79,9 @@ def metrics(out: Path) -> list[dict]:
 
 def adapter_weights(out: Path) -> dict:
     from safetensors.torch import load_file
+
     return load_file(out / "adapter_model.safetensors")
+
 
 # -----------------------------------------------------------------------------
 # the trainer
@@ -59,6 +90,7 @@ def adapter_weights(out: Path) -> dict:
 def test_training_runs_through_trl_sfttrainer_on_a_datasets_dataset(tiny, tmp_path):
     import datasets
     import trl
+
     out = tmp_path / "o"
     p = run(finetune_cmd(tiny, out, "--max-steps", 6), cache=tmp_path / "cache")
     rec = json.loads((out / "run.json").read_text())
@@ -70,9 +102,15 @@ def test_training_runs_through_trl_sfttrainer_on_a_datasets_dataset(tiny, tmp_pa
     assert [m["iter"] for m in train] == [1, 2, 3, 4, 5, 6]
     assert [m["tokens"] for m in train] == [256 * k for k in range(1, 7)]  # 4 packed rows of 64 per step
     # the schedule of the old loop: linear warmup over 2 steps, then cosine to 10% of --lr
-    assert [round(m["lr"], 8) for m in train] == [round(finetune_llama.lr_at(i, finetune_llama.build_parser()
-                                                  .parse_args(["--lr", "1e-2", "--warmup-steps", "2"]), 6), 8)
-                                                  for i in range(6)]
+    assert [round(m["lr"], 8) for m in train] == [
+        round(
+            finetune_llama.lr_at(
+                i, finetune_llama.build_parser().parse_args(["--lr", "1e-2", "--warmup-steps", "2"]), 6
+            ),
+            8,
+        )
+        for i in range(6)
+    ]
     assert train[0]["lr"] == pytest.approx(5e-3) and train[-1]["lr"] < 1e-2
     assert all(m["tokens_per_s"] > 0 for m in train) and rec["tokens_per_s_steady"] > 0
     assert "{'loss'" not in p.stdout + p.stderr  # the trainer's own log printer is off: one progress bar
@@ -83,6 +121,7 @@ def test_packed_rows_never_attend_to_the_document_before(tiny):
     """A token's logits do not depend on the document packed before it in the row, in either layout of the
     batch; the same rows without the position restart do depend on it (so the check can fail)."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).eval()
     torch.manual_seed(0)
     a, other, b = (torch.randint(1, 300, (n,)).tolist() for n in (20, 20, 12))
@@ -106,19 +145,35 @@ def test_packed_rows_never_attend_to_the_document_before(tiny):
 
 def test_collator_masks_each_document_start_and_flat_layout_carries_piece_lengths():
     collator = finetune_llama.RowCollator(pad_id=0, packed=True, flat=True)
-    batch = collator([{"input_ids": [5, 6, 7, 8, 9, 10], "seq_lengths": [2, 4], "replay": 1},
-                      {"input_ids": [11, 12, 13, 14, 15, 16], "seq_lengths": [6], "replay": 0}])
+    batch = collator(
+        [
+            {"input_ids": [5, 6, 7, 8, 9, 10], "seq_lengths": [2, 4], "replay": 1},
+            {"input_ids": [11, 12, 13, 14, 15, 16], "seq_lengths": [6], "replay": 0},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]
-    assert batch["packed_seq_lengths"].tolist() == [2, 4, 6] and batch["packed_seq_lengths"].dtype == torch.int32
+    assert (
+        batch["packed_seq_lengths"].tolist() == [2, 4, 6] and batch["packed_seq_lengths"].dtype == torch.int32
+    )
     assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, 10], [-100, 12, 13, 14, 15, 16]]
-    assert batch["replay"].tolist() == [True, False] and batch["use_cache"] is False and "attention_mask" not in batch
-    picked = finetune_llama.select_rows({k: v for k, v in batch.items() if k not in ("labels", "replay")},
-                                        torch.tensor([True, False]), T=6)
-    assert picked["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]] and picked["packed_seq_lengths"].tolist() == [2, 4]
-    padded = finetune_llama.RowCollator(pad_id=0, packed=False)([{"input_ids": [5, 6, 7], "seq_lengths": [3],
-                                                                  "replay": 0},
-                                                                 {"input_ids": [8], "seq_lengths": [1], "replay": 0}])
+    assert (
+        batch["replay"].tolist() == [True, False]
+        and batch["use_cache"] is False
+        and "attention_mask" not in batch
+    )
+    picked = finetune_llama.select_rows(
+        {k: v for k, v in batch.items() if k not in ("labels", "replay")}, torch.tensor([True, False]), T=6
+    )
+    assert picked["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]] and picked[
+        "packed_seq_lengths"
+    ].tolist() == [2, 4]
+    padded = finetune_llama.RowCollator(pad_id=0, packed=False)(
+        [
+            {"input_ids": [5, 6, 7], "seq_lengths": [3], "replay": 0},
+            {"input_ids": [8], "seq_lengths": [1], "replay": 0},
+        ]
+    )
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert padded["labels"].tolist() == [[5, 6, 7], [8, -100, -100]] and "position_ids" not in padded
 
@@ -127,6 +182,7 @@ def test_pack_blocks_records_the_document_pieces_of_each_row():
     rows = finetune_llama.pack_blocks([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]], 4)
     assert rows == [([1, 2, 3, 4], [3, 1]), ([5, 6, 7, 8], [4])]  # the tail (9, 10) is dropped
     assert finetune_llama.pack_blocks([[1, 2], [3, 4]], 2) == [([1, 2], [2]), ([3, 4], [2])]
+
 
 # -----------------------------------------------------------------------------
 # resume
@@ -145,9 +201,13 @@ def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     steps = 120
     run(finetune_cmd(tiny, full, "--max-steps", steps, "--save-steps", 5), cache=cache)
-    proc = subprocess.Popen(finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5), cwd=ROOT,
-                            env={**ENV, "FINLLM_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5),
+        cwd=ROOT,
+        env={**ENV, "FINLLM_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_checkpoint(proc, killed)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -157,14 +217,21 @@ def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
 
     again = run(finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5), check=False, cache=cache)
     assert_user_error(again, "holds an unfinished run", "--resume")  # a plain rerun does not start over
-    resumed = run(finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5, "--resume"), cache=cache)
+    resumed = run(
+        finetune_cmd(tiny, killed, "--max-steps", steps, "--save-steps", 5, "--resume"), cache=cache
+    )
     assert "resuming from" in resumed.stderr
     a, b = metrics(full), metrics(killed)
-    assert [m["iter"] for m in a] == [m["iter"] for m in b]  # the whole run's lines, not only the resumed part
+    assert [m["iter"] for m in a] == [
+        m["iter"] for m in b
+    ]  # the whole run's lines, not only the resumed part
     loss_a, loss_b = (next(m["train_loss"] for m in reversed(x) if "train_loss" in m) for x in (a, b))
     assert abs(loss_a - loss_b) < 1e-3
     ra, rb = (json.loads((d / "run.json").read_text()) for d in (full, killed))
-    assert rb["resumed_from_step"] == finetune_llama.checkpoint_step(done[-1]) and ra["resumed_from_step"] is None
+    assert (
+        rb["resumed_from_step"] == finetune_llama.checkpoint_step(done[-1])
+        and ra["resumed_from_step"] is None
+    )
     assert abs(ra["eval_ppl_after"] - rb["eval_ppl_after"]) < 1e-3 * ra["eval_ppl_after"]
     assert ra["eval_sets"]["retention"]["ppl_before"] == rb["eval_sets"]["retention"]["ppl_before"]
     wa, wb = adapter_weights(full), adapter_weights(killed)
@@ -177,24 +244,43 @@ def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "o"
     p = run(finetune_cmd(tiny, out, "--max-steps", 4), check=False, cache=cache)
     assert p.returncode == 0
-    assert_user_error(run(finetune_cmd(tiny, tmp_path / "none", "--max-steps", 4, "--resume"), check=False),
-                      "--resume", "no complete checkpoint", "--save-steps")
+    assert_user_error(
+        run(finetune_cmd(tiny, tmp_path / "none", "--max-steps", 4, "--resume"), check=False),
+        "--resume",
+        "no complete checkpoint",
+        "--save-steps",
+    )
     assert not (tmp_path / "none").exists()
     # an unfinished run: its adapter is not written yet; kill it after its first checkpoint
     part = tmp_path / "part"
-    proc = subprocess.Popen(finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3), cwd=ROOT,
-                            env={**ENV, "FINLLM_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3),
+        cwd=ROOT,
+        env={**ENV, "FINLLM_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_checkpoint(proc, part)
     proc.kill()
     proc.wait(timeout=60)
     before = sorted(p.name for p in (part / "checkpoints").iterdir())
-    other = run(finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3, "--lr", "5e-3", "--resume"),
-                check=False, cache=cache)
+    other = run(
+        finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3, "--lr", "5e-3", "--resume"),
+        check=False,
+        cache=cache,
+    )
     assert_user_error(other, "--resume", "do not match", "--lr 0.01 then, 0.005 now")
-    assert_user_error(run(finetune_cmd(tiny, part, "--max-steps", 100000, "--resume", "--overwrite"), check=False,
-                          cache=cache), "--resume", "--overwrite")
+    assert_user_error(
+        run(
+            finetune_cmd(tiny, part, "--max-steps", 100000, "--resume", "--overwrite"),
+            check=False,
+            cache=cache,
+        ),
+        "--resume",
+        "--overwrite",
+    )
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == before  # refusals touch nothing
+
 
 # -----------------------------------------------------------------------------
 # data parallel
@@ -202,6 +288,7 @@ def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -214,8 +301,14 @@ def test_two_processes_train_data_parallel_like_one_with_twice_the_batch(tiny, t
     single, dp = tmp_path / "single", tmp_path / "dp"
     base = finetune_cmd(tiny, single, "--max-steps", 8)
     run(base, cache=cache)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           *finetune_cmd(tiny, dp, "--max-steps", 8, "--batch-size", 2)[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        *finetune_cmd(tiny, dp, "--max-steps", 8, "--batch-size", 2)[1:],
+    ]
     p = run(cmd, cache=cache)
     assert p.stdout.count("adapter written to") == 1 and p.stderr.count("data: ") == 1  # one process speaks
     a, b = (json.loads((d / "run.json").read_text()) for d in (single, dp))
@@ -225,11 +318,19 @@ def test_two_processes_train_data_parallel_like_one_with_twice_the_batch(tiny, t
     assert len(la) == len(lb) == 8 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
     assert abs(a["eval_ppl_after"] - b["eval_ppl_after"]) < 1e-3 * a["eval_ppl_after"]
     assert sorted(f.name for f in dp.iterdir()) == sorted(f.name for f in single.iterdir())  # no stray files
-    ppl = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", str(dp), "--ppl",
-                          str(dp / "eval_docs.txt")], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    ppl = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), "--adapter", str(dp), "--ppl", str(dp / "eval_docs.txt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert ppl.returncode == 0, ppl.stderr[-2000:]
     line = next(x for x in ppl.stdout.splitlines() if x.startswith("perplexity: "))
-    assert abs(float(line.split()[1]) - b["eval_ppl_after"]) < 1e-3 * b["eval_ppl_after"]  # the adapter it trained
+    assert (
+        abs(float(line.split()[1]) - b["eval_ppl_after"]) < 1e-3 * b["eval_ppl_after"]
+    )  # the adapter it trained
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -237,11 +338,13 @@ def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
     """Batches without KL rows train on the model's own loss (fused in Unsloth): the same figure as
     token_losses, as a mean and as a sum over the step's tokens, in either batch layout."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).eval()
     torch.manual_seed(1)
     rows = [(torch.randint(1, 300, (16,)).tolist(), lengths) for lengths in ([16], [5, 11], [9, 7])]
-    batch = finetune_llama.RowCollator(0, packed=True, flat=flat)([{"input_ids": r, "seq_lengths": lengths,
-                                                                    "replay": 0} for r, lengths in rows])
+    batch = finetune_llama.RowCollator(0, packed=True, flat=flat)(
+        [{"input_ids": r, "seq_lengths": lengths, "replay": 0} for r, lengths in rows]
+    )
     labels, replay = batch.pop("labels"), batch.pop("replay")
     if not flat:
         batch.pop("packed_seq_lengths", None)
@@ -250,6 +353,8 @@ def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
         total, n = finetune_llama.token_losses(model, inputs, labels, replay, weight=None)
         assert int(n) == 15 + 14 + 14  # a row predicts 15 tokens, less one for each piece starting inside it
         mean = finetune_llama.cross_entropy_loss(model, inputs, labels)
-        summed = finetune_llama.cross_entropy_loss(model, inputs, labels, num_items_in_batch=torch.tensor(100))
+        summed = finetune_llama.cross_entropy_loss(
+            model, inputs, labels, num_items_in_batch=torch.tensor(100)
+        )
     assert abs(mean.item() - (total / n).item()) < 1e-5
     assert abs(summed.item() - total.item() / 100) < 1e-5

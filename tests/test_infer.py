@@ -1,5 +1,6 @@
 """infer.py's handling of bad checkpoints, adapters, flags and outputs, and Ctrl-C: real GPT checkpoints from
 gpt_scratch.py / gpt_optimized.py and a tiny Llama + LoRA adapter, all run on CPU through the real script."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,14 @@ INTERRUPTED = "interrupted: nothing was written (infer.py writes only --json-out
 
 
 def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env=ENV, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
@@ -45,8 +52,10 @@ def assert_user_error(p, *fragments):
 def corpus_docs(n: int) -> list[str]:
     if CORPUS.is_file():
         return [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][:n]
-    return [f"Market close, day {i + 1}\nThe index rose {i % 7 / 4:.2f}% to {1000 + 3 * i:,.2f}."
-            for i in range(n)]
+    return [
+        f"Market close, day {i + 1}\nThe index rose {i % 7 / 4:.2f}% to {1000 + 3 * i:,.2f}."
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +65,37 @@ def shared_dir(tmp_path_factory):
 
 
 def train_gpt(script: str, out: Path, corpus: Path) -> Path:
-    run(f"{script}.py", "--data", corpus, "--out", out, "--tokenizer", "char", "--n-layer", 1, "--n-head", 2,
-        "--n-embd", 32, "--block-size", 32, "--batch-size", 4, "--max-iters", 4, "--eval-interval", 4,
-        "--eval-iters", 1, "--warmup-iters", 1, "--max-new-tokens", 0, "--device", "cpu")
+    run(
+        f"{script}.py",
+        "--data",
+        corpus,
+        "--out",
+        out,
+        "--tokenizer",
+        "char",
+        "--n-layer",
+        1,
+        "--n-head",
+        2,
+        "--n-embd",
+        32,
+        "--block-size",
+        32,
+        "--batch-size",
+        4,
+        "--max-iters",
+        4,
+        "--eval-interval",
+        4,
+        "--eval-iters",
+        1,
+        "--warmup-iters",
+        1,
+        "--max-new-tokens",
+        0,
+        "--device",
+        "cpu",
+    )
     return out / "ckpt.pt"
 
 
@@ -85,21 +122,32 @@ def bad_ckpts(shared_dir, ckpt):
     files = {
         "empty.pt": (b"", "is empty (0 bytes)"),
         "notes.pt": ("Stocks rose on Monday.\nOil fell 2%.\n".encode(), "is a text file, not a checkpoint"),
-        "random.pt": (bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                          dtype=torch.uint8).tolist()),
-                      "is not a PyTorch checkpoint (4,096 bytes of unknown data)"),
-        "truncated.pt": (raw[:len(raw) // 2], f"is damaged or truncated ({len(raw) // 2:,} bytes)"),
+        "random.pt": (
+            bytes(
+                torch.randint(
+                    0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+                ).tolist()
+            ),
+            "is not a PyTorch checkpoint (4,096 bytes of unknown data)",
+        ),
+        "truncated.pt": (raw[: len(raw) // 2], f"is damaged or truncated ({len(raw) // 2:,} bytes)"),
     }
     for name, (data, _) in files.items():
         (d / name).write_bytes(data)
     torch.save(torch.nn.Linear(2, 2), d / "module.pt")  # pickled code: refused by a weights-only load
     torch.save({"weights": torch.zeros(2)}, d / "state_dict.pt")
     torch.save({**good, "model_args": {**good["model_args"], "n_embd": 64}}, d / "mismatch.pt")
-    return {"dir": d, **{n: (d / n, frag) for n, (_, frag) in files.items()},
-            "module.pt": (d / "module.pt", "holds pickled Python objects besides tensors, which loading "
-                                           "could run as code"),
-            "state_dict.pt": (d / "state_dict.pt", "loads, but is not a GPT checkpoint"),
-            "mismatch.pt": (d / "mismatch.pt", "do not fit together")}
+    return {
+        "dir": d,
+        **{n: (d / n, frag) for n, (_, frag) in files.items()},
+        "module.pt": (
+            d / "module.pt",
+            "holds pickled Python objects besides tensors, which loading could run as code",
+        ),
+        "state_dict.pt": (d / "state_dict.pt", "loads, but is not a GPT checkpoint"),
+        "mismatch.pt": (d / "mismatch.pt", "do not fit together"),
+    }
+
 
 # -----------------------------------------------------------------------------
 # GPT checkpoints
@@ -125,8 +173,22 @@ def test_ckpt_is_read_once_and_generates_as_its_module(shared_dir, corpus, tmp_p
 
     monkeypatch.setattr(torch, "load", counting_load)
     out_json = tmp_path / "new" / "sub" / "out.json"  # a folder that does not exist yet is made at the end
-    res = infer.main(["--ckpt", str(path), "--prompt", "The S&P 500", "--temperature", "0",
-                      "--repetition-penalty", "1", "--max-new-tokens", "10", "--json-out", str(out_json)])
+    res = infer.main(
+        [
+            "--ckpt",
+            str(path),
+            "--prompt",
+            "The S&P 500",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1",
+            "--max-new-tokens",
+            "10",
+            "--json-out",
+            str(out_json),
+        ]
+    )
     assert loads == [str(path)]
     monkeypatch.setattr(torch, "load", real_load)
     module = __import__(script)
@@ -136,8 +198,9 @@ def test_ckpt_is_read_once_and_generates_as_its_module(shared_dir, corpus, tmp_p
     assert json.loads(out_json.read_text()) == res
 
 
-@pytest.mark.parametrize("name", ["empty.pt", "notes.pt", "random.pt", "truncated.pt", "module.pt",
-                                  "state_dict.pt", "mismatch.pt"])
+@pytest.mark.parametrize(
+    "name", ["empty.pt", "notes.pt", "random.pt", "truncated.pt", "module.pt", "state_dict.pt", "mismatch.pt"]
+)
 def test_bad_checkpoint_files_say_what_they_are(bad_ckpts, name):
     path, fragment = bad_ckpts[name]
     p = run("infer.py", "--ckpt", path, "--prompt", "x", check=False)
@@ -145,6 +208,7 @@ def test_bad_checkpoint_files_say_what_they_are(bad_ckpts, name):
     assert "weights_only" not in p.stderr  # never the advice to load an unknown file unsafely
     if name != "mismatch.pt":
         assert EXPECTED in p.stderr
+
 
 # -----------------------------------------------------------------------------
 # a LoRA adapter on a tiny Llama
@@ -156,38 +220,58 @@ def adapter(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     d = tmp_path_factory.mktemp("llama")
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(corpus_docs(40), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        corpus_docs(40),
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=None,
-                      eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=hf.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d / "base")
     tok.save_pretrained(d / "base")
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(d / "base"),
-                          LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(d / "base"),
+        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
     lora.save_pretrained(d / "adapter")  # records the base folder as base_model_name_or_path
     return d / "adapter"
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 def test_truncated_adapter_weights_exit_2(adapter, tmp_path, keep):
-    res = infer.main(["--adapter", str(adapter), "--prompt", "Oil", "--max-new-tokens", "2",
-                      "--temperature", "0"])
+    res = infer.main(
+        ["--adapter", str(adapter), "--prompt", "Oil", "--max-new-tokens", "2", "--temperature", "0"]
+    )
     assert len(res["generations"]) == 1  # the intact adapter runs
     cut = tmp_path / "cut"
     shutil.copytree(adapter, cut)
     weights = cut / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:int(weights.stat().st_size * keep)])
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * keep)])
     p = run("infer.py", "--adapter", cut, "--prompt", "Oil", "--max-new-tokens", "2", check=False)
     assert_user_error(p, f"--adapter {cut}: adapter_model.safetensors", "is damaged or truncated")
+
 
 def base_with_context(adapter, folder: Path, positions: int) -> Path:
     """The adapter's base with another max_position_embeddings (rotary positions: the same weights fit)."""
@@ -204,8 +288,18 @@ def test_ppl_context_default_is_the_same_for_base_and_adapter(adapter, corpus, t
     (trained / "run.json").write_text(json.dumps({"args": {"max_seq_length": 16}}))
     ppl = ["--ppl", str(corpus)]
     alone = infer.main(["--model", str(long_base), *ppl, "--json-out", str(tmp_path / "a.json")])
-    both = infer.main(["--adapter", str(trained), "--model", str(long_base), *ppl, "--compare-base",
-                       "--json-out", str(tmp_path / "b.json")])
+    both = infer.main(
+        [
+            "--adapter",
+            str(trained),
+            "--model",
+            str(long_base),
+            *ppl,
+            "--compare-base",
+            "--json-out",
+            str(tmp_path / "b.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert alone["ppl"]["context"] == both["ppl"]["context"] == 1024  # 1024, not the adapter's 16
     assert err.count("perplexity: windows of 1024 tokens (model context 4096)") == 2
@@ -234,33 +328,41 @@ def test_prompts_file_that_is_not_utf8_exit_2(ckpt, tmp_path):
     p = run("infer.py", "--ckpt", ckpt, "--prompts-file", tmp_path / "prompts.txt", check=False)
     assert_user_error(p, f"--prompts-file {tmp_path / 'prompts.txt'} is not UTF-8 text (byte 12)")
 
+
 # -----------------------------------------------------------------------------
 # flags: checked where they are parsed, one line each
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--bench", "--bench-new-tokens", "0"], "--bench-new-tokens: '0': each count must be an integer >= 1"),
-    (["--bench", "--bench-new-tokens", "8,abc"], "not 'abc'"),
-    (["--bench", "--bench-new-tokens", ","], "lists no token counts"),
-    (["--bench", "--bench-runs", "0"], "--bench-runs: 0 must be >= 1"),
-    (["--ppl-context", "1"], "--ppl-context: 1 must be 0 (the default) or >= 2"),
-    (["--context", "1"], "--context: 1 must be 0"),
-    (["--batch-size", "0"], "--batch-size: 0 must be >= 1"),
-    (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
-    (["--max-new-tokens", "0"], "--max-new-tokens: 0 must be >= 1"),
-    (["--max-new-tokens", "2.5"], "'2.5' is not an integer"),
-    (["--temperature", "-0.5"], "--temperature: -0.5 must be >= 0"),
-    (["--temperature", "nan"], "'nan' is not a finite number"),
-    (["--top-p", "0"], "--top-p: 0 must be in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p: 1.5 must be in (0, 1]"),
-    (["--top-k", "-1"], "--top-k: -1 must be >= 0"),
-    (["--repetition-penalty", "0"], "--repetition-penalty: 0 must be > 0"),
-    (["--seed", str(2 ** 64)], "--seed"),
-    (["--threads", "-1"], "--threads: -1 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (
+            ["--bench", "--bench-new-tokens", "0"],
+            "--bench-new-tokens: '0': each count must be an integer >= 1",
+        ),
+        (["--bench", "--bench-new-tokens", "8,abc"], "not 'abc'"),
+        (["--bench", "--bench-new-tokens", ","], "lists no token counts"),
+        (["--bench", "--bench-runs", "0"], "--bench-runs: 0 must be >= 1"),
+        (["--ppl-context", "1"], "--ppl-context: 1 must be 0 (the default) or >= 2"),
+        (["--context", "1"], "--context: 1 must be 0"),
+        (["--batch-size", "0"], "--batch-size: 0 must be >= 1"),
+        (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+        (["--max-new-tokens", "0"], "--max-new-tokens: 0 must be >= 1"),
+        (["--max-new-tokens", "2.5"], "'2.5' is not an integer"),
+        (["--temperature", "-0.5"], "--temperature: -0.5 must be >= 0"),
+        (["--temperature", "nan"], "'nan' is not a finite number"),
+        (["--top-p", "0"], "--top-p: 0 must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p: 1.5 must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k: -1 must be >= 0"),
+        (["--repetition-penalty", "0"], "--repetition-penalty: 0 must be > 0"),
+        (["--seed", str(2**64)], "--seed"),
+        (["--threads", "-1"], "--threads: -1 must be >= 0"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(ckpt, corpus, flags, fragment):
     p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", "--ppl", corpus, *flags, check=False)
     assert_user_error(p, "infer.py: error: argument", fragment)
+
 
 # -----------------------------------------------------------------------------
 # --json-out: checked before any model loads
@@ -270,14 +372,17 @@ def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, tmp_path, unwr
     broken = bad_ckpts["random.pt"][0]  # were the model loaded first, this file's error would come instead
     (tmp_path / "file.txt").write_text("x")
     under_file = tmp_path / "file.txt" / "out.json"
-    for out, fragment in ((tmp_path, "is a folder, not a file"),
-                          (under_file, f"lies under a file ({tmp_path / 'file.txt'})")):
+    for out, fragment in (
+        (tmp_path, "is a folder, not a file"),
+        (under_file, f"lies under a file ({tmp_path / 'file.txt'})"),
+    ):
         p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False)
         assert_user_error(p, f"--json-out {out} ", fragment)
     out = unwritable_dir / "sub" / "out.json"
     p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False)
     assert_user_error(p, f"--json-out {out} is not writable (")
     assert list(unwritable_dir.iterdir()) == []  # the missing folder was not made
+
 
 # -----------------------------------------------------------------------------
 # Ctrl-C
@@ -289,10 +394,27 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpt, tmp_path):
     def default_sigint():  # a shell's background jobs ignore SIGINT, and so would Python started from them
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    cmd = [sys.executable, str(ROOT / "infer.py"), "--ckpt", str(ckpt), "--prompt", "The", "--max-new-tokens",
-           "1000000", "--json-out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=default_sigint)
+    cmd = [
+        sys.executable,
+        str(ROOT / "infer.py"),
+        "--ckpt",
+        str(ckpt),
+        "--prompt",
+        "The",
+        "--max-new-tokens",
+        "1000000",
+        "--json-out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
+    )
     try:
         first = proc.stderr.readline()  # "model: ... on cpu": loaded, generating a million tokens
         assert first.startswith("model: gpt_scratch"), first
