@@ -9,11 +9,13 @@ and without packing, and decoding with and without the KV cache. Same corpus, sa
     python bench.py --quick --only finetune --baseline-rev 58f11e9   # + the earlier loop against SFTTrainer
 
 Every figure comes from the scripts' own output files (summary.json, metrics.jsonl, run.json, infer.py
---json-out); bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
+--json-out; contracts.py lists the keys read from each, and a run whose file lacks one counts as failed);
+bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
 --out: results.json (every figure with device, torch version, date, git commit, flags), report.md
 (Table 1 per model, the ablation tables, the plots), *.png, and runs/ + logs/ for each run.
 Ctrl-C keeps the finished runs; `python bench.py --report-only --out DIR` builds the report from them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +36,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+import contracts
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/finance_corpus.txt"
@@ -91,83 +95,134 @@ def check_writable_file(path: Path, flag: str) -> None:
 def cpu_has_bf16_units() -> bool:
     """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
     import torch
+
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def cpu_bf16_flags() -> dict:
     import torch
-    return {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
-            "amx": bool(torch.cpu._is_amx_tile_supported())}
+
+    return {
+        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+    }
 
 
 # -----------------------------------------------------------------------------
-# the plan: what each mode runs. `cost` is a rough seconds estimate, used only for the ETA.
+# the plan: what each mode runs, as settings (a script's flag names, underscored); `flags` renders them into
+# command lines. `cost` is a rough seconds estimate, used only for the ETA.
+
+
+def flags(settings: dict) -> list[str]:
+    """Settings as command-line flags, in their order: max_iters=30 -> --max-iters 30, True/False ->
+    --x/--no-x, a list -> the flag once per item, None -> left out."""
+    out = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True or value is False:
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [f for item in value for f in (flag, str(item))]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+# gpt_scratch.py / gpt_optimized.py shapes and token budget per mode (lr as typed: flags keep its text)
+GPT_SHAPES = {
+    # the seed's shape on a GPU; 300 steps (1.2M tokens) keep the whole run within minutes
+    "full": dict(
+        preset="seed",
+        batch_size=16,
+        max_iters=300,
+        eval_interval=30,
+        eval_iters=10,
+        warmup_iters=30,
+        lr="6e-4",
+        vocab_size=8192,
+    ),
+    "quick": dict(preset="cpu", batch_size=8, max_iters=48, eval_interval=12, eval_iters=4, warmup_iters=6),
+    "tiny": dict(  # the test suite's size
+        preset="cpu",
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        block_size=32,
+        vocab_size=512,
+        batch_size=8,
+        max_iters=30,
+        eval_interval=10,
+        eval_iters=2,
+        warmup_iters=5,
+    ),
+}
+BIG_BATCH = {"full": 64, "quick": 32, "tiny": 16}  # the ladder's last row: the same tokens in fewer steps
+
+# gpt_optimized.py's techniques: setting -> (its value with the technique off, the ablation row's words)
+TECHNIQUES = {
+    "flash": (False, "flash attention (SDPA)"),
+    "fused": (False, "fused / foreach AdamW"),
+    "bias": (True, "bias-free linears"),
+    "tie_weights": (False, "weight tying"),
+    "pad_vocab": (False, "vocab padded to 64"),
+    "rope": (False, "rotary embeddings"),
+    "relu2": (False, "ReLU^2 MLP"),
+    "bf16": (False, "bf16 autocast"),
+    "compile": (False, "torch.compile"),
+}
+
 
 def gpt_plan(mode: str, bf16_units: bool = False) -> dict:
-    """Shapes, token budget and the ablation ladder for the GPT stage. bf16_units: the device runs bf16
-    matmuls faster than fp32 (see bf16_units_decision), so gpt_optimized.py turns bf16 autocast on by
-    default and --quick measures it."""
-    if mode == "full":  # the seed's shape on a GPU; 300 steps (1.2M tokens) keep the whole run within minutes
-        base = ["--preset", "seed", "--batch-size", "16", "--max-iters", "300", "--eval-interval", "30", "--eval-iters", "10",
-                "--warmup-iters", "30", "--lr", "6e-4", "--vocab-size", "8192"]
-        big_batch = "64"
-    elif mode == "quick":
-        base = ["--preset", "cpu", "--batch-size", "8", "--max-iters", "48", "--eval-interval", "12",
-                "--eval-iters", "4", "--warmup-iters", "6"]
-        big_batch = "32"
-    else:  # tiny: the test suite's size
-        base = ["--preset", "cpu", "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--block-size", "32",
-                "--vocab-size", "512", "--batch-size", "8", "--max-iters", "30", "--eval-interval", "10",
-                "--eval-iters", "2", "--warmup-iters", "5"]
-        big_batch = "16"
+    """Shapes, token budget and the ablation ladder for the GPT stage, as settings. bf16_units: the device
+    runs bf16 matmuls faster than fp32 (see bf16_units_decision), so gpt_optimized.py turns bf16 autocast on
+    by default and --quick measures it."""
     # A cumulative ladder from the optimized script with every technique off (the baseline's model
     # with AdamW, cosine LR and clipping) to everything on; each row adds one step to the row above.
     # The row where the script's own defaults on this device are reached is the gpt_optimized run.
     # On the CPU sizes, techniques with small effects share a row, to keep --quick within minutes.
-    off = {"flash": "--no-flash", "fused": "--no-fused", "bias": "--bias", "tie": "--no-tie-weights",
-           "pad": "--no-pad-vocab", "rope": "--no-rope", "relu2": "--no-relu2",
-           "bf16": "--no-bf16", "compile": "--no-compile"}
-    on = {"flash": "--flash", "fused": "--fused", "bias": "--no-bias", "tie": "--tie-weights", "pad": "--pad-vocab",
-          "rope": "--rope", "relu2": "--relu2", "bf16": "--bf16", "compile": "--compile"}
-    names = {"flash": "flash attention (SDPA)", "fused": "fused / foreach AdamW", "bias": "bias-free linears",
-             "tie": "weight tying", "pad": "vocab padded to 64", "rope": "rotary embeddings",
-             "relu2": "ReLU^2 MLP", "bf16": "bf16 autocast", "compile": "torch.compile"}
+    groups = [["flash"], ["fused"], ["bias", "tie_weights", "pad_vocab"], ["rope", "relu2"]]
     if mode == "full":
         # every row is a process start, a token budget and, with compile, a compilation: the small
         # architecture changes share rows so the GPU run stays within its minutes
-        groups = [["flash"], ["fused"], ["bias", "tie", "pad"], ["rope", "relu2"], ["bf16"], ["compile"]]
-        defaults_at = None  # on a GPU the defaults include bf16 and compile: the last ladder row
+        groups += [["bf16"], ["compile"]]
+        defaults_at = len(groups)  # on a GPU the defaults include bf16 and compile: the last ladder row
     else:
         # CPU defaults: everything but compile, and bf16 only on CPUs with bf16 matrix units (AVX512-BF16,
         # AMX): without them autocast ran about 10x slower. Compiling costs minutes on a CPU, so --quick
         # leaves it to --full; it measures bf16 where it is a default (the test suite always keeps the
         # bf16 row to exercise the flag).
-        groups = [["flash"], ["fused"], ["bias", "tie", "pad"], ["rope", "relu2"]]
         if mode == "tiny" or bf16_units:
-            groups = groups + [["bf16"]]
+            groups += [["bf16"]]
         defaults_at = 5 if bf16_units else 4
-    state = dict(off)
-    ladder = [("optimized script, every technique off", list(state.values()))]
+    state = {k: off for k, (off, _) in TECHNIQUES.items()}
+    ladder = [("optimized script, every technique off", dict(state))]
     for g in groups:
-        state.update({k: on[k] for k in g})
-        ladder.append(("+ " + ", ".join(names[k] for k in g), list(state.values())))
-    # bigger batch at the same token budget: fewer, larger steps (the lr schedule scales with them)
-    iters = int(base[base.index("--max-iters") + 1])
-    batch = int(base[base.index("--batch-size") + 1]) if "--batch-size" in base else 16
-    k = int(big_batch) // batch
-    ladder.append((f"+ batch size {big_batch}", list(state.values()) + [
-        "--batch-size", big_batch, "--max-iters", str(iters // k),
-        "--eval-interval", str(max(1, int(base[base.index("--eval-interval") + 1]) // k)),
-        "--warmup-iters", str(max(1, int(base[base.index("--warmup-iters") + 1]) // k))]))
-    if defaults_at is None:
-        defaults_at = len(groups)
+        state.update({k: not TECHNIQUES[k][0] for k in g})
+        ladder.append(("+ " + ", ".join(TECHNIQUES[k][1] for k in g), dict(state)))
+    ladder.append((f"+ batch size {BIG_BATCH[mode]}", {**state, **big_batch_shape(mode)}))
     # off by default: measured here, neither shortened the time to a given loss on the CPU
-    extras = [("+ QK-norm", ["--qk-norm"]), ("+ Muon optimizer", ["--muon"])]  # on top of the defaults
+    extras = [
+        ("+ QK-norm", {"qk_norm": True}),
+        ("+ Muon optimizer", {"muon": True}),
+    ]  # on top of the defaults
     if mode == "quick":  # Muon's Newton-Schulz steps are slow on a CPU; measured in --full
         extras = extras[:1]
     elif mode == "full":  # QK-norm would cost another compilation; it is measured in --quick
         extras = extras[1:]
-    return {"base": base, "ladder": ladder, "defaults_at": defaults_at, "extras": extras, "big_batch": big_batch}
+    return {"base": GPT_SHAPES[mode], "ladder": ladder, "defaults_at": defaults_at, "extras": extras}
+
+
+def big_batch_shape(mode: str) -> dict:
+    """The bigger batch at the same token budget: fewer, larger steps (the lr schedule scales with them).
+    Rendered after the shape's own flags, whose --batch-size it overrides."""
+    shape = GPT_SHAPES[mode]
+    k = BIG_BATCH[mode] // shape.get("batch_size", 16)
+    return {
+        "batch_size": BIG_BATCH[mode],
+        "max_iters": shape["max_iters"] // k,
+        "eval_interval": max(1, shape["eval_interval"] // k),
+        "warmup_iters": max(1, shape["warmup_iters"] // k),
+    }
 
 
 def bf16_units_decision(device: str) -> tuple[bool, str]:
@@ -179,35 +234,38 @@ def bf16_units_decision(device: str) -> tuple[bool, str]:
     units = " and ".join(n for k, n in (("avx512_bf16", "AVX512-BF16"), ("amx", "AMX")) if f[k])
     if units:
         return True, f"CPU has {units}: the ablation includes bf16 autocast (a gpt_optimized default here)"
-    return False, ("CPU has neither AVX512-BF16 nor AMX: bf16 autocast (about 10x slower than fp32 on such "
-                   "CPUs) is left out of the ablation")
+    return False, (
+        "CPU has neither AVX512-BF16 nor AMX: bf16 autocast (about 10x slower than fp32 on such "
+        "CPUs) is left out of the ablation"
+    )
+
+
+# finetune_llama.py shapes per mode (lr as typed)
+FINETUNE_SHAPES = {
+    "full": dict(max_seq_length=512, batch_size=8, max_steps=30, eval_tokens=8192, warmup_steps=3, lr="2e-4"),
+    "quick": dict(max_seq_length=128, batch_size=4, max_steps=6, eval_tokens=1024, warmup_steps=2, lr="2e-3"),
+    "tiny": dict(max_seq_length=64, batch_size=2, max_steps=3, eval_tokens=512, warmup_steps=1),
+}
+# no bf16 setting either way: finetune_llama.py picks it where the device has the units, and each
+# run.json records the setting it used
+LORA = {"backend": "hf", "load_in_4bit": False}
+QLORA = {"backend": "hf", "load_in_4bit": True}
 
 
 def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
-    if mode == "full":
-        common = ["--max-seq-length", "512", "--batch-size", "8", "--max-steps", "30", "--eval-tokens", "8192",
-                  "--warmup-steps", "3", "--lr", "2e-4"]
-    elif mode == "quick":
-        common = ["--max-seq-length", "128", "--batch-size", "4", "--max-steps", "6", "--eval-tokens", "1024",
-                  "--warmup-steps", "2", "--lr", "2e-3"]
-    else:
-        common = ["--max-seq-length", "64", "--batch-size", "2", "--max-steps", "3", "--eval-tokens", "512",
-                  "--warmup-steps", "1"]
+    shape = FINETUNE_SHAPES[mode]
     # the recipe run: finetune_llama.py's own defaults, i.e. a user's default command (replay, retention set,
     # its own step count); --tiny keeps the test suite's shapes and few, short base samples
-    recipe = common + ["--retention-docs", "8", "--retention-tokens", "16"] if mode == "tiny" else []
+    recipe = {**shape, "retention_docs": 8, "retention_tokens": 16} if mode == "tiny" else {}
     # the speed runs time the training step alone: no replay rows (their KL loss adds a forward pass of the
     # base) and no base sampling for a retention set, so their tokens/s compare like with like
-    common = common + ["--replay", "0", "--retention-docs", "0"]
-    # no --bf16 either way: finetune_llama.py picks it where the device has the units, and each
-    # run.json records the setting it used
-    lora, qlora = ["--backend", "hf", "--no-load-in-4bit"], ["--backend", "hf", "--load-in-4bit"]
-    # (method, flags, packing): packing is measured on LoRA, where it changes nothing but the rows
-    runs = [("LoRA", lora, True), ("LoRA", lora, False), ("QLoRA (NF4)", qlora, True)]
+    common = {**shape, "replay": 0, "retention_docs": 0}
+    # (method, settings, packing): packing is measured on LoRA, where it changes nothing but the rows
+    runs = [("LoRA", LORA, True), ("LoRA", LORA, False), ("QLoRA (NF4)", QLORA, True)]
     if gpu:
-        runs.append(("Unsloth 4-bit", ["--backend", "unsloth"], True))
+        runs.append(("Unsloth 4-bit", {"backend": "unsloth"}, True))
     elif bf16_units:  # a CPU with bf16 units trains under bf16 autocast by default: measure what that buys
-        runs.append(("LoRA fp32", lora + ["--no-bf16"], True))
+        runs.append(("LoRA fp32", {**LORA, "bf16": False}, True))
     # recipe_cost: the recipe run's ETA weight in speed runs (40 steps, replay, 64 base samples to draw)
     return {"common": common, "runs": runs, "recipe": recipe, "recipe_cost": 1.5 if mode == "tiny" else 5.0}
 
@@ -216,7 +274,7 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
 # current script's SFTTrainer, on the LoRA packed speed run's command. More steps than the speed runs so the
 # steady rate is not noise; the two scripts run alternately, so a change in the machine's load falls on both.
 LOOP_VS_TRAINER = {
-    "flags": ["--backend", "hf", "--no-load-in-4bit", "--packing"],
+    "settings": {**LORA, "packing": True},
     "max_steps": {"full": 40, "quick": 20, "tiny": 4},
     "repeats": 2,
     "sides": (("loop", "hand-written loop"), ("trainer", "SFTTrainer")),  # the order each repeat runs them
@@ -225,11 +283,9 @@ LOOP_VS_TRAINER = {
 }
 
 
-def loop_vs_trainer_flags(mode: str, common: list[str]) -> list[str]:
-    """The LoRA packed speed run's flags (finetune_plan's common ones) with LOOP_VS_TRAINER's step count."""
-    flags = list(common)
-    flags[flags.index("--max-steps") + 1] = str(LOOP_VS_TRAINER["max_steps"][mode])
-    return LOOP_VS_TRAINER["flags"] + flags
+def loop_vs_trainer_settings(mode: str, common: dict) -> dict:
+    """The LoRA packed speed run's settings (finetune_plan's common ones), LOOP_VS_TRAINER's step count."""
+    return {**LOOP_VS_TRAINER["settings"], **common, "max_steps": LOOP_VS_TRAINER["max_steps"][mode]}
 
 
 # Fine-tune settings `--sweep transfer` compares: (name, finetune_llama.py flags), each run on the same base
@@ -256,13 +312,19 @@ TRANSFER_TARGET = (-0.30, 0.05)  # a setting in the box: in-domain ppl -30% or b
 # -----------------------------------------------------------------------------
 # running the scripts
 
+
 class Runner:
     def __init__(self, out: Path, total_cost: float, time_limit: float | None = None, replay: bool = False):
         self.py, self.replay = sys.executable, replay
         self.out, self.logs = out, out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.bar = tqdm(total=round(total_cost), desc="bench", unit="s~", dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} est. s [{elapsed}<{remaining}] {postfix}")
+        self.bar = tqdm(
+            total=round(total_cost),
+            desc="bench",
+            unit="s~",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} est. s [{elapsed}<{remaining}] {postfix}",
+        )
         self.failures: list[str] = []
         self.done: list[str] = []  # runs finished in this invocation, and the one in progress (for Ctrl-C)
         self.reused: list[str] = []  # runs whose earlier output matched and was kept, not run again
@@ -270,8 +332,9 @@ class Runner:
         self.current_expect: Path | None = None
         self.deadline = time.perf_counter() + time_limit if time_limit else None
 
-    def run(self, name: str, cmd: list[str], cost: float, expect: Path, env: dict | None = None,
-            reuse=None) -> bool:
+    def run(
+        self, name: str, cmd: list[str], cost: float, expect: Path, env: dict | None = None, reuse=None
+    ) -> bool:
         """Run one script; its output goes to logs/<name>.log. False (and a note) when it fails, or when
         --time-limit has run out (the run is stopped, or not started, and the report says so).
         With --report-only nothing runs: True when the run's output file `expect` is already there.
@@ -301,11 +364,19 @@ class Runner:
             # passive OpenMP waiting: spinning threads cost many times their work when any other
             # process shares the cores (the fine-tuning scripts set the same)
             try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE, timeout=left,
-                                    env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}).returncode
+                rc = subprocess.run(
+                    cmd,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    cwd=HERE,
+                    timeout=left,
+                    env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})},
+                ).returncode
             except subprocess.TimeoutExpired:
                 self.current = None
-                self.failures.append(f"{name}: stopped after {time.perf_counter() - t0:.0f}s: --time-limit reached")
+                self.failures.append(
+                    f"{name}: stopped after {time.perf_counter() - t0:.0f}s: --time-limit reached"
+                )
                 self.bar.write(f"bench.py: {name} stopped: --time-limit reached")
                 self.bar.update(round(cost))
                 return False
@@ -320,10 +391,21 @@ class Runner:
         self.done.append(name)
         return True
 
+    def collect(self, name: str, read):
+        """read(): the run's figures from its output files. A key missing there fails the run: one line in
+        the report's failures, and None."""
+        try:
+            return read()
+        except OutputError as e:
+            self.failures.append(f"{name}: {e}")
+            self.bar.write(f"bench.py: {name} failed: {e}")
+            return None
 
-def atomic_write(path: Path, text: str) -> None:
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write path whole or not at all: a temp file beside it, renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -333,6 +415,22 @@ def read_json(path: Path) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class OutputError(Exception):
+    """A script's output file lacks a key bench.py reads (contracts.py): the run counts as failed."""
+
+
+def read_output(path: Path, contract: contracts.Contract) -> dict | list[dict]:
+    """A script's output file (JSON, or JSON lines), holding every key its contract lists."""
+    data = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
+    for i, record in enumerate(data if isinstance(data, list) else [data]):
+        missing = contracts.missing_key(contract, record)
+        if missing:
+            line = f" line {i + 1}" if isinstance(data, list) else ""
+            key, listed_by, meaning = missing
+            raise OutputError(f"{path}{line} has no {key!r} ({listed_by.name}: {meaning})")
+    return data
 
 
 def train_seconds_curve(rows: list[dict]) -> list[tuple[float, float]]:
@@ -361,39 +459,61 @@ def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | Non
 # -----------------------------------------------------------------------------
 # stages
 
-# rough seconds per run (GPT, fine-tuning, inference), measured on the two-core CPU and the GPU: only for the ETA
+# rough seconds per run (GPT, fine-tuning, inference), measured on the two-core CPU and the GPU: for the ETA
 COST = {"full": (25, 50, 40), "quick": (15, 60, 30), "tiny": (8, 15, 10)}
 
 
-def gpt_run(R: Runner, res: dict, key: str, script: str, flags: list[str], cost: float) -> dict | None:
-    """One GPT training run into runs/<key>; its summary, metrics and loss-vs-time curve go into res["runs"]."""
+def gpt_run(R: Runner, res: dict, key: str, script: str, run_flags: list[str], cost: float) -> dict | None:
+    """One GPT training run into runs/<key>; its summary, metrics and loss-vs-time curve go into
+    res["runs"]."""
     runs = R.out / "runs"
     folder = runs / key
     share_token_cache(runs, folder)
-    if not R.run(key, [R.py, script, "--out", str(folder)] + res["base_flags"] + flags, cost, folder / "summary.json"):
+    cmd = [R.py, script, "--out", str(folder)] + res["base_flags"] + run_flags
+    if not R.run(key, cmd, cost, folder / "summary.json"):
         return None
-    m = read_jsonl(folder / "metrics.jsonl")
-    r = {"flags": flags, "summary": read_json(folder / "summary.json"), "metrics": m, "curve": train_seconds_curve(m),
-         "ckpt": str(folder / "ckpt.pt")}
-    res["runs"][key] = r
+    r = R.collect(key, lambda: gpt_record(folder, run_flags))
+    if r:
+        res["runs"][key] = r
     return r
+
+
+def gpt_record(folder: Path, run_flags: list[str]) -> dict:
+    summary = read_output(folder / "summary.json", contracts.GPT_SUMMARY)
+    m = read_output(folder / "metrics.jsonl", contracts.GPT_METRICS)
+    return {
+        "flags": run_flags,
+        "summary": summary,
+        "metrics": m,
+        "curve": train_seconds_curve(m),
+        "ckpt": str(folder / "ckpt.pt"),
+    }
 
 
 def stage_gpt(R: Runner, mode: str, data: str, device: str, bf16_units: bool = False) -> dict:
     """gpt_scratch, then the ablation ladder (whose defaults row is gpt_optimized) and the headline ratios."""
     plan = gpt_plan(mode, bf16_units)
-    res: dict = {"base_flags": plan["base"] + ["--data", data, "--device", device, "--max-new-tokens", "0"], "runs": {}}
+    res: dict = {
+        "base_flags": flags({**plan["base"], "data": data, "device": device, "max_new_tokens": 0}),
+        "runs": {},
+    }
 
     cost = COST[mode][0]
     scratch = gpt_run(R, res, "gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
     target = scratch["summary"]["val_loss"] if scratch else None
     rows = [ablation_row("gpt_scratch.py (baseline)", scratch, target)] if scratch else []
     optimized = None
-    for i, (name, flags) in enumerate(plan["ladder"]):
+    for i, (name, settings) in enumerate(plan["ladder"]):
         key = "gpt_optimized" if i == plan["defaults_at"] else f"ablation_{i:02d}"
-        r = gpt_run(R, res, key, "gpt_optimized.py", flags, cost * (2 if "--compile" in flags else 1))
+        r = gpt_run(
+            R, res, key, "gpt_optimized.py", flags(settings), cost * (2 if settings["compile"] else 1)
+        )
         if r:
-            rows.append(ablation_row(name + ("  (= gpt_optimized defaults)" if key == "gpt_optimized" else ""), r, target))
+            rows.append(
+                ablation_row(
+                    name + ("  (= gpt_optimized defaults)" if key == "gpt_optimized" else ""), r, target
+                )
+            )
             optimized = r if key == "gpt_optimized" else optimized
     res["ablation"] = rows
     res["extras"] = []
@@ -435,8 +555,9 @@ def stage_gpt_extras(R: Runner, mode: str, res: dict) -> None:
     if optimized is None:
         return
     rows = [ablation_row("gpt_optimized defaults", optimized, target)]
-    for i, (name, flags) in enumerate(gpt_plan(mode)["extras"]):
-        r = gpt_run(R, res, f"extra_{i:02d}", "gpt_optimized.py", optimized["flags"] + flags, COST[mode][0])
+    for i, (name, settings) in enumerate(gpt_plan(mode)["extras"]):
+        run_flags = optimized["flags"] + flags(settings)
+        r = gpt_run(R, res, f"extra_{i:02d}", "gpt_optimized.py", run_flags, COST[mode][0])
         if r:
             rows.append(ablation_row(name, r, target))
     res["extras"] = rows if len(rows) > 1 else []
@@ -458,49 +579,65 @@ def steady_s_to_loss(r: dict, target: float | None) -> float | None:
 
 def ablation_row(name: str, r: dict, target: float | None) -> dict:
     s = r["summary"]
-    return {"name": name, "flags": r["flags"], "tokens_per_s": s["tokens_per_s"], "val_loss": s["val_loss"],
-            "peak_mem_mb": s.get("peak_mem_mb"), "mfu": s.get("mfu"),
-            "train_s_to_target": time_to_loss(r["curve"], target) if target is not None else None,
-            "steady_s_to_target": steady_s_to_loss(r, target),
-            "train_time_s": s.get("train_time_s")}
+    return {
+        "name": name,
+        "flags": r["flags"],
+        "tokens_per_s": s["tokens_per_s"],
+        "val_loss": s["val_loss"],
+        "peak_mem_mb": s.get("peak_mem_mb"),
+        "mfu": s.get("mfu"),
+        "train_s_to_target": time_to_loss(r["curve"], target) if target is not None else None,
+        "steady_s_to_target": steady_s_to_loss(r, target),
+        "train_time_s": s.get("train_time_s"),
+    }
 
 
-def stage_finetune(R: Runner, mode: str, data: str, model: str, gpu: bool, bf16_units: bool = False,
-                   eval_texts: list[str] | None = None, baseline: dict | None = None) -> dict:
+def stage_finetune(
+    R: Runner,
+    mode: str,
+    data: str,
+    model: str,
+    gpu: bool,
+    bf16_units: bool = False,
+    eval_texts: list[str] | None = None,
+    baseline: dict | None = None,
+) -> dict:
     """The speed runs (one training step's cost per method), then the recipe run: the user's default command,
     whose figures the transfer table and the headline quote; with a baseline (--baseline-rev), the earlier
     script's hand-written loop against the current one."""
     plan = finetune_plan(mode, gpu, bf16_units)
     eval_texts = list(eval_texts or [])  # every run scores them too: the transfer table of each run
-    res: dict = {"model": model, "common": plan["common"], "eval_texts": eval_texts, "runs": []}
+    res: dict = {"model": model, "common": flags(plan["common"]), "eval_texts": eval_texts, "runs": []}
     cost = COST[mode][1]
-    for name, flags, packing in plan["runs"]:
-        words = [w for w in name.lower().split() if w.isalnum()]  # "QLoRA (NF4)" -> qlora, "LoRA fp32" -> lora_fp32
+    for name, settings, packing in plan["runs"]:
+        # "QLoRA (NF4)" -> qlora, "LoRA fp32" -> lora_fp32
+        words = [w for w in name.lower().split() if w.isalnum()]
         key = f"ft_{'_'.join(words)}_{'packed' if packing else 'padded'}"
         folder = R.out / "runs" / key
-        cmd = [R.py, "finetune_llama.py", "--model", model, "--data", data, "--out", str(folder), "--overwrite",
-               "--packing" if packing else "--no-packing"] + flags + plan["common"]
-        cmd += eval_text_flags(eval_texts)
+        run = {"model": model, "data": data, "out": str(folder), "overwrite": True, "packing": packing}
+        run |= {**settings, **plan["common"], "eval_text": eval_texts}
+        cmd = [R.py, "finetune_llama.py"] + flags(run)
         if R.run(key, cmd, cost, folder / "run.json"):
-            res["runs"].append(finetune_record(name, packing, folder))
+            record = R.collect(key, lambda: finetune_record(name, packing, folder))
+            res["runs"] += [record] if record else []
     # nothing but what a user types (and the eval texts): on a GPU the script picks its backend itself
-    flags = ["--model", model, "--data", data] + plan["recipe"] + eval_text_flags(eval_texts)
+    recipe = flags({"model": model, "data": data, **plan["recipe"], "eval_text": eval_texts})
     folder = R.out / "runs" / "ft_recipe"
-    if R.run("ft_recipe", [R.py, "finetune_llama.py", *flags, "--out", str(folder), "--overwrite"],
-             cost * plan["recipe_cost"], folder / "run.json"):
-        run = finetune_record("LoRA recipe", None, folder)
-        res["runs"].append({**run, "recipe": True, "flags": flags})
+    cmd = [R.py, "finetune_llama.py", *recipe, "--out", str(folder), "--overwrite"]
+    if R.run("ft_recipe", cmd, cost * plan["recipe_cost"], folder / "run.json"):
+        record = R.collect("ft_recipe", lambda: finetune_record("LoRA recipe", None, folder))
+        res["runs"] += [{**record, "recipe": True, "flags": recipe}] if record else []
     if baseline:
         res["loop_vs_trainer"] = loop_vs_trainer(R, mode, data, model, plan["common"], baseline)
     return res
 
 
-def loop_vs_trainer(R: Runner, mode: str, data: str, model: str, common: list[str], baseline: dict) -> dict:
+def loop_vs_trainer(R: Runner, mode: str, data: str, model: str, common: dict, baseline: dict) -> dict:
     """The same command run by the baseline script (its hand-written loop) and by the current one,
     alternately, LOOP_VS_TRAINER["repeats"] times each, into runs/ft_loop_r1, ft_trainer_r1, ...; the figures
     come from each run's run.json. The baseline runs from the repository root like the current one, so
     data/... resolves the same."""
-    flags = ["--model", model, "--data", data] + loop_vs_trainer_flags(mode, common)
+    run_flags = flags({"model": model, "data": data, **loop_vs_trainer_settings(mode, common)})
     scripts = {"loop": str(Path(baseline["script"]).resolve()), "trainer": "finetune_llama.py"}
     cost = COST[mode][1] * LOOP_VS_TRAINER["cost"][mode]
     runs = []
@@ -508,13 +645,19 @@ def loop_vs_trainer(R: Runner, mode: str, data: str, model: str, common: list[st
         for side, _ in LOOP_VS_TRAINER["sides"]:
             key = f"ft_{side}_r{i}"
             folder = R.out / "runs" / key
-            cmd = [R.py, scripts[side], *flags, "--out", str(folder), "--overwrite"]
+            cmd = [R.py, scripts[side], *run_flags, "--out", str(folder), "--overwrite"]
             if R.run(key, cmd, cost, folder / "run.json"):
-                runs.append({"side": side, "repeat": i, "folder": str(folder),
-                             **run_speed(read_json(folder / "run.json"))})
-    return {"baseline_rev": baseline["rev"], "baseline_commit": baseline["commit"],
-            "baseline_script": baseline["script"], "flags": flags, "runs": runs,
-            **loop_vs_trainer_means(runs)}
+                run = R.collect(key, lambda: read_output(folder / "run.json", contracts.FINETUNE_RUN))
+                if run:
+                    runs.append({"side": side, "repeat": i, "folder": str(folder), **run_speed(run)})
+    return {
+        "baseline_rev": baseline["rev"],
+        "baseline_commit": baseline["commit"],
+        "baseline_script": baseline["script"],
+        "flags": run_flags,
+        "runs": runs,
+        **loop_vs_trainer_means(runs),
+    }
 
 
 def run_speed(run: dict) -> dict:
@@ -526,47 +669,68 @@ def run_speed(run: dict) -> dict:
 def loop_vs_trainer_means(runs: list[dict]) -> dict:
     """Per side: each repeat's steady tokens/s and the means; then trainer / loop. Outside the steps: the
     process's wall time less its training steps' (loading, tokenization, evaluation, saving)."""
+
     def mean(xs: list) -> float | None:
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
+
     sides = {}
     for side, _ in LOOP_VS_TRAINER["sides"]:
         rs = [r for r in runs if r["side"] == side]
-        sides[side] = {"tokens_per_s_steady": [r["tokens_per_s_steady"] for r in rs],
-                       "mean_tokens_per_s_steady": mean([r["tokens_per_s_steady"] for r in rs]),
-                       "mean_tokens_per_s": mean([r["tokens_per_s"] for r in rs]),
-                       "mean_train_time_s": mean([r["train_time_s"] for r in rs]),
-                       "mean_wall_time_s": mean([r["wall_time_s"] for r in rs]),
-                       "mean_outside_steps_s": mean([r["wall_time_s"] - r["train_time_s"] for r in rs
-                                                     if None not in (r["wall_time_s"], r["train_time_s"])])}
+        sides[side] = {
+            "tokens_per_s_steady": [r["tokens_per_s_steady"] for r in rs],
+            "mean_tokens_per_s_steady": mean([r["tokens_per_s_steady"] for r in rs]),
+            "mean_tokens_per_s": mean([r["tokens_per_s"] for r in rs]),
+            "mean_train_time_s": mean([r["train_time_s"] for r in rs]),
+            "mean_wall_time_s": mean([r["wall_time_s"] for r in rs]),
+            "mean_outside_steps_s": mean(
+                [
+                    r["wall_time_s"] - r["train_time_s"]
+                    for r in rs
+                    if None not in (r["wall_time_s"], r["train_time_s"])
+                ]
+            ),
+        }
     loop, trainer = sides["loop"], sides["trainer"]
 
     def ratio(key: str) -> float | None:
         return trainer[key] / loop[key] if trainer[key] and loop[key] else None
+
     r = ratio("mean_tokens_per_s_steady")
-    return {**sides, "ratio_steady": r, "ratio_wall_time": ratio("mean_wall_time_s"),
-            "within_tolerance": None if r is None else abs(r - 1) <= LOOP_VS_TRAINER["tolerance"]}
+    return {
+        **sides,
+        "ratio_steady": r,
+        "ratio_wall_time": ratio("mean_wall_time_s"),
+        "within_tolerance": None if r is None else abs(r - 1) <= LOOP_VS_TRAINER["tolerance"],
+    }
 
 
 def finetune_record(method: str, packing: bool | None, folder: Path) -> dict:
     """One fine-tune run's figures from its run.json; packing None: the setting the run recorded."""
-    run = read_json(folder / "run.json")
+    run = read_output(folder / "run.json", contracts.FINETUNE_RUN)
     if packing is None:
         packing = bool((run.get("data") or {}).get("packing", (run.get("args") or {}).get("packing", True)))
     # steady state: the first steps (allocation; Unsloth compiles its kernels there) are left out
-    return {"method": method, "packing": packing, "adapter": str(folder),
-            "tokens_per_s": run.get("tokens_per_s_steady", run["tokens_per_s"]),
-            "tokens_per_s_all_steps": run["tokens_per_s"], "peak_mem_mb": run["peak_mem_mb"],
-            "peak_mem_kind": run.get("peak_mem_kind"),
-            "eval_ppl_before": run["eval_ppl_before"], "eval_ppl_after": run["eval_ppl_after"],
-            "train_time_s": run.get("train_time_s"), "wall_time_s": run.get("wall_time_s"),
-            "backend": run.get("backend"), "base": run.get("base"), "bf16": run.get("bf16"),
-            "eval_sets": eval_sets_of(run), "eval_context": run.get("eval_context"),
-            "replay": run.get("replay"), "steps": run.get("steps")}
-
-
-def eval_text_flags(paths: list[str]) -> list[str]:
-    return [f for path in paths for f in ("--eval-text", str(path))]
+    return {
+        "method": method,
+        "packing": packing,
+        "adapter": str(folder),
+        "tokens_per_s": run.get("tokens_per_s_steady", run["tokens_per_s"]),
+        "tokens_per_s_all_steps": run["tokens_per_s"],
+        "peak_mem_mb": run["peak_mem_mb"],
+        "peak_mem_kind": run.get("peak_mem_kind"),
+        "eval_ppl_before": run["eval_ppl_before"],
+        "eval_ppl_after": run["eval_ppl_after"],
+        "train_time_s": run.get("train_time_s"),
+        "wall_time_s": run.get("wall_time_s"),
+        "backend": run.get("backend"),
+        "base": run.get("base"),
+        "bf16": run.get("bf16"),
+        "eval_sets": eval_sets_of(run),
+        "eval_context": run.get("eval_context"),
+        "replay": run.get("replay"),
+        "steps": run.get("steps"),
+    }
 
 
 def eval_sets_of(run: dict) -> dict:
@@ -575,48 +739,68 @@ def eval_sets_of(run: dict) -> dict:
     sets = run.get("eval_sets")
     if not sets:
         data = run.get("data") or {}
-        sets = {"heldout": {"kind": "heldout", "source": data.get("path"),
-                            "documents": data.get("eval_scored_documents"), "tokens": data.get("eval_tokens"),
-                            "ppl_before": run["eval_ppl_before"], "ppl_after": run["eval_ppl_after"]}}
-    return {name: {**s, "change": s.get("change", s["ppl_after"] / s["ppl_before"] - 1)}
-            for name, s in sets.items()}
+        sets = {
+            "heldout": {
+                "kind": "heldout",
+                "source": data.get("path"),
+                "documents": data.get("eval_scored_documents"),
+                "tokens": data.get("eval_tokens"),
+                "ppl_before": run["eval_ppl_before"],
+                "ppl_after": run["eval_ppl_after"],
+            }
+        }
+    return {
+        name: {**s, "change": s.get("change", s["ppl_after"] / s["ppl_before"] - 1)}
+        for name, s in sets.items()
+    }
 
 
 def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device: str) -> dict:
     res: dict = {"rows": [], "generations": []}
-    cost = COST[mode][2]
     runs = R.out / "runs"
+    for key, source in infer_targets(gpt, ft):
+        out_json = runs / f"infer_{key}.json"
+        cmd = [R.py, "infer.py"] + flags(infer_settings(mode, key, source, out_json, device))
+        if R.run(f"infer_{key}", cmd, COST[mode][2], out_json):
+            out = R.collect(f"infer_{key}", lambda: read_output(out_json, contracts.INFER_JSON))
+            for row in (out or {}).get("bench", []):
+                res["rows"].append({**row, "label": row.get("model"), "model": key})
+            res["generations"] += [{**g, "model": key} for g in (out or {}).get("generations", [])]
+    return res
+
+
+def infer_targets(gpt: dict | None, ft: dict | None) -> list[tuple[str, dict]]:
+    """The models to time: both GPTs (their checkpoints) and the packed LoRA run's adapter."""
     targets = []
     if gpt:
         for key in ("gpt_scratch", "gpt_optimized"):
             if key in gpt["runs"]:
-                targets.append((key, ["--ckpt", gpt["runs"][key]["ckpt"]]))
+                targets.append((key, {"ckpt": gpt["runs"][key]["ckpt"]}))
     if ft:
         packed = [r for r in ft["runs"] if r["packing"] and r["method"] == "LoRA"] or ft["runs"]
         if packed:
-            targets.append(("llama_lora", ["--adapter", packed[0]["adapter"]]))
-    for key, src in targets:
-        out_json = runs / f"infer_{key}.json"
-        # on a CPU, re-running a 135M model's whole context for each of 128 tokens takes minutes:
-        # --quick times the Llama at 32 new tokens (the report says so), the GPTs at 128
-        n_new = "32" if key == "llama_lora" and mode != "full" else "128"
-        runs_ = "1" if mode == "tiny" or (mode == "quick" and key == "llama_lora") else "3"
-        cmd = [R.py, "infer.py", *src, "--bench", "--bench-new-tokens", n_new, "--bench-runs", runs_,
-               "--json-out", str(out_json), "--device", device]
-        if mode != "full" or key != "llama_lora":  # compiled decoding is timed where it matters: the Llama
-            cmd.append("--no-bench-compile")
-        if key == "llama_lora":  # on plain transformers, whichever backend trained it; the demo's side-by-side
-            cmd += ["--backend", "hf", "--compare-base", "--prompt", "The S&P 500", "--max-new-tokens", "32", "--temperature", "0"]
-        if R.run(f"infer_{key}", cmd, cost, out_json):
-            out = read_json(out_json)
-            for row in out.get("bench", []):
-                res["rows"].append({**row, "label": row.get("model"), "model": key})
-            res["generations"] += [{**g, "model": key} for g in out.get("generations", [])]
-    return res
+            targets.append(("llama_lora", {"adapter": packed[0]["adapter"]}))
+    return targets
+
+
+def infer_settings(mode: str, key: str, source: dict, out_json: Path, device: str) -> dict:
+    # on a CPU, re-running a 135M model's whole context for each of 128 tokens takes minutes:
+    # --quick times the Llama at 32 new tokens (the report says so), the GPTs at 128
+    n_new = 32 if key == "llama_lora" and mode != "full" else 128
+    runs = 1 if mode == "tiny" or (mode == "quick" and key == "llama_lora") else 3
+    settings = {**source, "bench": True, "bench_new_tokens": n_new, "bench_runs": runs}
+    settings |= {"json_out": str(out_json), "device": device}
+    if mode != "full" or key != "llama_lora":  # compiled decoding is timed where it matters: the Llama
+        settings["bench_compile"] = False
+    if key == "llama_lora":  # on plain transformers, whichever backend trained it; the demo's side-by-side
+        settings |= {"backend": "hf", "compare_base": True, "prompt": "The S&P 500"}
+        settings |= {"max_new_tokens": 32, "temperature": 0}
+    return settings
 
 
 # -----------------------------------------------------------------------------
 # report
+
 
 def fmt(x, spec: str = ".1f", none: str = "–") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -660,8 +844,15 @@ def human(x: float) -> str:
     return f"{x:.0f}"
 
 
-def hbars(ax, labels: list[str], values: list[float], texts: list[str], colors: list[str],
-          baseline: float | None = None, baseline_label: str = "") -> None:
+def hbars(
+    ax,
+    labels: list[str],
+    values: list[float],
+    texts: list[str],
+    colors: list[str],
+    baseline: float | None = None,
+    baseline_label: str = "",
+) -> None:
     """Horizontal bars, first row on top, the label of each row on the left (wrapped, so long names do
     not squeeze the bars) and its figure written at the bar's end; the baseline a dashed vertical line."""
     ys = range(len(values))
@@ -670,16 +861,32 @@ def hbars(ax, labels: list[str], values: list[float], texts: list[str], colors: 
     ax.invert_yaxis()
     right = max(values + [baseline or 0]) or 1
     for y, v, t in zip(ys, values, texts):
-        ax.text(v + right * 0.01, y, t, va="center", fontsize=8, gid="bar-value",
-                bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))  # legible over a line
+        ax.text(
+            v + right * 0.01,
+            y,
+            t,
+            va="center",
+            fontsize=8,
+            gid="bar-value",
+            bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85),
+        )  # legible over a line
     ax.set_xlim(0, right * 1.1)  # widened to fit the written figures once the layout is known (save_plot)
     ax.xaxis.set_major_formatter(lambda x, _: human(x))
-    ax.grid(axis="x", alpha=.3)
+    ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     if baseline is not None:
         ax.axvline(baseline, color="dimgrey", ls="--", lw=1)
-        ax.annotate(baseline_label, xy=(baseline, 1), xycoords=("data", "axes fraction"), xytext=(0, 3),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=8, color="dimgrey")
+        ax.annotate(
+            baseline_label,
+            xy=(baseline, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="dimgrey",
+        )
 
 
 def wrap_label(s: str) -> str:
@@ -701,8 +908,10 @@ def fit_bar_values(fig) -> None:
         if not texts:
             continue
         width = ax.get_window_extent(r).width
-        right = max([ax.get_xlim()[1]] + [t.get_position()[0] / (0.98 - t.get_window_extent(r).width / width)
-                                          for t in texts])
+        right = max(
+            [ax.get_xlim()[1]]
+            + [t.get_position()[0] / (0.98 - t.get_window_extent(r).width / width) for t in texts]
+        )
         ax.set_xlim(0, right)
 
 
@@ -742,52 +951,95 @@ def fit_signed_values(fig) -> None:
 def ablation_figure(gpt: dict):
     """Training tokens/s per ablation row, the baseline (gpt_scratch, or the ladder's first row) marked."""
     import matplotlib.pyplot as plt
-    rows = list(gpt["ablation"]) + [{**r, "name": "gpt_optimized defaults " + r["name"]}
-                                    for r in gpt.get("extras", [])[1:]]  # extras[0] repeats the defaults row
+
+    rows = list(gpt["ablation"]) + [
+        {**r, "name": "gpt_optimized defaults " + r["name"]} for r in gpt.get("extras", [])[1:]
+    ]  # extras[0] repeats the defaults row
     base = rows[0]["tokens_per_s"]
     labels = [r["name"].replace("  (= gpt_optimized defaults)", "\n(= gpt_optimized defaults)") for r in rows]
-    colors = ["dimgrey" if i == 0 else "tab:green" if "gpt_optimized defaults)" in r["name"]
-              else "tab:purple" if i >= len(gpt["ablation"]) else "tab:blue" for i, r in enumerate(rows)]
+    colors = [
+        "dimgrey"
+        if i == 0
+        else "tab:green"
+        if "gpt_optimized defaults)" in r["name"]
+        else "tab:purple"
+        if i >= len(gpt["ablation"])
+        else "tab:blue"
+        for i, r in enumerate(rows)
+    ]
     texts = [f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / base:.2f}x)" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 1.2 + bar_rows_height(labels)))
-    hbars(ax, labels, [r["tokens_per_s"] for r in rows], texts, colors, base,
-          f"baseline: {rows[0]['name'].replace(' (baseline)', '')}")
+    hbars(
+        ax,
+        labels,
+        [r["tokens_per_s"] for r in rows],
+        texts,
+        colors,
+        base,
+        f"baseline: {rows[0]['name'].replace(' (baseline)', '')}",
+    )
     ax.set_xlabel("training tokens/s (steady state; higher is better)")
     return fig, "GPT ablation: training tokens/s as each technique is added (x = ratio to the baseline)"
 
 
 def val_loss_figure(gpt: dict):
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in ("gpt_scratch", "gpt_optimized"):
         if key in gpt["runs"]:
             r = gpt["runs"][key]
             c = r["curve"]
-            line, = ax.plot([t for t, _ in c], [l for _, l in c], marker="o", ms=3, label=key)
+            (line,) = ax.plot([t for t, _ in c], [loss for _, loss in c], marker="o", ms=3, label=key)
             steady = [(m["tokens"] / r["summary"]["tokens_per_s"], m["val_loss"]) for m in r["metrics"]]
             if c and c[-1][0] > 1.5 * steady[-1][0]:  # one-off costs (compilation) dominate: show both
-                ax.plot([t for t, _ in steady], [l for _, l in steady], ls="--", color=line.get_color(),
-                        label=f"{key} at steady speed (without compilation)")
+                ax.plot(
+                    [t for t, _ in steady],
+                    [loss for _, loss in steady],
+                    ls="--",
+                    color=line.get_color(),
+                    label=f"{key} at steady speed (without compilation)",
+                )
     if "headline" in gpt:
         target = gpt["headline"]["target_val_loss"]
-        ax.axhline(target, color="dimgrey", ls=":", lw=1,
-                   label=f"baseline: gpt_scratch's final val loss {target:.3f}")
-    ax.set_xlabel("training time (s, evaluation excluded)"); ax.set_ylabel("validation loss")
-    ax.grid(alpha=.3); ax.legend(fontsize=8)
+        ax.axhline(
+            target,
+            color="dimgrey",
+            ls=":",
+            lw=1,
+            label=f"baseline: gpt_scratch's final val loss {target:.3f}",
+        )
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return fig, "GPT: validation loss against training time (lower and further left is better)"
 
 
 def finetune_figure(ft: dict):
     import matplotlib.pyplot as plt
+
     runs = ft["runs"]
-    labels = [f"{r['method']}, {'packed' if r['packing'] else 'padded'}"
-              + (f", {precision(r.get('bf16'))}" if r.get("bf16") is not None else "") for r in runs]
+    labels = [
+        f"{r['method']}, {'packed' if r['packing'] else 'padded'}"
+        + (f", {precision(r.get('bf16'))}" if r.get("bf16") is not None else "")
+        for r in runs
+    ]
     base = runs[0]["peak_mem_mb"]
-    texts = [f"{r['peak_mem_mb']:,.0f} MB ({r['peak_mem_mb'] / base:.2f}x), {r['tokens_per_s']:,.0f} tokens/s"
-             for r in runs]
+    texts = [
+        f"{r['peak_mem_mb']:,.0f} MB ({r['peak_mem_mb'] / base:.2f}x), {r['tokens_per_s']:,.0f} tokens/s"
+        for r in runs
+    ]
     fig, ax = plt.subplots(figsize=(8, 1.2 + bar_rows_height(labels)))
-    hbars(ax, labels, [r["peak_mem_mb"] for r in runs], texts,
-          ["dimgrey"] + ["tab:orange"] * (len(runs) - 1), base, f"baseline: {labels[0]}")
+    hbars(
+        ax,
+        labels,
+        [r["peak_mem_mb"] for r in runs],
+        texts,
+        ["dimgrey"] + ["tab:orange"] * (len(runs) - 1),
+        base,
+        f"baseline: {labels[0]}",
+    )
     ax.set_xlabel(f"peak memory (MB, {runs[0].get('peak_mem_kind') or 'process'}; lower is better)")
     return fig, "Fine-tuning: peak memory per method (x = ratio to the baseline)"
 
@@ -795,19 +1047,33 @@ def finetune_figure(ft: dict):
 def infer_figure(inf: dict):
     """One panel per model (their latencies differ by orders of magnitude), its no-cache run the baseline."""
     import matplotlib.pyplot as plt
+
     timed = [r for r in inf["rows"] if "latency_ms" in r]
     models = list(dict.fromkeys(r["model"] for r in timed))
     per = {m: [r for r in timed if r["model"] == m] for m in models}
-    fig, axes = plt.subplots(len(models), 1, squeeze=False,
-                             figsize=(8, 0.9 * len(models) + sum(0.45 * len(v) for v in per.values()) + 0.6))
+    fig, axes = plt.subplots(
+        len(models),
+        1,
+        squeeze=False,
+        figsize=(8, 0.9 * len(models) + sum(0.45 * len(v) for v in per.values()) + 0.6),
+    )
     for ax, m in zip(axes[:, 0], models):
         rows = per[m]
         nc = next((r["latency_ms"] for r in rows if r["variant"] == "no cache"), None)
-        texts = [f"{r['latency_ms']:,.0f} ms" + (f" ({nc / r['latency_ms']:.2f}x faster)"
-                                                 if nc and r["variant"] != "no cache" else "") for r in rows]
-        hbars(ax, [r["variant"] for r in rows], [r["latency_ms"] for r in rows], texts,
-              ["dimgrey" if r["variant"] == "no cache" else "tab:blue" for r in rows], nc,
-              "baseline: no cache" if nc else "")
+        texts = [
+            f"{r['latency_ms']:,.0f} ms"
+            + (f" ({nc / r['latency_ms']:.2f}x faster)" if nc and r["variant"] != "no cache" else "")
+            for r in rows
+        ]
+        hbars(
+            ax,
+            [r["variant"] for r in rows],
+            [r["latency_ms"] for r in rows],
+            texts,
+            ["dimgrey" if r["variant"] == "no cache" else "tab:blue" for r in rows],
+            nc,
+            "baseline: no cache" if nc else "",
+        )
         ax.set_ylabel(f"{m}\n{rows[0]['new_tokens']} tokens", fontsize=9)
     axes[-1, 0].set_xlabel("decoding latency, batch 1 (ms; lower is better)")
     return fig, "Decoding latency, batch 1: with and without the KV cache"
@@ -827,14 +1093,14 @@ def transfer_run(ft: dict | None) -> dict | None:
 
 
 def run_label(run: dict) -> str:
-    """"LoRA, default recipe" for the recipe run, else its method and rows: "LoRA (packed)"."""
+    """ "LoRA, default recipe" for the recipe run, else its method and rows: "LoRA (packed)"."""
     if run.get("recipe"):
         return "LoRA, default recipe"
     return f"{run['method']} ({'packed' if run['packing'] else 'padded'})"
 
 
 def replay_words(replay: dict | None) -> str:
-    """"50% of the training rows from base-samples, kl loss", or "none"."""
+    """ "50% of the training rows from base-samples, kl loss", or "none"."""
     if not (replay or {}).get("fraction"):
         return "none"
     loss = f", {replay['loss']} loss" if replay.get("loss") else ""
@@ -848,6 +1114,7 @@ def set_label(name: str, kind: str) -> str:
 def transfer_figure(ft: dict):
     """Perplexity change per evaluation set: negative (green) is better; 0 and the +5% tolerance marked."""
     import matplotlib.pyplot as plt
+
     run = transfer_run(ft)
     sets = eval_sets_of(run)
     labels = [set_label(n, s["kind"]) for n, s in sets.items()]
@@ -859,14 +1126,22 @@ def transfer_figure(ft: dict):
     ax.set_yticks(list(ys), [wrap_label(s) for s in labels])
     ax.invert_yaxis()
     for y, c in zip(ys, changes):  # the figure past the bar's end, on whichever side that is
-        ax.text(c, y, f" {c:+.1f}% ", ha="left" if c >= 0 else "right", va="center", fontsize=8,
-                gid="signed-value", bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))
+        ax.text(
+            c,
+            y,
+            f" {c:+.1f}% ",
+            ha="left" if c >= 0 else "right",
+            va="center",
+            fontsize=8,
+            gid="signed-value",
+            bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85),
+        )
     ax.axvline(0, color="black", lw=0.8, label="0: no change")
     ax.axvline(100 * TOLERANCE, color="dimgrey", ls="--", lw=1, label=f"+{100 * TOLERANCE:.0f}% tolerance")
     lo, hi = min(changes + [0.0]), max(changes + [100 * TOLERANCE])
     ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))  # widened to fit the figures (save_plot)
     ax.xaxis.set_major_formatter(lambda x, _: f"{x:+.0f}%" if round(x) else "0%")
-    ax.grid(axis="x", alpha=.3)
+    ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1), ncol=2, frameon=False)  # not on a bar
     ax.set_xlabel("perplexity after fine-tuning / before - 1 (negative is better)")
@@ -875,19 +1150,48 @@ def transfer_figure(ft: dict):
 
 def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
-    todo = [(gpt and gpt["runs"], val_loss_figure, gpt, "Validation loss against training time",
-             "gpt_val_loss_vs_time.png"),
-            (gpt and gpt.get("ablation"), ablation_figure, gpt, "Tokens/s per ablation step",
-             "gpt_ablation_tokens_per_s.png"),
-            (ft and ft["runs"], finetune_figure, ft, "Peak memory per fine-tuning method",
-             "finetune_peak_memory.png"),
-            (transfer_run(ft), transfer_figure, ft, "Perplexity change per evaluation set",
-             "finetune_transfer.png"),
-            (inf and any("latency_ms" in r for r in inf["rows"]), infer_figure, inf,
-             "Latency with and without the KV cache", "infer_latency_kv_cache.png")]
+    todo = [
+        (
+            gpt and gpt["runs"],
+            val_loss_figure,
+            gpt,
+            "Validation loss against training time",
+            "gpt_val_loss_vs_time.png",
+        ),
+        (
+            gpt and gpt.get("ablation"),
+            ablation_figure,
+            gpt,
+            "Tokens/s per ablation step",
+            "gpt_ablation_tokens_per_s.png",
+        ),
+        (
+            ft and ft["runs"],
+            finetune_figure,
+            ft,
+            "Peak memory per fine-tuning method",
+            "finetune_peak_memory.png",
+        ),
+        (
+            transfer_run(ft),
+            transfer_figure,
+            ft,
+            "Perplexity change per evaluation set",
+            "finetune_transfer.png",
+        ),
+        (
+            inf and any("latency_ms" in r for r in inf["rows"]),
+            infer_figure,
+            inf,
+            "Latency with and without the KV cache",
+            "infer_latency_kv_cache.png",
+        ),
+    ]
     plots = []
     for wanted, figure, data, caption, name in todo:
         if wanted:
@@ -901,82 +1205,164 @@ def make_plots(results: dict, out: Path) -> list[tuple[str, str]]:
 def make_report(results: dict, plots: list[tuple[str, str]]) -> str:
     meta = results["meta"]
     gpt, ft, inf = results.get("gpt"), results.get("finetune"), results.get("infer")
-    L = [f"# Benchmark report ({meta['mode']})", "",
-         f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · commit `{meta['git_commit']}`  ",
-         f"Command: `{meta['command']}`" + (f"  \nReport rebuilt from its run folders by `{meta['report_rebuilt_by']}`"
-                                           if meta.get("report_rebuilt_by") else ""), ""]
-    L += [f"Note: {n}  " for n in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
+    L = report_header(meta)
     h = results.get("headline", {})
     if h:
         L += ["## Headline", ""] + [f"- {line}" for line in headline_lines(h)] + [""]
-    # Table 1: the seed's columns, one row per model
-    L += ["## Table 1: the three models", ""]
-    rows = []
-    if gpt:
-        for key in ("gpt_scratch", "gpt_optimized"):
-            if key not in gpt["runs"]:
-                continue
-            s = gpt["runs"][key]["summary"]
-            lat = latency_of(inf, key, "kv cache") or latency_of(inf, key, "no cache") or s.get("latency_ms")
-            rows.append([key, fmt(s["val_loss"], ".4f"), fmt(s["perplexity"], ".2f"), fmt(lat), fmt(s["model_size_mb"], ".2f"),
-                         fmt(s["peak_mem_mb"], ".0f"), fmt(s["time_per_epoch_s"], ".1f"), fmt(s["tokens_per_s"], ",.0f"),
-                         s["device"]])
-    if ft:
-        for r in ft["runs"]:
-            if r["packing"]:
-                lat = latency_of(inf, "llama_lora", "kv cache") if r["method"] == "LoRA" else None
-                rows.append([f"{Path(str(r['base'].get('resolved', ft['model']) if isinstance(r['base'], dict) else ft['model'])).name} + {r['method']}",
-                             fmt(math.log(r["eval_ppl_after"]), ".4f"), fmt(r["eval_ppl_after"], ".2f"), fmt(lat),
-                             fmt(adapter_mb(r["adapter"]), ".2f"), fmt(r["peak_mem_mb"], ".0f"), "–",
-                             fmt(r["tokens_per_s"], ",.0f"), meta["device"]])
-    L += [table(["model", "final val loss", "perplexity", "decode latency (ms)", "model size (MB)",
-                 "peak memory (MB)", "time/epoch (s)", "train tokens/s", "device"], rows), ""]
-    L += ["Latency: the KV-cache decoding time of the inference table below (128 new tokens for the GPTs; "
-          "on a CPU the Llama row is timed at 32).", ""]
-    L += ["Fine-tuned rows: loss and perplexity on held-out documents after training; model size is the "
-          "adapter alone; time/epoch is not applicable to a fixed step budget.", ""]
+    L += table1_section(gpt, ft, inf, meta["device"])
     if gpt and gpt.get("ablation"):
-        L += ["## GPT ablation: one technique at a time", "",
-              f"Same shape and token budget (`{' '.join(gpt['base_flags'])}`); each row adds one technique to "
-              "the row above. Time to target = training seconds until validation loss reaches gpt_scratch's "
-              f"final {fmt(gpt.get('headline', {}).get('target_val_loss'), '.4f')} (evaluation excluded; "
-              "compilation and warm-up included); at steady speed = the tokens it took at the run's steady "
-              "tokens/s. Tokens/s and MFU are steady-state figures.", ""]
-        L += [ablation_table(gpt["ablation"]), ""]
-        if gpt.get("extras"):
-            L += ["### NanoGPT-speedrun extras, one at a time on top of the gpt_optimized defaults", "",
-                  ablation_table(gpt["extras"]), ""]
+        L += ablation_section(gpt)
     if ft and ft["runs"]:
-        L += ["## Fine-tuning: LoRA vs QLoRA" + (" vs Unsloth" if any("Unsloth" in r["method"] for r in ft["runs"]) else ""),
-              "", f"Base `{ft['model']}`, speed runs' flags `{' '.join(ft['common'])}`; precision: the "
-              "setting each run used (finetune_llama.py's default: bf16 where the device has bf16 units)."
-              + recipe_note(ft), ""]
-        L += [table(["method", "packing", "precision", "tokens/s", "peak memory (MB)", "held-out ppl before",
-                     "after", "change"],
-                    [[r["method"], "packed" if r["packing"] else "padded", precision(r.get("bf16")),
-                      fmt(r["tokens_per_s"], ",.0f"),
-                      fmt(r["peak_mem_mb"], ".0f"), fmt(r["eval_ppl_before"], ".2f"), fmt(r["eval_ppl_after"], ".2f"),
-                      fmt(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), "+.1f") + "%"] for r in ft["runs"]]), ""]
-        L += transfer_section(ft)
+        L += finetune_section(ft)
     if ft and ft.get("loop_vs_trainer"):
         L += loop_vs_trainer_section(ft["loop_vs_trainer"], meta["device"])
     if inf and inf["rows"]:
-        L += ["## Inference: batch 1, greedy", ""]
-        L += [table(["model", "variant", "new tokens", "latency (ms)", "tokens/s", "ms/token", "vs no cache"],
-                    [[r["model"], r["variant"], str(r["new_tokens"]), fmt(r.get("latency_ms")), fmt(r.get("tokens_per_s")),
-                      fmt(r.get("ms_per_token"), ".2f"), fmt(r.get("speedup_vs_no_cache"), ".2f") + "x"
-                      if r.get("speedup_vs_no_cache") else r.get("error", "–")] for r in inf["rows"]]), ""]
-        for g in inf.get("generations", []):
-            L += [f"**Prompt:** {g.get('prompt', '')!r}", ""]
-            for k in ("base", "adapted", "output"):
-                if g.get(k) is not None:
-                    L += [f"- {k}: {str(g[k]).strip()!r}"]
-            L += [""]
+        L += infer_section(inf)
     if plots:
         L += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in plots]
     if results.get("failures"):
         L += ["## Runs that failed", ""] + [f"- {f}" for f in results["failures"]] + [""]
     return "\n".join(L) + "\n"
+
+
+def report_header(meta: dict) -> list[str]:
+    rebuilt = meta.get("report_rebuilt_by")
+    L = [
+        f"# Benchmark report ({meta['mode']})",
+        "",
+        f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · "
+        f"commit `{meta['git_commit']}`  ",
+        f"Command: `{meta['command']}`"
+        + (f"  \nReport rebuilt from its run folders by `{rebuilt}`" if rebuilt else ""),
+        "",
+    ]
+    return L + [f"Note: {n}  " for n in meta.get("notes", [])] + ([""] if meta.get("notes") else [])
+
+
+TABLE1_HEADERS = [
+    "model",
+    "final val loss",
+    "perplexity",
+    "decode latency (ms)",
+    "model size (MB)",
+    "peak memory (MB)",
+    "time/epoch (s)",
+    "train tokens/s",
+    "device",
+]
+
+
+def table1_section(gpt: dict | None, ft: dict | None, inf: dict | None, device: str) -> list[str]:
+    """Table 1: the seed's columns, one row per model."""
+    rows = []
+    for key in ("gpt_scratch", "gpt_optimized") if gpt else ():
+        if key not in gpt["runs"]:
+            continue
+        s = gpt["runs"][key]["summary"]
+        lat = latency_of(inf, key, "kv cache") or latency_of(inf, key, "no cache") or s.get("latency_ms")
+        rows.append(
+            [
+                key,
+                fmt(s["val_loss"], ".4f"),
+                fmt(s["perplexity"], ".2f"),
+                fmt(lat),
+                fmt(s["model_size_mb"], ".2f"),
+            ]
+            + [
+                fmt(s["peak_mem_mb"], ".0f"),
+                fmt(s["time_per_epoch_s"], ".1f"),
+                fmt(s["tokens_per_s"], ",.0f"),
+            ]
+            + [s["device"]]
+        )
+    for r in ft["runs"] if ft else ():
+        if r["packing"]:
+            lat = latency_of(inf, "llama_lora", "kv cache") if r["method"] == "LoRA" else None
+            base = r["base"].get("resolved", ft["model"]) if isinstance(r["base"], dict) else ft["model"]
+            rows.append(
+                [f"{Path(str(base)).name} + {r['method']}", fmt(math.log(r["eval_ppl_after"]), ".4f")]
+                + [fmt(r["eval_ppl_after"], ".2f"), fmt(lat), fmt(adapter_mb(r["adapter"]), ".2f")]
+                + [fmt(r["peak_mem_mb"], ".0f"), "–", fmt(r["tokens_per_s"], ",.0f"), device]
+            )
+    return [
+        "## Table 1: the three models",
+        "",
+        table(TABLE1_HEADERS, rows),
+        "",
+        "Latency: the KV-cache decoding time of the inference table below (128 new tokens for the GPTs; "
+        "on a CPU the Llama row is timed at 32).",
+        "",
+        "Fine-tuned rows: loss and perplexity on held-out documents after training; model size is the "
+        "adapter alone; time/epoch is not applicable to a fixed step budget.",
+        "",
+    ]
+
+
+def ablation_section(gpt: dict) -> list[str]:
+    L = [
+        "## GPT ablation: one technique at a time",
+        "",
+        f"Same shape and token budget (`{' '.join(gpt['base_flags'])}`); each row adds one technique to "
+        "the row above. Time to target = training seconds until validation loss reaches gpt_scratch's "
+        f"final {fmt(gpt.get('headline', {}).get('target_val_loss'), '.4f')} (evaluation excluded; "
+        "compilation and warm-up included); at steady speed = the tokens it took at the run's steady "
+        "tokens/s. Tokens/s and MFU are steady-state figures.",
+        "",
+        ablation_table(gpt["ablation"]),
+        "",
+    ]
+    if gpt.get("extras"):
+        L += [
+            "### NanoGPT-speedrun extras, one at a time on top of the gpt_optimized defaults",
+            "",
+            ablation_table(gpt["extras"]),
+            "",
+        ]
+    return L
+
+
+def finetune_section(ft: dict) -> list[str]:
+    unsloth = " vs Unsloth" if any("Unsloth" in r["method"] for r in ft["runs"]) else ""
+    headers = ["method", "packing", "precision", "tokens/s", "peak memory (MB)", "held-out ppl before"]
+    rows = [
+        [r["method"], "packed" if r["packing"] else "padded", precision(r.get("bf16"))]
+        + [fmt(r["tokens_per_s"], ",.0f"), fmt(r["peak_mem_mb"], ".0f"), fmt(r["eval_ppl_before"], ".2f")]
+        + [fmt(r["eval_ppl_after"], ".2f")]
+        + [fmt(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), "+.1f") + "%"]
+        for r in ft["runs"]
+    ]
+    return [
+        "## Fine-tuning: LoRA vs QLoRA" + unsloth,
+        "",
+        f"Base `{ft['model']}`, speed runs' flags `{' '.join(ft['common'])}`; precision: the "
+        "setting each run used (finetune_llama.py's default: bf16 where the device has bf16 units)."
+        + recipe_note(ft),
+        "",
+        table(headers + ["after", "change"], rows),
+        "",
+    ] + transfer_section(ft)
+
+
+def infer_section(inf: dict) -> list[str]:
+    headers = ["model", "variant", "new tokens", "latency (ms)", "tokens/s", "ms/token", "vs no cache"]
+    rows = [
+        [r["model"], r["variant"], str(r["new_tokens"]), fmt(r.get("latency_ms")), fmt(r.get("tokens_per_s"))]
+        + [fmt(r.get("ms_per_token"), ".2f")]
+        + [
+            fmt(r.get("speedup_vs_no_cache"), ".2f") + "x"
+            if r.get("speedup_vs_no_cache")
+            else r.get("error", "–")
+        ]
+        for r in inf["rows"]
+    ]
+    L = ["## Inference: batch 1, greedy", "", table(headers, rows), ""]
+    for g in inf.get("generations", []):
+        L += [f"**Prompt:** {g.get('prompt', '')!r}", ""]
+        for k in ("base", "adapted", "output"):
+            if g.get(k) is not None:
+                L += [f"- {k}: {str(g[k]).strip()!r}"]
+        L += [""]
+    return L
 
 
 def recipe_note(ft: dict) -> str:
@@ -985,9 +1371,11 @@ def recipe_note(ft: dict) -> str:
     if run is None:
         return ""
     steps = f"{run['steps']} steps, " if run.get("steps") else ""
-    return (f" LoRA recipe: a user's default command ({steps}replay: {replay_words(run.get('replay'))}); "
-            "its tokens/s count the replay rows, whose KL loss costs one more forward pass of the base each, "
-            "so the speed runs (no replay, no retention set) are the ones to compare for speed.")
+    return (
+        f" LoRA recipe: a user's default command ({steps}replay: {replay_words(run.get('replay'))}); "
+        "its tokens/s count the replay rows, whose KL loss costs one more forward pass of the base each, "
+        "so the speed runs (no replay, no retention set) are the ones to compare for speed."
+    )
 
 
 def transfer_section(ft: dict) -> list[str]:
@@ -996,27 +1384,50 @@ def transfer_section(ft: dict) -> list[str]:
     if run is None:
         return []
     windows = f"windows of {run['eval_context']:,} tokens" if run.get("eval_context") else "the run's windows"
-    replayed = (f" Replay: {replay_words(run.get('replay'))}."
-                if run.get("recipe") or (run.get("replay") or {}).get("fraction") else "")
+    replayed = (
+        f" Replay: {replay_words(run.get('replay'))}."
+        if run.get("recipe") or (run.get("replay") or {}).get("fraction")
+        else ""
+    )
     L = [f"### Transfer: {run_label(run)}, every evaluation set", ""]
     if run.get("recipe"):  # the command a user runs, with the script's own defaults for everything else
         steps = f" ({run['steps']} steps)" if run.get("steps") else ""
-        L += [f"Command: `python finetune_llama.py {shlex.join(run['flags'])}`{steps}: finetune_llama.py's "
-              "defaults besides these flags.", ""]
-    L += [f"Each set scored by the base and by the adapter in {windows}; change = ppl after / ppl before - 1 "
-         "(negative: better). heldout: the corpus's held-out end (in-domain); retention: documents sampled "
-         "from the base model itself (a rise: the model moved off what it knew); text: an `--eval-text` file. "
-         f"Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every other set at most "
-         f"{100 * TOLERANCE:+.0f}%.{replayed}", ""]
-    L += [table(["set", "kind", "documents", "tokens", "ppl before", "ppl after", "change"],
-                [[name, s["kind"], fmt(s.get("documents"), ","), fmt(s.get("tokens"), ","),
-                  fmt(s["ppl_before"], ".2f"), fmt(s["ppl_after"], ".2f"), signed_percent(s["change"])]
-                 for name, s in eval_sets_of(run).items()]), ""]
+        L += [
+            f"Command: `python finetune_llama.py {shlex.join(run['flags'])}`{steps}: finetune_llama.py's "
+            "defaults besides these flags.",
+            "",
+        ]
+    L += [
+        f"Each set scored by the base and by the adapter in {windows}; change = ppl after / ppl before - 1 "
+        "(negative: better). heldout: the corpus's held-out end (in-domain); retention: documents sampled "
+        "from the base model itself (a rise: the model moved off what it knew); text: an `--eval-text` file. "
+        f"Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every other set at most "
+        f"{100 * TOLERANCE:+.0f}%.{replayed}",
+        "",
+    ]
+    L += [
+        table(
+            ["set", "kind", "documents", "tokens", "ppl before", "ppl after", "change"],
+            [
+                [
+                    name,
+                    s["kind"],
+                    fmt(s.get("documents"), ","),
+                    fmt(s.get("tokens"), ","),
+                    fmt(s["ppl_before"], ".2f"),
+                    fmt(s["ppl_after"], ".2f"),
+                    signed_percent(s["change"]),
+                ]
+                for name, s in eval_sets_of(run).items()
+            ],
+        ),
+        "",
+    ]
     return L
 
 
 def rev_words(lvt: dict) -> str:
-    """"58f11e9" for a revision given as its own short hash, else "HEAD~3 58f11e9": its name and commit."""
+    """ "58f11e9" for a revision given as its own short hash, else "HEAD~3 58f11e9": its name and commit."""
     rev, short = lvt["baseline_rev"], lvt["baseline_commit"][:7]
     return short if lvt["baseline_commit"].startswith(rev) else f"{rev} {short}"
 
@@ -1024,12 +1435,15 @@ def rev_words(lvt: dict) -> str:
 def loop_vs_trainer_words(lvt: dict, device: str) -> str:
     """The ratio line: trainer / loop at steady speed, and plainly whether it is within the tolerance."""
     r, tol = lvt["ratio_steady"], LOOP_VS_TRAINER["tolerance"]
-    line = (f"SFTTrainer: {r:.2f}x the hand-written loop's steady tokens/s ({rev_words(lvt)}, same "
-            f"{'GPU' if device == 'cuda' else 'CPU'}, one bench run)")
+    line = (
+        f"SFTTrainer: {r:.2f}x the hand-written loop's steady tokens/s ({rev_words(lvt)}, same "
+        f"{'GPU' if device == 'cuda' else 'CPU'}, one bench run)"
+    )
     if lvt["within_tolerance"]:
         return line + f": within {100 * tol:.0f}%"
-    return line + (f": {100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside the "
-                   f"{100 * tol:.0f}% tolerance")
+    return line + (
+        f": {100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside the {100 * tol:.0f}% tolerance"
+    )
 
 
 def loop_vs_trainer_cost(lvt: dict) -> str:
@@ -1038,33 +1452,61 @@ def loop_vs_trainer_cost(lvt: dict) -> str:
     if not (loop["mean_wall_time_s"] and tr["mean_wall_time_s"]):
         return ""
     d = tr["mean_wall_time_s"] - loop["mean_wall_time_s"]
-    out = (f"Whole run (setup, evaluation before and after, saving included): SFTTrainer "
-           f"{tr['mean_wall_time_s']:.1f} s, the loop {loop['mean_wall_time_s']:.1f} s on average "
-           f"({d:+.1f} s, {lvt['ratio_wall_time']:.2f}x)")
+    out = (
+        f"Whole run (setup, evaluation before and after, saving included): SFTTrainer "
+        f"{tr['mean_wall_time_s']:.1f} s, the loop {loop['mean_wall_time_s']:.1f} s on average "
+        f"({d:+.1f} s, {lvt['ratio_wall_time']:.2f}x)"
+    )
     if loop["mean_outside_steps_s"] is not None and tr["mean_outside_steps_s"] is not None:
-        out += (f"; outside the training steps {tr['mean_outside_steps_s']:.1f} s against "
-                f"{loop['mean_outside_steps_s']:.1f} s")
+        out += (
+            f"; outside the training steps {tr['mean_outside_steps_s']:.1f} s against "
+            f"{loop['mean_outside_steps_s']:.1f} s"
+        )
     return out + "."
 
 
 def loop_vs_trainer_section(lvt: dict, device: str) -> list[str]:
     """The earlier script's hand-written loop against the current SFTTrainer, same command, alternate runs."""
-    L = ["## Training loop vs SFTTrainer", "",
-         f"`python finetune_llama.py {shlex.join(lvt['flags'])}`, run alternately by finetune_llama.py of "
-         f"commit `{lvt['baseline_commit']}` (`--baseline-rev {lvt['baseline_rev']}`, its hand-written loop) "
-         "and "
-         f"by the current one (SFTTrainer), {LOOP_VS_TRAINER['repeats']} times each, one after the other. "
-         "Steady tokens/s: the training steps without the first ones; wall time: the whole process.", ""]
+    L = [
+        "## Training loop vs SFTTrainer",
+        "",
+        f"`python finetune_llama.py {shlex.join(lvt['flags'])}`, run alternately by finetune_llama.py of "
+        f"commit `{lvt['baseline_commit']}` (`--baseline-rev {lvt['baseline_rev']}`, its hand-written loop) "
+        "and "
+        f"by the current one (SFTTrainer), {LOOP_VS_TRAINER['repeats']} times each, one after the other. "
+        "Steady tokens/s: the training steps without the first ones; wall time: the whole process.",
+        "",
+    ]
     rows = []
     for side, name in LOOP_VS_TRAINER["sides"]:
         s = lvt[side]
         bf16 = {r["bf16"] for r in lvt["runs"] if r["side"] == side}
-        rows.append([name, ", ".join(fmt(x, ",.0f") for x in s["tokens_per_s_steady"]) or "failed",
-                     fmt(s["mean_tokens_per_s_steady"], ",.0f"), fmt(s["mean_tokens_per_s"], ",.0f"),
-                     fmt(s["mean_train_time_s"], ".2f"), fmt(s["mean_wall_time_s"]),
-                     precision(bf16.pop()) if len(bf16) == 1 else "–"])
-    L += [table(["side", "steady tokens/s per repeat", "mean", "all steps, mean", "steps time (s)",
-                 "wall time (s)", "precision"], rows), ""]
+        rows.append(
+            [
+                name,
+                ", ".join(fmt(x, ",.0f") for x in s["tokens_per_s_steady"]) or "failed",
+                fmt(s["mean_tokens_per_s_steady"], ",.0f"),
+                fmt(s["mean_tokens_per_s"], ",.0f"),
+                fmt(s["mean_train_time_s"], ".2f"),
+                fmt(s["mean_wall_time_s"]),
+                precision(bf16.pop()) if len(bf16) == 1 else "–",
+            ]
+        )
+    L += [
+        table(
+            [
+                "side",
+                "steady tokens/s per repeat",
+                "mean",
+                "all steps, mean",
+                "steps time (s)",
+                "wall time (s)",
+                "precision",
+            ],
+            rows,
+        ),
+        "",
+    ]
     if lvt["ratio_steady"] is not None:
         L += [loop_vs_trainer_words(lvt, device), ""]
     cost = loop_vs_trainer_cost(lvt)
@@ -1073,13 +1515,31 @@ def loop_vs_trainer_section(lvt: dict, device: str) -> list[str]:
 
 def ablation_table(rows: list[dict]) -> str:
     base = rows[0]["tokens_per_s"] if rows else None
-    return table(["configuration", "tokens/s", "vs first row", "final val loss", "train s to target",
-                  "at steady speed", "MFU", "peak mem (MB)"],
-                 [[r["name"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["tokens_per_s"] / base, ".2f") + "x",
-                   fmt(r["val_loss"], ".4f"), fmt(r["train_s_to_target"], ".2f", "not reached"),
-                   fmt(r.get("steady_s_to_target"), ".2f", "not reached"),
-                   percent(r.get("mfu")),
-                   fmt(r["peak_mem_mb"], ".0f")] for r in rows])
+    return table(
+        [
+            "configuration",
+            "tokens/s",
+            "vs first row",
+            "final val loss",
+            "train s to target",
+            "at steady speed",
+            "MFU",
+            "peak mem (MB)",
+        ],
+        [
+            [
+                r["name"],
+                fmt(r["tokens_per_s"], ",.0f"),
+                fmt(r["tokens_per_s"] / base, ".2f") + "x",
+                fmt(r["val_loss"], ".4f"),
+                fmt(r["train_s_to_target"], ".2f", "not reached"),
+                fmt(r.get("steady_s_to_target"), ".2f", "not reached"),
+                percent(r.get("mfu")),
+                fmt(r["peak_mem_mb"], ".0f"),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def adapter_mb(folder: str) -> float | None:
@@ -1123,8 +1583,9 @@ def headline(results: dict) -> dict:
         if run and (run.get("base") or {}).get("source") != "random-init":  # random weights: no quality
             h["lora_label"] = "LoRA, default recipe" if run.get("recipe") else "LoRA"
             h["lora_ppl_change"] = run["eval_ppl_after"] / run["eval_ppl_before"] - 1
-            h["lora_transfer"] = [{"set": n, "kind": s["kind"], "change": s["change"]}
-                                  for n, s in eval_sets_of(run).items()]
+            h["lora_transfer"] = [
+                {"set": n, "kind": s["kind"], "change": s["change"]} for n, s in eval_sets_of(run).items()
+            ]
     lvt = (ft or {}).get("loop_vs_trainer")
     if lvt and lvt.get("ratio_steady") is not None:
         h["trainer_vs_loop_tokens_per_s"] = lvt["ratio_steady"]
@@ -1134,9 +1595,14 @@ def headline(results: dict) -> dict:
         kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
         if kv and nc:
             h[f"{model}_kv_cache_speedup"] = nc / kv
-            h[f"{model}_kv_cache_new_tokens"] = [r["new_tokens"] for r in inf["rows"] if r["model"] == model][0]
-        comp = [r for r in (inf or {}).get("rows", []) if r["model"] == model and r["variant"].startswith("static")
-                and "latency_ms" in r]
+            h[f"{model}_kv_cache_new_tokens"] = [r["new_tokens"] for r in inf["rows"] if r["model"] == model][
+                0
+            ]
+        comp = [
+            r
+            for r in (inf or {}).get("rows", [])
+            if r["model"] == model and r["variant"].startswith("static") and "latency_ms" in r
+        ]
         if comp and kv:
             h[f"{model}_compiled_tokens_per_s"] = comp[0]["tokens_per_s"]
             h[f"{model}_compiled_vs_kv_cache"] = kv / comp[0]["latency_ms"]
@@ -1146,37 +1612,60 @@ def headline(results: dict) -> dict:
 def headline_lines(h: dict) -> list[str]:
     out = []
     if "gpt_tokens_per_s_ratio" in h:
-        out.append(f"gpt_optimized trains at **{h['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s; "
-                   f"val loss at equal tokens {h['gpt_val_loss_delta']:+.4f}")
+        out.append(
+            f"gpt_optimized trains at **{h['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s; "
+            f"val loss at equal tokens {h['gpt_val_loss_delta']:+.4f}"
+        )
     if h.get("gpt_time_to_target_ratio"):
+
         def part(r: float) -> str:  # a ratio of scratch's time over optimized's
             return f"1/{r:.2f} of" if r >= 1 else f"{1 / r:.2f}x"
-        line = (f"gpt_optimized reaches gpt_scratch's final val loss in **{part(h['gpt_time_to_target_ratio'])}** "
-                f"gpt_scratch's training time")
+
+        line = (
+            "gpt_optimized reaches gpt_scratch's final val loss in "
+            f"**{part(h['gpt_time_to_target_ratio'])}** gpt_scratch's training time"
+        )
         if h.get("gpt_steady_time_to_target_ratio"):
-            line += (f" ({part(h['gpt_steady_time_to_target_ratio'])} it at steady speed, without compilation and "
-                     f"warm-up; {100 * h['gpt_tokens_to_target_ratio']:.0f}% of the tokens)")
+            line += (
+                f" ({part(h['gpt_steady_time_to_target_ratio'])} it at steady speed, without compilation and "
+                f"warm-up; {100 * h['gpt_tokens_to_target_ratio']:.0f}% of the tokens)"
+            )
         out.append(line)
     if "qlora_vs_lora_memory" in h:
-        out.append(f"QLoRA (NF4) uses **{h['qlora_vs_lora_memory']:.2f}x** LoRA's peak memory at "
-                   f"{h['qlora_vs_lora_tokens_per_s']:.2f}x its tokens/s")
+        out.append(
+            f"QLoRA (NF4) uses **{h['qlora_vs_lora_memory']:.2f}x** LoRA's peak memory at "
+            f"{h['qlora_vs_lora_tokens_per_s']:.2f}x its tokens/s"
+        )
     if "unsloth_vs_qlora_tokens_per_s" in h:
-        out.append(f"Unsloth: **{h['unsloth_vs_qlora_tokens_per_s']:.2f}x** QLoRA's tokens/s at "
-                   f"{h['unsloth_vs_qlora_memory']:.2f}x its peak memory")
-    bf16 = [f"{what} **{h[key]:.2f}x**" for what, key in (("the GPT at", "gpt_bf16_vs_fp32_tokens_per_s"),
-                                                           ("LoRA at", "lora_bf16_vs_fp32_tokens_per_s")) if key in h]
+        out.append(
+            f"Unsloth: **{h['unsloth_vs_qlora_tokens_per_s']:.2f}x** QLoRA's tokens/s at "
+            f"{h['unsloth_vs_qlora_memory']:.2f}x its peak memory"
+        )
+    bf16 = [
+        f"{what} **{h[key]:.2f}x**"
+        for what, key in (
+            ("the GPT at", "gpt_bf16_vs_fp32_tokens_per_s"),
+            ("LoRA at", "lora_bf16_vs_fp32_tokens_per_s"),
+        )
+        if key in h
+    ]
     if bf16:
         out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
     if "packing_tokens_per_s_ratio" in h:
         out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
     if "trainer_vs_loop_tokens_per_s" in h:
         r, tol = h["trainer_vs_loop_tokens_per_s"], LOOP_VS_TRAINER["tolerance"]
-        verdict = (f"within {100 * tol:.0f}%" if abs(r - 1) <= tol else
-                   f"{100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside {100 * tol:.0f}%")
+        verdict = (
+            f"within {100 * tol:.0f}%"
+            if abs(r - 1) <= tol
+            else f"{100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside {100 * tol:.0f}%"
+        )
         wall = h.get("trainer_vs_loop_wall_time")
-        out.append(f"SFTTrainer trains at **{r:.2f}x** the hand-written loop's steady tokens/s "
-                   f"({h['trainer_vs_loop_rev']}; {verdict})"
-                   + (f", {wall:.2f}x its whole-run wall time" if wall else ""))
+        out.append(
+            f"SFTTrainer trains at **{r:.2f}x** the hand-written loop's steady tokens/s "
+            f"({h['trainer_vs_loop_rev']}; {verdict})"
+            + (f", {wall:.2f}x its whole-run wall time" if wall else "")
+        )
     label = h.get("lora_label", "LoRA")
     if h.get("lora_transfer"):
         out.append(f"{label}: " + transfer_words(h["lora_transfer"]))
@@ -1184,16 +1673,21 @@ def headline_lines(h: dict) -> list[str]:
         out.append(f"{label} held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
     for model in ("gpt_optimized", "llama_lora"):
         if f"{model}_kv_cache_speedup" in h:
-            out.append(f"{model}: the KV cache decodes {h[f'{model}_kv_cache_new_tokens']} tokens "
-                       f"**{h[f'{model}_kv_cache_speedup']:.2f}x** faster than re-running the context")
+            out.append(
+                f"{model}: the KV cache decodes {h[f'{model}_kv_cache_new_tokens']} tokens "
+                f"**{h[f'{model}_kv_cache_speedup']:.2f}x** faster than re-running the context"
+            )
         if f"{model}_compiled_tokens_per_s" in h:
-            out.append(f"{model}: a static KV cache with compiled decoding runs **{h[f'{model}_compiled_tokens_per_s']:.0f} "
-                       f"tokens/s** at batch 1, {h[f'{model}_compiled_vs_kv_cache']:.2f}x the eager KV cache")
+            out.append(
+                f"{model}: a static KV cache with compiled decoding runs "
+                f"**{h[f'{model}_compiled_tokens_per_s']:.0f} tokens/s** at batch 1, "
+                f"{h[f'{model}_compiled_vs_kv_cache']:.2f}x the eager KV cache"
+            )
     return out
 
 
 def transfer_words(sets: list[dict]) -> str:
-    """"held-out ppl **-41.0%**, retention +3.1%, fiqa_posts +2.0%": the in-domain change first, in bold."""
+    """ "held-out ppl **-41.0%**, retention +3.1%, fiqa_posts +2.0%": the in-domain change first, in bold."""
     words = {"heldout": "held-out ppl", "retention": "retention"}
     parts = []
     for s in sorted(sets, key=lambda s: s["kind"] != "heldout"):  # stable: the rest keep run.json's order
@@ -1211,9 +1705,12 @@ def record_headline(readme: Path, key: str, results: dict) -> None:
     if start not in text or end not in text:
         die(f"--readme {readme}: no {start} ... {end} block to fill")
     m = results["meta"]
-    lines = [f"**{key}** (`{m['command']}`, {m['device_name']}, {m['date'][:10]}, commit {m['git_commit']}; "
-             "details in [BENCHMARKS.md](BENCHMARKS.md)):", ""] + [f"- {x}" for x in headline_lines(results["headline"])]
-    text = text[:text.index(start) + len(start)] + "\n" + "\n".join(lines) + "\n" + text[text.index(end):]
+    lines = [
+        f"**{key}** (`{m['command']}`, {m['device_name']}, {m['date'][:10]}, commit {m['git_commit']}; "
+        "details in [BENCHMARKS.md](BENCHMARKS.md)):",
+        "",
+    ] + [f"- {x}" for x in headline_lines(results["headline"])]
+    text = text[: text.index(start) + len(start)] + "\n" + "\n".join(lines) + "\n" + text[text.index(end) :]
     atomic_write(readme, text)
 
 
@@ -1230,7 +1727,7 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
     section = f"{start}\n{body}\n{end}"
     text = md.read_text() if md.exists() else "# Benchmarks\n"
     if start in text and end in text:
-        text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     atomic_write(md, text)
@@ -1238,6 +1735,7 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
 
 # -----------------------------------------------------------------------------
 # --sweep transfer: fine-tune settings side by side, the in-domain gain against what else changed
+
 
 def slug(name: str) -> str:
     """A setting's folder name: "lr 5e-4 + replay 25%" -> lr_5e-4_replay_25."""
@@ -1260,8 +1758,10 @@ def sweep_settings(spec: str | None) -> list[tuple[str, list[str]]]:
         else:
             j = i + 1
             if pieces[i].strip() or not wanted and j == len(pieces):
-                die(f"--sweep-settings: no setting {pieces[i].strip() or spec!r}; the settings are: "
-                    + "; ".join(name for name, _ in TRANSFER_SWEEP))
+                die(
+                    f"--sweep-settings: no setting {pieces[i].strip() or spec!r}; the settings are: "
+                    + "; ".join(name for name, _ in TRANSFER_SWEEP)
+                )
         i = j
     return [(name, flags) for name, flags in TRANSFER_SWEEP if name in wanted]
 
@@ -1270,10 +1770,12 @@ def finetune_identity(flags: list[str]) -> dict:
     """The flags as finetune_llama.py records them in run.json's args (less --out): what makes two runs the
     same. A flag it refuses raises ValueError carrying argparse's message."""
     import finetune_llama
+
     parser = finetune_llama.build_parser()
 
     def refuse(message: str):
         raise ValueError(message)
+
     parser.error = refuse
     return json.loads(json.dumps(finetune_llama.run_identity(parser.parse_args(flags))))
 
@@ -1291,15 +1793,15 @@ def same_run(folder: Path, identity: dict, corpus_sha256: str) -> bool:
 def sweep_plan(settings: list[tuple[str, list[str]]], base: list[str], extra: list[str]) -> list[dict]:
     """Each setting's full finetune_llama.py flags, checked by its own parser before any run."""
     plan = []
-    for name, flags in settings:
-        ft_flags = base + flags + extra
+    for name, own in settings:
+        ft_flags = base + own + extra
         try:
             identity = finetune_identity(ft_flags)
         except ValueError as e:
-            die(f"--sweep setting {name!r} (`{shlex.join(flags + extra)}`): finetune_llama.py refuses it: "
-                f"{e}")
-        plan.append({"setting": name, "slug": slug(name), "flags": flags, "ft_flags": ft_flags,
-                     "identity": identity})
+            die(f"--sweep setting {name!r} (`{shlex.join(own + extra)}`): finetune_llama.py refuses it: {e}")
+        plan.append(
+            {"setting": name, "slug": slug(name), "flags": own, "ft_flags": ft_flags, "identity": identity}
+        )
     return plan
 
 
@@ -1310,11 +1812,17 @@ def sweep_row(p: dict, folder: Path, run: dict | None) -> dict:
         return {**row, "failed": True}
     sets = eval_sets_of(run)
     others = [s["change"] for s in sets.values() if s["kind"] != "heldout"]
-    return {**row, "in_domain_change": sets["heldout"]["change"] if "heldout" in sets else None,
-            "retention_change": next((s["change"] for s in sets.values() if s["kind"] == "retention"), None),
-            "text_changes": {n: s["change"] for n, s in sets.items() if s["kind"] == "text"},
-            "worst_other_change": max(others) if others else None, "wall_time_s": run.get("wall_time_s"),
-            "eval_context": run.get("eval_context"), "replay": run.get("replay"), "eval_sets": sets}
+    return {
+        **row,
+        "in_domain_change": sets["heldout"]["change"] if "heldout" in sets else None,
+        "retention_change": next((s["change"] for s in sets.values() if s["kind"] == "retention"), None),
+        "text_changes": {n: s["change"] for n, s in sets.items() if s["kind"] == "text"},
+        "worst_other_change": max(others) if others else None,
+        "wall_time_s": run.get("wall_time_s"),
+        "eval_context": run.get("eval_context"),
+        "replay": run.get("replay"),
+        "eval_sets": sets,
+    }
 
 
 def run_sweep(R: Runner, plan: list[dict], corpus_sha256: str, cost: float) -> list[dict]:
@@ -1322,9 +1830,15 @@ def run_sweep(R: Runner, plan: list[dict], corpus_sha256: str, cost: float) -> l
     for p in plan:
         folder = R.out / p["slug"]
         cmd = [R.py, "finetune_llama.py", *p["ft_flags"], "--out", str(folder), "--overwrite"]
-        ok = R.run(p["slug"], cmd, cost, folder / "run.json",
-                   reuse=lambda: same_run(folder, p["identity"], corpus_sha256))
-        rows.append(sweep_row(p, folder, read_json(folder / "run.json") if ok else None))
+        ok = R.run(
+            p["slug"],
+            cmd,
+            cost,
+            folder / "run.json",
+            reuse=lambda: same_run(folder, p["identity"], corpus_sha256),
+        )
+        run = ok and R.collect(p["slug"], lambda: read_output(folder / "run.json", contracts.FINETUNE_RUN))
+        rows.append(sweep_row(p, folder, run or None))
     return rows
 
 
@@ -1333,15 +1847,22 @@ def sweep_table(rows: list[dict]) -> str:
     texts = list(dict.fromkeys(n for r in rows for n in r.get("text_changes", {})))
     lines = []
     for r in rows:
-        flags = f"`{shlex.join(r['flags'])}`" if r["flags"] else "(finetune_llama.py defaults)"
+        shown = f"`{shlex.join(r['flags'])}`" if r["flags"] else "(finetune_llama.py defaults)"
         if r.get("failed"):
-            lines.append([r["setting"], flags, "failed"] + ["–"] * (len(texts) + 2))
+            lines.append([r["setting"], shown, "failed"] + ["–"] * (len(texts) + 2))
             continue
         changes = [r["in_domain_change"], r["retention_change"]] + [r["text_changes"].get(n) for n in texts]
-        lines.append([r["setting"], flags] + [signed_percent(c) for c in changes]
-                     + [fmt(r["wall_time_s"], ",.0f") + " s" if r.get("wall_time_s") is not None else "–"])
-    return table(["setting", "flags", "in-domain change", "retention change"] + [f"{n} change" for n in texts]
-                 + ["wall time"], lines)
+        lines.append(
+            [r["setting"], shown]
+            + [signed_percent(c) for c in changes]
+            + [fmt(r["wall_time_s"], ",.0f") + " s" if r.get("wall_time_s") is not None else "–"]
+        )
+    return table(
+        ["setting", "flags", "in-domain change", "retention change"]
+        + [f"{n} change" for n in texts]
+        + ["wall time"],
+        lines,
+    )
 
 
 def frontier_figure(rows: list[dict]):
@@ -1350,6 +1871,7 @@ def frontier_figure(rows: list[dict]):
     A setting without a retention or eval-text figure has no y and is left out."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
     pts = [r for r in rows if None not in (r.get("in_domain_change"), r.get("worst_other_change"))]
     xs, ys = [100 * r["in_domain_change"] for r in pts], [100 * r["worst_other_change"] for r in pts]
     tx, ty = 100 * TRANSFER_TARGET[0], 100 * TRANSFER_TARGET[1]
@@ -1362,21 +1884,37 @@ def frontier_figure(rows: list[dict]):
         (x0, x1), (y0, y1) = [(min(v + [t, 0.0]), max(v + [t, 0.0])) for v, t in ((vx, tx), (vy, ty))]
         dx, dy = x1 - x0, y1 - y0
         x0, x1, y0, y1 = x0 - 0.1 * dx, x1 + 0.1 * dx, y0 - 0.1 * dy, y1 + 0.1 * dy
-        ax.add_patch(Rectangle((x0, y0), tx - x0, ty - y0, color="tab:green", alpha=0.12, lw=0,
-                               label=f"target: in-domain <= {tx:+.0f}%, others <= {ty:+.0f}%"))
+        ax.add_patch(
+            Rectangle(
+                (x0, y0),
+                tx - x0,
+                ty - y0,
+                color="tab:green",
+                alpha=0.12,
+                lw=0,
+                label=f"target: in-domain <= {tx:+.0f}%, others <= {ty:+.0f}%",
+            )
+        )
         ax.axvline(0, color="dimgrey", lw=0.8)
         ax.axhline(0, color="dimgrey", lw=0.8)
         for i, (r, x, y) in enumerate(zip(pts, xs, ys), 1):
             default = not r["flags"]
-            ax.scatter([x], [y], marker="*" if default else "o", s=180 if default else 40, zorder=3,
-                       color="tab:red" if default else "tab:blue", label="default" if default else None)
+            ax.scatter(
+                [x],
+                [y],
+                marker="*" if default else "o",
+                s=180 if default else 40,
+                zorder=3,
+                color="tab:red" if default else "tab:blue",
+                label="default" if default else None,
+            )
             ax.annotate(str(i), (x, y), xytext=(5, 3), textcoords="offset points", fontsize=8, clip_on=True)
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
         ax.xaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:+.0f}%" if round(v) else "0%")
         ax.set_xlabel("in-domain (held-out) perplexity change (left is better)")
-        ax.grid(alpha=.3)
+        ax.grid(alpha=0.3)
     axes[0].set_ylabel("worst change: retention and eval texts (lower is better)")
     axes[0].legend(fontsize=8, loc="upper right")
     axes[1].set_title("close-up of the target corner", fontsize=9)
@@ -1387,19 +1925,28 @@ def frontier_figure(rows: list[dict]):
     return fig, "Transfer sweep: the in-domain gain against the worst change elsewhere, one point per setting"
 
 
-def sweep_report(meta: dict, rows: list[dict], base_cmd: list[str], extra: list[str], plot: str | None,
-                 failures: list[str]) -> str:
+def sweep_report(
+    meta: dict, rows: list[dict], base_cmd: list[str], extra: list[str], plot: str | None, failures: list[str]
+) -> str:
     ctx = sorted({r["eval_context"] for r in rows if r.get("eval_context")})
     windows = f" of {', '.join(f'{c:,}' for c in ctx)} tokens" if ctx else ""
-    L = [f"# Transfer sweep ({meta['device']})", "",
-         f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · "
-         f"commit `{meta['git_commit']}`  ", f"Command: `{meta['command']}`", "",
-         f"Every run: `python finetune_llama.py {shlex.join(base_cmd + extra)}` plus the setting's flags. "
-         "Change = ppl after / ppl before - 1 (negative: better), every set scored by the base and the "
-         f"adapter in the same windows{windows}. "
-         "In-domain: the corpus's held-out end; retention: documents sampled from the base model itself; "
-         f"then each `--eval-text` file. Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every "
-         f"other set at most {100 * TRANSFER_TARGET[1]:+.0f}%.", "", sweep_table(rows), ""]
+    L = [
+        f"# Transfer sweep ({meta['device']})",
+        "",
+        f"Device: **{meta['device_name']}** · torch {meta['torch']} · {meta['date']} · "
+        f"commit `{meta['git_commit']}`  ",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Every run: `python finetune_llama.py {shlex.join(base_cmd + extra)}` plus the setting's flags. "
+        "Change = ppl after / ppl before - 1 (negative: better), every set scored by the base and the "
+        f"adapter in the same windows{windows}. "
+        "In-domain: the corpus's held-out end; retention: documents sampled from the base model itself; "
+        f"then each `--eval-text` file. Target: in-domain {100 * TRANSFER_TARGET[0]:+.0f}% or better, every "
+        f"other set at most {100 * TRANSFER_TARGET[1]:+.0f}%.",
+        "",
+        sweep_table(rows),
+        "",
+    ]
     if plot:
         L += [f"![Transfer sweep: in-domain change against the worst change elsewhere]({plot})", ""]
     if failures:
@@ -1419,7 +1966,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
         extra = shlex.split(args.sweep_extra)
     except ValueError as e:
         die(f"--sweep-extra {args.sweep_extra!r}: {e}")
-    base = ["--model", model, "--data", str(data)] + eval_text_flags(args.eval_text)
+    base = flags({"model": model, "data": str(data), "eval_text": args.eval_text})
     plan = sweep_plan(sweep_settings(args.sweep_settings), base, extra)
     meta = run_meta(mode, device, device_name, command, args, data, model)
     sweep_dir = out / "sweep"
@@ -1436,8 +1983,10 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     plot = "transfer_frontier.png" if any(r.get("worst_other_change") is not None for r in rows) else None
     if plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, title = frontier_figure(rows)
         save_plot(fig, title, sweep_dir / plot)
         plt.close(fig)
@@ -1456,13 +2005,17 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
 
 # -----------------------------------------------------------------------------
 
+
 def git_commit() -> str:
     if os.environ.get("BENCH_GIT_COMMIT"):  # a copy of the tree without .git (e.g. sent to a GPU machine)
         return os.environ["BENCH_GIT_COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) or "unknown"
     except OSError:
         return "unknown"
@@ -1470,6 +2023,7 @@ def git_commit() -> str:
 
 def device_info(requested: str) -> tuple[str, str, bool]:
     import torch
+
     if requested == "cuda" and not torch.cuda.is_available():  # not silently on the CPU
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
         die(f"--device cuda: no CUDA device here ({why}; torch {torch.__version__}): use --device cpu")
@@ -1480,56 +2034,122 @@ def device_info(requested: str) -> tuple[str, str, bool]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(
+        prog="bench.py",
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--quick", action="store_true", help="CPU, small shapes, a few minutes on two cores (the default)")
-    m.add_argument("--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)")
+    m.add_argument(
+        "--quick", action="store_true", help="CPU, small shapes, a few minutes on two cores (the default)"
+    )
+    m.add_argument(
+        "--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)"
+    )
     m.add_argument("--tiny", action="store_true", help="an even smaller --quick, for the test suite")
     p.add_argument("--only", default=DEFAULT_STAGES, help="stages to run: comma list of gpt, finetune, infer")
     p.add_argument("--out", default="out/bench", help="report folder")
     p.add_argument("--data", default=DEFAULT_DATA, help="corpus shared by every stage")
-    p.add_argument("--model", default=None,
-                   help="fine-tuning base (finetune_llama.py --model); default: smollm2 for --quick/--tiny, auto for --full")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="fine-tuning base (finetune_llama.py --model); default: smollm2 for --quick/--tiny, auto for "
+        "--full",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scripts run")
-    p.add_argument("--time-limit", type=positive_seconds, default=None, metavar="S",
-                   help="stop after S seconds: the run in progress is stopped, later runs are skipped, and the "
-                        "report holds everything measured so far")
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: rebuild results.json and report.md from the runs already in --out (e.g. "
-                        "after a run was cut off), with the device and command recorded in its meta.json")
-    p.add_argument("--readme", metavar="MD", default=None,
-                   help="also write the headline ratios into this file's <!-- headline:MODE-DEVICE --> block "
-                        "(e.g. README.md)")
-    p.add_argument("--record", metavar="MD", default=None,
-                   help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
-                        "section of the same mode and device kind")
-    p.add_argument("--eval-text", metavar="FILE", action="append", default=[],
-                   help="a text every fine-tune run also scores before and after training (finetune_llama.py "
-                        "--eval-text; repeatable): the transfer table, plot and headline show its change")
-    p.add_argument("--baseline-rev", metavar="REV", default=None,
-                   help="the fine-tune stage also runs the LoRA packed speed run's command, with more "
-                        "steps, alternately by finetune_llama.py of git revision REV (its hand-written "
-                        "training loop, read with git show into OUT/baseline/) and by the current one, twice "
-                        "each, and reports the trainer's steady tokens/s as a ratio to the loop's")
-    p.add_argument("--sweep", choices=["transfer"], default=None,
-                   help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP into "
-                        "OUT/sweep/NAME (a run whose run.json has the same flags is reused), then a table "
-                        "and a frontier plot (see --sweep-settings)")
-    p.add_argument("--sweep-settings", metavar="NAMES", default=None,
-                   help="comma list of the settings to run, by name or folder name (default: all: "
-                        + "; ".join(n for n, _ in TRANSFER_SWEEP).replace("%", "%%") + ")")
-    p.add_argument("--sweep-extra", metavar="FLAGS", default="",
-                   help='finetune_llama.py flags added to every sweep run, e.g. "--max-steps 2" (one flag '
-                        'alone: --sweep-extra=--no-packing)')
+    p.add_argument(
+        "--time-limit",
+        type=positive_seconds,
+        default=None,
+        metavar="S",
+        help="stop after S seconds: the run in progress is stopped, later runs are skipped, and the "
+        "report holds everything measured so far",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild results.json and report.md from the runs already in --out (e.g. "
+        "after a run was cut off), with the device and command recorded in its meta.json",
+    )
+    add_output_flags(p)
+    add_finetune_flags(p)
     return p.parse_args(argv)
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """--readme and --record: the files the results are copied into besides --out."""
+    p.add_argument(
+        "--readme",
+        metavar="MD",
+        default=None,
+        help="also write the headline ratios into this file's <!-- headline:MODE-DEVICE --> block "
+        "(e.g. README.md)",
+    )
+    p.add_argument(
+        "--record",
+        metavar="MD",
+        default=None,
+        help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
+        "section of the same mode and device kind",
+    )
+
+
+def add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    """The fine-tune stage's extra runs (--eval-text, --baseline-rev) and --sweep."""
+    p.add_argument(
+        "--eval-text",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a text every fine-tune run also scores before and after training (finetune_llama.py "
+        "--eval-text; repeatable): the transfer table, plot and headline show its change",
+    )
+    p.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        default=None,
+        help="the fine-tune stage also runs the LoRA packed speed run's command, with more "
+        "steps, alternately by finetune_llama.py of git revision REV (its hand-written "
+        "training loop, read with git show into OUT/baseline/) and by the current one, twice "
+        "each, and reports the trainer's steady tokens/s as a ratio to the loop's",
+    )
+    p.add_argument(
+        "--sweep",
+        choices=["transfer"],
+        default=None,
+        help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP into "
+        "OUT/sweep/NAME (a run whose run.json has the same flags is reused), then a table "
+        "and a frontier plot (see --sweep-settings)",
+    )
+    p.add_argument(
+        "--sweep-settings",
+        metavar="NAMES",
+        default=None,
+        help="comma list of the settings to run, by name or folder name (default: all: "
+        + "; ".join(n for n, _ in TRANSFER_SWEEP).replace("%", "%%")
+        + ")",
+    )
+    p.add_argument(
+        "--sweep-extra",
+        metavar="FLAGS",
+        default="",
+        help='finetune_llama.py flags added to every sweep run, e.g. "--max-steps 2" (one flag '
+        "alone: --sweep-extra=--no-packing)",
+    )
 
 
 def check_flag_combinations(args: argparse.Namespace, stages: list[str]) -> None:
     if args.sweep:
-        given = [f for f, v in (("--report-only", args.report_only), ("--readme", args.readme),
-                                ("--only", args.only != DEFAULT_STAGES),
-                                ("--baseline-rev", args.baseline_rev is not None)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--report-only", args.report_only),
+                ("--readme", args.readme),
+                ("--only", args.only != DEFAULT_STAGES),
+                ("--baseline-rev", args.baseline_rev is not None),
+            )
+            if v
+        ]
         if given:
             die(f"--sweep runs its fine-tune settings alone (run it again to go on); drop {', '.join(given)}")
         return
@@ -1568,13 +2188,13 @@ def extract_baseline(out: Path, rev: str, commit: str) -> dict:
     as `python OUT/baseline/finetune_llama.py`, it imports nothing from this checkout."""
     shown = git("show", f"{commit}:finetune_llama.py")
     if shown.returncode != 0:
-        die(f"--baseline-rev {rev}: git show {commit[:7]}:finetune_llama.py failed: "
-            f"{shown.stderr.decode(errors='replace').strip()[:200]}")
+        die(
+            f"--baseline-rev {rev}: git show {commit[:7]}:finetune_llama.py failed: "
+            f"{shown.stderr.decode(errors='replace').strip()[:200]}"
+        )
     path = out / "baseline" / "finetune_llama.py"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(shown.stdout)
-    os.replace(tmp, path)
+    atomic_write(path, shown.stdout)
     return {"rev": rev, "commit": commit, "script": str(path)}
 
 
@@ -1599,14 +2219,23 @@ def check_corpus(data: Path) -> None:
         die(f"corpus {data} cannot be read ({e.strerror})")
 
 
-def run_meta(mode: str, device: str, device_name: str, command: str, args: argparse.Namespace, data: Path,
-             model: str) -> dict:
+def run_meta(
+    mode: str, device: str, device_name: str, command: str, args: argparse.Namespace, data: Path, model: str
+) -> dict:
     """What a run was: where, when, from which commit and flags."""
-    return {"mode": mode, "device": device, "device_name": device_name,
-            "torch": __import__("torch").__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git_commit": git_commit(), "command": command, "flags": vars(args), "data": str(data),
-            "model": model}
+    return {
+        "mode": mode,
+        "device": device,
+        "device_name": device_name,
+        "torch": __import__("torch").__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": command,
+        "flags": vars(args),
+        "data": str(data),
+        "model": model,
+    }
 
 
 def read_meta(out: Path) -> dict:
@@ -1616,7 +2245,7 @@ def read_meta(out: Path) -> dict:
         die(f"--report-only: {out} holds no meta.json (not a bench.py output folder)")
     try:
         meta = read_json(path)
-        missing = [k for k in ("mode", "stages", "device", "device_name", "data", "model") if k not in meta]
+        missing = [k for k in contracts.BENCH_META.keys if k not in meta]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
         die(f"--report-only: {path} cannot be read ({e})")
     if missing:
@@ -1650,8 +2279,9 @@ def check_record_targets(args: argparse.Namespace, key: str) -> None:
         check_writable_dir(Path(args.record).parent / "benchmarks" / key, "--record: its plot folder")
 
 
-def interrupted_message(R: Runner | None, out: Path, created: bool, report_only: bool,
-                        resume: str | None = None) -> str:
+def interrupted_message(
+    R: Runner | None, out: Path, created: bool, report_only: bool, resume: str | None = None
+) -> str:
     """What Ctrl-C leaves behind and how to go on (resume; default: rebuild the report), in one line."""
     if report_only:
         return f"interrupted: the runs in {out} are untouched; run the same command again for the report"
@@ -1686,61 +2316,113 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sweep:
         return sweep_main(args, mode, out, command, created)
     if args.report_only:
-        meta = read_meta(out)
-        other_mode = (args.full or args.tiny or args.quick) and mode != meta["mode"]
-        other_data = args.data != DEFAULT_DATA and Path(args.data) != Path(meta["data"])
-        given = [f for f, v in (("--time-limit", args.time_limit), ("--model", args.model),
-                                ("--only", args.only != DEFAULT_STAGES), ("--eval-text", args.eval_text),
-                                ("--quick/--full/--tiny", other_mode),
-                                ("--device", args.device not in ("auto", meta["device"])),
-                                ("--data", other_data),
-                                ("--baseline-rev", args.baseline_rev is not None)) if v]
-        if given:
-            die(f"--report-only takes the run's own flags from {out / 'meta.json'}; drop {', '.join(given)}")
-        meta["report_rebuilt_by"] = command
-        mode, stages, device, gpu = meta["mode"], meta["stages"], meta["device"], meta["device"] == "cuda"
-        data, model, args.time_limit = Path(meta["data"]), meta["model"], None
-        args.eval_text = (meta.get("flags") or {}).get("eval_text") or []  # the recipe's command names them
-        bf16_units = bool(meta.get("bf16_units", False))  # the ladder the run was planned with
-        check_record_targets(args, f"{mode}-{device}")
+        meta = report_only_meta(args, mode, out, command)
     else:
-        data = Path(args.data)
-        check_corpus(data)
-        device, device_name, gpu = device_info(args.device)
-        if mode == "full" and not gpu:
-            die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
-        check_record_targets(args, f"{mode}-{device}")
-        model = args.model or ("auto" if mode == "full" else "smollm2")
-        bf16_units, why = bf16_units_decision(device)
-        why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {**run_meta(mode, device, device_name, command, args, data, model), "stages": stages,
-                "cpu_bf16": cpu_bf16_flags(), "bf16_units": bf16_units,
-                "notes": [why] if why and "gpt" in stages else []}
-        if baseline_commit:  # the meta.json records it, so --report-only finds the comparison's runs
-            meta["baseline"] = extract_baseline(out, args.baseline_rev, baseline_commit)
-        atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # lets --report-only rebuild a cut-off run
-        if why and "gpt" in stages:
-            print(f"bench.py: {why}")
-    per = COST[mode]
-    plan = gpt_plan(mode, bf16_units)
-    n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
-    ft_plan = finetune_plan(mode, gpu, bf16_units)
-    n_ft = len(ft_plan["runs"]) + ft_plan["recipe_cost"]
-    if meta.get("baseline"):
-        n_ft += 2 * LOOP_VS_TRAINER["repeats"] * LOOP_VS_TRAINER["cost"][mode]
-    total = (("gpt" in stages) * (n_gpt + 0.5) * per[0] + ("finetune" in stages) * n_ft * per[1]
-             + ("infer" in stages) * 3 * per[2])
+        meta = new_run_meta(args, mode, stages, out, command, baseline_commit)
+    # from here on the run's own record: for --report-only, what the run it rebuilds was planned with
+    mode, stages, device, model = meta["mode"], meta["stages"], meta["device"], meta["model"]
+    gpu, bf16_units = device == "cuda", bool(meta.get("bf16_units", False))
+    total = eta_seconds(mode, stages, gpu, bf16_units, bool(meta.get("baseline")))
     R = Runner(out, total, args.time_limit, replay=args.report_only)
     try:
-        return run_bench(R, args, meta, mode, stages, device, gpu, str(data), model, bf16_units)
+        return run_bench(R, args, meta, mode, stages, device, gpu, str(Path(meta["data"])), model, bf16_units)
     except KeyboardInterrupt:
         R.bar.close()  # the message goes on a line of its own, not after the progress bar
         raise Interrupted(interrupted_message(R, out, created, args.report_only)) from None
 
 
-def run_bench(R: Runner, args: argparse.Namespace, meta: dict, mode: str, stages: list[str], device: str,
-              gpu: bool, data: str, model: str, bf16_units: bool) -> dict:
+def report_only_meta(args: argparse.Namespace, mode: str, out: Path, command: str) -> dict:
+    """--report-only: the run's meta.json, refusing flags that would contradict it; args takes the run's
+    --eval-text files (the recipe's command names them) and no time limit."""
+    meta = read_meta(out)
+    other_mode = (args.full or args.tiny or args.quick) and mode != meta["mode"]
+    other_data = args.data != DEFAULT_DATA and Path(args.data) != Path(meta["data"])
+    given = [
+        f
+        for f, v in (
+            ("--time-limit", args.time_limit),
+            ("--model", args.model),
+            ("--only", args.only != DEFAULT_STAGES),
+            ("--eval-text", args.eval_text),
+            ("--quick/--full/--tiny", other_mode),
+            ("--device", args.device not in ("auto", meta["device"])),
+            ("--data", other_data),
+            ("--baseline-rev", args.baseline_rev is not None),
+        )
+        if v
+    ]
+    if given:
+        die(f"--report-only takes the run's own flags from {out / 'meta.json'}; drop {', '.join(given)}")
+    meta["report_rebuilt_by"] = command
+    args.time_limit = None
+    args.eval_text = (meta.get("flags") or {}).get("eval_text") or []
+    check_record_targets(args, f"{meta['mode']}-{meta['device']}")
+    return meta
+
+
+def new_run_meta(
+    args: argparse.Namespace,
+    mode: str,
+    stages: list[str],
+    out: Path,
+    command: str,
+    baseline_commit: str | None,
+) -> dict:
+    """A new run's record, written to OUT/meta.json before any run: it lets --report-only rebuild a run that
+    was cut off."""
+    data = Path(args.data)
+    check_corpus(data)
+    device, device_name, gpu = device_info(args.device)
+    if mode == "full" and not gpu:
+        die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
+    check_record_targets(args, f"{mode}-{device}")
+    model = args.model or ("auto" if mode == "full" else "smollm2")
+    bf16_units, why = bf16_units_decision(device)
+    why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **run_meta(mode, device, device_name, command, args, data, model),
+        "stages": stages,
+        "cpu_bf16": cpu_bf16_flags(),
+        "bf16_units": bf16_units,
+        "notes": [why] if why and "gpt" in stages else [],
+    }
+    if baseline_commit:  # the meta.json records it, so --report-only finds the comparison's runs
+        meta["baseline"] = extract_baseline(out, args.baseline_rev, baseline_commit)
+    atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    if why and "gpt" in stages:
+        print(f"bench.py: {why}")
+    return meta
+
+
+def eta_seconds(mode: str, stages: list[str], gpu: bool, bf16_units: bool, baseline: bool) -> float:
+    """The progress bar's total: COST's rough seconds per run times the runs each stage plans."""
+    per = COST[mode]
+    plan = gpt_plan(mode, bf16_units)
+    n_gpt = 1.5 + len(plan["ladder"]) + len(plan["extras"]) + 1.5
+    ft_plan = finetune_plan(mode, gpu, bf16_units)
+    n_ft = len(ft_plan["runs"]) + ft_plan["recipe_cost"]
+    if baseline:
+        n_ft += 2 * LOOP_VS_TRAINER["repeats"] * LOOP_VS_TRAINER["cost"][mode]
+    return (
+        ("gpt" in stages) * (n_gpt + 0.5) * per[0]
+        + ("finetune" in stages) * n_ft * per[1]
+        + ("infer" in stages) * 3 * per[2]
+    )
+
+
+def run_bench(
+    R: Runner,
+    args: argparse.Namespace,
+    meta: dict,
+    mode: str,
+    stages: list[str],
+    device: str,
+    gpu: bool,
+    data: str,
+    model: str,
+    bf16_units: bool,
+) -> dict:
     """Every stage, then results.json, report.md and the plots; the side-by-side printed at the end."""
     out = R.out
     t0 = time.perf_counter()
@@ -1748,8 +2430,9 @@ def run_bench(R: Runner, args: argparse.Namespace, meta: dict, mode: str, stages
     if "gpt" in stages:
         results["gpt"] = stage_gpt(R, mode, data, device, bf16_units)
     if "finetune" in stages:
-        results["finetune"] = stage_finetune(R, mode, data, model, gpu, bf16_units, args.eval_text,
-                                             meta.get("baseline"))
+        results["finetune"] = stage_finetune(
+            R, mode, data, model, gpu, bf16_units, args.eval_text, meta.get("baseline")
+        )
     if "infer" in stages:
         results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), device)
     if "gpt" in stages:
@@ -1770,7 +2453,11 @@ def run_bench(R: Runner, args: argparse.Namespace, meta: dict, mode: str, stages
     # the side-by-side a user reads first: Table 1, the headline ratios and the generations
     table1 = report.split("## Table 1")[1].split("\n## ")[0] if "## Table 1" in report else ""
     print("\nTable 1" + table1.rstrip())
-    gens = report.split("## Inference")[1].split("\n## ")[0].split("**Prompt:**", 1) if "## Inference" in report else []
+    gens = (
+        report.split("## Inference")[1].split("\n## ")[0].split("**Prompt:**", 1)
+        if "## Inference" in report
+        else []
+    )
     if len(gens) == 2:
         print("\nPrompt:" + gens[1].rstrip())
     print(f"\nbench.py: {time.perf_counter() - t0:.0f}s -> {out / 'report.md'}")

@@ -1,10 +1,13 @@
 """bench.py end to end at its smallest size: the real scripts on a small slice of the corpus and a tiny
 random Llama; the report must hold every section, and every ratio must follow from the runs' own files."""
+
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,53 +18,64 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 
 def bench(*args, timeout=900, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A slice of the corpus and a tiny random Llama with a BPE tokenizer trained on it."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("bench")
-    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-400:]
-    (d / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    cfg = LlamaConfig(vocab_size=hf.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d / "llama")
-    tok.save_pretrained(d / "llama")
-    return d
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tiny_model):
-    d = tiny_model
+def tiny_setup(tiny):
+    """One --tiny bench run on conftest's corpus and its narrower tiny Llama."""
+    d = tiny["dir"]
     out = d / "report"
-    p = bench("--tiny", "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu", "--out", out,
-              env={"FINLLM_CACHE": str(d / "cache")})  # the retention set's base-model samples stay here
+    p = bench(
+        "--tiny",
+        "--data",
+        tiny["corpus"],
+        "--model",
+        tiny["llama_a"],
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        env={"FINLLM_CACHE": str(tiny["dir"] / "cache")},
+    )  # the retention set's base-model samples stay here
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return {"dir": d, "out": out, "proc": p, "results": json.loads((out / "results.json").read_text()),
-            "report": (out / "report.md").read_text()}
+    return {
+        "model": tiny["llama_a"],
+        "corpus": tiny["corpus"],
+        "out": out,
+        "proc": p,
+        "results": json.loads((out / "results.json").read_text()),
+        "report": (out / "report.md").read_text(),
+    }
 
 
 def test_report_has_every_section_and_plot(tiny_setup):
     report, out = tiny_setup["report"], tiny_setup["out"]
-    for section in ("## Headline", "## Table 1", "## GPT ablation", "speedrun extras", "## Fine-tuning: LoRA vs QLoRA",
-                    "### Transfer: LoRA, default recipe", "## Inference", "## Plots"):
+    for section in (
+        "## Headline",
+        "## Table 1",
+        "## GPT ablation",
+        "speedrun extras",
+        "## Fine-tuning: LoRA vs QLoRA",
+        "### Transfer: LoRA, default recipe",
+        "## Inference",
+        "## Plots",
+    ):
         assert section in report, section
-    for png in ("gpt_val_loss_vs_time.png", "gpt_ablation_tokens_per_s.png", "finetune_peak_memory.png",
-                "finetune_transfer.png", "infer_latency_kv_cache.png"):
+    for png in (
+        "gpt_val_loss_vs_time.png",
+        "gpt_ablation_tokens_per_s.png",
+        "finetune_peak_memory.png",
+        "finetune_transfer.png",
+        "infer_latency_kv_cache.png",
+    ):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in report
@@ -72,6 +86,7 @@ def test_report_has_every_section_and_plot(tiny_setup):
     res = tiny_setup["results"]
     sys.path.insert(0, str(ROOT))
     import bench
+
     assert len(res["gpt"]["ablation"]) == 1 + len(bench.gpt_plan("tiny")["ladder"])
     assert len(res["gpt"]["extras"]) == 1 + len(bench.gpt_plan("tiny")["extras"])
     for row in res["gpt"]["ablation"] + res["gpt"]["extras"]:
@@ -81,11 +96,14 @@ def test_report_has_every_section_and_plot(tiny_setup):
 def test_meta_records_device_torch_date_commit_flags(tiny_setup):
     meta = tiny_setup["results"]["meta"]
     import torch
+
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["mode"] == "tiny"
     assert meta["date"][:4].isdigit() and meta["git_commit"] and meta["flags"]["device"] == "cpu"
     # the CPU's bf16 units, which decide whether bf16 autocast is a default (and measured in --quick)
-    units = {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
-             "amx": bool(torch.cpu._is_amx_tile_supported())}
+    units = {
+        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+    }
     assert meta["cpu_bf16"] == units and meta["bf16_units"] == any(units.values())
     assert "--tiny" in meta["command"]
 
@@ -102,7 +120,9 @@ def test_gpt_ratios_come_from_the_runs_own_summaries(tiny_setup):
     ab = res["gpt"]["ablation"]
     assert ab[0]["tokens_per_s"] == pytest.approx(s["tokens_per_s"])
     for row in ab[1:]:
-        folder_summary = [r for k, r in res["gpt"]["runs"].items() if r["flags"] == row["flags"]][0]["summary"]
+        folder_summary = [r for k, r in res["gpt"]["runs"].items() if r["flags"] == row["flags"]][0][
+            "summary"
+        ]
         assert row["tokens_per_s"] == pytest.approx(folder_summary["tokens_per_s"])
         assert f"{row['tokens_per_s'] / ab[0]['tokens_per_s']:.2f}x" in tiny_setup["report"]
     # time to target: scratch reaches its own final loss no later than its own total training time
@@ -110,12 +130,28 @@ def test_gpt_ratios_come_from_the_runs_own_summaries(tiny_setup):
     assert t is not None and 0 < t <= res["gpt"]["runs"]["gpt_scratch"]["curve"][-1][0] + 1e-9
 
 
+def test_results_and_meta_hold_their_contracts(tiny_setup):
+    sys.path.insert(0, str(ROOT))
+    import contracts
+
+    res, out = tiny_setup["results"], tiny_setup["out"]
+    meta = json.loads((out / "meta.json").read_text())
+    for contract, record in ((contracts.BENCH_RESULTS, res), (contracts.BENCH_META, meta)):
+        keys = list(contract.keys) + list(contract.optional)  # a run of every stage writes them all
+        assert [k for k in keys if k not in record] == [], f"{contract.name}: {out / contract.file}"
+
+
 def test_time_to_loss_interpolates():
     sys.path.insert(0, str(ROOT))
     import bench
-    curve = bench.train_seconds_curve([{"tokens": 0, "tokens_per_s": 0, "val_loss": 5.0},
-                                       {"tokens": 1000, "tokens_per_s": 100, "val_loss": 3.0},
-                                       {"tokens": 3000, "tokens_per_s": 200, "val_loss": 2.0}])
+
+    curve = bench.train_seconds_curve(
+        [
+            {"tokens": 0, "tokens_per_s": 0, "val_loss": 5.0},
+            {"tokens": 1000, "tokens_per_s": 100, "val_loss": 3.0},
+            {"tokens": 3000, "tokens_per_s": 200, "val_loss": 2.0},
+        ]
+    )
     assert curve == [(0.0, 5.0), (10.0, 3.0), (20.0, 2.0)]
     assert bench.time_to_loss(curve, 4.0) == pytest.approx(5.0)
     assert bench.time_to_loss(curve, 2.5) == pytest.approx(15.0)
@@ -149,7 +185,8 @@ def test_finetune_and_inference_ratios(tiny_setup):
         fp32 = json.loads((fp32_folder / "run.json").read_text())
         assert fp32["bf16"] is False and fp32["eval_ppl_before"] == lora["eval_ppl_before"]  # fp32 evaluation
         assert h["lora_bf16_vs_fp32_tokens_per_s"] == pytest.approx(
-            lora["tokens_per_s_steady"] / fp32["tokens_per_s_steady"])
+            lora["tokens_per_s_steady"] / fp32["tokens_per_s_steady"]
+        )
         assert "LoRA at **" in tiny_setup["report"]
     else:
         assert "lora_bf16_vs_fp32_tokens_per_s" not in h
@@ -157,7 +194,9 @@ def test_finetune_and_inference_ratios(tiny_setup):
     names = [r["name"] for r in res["gpt"]["ablation"]]
     i = [k for k, n in enumerate(names) if n.startswith("+ bf16 autocast")][0]
     rows = res["gpt"]["ablation"]
-    assert h["gpt_bf16_vs_fp32_tokens_per_s"] == pytest.approx(rows[i]["tokens_per_s"] / rows[i - 1]["tokens_per_s"])
+    assert h["gpt_bf16_vs_fp32_tokens_per_s"] == pytest.approx(
+        rows[i]["tokens_per_s"] / rows[i - 1]["tokens_per_s"]
+    )
     assert f"| LoRA | padded | {'bf16' if padded['bf16'] else 'fp32'} |" in tiny_setup["report"]
     ppl_row = [r for r in res["finetune"]["runs"] if r["method"] == "LoRA" and r["packing"]][0]
     assert math.isfinite(ppl_row["eval_ppl_before"]) and ppl_row["eval_ppl_before"] > 1
@@ -166,8 +205,10 @@ def test_finetune_and_inference_ratios(tiny_setup):
 def test_speed_runs_train_without_replay_and_the_recipe_run_takes_the_defaults(tiny_setup):
     sys.path.insert(0, str(ROOT))
     import shlex
+
     import bench
-    out, res, report, d = tiny_setup["out"], tiny_setup["results"], tiny_setup["report"], tiny_setup["dir"]
+
+    out, res, report = tiny_setup["out"], tiny_setup["results"], tiny_setup["report"]
     speed = [f for f in sorted((out / "runs").glob("ft_*")) if f.name != "ft_recipe"]
     assert {f.name for f in speed} >= {"ft_lora_packed", "ft_lora_padded", "ft_qlora_packed"}
     for folder in speed:  # the training step alone: no replay rows, no retention set sampled from the base
@@ -180,10 +221,16 @@ def test_speed_runs_train_without_replay_and_the_recipe_run_takes_the_defaults(t
     assert recipe["replay"]["fraction"] == 0.5 and recipe["replay"]["loss"] == "kl"
     assert recipe["args"]["max_steps"] == 3 and recipe["args"]["backend"] == "auto"
     assert recipe["eval_sets"]["retention"]["documents"] == 8 and recipe["args"]["retention_tokens"] == 16
-    flags = ["--model", str(d / "llama"), "--data", str(d / "corpus.txt")]
-    flags += bench.finetune_plan("tiny", False)["recipe"]
-    cmd = [sys.executable, "finetune_llama.py", *flags, "--out", str(out / "runs" / "ft_recipe"),
-           "--overwrite"]
+    flags = ["--model", str(tiny_setup["model"]), "--data", str(tiny_setup["corpus"])]
+    flags += bench.flags(bench.finetune_plan("tiny", False)["recipe"])
+    cmd = [
+        sys.executable,
+        "finetune_llama.py",
+        *flags,
+        "--out",
+        str(out / "runs" / "ft_recipe"),
+        "--overwrite",
+    ]
     assert (out / "logs" / "ft_recipe.log").read_text().splitlines()[0] == "$ " + shlex.join(cmd)
     runs = res["finetune"]["runs"]
     assert runs[-1]["method"] == "LoRA recipe" and runs[-1]["flags"] == flags and len(runs) == len(speed) + 1
@@ -199,26 +246,29 @@ def test_speed_runs_train_without_replay_and_the_recipe_run_takes_the_defaults(t
 def test_speed_runs_carry_no_replay_and_the_recipe_is_the_default_command():
     sys.path.insert(0, str(ROOT))
     import bench
+
     for mode in ("full", "quick", "tiny"):
         plan = bench.finetune_plan(mode, gpu=mode == "full")
-        assert plan["common"][-4:] == ["--replay", "0", "--retention-docs", "0"], mode
-        assert not any("replay" in f for f in plan["recipe"]), mode
+        assert bench.flags(plan["common"])[-4:] == ["--replay", "0", "--retention-docs", "0"], mode
+        assert not any("replay" in f for f in bench.flags(plan["recipe"])), mode
         assert plan["recipe_cost"] > 1
-    assert bench.finetune_plan("quick", False)["recipe"] == [] == bench.finetune_plan("full", True)["recipe"]
-    tiny = bench.finetune_plan("tiny", gpu=False)["recipe"]
+    assert bench.finetune_plan("quick", False)["recipe"] == {} == bench.finetune_plan("full", True)["recipe"]
+    tiny = bench.flags(bench.finetune_plan("tiny", gpu=False)["recipe"])
     assert tiny[-4:] == ["--retention-docs", "8", "--retention-tokens", "16"] and "--max-steps" in tiny
     # the recipe's flags as finetune_llama.py reads them: its own replay defaults, the same as a bare command
     base = ["--model", "m", "--data", "d"]
-    quick = bench.finetune_plan("quick", False)["recipe"]
+    quick = bench.flags(bench.finetune_plan("quick", False)["recipe"])
     assert bench.finetune_identity(base) == bench.finetune_identity(base + quick)
     ident = bench.finetune_identity(base + tiny)
     assert (ident["replay"], ident["replay_loss"], ident["retention_docs"]) == (0.5, "kl", 8)
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
-    for args, frag in ((["--only", "gpt,nope"], "--only"),
-                       (["--data", tmp_path / "missing.txt"], "missing or empty"),
-                       (["--full", "--device", "cpu"], "GPU")):
+    for args, frag in (
+        (["--only", "gpt,nope"], "--only"),
+        (["--data", tmp_path / "missing.txt"], "missing or empty"),
+        (["--full", "--device", "cpu"], "GPU"),
+    ):
         p = bench(*args, "--out", tmp_path / "o", timeout=120)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and frag in lines[0], p.stderr
@@ -227,6 +277,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
 def test_record_replaces_its_own_section_and_copies_plots(tmp_path):
     sys.path.insert(0, str(ROOT))
     import bench
+
     out = tmp_path / "o"
     out.mkdir()
     (out / "a.png").write_bytes(b"\x89PNG fake")
@@ -245,11 +296,25 @@ def test_time_limit_stops_and_skips_but_still_reports(tmp_path):
     docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-200:]
     (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     out = tmp_path / "o"
-    p = bench("--tiny", "--only", "gpt", "--data", tmp_path / "c.txt", "--device", "cpu", "--out", out,
-              "--time-limit", "0.5", timeout=300)
+    p = bench(
+        "--tiny",
+        "--only",
+        "gpt",
+        "--data",
+        tmp_path / "c.txt",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--time-limit",
+        "0.5",
+        timeout=300,
+    )
     assert p.returncode == 1, p.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["failures"][0].startswith("gpt_scratch: stopped after") and "--time-limit" in res["failures"][0]
+    assert (
+        res["failures"][0].startswith("gpt_scratch: stopped after") and "--time-limit" in res["failures"][0]
+    )
     assert all("not run: --time-limit reached" in f for f in res["failures"][1:]) and len(res["failures"]) > 5
     assert res["gpt"]["runs"] == {} and "## Runs that failed" in (out / "report.md").read_text()
     assert bench("--tiny", "--time-limit", "0", "--out", out, timeout=60).returncode == 2
@@ -257,6 +322,7 @@ def test_time_limit_stops_and_skips_but_still_reports(tmp_path):
 
 def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, tmp_path):
     import shutil
+
     out = tmp_path / "copy"
     shutil.copytree(tiny_setup["out"], out)
     (out / "results.json").unlink()
@@ -283,11 +349,16 @@ def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, 
 def test_steady_time_and_tokens_to_target():
     sys.path.insert(0, str(ROOT))
     import bench
+
     # the first interval carries a 30 s compilation; the steady speed is 1,000 tokens/s
-    run = {"summary": {"tokens_per_s": 1000.0},
-           "metrics": [{"tokens": 0, "tokens_per_s": 0, "val_loss": 5.0},
-                       {"tokens": 2000, "tokens_per_s": 2000 / 32, "val_loss": 3.0},
-                       {"tokens": 4000, "tokens_per_s": 1000, "val_loss": 2.0}]}
+    run = {
+        "summary": {"tokens_per_s": 1000.0},
+        "metrics": [
+            {"tokens": 0, "tokens_per_s": 0, "val_loss": 5.0},
+            {"tokens": 2000, "tokens_per_s": 2000 / 32, "val_loss": 3.0},
+            {"tokens": 4000, "tokens_per_s": 1000, "val_loss": 2.0},
+        ],
+    }
     run["curve"] = bench.train_seconds_curve(run["metrics"])
     assert bench.time_to_loss(run["curve"], 2.5) == pytest.approx(33.0)
     assert bench.tokens_to_loss(run, 2.5) == pytest.approx(3000)
@@ -297,6 +368,7 @@ def test_steady_time_and_tokens_to_target():
 
 # -----------------------------------------------------------------------------
 # bad inputs, Ctrl-C, the CPU's bf16 units, and the report and plots on figures shaped like a GPU run
+
 
 def assert_user_error(p, *fragments):
     """A user mistake: exit 2, exactly one line on stderr, no traceback."""
@@ -314,6 +386,7 @@ def small_corpus(path: Path, n_docs: int = 200) -> Path:
 
 def test_device_cuda_without_cuda_is_refused_not_run_on_the_cpu(tmp_path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "o"
@@ -331,14 +404,16 @@ def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no headline block\n")
     out = tmp_path / "o"
-    for args, frags in ((["--time-limit", "nan"], ["--time-limit", "above 0"]),
-                        (["--time-limit", "inf"], ["--time-limit", "above 0"]),
-                        (["--time-limit", "soon"], ["--time-limit", "not a number"]),
-                        (["--bogus"], ["unrecognized arguments: --bogus"]),
-                        (["--readme", tmp_path / "missing.md"], ["--readme", "does not exist"]),
-                        (["--readme", readme], ["--readme", "<!-- headline:tiny-cpu -->"]),
-                        (["--readme", tmp_path], ["--readme", "is a folder"]),
-                        (["--record", tmp_path], ["--record", "is a folder"])):
+    for args, frags in (
+        (["--time-limit", "nan"], ["--time-limit", "above 0"]),
+        (["--time-limit", "inf"], ["--time-limit", "above 0"]),
+        (["--time-limit", "soon"], ["--time-limit", "not a number"]),
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["--readme", tmp_path / "missing.md"], ["--readme", "does not exist"]),
+        (["--readme", readme], ["--readme", "<!-- headline:tiny-cpu -->"]),
+        (["--readme", tmp_path], ["--readme", "is a folder"]),
+        (["--record", tmp_path], ["--record", "is a folder"]),
+    ):
         p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, *args, timeout=60)
         assert_user_error(p, *frags)
         assert not out.exists(), args
@@ -353,10 +428,15 @@ def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
 def test_out_that_cannot_be_written_is_refused_before_any_run(tmp_path, unwritable_dir):
     corpus = small_corpus(tmp_path / "c.txt")
     (tmp_path / "f").write_text("x")
-    for out, frag in ((tmp_path / "f", "is a file, not a folder"),
-                      (tmp_path / "f" / "sub" / "o", f"lies under a file ({tmp_path / 'f'})")):
-        assert_user_error(bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, timeout=60),
-                          f"--out {out}", frag)
+    for out, frag in (
+        (tmp_path / "f", "is a file, not a folder"),
+        (tmp_path / "f" / "sub" / "o", f"lies under a file ({tmp_path / 'f'})"),
+    ):
+        assert_user_error(
+            bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, timeout=60),
+            f"--out {out}",
+            frag,
+        )
     p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", unwritable_dir / "o", timeout=60)
     assert_user_error(p, f"--out {unwritable_dir / 'o'} is not writable (")
     assert not (unwritable_dir / "o").exists()
@@ -366,11 +446,30 @@ def interrupt_bench(tmp_path: Path, out: Path, ready: str):
     """Start a real --tiny GPT stage, wait until the file `ready` (under --out) appears, then Ctrl-C it."""
     import signal
     import time
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--tiny", "--only", "gpt", "--data",
-           str(small_corpus(tmp_path / "c.txt")), "--device", "cpu", "--out", str(out)]
+
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench.py"),
+        "--tiny",
+        "--only",
+        "gpt",
+        "--data",
+        str(small_corpus(tmp_path / "c.txt")),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     # SIGINT at its default in the child, whatever the test runner's shell set (background jobs ignore it)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.time() + 240
         while not (out / ready).exists():
@@ -399,7 +498,8 @@ def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_rebuild_the_report(tmp_p
     assert list(res["gpt"]["runs"]) == ["gpt_scratch"]
     assert "| gpt_scratch |" in (out / "report.md").read_text()
     assert res["gpt"]["runs"]["gpt_scratch"]["summary"]["val_loss"] == pytest.approx(
-        json.loads((out / "runs/gpt_scratch/summary.json").read_text())["val_loss"])
+        json.loads((out / "runs/gpt_scratch/summary.json").read_text())["val_loss"]
+    )
 
 
 def test_ctrl_c_before_any_run_finished_leaves_no_out_folder(tmp_path):
@@ -413,8 +513,10 @@ def test_ctrl_c_before_any_run_finished_leaves_no_out_folder(tmp_path):
 
 def test_quick_measures_bf16_exactly_where_the_cpu_has_bf16_units():
     sys.path.insert(0, str(ROOT))
-    import bench
     import torch
+
+    import bench
+
     names = lambda plan: [name for name, _ in plan["ladder"]]  # noqa: E731
     assert "+ bf16 autocast" in names(bench.gpt_plan("quick", bf16_units=True))
     assert "+ bf16 autocast" not in names(bench.gpt_plan("quick", bf16_units=False))
@@ -424,7 +526,7 @@ def test_quick_measures_bf16_exactly_where_the_cpu_has_bf16_units():
     for units in (True, False):
         for mode in ("quick", "tiny"):
             plan = bench.gpt_plan(mode, bf16_units=units)
-            flags = plan["ladder"][plan["defaults_at"]][1]
+            flags = bench.flags(plan["ladder"][plan["defaults_at"]][1])
             assert ("--bf16" if units else "--no-bf16") in flags and "--rope" in flags, (mode, units)
     avx, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
     include, why = bench.bf16_units_decision("cpu")
@@ -433,7 +535,7 @@ def test_quick_measures_bf16_exactly_where_the_cpu_has_bf16_units():
     assert bench.cpu_bf16_flags() == {"avx512_bf16": bool(avx), "amx": bool(amx)}
     # fine-tuning: bench leaves --bf16 to finetune_llama.py's own default on every mode
     for mode in ("full", "quick", "tiny"):
-        common = bench.finetune_plan(mode, gpu=mode == "full")["common"]
+        common = bench.flags(bench.finetune_plan(mode, gpu=mode == "full")["common"])
         assert "--bf16" not in common and "--no-bf16" not in common, mode
 
 
@@ -444,49 +546,113 @@ def gpu_shaped_results() -> dict:
     import bench
 
     def run(tps, loss, mfu):
-        metrics = [{"tokens": t, "tokens_per_s": tps if t else 0, "val_loss": 4.0 - (4.0 - loss) * t / 4e5}
-                   for t in (0, 1e5, 2e5, 3e5, 4e5)]
-        summary = {"tokens_per_s": tps, "val_loss": loss, "perplexity": math.exp(loss), "peak_mem_mb": 1000.0,
-                   "mfu": mfu, "model_size_mb": 80.0, "time_per_epoch_s": 3.0, "device": "cuda"}
-        return {"flags": [], "summary": summary,
-                "metrics": metrics, "curve": bench.train_seconds_curve(metrics)}
-    ladder = [("gpt_scratch.py (baseline)", 227139, 1.3519, None),
-              ("optimized script, every technique off", 145822, 1.3267, None),
-              ("+ flash attention (SDPA)", 191855, 1.3191, None),
-              ("+ fused / foreach AdamW", 324847, 1.3191, 0.087),
-              ("+ bias-free linears, weight tying, vocab padded to 64", 386832, 1.3093, 0.104),
-              ("+ rotary embeddings, ReLU^2 MLP", 252632, 1.2352, 0.068),
-              ("+ bf16 autocast", 213586, 1.2392, 0.029),
-              ("+ torch.compile  (= gpt_optimized defaults)", 461723, 1.2381, 0.062),
-              ("+ batch size 64", 1645756, 1.4712, 0.221)]
+        metrics = [
+            {"tokens": t, "tokens_per_s": tps if t else 0, "val_loss": 4.0 - (4.0 - loss) * t / 4e5}
+            for t in (0, 1e5, 2e5, 3e5, 4e5)
+        ]
+        summary = {
+            "tokens_per_s": tps,
+            "val_loss": loss,
+            "perplexity": math.exp(loss),
+            "peak_mem_mb": 1000.0,
+            "mfu": mfu,
+            "model_size_mb": 80.0,
+            "time_per_epoch_s": 3.0,
+            "device": "cuda",
+        }
+        return {
+            "flags": [],
+            "summary": summary,
+            "metrics": metrics,
+            "curve": bench.train_seconds_curve(metrics),
+        }
+
+    ladder = [
+        ("gpt_scratch.py (baseline)", 227139, 1.3519, None),
+        ("optimized script, every technique off", 145822, 1.3267, None),
+        ("+ flash attention (SDPA)", 191855, 1.3191, None),
+        ("+ fused / foreach AdamW", 324847, 1.3191, 0.087),
+        ("+ bias-free linears, weight tying, vocab padded to 64", 386832, 1.3093, 0.104),
+        ("+ rotary embeddings, ReLU^2 MLP", 252632, 1.2352, 0.068),
+        ("+ bf16 autocast", 213586, 1.2392, 0.029),
+        ("+ torch.compile  (= gpt_optimized defaults)", 461723, 1.2381, 0.062),
+        ("+ batch size 64", 1645756, 1.4712, 0.221),
+    ]
     runs = {name: run(tps, loss, mfu) for name, tps, loss, mfu in ladder}
     target = ladder[0][2]
-    gpt = {"base_flags": ["--preset", "seed"], "runs": {"gpt_scratch": runs[ladder[0][0]],
-                                                      "gpt_optimized": runs[ladder[7][0]]},
-           "ablation": [bench.ablation_row(name, runs[name], target) for name, *_ in ladder],
-           "extras": [bench.ablation_row("gpt_optimized defaults", runs[ladder[7][0]], target),
-                      bench.ablation_row("+ Muon optimizer", run(401234, 1.2012, None), target)]}
+    gpt = {
+        "base_flags": ["--preset", "seed"],
+        "runs": {"gpt_scratch": runs[ladder[0][0]], "gpt_optimized": runs[ladder[7][0]]},
+        "ablation": [bench.ablation_row(name, runs[name], target) for name, *_ in ladder],
+        "extras": [
+            bench.ablation_row("gpt_optimized defaults", runs[ladder[7][0]], target),
+            bench.ablation_row("+ Muon optimizer", run(401234, 1.2012, None), target),
+        ],
+    }
     s, o = runs[ladder[0][0]], runs[ladder[7][0]]
-    gpt["headline"] = {"target_val_loss": target, "tokens_per_s_ratio": 461723 / 227139,
-                       "time_to_target_ratio": None, "val_loss_delta": 1.2381 - 1.3519,
-                       "time_to_target_s": {"gpt_scratch": bench.time_to_loss(s["curve"], target),
-                                            "gpt_optimized": bench.time_to_loss(o["curve"], target)}}
-    ft = {"model": "random-llama-3.2-1b", "common": ["--max-steps", "30"], "runs": [
-        {"method": m, "packing": pk, "adapter": "/nonexistent", "tokens_per_s": tps, "peak_mem_mb": mem,
-         "peak_mem_kind": "cuda_max_allocated", "eval_ppl_before": 15.7, "eval_ppl_after": 9.7, "base": None,
-         "bf16": bf16}
-        for m, pk, tps, mem, bf16 in (("LoRA", True, 17026, 8851, True), ("LoRA", False, 3735, 7526, True),
-                                      ("QLoRA (NF4)", True, 17192, 8732, True),
-                                      ("Unsloth 4-bit", True, 24597, 1833, None))]}
-    inf = {"generations": [], "rows": [
-        {"model": m, "variant": v, "new_tokens": 128, "latency_ms": ms, "tokens_per_s": 128e3 / ms}
-        for m, v, ms in (("gpt_scratch", "no cache", 303.3), ("gpt_optimized", "kv cache", 436.6),
-                         ("gpt_optimized", "no cache", 457.2), ("llama_lora", "kv cache", 3253.6),
-                         ("llama_lora", "no cache", 3364.7),
-                         ("llama_lora", "static cache + compile", 520.6))]}
-    results = {"meta": {"mode": "full", "device": "cuda", "device_name": "GPU", "torch": "2",
-                        "date": "2025-01-01", "git_commit": "abc", "command": "python bench.py --full"},
-               "gpt": gpt, "finetune": ft, "infer": inf, "failures": []}
+    gpt["headline"] = {
+        "target_val_loss": target,
+        "tokens_per_s_ratio": 461723 / 227139,
+        "time_to_target_ratio": None,
+        "val_loss_delta": 1.2381 - 1.3519,
+        "time_to_target_s": {
+            "gpt_scratch": bench.time_to_loss(s["curve"], target),
+            "gpt_optimized": bench.time_to_loss(o["curve"], target),
+        },
+    }
+    ft = {
+        "model": "random-llama-3.2-1b",
+        "common": ["--max-steps", "30"],
+        "runs": [
+            {
+                "method": m,
+                "packing": pk,
+                "adapter": "/nonexistent",
+                "tokens_per_s": tps,
+                "peak_mem_mb": mem,
+                "peak_mem_kind": "cuda_max_allocated",
+                "eval_ppl_before": 15.7,
+                "eval_ppl_after": 9.7,
+                "base": None,
+                "bf16": bf16,
+            }
+            for m, pk, tps, mem, bf16 in (
+                ("LoRA", True, 17026, 8851, True),
+                ("LoRA", False, 3735, 7526, True),
+                ("QLoRA (NF4)", True, 17192, 8732, True),
+                ("Unsloth 4-bit", True, 24597, 1833, None),
+            )
+        ],
+    }
+    inf = {
+        "generations": [],
+        "rows": [
+            {"model": m, "variant": v, "new_tokens": 128, "latency_ms": ms, "tokens_per_s": 128e3 / ms}
+            for m, v, ms in (
+                ("gpt_scratch", "no cache", 303.3),
+                ("gpt_optimized", "kv cache", 436.6),
+                ("gpt_optimized", "no cache", 457.2),
+                ("llama_lora", "kv cache", 3253.6),
+                ("llama_lora", "no cache", 3364.7),
+                ("llama_lora", "static cache + compile", 520.6),
+            )
+        ],
+    }
+    results = {
+        "meta": {
+            "mode": "full",
+            "device": "cuda",
+            "device_name": "GPU",
+            "torch": "2",
+            "date": "2025-01-01",
+            "git_commit": "abc",
+            "command": "python bench.py --full",
+        },
+        "gpt": gpt,
+        "finetune": ft,
+        "infer": inf,
+        "failures": [],
+    }
     results["headline"] = bench.headline(results)
     return results
 
@@ -494,6 +660,7 @@ def gpu_shaped_results() -> dict:
 def test_report_renders_a_missing_mfu_as_a_dash_and_the_bf16_setting_of_each_run(tmp_path):
     sys.path.insert(0, str(ROOT))
     import bench
+
     results = gpu_shaped_results()
     report = bench.make_report(results, bench.make_plots(results, tmp_path))
     ablation = report.split("## GPT ablation")[1].split("\n## ")[0]
@@ -512,20 +679,28 @@ def test_report_renders_a_missing_mfu_as_a_dash_and_the_bf16_setting_of_each_run
 def test_plots_read_at_a_glance(tmp_path):
     """Whole titles, the figures on the bars, the baseline marked, no label cut at the figure's edge."""
     sys.path.insert(0, str(ROOT))
-    import bench
     import matplotlib
+
+    import bench
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     results = gpu_shaped_results()
     gpt, ft, inf = results["gpt"], results["finetune"], results["infer"]
-    for figure, data in ((bench.ablation_figure, gpt), (bench.finetune_figure, ft), (bench.infer_figure, inf),
-                         (bench.val_loss_figure, gpt)):
+    for figure, data in (
+        (bench.ablation_figure, gpt),
+        (bench.finetune_figure, ft),
+        (bench.infer_figure, inf),
+        (bench.val_loss_figure, gpt),
+    ):
         fig, title = figure(data)
         bench.save_plot(fig, title, tmp_path / "p.png")
         r = fig.canvas.get_renderer()
 
         def inside(b, box=fig.bbox):
             return b.x0 >= box.x0 - 1 and b.x1 <= box.x1 + 1 and b.y0 >= box.y0 - 1 and b.y1 <= box.y1 + 1
+
         # every word of the title drawn, over as many lines as it takes, all of it within the figure
         assert " ".join(fig.get_suptitle().split()) == title
         assert inside(fig._suptitle.get_window_extent(r)), title
@@ -550,59 +725,105 @@ def test_plots_read_at_a_glance(tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} == {"p.png"}
 
 
-
 # -----------------------------------------------------------------------------
 # transfer: every evaluation set of run.json in the report, and the fine-tune settings sweep
 
 
-def fine_tune_run_json(tokens_per_s: float, peak_mem_mb: float, eval_sets: bool,
-                       after: tuple[float, float, float] = (9.0, 20.62, 30.6),
-                       replay: dict | None = None) -> dict:
+def fine_tune_run_json(
+    tokens_per_s: float,
+    peak_mem_mb: float,
+    eval_sets: bool,
+    after: tuple[float, float, float] = (9.0, 20.62, 30.6),
+    replay: dict | None = None,
+) -> dict:
     """A run.json as finetune_llama.py writes it; with eval_sets: held-out, retention and one --eval-text,
     their perplexities going from 15, 20, 30 to `after`."""
-    run = {"base": {"resolved": "/models/llama", "source": "local"}, "backend": "hf", "bf16": False,
-           "load_in_4bit": False, "tokens_per_s": tokens_per_s, "tokens_per_s_steady": tokens_per_s,
-           "peak_mem_mb": peak_mem_mb, "peak_mem_kind": "process_max_rss", "eval_ppl_before": 15.0,
-           "eval_ppl_after": after[0], "eval_ppl_change": after[0] / 15.0 - 1, "train_time_s": 30.0,
-           "wall_time_s": 41.0, "steps": 6,
-           "data": {"path": "data/finance_corpus.txt", "eval_scored_documents": 8, "eval_tokens": 1024,
-                    "packing": True}}
+    run = {
+        "base": {"resolved": "/models/llama", "source": "local"},
+        "backend": "hf",
+        "bf16": False,
+        "load_in_4bit": False,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_steady": tokens_per_s,
+        "peak_mem_mb": peak_mem_mb,
+        "peak_mem_kind": "process_max_rss",
+        "eval_ppl_before": 15.0,
+        "eval_ppl_after": after[0],
+        "eval_ppl_change": after[0] / 15.0 - 1,
+        "train_time_s": 30.0,
+        "wall_time_s": 41.0,
+        "steps": 6,
+        "data": {
+            "path": "data/finance_corpus.txt",
+            "eval_scored_documents": 8,
+            "eval_tokens": 1024,
+            "packing": True,
+        },
+    }
     if eval_sets:
         held = "data/finance_corpus.txt (held-out: last 5%)"
-        sets = {"heldout": ("heldout", held, 120, 4096, 15.0, after[0]),
-                "retention": ("retention", "/cache/samples/retention-n64.txt", 64, 8192, 20.0, after[1]),
-                "fiqa_posts": ("text", "texts/fiqa_posts.txt", 50, 3000, 30.0, after[2])}
-        run["eval_sets"] = {name: {"kind": k, "source": src, "documents": docs, "tokens": tokens,
-                                   "ppl_before": b, "ppl_after": a, "change": a / b - 1}
-                            for name, (k, src, docs, tokens, b, a) in sets.items()}
+        sets = {
+            "heldout": ("heldout", held, 120, 4096, 15.0, after[0]),
+            "retention": ("retention", "/cache/samples/retention-n64.txt", 64, 8192, 20.0, after[1]),
+            "fiqa_posts": ("text", "texts/fiqa_posts.txt", 50, 3000, 30.0, after[2]),
+        }
+        run["eval_sets"] = {
+            name: {
+                "kind": k,
+                "source": src,
+                "documents": docs,
+                "tokens": tokens,
+                "ppl_before": b,
+                "ppl_after": a,
+                "change": a / b - 1,
+            }
+            for name, (k, src, docs, tokens, b, a) in sets.items()
+        }
         run["eval_context"] = 1024
         run["replay"] = replay or {"fraction": 0.25, "source": "base-samples", "documents": 40, "rows": 40}
     return run
 
 
-def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool, recipe: bool = True):
+def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool, recipe: bool = True, edit=None):
     """A bench.py output folder holding fine-tune runs only (the recipe run too, or not), rebuilt into a
     report by the real script. The recipe run's figures differ from the speed runs': held-out -54.0%,
     retention +4.6%, fiqa_posts -16.6%, 40 steps of 50% replay with the kl loss."""
     out = tmp_path / "o"
-    meta = {"mode": "tiny", "stages": ["finetune"], "device": "cpu", "device_name": "test CPU", "torch": "2",
-            "date": "2026-01-01T00:00:00", "git_commit": "abc", "command": "python bench.py --tiny",
-            "data": "data/finance_corpus.txt", "model": "/models/llama", "bf16_units": False,
-            "flags": {"eval_text": ["texts/fiqa_posts.txt"]}}
+    meta = {
+        "mode": "tiny",
+        "stages": ["finetune"],
+        "device": "cpu",
+        "device_name": "test CPU",
+        "torch": "2",
+        "date": "2026-01-01T00:00:00",
+        "git_commit": "abc",
+        "command": "python bench.py --tiny",
+        "data": "data/finance_corpus.txt",
+        "model": "/models/llama",
+        "bf16_units": False,
+        "flags": {"eval_text": ["texts/fiqa_posts.txt"]},
+    }
     (out / "runs").mkdir(parents=True)
     (out / "meta.json").write_text(json.dumps(meta))
-    runs = {key: fine_tune_run_json(tps, mem, eval_sets) for key, tps, mem in (
-        ("ft_lora_packed", 900.0, 800.0), ("ft_lora_padded", 500.0, 700.0),
-        ("ft_qlora_packed", 700.0, 500.0))}
+    runs = {
+        key: fine_tune_run_json(tps, mem, eval_sets)
+        for key, tps, mem in (
+            ("ft_lora_packed", 900.0, 800.0),
+            ("ft_lora_padded", 500.0, 700.0),
+            ("ft_qlora_packed", 700.0, 500.0),
+        )
+    }
     if recipe:
         replay = {"fraction": 0.5, "loss": "kl", "source": "base-samples", "documents": 64, "pool_rows": 80}
         run = fine_tune_run_json(600.0, 850.0, eval_sets, (6.9, 20.92, 25.02), replay)
         runs["ft_recipe"] = {**run, "steps": 40}
+    if edit:  # edit(runs): change the run.json files before the report is rebuilt from them
+        edit(runs)
     for key, run in runs.items():
         (out / "runs" / key).mkdir()
         (out / "runs" / key / "run.json").write_text(json.dumps(run))
     p = bench("--report-only", "--out", out, timeout=120)
-    assert p.returncode == (0 if recipe else 1), p.stderr[-2000:]
+    assert p.returncode == (0 if recipe and not edit else 1), p.stderr[-2000:]
     return out, p, (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
 
 
@@ -614,14 +835,18 @@ def transfer_rows(report: str) -> list[str]:
 def test_transfer_table_plot_and_headline_carry_every_eval_set_of_the_recipe_run(tmp_path):
     out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=True)
     assert "### Transfer: LoRA, default recipe, every evaluation set" in report
-    assert transfer_rows(report) == ["| heldout | heldout | 120 | 4,096 | 15.00 | 6.90 | -54.0% |",
-                                     "| retention | retention | 64 | 8,192 | 20.00 | 20.92 | +4.6% |",
-                                     "| fiqa_posts | text | 50 | 3,000 | 30.00 | 25.02 | -16.6% |"]
+    assert transfer_rows(report) == [
+        "| heldout | heldout | 120 | 4,096 | 15.00 | 6.90 | -54.0% |",
+        "| retention | retention | 64 | 8,192 | 20.00 | 20.92 | +4.6% |",
+        "| fiqa_posts | text | 50 | 3,000 | 30.00 | 25.02 | -16.6% |",
+    ]
     assert "windows of 1,024 tokens" in report
     # the command that produced it (--tiny's shapes on top of the script's defaults) and its replay setting
-    flags = ("--model /models/llama --data data/finance_corpus.txt --max-seq-length 64 --batch-size 2 "
-             "--max-steps 3 --eval-tokens 512 --warmup-steps 1 --retention-docs 8 --retention-tokens 16 "
-             "--eval-text texts/fiqa_posts.txt")
+    flags = (
+        "--model /models/llama --data data/finance_corpus.txt --max-seq-length 64 --batch-size 2 "
+        "--max-steps 3 --eval-tokens 512 --warmup-steps 1 --retention-docs 8 --retention-tokens 16 "
+        "--eval-text texts/fiqa_posts.txt"
+    )
     assert f"Command: `python finetune_llama.py {flags}` (40 steps)" in report
     assert "Replay: 50% of the training rows from base-samples, kl loss." in report
     run = json.loads((out / "runs" / "ft_recipe" / "run.json").read_text())
@@ -646,9 +871,11 @@ def test_without_the_recipe_run_the_transfer_figures_are_the_lora_speed_run(tmp_
     out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=True, recipe=False)
     assert "### Transfer: LoRA (packed), every evaluation set" in report
     assert "Command: `python finetune_llama.py" not in report
-    assert transfer_rows(report) == ["| heldout | heldout | 120 | 4,096 | 15.00 | 9.00 | -40.0% |",
-                                     "| retention | retention | 64 | 8,192 | 20.00 | 20.62 | +3.1% |",
-                                     "| fiqa_posts | text | 50 | 3,000 | 30.00 | 30.60 | +2.0% |"]
+    assert transfer_rows(report) == [
+        "| heldout | heldout | 120 | 4,096 | 15.00 | 9.00 | -40.0% |",
+        "| retention | retention | 64 | 8,192 | 20.00 | 20.62 | +3.1% |",
+        "| fiqa_posts | text | 50 | 3,000 | 30.00 | 30.60 | +2.0% |",
+    ]
     assert "Replay: 25% of the training rows from base-samples." in report
     line = "LoRA: held-out ppl **-40.0%**, retention +3.1%, fiqa_posts +2.0%"
     assert f"- {line}" in report and line.replace("**", "") in p.stdout
@@ -658,14 +885,28 @@ def test_without_the_recipe_run_the_transfer_figures_are_the_lora_speed_run(tmp_
 
 def test_transfer_plot_marks_zero_and_the_tolerance_and_fits_every_figure(tmp_path):
     sys.path.insert(0, str(ROOT))
-    import bench
     import matplotlib
+
+    import bench
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ft = {"runs": [{"method": "LoRA", "packing": True,
-                    "eval_sets": bench.eval_sets_of(fine_tune_run_json(900.0, 800.0, eval_sets=True))}]}
-    ft["runs"][0]["eval_sets"]["macro_notes"] = {"kind": "text", "ppl_before": 10.0, "ppl_after": 11.5,
-                                                 "change": 0.15}  # over the tolerance
+
+    ft = {
+        "runs": [
+            {
+                "method": "LoRA",
+                "packing": True,
+                "eval_sets": bench.eval_sets_of(fine_tune_run_json(900.0, 800.0, eval_sets=True)),
+            }
+        ]
+    }
+    ft["runs"][0]["eval_sets"]["macro_notes"] = {
+        "kind": "text",
+        "ppl_before": 10.0,
+        "ppl_after": 11.5,
+        "change": 0.15,
+    }  # over the tolerance
     fig, title = bench.transfer_figure(ft)
     bench.save_plot(fig, title, tmp_path / "t.png")
     ax, r = fig.axes[0], fig.canvas.get_renderer()
@@ -684,6 +925,26 @@ def test_transfer_plot_marks_zero_and_the_tolerance_and_fits_every_figure(tmp_pa
     plt.close(fig)
 
 
+def test_a_run_json_without_a_key_bench_reads_fails_that_run_in_one_line(tmp_path):
+    def edit(runs):
+        del runs["ft_qlora_packed"]["peak_mem_mb"]
+        del runs["ft_recipe"]["eval_sets"]["retention"]["ppl_after"]
+
+    out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=True, edit=edit)
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    runs = out / "runs"
+    assert res["failures"] == [
+        f"ft_qlora_packed: {runs / 'ft_qlora_packed' / 'run.json'} has no 'peak_mem_mb' (FINETUNE_RUN: "
+        "peak memory of the training (MB, of the kind peak_mem_kind says))",
+        f"ft_recipe: {runs / 'ft_recipe' / 'run.json'} has no 'eval_sets.retention.ppl_after' (EVAL_SET: "
+        "the adapter's perplexity on the set)",
+    ]
+    assert f"- {res['failures'][0]}" in report.split("## Runs that failed")[1]
+    assert [r["method"] for r in res["finetune"]["runs"]] == ["LoRA", "LoRA"]  # the others' rows stay
+    assert "| LoRA | padded | fp32 | 500 | 700 |" in report and "qlora_vs_lora_memory" not in res["headline"]
+    assert "bench.py: 2 run(s) failed:" in p.stderr
+
+
 def test_old_run_json_without_eval_sets_still_renders_the_held_out_set(tmp_path):
     out, p, report, res = rebuilt_fine_tune_report(tmp_path, eval_sets=False, recipe=False)
     assert transfer_rows(report) == ["| heldout | heldout | 8 | 1,024 | 15.00 | 9.00 | -40.0% |"]
@@ -697,18 +958,21 @@ def test_eval_text_and_sweep_flags_are_checked_before_any_work(tmp_path):
     out = tmp_path / "o"
     common = ["--tiny", "--data", corpus, "--device", "cpu", "--out", out]
     missing, empty, sweep = tmp_path / "missing.txt", tmp_path / "empty.txt", ["--sweep", "transfer"]
-    for args, frags in ((["--eval-text", missing], [f"--eval-text {missing}", "file not found"]),
-                        (["--eval-text", corpus, "--eval-text", empty], ["empty.txt is empty"]),
-                        (sweep + ["--eval-text", missing], ["file not found"]),
-                        (["--only", "gpt", "--eval-text", corpus], ["add finetune to --only"]),
-                        (["--sweep-extra", "--max-steps 2"], ["--sweep-extra needs --sweep transfer"]),
-                        (["--sweep-settings", "replay_25_kl"], ["--sweep-settings needs --sweep transfer"]),
-                        (sweep + ["--only", "gpt"], ["drop --only"]),
-                        (sweep + ["--sweep-settings", "replay_25_kl,nope"],
-                         ["no setting 'nope'", "replay 75% ce"]),
-                        (sweep + ["--sweep-settings", "replay 25% kl", "--sweep-extra", "--max-steps two"],
-                         ["setting 'replay 25% kl'", "finetune_llama.py refuses it", "--max-steps"]),
-                        (sweep + ["--sweep-extra", "--max-steps 'two"], ["--sweep-extra", "quotation"])):
+    for args, frags in (
+        (["--eval-text", missing], [f"--eval-text {missing}", "file not found"]),
+        (["--eval-text", corpus, "--eval-text", empty], ["empty.txt is empty"]),
+        (sweep + ["--eval-text", missing], ["file not found"]),
+        (["--only", "gpt", "--eval-text", corpus], ["add finetune to --only"]),
+        (["--sweep-extra", "--max-steps 2"], ["--sweep-extra needs --sweep transfer"]),
+        (["--sweep-settings", "replay_25_kl"], ["--sweep-settings needs --sweep transfer"]),
+        (sweep + ["--only", "gpt"], ["drop --only"]),
+        (sweep + ["--sweep-settings", "replay_25_kl,nope"], ["no setting 'nope'", "replay 75% ce"]),
+        (
+            sweep + ["--sweep-settings", "replay 25% kl", "--sweep-extra", "--max-steps two"],
+            ["setting 'replay 25% kl'", "finetune_llama.py refuses it", "--max-steps"],
+        ),
+        (sweep + ["--sweep-extra", "--max-steps 'two"], ["--sweep-extra", "quotation"]),
+    ):
         assert_user_error(bench(*common, *args, timeout=120), *frags)
         assert not out.exists(), args
 
@@ -716,7 +980,11 @@ def test_eval_text_and_sweep_flags_are_checked_before_any_work(tmp_path):
 def test_sweep_settings_are_data_with_distinct_folders():
     sys.path.insert(0, str(ROOT))
     import bench
-    assert bench.TRANSFER_SWEEP[0] == ("no replay (the earlier recipe)", ["--replay", "0", "--replay-loss", "ce"])
+
+    assert bench.TRANSFER_SWEEP[0] == (
+        "no replay (the earlier recipe)",
+        ["--replay", "0", "--replay-loss", "ce"],
+    )
     assert bench.TRANSFER_SWEEP[-1] == ("default: replay 50% kl", [])
     names = [name for name, _ in bench.TRANSFER_SWEEP]
     assert len({bench.slug(n) for n in names}) == len(names)
@@ -732,19 +1000,36 @@ def test_sweep_settings_are_data_with_distinct_folders():
     assert idents[default[0]]["replay_weight"] == 2.0
     # flags that change nothing are left out of a run's identity: no replay -> no loss or weight
     assert [(i["replay"], i.get("replay_loss"), i.get("replay_weight")) for i in idents.values()] == [
-        (0, None, None), (0, None, None), (0.5, "ce", None), (0.75, "ce", None), (0.25, "kl", 1.0), (0.5, "kl", 1.0),
-        (0.5, "kl", 1.0), (0.5, "kl", 1.0), (0.75, "kl", 1.0), (0.5, "kl", 4.0), (0.5, "kl", 4.0), (0.5, "kl", 2.0),
-        (0.5, "kl", 2.0), (0.5, "kl", 2.0)]
+        (0, None, None),
+        (0, None, None),
+        (0.5, "ce", None),
+        (0.75, "ce", None),
+        (0.25, "kl", 1.0),
+        (0.5, "kl", 1.0),
+        (0.5, "kl", 1.0),
+        (0.5, "kl", 1.0),
+        (0.75, "kl", 1.0),
+        (0.5, "kl", 4.0),
+        (0.5, "kl", 4.0),
+        (0.5, "kl", 2.0),
+        (0.5, "kl", 2.0),
+        (0.5, "kl", 2.0),
+    ]
 
 
 def test_frontier_plot_stars_the_default_setting():
     sys.path.insert(0, str(ROOT))
-    import bench
     import matplotlib
+
+    import bench
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [{"setting": name, "flags": flags, "in_domain_change": -0.1 * (i + 1),
-             "worst_other_change": 0.01 * i} for i, (name, flags) in enumerate(bench.TRANSFER_SWEEP)]
+
+    rows = [
+        {"setting": name, "flags": flags, "in_domain_change": -0.1 * (i + 1), "worst_other_change": 0.01 * i}
+        for i, (name, flags) in enumerate(bench.TRANSFER_SWEEP)
+    ]
     fig, _ = bench.frontier_figure(rows)
     ax = fig.axes[0]
     stars = [c for c in ax.collections if c.get_label() == "default"]
@@ -756,23 +1041,46 @@ def test_frontier_plot_stars_the_default_setting():
     plt.close(fig)
 
 
-SWEEP_EXTRA = ("--max-steps 2 --warmup-steps 1 --max-seq-length 32 --batch-size 2 --eval-tokens 256 "
-               "--eval-context 64 --retention-docs 4 --retention-tokens 16")
+SWEEP_EXTRA = (
+    "--max-steps 2 --warmup-steps 1 --max-seq-length 32 --batch-size 2 --eval-tokens 256 "
+    "--eval-context 64 --retention-docs 4 --retention-tokens 16"
+)
 TWO_SETTINGS = "no replay, lr 5e-4,default: replay 50% kl"  # in TRANSFER_SWEEP's order
 FOLDERS = ("no_replay_lr_5e-4", "default_replay_50_kl")
 
 
-def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, tmp_path):
-    d, out = tiny_model, tmp_path / "o"
+def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny, tmp_path):
+    out = tmp_path / "o"
     text = tmp_path / "plain_prose.txt"  # outside the corpus's domain
-    text.write_text("The library opens at nine and closes at six on weekdays.\n\nRain is expected over the "
-                    "hills this afternoon, clearing by the evening.\n\nShe planted tomatoes along the south "
-                    "wall of the garden.\n", encoding="utf-8")
+    text.write_text(
+        "The library opens at nine and closes at six on weekdays.\n\nRain is expected over the "
+        "hills this afternoon, clearing by the evening.\n\nShe planted tomatoes along the south "
+        "wall of the garden.\n",
+        encoding="utf-8",
+    )
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
-    cmd = ["--tiny", "--sweep", "transfer", "--sweep-settings", TWO_SETTINGS,
-           "--sweep-extra", SWEEP_EXTRA, "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu",
-           "--out", out, "--eval-text", text, "--record", md]
+    cmd = [
+        "--tiny",
+        "--sweep",
+        "transfer",
+        "--sweep-settings",
+        TWO_SETTINGS,
+        "--sweep-extra",
+        SWEEP_EXTRA,
+        "--data",
+        tiny["corpus"],
+        "--model",
+        tiny["llama_a"],
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--eval-text",
+        text,
+        "--record",
+        md,
+    ]
     env = {"FINLLM_CACHE": str(tmp_path / "cache")}  # the base-model samples of the retention set
     p = bench(*cmd, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -780,16 +1088,23 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, t
     res, report = json.loads((sweep / "results.json").read_text()), (sweep / "report.md").read_text()
     assert [r["setting"] for r in res["rows"]] == ["no replay, lr 5e-4", "default: replay 50% kl"]
     pct = lambda x: f"{100 * x:+.1f}%"  # noqa: E731
-    for row, folder, flags in zip(res["rows"], FOLDERS, ("`--replay 0 --replay-loss ce --lr 5e-4`",
-                                                          "(finetune_llama.py defaults)")):
+    for row, folder, flags in zip(
+        res["rows"], FOLDERS, ("`--replay 0 --replay-loss ce --lr 5e-4`", "(finetune_llama.py defaults)")
+    ):
         run = json.loads((sweep / folder / "run.json").read_text())
         sets = run["eval_sets"]
         assert row["in_domain_change"] == sets["heldout"]["change"]
         assert row["retention_change"] == sets["retention"]["change"]
         assert row["text_changes"] == {"plain_prose": sets["plain_prose"]["change"]}
         assert row["worst_other_change"] == max(sets["retention"]["change"], sets["plain_prose"]["change"])
-        cells = [row["setting"], flags, pct(sets["heldout"]["change"]), pct(sets["retention"]["change"]),
-                 pct(sets["plain_prose"]["change"]), f"{run['wall_time_s']:,.0f} s"]
+        cells = [
+            row["setting"],
+            flags,
+            pct(sets["heldout"]["change"]),
+            pct(sets["retention"]["change"]),
+            pct(sets["plain_prose"]["change"]),
+            f"{run['wall_time_s']:,.0f} s",
+        ]
         assert "| " + " | ".join(cells) + " |" in report.splitlines()
         assert "| " + " | ".join(cells) + " |" in p.stdout  # the table is printed too
         assert sets["plain_prose"]["source"] == str(text) and run["eval_context"] == 64
@@ -822,18 +1137,39 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny_model, t
     assert (sweep / FOLDERS[0] / "run.json").read_text() == before[0]
 
 
-def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_model, tmp_path):
+def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny, tmp_path):
     import signal
     import time
-    d, out = tiny_model, tmp_path / "o"
+
+    out = tmp_path / "o"
     settings = "no replay (the earlier recipe),no_replay_lr_5e-4"
-    args = ["--tiny", "--sweep", "transfer", "--sweep-settings", settings,
-            "--sweep-extra", SWEEP_EXTRA, "--data", d / "corpus.txt", "--model", d / "llama", "--device", "cpu",
-            "--out", out]
+    args = [
+        "--tiny",
+        "--sweep",
+        "transfer",
+        "--sweep-settings",
+        settings,
+        "--sweep-extra",
+        SWEEP_EXTRA,
+        "--data",
+        tiny["corpus"],
+        "--model",
+        tiny["llama_a"],
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     env = {**ENV, "FINLLM_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench.py"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.time() + 240
         # the first run done, the next started
@@ -849,7 +1185,8 @@ def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny_
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (
         f"bench.py: interrupted: 1 finished run(s) kept in {out / 'sweep'} (no_replay_lr_5e-4 was stopped); "
-        "run the same command again to go on (finished runs are reused)")
+        "run the same command again to go on (finished runs are reused)"
+    )
     p = bench(*args, env={"FINLLM_CACHE": str(tmp_path / "cache")}, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "bench.py: no_replay_the_earlier_recipe reused" in p.stdout
@@ -870,12 +1207,27 @@ def git_out(*args) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
-def test_baseline_rev_runs_the_earlier_loop_and_the_trainer_alternately(tiny_model, tmp_path):
+def test_baseline_rev_runs_the_earlier_loop_and_the_trainer_alternately(tiny, tmp_path):
     import shlex
     import shutil
-    d, out = tiny_model, tmp_path / "o"
-    p = bench("--tiny", "--only", "finetune", "--baseline-rev", LOOP_REV, "--data", d / "corpus.txt",
-              "--model", d / "llama", "--device", "cpu", "--out", out, env={"FINLLM_CACHE": str(d / "cache")})
+
+    out = tmp_path / "o"
+    p = bench(
+        "--tiny",
+        "--only",
+        "finetune",
+        "--baseline-rev",
+        LOOP_REV,
+        "--data",
+        tiny["corpus"],
+        "--model",
+        tiny["llama_a"],
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        env={"FINLLM_CACHE": str(tiny["dir"] / "cache")},
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     commit = git_out("rev-parse", LOOP_REV).strip()
     script = out / "baseline" / "finetune_llama.py"
@@ -890,7 +1242,12 @@ def test_baseline_rev_runs_the_earlier_loop_and_the_trainer_alternately(tiny_mod
         # the LoRA packed speed run's command, with the comparison's step count
         a = run["args"]
         assert (a["max_steps"], run["steps"], a["packing"], a["backend"], a["load_in_4bit"]) == (
-            4, 4, True, "hf", False), key
+            4,
+            4,
+            True,
+            "hf",
+            False,
+        ), key
         assert (a["replay"], a["retention_docs"], a["max_seq_length"], a["batch_size"]) == (0, 0, 64, 2), key
         assert "save_steps" not in a and "resume" not in a or trainer
     # alternately: each run.json written after the one before it
@@ -904,23 +1261,35 @@ def test_baseline_rev_runs_the_earlier_loop_and_the_trainer_alternately(tiny_mod
     ratio = mean(trainer) / mean(loop)
     assert lvt["loop"]["tokens_per_s_steady"] == loop and lvt["trainer"]["tokens_per_s_steady"] == trainer
     assert lvt["ratio_steady"] == pytest.approx(ratio, rel=1e-12)
-    walls = {side: mean([runs[k]["wall_time_s"] for k in LOOP_KEYS if side in k]) for side in ("loop", "trainer")}
+    walls = {
+        side: mean([runs[k]["wall_time_s"] for k in LOOP_KEYS if side in k]) for side in ("loop", "trainer")
+    }
     assert lvt["ratio_wall_time"] == pytest.approx(walls["trainer"] / walls["loop"], rel=1e-12)
     assert lvt["loop"]["mean_outside_steps_s"] == pytest.approx(
-        mean([runs[k]["wall_time_s"] - runs[k]["train_time_s"] for k in LOOP_KEYS if "loop" in k]))
-    assert lvt["baseline_commit"] == commit == res["meta"]["baseline"]["commit"] and lvt["baseline_rev"] == LOOP_REV
+        mean([runs[k]["wall_time_s"] - runs[k]["train_time_s"] for k in LOOP_KEYS if "loop" in k])
+    )
+    assert (
+        lvt["baseline_commit"] == commit == res["meta"]["baseline"]["commit"]
+        and lvt["baseline_rev"] == LOOP_REV
+    )
     assert lvt["within_tolerance"] == (0.9 <= ratio <= 1.1)
     # the report: its section, the table's figures, the ratio line saying plainly where it stands
     assert "## Training loop vs SFTTrainer" in report
     section = report.split("## Training loop vs SFTTrainer")[1].split("\n## ")[0]
     assert f"| hand-written loop | {loop[0]:,.0f}, {loop[1]:,.0f} | {mean(loop):,.0f} |" in section
     assert f"| SFTTrainer | {trainer[0]:,.0f}, {trainer[1]:,.0f} | {mean(trainer):,.0f} |" in section
-    line = f"SFTTrainer: {ratio:.2f}x the hand-written loop's steady tokens/s ({LOOP_REV}, same CPU, one bench run)"
+    line = (
+        f"SFTTrainer: {ratio:.2f}x the hand-written loop's steady tokens/s ({LOOP_REV}, same CPU, "
+        "one bench run)"
+    )
     verdict = "within 10%" if 0.9 <= ratio <= 1.1 else "outside the 10% tolerance"
     assert any(x.startswith(line) and verdict in x for x in section.splitlines()), section
     assert f"SFTTrainer {walls['trainer']:.1f} s, the loop {walls['loop']:.1f} s on average" in section
     assert res["headline"]["trainer_vs_loop_tokens_per_s"] == lvt["ratio_steady"]
-    assert f"- SFTTrainer trains at **{ratio:.2f}x** the hand-written loop's steady tokens/s ({LOOP_REV}; " in report
+    assert (
+        f"- SFTTrainer trains at **{ratio:.2f}x** the hand-written loop's steady tokens/s ({LOOP_REV}; "
+        in report
+    )
     # --report-only rebuilds the same section from the run folders, the revision from meta.json
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -932,30 +1301,52 @@ def test_baseline_rev_runs_the_earlier_loop_and_the_trainer_alternately(tiny_mod
     rebuilt = json.loads((copy / "results.json").read_text())["finetune"]["loop_vs_trainer"]
     assert rebuilt["ratio_steady"] == lvt["ratio_steady"] and rebuilt["loop"] == lvt["loop"]
     assert section in (copy / "report.md").read_text()
-    assert_user_error(bench("--report-only", "--out", copy, "--baseline-rev", LOOP_REV, timeout=60),
-                      "drop --baseline-rev")
+    assert_user_error(
+        bench("--report-only", "--out", copy, "--baseline-rev", LOOP_REV, timeout=60), "drop --baseline-rev"
+    )
 
 
 def test_bad_baseline_rev_exits_2_with_one_line_before_any_run(tmp_path):
     import shutil
+
     corpus = small_corpus(tmp_path / "c.txt")
     out = tmp_path / "o"
-    root = git_out("rev-list", "--max-parents=0", "HEAD").split()[-1]  # the first commit: no finetune_llama.py
-    for args, frags in ((["--baseline-rev", "nosuchrev"], ["--baseline-rev 'nosuchrev' is not a commit"]),
-                        (["--baseline-rev", "HEAD:finetune_llama.py"], ["is not a commit"]),
-                        (["--baseline-rev", root], [f"commit {root[:7]} has no finetune_llama.py"]),
-                        (["--baseline-rev", LOOP_REV, "--only", "gpt"], ["add finetune to --only"]),
-                        (["--baseline-rev", LOOP_REV, "--sweep", "transfer"], ["drop --baseline-rev"])):
+    root = git_out("rev-list", "--max-parents=0", "HEAD").split()[
+        -1
+    ]  # the first commit: no finetune_llama.py
+    for args, frags in (
+        (["--baseline-rev", "nosuchrev"], ["--baseline-rev 'nosuchrev' is not a commit"]),
+        (["--baseline-rev", "HEAD:finetune_llama.py"], ["is not a commit"]),
+        (["--baseline-rev", root], [f"commit {root[:7]} has no finetune_llama.py"]),
+        (["--baseline-rev", LOOP_REV, "--only", "gpt"], ["add finetune to --only"]),
+        (["--baseline-rev", LOOP_REV, "--sweep", "transfer"], ["drop --baseline-rev"]),
+    ):
         p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, *args, timeout=60)
         assert_user_error(p, *frags)
         assert not out.exists(), args
     # outside a git checkout there is no earlier script to read
     lone = tmp_path / "lone"
     lone.mkdir()
-    shutil.copy(ROOT / "bench.py", lone / "bench.py")
-    p = subprocess.run([sys.executable, str(lone / "bench.py"), "--tiny", "--data", str(corpus), "--out", str(out),
-                        "--baseline-rev", LOOP_REV], capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                       env={**ENV, "GIT_CEILING_DIRECTORIES": str(tmp_path)})
+    for name in ("bench.py", "contracts.py"):  # bench.py and the output keys it reads
+        shutil.copy(ROOT / name, lone / name)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(lone / "bench.py"),
+            "--tiny",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--baseline-rev",
+            LOOP_REV,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**ENV, "GIT_CEILING_DIRECTORIES": str(tmp_path)},
+    )
     assert_user_error(p, f"--baseline-rev {LOOP_REV}: {lone} is not a git checkout")
     assert not out.exists()
 
@@ -963,15 +1354,408 @@ def test_bad_baseline_rev_exits_2_with_one_line_before_any_run(tmp_path):
 def test_loop_vs_trainer_flags_are_the_lora_packed_speed_run_with_more_steps():
     sys.path.insert(0, str(ROOT))
     import bench
+
     for mode, steps in (("full", 40), ("quick", 20), ("tiny", 4)):
-        common = bench.finetune_plan(mode, gpu=mode == "full")["common"]
-        flags = bench.loop_vs_trainer_flags(mode, common)
+        settings = bench.finetune_plan(mode, gpu=mode == "full")["common"]
+        common, flags = bench.flags(settings), bench.flags(bench.loop_vs_trainer_settings(mode, settings))
         assert flags[:4] == ["--backend", "hf", "--no-load-in-4bit", "--packing"], mode
         i = flags.index("--max-steps")
         assert int(flags[i + 1]) == steps and (steps >= 20 or mode == "tiny"), mode
         # besides the step count, the speed runs' flags unchanged, without those the earlier script lacks
         j = common.index("--max-steps")
-        assert flags[4:i] + flags[i + 2:] == common[:j] + common[j + 2:], mode
+        assert flags[4:i] + flags[i + 2 :] == common[:j] + common[j + 2 :], mode
         assert not {"--save-steps", "--resume"} & set(flags), mode
     assert bench.LOOP_VS_TRAINER["repeats"] == 2
     assert [side for side, _ in bench.LOOP_VS_TRAINER["sides"]] == ["loop", "trainer"]
+
+
+# -----------------------------------------------------------------------------
+# the plans' command lines, pinned: the settings are rendered to flags in one place, and every command
+# stays what it was. OUT: the output folder; GPT and FT: the GPT runs' and the fine-tune speed runs' shared
+# flags, given once at the top of each plan.
+
+
+PLANS = (("tiny", False, False), ("quick", False, False), ("quick", False, True), ("full", True, True))
+
+
+class RecordingRunner:
+    """Stands in for bench.Runner: records the command of each run a stage asks for, runs nothing."""
+
+    def __init__(self, out: Path):
+        self.py, self.out, self.replay = "python", out, False
+        self.failures, self.done, self.commands = [], [], []
+
+    def run(self, name, cmd, cost, expect, env=None, reuse=None) -> bool:
+        self.commands.append((name, cmd))
+        return False
+
+
+def planned_commands(bench, mode: str, gpu: bool, bf16_units: bool, out: Path) -> str:
+    """Every command the stages would run for one plan, one per paragraph, wrapped at 100 characters: OUT
+    for the output folder, GPT and FT for the GPT and fine-tune speed runs' shared flags."""
+    R = RecordingRunner(out)
+    device = "cuda" if gpu else "cpu"
+    gpt = bench.stage_gpt(R, mode, "corpus.txt", device, bf16_units)
+    gpt_base = gpt["base_flags"]
+    optimized = [cmd for name, cmd in R.commands if name == "gpt_optimized"][0]
+    gpt["runs"]["gpt_optimized"] = {  # the extras run on top of the defaults row's flags
+        "flags": optimized[4 + len(gpt_base) :],
+        "summary": {"tokens_per_s": 1.0, "val_loss": 1.0},
+        "metrics": [],
+        "curve": [],
+    }
+    bench.stage_gpt_extras(R, mode, gpt)
+    baseline = {"rev": "abc", "commit": "abc", "script": str(out / "baseline" / "finetune_llama.py")}
+    ft = bench.stage_finetune(R, mode, "corpus.txt", "base", gpu, bf16_units, ["t.txt"], baseline)
+    runs = out / "runs"
+    ckpts = {"runs": {k: {"ckpt": str(runs / k / "ckpt.pt")} for k in ("gpt_scratch", "gpt_optimized")}}
+    lora = {"runs": [{"method": "LoRA", "packing": True, "adapter": str(runs / "ft_lora_packed")}]}
+    bench.stage_infer(R, mode, ckpts, lora, device)
+    shared = {"GPT": shlex.join(gpt_base), "FT": shlex.join(ft["common"])}
+    text = "\n\n".join(f"{name}: {shlex.join(cmd)}" for name, cmd in R.commands)
+    for k, v in shared.items():
+        text = text.replace(f" {v} ", f" {k} ").replace(f" {v}\n", f" {k}\n")
+    text = "\n\n".join(f"{k} = {v}" for k, v in shared.items()) + "\n\n" + text.replace(str(out), "OUT")
+    wrap = lambda p: textwrap.fill(p, 100, break_on_hyphens=False, break_long_words=False)  # noqa: E731
+    return "\n".join(wrap(p) for p in text.split("\n"))
+
+
+PLANNED = {
+    ("tiny", False, False): """\
+GPT = --preset cpu --n-layer 2 --n-embd 64 --n-head 2 --block-size 32 --vocab-size 512 --batch-size
+8 --max-iters 30 --eval-interval 10 --eval-iters 2 --warmup-iters 5 --data corpus.txt --device cpu
+--max-new-tokens 0
+
+FT = --max-seq-length 64 --batch-size 2 --max-steps 3 --eval-tokens 512 --warmup-steps 1 --replay 0
+--retention-docs 0
+
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+
+ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
+
+ablation_06: python gpt_optimized.py --out OUT/runs/ablation_06 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --batch-size 16 --max-iters 15
+--eval-interval 5 --warmup-iters 2
+
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --qk-norm
+
+extra_01: python gpt_optimized.py --out OUT/runs/extra_01 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --muon
+
+ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_packed --overwrite --packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_lora_padded: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_padded --overwrite --no-packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_qlora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_qlora_packed --overwrite --packing --backend hf --load-in-4bit FT --eval-text t.txt
+
+ft_recipe: python finetune_llama.py --model base --data corpus.txt --max-seq-length 64 --batch-size
+2 --max-steps 3 --eval-tokens 512 --warmup-steps 1 --retention-docs 8 --retention-tokens 16
+--eval-text t.txt --out OUT/runs/ft_recipe --overwrite
+
+ft_loop_r1: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 64 --batch-size 2 --max-steps 4 --eval-tokens 512
+--warmup-steps 1 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r1 --overwrite
+
+ft_trainer_r1: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 64 --batch-size 2 --max-steps 4 --eval-tokens 512
+--warmup-steps 1 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r1 --overwrite
+
+ft_loop_r2: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 64 --batch-size 2 --max-steps 4 --eval-tokens 512
+--warmup-steps 1 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r2 --overwrite
+
+ft_trainer_r2: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 64 --batch-size 2 --max-steps 4 --eval-tokens 512
+--warmup-steps 1 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r2 --overwrite
+
+infer_gpt_scratch: python infer.py --ckpt OUT/runs/gpt_scratch/ckpt.pt --bench --bench-new-tokens
+128 --bench-runs 1 --json-out OUT/runs/infer_gpt_scratch.json --device cpu --no-bench-compile
+
+infer_gpt_optimized: python infer.py --ckpt OUT/runs/gpt_optimized/ckpt.pt --bench
+--bench-new-tokens 128 --bench-runs 1 --json-out OUT/runs/infer_gpt_optimized.json --device cpu
+--no-bench-compile
+
+infer_llama_lora: python infer.py --adapter OUT/runs/ft_lora_packed --bench --bench-new-tokens 32
+--bench-runs 1 --json-out OUT/runs/infer_llama_lora.json --device cpu --no-bench-compile --backend
+hf --compare-base --prompt 'The S&P 500' --max-new-tokens 32 --temperature 0
+""",
+    ("quick", False, False): """\
+GPT = --preset cpu --batch-size 8 --max-iters 48 --eval-interval 12 --eval-iters 4 --warmup-iters 6
+--data corpus.txt --device cpu --max-new-tokens 0
+
+FT = --max-seq-length 128 --batch-size 4 --max-steps 6 --eval-tokens 1024 --warmup-steps 2 --lr 2e-3
+--replay 0 --retention-docs 0
+
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+
+ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --batch-size 32 --max-iters 12
+--eval-interval 3 --warmup-iters 1
+
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --qk-norm
+
+ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_packed --overwrite --packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_lora_padded: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_padded --overwrite --no-packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_qlora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_qlora_packed --overwrite --packing --backend hf --load-in-4bit FT --eval-text t.txt
+
+ft_recipe: python finetune_llama.py --model base --data corpus.txt --eval-text t.txt --out
+OUT/runs/ft_recipe --overwrite
+
+ft_loop_r1: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r1 --overwrite
+
+ft_trainer_r1: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r1 --overwrite
+
+ft_loop_r2: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r2 --overwrite
+
+ft_trainer_r2: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r2 --overwrite
+
+infer_gpt_scratch: python infer.py --ckpt OUT/runs/gpt_scratch/ckpt.pt --bench --bench-new-tokens
+128 --bench-runs 3 --json-out OUT/runs/infer_gpt_scratch.json --device cpu --no-bench-compile
+
+infer_gpt_optimized: python infer.py --ckpt OUT/runs/gpt_optimized/ckpt.pt --bench
+--bench-new-tokens 128 --bench-runs 3 --json-out OUT/runs/infer_gpt_optimized.json --device cpu
+--no-bench-compile
+
+infer_llama_lora: python infer.py --adapter OUT/runs/ft_lora_packed --bench --bench-new-tokens 32
+--bench-runs 1 --json-out OUT/runs/infer_llama_lora.json --device cpu --no-bench-compile --backend
+hf --compare-base --prompt 'The S&P 500' --max-new-tokens 32 --temperature 0
+""",
+    ("quick", False, True): """\
+GPT = --preset cpu --batch-size 8 --max-iters 48 --eval-interval 12 --eval-iters 4 --warmup-iters 6
+--data corpus.txt --device cpu --max-new-tokens 0
+
+FT = --max-seq-length 128 --batch-size 4 --max-steps 6 --eval-tokens 1024 --warmup-steps 2 --lr 2e-3
+--replay 0 --retention-docs 0
+
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_04: python gpt_optimized.py --out OUT/runs/ablation_04 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
+
+ablation_06: python gpt_optimized.py --out OUT/runs/ablation_06 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --batch-size 32 --max-iters 12
+--eval-interval 3 --warmup-iters 1
+
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --qk-norm
+
+ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_packed --overwrite --packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_lora_padded: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_padded --overwrite --no-packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_qlora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_qlora_packed --overwrite --packing --backend hf --load-in-4bit FT --eval-text t.txt
+
+ft_lora_fp32_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_fp32_packed --overwrite --packing --backend hf --no-load-in-4bit --no-bf16 FT
+--eval-text t.txt
+
+ft_recipe: python finetune_llama.py --model base --data corpus.txt --eval-text t.txt --out
+OUT/runs/ft_recipe --overwrite
+
+ft_loop_r1: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r1 --overwrite
+
+ft_trainer_r1: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r1 --overwrite
+
+ft_loop_r2: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r2 --overwrite
+
+ft_trainer_r2: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 128 --batch-size 4 --max-steps 20 --eval-tokens 1024
+--warmup-steps 2 --lr 2e-3 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r2 --overwrite
+
+infer_gpt_scratch: python infer.py --ckpt OUT/runs/gpt_scratch/ckpt.pt --bench --bench-new-tokens
+128 --bench-runs 3 --json-out OUT/runs/infer_gpt_scratch.json --device cpu --no-bench-compile
+
+infer_gpt_optimized: python infer.py --ckpt OUT/runs/gpt_optimized/ckpt.pt --bench
+--bench-new-tokens 128 --bench-runs 3 --json-out OUT/runs/infer_gpt_optimized.json --device cpu
+--no-bench-compile
+
+infer_llama_lora: python infer.py --adapter OUT/runs/ft_lora_packed --bench --bench-new-tokens 32
+--bench-runs 1 --json-out OUT/runs/infer_llama_lora.json --device cpu --no-bench-compile --backend
+hf --compare-base --prompt 'The S&P 500' --max-new-tokens 32 --temperature 0
+""",
+    ("full", True, True): """\
+GPT = --preset seed --batch-size 16 --max-iters 300 --eval-interval 30 --eval-iters 10
+--warmup-iters 30 --lr 6e-4 --vocab-size 8192 --data corpus.txt --device cuda --max-new-tokens 0
+
+FT = --max-seq-length 512 --batch-size 8 --max-steps 30 --eval-tokens 8192 --warmup-steps 3 --lr
+2e-4 --replay 0 --retention-docs 0
+
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
+--no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+
+ablation_04: python gpt_optimized.py --out OUT/runs/ablation_04 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+
+ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
+
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile
+
+ablation_07: python gpt_optimized.py --out OUT/runs/ablation_07 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile --batch-size 64 --max-iters 75
+--eval-interval 7 --warmup-iters 7
+
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile --muon
+
+ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_packed --overwrite --packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_lora_padded: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_padded --overwrite --no-packing --backend hf --no-load-in-4bit FT --eval-text t.txt
+
+ft_qlora_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_qlora_packed --overwrite --packing --backend hf --load-in-4bit FT --eval-text t.txt
+
+ft_unsloth_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_unsloth_packed --overwrite --packing --backend unsloth FT --eval-text t.txt
+
+ft_recipe: python finetune_llama.py --model base --data corpus.txt --eval-text t.txt --out
+OUT/runs/ft_recipe --overwrite
+
+ft_loop_r1: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 512 --batch-size 8 --max-steps 40 --eval-tokens 8192
+--warmup-steps 3 --lr 2e-4 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r1 --overwrite
+
+ft_trainer_r1: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 512 --batch-size 8 --max-steps 40 --eval-tokens 8192
+--warmup-steps 3 --lr 2e-4 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r1 --overwrite
+
+ft_loop_r2: python OUT/baseline/finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 512 --batch-size 8 --max-steps 40 --eval-tokens 8192
+--warmup-steps 3 --lr 2e-4 --replay 0 --retention-docs 0 --out OUT/runs/ft_loop_r2 --overwrite
+
+ft_trainer_r2: python finetune_llama.py --model base --data corpus.txt --backend hf
+--no-load-in-4bit --packing --max-seq-length 512 --batch-size 8 --max-steps 40 --eval-tokens 8192
+--warmup-steps 3 --lr 2e-4 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r2 --overwrite
+
+infer_gpt_scratch: python infer.py --ckpt OUT/runs/gpt_scratch/ckpt.pt --bench --bench-new-tokens
+128 --bench-runs 3 --json-out OUT/runs/infer_gpt_scratch.json --device cuda --no-bench-compile
+
+infer_gpt_optimized: python infer.py --ckpt OUT/runs/gpt_optimized/ckpt.pt --bench
+--bench-new-tokens 128 --bench-runs 3 --json-out OUT/runs/infer_gpt_optimized.json --device cuda
+--no-bench-compile
+
+infer_llama_lora: python infer.py --adapter OUT/runs/ft_lora_packed --bench --bench-new-tokens 128
+--bench-runs 3 --json-out OUT/runs/infer_llama_lora.json --device cuda --backend hf --compare-base
+--prompt 'The S&P 500' --max-new-tokens 32 --temperature 0
+""",
+}
+
+
+def test_settings_render_to_flags_in_their_order():
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    settings = {
+        "max_iters": 30,
+        "load_in_4bit": False,
+        "packing": True,
+        "lr": "6e-4",
+        "eval_text": ["a", "b"],
+    }
+    assert bench.flags(settings | {"skipped": None, "none": []}) == [
+        "--max-iters",
+        "30",
+        "--no-load-in-4bit",
+        "--packing",
+        "--lr",
+        "6e-4",
+        "--eval-text",
+        "a",
+        "--eval-text",
+        "b",
+    ]
+
+
+@pytest.mark.parametrize("mode,gpu,bf16_units", PLANS)
+def test_every_plan_runs_the_same_commands(mode, gpu, bf16_units, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    assert planned_commands(bench, mode, gpu, bf16_units, tmp_path) + "\n" == PLANNED[mode, gpu, bf16_units]
