@@ -6,11 +6,8 @@ Two sources, one output format (UTF-8, documents separated by exactly one blank 
   python fetch_news.py --source market            # offline default -> data/finance_corpus.txt
   python fetch_news.py --source eodhd --api-key demo --tickers AAPL.US,TSLA.US
 
---source market writes the offline corpus of market_corpus.py: news-style stories from several desks
-(equities, oil, volatility, rates and credit, macro releases, factor returns, weekly to annual wraps)
-written from real historical series shipped inside installed packages (arch.data, statsmodels). Every
-figure is computed from the data and the wording is seeded by desk and date, so the file is
-byte-identical on every run and machine.
+--source market writes the offline corpus of market_corpus.py: news-style stories written from real
+historical series shipped inside installed packages, byte-identical on every run and machine.
 
 --source eodhd pages through the EODHD financial-news API for a list of tickers into
 news.jsonl (one article per line, de-duplicated by link, resumable after kill -9) and then
@@ -26,6 +23,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +32,7 @@ import tempfile
 import time
 import traceback
 import urllib.parse
+from types import SimpleNamespace
 
 import requests
 from tqdm import tqdm
@@ -61,6 +60,7 @@ CALLS_PER_NEWS_REQUEST = 5  # EODHD bills each /news request as 5 API calls
 SP500_URL = "https://raw.githubusercontent.com/datasets/s-and-p-500-companies/main/data/constituents.csv"
 SP500_CACHE = "sp500_constituents.csv"
 
+RERUN = "run the same command again"  # every stop keeps what was done: a rerun goes on from there
 EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
 EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
 
@@ -75,21 +75,6 @@ class FolderBusy(UserError):
 
 # -----------------------------------------------------------------------------
 # shared file helpers
-
-
-def fsync_dir(path: str) -> None:
-    # os.replace is atomic, but the rename itself only survives a power cut once the
-    # directory entry is on disk too
-    try:
-        fd = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -108,37 +93,34 @@ def atomic_open(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fsync_dir(d)
+    # os.replace is atomic, but the rename only survives a power cut once the folder entry is on disk
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def check_writable_dir(path: str, flag: str) -> None:
-    """Refuse an output folder that cannot be written, before any work is done: it is a file, it
-    lies under a file, or its nearest existing folder does not let us create files. Probing with a
-    temp file answers for read-only mounts, modes and ACLs alike, and creates no folder."""
+def check_out_dir(path: str, names) -> None:
+    """Refuse an --out-dir that cannot be written, before any work is done: it is a file, it lies
+    under a file, or its nearest existing folder does not let us create files (probing with a temp
+    file answers for read-only mounts, modes and ACLs alike, and creates no folder). A folder where
+    an output file of `names` should be would only fail at os.replace, after the work."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file, not a folder")
+        raise UserError(f"--out-dir {path} is a file, not a folder")
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise UserError(f"{flag} {path} lies under a file ({probe})")
+        raise UserError(f"--out-dir {path} lies under a file ({probe})")
     try:
         tempfile.TemporaryFile(dir=probe).close()
     except OSError as e:
-        raise UserError(f"{flag} {path} is not writable ({e.strerror})")
-
-
-def check_output_files(out_dir: str, names) -> None:
-    """A folder where an output file should be would only fail at os.replace, after the work."""
-    for name in names:
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            raise UserError(f"{path} is a folder, not a file; move it away or use another --out-dir")
+        raise UserError(f"--out-dir {path} is not writable ({e.strerror})")
+    for out in (os.path.join(path, name) for name in names):
+        if os.path.isdir(out):
+            raise UserError(f"{out} is a folder, not a file; move it away or use another --out-dir")
 
 
 def first_missing(path: str):
@@ -167,23 +149,18 @@ def remove_created(top, out_dir: str) -> None:
         d = os.path.dirname(d)
 
 
-def write_corpus(path: str, docs: list[str]) -> bytes:
-    """The project-wide corpus format: documents joined by one blank line, trailing newline."""
-    docs = [d.strip() for d in docs]
-    assert all(docs) and not any("\n\n" in d for d in docs), "documents must be non-empty, no blank lines"
-    data = ("\n\n".join(docs) + "\n").encode("utf-8")
-    atomic_write_bytes(path, data)
-    return data
-
-
 def run_market(out_dir: str) -> None:
     path = os.path.join(out_dir, CORPUS_NAME)
-    check_writable_dir(out_dir, "--out-dir")
-    check_output_files(out_dir, [CORPUS_NAME])
+    check_out_dir(out_dir, [CORPUS_NAME])
     print(f"building the market corpus for {path} ...", file=sys.stderr, flush=True)
-    docs = market_corpus.build_market_docs()
-    data = write_corpus(path, docs)
-    print(f"wrote {path}: {len(docs):,} documents, {len(data):,} bytes, {len(data.decode('utf-8')):,} characters")
+    docs = [d.strip() for d in market_corpus.build_market_docs()]
+    # the project-wide corpus format: documents joined by one blank line, trailing newline
+    assert all(docs) and not any("\n\n" in d for d in docs), "documents must be non-empty, no blank lines"
+    data = ("\n\n".join(docs) + "\n").encode("utf-8")
+    with atomic_open(path) as f:
+        f.write(data)
+    chars = len(data.decode("utf-8"))
+    print(f"wrote {path}: {len(docs):,} documents, {len(data):,} bytes, {chars:,} characters")
 
 
 # -----------------------------------------------------------------------------
@@ -191,10 +168,15 @@ def run_market(out_dir: str) -> None:
 # in exception messages, so every message we print goes through redact())
 
 
+def api_key_of(args) -> str:
+    return args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
+
+
 class Redactor:
     def __init__(self, secret: str):
-        self.secrets = [s for s in {secret, urllib.parse.quote(secret, safe=""),
-                                    urllib.parse.quote_plus(secret)} if s]
+        self.secrets = [
+            s for s in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)} if s
+        ]
 
     def __call__(self, text) -> str:
         text = str(text)
@@ -203,30 +185,27 @@ class Redactor:
         return re.sub(r"(api_token=)[^&\s'\"]+", r"\1***", text)
 
 
-class AuthError(UserError):
-    pass
+class AuthError(UserError): ...
 
 
-class QuotaExhausted(Exception):
-    pass
+class QuotaExhausted(Exception): ...
 
 
-class TickerNotFound(Exception):
-    pass
+class TickerNotFound(Exception): ...
 
 
-class TickerFailed(Exception):
-    pass
+class TickerFailed(Exception): ...
 
 
 class NewsClient:
     """GET {base_url}/news with retries. Returns one page (a list of article dicts) or raises:
     AuthError (401/403), QuotaExhausted (402), TickerNotFound (404), TickerFailed (gave up)."""
 
-    def __init__(self, base_url, api_key, timeout, max_retries, backoff_base, backoff_max, log):
-        self.url = base_url.rstrip("/") + "/news"
-        self.api_key, self.timeout, self.log = api_key, timeout, log
-        self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
+    def __init__(self, args, api_key: str, log):
+        self.url = args.base_url.rstrip("/") + "/news"
+        self.api_key, self.timeout, self.log = api_key, args.timeout, log
+        self.max_retries = args.max_retries
+        self.backoff_base, self.backoff_max = args.backoff_base, args.backoff_max
         self.redact = Redactor(api_key)
         self.session = requests.Session()  # one connection pool: keep-alive across pages and tickers
         self.session.headers["User-Agent"] = "fetch_news.py (finance corpus builder)"
@@ -235,41 +214,31 @@ class NewsClient:
 
     def backoff(self, attempt: int) -> float:
         # exponential backoff with jitter: base * 2^attempt, scaled by a random factor in [0.5, 1]
-        return min(self.backoff_max, self.backoff_base * (2 ** attempt)) * (0.5 + 0.5 * self.jitter.random())
-
-    @staticmethod
-    def retry_after(resp):
-        value = resp.headers.get("Retry-After", "").strip()
-        if not value:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            pass
-        try:  # the HTTP-date form
-            when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
-        except (TypeError, ValueError):
-            return None
+        return min(self.backoff_max, self.backoff_base * (2**attempt)) * (0.5 + 0.5 * self.jitter.random())
 
     def rate_limited(self, resp, attempt: int) -> tuple:
-        """(reason, wait) for a 429. Retry-After is honoured up to --backoff-max: a server asking for
-        a day's pause must not stall the fetch for a day."""
-        ra = self.retry_after(resp)
+        """(reason, wait) for a 429. Retry-After (seconds or an HTTP date) is honoured up to
+        --backoff-max: a server asking for a day's pause must not stall the fetch for a day."""
+        value, ra = resp.headers.get("Retry-After", "").strip(), None
+        with contextlib.suppress(ValueError):
+            ra = max(0.0, float(value))
+        if ra is None:
+            with contextlib.suppress(TypeError, ValueError):
+                when = email.utils.parsedate_to_datetime(value)
+                ra = max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
         if ra is None:
             return "rate limited (HTTP 429)", self.backoff(attempt)
         if ra <= self.backoff_max:
             return "rate limited (HTTP 429)", ra
-        return (f"rate limited (HTTP 429): server asked Retry-After {ra:.0f} s; "
-                f"waiting {self.backoff_max:g} s (--backoff-max)", self.backoff_max)
+        return (
+            f"rate limited (HTTP 429): server asked Retry-After {ra:.0f} s; "
+            f"waiting {self.backoff_max:g} s (--backoff-max)",
+            self.backoff_max,
+        )
 
     def page(self, ticker: str, offset: int, limit: int, date_from, date_to) -> list:
         params = {"s": ticker, "offset": offset, "limit": limit, "api_token": self.api_key, "fmt": "json"}
-        if date_from:
-            params["from"] = date_from
-        if date_to:
-            params["to"] = date_to
-        where = f"{ticker} offset {offset}"
+        params.update((k, v) for k, v in (("from", date_from), ("to", date_to)) if v)
         for attempt in range(self.max_retries + 1):
             try:
                 resp = self.session.get(self.url, params=params, timeout=self.timeout)
@@ -279,32 +248,31 @@ class NewsClient:
                 code = resp.status_code
                 if code == 200:
                     self.requests_ok += 1
-                    try:
+                    items = None
+                    with contextlib.suppress(ValueError):
                         items = json.loads(resp.text)
-                    except ValueError:
-                        items = None
                     if isinstance(items, list):
                         return items
-                    reason = "answer is not a JSON list of articles"
-                    wait = self.backoff(attempt)
+                    reason, wait = "answer is not a JSON list of articles", self.backoff(attempt)
                 elif code in (401, 403):
                     body = " ".join(resp.text.split())[:80] or resp.reason
-                    raise AuthError(f"EODHD rejected the API key (HTTP {code}: {self.redact(body)}); "
-                                    f"pass a valid --api-key or set EODHD_API_KEY")
-                elif code == 402:
-                    raise QuotaExhausted()
-                elif code == 404:
-                    raise TickerNotFound()
+                    raise AuthError(
+                        f"EODHD rejected the API key (HTTP {code}: {self.redact(body)}); "
+                        f"pass a valid --api-key or set EODHD_API_KEY"
+                    )
+                elif code in (402, 404):  # the day's quota is spent; no such ticker
+                    raise QuotaExhausted() if code == 402 else TickerNotFound()
                 elif code == 429:
                     reason, wait = self.rate_limited(resp, attempt)
                 elif code >= 500:
                     reason, wait = f"server error (HTTP {code})", self.backoff(attempt)
                 else:  # other 4xx: retrying the same request cannot help
-                    body = " ".join(resp.text.split())[:120]
-                    raise TickerFailed(f"HTTP {code}: {self.redact(body)}")
+                    raise TickerFailed(f"HTTP {code}: {self.redact(' '.join(resp.text.split())[:120])}")
             if attempt == self.max_retries:
                 raise TickerFailed(f"{reason}; gave up after {attempt + 1} attempts")
-            self.log(f"{where}: {reason}; retry {attempt + 1}/{self.max_retries} in {wait:.2f}s")
+            self.log(
+                f"{ticker} offset {offset}: {reason}; retry {attempt + 1}/{self.max_retries} in {wait:.2f}s"
+            )
             time.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -344,11 +312,8 @@ def scan_jsonl(path: str):
         off = 0
         for line in f:
             obj = None
-            if line.endswith(b"\n"):
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    pass
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line) if line.endswith(b"\n") else None
             yield off, (obj if isinstance(obj, dict) else None)
             off += len(line)
 
@@ -378,8 +343,9 @@ class NewsStore:
             if fcntl is not None:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise FolderBusy(f"another fetch_news.py run is writing to {out_dir}; "
-                             f"wait for it or use another --out-dir")
+            raise FolderBusy(
+                f"another fetch_news.py run is writing to {out_dir}; wait for it or use another --out-dir"
+            )
         for name in os.listdir(out_dir):  # temp files of a run killed during a rewrite
             if re.fullmatch(r"(news\.jsonl|news_progress\.json|finance_corpus\.txt)\.tmp\d+", name):
                 os.remove(os.path.join(out_dir, name))
@@ -419,8 +385,10 @@ class NewsStore:
             if k in merges and not (merges[k][0] <= index[k] and merges[k][1] <= symbols):
                 rewrite = True
         if bad and startup:
-            self.log(f"{self.path}: dropped {bad} incomplete line(s) left by an interrupted run; "
-                     f"their articles are fetched again")
+            self.log(
+                f"{self.path}: dropped {bad} incomplete line(s) left by an interrupted run; "
+                f"their articles are fetched again"
+            )
         if rewrite or bad:
             with atomic_open(self.path) as out, open(self.path, "rb") as src:
                 written = set()
@@ -446,34 +414,28 @@ class NewsStore:
 
     def add_page(self, ticker: str, items: list) -> int:
         """Store one page: new articles appended, known ones get this ticker merged. Returns #new."""
-        new, merges = [], {}
+        new, merges = [], []
         for a in items:
             if not isinstance(a, dict):
                 continue
             k = article_key(a)
-            if k in self.tickers:
-                if ticker not in self.tickers[k]:
-                    self.tickers[k].add(ticker)
-                    m = merges.setdefault(k, {"link": k, "tickers": set(), "symbols": set()})
-                    m["tickers"].add(ticker)
-                    m["symbols"].update(str_list(a.get("symbols")))
-                continue
-            rec = dict(a)
-            rec["link"] = k
-            rec["tickers"] = [ticker]
-            self.tickers[k] = {ticker}
-            new.append(rec)
+            if k not in self.tickers:
+                self.tickers[k] = {ticker}
+                new.append(dict(a, link=k, tickers=[ticker]))
+            elif ticker not in self.tickers[k]:  # a page repeating a link merges it once
+                self.tickers[k].add(ticker)
+                symbols = sorted(set(str_list(a.get("symbols"))))
+                merges.append({"link": k, "tickers": [ticker], "symbols": symbols})
         if new:
             append_fsync(self.path, jsonl_bytes(new))
         if merges:
-            append_fsync(self.merges_path, jsonl_bytes(
-                {"link": m["link"], "tickers": sorted(m["tickers"]), "symbols": sorted(m["symbols"])}
-                for m in merges.values()))
+            append_fsync(self.merges_path, jsonl_bytes(merges))
         return len(new)
 
     def save_progress(self, ticker: str, state: dict) -> None:
         self.progress[ticker] = state
-        atomic_write_bytes(self.progress_path, json.dumps(self.progress, indent=1, sort_keys=True).encode())
+        with atomic_open(self.progress_path) as f:
+            f.write(json.dumps(self.progress, indent=1, sort_keys=True).encode())
 
 
 # -----------------------------------------------------------------------------
@@ -490,11 +452,6 @@ def normalise_ticker(t: str) -> str:
     return t if "." in t else t + ".US"  # EODHD needs the exchange; US is the common case
 
 
-def sp500_symbol_to_eodhd(sym: str) -> str:
-    # class shares: the constituents list writes BRK.B, EODHD wants BRK-B.US
-    return sym.strip().upper().replace(".", "-") + ".US"
-
-
 def sp500_symbols(text: str) -> list[str]:
     return [row["Symbol"] for row in csv.DictReader(io.StringIO(text)) if (row.get("Symbol") or "").strip()]
 
@@ -508,17 +465,21 @@ def load_sp500(out_dir: str, url: str, timeout: float, log) -> list[str]:
         syms = sp500_symbols(r.text)
         if not syms:
             raise ValueError("no Symbol column")
-        atomic_write_bytes(cache, r.text.encode("utf-8"))
+        with atomic_open(cache) as f:
+            f.write(r.text.encode("utf-8"))
     except (requests.RequestException, ValueError) as e:
         why = type(e).__name__ if isinstance(e, requests.RequestException) else str(e)
         if not os.path.exists(cache):
-            raise UserError(f"cannot get the S&P 500 list from {url} ({why}) and there is no cached copy at {cache}")
+            raise UserError(
+                f"cannot get the S&P 500 list from {url} ({why}) and there is no cached copy at {cache}"
+            )
         log(f"S&P 500 list not downloaded ({why}); using the cached {cache}")
         with open(cache, encoding="utf-8") as f:
             syms = sp500_symbols(f.read())
         if not syms:
             raise UserError(f"{cache} has no Symbol column; delete it and run again online")
-    return [sp500_symbol_to_eodhd(s) for s in syms]
+    # class shares: the constituents list writes BRK.B, EODHD wants BRK-B.US
+    return [s.strip().upper().replace(".", "-") + ".US" for s in syms]
 
 
 def collect_tickers(args, log) -> list[str]:
@@ -555,7 +516,8 @@ BOILERPLATE = re.compile(
     r"|originally published|copyright|all rights reserved)\b"
     r"|(?:related(?: articles| stories)?|see also|read also|photo|image source)\s*:"
     r"|advertisement$|\u00a9|\(c\) ?\d{4})",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def clean_text(s) -> str:
@@ -591,46 +553,52 @@ def news_doc(r: dict) -> tuple:
     return " ".join(clean_text(r.get("title")).split()), clean_text(r.get("content"))
 
 
-class _NothingToWrite(Exception):
-    pass
+def news_docs(src_path: str):
+    """The documents of news.jsonl as bytes (title line, then body), sorted by (date, link); empty
+    and repeated bodies dropped (the earliest copy is kept). Holds only (date, link, offset) per
+    article and a hash per body in memory; the articles themselves are read back one at a time."""
+    order = sorted(
+        (date_key(obj.get("date", "")), article_key(obj), off)
+        for off, obj in scan_jsonl(src_path)
+        if obj is not None
+    )
+    if not order:
+        return
+    seen_bodies = set()
+    with open(src_path, "rb") as src:
+        for _, _, off in order:
+            src.seek(off)
+            title, body = news_doc(json.loads(src.readline()))
+            h = hashlib.sha256(body.encode("utf-8")).digest()
+            if body and h not in seen_bodies:
+                seen_bodies.add(h)
+                yield (f"{title}\n{body}" if title else body).encode("utf-8")
 
 
 def write_news_corpus(out_dir: str) -> tuple:
-    """news.jsonl -> finance_corpus.txt, sorted by (date, link); empty and repeated bodies dropped
-    (the earliest copy is kept). Holds only (date, link, offset) per article and a hash per body
-    in memory; the articles themselves are read back one at a time."""
-    src_path, path = os.path.join(out_dir, "news.jsonl"), os.path.join(out_dir, CORPUS_NAME)
-    order = sorted((date_key(obj.get("date", "")), article_key(obj), off)
-                   for off, obj in scan_jsonl(src_path) if obj is not None)
-    n_docs, n_bytes, seen_bodies = 0, 0, set()
-    if not order:
+    """news.jsonl -> finance_corpus.txt. Returns (path, #documents, #bytes); (path, 0, 0) when no
+    article has a body, and then an existing corpus (e.g. the market one) is left as it was."""
+    path = os.path.join(out_dir, CORPUS_NAME)
+    docs = news_docs(os.path.join(out_dir, "news.jsonl"))
+    first = next(docs, None)
+    if first is None:
         return path, 0, 0
-    try:
-        with atomic_open(path) as out, open(src_path, "rb") as src:
-            for _, _, off in order:
-                src.seek(off)
-                title, body = news_doc(json.loads(src.readline()))
-                h = hashlib.sha256(body.encode("utf-8")).digest()
-                if not body or h in seen_bodies:
-                    continue
-                seen_bodies.add(h)
-                doc = (f"{title}\n{body}" if title else body).encode("utf-8")
-                out.write((b"\n\n" if n_docs else b"") + doc)
-                n_docs += 1
-                n_bytes += len(doc) + (2 if n_docs > 1 else 0)
-            if n_docs == 0:
-                raise _NothingToWrite
-            out.write(b"\n")
-    except _NothingToWrite:  # leave an existing corpus (e.g. the market one) as it was
-        return path, 0, 0
-    return path, n_docs, n_bytes + 1
+    with atomic_open(path) as out:
+        out.write(first)
+        n_docs = 1
+        for doc in docs:
+            out.write(b"\n\n" + doc)
+            n_docs += 1
+        out.write(b"\n")
+        n_bytes = out.tell()
+    return path, n_docs, n_bytes
 
 
 # -----------------------------------------------------------------------------
 # eodhd: the fetch loop
 
-EODHD_OUTPUTS = ("news.jsonl", "news_merges.jsonl", "news_progress.json", "news.lock", CORPUS_NAME,
-                 SP500_CACHE)
+BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
+EODHD_FILES = ("news.jsonl", "news_merges.jsonl", "news_progress.json", "news.lock", CORPUS_NAME, SP500_CACHE)
 
 
 def eodhd_kept(out_dir: str) -> str:
@@ -643,172 +611,172 @@ def eodhd_kept(out_dir: str) -> str:
     return f"{n} articles kept in {path}" if n else "no articles stored yet"
 
 
-def run_eodhd(args) -> int:
-    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
+def check_eodhd_args(args, api_key: str) -> None:
+    """Everything that can be refused before the first request (the S&P 500 list's included)."""
     if not api_key.strip():
-        raise UserError("no API key: pass --api-key or set EODHD_API_KEY (--api-key demo serves AAPL.US and TSLA.US)")
-    redact = Redactor(api_key)
+        raise UserError(
+            "no API key: pass --api-key or set EODHD_API_KEY (--api-key demo serves AAPL.US and TSLA.US)"
+        )
     if args.date_from and args.date_to and args.date_from > args.date_to:
         raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
     if not re.match(r"^https?://", args.base_url):
-        raise UserError(f"--base-url must start with http:// or https://, got {redact(args.base_url)!r}")
-    # every output is checked before the first request (the S&P 500 list cache included)
-    check_writable_dir(args.out_dir, "--out-dir")
-    check_output_files(args.out_dir, EODHD_OUTPUTS)
+        base_url = Redactor(api_key)(args.base_url)
+        raise UserError(f"--base-url must start with http:// or https://, got {base_url!r}")
+    check_out_dir(args.out_dir, EODHD_FILES)
 
-    tickers = collect_tickers(args, log)
-    store = NewsStore(args.out_dir, log)
-    client = NewsClient(args.base_url, api_key, args.timeout, args.max_retries, args.backoff_base,
-                        args.backoff_max, log)
+
+def resume_offset(state, query: dict, restart: bool):
+    """Where a ticker's paging starts: its recorded offset when the query is the same, else 0;
+    None when the same query already paged it to the end."""
+    st = state if isinstance(state, dict) else {}
+    same_query = not restart and st.get("from") == query["from"] and st.get("to") == query["to"]
+    if same_query and st.get("done"):
+        return None
+    offset = st.get("offset", 0) if same_query else 0
+    return offset if isinstance(offset, int) and offset >= 0 else 0
+
+
+def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, log) -> SimpleNamespace:
+    """Page every ticker until an empty page (or --max-pages), storing each page as it comes. A
+    spent quota or Ctrl-C ends the loop early and says so in the returned tally's `stop`."""
+    t = SimpleNamespace(done=0, already=0, new=0, unfinished=[], skipped={}, stop=None)
     query = {"from": args.date_from, "to": args.date_to}
-    done, already, unfinished, skipped, new_total = 0, 0, [], {}, 0
-    stop, bar = None, None
+    bar = None
     try:
         for ticker in tickers:
-            st = store.progress.get(ticker)
-            st = st if isinstance(st, dict) else {}
-            same_query = not args.restart and st.get("from") == query["from"] and st.get("to") == query["to"]
-            if same_query and st.get("done"):
-                already += 1
+            offset = resume_offset(store.progress.get(ticker), query, args.restart)
+            if offset is None:
+                t.already += 1
                 continue
-            offset = st.get("offset", 0) if same_query else 0
-            offset = offset if isinstance(offset, int) and offset >= 0 else 0
             pages = 0
             while True:
                 if args.max_pages is not None and pages >= args.max_pages:
-                    unfinished.append(ticker)
+                    t.unfinished.append(ticker)
                     break
                 try:
                     items = client.page(ticker, offset, args.limit, args.date_from, args.date_to)
                 except TickerNotFound:
-                    items, skipped[ticker] = None, "unknown ticker (HTTP 404)"
+                    items, t.skipped[ticker] = None, "unknown ticker (HTTP 404)"
                     log(f"{ticker}: unknown ticker (HTTP 404), skipped")
                 except TickerFailed as e:
-                    items, skipped[ticker] = None, str(e)
+                    items, t.skipped[ticker] = None, str(e)
                     log(f"{ticker}: skipped: {e}")
                 if bar is None:  # shown only once the API took the key: a rejected key prints one line
-                    bar = tqdm(total=len(tickers), initial=already, desc="news", unit="ticker",
-                               file=sys.stderr, dynamic_ncols=True)
+                    bar = tqdm(total=len(tickers), initial=t.already, **BAR)
                 if items is None:
                     break
                 pages += 1
-                bar.set_postfix(new=new_total, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
+                bar.set_postfix(new=t.new, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
                 if not items:  # only an empty page ends a ticker: short pages happen mid-stream
                     store.save_progress(ticker, dict(query, offset=offset, done=True))
-                    done += 1
+                    t.done += 1
                     break
-                new_total += store.add_page(ticker, items)
+                t.new += store.add_page(ticker, items)
                 offset += len(items)  # advance by what came back, not by --limit
                 store.save_progress(ticker, dict(query, offset=offset, done=False))
             if bar is not None:
                 bar.update(1)
     except QuotaExhausted:
-        stop = "quota"
+        t.stop = "quota"
     except AuthError:
         store.compact()
         raise
     except KeyboardInterrupt:
-        stop = "interrupt"
+        t.stop = "interrupt"
     finally:
         if bar is not None:
             bar.close()
+    return t
 
+
+def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: NewsClient) -> int:
+    """Fold pending merges, write the corpus, print the summary (and on stderr why the run stopped
+    early); returns the exit code."""
     total = store.compact()
     path, n_docs, n_bytes = write_news_corpus(args.out_dir)
     calls = client.requests_ok * CALLS_PER_NEWS_REQUEST
-    print(f"tickers: {done} done, {already} already complete, {len(skipped)} skipped, "
-          f"{len(unfinished)} unfinished (--max-pages), {len(tickers)} requested")
-    for t, why in skipped.items():
-        print(f"  skipped {t}: {why}")
-    print(f"articles: {new_total} new, {total} total in {store.path}")
+    print(
+        f"tickers: {t.done} done, {t.already} already complete, {len(t.skipped)} skipped, "
+        f"{len(t.unfinished)} unfinished (--max-pages), {n_tickers} requested"
+    )
+    for ticker, why in t.skipped.items():
+        print(f"  skipped {ticker}: {why}")
+    print(f"articles: {t.new} new, {total} total in {store.path}")
     print(f"API calls spent: {calls} ({client.requests_ok} news requests x {CALLS_PER_NEWS_REQUEST})")
     if n_docs:
         print(f"corpus: {path}, {n_docs} documents, {n_bytes:,} bytes")
     else:
         print(f"corpus: no usable articles yet; {path} left as it was")
-    if stop == "quota":
-        print("stopped: the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved; run the "
-              "same command again after the quota resets to resume where it stopped.", file=sys.stderr)
+    if t.stop == "quota":
+        print(
+            "stopped: the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved; "
+            f"{RERUN} after the quota resets to resume where it stopped.",
+            file=sys.stderr,
+        )
         return EXIT_QUOTA
-    if stop == "interrupt":
-        print(f"interrupted: {eodhd_kept(args.out_dir)}; run the same command again to resume",
-              file=sys.stderr)
+    if t.stop == "interrupt":
+        print(f"interrupted: {eodhd_kept(args.out_dir)}; {RERUN} to resume", file=sys.stderr)
         return 130
-    if unfinished:
-        print(f"{len(unfinished)} tickers stopped at --max-pages; run the same command again to continue them.")
+    if t.unfinished:
+        print(f"{len(t.unfinished)} tickers stopped at --max-pages; {RERUN} to continue them.")
     return 0
 
 
+def run_eodhd(args) -> int:
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
+    api_key = api_key_of(args)
+    check_eodhd_args(args, api_key)
+    tickers = collect_tickers(args, log)
+    store = NewsStore(args.out_dir, log)
+    client = NewsClient(args, api_key, log)
+    return finish(args, fetch_all(args, tickers, store, client, log), len(tickers), store, client)
+
+
 # -----------------------------------------------------------------------------
-# command line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the whole usage block; one line says it better
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
-
-
-# typed flag values: a bad one is refused by the parser, before anything runs
+# command line: typed flag values, so a bad one is refused by the parser before anything runs
 
 MAX_WAIT_S = 86400.0  # a day; far larger values overflow sleep() and socket timeouts
 
 
-def whole_number(s: str) -> int:
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}")
+def int_flag(lo: int, hi: float, rule: str):
+    def parse(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}")
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {n}")
+        return n
+
+    return parse
 
 
-def page_size(s: str) -> int:
-    n = whole_number(s)
-    if not 1 <= n <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000 (EODHD's largest page), got {n}")
-    return n
+def seconds_flag(allow_zero: bool):
+    def parse(s: str) -> float:
+        try:
+            x = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds, got {s!r}")
+        if not (0.0 <= x <= MAX_WAIT_S) or (x == 0.0 and not allow_zero):  # nan fails every comparison
+            rule = "between 0 and" if allow_zero else "more than 0 and at most"
+            raise argparse.ArgumentTypeError(f"must be {rule} {MAX_WAIT_S:.0f} seconds, got {s!r}")
+        return x
+
+    return parse
 
 
-def positive_int(s: str) -> int:
-    n = whole_number(s)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def non_negative_int(s: str) -> int:
-    n = whole_number(s)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
-
-
-def seconds(s: str, allow_zero: bool) -> float:
-    try:
-        x = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {s!r}")
-    if not (0.0 <= x <= MAX_WAIT_S) or (x == 0.0 and not allow_zero):  # nan fails every comparison
-        rule = "between 0 and" if allow_zero else "more than 0 and at most"
-        raise argparse.ArgumentTypeError(f"must be {rule} {MAX_WAIT_S:.0f} seconds, got {s!r}")
-    return x
-
-
-def positive_seconds(s: str) -> float:
-    return seconds(s, allow_zero=False)
-
-
-def non_negative_seconds(s: str) -> float:
-    return seconds(s, allow_zero=True)
+page_size = int_flag(1, 1000, "between 1 and 1000 (EODHD's largest page)")
+positive_int = int_flag(1, math.inf, "at least 1")
+non_negative_int = int_flag(0, math.inf, "0 or more")
+positive_seconds = seconds_flag(allow_zero=False)
+non_negative_seconds = seconds_flag(allow_zero=True)
 
 
 def iso_date(s: str) -> str:
-    try:
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
-            raise ValueError
-        dt.date.fromisoformat(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a date as YYYY-MM-DD, got {s!r}")
-    return s
+    with contextlib.suppress(ValueError):
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", s) and dt.date.fromisoformat(s):
+            return s
+    raise argparse.ArgumentTypeError(f"must be a date as YYYY-MM-DD, got {s!r}")
 
 
 def folder(s: str) -> str:
@@ -817,106 +785,112 @@ def folder(s: str) -> str:
     return s
 
 
+HELP = {  # every flag's help, each stating its default
+    "source": "market: offline reports from bundled historical series; eodhd: news from the EODHD "
+    "API (default: %(default)s)",
+    "out_dir": "where finance_corpus.txt (and for eodhd news.jsonl, progress and the S&P 500 "
+    "list cache) are written (default: %(default)s)",
+    "tickers": "comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix means .US "
+    "(default: none)",
+    "tickers_file": "file with tickers, one or more per line, '#' starts a comment (default: none)",
+    "sp500": f"add the S&P 500 constituents: downloaded from --sp500-url when online, cached as "
+    f"<out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes BRK-B.US (default: off)",
+    "sp500_url": "CSV with a Symbol column listing the S&P 500 (default: %(default)s)",
+    "date_from": "oldest article date, YYYY-MM-DD (default: none, the API's own range)",
+    "date_to": "newest article date, YYYY-MM-DD (default: none)",
+    "limit": "articles per request, 1-1000 (default: %(default)s)",
+    "max_pages": "stop each ticker after this many requests this run; a rerun continues "
+    "(default: no cap, page until an empty page)",
+    "api_key": "EODHD API token; never printed or stored (default: $EODHD_API_KEY; 'demo' serves "
+    "AAPL.US and TSLA.US)",
+    "base_url": f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})",
+    "timeout": "seconds to wait for a connection or an answer, at most a day (default: %(default)s)",
+    "max_retries": "retries of one request after 429, 5xx, timeouts or invalid JSON before the ticker "
+    "is skipped (default: %(default)s)",
+    "backoff_base": "first retry wait in seconds, doubled each retry, with jitter; a 429's Retry-After "
+    "overrides it (default: %(default)s)",
+    "backoff_max": "cap on one wait before a retry in seconds, a 429's Retry-After included: a server "
+    "asking for longer is retried after this long (default: %(default)s)",
+    "restart": "ignore recorded progress and page every ticker from offset 0; stored articles are "
+    "still not duplicated (default: off, resume)",
+}
+EPILOG = (
+    "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that "
+    "cannot be written, or a rejected API key; "
+    "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume); "
+    "130 interrupted with Ctrl-C (the same: kept, rerun to resume). "
+    "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        description=__doc__.split("\n\n")[0].strip() + " See the module docstring for details.",
-        epilog="exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that "
-               "cannot be written, or a rejected API key; "
-               "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume); "
-               "130 interrupted with Ctrl-C (the same: kept, rerun to resume). "
-               "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir.")
-    p.add_argument("--source", choices=["market", "eodhd"], default=SOURCE,
-                   help="market: offline reports from bundled historical series; eodhd: news from the EODHD "
-                        "API (default: %(default)s)")
-    p.add_argument("--out-dir", type=folder, default=OUT_DIR,
-                   help="where finance_corpus.txt (and for eodhd news.jsonl, progress and the S&P 500 "
-                        "list cache) are written (default: %(default)s)")
+    about = __doc__.split("\n\n")[0].strip() + " See the module docstring for details."
+    p = market_corpus.ArgumentParser(description=about, epilog=EPILOG)  # bad flags: one line, exit 2
+    p.add_argument("--source", choices=["market", "eodhd"], default=SOURCE, help=HELP["source"])
+    p.add_argument("--out-dir", type=folder, default=OUT_DIR, help=HELP["out_dir"])
     g = p.add_argument_group("eodhd source")
-    g.add_argument("--tickers", default=None,
-                   help="comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix means .US "
-                        "(default: none)")
-    g.add_argument("--tickers-file", default=None,
-                   help="file with tickers, one or more per line, '#' starts a comment (default: none)")
-    g.add_argument("--sp500", action="store_true",
-                   help=f"add the S&P 500 constituents: downloaded from --sp500-url when online, cached as "
-                        f"<out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes BRK-B.US (default: off)")
-    g.add_argument("--sp500-url", default=SP500_URL,
-                   help="CSV with a Symbol column listing the S&P 500 (default: %(default)s)")
-    g.add_argument("--from", dest="date_from", type=iso_date, default=None, metavar="YYYY-MM-DD",
-                   help="oldest article date, YYYY-MM-DD (default: none, the API's own range)")
-    g.add_argument("--to", dest="date_to", type=iso_date, default=None, metavar="YYYY-MM-DD",
-                   help="newest article date, YYYY-MM-DD (default: none)")
-    g.add_argument("--limit", type=page_size, default=LIMIT,
-                   help="articles per request, 1-1000 (default: %(default)s)")
-    g.add_argument("--max-pages", type=positive_int, default=None,
-                   help="stop each ticker after this many requests this run; a rerun continues "
-                        "(default: no cap, page until an empty page)")
-    g.add_argument("--api-key", default=None,
-                   help="EODHD API token; never printed or stored (default: $EODHD_API_KEY; 'demo' serves "
-                        "AAPL.US and TSLA.US)")
-    g.add_argument("--base-url", default=os.environ.get("EODHD_BASE_URL", BASE_URL),
-                   help=f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})")
-    g.add_argument("--timeout", type=positive_seconds, default=TIMEOUT_S,
-                   help="seconds to wait for a connection or an answer, at most a day (default: %(default)s)")
-    g.add_argument("--max-retries", type=non_negative_int, default=MAX_RETRIES,
-                   help="retries of one request after 429, 5xx, timeouts or invalid JSON before the ticker "
-                        "is skipped (default: %(default)s)")
-    g.add_argument("--backoff-base", type=non_negative_seconds, default=BACKOFF_BASE_S,
-                   help="first retry wait in seconds, doubled each retry, with jitter; a 429's Retry-After "
-                        "overrides it (default: %(default)s)")
-    g.add_argument("--backoff-max", type=non_negative_seconds, default=BACKOFF_MAX_S,
-                   help="cap on one wait before a retry in seconds, a 429's Retry-After included: a server "
-                        "asking for longer is retried after this long (default: %(default)s)")
-    g.add_argument("--restart", action="store_true",
-                   help="ignore recorded progress and page every ticker from offset 0; stored articles are "
-                        "still not duplicated (default: off, resume)")
+    g.add_argument("--tickers", help=HELP["tickers"])
+    g.add_argument("--tickers-file", help=HELP["tickers_file"])
+    g.add_argument("--sp500", action="store_true", help=HELP["sp500"])
+    g.add_argument("--sp500-url", default=SP500_URL, help=HELP["sp500_url"])
+    g.add_argument("--from", dest="date_from", type=iso_date, metavar="YYYY-MM-DD", help=HELP["date_from"])
+    g.add_argument("--to", dest="date_to", type=iso_date, metavar="YYYY-MM-DD", help=HELP["date_to"])
+    g.add_argument("--limit", type=page_size, default=LIMIT, help=HELP["limit"])
+    g.add_argument("--max-pages", type=positive_int, help=HELP["max_pages"])
+    g.add_argument("--api-key", help=HELP["api_key"])
+    g.add_argument("--base-url", default=os.environ.get("EODHD_BASE_URL", BASE_URL), help=HELP["base_url"])
+    g.add_argument("--timeout", type=positive_seconds, default=TIMEOUT_S, help=HELP["timeout"])
+    g.add_argument("--max-retries", type=non_negative_int, default=MAX_RETRIES, help=HELP["max_retries"])
+    g.add_argument(
+        "--backoff-base", type=non_negative_seconds, default=BACKOFF_BASE_S, help=HELP["backoff_base"]
+    )
+    g.add_argument(
+        "--backoff-max", type=non_negative_seconds, default=BACKOFF_MAX_S, help=HELP["backoff_max"]
+    )
+    g.add_argument("--restart", action="store_true", help=HELP["restart"])
     return p
 
 
 EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 
 
-def kept_note(args) -> str:
-    if args.source == "market":  # written whole through a temp file: all of it or none of it
-        return f"nothing written, {os.path.join(args.out_dir, CORPUS_NAME)} left as it was"
-    return eodhd_kept(args.out_dir)
+def stop_line(e: BaseException, args, redact: Redactor) -> str:
+    """The one stderr line of a run stopped by a user mistake, a failed write or Ctrl-C."""
+    if isinstance(e, UserError):
+        return f"error: {redact(e)}"
+    market = args.source == "market"
+    corpus = os.path.join(args.out_dir, CORPUS_NAME)
+    # the market corpus is written whole through a temp file: all of it or none of it
+    kept = f"nothing written, {corpus} left as it was" if market else eodhd_kept(args.out_dir)
+    if isinstance(e, KeyboardInterrupt):
+        again = "build it" if market else "resume"
+        return redact(f"interrupted: {kept}; {RERUN} to {again}")
+    # a failed write() does not say which file: the market source writes only one
+    where = e.filename or (corpus if market else f"to {args.out_dir}")
+    return redact(f"error: cannot write {where} ({e.strerror or e}); {kept}; fix that and {RERUN}")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
-    redact = Redactor(key)
+    redact = Redactor(api_key_of(args))
     created = first_missing(args.out_dir)  # folders this run makes; a run that fails removes them again
     try:
-        if args.source == "market":
-            used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
-            if used:
-                raise UserError(f"--{used[0].replace('_', '-').replace('date-', '')} only applies to --source eodhd")
-            run_market(args.out_dir)
-            return 0
-        return run_eodhd(args)
-    except FolderBusy as e:
+        if args.source == "eodhd":
+            return run_eodhd(args)
+        used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
+        if used:
+            flag = "--" + used[0].replace("_", "-").replace("date-", "")  # date_from is --from
+            raise UserError(f"{flag} only applies to --source eodhd")
+        run_market(args.out_dir)
+        return 0
+    except FolderBusy as e:  # another run's folder: nothing in it is ours to remove
         print(f"error: {redact(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except UserError as e:
+    # user mistakes; disk full or permissions changed mid-run (the machine's problem, not a bug); Ctrl-C
+    except (UserError, OSError, KeyboardInterrupt) as e:
         remove_created(created, args.out_dir)
-        print(f"error: {redact(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # disk full, permissions changed mid-run: the machine's problem, not a bug
-        remove_created(created, args.out_dir)
-        if e.filename:
-            where = e.filename
-        else:  # a failed write() does not say which file: the market source writes only one
-            where = os.path.join(args.out_dir, CORPUS_NAME) if args.source == "market" else f"to {args.out_dir}"
-        print(redact(f"error: cannot write {where} ({e.strerror or e}); {kept_note(args)}; "
-                     f"fix that and run the same command again"), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        remove_created(created, args.out_dir)
-        again = "build it" if args.source == "market" else "resume"
-        print(redact(f"interrupted: {kept_note(args)}; run the same command again to {again}"),
-              file=sys.stderr)
-        return 130
+        print(stop_line(e, args, redact), file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
     except Exception:  # a bug: show the traceback, but never the key
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return 1

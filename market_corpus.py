@@ -33,8 +33,20 @@ import sys
 # data: load the bundled series (csv + gzip only, no pandas, so parsing and
 # arithmetic cannot drift with library versions)
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
@@ -74,8 +86,7 @@ class Daily:
 def load_ohlcv(name: str) -> Daily:
     rows = _read_rows("arch.data", name, f"{name}.csv.gz")
     dates = [_parse_date(r[0]) for r in rows]
-    cols = {k: [float(r[j]) for r in rows] for k, j in
-            (("open", 1), ("high", 2), ("low", 3), ("close", 4))}
+    cols = {k: [float(r[j]) for r in rows] for k, j in (("open", 1), ("high", 2), ("low", 3), ("close", 4))}
     cols["volume"] = [int(r[6]) for r in rows]
     return Daily(dates, cols)
 
@@ -114,9 +125,20 @@ def load_market_data() -> dict:
     rows = _read_rows("statsmodels.datasets.macrodata", "macrodata.csv")
     for r in rows:
         y, q = int(float(r[0])), int(float(r[1]))
-        macro[(y, q)] = dict(gdp=float(r[2]), cons=float(r[3]), inv=float(r[4]), govt=float(r[5]),
-                             dpi=float(r[6]), cpi=float(r[7]), m1=float(r[8]), tbill=float(r[9]),
-                             unemp=float(r[10]), pop=float(r[11]), infl=float(r[12]), realint=float(r[13]))
+        macro[(y, q)] = dict(
+            gdp=float(r[2]),
+            cons=float(r[3]),
+            inv=float(r[4]),
+            govt=float(r[5]),
+            dpi=float(r[6]),
+            cpi=float(r[7]),
+            m1=float(r[8]),
+            tbill=float(r[9]),
+            unemp=float(r[10]),
+            pop=float(r[11]),
+            infl=float(r[12]),
+            realint=float(r[13]),
+        )
     return dict(sp=sp, nq=nq, wti=wti, vix=vix, crude=crude, credit=credit, cpi=cpi, ff=ff, macro=macro)
 
 
@@ -149,7 +171,6 @@ def corr(xs, ys) -> float:
 
 def ann_vol(returns_pct) -> float:
     return stdev(returns_pct) * math.sqrt(252.0)  # daily % returns -> annualized %
-
 
 
 # -----------------------------------------------------------------------------
@@ -205,8 +226,19 @@ def month_name(y: int, m: int) -> str:
 
 
 def ordinal(k: int) -> str:
-    words = {2: "second", 3: "third", 4: "fourth", 5: "fifth", 6: "sixth", 7: "seventh", 8: "eighth",
-             9: "ninth", 10: "tenth", 11: "eleventh", 12: "twelfth"}
+    words = {
+        2: "second",
+        3: "third",
+        4: "fourth",
+        5: "fifth",
+        6: "sixth",
+        7: "seventh",
+        8: "eighth",
+        9: "ninth",
+        10: "tenth",
+        11: "eleventh",
+        12: "twelfth",
+    }
     if k in words:
         return words[k]
     suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
@@ -223,9 +255,6 @@ def higher_lower(x: float) -> str:
 
 def gain_loss(x: float) -> str:
     return "gain" if x >= 0 else "loss"
-
-
-
 
 
 def vol_regime(v: float) -> str:
@@ -250,8 +279,6 @@ def vix_regime(v: float) -> str:
     return "high, signalling stress"
 
 
-
-
 class Lookup:
     """Daily (date, value) series with 'value on date' and 'previous value' lookups."""
 
@@ -272,7 +299,6 @@ class Lookup:
         return (self.dates[k], self.vals[k]) if k >= 0 else None
 
 
-
 class SeriesStats:
     """Per-observation indicators for one price series, computed once: returns, moving averages,
     52-week (252-observation) extremes, realized volatility, streaks and the running peak."""
@@ -281,10 +307,12 @@ class SeriesStats:
         n = len(c)
         self.c = c
         self.ret = [None] + [pct(c[i], c[i - 1]) for i in range(1, n)]
-        self.ma = {w: [mean(c[i - w + 1:i + 1]) if i >= w - 1 else None for i in range(n)] for w in (50, 200)}
+        self.ma = {
+            w: [mean(c[i - w + 1 : i + 1]) if i >= w - 1 else None for i in range(n)] for w in (50, 200)
+        }
         # the volume average excludes today, so "today versus normal" is not diluted by today
-        self.avg_vol50 = [mean(volume[i - 50:i]) if volume and i >= 50 else None for i in range(n)]
-        self.vol20 = [ann_vol(self.ret[i - 19:i + 1]) if i >= 20 else None for i in range(n)]
+        self.avg_vol50 = [mean(volume[i - 50 : i]) if volume and i >= 50 else None for i in range(n)]
+        self.vol20 = [ann_vol(self.ret[i - 19 : i + 1]) if i >= 20 else None for i in range(n)]
         self.hi252, self.lo252 = window_extreme(c, 252, +1), window_extreme(c, 252, -1)
         self.streak = [0] * n  # +k: k straight higher closes, -k: k straight lower closes
         for i in range(1, n):
@@ -335,82 +363,229 @@ def last_bigger_move(ret: list, i: int):
 # phrasing: a seeded pen, a lexicon of interchangeable words, verbs scaled to the size of a move
 
 LEX = {
-    "stocks": ["stocks", "U.S. stocks", "equities", "U.S. equities", "Wall Street", "American shares",
-               "U.S. shares", "the U.S. stock market", "American equities", "the equity market", "share prices",
-               "U.S. equity markets"],
-    "spx": ["the S&P 500", "the S&P 500 index", "the benchmark S&P 500", "the broad S&P 500",
-            "the Standard & Poor's 500 index", "the large-cap S&P 500", "the S&P 500 benchmark",
-            "the widely followed S&P 500", "the blue-chip S&P 500", "Standard & Poor's 500-stock index"],
-    "ndx": ["the Nasdaq Composite", "the Nasdaq", "the tech-heavy Nasdaq Composite", "the technology-laden "
-                                                                                     "Nasdaq",
-            "the Nasdaq Composite index", "the tech-focused Nasdaq", "the tech-dominated Nasdaq Composite",
-            "the Nasdaq, home to many technology companies,"],
+    "stocks": [
+        "stocks",
+        "U.S. stocks",
+        "equities",
+        "U.S. equities",
+        "Wall Street",
+        "American shares",
+        "U.S. shares",
+        "the U.S. stock market",
+        "American equities",
+        "the equity market",
+        "share prices",
+        "U.S. equity markets",
+    ],
+    "spx": [
+        "the S&P 500",
+        "the S&P 500 index",
+        "the benchmark S&P 500",
+        "the broad S&P 500",
+        "the Standard & Poor's 500 index",
+        "the large-cap S&P 500",
+        "the S&P 500 benchmark",
+        "the widely followed S&P 500",
+        "the blue-chip S&P 500",
+        "Standard & Poor's 500-stock index",
+    ],
+    "ndx": [
+        "the Nasdaq Composite",
+        "the Nasdaq",
+        "the tech-heavy Nasdaq Composite",
+        "the technology-laden Nasdaq",
+        "the Nasdaq Composite index",
+        "the tech-focused Nasdaq",
+        "the tech-dominated Nasdaq Composite",
+        "the Nasdaq, home to many technology companies,",
+    ],
     "index": ["the index", "the benchmark", "the gauge", "the broad index", "the barometer", "the measure"],
     "ended": ["ended", "closed", "finished", "wound up", "settled"],
     "session": ["session", "trading session", "day", "trading day"],
-    "meanwhile": ["Meanwhile,", "Elsewhere,", "In other markets,", "Separately,", "Across asset classes,",
-                  "Beyond equities,", "Away from stocks,", "Outside the stock market,", "On the commodities "
-                                                                                        "front,"],
+    "meanwhile": [
+        "Meanwhile,",
+        "Elsewhere,",
+        "In other markets,",
+        "Separately,",
+        "Across asset classes,",
+        "Beyond equities,",
+        "Away from stocks,",
+        "Outside the stock market,",
+        "On the commodities front,",
+    ],
     "turnover": ["volume", "trading volume", "turnover", "activity", "trading activity"],
     "ma50": ["50-day moving average", "50-day average", "50-session moving average"],
-    "ma200": ["200-day moving average", "200-day average", "200-session moving average", "long-term 200-day "
-                                                                                         "average"],
+    "ma200": [
+        "200-day moving average",
+        "200-day average",
+        "200-session moving average",
+        "long-term 200-day average",
+    ],
     "highword": ["high", "peak", "top", "summit", "zenith", "high-water mark"],
     "lowword": ["low", "trough", "bottom", "nadir", "low point"],
-    "oil": ["oil", "crude", "crude oil", "U.S. crude", "WTI crude", "West Texas Intermediate crude",
-            "benchmark U.S. crude", "U.S. benchmark crude", "West Texas Intermediate", "U.S. light sweet "
-                                                                                       "crude",
-            "the U.S. oil benchmark"],
+    "oil": [
+        "oil",
+        "crude",
+        "crude oil",
+        "U.S. crude",
+        "WTI crude",
+        "West Texas Intermediate crude",
+        "benchmark U.S. crude",
+        "U.S. benchmark crude",
+        "West Texas Intermediate",
+        "U.S. light sweet crude",
+        "the U.S. oil benchmark",
+    ],
     "barrel": ["a barrel", "per barrel"],
-    "oilmarket": ["the oil market", "the energy complex", "energy markets", "the crude market",
-                  "the petroleum market",
-                  "oil trading"],
-    "vix": ["the VIX", "the CBOE Volatility Index", "the VIX index", "Wall Street's so-called fear gauge",
-            "the market's fear gauge", "the CBOE's volatility gauge", "the Chicago Board Options Exchange's "
-            "volatility index", "the options-based VIX"],
-    "implied": ["implied volatility", "options-implied volatility", "expected volatility", "the market's "
-                "volatility expectations"],
-    "aaa": ["Aaa-rated corporate bonds", "top-rated corporate debt", "Moody's Aaa corporate bonds",
-            "the highest-rated corporate bonds", "triple-A corporate bonds", "gilt-edged corporate issues",
-            "blue-chip corporate bonds"],
-    "baa": ["Baa-rated bonds", "Moody's Baa corporate bonds", "bonds on the lowest investment-grade rung",
-            "Baa corporate debt", "medium-grade corporate bonds", "lower-rated investment-grade paper"],
-    "spread": ["the Baa-Aaa spread", "the gap between Baa and Aaa yields", "the credit spread",
-               "the default spread",
-               "the quality spread", "the extra yield on Baa debt over Aaa", "the risk premium on Baa bonds"],
-    "borrowing": ["corporate borrowing costs", "companies' borrowing costs", "the cost of corporate credit",
-                  "long-term corporate financing costs"],
-    "core": ["core consumer prices", "the core consumer price index", "core CPI",
-             "consumer prices excluding food and energy", "underlying consumer prices", "core inflation",
-             "the core cost of living"],
-    "economy": ["the U.S. economy", "the economy", "U.S. output", "American economic output",
-                "the nation's economy", "the world's largest economy"],
+    "oilmarket": [
+        "the oil market",
+        "the energy complex",
+        "energy markets",
+        "the crude market",
+        "the petroleum market",
+        "oil trading",
+    ],
+    "vix": [
+        "the VIX",
+        "the CBOE Volatility Index",
+        "the VIX index",
+        "Wall Street's so-called fear gauge",
+        "the market's fear gauge",
+        "the CBOE's volatility gauge",
+        "the Chicago Board Options Exchange's volatility index",
+        "the options-based VIX",
+    ],
+    "implied": [
+        "implied volatility",
+        "options-implied volatility",
+        "expected volatility",
+        "the market's volatility expectations",
+    ],
+    "aaa": [
+        "Aaa-rated corporate bonds",
+        "top-rated corporate debt",
+        "Moody's Aaa corporate bonds",
+        "the highest-rated corporate bonds",
+        "triple-A corporate bonds",
+        "gilt-edged corporate issues",
+        "blue-chip corporate bonds",
+    ],
+    "baa": [
+        "Baa-rated bonds",
+        "Moody's Baa corporate bonds",
+        "bonds on the lowest investment-grade rung",
+        "Baa corporate debt",
+        "medium-grade corporate bonds",
+        "lower-rated investment-grade paper",
+    ],
+    "spread": [
+        "the Baa-Aaa spread",
+        "the gap between Baa and Aaa yields",
+        "the credit spread",
+        "the default spread",
+        "the quality spread",
+        "the extra yield on Baa debt over Aaa",
+        "the risk premium on Baa bonds",
+    ],
+    "borrowing": [
+        "corporate borrowing costs",
+        "companies' borrowing costs",
+        "the cost of corporate credit",
+        "long-term corporate financing costs",
+    ],
+    "core": [
+        "core consumer prices",
+        "the core consumer price index",
+        "core CPI",
+        "consumer prices excluding food and energy",
+        "underlying consumer prices",
+        "core inflation",
+        "the core cost of living",
+    ],
+    "economy": [
+        "the U.S. economy",
+        "the economy",
+        "U.S. output",
+        "American economic output",
+        "the nation's economy",
+        "the world's largest economy",
+    ],
     "gdp": ["real GDP", "real gross domestic product", "inflation-adjusted output", "real economic output"],
     "jobless": ["the unemployment rate", "the jobless rate", "the share of the labor force out of work"],
-    "consumers": ["consumer spending", "household consumption", "personal consumption", "spending by "
-                                                                                        "consumers",
-                  "household outlays", "shoppers' spending"],
-    "invest": ["real private investment", "gross private domestic investment", "private investment spending",
-               "capital spending by businesses and households"],
-    "govt": ["federal government spending", "federal outlays on consumption and investment",
-             "Washington's own spending"],
-    "m1": ["the M1 money supply", "the M1 money stock", "narrow money, M1,", "M1, currency plus checking "
-                                                                             "deposits,"],
-    "tbill": ["the three-month Treasury bill rate", "the three-month T-bill yield", "the 3-month bill rate",
-              "the yield on three-month Treasury bills"],
-    "smallcaps": ["small-cap stocks", "smaller companies", "small caps", "shares of smaller companies",
-                  "small-company stocks", "smaller listed firms"],
-    "largecaps": ["large caps", "large-cap stocks", "bigger companies", "large companies",
-                  "megacaps and other large "
-                  "firms", "large-company shares"],
-    "value": ["value stocks", "value shares", "stocks with high book-to-market ratios", "cheaper value names",
-              "bargain-priced value stocks"],
-    "growth": ["growth stocks", "growth shares", "stocks with low book-to-market ratios", "pricier growth names",
-               "richly valued growth stocks"],
-    "market": ["the broad U.S. stock market", "the total U.S. market", "the overall market",
-               "the U.S. stock market as a whole", "the value-weighted market portfolio"],
-    "bills": ["one-month Treasury bills", "one-month T-bills", "cash in one-month bills",
-              "short-dated Treasury bills"],
+    "consumers": [
+        "consumer spending",
+        "household consumption",
+        "personal consumption",
+        "spending by consumers",
+        "household outlays",
+        "shoppers' spending",
+    ],
+    "invest": [
+        "real private investment",
+        "gross private domestic investment",
+        "private investment spending",
+        "capital spending by businesses and households",
+    ],
+    "govt": [
+        "federal government spending",
+        "federal outlays on consumption and investment",
+        "Washington's own spending",
+    ],
+    "m1": [
+        "the M1 money supply",
+        "the M1 money stock",
+        "narrow money, M1,",
+        "M1, currency plus checking deposits,",
+    ],
+    "tbill": [
+        "the three-month Treasury bill rate",
+        "the three-month T-bill yield",
+        "the 3-month bill rate",
+        "the yield on three-month Treasury bills",
+    ],
+    "smallcaps": [
+        "small-cap stocks",
+        "smaller companies",
+        "small caps",
+        "shares of smaller companies",
+        "small-company stocks",
+        "smaller listed firms",
+    ],
+    "largecaps": [
+        "large caps",
+        "large-cap stocks",
+        "bigger companies",
+        "large companies",
+        "megacaps and other large firms",
+        "large-company shares",
+    ],
+    "value": [
+        "value stocks",
+        "value shares",
+        "stocks with high book-to-market ratios",
+        "cheaper value names",
+        "bargain-priced value stocks",
+    ],
+    "growth": [
+        "growth stocks",
+        "growth shares",
+        "stocks with low book-to-market ratios",
+        "pricier growth names",
+        "richly valued growth stocks",
+    ],
+    "market": [
+        "the broad U.S. stock market",
+        "the total U.S. market",
+        "the overall market",
+        "the U.S. stock market as a whole",
+        "the value-weighted market portfolio",
+    ],
+    "bills": [
+        "one-month Treasury bills",
+        "one-month T-bills",
+        "cash in one-month bills",
+        "short-dated Treasury bills",
+    ],
     "data": ["figures", "data", "numbers", "statistics"],
     "showed": ["showed", "indicated", "revealed"],
     "compared": ["compared with", "versus", "against"],
@@ -456,8 +631,9 @@ class Pen:
         return "".join(out)
 
 
-def article(pen: Pen, headline: str, dateline: str, lede: str, items: list, keep: float = 0.85,
-            most: int = 12) -> str:
+def article(
+    pen: Pen, headline: str, dateline: str, lede: str, items: list, keep: float = 0.85, most: int = 12
+) -> str:
     """Headline line, dateline + lede line, then the body items (a random subset, roughly in their
     order of importance, neighbours sometimes swapped) packed into paragraphs of one to three
     sentences, one paragraph per line: a document holds no blank line."""
@@ -506,36 +682,112 @@ class Tiers:
         self.flat, self.small, self.mid, self.big = flat, small, mid, big
 
 
-EQUITY, OIL, VIXT, MONTH = Tiers(0.05, 0.5, 1.5, 3.0), Tiers(0.1, 1.0, 2.5, 5.0), Tiers(0.5, 3.0, 8.0, 15.0), \
-    Tiers(0.1, 1.0, 4.0, 8.0)
+EQUITY, OIL, VIXT, MONTH = (
+    Tiers(0.05, 0.5, 1.5, 3.0),
+    Tiers(0.1, 1.0, 2.5, 5.0),
+    Tiers(0.5, 3.0, 8.0, 15.0),
+    Tiers(0.1, 1.0, 4.0, 8.0),
+)
 
-UP = [[("edge up", "edged up"), ("inch higher", "inched higher"), ("tick up", "ticked up"),
-       ("creep higher", "crept higher"), ("edge higher", "edged higher"), ("nudge higher", "nudged higher"),
-       ("drift higher", "drifted higher"), ("tick higher", "ticked higher")],
-      [("rise", "rose"), ("gain", "gained"), ("advance", "advanced"), ("climb", "climbed"), ("firm", "firmed"),
-       ("push higher", "pushed higher"), ("move up", "moved up"), ("strengthen", "strengthened"),
-       ("appreciate", "appreciated"), ("grind higher", "ground higher")],
-      [("jump", "jumped"), ("rally", "rallied"), ("surge", "surged"), ("climb sharply", "climbed sharply"),
-       ("rise sharply", "rose sharply"), ("race higher", "raced higher"), ("spring higher", "sprang higher"),
-       ("bound higher", "bounded higher"), ("shoot up", "shot up")],
-      [("soar", "soared"), ("rocket", "rocketed"), ("leap", "leapt"), ("rally sharply", "rallied sharply"),
-       ("spike higher", "spiked higher"), ("skyrocket", "skyrocketed"), ("vault higher", "vaulted higher"),
-       ("zoom higher", "zoomed higher")]]
-DOWN = [[("edge down", "edged down"), ("slip", "slipped"), ("dip", "dipped"), ("ease", "eased"),
-         ("edge lower", "edged lower"), ("drift lower", "drifted lower"), ("tick down", "ticked down"),
-         ("inch lower", "inched lower"), ("sag slightly", "sagged slightly")],
-        [("fall", "fell"), ("decline", "declined"), ("retreat", "retreated"), ("weaken", "weakened"),
-         ("drop", "dropped"), ("move down", "moved down"), ("soften", "softened"), ("sag", "sagged"),
-         ("back off", "backed off"), ("pull back", "pulled back")],
-        [("slide", "slid"), ("sink", "sank"), ("fall sharply", "fell sharply"), ("skid", "skidded"),
-         ("slump", "slumped"), ("drop sharply", "dropped sharply"), ("buckle", "buckled"),
-         ("stumble", "stumbled"), ("swoon", "swooned")],
-        [("tumble", "tumbled"), ("plunge", "plunged"), ("plummet", "plummeted"), ("dive", "dived"),
-         ("crater", "cratered"), ("sink sharply", "sank sharply"), ("collapse", "collapsed"),
-         ("nosedive", "nosedived"), ("crash", "crashed")]]
-FLAT = [("hold steady", "held steady"), ("end little changed", "ended little changed"),
-        ("barely budge", "barely budged"), ("end flat", "ended flat"),
-        ("hover near unchanged", "hovered near unchanged")]
+UP = [
+    [
+        ("edge up", "edged up"),
+        ("inch higher", "inched higher"),
+        ("tick up", "ticked up"),
+        ("creep higher", "crept higher"),
+        ("edge higher", "edged higher"),
+        ("nudge higher", "nudged higher"),
+        ("drift higher", "drifted higher"),
+        ("tick higher", "ticked higher"),
+    ],
+    [
+        ("rise", "rose"),
+        ("gain", "gained"),
+        ("advance", "advanced"),
+        ("climb", "climbed"),
+        ("firm", "firmed"),
+        ("push higher", "pushed higher"),
+        ("move up", "moved up"),
+        ("strengthen", "strengthened"),
+        ("appreciate", "appreciated"),
+        ("grind higher", "ground higher"),
+    ],
+    [
+        ("jump", "jumped"),
+        ("rally", "rallied"),
+        ("surge", "surged"),
+        ("climb sharply", "climbed sharply"),
+        ("rise sharply", "rose sharply"),
+        ("race higher", "raced higher"),
+        ("spring higher", "sprang higher"),
+        ("bound higher", "bounded higher"),
+        ("shoot up", "shot up"),
+    ],
+    [
+        ("soar", "soared"),
+        ("rocket", "rocketed"),
+        ("leap", "leapt"),
+        ("rally sharply", "rallied sharply"),
+        ("spike higher", "spiked higher"),
+        ("skyrocket", "skyrocketed"),
+        ("vault higher", "vaulted higher"),
+        ("zoom higher", "zoomed higher"),
+    ],
+]
+DOWN = [
+    [
+        ("edge down", "edged down"),
+        ("slip", "slipped"),
+        ("dip", "dipped"),
+        ("ease", "eased"),
+        ("edge lower", "edged lower"),
+        ("drift lower", "drifted lower"),
+        ("tick down", "ticked down"),
+        ("inch lower", "inched lower"),
+        ("sag slightly", "sagged slightly"),
+    ],
+    [
+        ("fall", "fell"),
+        ("decline", "declined"),
+        ("retreat", "retreated"),
+        ("weaken", "weakened"),
+        ("drop", "dropped"),
+        ("move down", "moved down"),
+        ("soften", "softened"),
+        ("sag", "sagged"),
+        ("back off", "backed off"),
+        ("pull back", "pulled back"),
+    ],
+    [
+        ("slide", "slid"),
+        ("sink", "sank"),
+        ("fall sharply", "fell sharply"),
+        ("skid", "skidded"),
+        ("slump", "slumped"),
+        ("drop sharply", "dropped sharply"),
+        ("buckle", "buckled"),
+        ("stumble", "stumbled"),
+        ("swoon", "swooned"),
+    ],
+    [
+        ("tumble", "tumbled"),
+        ("plunge", "plunged"),
+        ("plummet", "plummeted"),
+        ("dive", "dived"),
+        ("crater", "cratered"),
+        ("sink sharply", "sank sharply"),
+        ("collapse", "collapsed"),
+        ("nosedive", "nosedived"),
+        ("crash", "crashed"),
+    ],
+]
+FLAT = [
+    ("hold steady", "held steady"),
+    ("end little changed", "ended little changed"),
+    ("barely budge", "barely budged"),
+    ("end flat", "ended flat"),
+    ("hover near unchanged", "hovered near unchanged"),
+]
 
 
 def verb(pen: Pen, x: float, t: Tiers) -> tuple[str, str]:
@@ -566,8 +818,9 @@ def moved(pen: Pen, x: float, t: Tiers, amount: str, level: str | None = None) -
     """'rose 12.34 points, or 1.23%, to 1,234.56', or for a move that rounds to nothing
     'was little changed at 1,234.56 (+0.01%)'."""
     if abs(x) < t.flat:
-        s = pen.choice(["was little changed", "ended nearly flat", "barely moved", "was essentially "
-                                                                                   "unchanged"])
+        s = pen.choice(
+            ["was little changed", "ended nearly flat", "barely moved", "was essentially unchanged"]
+        )
         return f"{s} at {level} ({fsp(x)})" if level else f"{s} ({fsp(x)})"
     v = verb(pen, x, t)[1]
     if level is None:
@@ -575,10 +828,12 @@ def moved(pen: Pen, x: float, t: Tiers, amount: str, level: str | None = None) -
     return f"{v} {amount}, to {level}" if "," in amount else f"{v} {amount} to {level}"
 
 
-ADVERBS = [["slightly ", "marginally ", "fractionally ", "a touch ", "modestly ", "narrowly "],
-           ["", "solidly ", "firmly ", "noticeably ", "comfortably ", "moderately "],
-           ["sharply ", "steeply ", "markedly ", "substantially ", "significantly ", "decisively "],
-           ["dramatically ", "massively ", "violently ", "drastically ", "hugely ", "spectacularly "]]
+ADVERBS = [
+    ["slightly ", "marginally ", "fractionally ", "a touch ", "modestly ", "narrowly "],
+    ["", "solidly ", "firmly ", "noticeably ", "comfortably ", "moderately "],
+    ["sharply ", "steeply ", "markedly ", "substantially ", "significantly ", "decisively "],
+    ["dramatically ", "massively ", "violently ", "drastically ", "hugely ", "spectacularly "],
+]
 
 
 def adverb(pen: Pen, x: float, t: Tiers) -> str:
@@ -594,9 +849,10 @@ def head_verb(pen: Pen, x: float, t: Tiers, plural: bool) -> str:
     return base if plural else third(base)
 
 
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                "fifteen "
-                "sixteen seventeen eighteen nineteen").split()
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
 TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -658,10 +914,26 @@ def equity_facts(cx: Ctx, i: int) -> dict:
     sp, nq, s = cx.sp, cx.nq, cx.sps
     d, pd = cx.dates[i], cx.dates[i - 1]
     c, pc = sp.cols["close"][i], sp.cols["close"][i - 1]
-    f = dict(i=i, d=d, pd=pd, wd=WEEKDAYS[d.weekday()], c=c, pc=pc, r=s.ret[i], pts=c - pc,
-             o=sp.cols["open"][i], h=sp.cols["high"][i], l=sp.cols["low"][i], v=sp.cols["volume"][i],
-             nc=nq.cols["close"][i], nr=cx.nqs.ret[i], npts=nq.cols["close"][i] - nq.cols["close"][i - 1],
-             streak=s.streak[i], new_high=s.hi252[i] == i, new_low=s.lo252[i] == i)
+    f = dict(
+        i=i,
+        d=d,
+        pd=pd,
+        wd=WEEKDAYS[d.weekday()],
+        c=c,
+        pc=pc,
+        r=s.ret[i],
+        pts=c - pc,
+        o=sp.cols["open"][i],
+        h=sp.cols["high"][i],
+        l=sp.cols["low"][i],
+        v=sp.cols["volume"][i],
+        nc=nq.cols["close"][i],
+        nr=cx.nqs.ret[i],
+        npts=nq.cols["close"][i] - nq.cols["close"][i - 1],
+        streak=s.streak[i],
+        new_high=s.hi252[i] == i,
+        new_low=s.lo252[i] == i,
+    )
     f["range"] = (f["h"] - f["l"]) / pc * 100.0
     f["cross200"] = 0
     if s.ma[200][i - 1] is not None:
@@ -669,8 +941,10 @@ def equity_facts(cx: Ctx, i: int) -> dict:
         f["cross200"] = (1 if after > 0 else -1) if before * after < 0 else 0
     f["big_since"] = last_bigger_move(s.ret, i) if abs(f["r"]) >= 1.5 else "skip"
     f["high_since"] = last_beyond(s.c, i, True) if f["new_high"] else None
-    m, y = cx.period_start(i, lambda a, b: (a.year, a.month) == (b.year, b.month)), \
-        cx.period_start(i, lambda a, b: a.year == b.year)
+    m, y = (
+        cx.period_start(i, lambda a, b: (a.year, a.month) == (b.year, b.month)),
+        cx.period_start(i, lambda a, b: a.year == b.year),
+    )
     f["mtd"] = pct(c, s.c[m]) if m is not None else None
     f["ytd"] = pct(c, s.c[y]) if y is not None else None
     return f
@@ -683,46 +957,124 @@ def moves_pts(pen: Pen, x: float, pts: float, level: float) -> str:
 
 def equity_headline(pen: Pen, f: dict) -> str:
     r, nr = f["r"], f["nr"]
-    subj, plural = pen.choice([("Stocks", True), ("U.S. stocks", True), ("Wall Street", False), ("S&P 500", False),
-                               ("Equities", True), ("Shares", True), ("U.S. equities", True)])
+    subj, plural = pen.choice(
+        [
+            ("Stocks", True),
+            ("U.S. stocks", True),
+            ("Wall Street", False),
+            ("S&P 500", False),
+            ("Equities", True),
+            ("Shares", True),
+            ("U.S. equities", True),
+        ]
+    )
     v = head_verb(pen, r, EQUITY, plural)
-    if f["new_high"] and f["high_since"] is None:
-        return pen.say(["S&P 500 closes at highest level since at least 1999",
-                        "{s} {v} as S&P 500 sets a closing high", "S&P 500 tops its previous peak, ends at "
-                                                                  "{c}"],
-                       s=subj, v=v, c=f2(f["c"]))
-    if f["new_high"] and pen.chance(0.7):
-        return pen.say(["S&P 500 ends at 52-week high", "{s} {v}, lifting S&P 500 to highest close since "
-                                                        "{hd}",
-                        "S&P 500 climbs to best finish since {hd}"],
-                       s=subj, v=v, hd=short_date(f["dates"][f["high_since"]]))
-    if f["new_low"] and pen.chance(0.7):
-        return pen.say(["S&P 500 sinks to 52-week low", "{s} {v}; S&P 500 ends at lowest in a year",
-                        "S&P 500 closes at 52-week low of {c}"], s=subj, v=v, c=f2(f["c"]))
-    if abs(f["streak"]) >= 4 and pen.chance(0.6):
-        w = "winning" if f["streak"] > 0 else "losing"
-        return pen.say(["S&P 500 extends {w} streak to {n} sessions", "{s} {v} for {o} straight session",
-                        "{s} stretch {w} run to {n} days"] if plural else
-                       ["S&P 500 extends {w} streak to {n} sessions", "{s} {v} for {o} straight session"],
-                       w=w, n=abs(f["streak"]), o=ordinal(abs(f["streak"])), s=subj, v=v)
-    if f["cross200"] and pen.chance(0.7):
-        return pen.choice(["S&P 500 climbs back above its 200-day average", "S&P 500 reclaims 200-day "
-                                                                            "moving average"]
-                          if f["cross200"] > 0 else
-                          ["S&P 500 breaks below its 200-day average", "S&P 500 slips under 200-day moving "
-                                                                       "average"])
-    if f["big_since"] != "skip" and f["big_since"] is not None and f["i"] - f["big_since"] >= 20:
-        return pen.say("{s} {v} {p}, biggest {gl} since {bd}", s=subj, v=v, p=hpct(r),
-                       gl="gain" if r > 0 else "drop", bd=short_date(f["dates"][f["big_since"]]))
+    event = equity_event_headline(pen, f, subj, v, plural)
+    if event is not None:
+        return event
     nv = head_verb(pen, nr, EQUITY, False)
     if abs(r) < EQUITY.flat:
-        return pen.say(["{s} {v} on {wd}", "{s} {v} as Nasdaq {nv} {np}", "S&P 500 {sv} at {c}"],
-                       s=subj, v=v, wd=f["wd"], nv=nv, np=hpct(nr), sv=head_verb(pen, r, EQUITY, False), c=f2(f["c"]))
-    return pen.say(["{s} {v} on {wd}", "{s} {v} as Nasdaq {nv} {np}", "S&P 500 {sv} {p} to {c}",
-                    "{s} {v}; Nasdaq {nv}", "{s} {v} in {adj} trade", "Nasdaq {nv} {np}, S&P 500 {sv} {p}",
-                    "{s} {v}, S&P 500 ends at {c}"],
-                   s=subj, v=v, wd=f["wd"], nv=nv, np=hpct(nr), sv=head_verb(pen, r, EQUITY, False), p=hpct(r),
-                   c=f2(f["c"]), adj=day_adjective(f))
+        return pen.say(
+            ["{s} {v} on {wd}", "{s} {v} as Nasdaq {nv} {np}", "S&P 500 {sv} at {c}"],
+            s=subj,
+            v=v,
+            wd=f["wd"],
+            nv=nv,
+            np=hpct(nr),
+            sv=head_verb(pen, r, EQUITY, False),
+            c=f2(f["c"]),
+        )
+    return pen.say(
+        [
+            "{s} {v} on {wd}",
+            "{s} {v} as Nasdaq {nv} {np}",
+            "S&P 500 {sv} {p} to {c}",
+            "{s} {v}; Nasdaq {nv}",
+            "{s} {v} in {adj} trade",
+            "Nasdaq {nv} {np}, S&P 500 {sv} {p}",
+            "{s} {v}, S&P 500 ends at {c}",
+        ],
+        s=subj,
+        v=v,
+        wd=f["wd"],
+        nv=nv,
+        np=hpct(nr),
+        sv=head_verb(pen, r, EQUITY, False),
+        p=hpct(r),
+        c=f2(f["c"]),
+        adj=day_adjective(f),
+    )
+
+
+def equity_event_headline(pen: Pen, f: dict, subj: str, v: str, plural: bool) -> str | None:
+    """A headline about a new high or low, a streak, a crossing of the 200-day average or the biggest
+    move in a while; None on a day without one (or when the pen passes it over)."""
+    r = f["r"]
+    if f["new_high"] and f["high_since"] is None:
+        return pen.say(
+            [
+                "S&P 500 closes at highest level since at least 1999",
+                "{s} {v} as S&P 500 sets a closing high",
+                "S&P 500 tops its previous peak, ends at {c}",
+            ],
+            s=subj,
+            v=v,
+            c=f2(f["c"]),
+        )
+    if f["new_high"] and pen.chance(0.7):
+        return pen.say(
+            [
+                "S&P 500 ends at 52-week high",
+                "{s} {v}, lifting S&P 500 to highest close since {hd}",
+                "S&P 500 climbs to best finish since {hd}",
+            ],
+            s=subj,
+            v=v,
+            hd=short_date(f["dates"][f["high_since"]]),
+        )
+    if f["new_low"] and pen.chance(0.7):
+        return pen.say(
+            [
+                "S&P 500 sinks to 52-week low",
+                "{s} {v}; S&P 500 ends at lowest in a year",
+                "S&P 500 closes at 52-week low of {c}",
+            ],
+            s=subj,
+            v=v,
+            c=f2(f["c"]),
+        )
+    if abs(f["streak"]) >= 4 and pen.chance(0.6):
+        w = "winning" if f["streak"] > 0 else "losing"
+        return pen.say(
+            [
+                "S&P 500 extends {w} streak to {n} sessions",
+                "{s} {v} for {o} straight session",
+                "{s} stretch {w} run to {n} days",
+            ]
+            if plural
+            else ["S&P 500 extends {w} streak to {n} sessions", "{s} {v} for {o} straight session"],
+            w=w,
+            n=abs(f["streak"]),
+            o=ordinal(abs(f["streak"])),
+            s=subj,
+            v=v,
+        )
+    if f["cross200"] and pen.chance(0.7):
+        return pen.choice(
+            ["S&P 500 climbs back above its 200-day average", "S&P 500 reclaims 200-day moving average"]
+            if f["cross200"] > 0
+            else ["S&P 500 breaks below its 200-day average", "S&P 500 slips under 200-day moving average"]
+        )
+    if f["big_since"] != "skip" and f["big_since"] is not None and f["i"] - f["big_since"] >= 20:
+        return pen.say(
+            "{s} {v} {p}, biggest {gl} since {bd}",
+            s=subj,
+            v=v,
+            p=hpct(r),
+            gl="gain" if r > 0 else "drop",
+            bd=short_date(f["dates"][f["big_since"]]),
+        )
+    return None
 
 
 def day_adjective(f: dict) -> str:
@@ -735,70 +1087,145 @@ def day_adjective(f: dict) -> str:
 
 
 def equity_lede(pen: Pen, f: dict) -> str:
-    kw = dict(wd=f["wd"], mv=moves_pts(pen, f["r"], f["pts"], f["c"]), c=f2(f["c"]), pc=f2(f["pc"]),
-              hl=higher_lower(f["r"]), pr=fp(f["r"]), prior=prior_close(f["d"], f["pd"]),
-              nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])), adj=day_adjective(f),
-              ud=up_down(f["r"]), pts=f2(abs(f["pts"])), adv=adverb(pen, f["r"], EQUITY))
-    return pen.say([
-        "{Stocks} {ended} {adv}{hl} on {wd}, as {spx} {mv}.",
-        "{Spx} {mv} on {wd}, while {ndx} {nmv}.",
-        "{Stocks} {ended} {adv}{hl} in a {adj} {wd} {session}. {Spx} {mv}, and {ndx} {nmv}.",
-        "{Spx} {ended} at {c} on {wd}, {ud} {pts} points, or {pr}, from {prior} of {pc}.",
-        "A {adj} {session} on {wd} left {spx} at {c}: {index} {mv}.",
-        "{Stocks} {ended} {adv}{hl} on {wd}. {Spx} {mv} and {ndx} {nmv}.",
-        "It was a {adj} {session} for {stocks} on {wd}: {spx} {mv}, and {ndx} {nmv}.",
-        "{Spx} {mv} on {wd} as {stocks} {ended} {adv}{hl}.",
-        "U.S. stock indexes {ended} {adv}{hl} on {wd}, with {spx} finishing at {c}, {ud} {pr} from {prior}.",
-    ], **kw)
+    kw = dict(
+        wd=f["wd"],
+        mv=moves_pts(pen, f["r"], f["pts"], f["c"]),
+        c=f2(f["c"]),
+        pc=f2(f["pc"]),
+        hl=higher_lower(f["r"]),
+        pr=fp(f["r"]),
+        prior=prior_close(f["d"], f["pd"]),
+        nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])),
+        adj=day_adjective(f),
+        ud=up_down(f["r"]),
+        pts=f2(abs(f["pts"])),
+        adv=adverb(pen, f["r"], EQUITY),
+    )
+    return pen.say(
+        [
+            "{Stocks} {ended} {adv}{hl} on {wd}, as {spx} {mv}.",
+            "{Spx} {mv} on {wd}, while {ndx} {nmv}.",
+            "{Stocks} {ended} {adv}{hl} in a {adj} {wd} {session}. {Spx} {mv}, and {ndx} {nmv}.",
+            "{Spx} {ended} at {c} on {wd}, {ud} {pts} points, or {pr}, from {prior} of {pc}.",
+            "A {adj} {session} on {wd} left {spx} at {c}: {index} {mv}.",
+            "{Stocks} {ended} {adv}{hl} on {wd}. {Spx} {mv} and {ndx} {nmv}.",
+            "It was a {adj} {session} for {stocks} on {wd}: {spx} {mv}, and {ndx} {nmv}.",
+            "{Spx} {mv} on {wd} as {stocks} {ended} {adv}{hl}.",
+            "U.S. stock indexes {ended} {adv}{hl} on {wd}, with {spx} finishing at {c}, {ud} {pr} from "
+            "{prior}.",
+        ],
+        **kw,
+    )
 
 
 def equity_range_items(pen: Pen, f: dict) -> list[str]:
-    out = [pen.say([
-        "{Index} traded between {l} and {h}, an intraday range of {rp} of the previous close.",
-        "{Spx} opened at {o}, touched a {highword} of {h} and a {lowword} of {l}.",
-        "The day's range ran from {l} to {h}, or {rp} of the prior close, after an open of {o}.",
-        "Intraday, {index} swung {rp} between a {lowword} of {l} and a {highword} of {h}.",
-        "From an open of {o}, {index} moved as high as {h} and as low as {l} before the close.",
-    ], o=f2(f["o"]), h=f2(f["h"]), l=f2(f["l"]), rp=fp(f["range"]))]
+    out = [
+        pen.say(
+            [
+                "{Index} traded between {l} and {h}, an intraday range of {rp} of the previous close.",
+                "{Spx} opened at {o}, touched a {highword} of {h} and a {lowword} of {l}.",
+                "The day's range ran from {l} to {h}, or {rp} of the prior close, after an open of {o}.",
+                "Intraday, {index} swung {rp} between a {lowword} of {l} and a {highword} of {h}.",
+                "From an open of {o}, {index} moved as high as {h} and as low as {l} before the close.",
+            ],
+            o=f2(f["o"]),
+            h=f2(f["h"]),
+            l=f2(f["l"]),
+            rp=fp(f["range"]),
+        )
+    ]
     gap = pct(f["o"], f["pc"])
     if abs(gap) >= 0.5:
-        out.append(pen.say([
-            "{Index} gapped {ud} at the open, starting {g} away from {prior}.",
-            "The open at {o} was {g} {hl} than {prior}.",
-            "{Stocks} opened {hl}, with {spx} starting the {session} at {o}, {g} from {prior}.",
-        ], ud=up_down(gap), g=fp(gap), o=f2(f["o"]), hl=higher_lower(gap), prior=prior_close(f["d"], f["pd"])))
+        out.append(
+            pen.say(
+                [
+                    "{Index} gapped {ud} at the open, starting {g} away from {prior}.",
+                    "The open at {o} was {g} {hl} than {prior}.",
+                    "{Stocks} opened {hl}, with {spx} starting the {session} at {o}, {g} from {prior}.",
+                ],
+                ud=up_down(gap),
+                g=fp(gap),
+                o=f2(f["o"]),
+                hl=higher_lower(gap),
+                prior=prior_close(f["d"], f["pd"]),
+            )
+        )
     return out
 
 
 def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
     diff = f["nr"] - f["r"]
-    rel = pen.choice(["outperforming", "beating", "outpacing"]) if diff > 0 else \
-        pen.choice(["underperforming", "lagging", "trailing"])
-    out = [pen.say(["The Nasdaq's move left it {rel} {spx} by {dpp}.", "{Ndx} ended {dpp} {ab} {spx} on the "
-                                                                       "day."],
-                   rel=rel, dpp=fpp(diff), ab="ahead of" if diff > 0 else "behind")] if in_lede else [pen.say([
-        "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
-        "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, {rel} the broader market by {dpp}.",
-        "{Ndx} {ended} at {nc}, {ud} {npts} points, or {npr}.",
-        "Technology-heavy shares {hl2} too: {ndx} {nmv}.",
-    ], nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])), rel=rel, dpp=fpp(diff), nc=f2(f["nc"]),
-        ud=up_down(f["nr"]), npr=fp(f["nr"]), npts=f2(abs(f["npts"])),
-        hl2="moved higher" if f["nr"] > 0 else "moved lower")]
+    rel = (
+        pen.choice(["outperforming", "beating", "outpacing"])
+        if diff > 0
+        else pen.choice(["underperforming", "lagging", "trailing"])
+    )
+    out = (
+        [
+            pen.say(
+                [
+                    "The Nasdaq's move left it {rel} {spx} by {dpp}.",
+                    "{Ndx} ended {dpp} {ab} {spx} on the day.",
+                ],
+                rel=rel,
+                dpp=fpp(diff),
+                ab="ahead of" if diff > 0 else "behind",
+            )
+        ]
+        if in_lede
+        else [
+            pen.say(
+                [
+                    "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
+                    "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, {rel} the broader market by "
+                    "{dpp}.",
+                    "{Ndx} {ended} at {nc}, {ud} {npts} points, or {npr}.",
+                    "Technology-heavy shares {hl2} too: {ndx} {nmv}.",
+                ],
+                nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])),
+                rel=rel,
+                dpp=fpp(diff),
+                nc=f2(f["nc"]),
+                ud=up_down(f["nr"]),
+                npr=fp(f["nr"]),
+                npts=f2(abs(f["npts"])),
+                hl2="moved higher" if f["nr"] > 0 else "moved lower",
+            )
+        ]
+    )
     i = f["i"]
     if i > 21:
         rel20 = pct(cx.nqs.c[i], cx.nqs.c[i - 21]) - pct(cx.sps.c[i], cx.sps.c[i - 21])
         if abs(rel20) >= 2 and pen.chance(0.5):
-            out.append(pen.say([
-                "Over the past 21 sessions {ndx} has {w} {spx} by {pp}.",
-                "The Nasdaq's {lead} over the S&P 500 across the last 21 sessions stands at {pp}.",
-            ], w="outperformed" if rel20 > 0 else "underperformed", pp=fpp(rel20),
-                lead="lead" if rel20 > 0 else "shortfall"))
+            out.append(
+                pen.say(
+                    [
+                        "Over the past 21 sessions {ndx} has {w} {spx} by {pp}.",
+                        "The Nasdaq's {lead} over the S&P 500 across the last 21 sessions stands at {pp}.",
+                    ],
+                    w="outperformed" if rel20 > 0 else "underperformed",
+                    pp=fpp(rel20),
+                    lead="lead" if rel20 > 0 else "shortfall",
+                )
+            )
     if cx.nqs.hi252[i] == i:
-        out.append(pen.choice(["The Nasdaq Composite closed at a 52-week high.",
-                               "The Nasdaq finished at its highest level in 52 weeks."]))
+        out.append(
+            pen.choice(
+                [
+                    "The Nasdaq Composite closed at a 52-week high.",
+                    "The Nasdaq finished at its highest level in 52 weeks.",
+                ]
+            )
+        )
     elif cx.nqs.lo252[i] == i:
-        out.append(pen.choice(["The Nasdaq Composite closed at a 52-week low.",
-                               "The Nasdaq ended at its lowest in 52 weeks."]))
+        out.append(
+            pen.choice(
+                [
+                    "The Nasdaq Composite closed at a 52-week low.",
+                    "The Nasdaq ended at its lowest in 52 weeks.",
+                ]
+            )
+        )
     return out
 
 
@@ -807,30 +1234,68 @@ def equity_shape_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
     out = []
     if f["h"] > f["l"]:
         loc = (f["c"] - f["l"]) / (f["h"] - f["l"])
-        where = "at the very top of" if loc >= 0.95 else "near the top of" if loc >= 0.75 else "at the very bottom " \
-            "of" if loc <= 0.05 else "near the bottom of" if loc <= 0.25 else "in the middle of"
-        out.append(pen.say(["{Index} closed {w} its intraday range.", "The close came {w} the day's range, "
-                            "between {l} and {h}.", "By the final bell {index} sat {w} its {session} range."],
-                           w=where, l=f2(f["l"]), h=f2(f["h"])))
+        where = (
+            "at the very top of"
+            if loc >= 0.95
+            else "near the top of"
+            if loc >= 0.75
+            else "at the very bottom of"
+            if loc <= 0.05
+            else "near the bottom of"
+            if loc <= 0.25
+            else "in the middle of"
+        )
+        out.append(
+            pen.say(
+                [
+                    "{Index} closed {w} its intraday range.",
+                    "The close came {w} the day's range, between {l} and {h}.",
+                    "By the final bell {index} sat {w} its {session} range.",
+                ],
+                w=where,
+                l=f2(f["l"]),
+                h=f2(f["h"]),
+            )
+        )
     oc = pct(f["c"], f["o"])
     if abs(oc) >= 0.3 and pen.chance(0.5):
-        out.append(pen.say(["From the opening bell to the close, {index} {mv}.",
-                            "Measured from the open at {o}, the day's {gw} was {a}."],
-                           mv=moved(pen, oc, EQUITY, fp(oc)), o=f2(f["o"]), gw="gain" if oc > 0 else "decline",
-                           a=fp(oc)))
+        out.append(
+            pen.say(
+                [
+                    "From the opening bell to the close, {index} {mv}.",
+                    "Measured from the open at {o}, the day's {gw} was {a}.",
+                ],
+                mv=moved(pen, oc, EQUITY, fp(oc)),
+                o=f2(f["o"]),
+                gw="gain" if oc > 0 else "decline",
+                a=fp(oc),
+            )
+        )
     i, ret = f["i"], cx.sps.ret
     if abs(f["r"]) >= 1.0:
         j = i - 1
         while j > 0 and abs(ret[j]) < 1.0:
             j -= 1
         if j > 0 and i - j >= 10:
-            out.append(pen.say(["It was the first move of 1% or more in either direction in {n} sessions.",
-                                "{Index} had not moved 1% or more in a {session} for {n} sessions."], n=i - j - 1))
+            out.append(
+                pen.say(
+                    [
+                        "It was the first move of 1% or more in either direction in {n} sessions.",
+                        "{Index} had not moved 1% or more in a {session} for {n} sessions.",
+                    ],
+                    n=i - j - 1,
+                )
+            )
         y0 = cx.period_start(i, lambda a, b: a.year == b.year)
         if abs(f["r"]) >= 2.0 and y0 is not None:
             n = sum(1 for k in range(y0 + 1, i + 1) if (ret[k] >= 2.0 if f["r"] > 0 else ret[k] <= -2.0))
-            out.append(pen.say("It was the {o} {w} of 2% or more this year.", o=ordinal(n) if n > 1 else "first",
-                               w="gain" if f["r"] > 0 else "decline"))
+            out.append(
+                pen.say(
+                    "It was the {o} {w} of 2% or more this year.",
+                    o=ordinal(n) if n > 1 else "first",
+                    w="gain" if f["r"] > 0 else "decline",
+                )
+            )
     return out
 
 
@@ -840,13 +1305,20 @@ def equity_volume_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
         return []
     vr = pct(f["v"], av)
     cmp_ = "in line with" if abs(vr) < 5 else f"{fp(vr)} {'above' if vr > 0 else 'below'}"
-    return [pen.say([
-        "{Turnover} reached {v}, {cmp} the 50-session average of {av}.",
-        "Some {v} changed hands, {cmp} the recent 50-day norm of {av}.",
-        "{Turnover} came to {v}, {cmp} its 50-day average of {av}.",
-        "{Turnover} was {light}: {v}, {cmp} the average of {av} over the previous 50 sessions.",
-    ], v=fvol(f["v"]), av=fvol(av), cmp=cmp_,
-        light="heavy" if vr >= 20 else "light" if vr <= -20 else "about normal")]
+    return [
+        pen.say(
+            [
+                "{Turnover} reached {v}, {cmp} the 50-session average of {av}.",
+                "Some {v} changed hands, {cmp} the recent 50-day norm of {av}.",
+                "{Turnover} came to {v}, {cmp} its 50-day average of {av}.",
+                "{Turnover} was {light}: {v}, {cmp} the average of {av} over the previous 50 sessions.",
+            ],
+            v=fvol(f["v"]),
+            av=fvol(av),
+            cmp=cmp_,
+            light="heavy" if vr >= 20 else "light" if vr <= -20 else "about normal",
+        )
+    ]
 
 
 def equity_trend_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
@@ -856,28 +1328,44 @@ def equity_trend_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
         return []
     out = []
     if f["cross200"]:
-        out.append(pen.say([
-            "The close took {index} {ab} its {ma200} of {m}, a level many trend followers watch.",
-            "With the move {spx} crossed {ab} its {ma200}, now at {m}.",
-        ], ab="above" if c > m200 else "below", m=f2(m200)))
+        out.append(
+            pen.say(
+                [
+                    "The close took {index} {ab} its {ma200} of {m}, a level many trend followers watch.",
+                    "With the move {spx} crossed {ab} its {ma200}, now at {m}.",
+                ],
+                ab="above" if c > m200 else "below",
+                m=f2(m200),
+            )
+        )
     else:
         d50, d200 = pct(c, m50), pct(c, m200)
-        out.append(pen.say([
-            "{Index} sits {a50} {ab50} its 50-day moving average of {m50} and {a200} {ab200} its {ma200} of "
-            "{m200}.",
-            "Against its trend lines, {spx} is {a200} {ab200} the 200-day moving average of {m200} and {a50} "
-            "{ab50} the 50-day of {m50}.",
-            "The 50-day moving average stands at {m50} and the 200-day at {m200}; the close is {a200} "
-            "{ab200} "
-            "the longer one.",
-        ], a50=fp(d50), ab50="above" if d50 >= 0 else "below", m50=f2(m50),
-            a200=fp(d200), ab200="above" if d200 >= 0 else "below", m200=f2(m200)))
+        out.append(
+            pen.say(
+                [
+                    "{Index} sits {a50} {ab50} its 50-day moving average of {m50} and {a200} {ab200} its "
+                    "{ma200} of {m200}.",
+                    "Against its trend lines, {spx} is {a200} {ab200} the 200-day moving average of {m200} "
+                    "and {a50} {ab50} the 50-day of {m50}.",
+                    "The 50-day moving average stands at {m50} and the 200-day at {m200}; the close is "
+                    "{a200} {ab200} "
+                    "the longer one.",
+                ],
+                a50=fp(d50),
+                ab50="above" if d50 >= 0 else "below",
+                m50=f2(m50),
+                a200=fp(d200),
+                ab200="above" if d200 >= 0 else "below",
+                m200=f2(m200),
+            )
+        )
     pm50, pm200 = s.ma[50][i - 1], s.ma[200][i - 1]
     if pm200 is not None and (pm50 - pm200) * (m50 - m200) < 0:
         up = m50 > m200
-        out.append(f"The 50-day average, at {f2(m50)}, crossed {'above' if up else 'below'} the 200-day "
-                   f"average "
-                   f"of {f2(m200)}, a pattern chartists call a {'golden' if up else 'death'} cross.")
+        out.append(
+            f"The 50-day average, at {f2(m50)}, crossed {'above' if up else 'below'} the 200-day "
+            f"average of {f2(m200)}, a pattern chartists call a {'golden' if up else 'death'} cross."
+        )
     return out
 
 
@@ -888,59 +1376,116 @@ def equity_peak_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
         return []
     if f["new_high"]:
         j = f["high_since"]
-        return [pen.say(["The close is a new 52-week high for {index}, and its highest {since}.",
-                         "That is the highest close in 52 weeks, and the best finish {since}."],
-                        since=since_phrase(dates, j, "January 1999"))]
+        return [
+            pen.say(
+                [
+                    "The close is a new 52-week high for {index}, and its highest {since}.",
+                    "That is the highest close in 52 weeks, and the best finish {since}.",
+                ],
+                since=since_phrase(dates, j, "January 1999"),
+            )
+        ]
     dd = pct(c, s.c[hi])
     if f["new_low"]:
-        return [pen.say([
-            "The close is the lowest in 52 weeks, {dd} below the 52-week high of {hv} set on {hd}.",
-            "{Index} finished at a 52-week low, {dd} under its {highword} of {hv} from {hd}.",
-        ], dd=fp(dd), hv=f2(s.c[hi]), hd=short_date(dates[hi]))]
-    zone = ", deep in bear-market territory" if dd <= -20 else ", in correction territory" if dd <= -10 else ""
-    out = [pen.say([
-        "{Spx} stands {dd} below its 52-week closing high of {hv}, set on {hd}{z}.",
-        "{Index} is {dd} off the 52-week {highword} of {hv} reached on {hd}{z}.",
-        "From the 52-week {highword} of {hv} on {hd}, the drawdown is {dd}{z}.",
-    ], dd=fp(dd), hv=f2(s.c[hi]), hd=short_date(dates[hi]), z=zone)]
+        return [
+            pen.say(
+                [
+                    "The close is the lowest in 52 weeks, {dd} below the 52-week high of {hv} set on {hd}.",
+                    "{Index} finished at a 52-week low, {dd} under its {highword} of {hv} from {hd}.",
+                ],
+                dd=fp(dd),
+                hv=f2(s.c[hi]),
+                hd=short_date(dates[hi]),
+            )
+        ]
+    zone = (
+        ", deep in bear-market territory" if dd <= -20 else ", in correction territory" if dd <= -10 else ""
+    )
+    out = [
+        pen.say(
+            [
+                "{Spx} stands {dd} below its 52-week closing high of {hv}, set on {hd}{z}.",
+                "{Index} is {dd} off the 52-week {highword} of {hv} reached on {hd}{z}.",
+                "From the 52-week {highword} of {hv} on {hd}, the drawdown is {dd}{z}.",
+            ],
+            dd=fp(dd),
+            hv=f2(s.c[hi]),
+            hd=short_date(dates[hi]),
+            z=zone,
+        )
+    ]
     pk = s.peak[i]
     if pk != hi and pct(c, s.c[pk]) <= -15 and pen.chance(0.5):
-        out.append(f"Measured from the highest close since January 1999, {f2(s.c[pk])} on "
-                   f"{short_date(dates[pk])}, {pen.say('{spx}')} is down {fp(pct(c, s.c[pk]))}.")
+        out.append(
+            f"Measured from the highest close since January 1999, {f2(s.c[pk])} on "
+            f"{short_date(dates[pk])}, {pen.say('{spx}')} is down {fp(pct(c, s.c[pk]))}."
+        )
     return out
 
 
 def equity_momentum_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
     out, k = [], f["streak"]
     if abs(k) >= 3:
-        out.append(pen.say([
-            "It was the {o} straight {w} for {spx}.",
-            "{Spx} has now closed {hl} for {n} sessions in a row.",
-            "That makes {n} consecutive {ws} for {index}.",
-        ], o=ordinal(abs(k)), w="gain" if k > 0 else "decline", ws="gains" if k > 0 else "declines",
-            hl=higher_lower(k), n=abs(k)))
+        out.append(
+            pen.say(
+                [
+                    "It was the {o} straight {w} for {spx}.",
+                    "{Spx} has now closed {hl} for {n} sessions in a row.",
+                    "That makes {n} consecutive {ws} for {index}.",
+                ],
+                o=ordinal(abs(k)),
+                w="gain" if k > 0 else "decline",
+                ws="gains" if k > 0 else "declines",
+                hl=higher_lower(k),
+                n=abs(k),
+            )
+        )
     j = f["big_since"]
     if j not in ("skip", None) and f["i"] - j >= 5:
-        out.append(pen.say([
-            "It was the biggest one-day percentage {gl} for {spx} since {bd}.",
-            "Not since {bd} had {index} {mv} by as much in a single {session}.",
-        ], gl="gain" if f["r"] > 0 else "drop", bd=short_date(cx.dates[j]),
-            mv="risen" if f["r"] > 0 else "fallen"))
+        out.append(
+            pen.say(
+                [
+                    "It was the biggest one-day percentage {gl} for {spx} since {bd}.",
+                    "Not since {bd} had {index} {mv} by as much in a single {session}.",
+                ],
+                gl="gain" if f["r"] > 0 else "drop",
+                bd=short_date(cx.dates[j]),
+                mv="risen" if f["r"] > 0 else "fallen",
+            )
+        )
     rv = cx.sps.vol20[f["i"]]
     if rv is not None:
-        out.append(pen.say([
-            "Twenty-day realized volatility is {rv} annualized, {a} {reg} reading.",
-            "Realized volatility over the past 20 sessions runs at {rv} on an annualized basis, which "
-            "counts as {reg}.",
-            "Measured over 20 sessions, the index's realized volatility is {rv} a year: {reg}.",
-        ], rv=fp(rv), reg=vol_regime(rv), a=a_an(vol_regime(rv))))
+        out.append(
+            pen.say(
+                [
+                    "Twenty-day realized volatility is {rv} annualized, {a} {reg} reading.",
+                    "Realized volatility over the past 20 sessions runs at {rv} on an annualized basis, "
+                    "which counts as {reg}.",
+                    "Measured over 20 sessions, the index's realized volatility is {rv} a year: {reg}.",
+                ],
+                rv=fp(rv),
+                reg=vol_regime(rv),
+                a=a_an(vol_regime(rv)),
+            )
+        )
     if f["mtd"] is not None and f["ytd"] is not None:
-        out.append(pen.say([
-            "Month to date {index} is {m}; year to date it is {y}.",
-            "For {mon}, {spx} is {m} {sofar}, and {y} since the start of {yr}.",
-            "That leaves {index} {yud} {ya} for the year and {mud} {ma} for the month.",
-        ], m=fsp(f["mtd"]), y=fsp(f["ytd"]), yud=up_down(f["ytd"]), ya=fp(f["ytd"]), mud=up_down(f["mtd"]),
-            ma=fp(f["mtd"]), mon=MONTHS[f["d"].month - 1], yr=f["d"].year))
+        out.append(
+            pen.say(
+                [
+                    "Month to date {index} is {m}; year to date it is {y}.",
+                    "For {mon}, {spx} is {m} {sofar}, and {y} since the start of {yr}.",
+                    "That leaves {index} {yud} {ya} for the year and {mud} {ma} for the month.",
+                ],
+                m=fsp(f["mtd"]),
+                y=fsp(f["ytd"]),
+                yud=up_down(f["ytd"]),
+                ya=fp(f["ytd"]),
+                mud=up_down(f["mtd"]),
+                ma=fp(f["mtd"]),
+                mon=MONTHS[f["d"].month - 1],
+                yr=f["d"].year,
+            )
+        )
     return out
 
 
@@ -949,20 +1494,39 @@ def equity_cross_asset_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
     oc = cx.wti.change(d)
     if oc:
         price, orr, _ = oc
-        s = pen.say(["{Meanwhile} {oil} {mv} {barrel}.", "In commodities, WTI crude {mv}.",
-                     "{Meanwhile} WTI crude {mv} {barrel}."], mv=moved(pen, orr, OIL, fp(orr), f"${f2(price)}"))
+        s = pen.say(
+            [
+                "{Meanwhile} {oil} {mv} {barrel}.",
+                "In commodities, WTI crude {mv}.",
+                "{Meanwhile} WTI crude {mv} {barrel}.",
+            ],
+            mv=moved(pen, orr, OIL, fp(orr), f"${f2(price)}"),
+        )
         if abs(orr) >= 1.0 and abs(r) >= 0.5 and pen.chance(0.7):
-            s += " " + ("Oil and stocks moved together on the day." if (orr > 0) == (r > 0)
-                        else "Oil and stocks moved in opposite directions on the day.")
+            s += " " + (
+                "Oil and stocks moved together on the day."
+                if (orr > 0) == (r > 0)
+                else "Oil and stocks moved in opposite directions on the day."
+            )
         out.append(s)
     vc = cx.vix.change(d)
     if vc:
         lv, _, ch = vc
-        out.append(pen.say([
-            "The CBOE Volatility Index (VIX) closed at {lv}, {ud} {ch} points, a level that reads as {reg}.",
-            "The VIX, Wall Street's fear gauge, {ud2} {ch} points to {lv}, which is {reg}.",
-            "Implied volatility, measured by the VIX, finished at {lv}, {ud} {ch} points: {reg}.",
-        ], lv=f2(lv), ud=up_down(ch), ud2="rose" if ch >= 0 else "fell", ch=f2(abs(ch)), reg=vix_regime(lv)))
+        out.append(
+            pen.say(
+                [
+                    "The CBOE Volatility Index (VIX) closed at {lv}, {ud} {ch} points, a level that reads as "
+                    "{reg}.",
+                    "The VIX, Wall Street's fear gauge, {ud2} {ch} points to {lv}, which is {reg}.",
+                    "Implied volatility, measured by the VIX, finished at {lv}, {ud} {ch} points: {reg}.",
+                ],
+                lv=f2(lv),
+                ud=up_down(ch),
+                ud2="rose" if ch >= 0 else "fell",
+                ch=f2(abs(ch)),
+                reg=vix_regime(lv),
+            )
+        )
     return out
 
 
@@ -971,10 +1535,16 @@ def equities_story(cx: Ctx, i: int) -> str:
     f["dates"] = cx.dates
     pen = Pen(f"equities:{f['d'].isoformat()}")
     head, lede = equity_headline(pen, f), equity_lede(pen, f)
-    items = (equity_nasdaq_items(pen, cx, f, f2(f["nc"]) in lede) + equity_range_items(pen, f)
-             + equity_peak_items(pen, cx, f)
-             + equity_momentum_items(pen, cx, f) + equity_shape_items(pen, cx, f) + equity_volume_items(pen, cx, f)
-             + equity_trend_items(pen, cx, f) + equity_cross_asset_items(pen, cx, f))
+    items = (
+        equity_nasdaq_items(pen, cx, f, f2(f["nc"]) in lede)
+        + equity_range_items(pen, f)
+        + equity_peak_items(pen, cx, f)
+        + equity_momentum_items(pen, cx, f)
+        + equity_shape_items(pen, cx, f)
+        + equity_volume_items(pen, cx, f)
+        + equity_trend_items(pen, cx, f)
+        + equity_cross_asset_items(pen, cx, f)
+    )
     if pen.chance(0.12):
         items.append(pen.choice(EVERGREEN["equities"]))
     return article(pen, head, dateline("NEW YORK", f["d"]), lede, items, keep=0.55, most=7)
@@ -986,10 +1556,14 @@ def equities_story(cx: Ctx, i: int) -> str:
 
 def oil_eventful(cx: Ctx, k: int) -> bool:
     s = cx.oils
-    return k > 0 and (abs(s.ret[k]) >= 4.0 or s.hi252[k] == k or s.lo252[k] == k or abs(s.streak[k]) >= 6
-                      or int(s.c[k] // 10) != int(s.c[k - 1] // 10) and abs(s.ret[k]) >= 1.0)
-
-
+    return k > 0 and (
+        abs(s.ret[k]) >= 4.0
+        or s.hi252[k] == k
+        or s.lo252[k] == k
+        or abs(s.streak[k]) >= 6
+        or int(s.c[k] // 10) != int(s.c[k - 1] // 10)
+        and abs(s.ret[k]) >= 1.0
+    )
 
 
 def oil_items(pen: Pen, cx: Ctx, k: int) -> list[str]:
@@ -997,40 +1571,79 @@ def oil_items(pen: Pen, cx: Ctx, k: int) -> list[str]:
     out = []
     if s.hi252[k] is not None:
         hi, lo = s.hi252[k], s.lo252[k]
-        out.append(pen.say([
-            "Over the past 52 weeks WTI has ranged from ${lo} on {lod} to ${hi} on {hid}.",
-            "The price sits {dh} below its 52-week {highword} of ${hi} and {dl} above the {lowword} of "
-            "${lo}.",
-        ], lo=f2(s.c[lo]), hi=f2(s.c[hi]), lod=short_date(cx.wti.dates[lo]), hid=short_date(cx.wti.dates[hi]),
-            dh=fp(pct(p, s.c[hi])), dl=fp(pct(p, s.c[lo]))))
+        out.append(
+            pen.say(
+                [
+                    "Over the past 52 weeks WTI has ranged from ${lo} on {lod} to ${hi} on {hid}.",
+                    "The price sits {dh} below its 52-week {highword} of ${hi} and {dl} above the {lowword} "
+                    "of ${lo}.",
+                ],
+                lo=f2(s.c[lo]),
+                hi=f2(s.c[hi]),
+                lod=short_date(cx.wti.dates[lo]),
+                hid=short_date(cx.wti.dates[hi]),
+                dh=fp(pct(p, s.c[hi])),
+                dl=fp(pct(p, s.c[lo])),
+            )
+        )
     if s.ma[200][k] is not None:
-        out.append(pen.say([
-            "{Oil} now trades {a} {ab} its 200-day moving average of ${m}.",
-            "The 200-day average for WTI stands at ${m}; the spot price is {a} {ab} it.",
-        ], a=fp(pct(p, s.ma[200][k])), ab="above" if p >= s.ma[200][k] else "below", m=f2(s.ma[200][k])))
+        out.append(
+            pen.say(
+                [
+                    "{Oil} now trades {a} {ab} its 200-day moving average of ${m}.",
+                    "The 200-day average for WTI stands at ${m}; the spot price is {a} {ab} it.",
+                ],
+                a=fp(pct(p, s.ma[200][k])),
+                ab="above" if p >= s.ma[200][k] else "below",
+                m=f2(s.ma[200][k]),
+            )
+        )
     if abs(s.streak[k]) >= 3:
-        out.append(pen.say("It was the {o} straight {w} for {oil}.", o=ordinal(abs(s.streak[k])),
-                           w="gain" if s.streak[k] > 0 else "decline"))
+        out.append(
+            pen.say(
+                "It was the {o} straight {w} for {oil}.",
+                o=ordinal(abs(s.streak[k])),
+                w="gain" if s.streak[k] > 0 else "decline",
+            )
+        )
     y0 = bisect.bisect_left(cx.wti.dates, dt.date(d.year, 1, 1)) - 1
     if y0 >= 0:
         ytd = pct(p, s.c[y0])
-        out.append(pen.say(["Year to date, {oil} is {up} {a}.", "{Oil} has {gl} {a} since the end of {py}."],
-                           up=up_down(ytd), a=fp(ytd), gl="gained" if ytd >= 0 else "lost", py=d.year - 1))
+        out.append(
+            pen.say(
+                ["Year to date, {oil} is {up} {a}.", "{Oil} has {gl} {a} since the end of {py}."],
+                up=up_down(ytd),
+                a=fp(ytd),
+                gl="gained" if ytd >= 0 else "lost",
+                py=d.year - 1,
+            )
+        )
     if s.vol20[k] is not None:
         out.append(pen.say("Twenty-day realized volatility in {oil} is {v} annualized.", v=fp(s.vol20[k])))
     i = cx.session.get(d)
     if i is not None and i > 0:
-        out.append(pen.say([
-            "In equities, {spx} {mv}.", "{Stocks} {ended} {hl}: {spx} {mv}.",
-        ], mv=moved(pen, cx.sps.ret[i], EQUITY, fp(cx.sps.ret[i]), f2(cx.sps.c[i])), hl=higher_lower(cx.sps.ret[i])))
+        out.append(
+            pen.say(
+                [
+                    "In equities, {spx} {mv}.",
+                    "{Stocks} {ended} {hl}: {spx} {mv}.",
+                ],
+                mv=moved(pen, cx.sps.ret[i], EQUITY, fp(cx.sps.ret[i]), f2(cx.sps.c[i])),
+                hl=higher_lower(cx.sps.ret[i]),
+            )
+        )
     pm = (d.year - 1, 12) if d.month == 1 else (d.year, d.month - 1)
     if pm in cx.data["crude"] and pen.chance(0.5):
         b, w = cx.data["crude"][pm]
-        out.append(pen.say("In {mon}, Brent averaged ${b} a barrel against ${w} for WTI.",
-                           mon=month_name(*pm), b=f2(b), w=f2(w)))
+        out.append(
+            pen.say(
+                "In {mon}, Brent averaged ${b} a barrel against ${w} for WTI.",
+                mon=month_name(*pm),
+                b=f2(b),
+                w=f2(w),
+            )
+        )
     return out
-
-
 
 
 def last_bigger_abs(ret: list, k: int):
@@ -1051,8 +1664,16 @@ def last_past(vals: list, k: int, level: float, above: bool):
 
 def oil_headline(pen: Pen, cx: Ctx, k: int) -> str:
     s, p, r = cx.oils, cx.oils.c[k], cx.oils.ret[k]
-    subj, plural = pen.choice([("Oil", False), ("Crude", False), ("U.S. crude", False), ("WTI crude", False),
-                               ("Oil prices", True), ("Crude prices", True)])
+    subj, plural = pen.choice(
+        [
+            ("Oil", False),
+            ("Crude", False),
+            ("U.S. crude", False),
+            ("WTI crude", False),
+            ("Oil prices", True),
+            ("Crude prices", True),
+        ]
+    )
     v = head_verb(pen, r, OIL, plural)
     if int(p // 10) != int(s.c[k - 1] // 10):
         lvl = int(p // 10) * 10 if r > 0 else int(s.c[k - 1] // 10) * 10
@@ -1062,13 +1683,25 @@ def oil_headline(pen: Pen, cx: Ctx, k: int) -> str:
             return f"{subj} {move} ${lvl} for first time since {short_date(cx.wti.dates[j])}"
         return f"{subj} {move} ${lvl}"
     if s.hi252[k] == k:
-        return pen.say(["{s} {v} to 52-week high", "Oil hits highest in a year at ${p}"], s=subj, v=v, p=f2(p))
+        return pen.say(
+            ["{s} {v} to 52-week high", "Oil hits highest in a year at ${p}"], s=subj, v=v, p=f2(p)
+        )
     if s.lo252[k] == k:
-        return pen.say(["{s} {v} to 52-week low", "Oil sinks to lowest in a year at ${p}"], s=subj, v=v, p=f2(p))
+        return pen.say(
+            ["{s} {v} to 52-week low", "Oil sinks to lowest in a year at ${p}"], s=subj, v=v, p=f2(p)
+        )
     if abs(s.streak[k]) >= 5:
-        return pen.say("Oil {w} streak reaches {n} sessions", w="winning" if r > 0 else "losing", n=abs(s.streak[k]))
-    return pen.say(["{s} {v} {p}", "{s} {v} to ${lvl}", "{s} {v} {p} in {adj} session"], s=subj, v=v,
-                   p=hpct(r), lvl=f2(p), adj="volatile" if abs(r) >= 5 else "active")
+        return pen.say(
+            "Oil {w} streak reaches {n} sessions", w="winning" if r > 0 else "losing", n=abs(s.streak[k])
+        )
+    return pen.say(
+        ["{s} {v} {p}", "{s} {v} to ${lvl}", "{s} {v} {p} in {adj} session"],
+        s=subj,
+        v=v,
+        p=hpct(r),
+        lvl=f2(p),
+        adj="volatile" if abs(r) >= 5 else "active",
+    )
 
 
 def oil_lede(pen: Pen, cx: Ctx, k: int) -> str:
@@ -1076,21 +1709,41 @@ def oil_lede(pen: Pen, cx: Ctx, k: int) -> str:
     r, p, chg = s.ret[k], s.c[k], s.c[k] - s.c[k - 1]
     cents = f"{abs(chg) * 100:.0f} cents" if abs(chg) < 0.995 else None
     amount = pen.choice(["${c}, or {r}", "{r}"] + ([cents + ", or {r}"] if cents else [])).format(
-        c=f2(abs(chg)), r=fp(r))
+        c=f2(abs(chg)), r=fp(r)
+    )
     j = last_bigger_abs(s.ret, k)
-    clause = f"its biggest move in either direction since {short_date(cx.wti.dates[j])}" \
-        if j is not None and k - j > 20 else None
-    kw = dict(mv=moved(pen, r, OIL, amount, f"${f2(p)}"), wd=WEEKDAYS[d.weekday()], hl="rose" if r > 0 else "fell",
-              p=f2(p), ud=up_down(r), a=fp(r), pp=f2(s.c[k - 1]), clause=clause)
+    clause = (
+        f"its biggest move in either direction since {short_date(cx.wti.dates[j])}"
+        if j is not None and k - j > 20
+        else None
+    )
+    kw = dict(
+        mv=moved(pen, r, OIL, amount, f"${f2(p)}"),
+        wd=WEEKDAYS[d.weekday()],
+        hl="rose" if r > 0 else "fell",
+        p=f2(p),
+        ud=up_down(r),
+        a=fp(r),
+        pp=f2(s.c[k - 1]),
+        clause=clause,
+    )
     if clause:
-        return pen.say(["{Oil} {mv} {barrel} on {wd}, {clause}.",
-                        "{Oil} {mv} {barrel} on {wd} in {oilmarket}, {clause}."], **kw)
-    return pen.say([
-        "{Oil} {mv} {barrel} on {wd}.",
-        "Oil prices {hl} on {wd}, with West Texas Intermediate at ${p} {barrel}, {ud} {a} from the previous "
-        "price of ${pp}.",
-        "In {oilmarket}, {oil} {mv} {barrel} on {wd}.",
-    ], **kw)
+        return pen.say(
+            [
+                "{Oil} {mv} {barrel} on {wd}, {clause}.",
+                "{Oil} {mv} {barrel} on {wd} in {oilmarket}, {clause}.",
+            ],
+            **kw,
+        )
+    return pen.say(
+        [
+            "{Oil} {mv} {barrel} on {wd}.",
+            "Oil prices {hl} on {wd}, with West Texas Intermediate at ${p} {barrel}, {ud} {a} from the "
+            "previous price of ${pp}.",
+            "In {oilmarket}, {oil} {mv} {barrel} on {wd}.",
+        ],
+        **kw,
+    )
 
 
 def oil_story(cx: Ctx, k: int) -> str:
@@ -1115,40 +1768,58 @@ def vix_eventful(cx: Ctx, k: int) -> bool:
     return abs(v.ret[k]) >= 10 or crossed or v.hi252[k] == k or v.lo252[k] == k
 
 
-
-
 def vix_items(pen: Pen, cx: Ctx, k: int, i) -> list[str]:
     v, lv = cx.vixs, cx.vixs.c[k]
-    out = [pen.say(["A reading of {lv} counts as {reg}.", "At {lv}, the index signals {reg} levels of "
-                                                          "anxiety."],
-                   lv=f2(lv), reg=vix_regime(lv))]
+    out = [
+        pen.say(
+            ["A reading of {lv} counts as {reg}.", "At {lv}, the index signals {reg} levels of anxiety."],
+            lv=f2(lv),
+            reg=vix_regime(lv),
+        )
+    ]
     for t in (15, 20, 30):
         if (v.c[k - 1] - t) * (lv - t) < 0:
             out.append(f"The index crossed {'above' if lv > t else 'below'} {t}, a level many traders watch.")
     if i is not None and i > 0:
         r = cx.sps.ret[i]
-        out.append(pen.say(["{Spx} {mv} on the day.", "In the cash market, {spx} {mv}."],
-                           mv=moved(pen, r, EQUITY, fp(r), f2(cx.sps.c[i]))))
+        out.append(
+            pen.say(
+                ["{Spx} {mv} on the day.", "In the cash market, {spx} {mv}."],
+                mv=moved(pen, r, EQUITY, fp(r), f2(cx.sps.c[i])),
+            )
+        )
         rv = cx.sps.vol20[i]
         if rv is not None:
             gap = lv - rv
-            out.append(pen.say([
-                "The VIX sits {pp} {ab} the S&P 500's 20-day realized volatility of {rv}.",
-                "Compared with the {rv} that the S&P 500 has actually moved over 20 sessions, annualized, "
-                "{implied} "
-                "is {pp} {hl}.",
-            ], pp=fpp(gap), ab="above" if gap >= 0 else "below", rv=fp(rv), hl="higher" if gap >= 0 else "lower"))
+            out.append(
+                pen.say(
+                    [
+                        "The VIX sits {pp} {ab} the S&P 500's 20-day realized volatility of {rv}.",
+                        "Compared with the {rv} that the S&P 500 has actually moved over 20 sessions, "
+                        "annualized, {implied} "
+                        "is {pp} {hl}.",
+                    ],
+                    pp=fpp(gap),
+                    ab="above" if gap >= 0 else "below",
+                    rv=fp(rv),
+                    hl="higher" if gap >= 0 else "lower",
+                )
+            )
     if v.hi252[k] == k:
         out.append("It was the highest close for the VIX in 52 weeks.")
     elif v.lo252[k] == k:
         out.append("It was the lowest close for the VIX in 52 weeks.")
     elif v.hi252[k] is not None:
-        out.append(pen.say("Over 52 weeks the VIX has ranged from {lo} to {hi}.",
-                           lo=f2(v.c[v.lo252[k]]), hi=f2(v.c[v.hi252[k]])))
+        out.append(
+            pen.say(
+                "Over 52 weeks the VIX has ranged from {lo} to {hi}.",
+                lo=f2(v.c[v.lo252[k]]),
+                hi=f2(v.c[v.hi252[k]]),
+            )
+        )
     if pen.chance(0.2):
         out.append(pen.choice(EVERGREEN["vix"]))
     return out
-
 
 
 def vix_story(cx: Ctx, k: int) -> str:
@@ -1157,19 +1828,28 @@ def vix_story(cx: Ctx, k: int) -> str:
     lv, ch, r = v.c[k], v.c[k] - v.c[k - 1], v.ret[k]
     i = cx.session.get(d)
     hv = head_verb(pen, r, VIXT, False)
-    heads = ["Volatility gauge {hv} to {lv}", "VIX {hv} to {lv}", "Fear gauge {hv} {p}", "Wall Street's "
-                                                                                         "fear gauge {hv} "
-                                                                                         "{p}"]
+    heads = [
+        "Volatility gauge {hv} to {lv}",
+        "VIX {hv} to {lv}",
+        "Fear gauge {hv} {p}",
+        "Wall Street's fear gauge {hv} {p}",
+    ]
     if i is not None and i > 0:
         heads.append("VIX {hv} {p} as stocks " + ("rise" if cx.sps.ret[i] > 0 else "fall"))
     head = pen.say(heads, hv=hv, p=hpct(r), lv=f2(lv))
-    lede = pen.say([
-        "{Vix} {mv} on {wd}, {ud} {pts} points.",
-        "{Implied} on U.S. stocks {hl} on {wd}, with {vix} ending at {lv}, {ud} {pts} points from the "
-        "previous "
-        "session.",
-    ], mv=moved(pen, r, VIXT, fp(r), f2(lv)), wd=WEEKDAYS[d.weekday()], ud=up_down(ch), pts=f2(abs(ch)),
-        hl="rose" if ch > 0 else "fell", lv=f2(lv))
+    lede = pen.say(
+        [
+            "{Vix} {mv} on {wd}, {ud} {pts} points.",
+            "{Implied} on U.S. stocks {hl} on {wd}, with {vix} ending at {lv}, {ud} {pts} points from the "
+            "previous session.",
+        ],
+        mv=moved(pen, r, VIXT, fp(r), f2(lv)),
+        wd=WEEKDAYS[d.weekday()],
+        ud=up_down(ch),
+        pts=f2(abs(ch)),
+        hl="rose" if ch > 0 else "fell",
+        lv=f2(lv),
+    )
     return article(pen, head, dateline("CHICAGO", d), lede, vix_items(pen, cx, k, i))
 
 
@@ -1208,28 +1888,60 @@ def credit_story(cx: Ctx, keys: list, k: int) -> str:
     if k > 0:
         paaa, pbaa = credit[keys[k - 1]]
         da, ds = aaa - paaa, spread - (pbaa - paaa)
-        kw.update(w="widened" if ds > 0 else "narrowed", dbp=fbp(ds), ad="rose" if da > 0 else "fell", dabp=fbp(da),
-                  ud=up_down(da))
-        head = pen.say(["Credit spreads {w} in {mon} {y}", "Baa-Aaa spread {w} to {sp}",
-                        "Corporate bond yields {ad} in {mon}; spread at {sp}",
-                        "{Mon} {y}: top-rated corporate yields {ad} {dabp}"], **kw) \
-            if abs(ds) >= 0.005 or abs(da) >= 0.005 else pen.say("Corporate bond yields steady in {mon} {y}", **kw)
-        items.append(pen.say(["{Aaa} yielded {ya} on average, {ud} {dabp} from the month before.",
-                              "The average Aaa yield {ad} {dabp} to {ya}."], **kw) if abs(da) >= 0.005 else
-                     "Aaa yields were unchanged from the month before.")
-        items.append(pen.say(["{Spread} {w} by {dbp} from the previous month.",
-                              "Compared with a month earlier, {spread} {w} {dbp}."], **kw)
-                     if abs(ds) >= 0.005 else "The spread was unchanged from the previous month.")
+        kw.update(
+            w="widened" if ds > 0 else "narrowed",
+            dbp=fbp(ds),
+            ad="rose" if da > 0 else "fell",
+            dabp=fbp(da),
+            ud=up_down(da),
+        )
+        head = (
+            pen.say(
+                [
+                    "Credit spreads {w} in {mon} {y}",
+                    "Baa-Aaa spread {w} to {sp}",
+                    "Corporate bond yields {ad} in {mon}; spread at {sp}",
+                    "{Mon} {y}: top-rated corporate yields {ad} {dabp}",
+                ],
+                **kw,
+            )
+            if abs(ds) >= 0.005 or abs(da) >= 0.005
+            else pen.say("Corporate bond yields steady in {mon} {y}", **kw)
+        )
+        items.append(
+            pen.say(
+                [
+                    "{Aaa} yielded {ya} on average, {ud} {dabp} from the month before.",
+                    "The average Aaa yield {ad} {dabp} to {ya}.",
+                ],
+                **kw,
+            )
+            if abs(da) >= 0.005
+            else "Aaa yields were unchanged from the month before."
+        )
+        items.append(
+            pen.say(
+                [
+                    "{Spread} {w} by {dbp} from the previous month.",
+                    "Compared with a month earlier, {spread} {w} {dbp}.",
+                ],
+                **kw,
+            )
+            if abs(ds) >= 0.005
+            else "The spread was unchanged from the previous month."
+        )
     else:
         head = pen.say("Corporate bond yields in {mon} {y}: Aaa {ya}, Baa {yb}", **kw)
-    lede = pen.say([
-        "{Baa} yielded {yb} on average in {mon} {y}, and {aaa} {ya}, leaving {spread} at {sp}.",
-        "{Borrowing} in {mon} {y}: Aaa yields averaged {ya} and Baa yields {yb}, a spread of {sp}.",
-        "{Spread} stood at {sp} in {mon} {y}, with Aaa bonds at {ya} and Baa bonds at {yb}.",
-        "Moody's seasoned Aaa corporate bonds yielded {ya} on average in {mon} {y} and Baa bonds {yb}, a "
-        "default "
-        "spread of {sp}.",
-    ], **kw)
+    lede = pen.say(
+        [
+            "{Baa} yielded {yb} on average in {mon} {y}, and {aaa} {ya}, leaving {spread} at {sp}.",
+            "{Borrowing} in {mon} {y}: Aaa yields averaged {ya} and Baa yields {yb}, a spread of {sp}.",
+            "{Spread} stood at {sp} in {mon} {y}, with Aaa bonds at {ya} and Baa bonds at {yb}.",
+            "Moody's seasoned Aaa corporate bonds yielded {ya} on average in {mon} {y} and Baa bonds {yb}, a "
+            "default spread of {sp}.",
+        ],
+        **kw,
+    )
     items += credit_context(pen, cx, keys, k)
     if pen.chance(0.2):
         items.append(pen.choice(EVERGREEN["credit"]))
@@ -1242,17 +1954,27 @@ def credit_context(pen: Pen, cx: Ctx, keys: list, k: int) -> list[str]:
     wide = monthly_since(credit, keys, k, lambda t: t[1] - t[0], True)
     narrow = monthly_since(credit, keys, k, lambda t: t[1] - t[0], False)
     if wide or narrow:
-        out.append(pen.say(["That is the {w} spread {s}.", "{Spread} is the {w} {s}."],
-                           w="widest" if wide else "narrowest", s=wide or narrow))
+        out.append(
+            pen.say(
+                ["That is the {w} spread {s}.", "{Spread} is the {w} {s}."],
+                w="widest" if wide else "narrowest",
+                s=wide or narrow,
+            )
+        )
     hi = monthly_since(credit, keys, k, lambda t: t[1], True)
     lo = monthly_since(credit, keys, k, lambda t: t[1], False)
     if hi or lo:
-        out.append(pen.say("Baa yields are at their {w} level {s}.", w="highest" if hi else "lowest", s=hi or lo))
+        out.append(
+            pen.say("Baa yields are at their {w} level {s}.", w="highest" if hi else "lowest", s=hi or lo)
+        )
     if k >= 12 and pen.chance(0.7):
         a0, b0 = credit[keys[k - 12]]
         ys = (credit[(y, m)][1] - credit[(y, m)][0]) - (b0 - a0)
-        out.append(f"Over twelve months the spread has {'widened' if ys > 0 else 'narrowed'} by {fbp(ys)}."
-                   if abs(ys) >= 0.005 else "The spread is unchanged from a year ago.")
+        out.append(
+            f"Over twelve months the spread has {'widened' if ys > 0 else 'narrowed'} by {fbp(ys)}."
+            if abs(ys) >= 0.005
+            else "The spread is unchanged from a year ago."
+        )
     if (y, m) in cx.data["ff"]:
         rf = cx.data["ff"][(y, m)][3]
         out.append(pen.say("{Bills} returned {rf} over the month.", rf=fp(rf)))
@@ -1270,28 +1992,62 @@ def cpi_story(cx: Ctx, keys: list, k: int):
     pen = Pen(f"cpi:{y:04d}-{m:02d}")
     mom, yoy = pct(cpi[keys[k]], cpi[keys[k - 1]]), pct(cpi[keys[k]], cpi[keys[k - 12]])
     pyoy = pct(cpi[keys[k - 1]], cpi[keys[k - 13]]) if k >= 13 else yoy
-    kw = dict(mon=MONTHS[m - 1], y=y, mom=fp(mom), smom=fsp(mom), yoy=fp(yoy), syoy=fsp(yoy), pyoy=fp(pyoy),
-              rf="rose" if mom > 0 else "fell", lvl=f"{cpi[keys[k]]:.3f}",
-              ac="accelerated" if yoy > pyoy else "slowed" if yoy < pyoy else "held")
+    kw = dict(
+        mon=MONTHS[m - 1],
+        y=y,
+        mom=fp(mom),
+        smom=fsp(mom),
+        yoy=fp(yoy),
+        syoy=fsp(yoy),
+        pyoy=fp(pyoy),
+        rf="rose" if mom > 0 else "fell",
+        lvl=f"{cpi[keys[k]]:.3f}",
+        ac="accelerated" if yoy > pyoy else "slowed" if yoy < pyoy else "held",
+    )
     flat = f2(mom) == "0.00"
-    head = pen.say(["Core inflation {ac} to {yoy} in {mon}", "Core CPI {rf} {mom} in {mon} {y}",
-                    "U.S. core prices {rf} {mom}; annual rate {yoy}", "Underlying inflation at {yoy} in "
-                                                                      "{mon}"],
-                   **kw) if not flat else pen.say("Core consumer prices unchanged in {mon} {y}", **kw)
-    lede = pen.say([
-        "{Core} {rf} {mom} in {mon} {y}, for a year-over-year rate of {syoy}.",
-        "{Core} moved {smom} in {mon} {y} from the month before, leaving twelve-month core inflation at "
-        "{yoy}.",
-        "Core inflation printed {smom} for {mon} {y}; the annual rate is {syoy}.",
-    ] if not flat else ["{Core} were unchanged in {mon} {y}; the annual rate is {syoy}."], **kw)
-    items = [pen.say(["The annual rate {ac} from {pyoy} the month before.",
-                      "That compares with a twelve-month rate of {pyoy} in the previous month."], **kw),
-             pen.say("The core index stood at {lvl}.", **kw)]
+    head = (
+        pen.say(
+            [
+                "Core inflation {ac} to {yoy} in {mon}",
+                "Core CPI {rf} {mom} in {mon} {y}",
+                "U.S. core prices {rf} {mom}; annual rate {yoy}",
+                "Underlying inflation at {yoy} in {mon}",
+            ],
+            **kw,
+        )
+        if not flat
+        else pen.say("Core consumer prices unchanged in {mon} {y}", **kw)
+    )
+    lede = pen.say(
+        [
+            "{Core} {rf} {mom} in {mon} {y}, for a year-over-year rate of {syoy}.",
+            "{Core} moved {smom} in {mon} {y} from the month before, leaving twelve-month core inflation at "
+            "{yoy}.",
+            "Core inflation printed {smom} for {mon} {y}; the annual rate is {syoy}.",
+        ]
+        if not flat
+        else ["{Core} were unchanged in {mon} {y}; the annual rate is {syoy}."],
+        **kw,
+    )
+    items = [
+        pen.say(
+            [
+                "The annual rate {ac} from {pyoy} the month before.",
+                "That compares with a twelve-month rate of {pyoy} in the previous month.",
+            ],
+            **kw,
+        ),
+        pen.say("The core index stood at {lvl}.", **kw),
+    ]
     g = cpi[keys[k]] / cpi[keys[k - 3]]
-    items.append(pen.say("Over three months core prices are running at a {a} annualized pace.",
-                         a=fsp((g * g * g * g - 1.0) * 100.0)))
+    items.append(
+        pen.say(
+            "Over three months core prices are running at a {a} annualized pace.",
+            a=fsp((g * g * g * g - 1.0) * 100.0),
+        )
+    )
     yoys = {keys[j]: pct(cpi[keys[j]], cpi[keys[j - 12]]) for j in range(12, k + 1)}
-    ks = keys[12:k + 1]
+    ks = keys[12 : k + 1]
     for above, word in ((True, "fastest"), (False, "slowest")):
         s = monthly_since(yoys, ks, len(ks) - 1, lambda t: t, above)
         if s:
@@ -1312,16 +2068,32 @@ def gdp_story(cx: Ctx, keys: list, k: int):
         g = macro[keys[j]]["gdp"] / macro[keys[j - 1]]["gdp"]
         saar[keys[j]] = (g * g * g * g - 1.0) * 100.0  # quarter-on-quarter growth at an annual rate
     s = saar[(y, q)]
-    kw = dict(q=q, y=y, o=["first", "second", "third", "fourth"][q - 1], s=fp(s), lvl=f"{cur['gdp']:,.1f}",
-              gw="grew" if s >= 0 else "shrank", ex="expanded" if s >= 0 else "contracted")
-    head = pen.say(["U.S. economy {gw} at {s} pace in Q{q} {y}", "GDP {gw} {s} in {o} quarter of {y}",
-                    "Economy {ex} at {s} annual rate in Q{q}"], **kw)
-    lede = pen.say([
-        "{Gdp} {gw} at a {s} annualized rate in the {o} quarter of {y}, to ${lvl} billion in chained 2005 "
-        "dollars.",
-        "{Economy} {ex} at an annual rate of {s} in the {o} quarter of {y}, with real output at ${lvl} "
-        "billion.",
-    ], **kw)
+    kw = dict(
+        q=q,
+        y=y,
+        o=["first", "second", "third", "fourth"][q - 1],
+        s=fp(s),
+        lvl=f"{cur['gdp']:,.1f}",
+        gw="grew" if s >= 0 else "shrank",
+        ex="expanded" if s >= 0 else "contracted",
+    )
+    head = pen.say(
+        [
+            "U.S. economy {gw} at {s} pace in Q{q} {y}",
+            "GDP {gw} {s} in {o} quarter of {y}",
+            "Economy {ex} at {s} annual rate in Q{q}",
+        ],
+        **kw,
+    )
+    lede = pen.say(
+        [
+            "{Gdp} {gw} at a {s} annualized rate in the {o} quarter of {y}, to ${lvl} billion in chained "
+            "2005 dollars.",
+            "{Economy} {ex} at an annual rate of {s} in the {o} quarter of {y}, with real output at ${lvl} "
+            "billion.",
+        ],
+        **kw,
+    )
     items = gdp_items(pen, cx, keys, k, saar)
     if pen.chance(0.25):
         items.append(pen.choice(EVERGREEN["gdp"]))
@@ -1331,7 +2103,7 @@ def gdp_story(cx: Ctx, keys: list, k: int):
 def gdp_items(pen: Pen, cx: Ctx, keys: list, k: int, saar: dict) -> list[str]:
     macro = cx.data["macro"]
     cur, prev = macro[keys[k]], macro[keys[k - 1]]
-    ks = keys[1:k + 1]
+    ks = keys[1 : k + 1]
     out = []
     for above, word in ((True, "fastest"), (False, "weakest")):
         s = monthly_since_q(saar, ks, above)
@@ -1346,26 +2118,62 @@ def gdp_items(pen: Pen, cx: Ctx, keys: list, k: int, saar: dict) -> list[str]:
         out.append(f"Output has now contracted for {neg} quarters in a row.")
     if k >= 4:
         ya = macro[keys[k - 4]]
-        out.append(pen.say(["From a year earlier, {gdp} is {a}.", "Compared with a year ago, output is {a}."],
-                           a=fsp(pct(cur["gdp"], ya["gdp"]))))
-        out.append(pen.say("{M1} grew {a} over four quarters, to ${v} billion.", a=fsp(pct(cur["m1"], ya["m1"])),
-                           v=f2(cur["m1"])))
-    out.append(pen.say(["{Consumers} {cv} {c} on the quarter and {invest} {iv} {i}.",
-                        "{Consumers} {cv} {c} while {invest} {iv} {i} from the previous quarter."],
-                       cv="rose" if cur["cons"] >= prev["cons"] else "fell", c=fp(pct(cur["cons"], prev["cons"])),
-                       iv="rose" if cur["inv"] >= prev["inv"] else "fell", i=fp(pct(cur["inv"], prev["inv"]))))
-    out.append(pen.say("{Govt} {v} {a} and real disposable income {dv} {d}.",
-                       v="rose" if cur["govt"] >= prev["govt"] else "fell", a=fp(pct(cur["govt"], prev["govt"])),
-                       dv="rose" if cur["dpi"] >= prev["dpi"] else "fell", d=fp(pct(cur["dpi"], prev["dpi"]))))
+        out.append(
+            pen.say(
+                ["From a year earlier, {gdp} is {a}.", "Compared with a year ago, output is {a}."],
+                a=fsp(pct(cur["gdp"], ya["gdp"])),
+            )
+        )
+        out.append(
+            pen.say(
+                "{M1} grew {a} over four quarters, to ${v} billion.",
+                a=fsp(pct(cur["m1"], ya["m1"])),
+                v=f2(cur["m1"]),
+            )
+        )
+    out.append(
+        pen.say(
+            [
+                "{Consumers} {cv} {c} on the quarter and {invest} {iv} {i}.",
+                "{Consumers} {cv} {c} while {invest} {iv} {i} from the previous quarter.",
+            ],
+            cv="rose" if cur["cons"] >= prev["cons"] else "fell",
+            c=fp(pct(cur["cons"], prev["cons"])),
+            iv="rose" if cur["inv"] >= prev["inv"] else "fell",
+            i=fp(pct(cur["inv"], prev["inv"])),
+        )
+    )
+    out.append(
+        pen.say(
+            "{Govt} {v} {a} and real disposable income {dv} {d}.",
+            v="rose" if cur["govt"] >= prev["govt"] else "fell",
+            a=fp(pct(cur["govt"], prev["govt"])),
+            dv="rose" if cur["dpi"] >= prev["dpi"] else "fell",
+            d=fp(pct(cur["dpi"], prev["dpi"])),
+        )
+    )
     du = cur["unemp"] - prev["unemp"]
-    out.append(pen.say(["{Jobless} averaged {u}, {ch}.", "Unemployment ran at {u} ({ch})."], u=fp(cur["unemp"]),
-                       ch="unchanged from the prior quarter" if abs(du) < 0.05 else
-                       f"{'up' if du > 0 else 'down'} {fpp(du)} on the quarter"))
+    out.append(
+        pen.say(
+            ["{Jobless} averaged {u}, {ch}.", "Unemployment ran at {u} ({ch})."],
+            u=fp(cur["unemp"]),
+            ch="unchanged from the prior quarter"
+            if abs(du) < 0.05
+            else f"{'up' if du > 0 else 'down'} {fpp(du)} on the quarter",
+        )
+    )
     dtb = cur["tbill"] - prev["tbill"]
-    out.append(pen.say(["{Tbill} was {t}, {ch}; the ex-post real rate was {r}.",
-                        "Short rates: the 3-month T-bill stood at {t} ({ch}) and the real rate at {r}."],
-                       t=fp(cur["tbill"]), r=fsp(cur["realint"]),
-                       ch="unchanged" if abs(dtb) < 0.005 else f"{'up' if dtb > 0 else 'down'} {fbp(dtb)}"))
+    out.append(
+        pen.say(
+            [
+                "{Tbill} was {t}, {ch}; the ex-post real rate was {r}.",
+                "Short rates: the 3-month T-bill stood at {t} ({ch}) and the real rate at {r}.",
+            ],
+            t=fp(cur["tbill"]),
+            r=fsp(cur["realint"]),
+            ch="unchanged" if abs(dtb) < 0.005 else f"{'up' if dtb > 0 else 'down'} {fbp(dtb)}",
+        )
+    )
     out.append(f"Annualized quarterly inflation measured {fsp(cur['infl'])}.")
     return out
 
@@ -1392,21 +2200,44 @@ def factor_story(cx: Ctx, keys: list, k: int) -> str:
     pen = Pen(f"factors:{y:04d}-{m:02d}")
     mkt, smb, hml, rf = ff[(y, m)]
     tot = mkt + rf
-    kw = dict(mon=MONTHS[m - 1], y=y, tot=fp(tot), stot=fsp(tot), mkt=fsp(mkt), rf=fp(rf), smb=fpp(smb),
-              hml=fpp(hml), ssmb=fsp(smb), shml=fsp(hml), sv="beat" if smb > 0 else "lagged",
-              vv="beat" if hml > 0 else "lagged", gl="gained" if tot >= 0 else "lost")
-    head = pen.say(["{Smallcaps} {sv} {largecaps} in {mon} {y}", "Value {vv} growth in {mon}",
-                    "U.S. market {gl} {tot} in {mon} {y}", "Factor returns, {mon} {y}: market {stot}"], **kw)
-    lede = pen.say([
-        "{Market} {gl} {tot} in {mon} {y}, or {mkt} over {bills}, which paid {rf}.",
-        "{Smallcaps} {sv} {largecaps} by {smb} in {mon} {y}, while {value} {vv} {growth} by {hml}.",
-        "In the Fama-French factors for {mon} {y}, the market returned {mkt} over the risk-free rate of "
-        "{rf}; "
-        "size (SMB) was {ssmb} and value (HML) {shml}.",
-    ], **kw)
-    items = [pen.say("{Smallcaps} {sv} {largecaps} by {smb}.", **kw),
-             pen.say("{Value} {vv} {growth} by {hml}.", **kw),
-             pen.say("Including the risk-free return, {market} {gl} {tot}.", **kw)]
+    kw = dict(
+        mon=MONTHS[m - 1],
+        y=y,
+        tot=fp(tot),
+        stot=fsp(tot),
+        mkt=fsp(mkt),
+        rf=fp(rf),
+        smb=fpp(smb),
+        hml=fpp(hml),
+        ssmb=fsp(smb),
+        shml=fsp(hml),
+        sv="beat" if smb > 0 else "lagged",
+        vv="beat" if hml > 0 else "lagged",
+        gl="gained" if tot >= 0 else "lost",
+    )
+    head = pen.say(
+        [
+            "{Smallcaps} {sv} {largecaps} in {mon} {y}",
+            "Value {vv} growth in {mon}",
+            "U.S. market {gl} {tot} in {mon} {y}",
+            "Factor returns, {mon} {y}: market {stot}",
+        ],
+        **kw,
+    )
+    lede = pen.say(
+        [
+            "{Market} {gl} {tot} in {mon} {y}, or {mkt} over {bills}, which paid {rf}.",
+            "{Smallcaps} {sv} {largecaps} by {smb} in {mon} {y}, while {value} {vv} {growth} by {hml}.",
+            "In the Fama-French factors for {mon} {y}, the market returned {mkt} over the risk-free rate of "
+            "{rf}; size (SMB) was {ssmb} and value (HML) {shml}.",
+        ],
+        **kw,
+    )
+    items = [
+        pen.say("{Smallcaps} {sv} {largecaps} by {smb}.", **kw),
+        pen.say("{Value} {vv} {growth} by {hml}.", **kw),
+        pen.say("Including the risk-free return, {market} {gl} {tot}.", **kw),
+    ]
     best = monthly_since(ff, keys, k, lambda t: t[0] + t[3], tot >= 0)
     if best:
         items.append(f"It was the {'best' if tot >= 0 else 'worst'} month for the market {best}.")
@@ -1414,8 +2245,12 @@ def factor_story(cx: Ctx, keys: list, k: int) -> str:
         g = 1.0
         for j in range(k - 11, k + 1):
             g *= 1.0 + (ff[keys[j]][0] + ff[keys[j]][3]) / 100.0
-        items.append(pen.say("Over the past twelve months, compounded, {market} has returned {a}.",
-                             a=fsp((g - 1.0) * 100.0)))
+        items.append(
+            pen.say(
+                "Over the past twelve months, compounded, {market} has returned {a}.",
+                a=fsp((g - 1.0) * 100.0),
+            )
+        )
     if pen.chance(0.2):
         items.append(pen.choice(EVERGREEN["factors"]))
     return article(pen, head, dateline("CHICAGO", month=(y, m)), lede, items)
@@ -1433,25 +2268,52 @@ def oil_month_story(cx: Ctx, y: int, m: int):
     avg, n = wm[(y, m)]
     pm = prev_month(y, m)
     kw = dict(mon=MONTHS[m - 1], y=y, avg=f2(avg), n=n)
-    head = pen.say(["Oil averaged ${avg} in {mon} {y}", "Crude prices in {mon}: ${avg} on average",
-                    "WTI monthly: ${avg} a barrel in {mon} {y}"], **kw)
-    lede = pen.say(["West Texas Intermediate crude averaged ${avg} {barrel} over {n} trading days in {mon} "
-                    "{y}.",
-                    "{Oil} averaged ${avg} {barrel} in {mon} {y}, across {n} trading days."], **kw)
+    head = pen.say(
+        [
+            "Oil averaged ${avg} in {mon} {y}",
+            "Crude prices in {mon}: ${avg} on average",
+            "WTI monthly: ${avg} a barrel in {mon} {y}",
+        ],
+        **kw,
+    )
+    lede = pen.say(
+        [
+            "West Texas Intermediate crude averaged ${avg} {barrel} over {n} trading days in {mon} {y}.",
+            "{Oil} averaged ${avg} {barrel} in {mon} {y}, across {n} trading days.",
+        ],
+        **kw,
+    )
     items = []
     if pm in wm:
         pa = wm[pm][0]
-        items.append(pen.say("That is {a} {ab} the previous month's average of ${pa}.", a=fp(pct(avg, pa)),
-                             ab="above" if avg >= pa else "below", pa=f2(pa)))
+        items.append(
+            pen.say(
+                "That is {a} {ab} the previous month's average of ${pa}.",
+                a=fp(pct(avg, pa)),
+                ab="above" if avg >= pa else "below",
+                pa=f2(pa),
+            )
+        )
     vals = [v for d, v in cx.data["wti"] if (d.year, d.month) == (y, m)]
     items.append(pen.say("Daily prices ranged from ${lo} to ${hi}.", lo=f2(min(vals)), hi=f2(max(vals))))
     if (y, m) in crude:
         b, w = crude[(y, m)]
-        items.append(pen.say([
-            "Brent averaged ${b} a barrel and WTI ${w} in the monthly series, putting Brent at a ${d} {pd}.",
-            "The Brent-WTI spread averaged {sp} a barrel in {mon}, with Brent at ${b} and WTI at ${w}.",
-        ], b=f2(b), w=f2(w), d=f2(abs(b - w)), sp=f"{'-' if b < w else ''}${f2(abs(b - w))}",
-            pd="premium" if b >= w else "discount", mon=MONTHS[m - 1]))
+        items.append(
+            pen.say(
+                [
+                    "Brent averaged ${b} a barrel and WTI ${w} in the monthly series, putting Brent at a "
+                    "${d} {pd}.",
+                    "The Brent-WTI spread averaged {sp} a barrel in {mon}, with Brent at ${b} and WTI at "
+                    "${w}.",
+                ],
+                b=f2(b),
+                w=f2(w),
+                d=f2(abs(b - w)),
+                sp=f"{'-' if b < w else ''}${f2(abs(b - w))}",
+                pd="premium" if b >= w else "discount",
+                mon=MONTHS[m - 1],
+            )
+        )
     if pen.chance(0.2):
         items.append(pen.choice(EVERGREEN["oil"]))
     return article(pen, head, dateline("NEW YORK", month=(y, m)), lede, items)
@@ -1465,64 +2327,142 @@ def period_facts(cx: Ctx, idx: list[int], prev_i: int) -> dict:
     """What every wrap reports about a run of sessions idx, measured from the close at prev_i."""
     sp, cl, ncl, s = cx.sp, cx.sps.c, cx.nqs.c, cx.sps
     last = idx[-1]
-    return dict(first=idx[0], last=last, n=len(idx), c=cl[last], pc=cl[prev_i], r=pct(cl[last], cl[prev_i]),
-                nc=ncl[last], nr=pct(ncl[last], ncl[prev_i]), ups=sum(1 for j in idx if s.ret[j] > 0),
-                best=max(idx, key=lambda j: s.ret[j]), worst=min(idx, key=lambda j: s.ret[j]),
-                hi=max(idx, key=lambda j: cl[j]), lo=min(idx, key=lambda j: cl[j]),
-                ihi=max(idx, key=lambda j: sp.cols["high"][j]), ilo=min(idx, key=lambda j: sp.cols["low"][j]),
-                vol=ann_vol([s.ret[j] for j in idx]) if len(idx) >= 4 else None)
+    return dict(
+        first=idx[0],
+        last=last,
+        n=len(idx),
+        c=cl[last],
+        pc=cl[prev_i],
+        r=pct(cl[last], cl[prev_i]),
+        nc=ncl[last],
+        nr=pct(ncl[last], ncl[prev_i]),
+        ups=sum(1 for j in idx if s.ret[j] > 0),
+        best=max(idx, key=lambda j: s.ret[j]),
+        worst=min(idx, key=lambda j: s.ret[j]),
+        hi=max(idx, key=lambda j: cl[j]),
+        lo=min(idx, key=lambda j: cl[j]),
+        ihi=max(idx, key=lambda j: sp.cols["high"][j]),
+        ilo=min(idx, key=lambda j: sp.cols["low"][j]),
+        vol=ann_vol([s.ret[j] for j in idx]) if len(idx) >= 4 else None,
+    )
 
 
 def wrap_lede(pen: Pen, f: dict, span: str, span_adj: str) -> str:
-    return pen.say([
-        "{Spx} {mv} {span}, ending at {c}.",
-        "{Stocks} posted a {adj} {gl} {span}: {spx} closed at {c}, {ud} {a} from {pc}.",
-        "{Spx} {mv} {span} to finish at {c}, while {ndx} {nmv}.",
-        "{Stocks} {ended} {hl} {span}, with {spx} {ud} {a} at {c} and {ndx} {ud2} {na}.",
-        "{Stocks} {ended} {adv}{hl} {span}: {spx} {mv}, ending at {c}.",
-    ], mv=moved(pen, f["r"], MONTH, fp(f["r"])), span=span, adj=span_adj, adv=adverb(pen, f["r"], MONTH),
-        c=f2(f["c"]), pc=f2(f["pc"]),
-        gl=gain_loss(f["r"]), ud=up_down(f["r"]), a=fp(f["r"]), hl=higher_lower(f["r"]),
-        nmv=moved(pen, f["nr"], MONTH, fp(f["nr"]), f2(f["nc"])), ud2=up_down(f["nr"]), na=fp(f["nr"]))
+    return pen.say(
+        [
+            "{Spx} {mv} {span}, ending at {c}.",
+            "{Stocks} posted a {adj} {gl} {span}: {spx} closed at {c}, {ud} {a} from {pc}.",
+            "{Spx} {mv} {span} to finish at {c}, while {ndx} {nmv}.",
+            "{Stocks} {ended} {hl} {span}, with {spx} {ud} {a} at {c} and {ndx} {ud2} {na}.",
+            "{Stocks} {ended} {adv}{hl} {span}: {spx} {mv}, ending at {c}.",
+        ],
+        mv=moved(pen, f["r"], MONTH, fp(f["r"])),
+        span=span,
+        adj=span_adj,
+        adv=adverb(pen, f["r"], MONTH),
+        c=f2(f["c"]),
+        pc=f2(f["pc"]),
+        gl=gain_loss(f["r"]),
+        ud=up_down(f["r"]),
+        a=fp(f["r"]),
+        hl=higher_lower(f["r"]),
+        nmv=moved(pen, f["nr"], MONTH, fp(f["nr"]), f2(f["nc"])),
+        ud2=up_down(f["nr"]),
+        na=fp(f["nr"]),
+    )
 
 
 def wrap_items(pen: Pen, cx: Ctx, f: dict, when) -> list[str]:
-    s, cl = cx.sps, cx.sps.c
-    out = [pen.say([
-        "{Ndx} {mv} over the period to {nc}, {rel} {spx}.",
-        "{Ndx} ended at {nc}, {ud} {a}, {rel} the broader market.",
-    ], mv=moved(pen, f["nr"], MONTH, fp(f["nr"])), nc=f2(f["nc"]), ud=up_down(f["nr"]), a=fp(f["nr"]),
-        rel=pen.choice(["ahead of", "outpacing", "beating"]) if f["nr"] > f["r"] else
-        pen.choice(["behind", "trailing", "lagging"]))]
-    out.append(pen.say([
-        "{Index} closed higher on {u} of {n} sessions.", "{U} of the {n} sessions ended in the green.",
-        "Advancing sessions numbered {u} out of {n}.", "Up days outnumbered down days {u} to {dn}."
-        if 2 * f["ups"] > f["n"] else "Down days outnumbered up days {dn} to {u}." if 2 * f["ups"] < f["n"] else
-        "Up and down days split evenly, {u} each.",
-        "Gains outnumbered losses on {u} of {n} days.",
-    ], u=f["ups"], U=spelled(f["ups"]), n=f["n"], dn=f["n"] - f["ups"]) if f["ups"] not in (0,) else
-        pen.say("{Index} did not post a single gain in {n} sessions.", n=f["n"]))
+    out = [
+        pen.say(
+            [
+                "{Ndx} {mv} over the period to {nc}, {rel} {spx}.",
+                "{Ndx} ended at {nc}, {ud} {a}, {rel} the broader market.",
+            ],
+            mv=moved(pen, f["nr"], MONTH, fp(f["nr"])),
+            nc=f2(f["nc"]),
+            ud=up_down(f["nr"]),
+            a=fp(f["nr"]),
+            rel=pen.choice(["ahead of", "outpacing", "beating"])
+            if f["nr"] > f["r"]
+            else pen.choice(["behind", "trailing", "lagging"]),
+        )
+    ]
+    out.append(
+        pen.say(
+            [
+                "{Index} closed higher on {u} of {n} sessions.",
+                "{U} of the {n} sessions ended in the green.",
+                "Advancing sessions numbered {u} out of {n}.",
+                "Up days outnumbered down days {u} to {dn}."
+                if 2 * f["ups"] > f["n"]
+                else "Down days outnumbered up days {dn} to {u}."
+                if 2 * f["ups"] < f["n"]
+                else "Up and down days split evenly, {u} each.",
+                "Gains outnumbered losses on {u} of {n} days.",
+            ],
+            u=f["ups"],
+            U=spelled(f["ups"]),
+            n=f["n"],
+            dn=f["n"] - f["ups"],
+        )
+        if f["ups"] not in (0,)
+        else pen.say("{Index} did not post a single gain in {n} sessions.", n=f["n"])
+    )
+    return out + wrap_range_items(pen, cx, f, when)
+
+
+def wrap_range_items(pen: Pen, cx: Ctx, f: dict, when) -> list[str]:
+    s, cl, out = cx.sps, cx.sps.c, []
     if f["n"] > 1:
-        out.append(pen.say([
-            "The best session was {bd}, {br}, and the worst {wd}, {wr}.",
-            "{Bd} brought the biggest move up, {br}; {wd} the weakest, {wr}.",
-        ], bd=when(f["best"]), Bd=when(f["best"]), br=fsp(s.ret[f["best"]]), wd=when(f["worst"]),
-            wr=fsp(s.ret[f["worst"]])))
-        out.append(pen.say([
-            "The highest close of the period was {hc} on {hd} and the lowest {lc} on {ld}.",
-            "Closes ranged from {lc} on {ld} to {hc} on {hd}.",
-        ], hc=f2(cl[f["hi"]]), hd=when(f["hi"]), lc=f2(cl[f["lo"]]), ld=when(f["lo"])))
+        out.append(
+            pen.say(
+                [
+                    "The best session was {bd}, {br}, and the worst {wd}, {wr}.",
+                    "{Bd} brought the biggest move up, {br}; {wd} the weakest, {wr}.",
+                ],
+                bd=when(f["best"]),
+                Bd=when(f["best"]),
+                br=fsp(s.ret[f["best"]]),
+                wd=when(f["worst"]),
+                wr=fsp(s.ret[f["worst"]]),
+            )
+        )
+        out.append(
+            pen.say(
+                [
+                    "The highest close of the period was {hc} on {hd} and the lowest {lc} on {ld}.",
+                    "Closes ranged from {lc} on {ld} to {hc} on {hd}.",
+                ],
+                hc=f2(cl[f["hi"]]),
+                hd=when(f["hi"]),
+                lc=f2(cl[f["lo"]]),
+                ld=when(f["lo"]),
+            )
+        )
     if f["vol"] is not None:
-        out.append(pen.say(["Annualized, the daily moves imply realized volatility of {v}, {reg} by "
-                            "historical "
-                            "standards.", "Realized volatility came to {v} annualized: {reg}."],
-                           v=fp(f["vol"]), reg=vol_regime(f["vol"])))
+        out.append(
+            pen.say(
+                [
+                    "Annualized, the daily moves imply realized volatility of {v}, {reg} by "
+                    "historical standards.",
+                    "Realized volatility came to {v} annualized: {reg}.",
+                ],
+                v=fp(f["vol"]),
+                reg=vol_regime(f["vol"]),
+            )
+        )
     hi = s.hi252[f["last"]]
     if hi == f["last"]:
         out.append("{} ends the period at a 52-week closing high.".format(pen.say("{Spx}")))
     elif hi is not None:
-        out.append(pen.say("{Spx} ends the period {dd} below its 52-week closing high of {hv}.",
-                           dd=fp(pct(f["c"], cl[hi])), hv=f2(cl[hi])))
+        out.append(
+            pen.say(
+                "{Spx} ends the period {dd} below its 52-week closing high of {hv}.",
+                dd=fp(pct(f["c"], cl[hi])),
+                hv=f2(cl[hi]),
+            )
+        )
     return out
 
 
@@ -1530,21 +2470,41 @@ def weekly_story(cx: Ctx, idx: list[int]) -> str:
     f, d = period_facts(cx, idx, idx[0] - 1), cx.dates[idx[-1]]
     pen = Pen(f"weekly:{d.isoformat()}")
     wd = lambda j: WEEKDAYS[cx.dates[j].weekday()]  # noqa: E731
-    head = pen.say(["Week ending {d}: S&P 500 {sign}", "Stocks post weekly {gl}", "S&P 500 {v} {p} for the "
-                                                                                  "week",
-                    "Weekly wrap: S&P 500 {sign}, Nasdaq {nsign}", "Week in review: stocks {hl}, Nasdaq "
-                                                                   "{nsign}"],
-                   d=short_date(d), sign=fsp(f["r"]), nsign=fsp(f["nr"]), gl=gain_loss(f["r"]), p=hpct(f["r"]),
-                   v=head_verb(pen, f["r"], MONTH, False), hl=higher_lower(f["r"]))
+    head = pen.say(
+        [
+            "Week ending {d}: S&P 500 {sign}",
+            "Stocks post weekly {gl}",
+            "S&P 500 {v} {p} for the week",
+            "Weekly wrap: S&P 500 {sign}, Nasdaq {nsign}",
+            "Week in review: stocks {hl}, Nasdaq {nsign}",
+        ],
+        d=short_date(d),
+        sign=fsp(f["r"]),
+        nsign=fsp(f["nr"]),
+        gl=gain_loss(f["r"]),
+        p=hpct(f["r"]),
+        v=head_verb(pen, f["r"], MONTH, False),
+        hl=higher_lower(f["r"]),
+    )
     items = wrap_items(pen, cx, f, wd)
     sp = cx.sp
-    items.insert(2, pen.say("Intraday, {index} touched {hi} at the {highword} on {hid} and {lo} at the "
-                            "{lowword} "
-                            "on {lod}.", hi=f2(sp.cols["high"][f["ihi"]]), lo=f2(sp.cols["low"][f["ilo"]]),
-                            hid=wd(f["ihi"]), lod=wd(f["ilo"])))
+    items.insert(
+        2,
+        pen.say(
+            "Intraday, {index} touched {hi} at the {highword} on {hid} and {lo} at the {lowword} on {lod}.",
+            hi=f2(sp.cols["high"][f["ihi"]]),
+            lo=f2(sp.cols["low"][f["ilo"]]),
+            hid=wd(f["ihi"]),
+            lod=wd(f["ilo"]),
+        ),
+    )
     items += week_cross_asset(pen, cx, idx)
-    lede = wrap_lede(pen, f, pen.choice(["over the week", "for the week", f"in the {f['n']}-session week"]),
-                     "weekly" if pen.chance(0.5) else pen.choice(["solid", "clear"]) if abs(f["r"]) >= 2 else "modest")
+    lede = wrap_lede(
+        pen,
+        f,
+        pen.choice(["over the week", "for the week", f"in the {f['n']}-session week"]),
+        "weekly" if pen.chance(0.5) else pen.choice(["solid", "clear"]) if abs(f["r"]) >= 2 else "modest",
+    )
     return article(pen, head, dateline("NEW YORK", d), lede, items, keep=0.75)
 
 
@@ -1554,15 +2514,32 @@ def week_cross_asset(pen: Pen, cx: Ctx, idx: list[int]) -> list[str]:
     a, b = cx.wti.last_on_or_before(d), cx.wti.last_on_or_before(pd)
     if a and b and a[0] > pd:
         orr = pct(a[1], b[1])
-        out.append(pen.say(["{Oil} {mv} over the week.", "{Oil} finished the week at ${p} {barrel}, a "
-                                                         "weekly {gl} "
-                            "of {a}."], mv=moved(pen, orr, OIL, fp(orr), f"${f2(a[1])}"), p=f2(a[1]),
-                           gl=gain_loss(orr), a=fp(orr)))
+        out.append(
+            pen.say(
+                [
+                    "{Oil} {mv} over the week.",
+                    "{Oil} finished the week at ${p} {barrel}, a weekly {gl} of {a}.",
+                ],
+                mv=moved(pen, orr, OIL, fp(orr), f"${f2(a[1])}"),
+                p=f2(a[1]),
+                gl=gain_loss(orr),
+                a=fp(orr),
+            )
+        )
     va, vb = cx.vix.last_on_or_before(d), cx.vix.last_on_or_before(pd)
     if va and vb and va[0] > pd and vb[0] >= d - dt.timedelta(days=14):
-        out.append(pen.say(["{Vix} ended the week at {v}, {ud} from {pv}.",
-                            "{Implied} moved from {pv} to {v} on the VIX, a level that reads as {reg}."],
-                           v=f2(va[1]), pv=f2(vb[1]), ud="up" if va[1] >= vb[1] else "down", reg=vix_regime(va[1])))
+        out.append(
+            pen.say(
+                [
+                    "{Vix} ended the week at {v}, {ud} from {pv}.",
+                    "{Implied} moved from {pv} to {v} on the VIX, a level that reads as {reg}.",
+                ],
+                v=f2(va[1]),
+                pv=f2(vb[1]),
+                ud="up" if va[1] >= vb[1] else "down",
+                reg=vix_regime(va[1]),
+            )
+        )
     return out
 
 
@@ -1570,23 +2547,42 @@ def monthly_story(cx: Ctx, y: int, m: int, idx: list[int]) -> str:
     f = period_facts(cx, idx, idx[0] - 1)
     pen = Pen(f"monthly:{y:04d}-{m:02d}")
     when = lambda j: short_date(cx.dates[j])  # noqa: E731
-    head = pen.say(["Stocks {hl} in {mon}; S&P 500 {sign} for the month", "{mon} {y} in markets: S&P 500 "
-                                                                          "{sign}",
-                    "Month-end wrap: Nasdaq {np}, S&P 500 {p} in {mon} {y}",
-                    "S&P 500 {v} in {mon}"],
-                   hl="gain" if f["r"] >= 0 else "slip", mon=MONTHS[m - 1], y=y, sign=fsp(f["r"]),
-                   v=head_verb(pen, f["r"], MONTH, False), p=fsp(f["r"]), np=fsp(f["nr"]))
+    head = pen.say(
+        [
+            "Stocks {hl} in {mon}; S&P 500 {sign} for the month",
+            "{mon} {y} in markets: S&P 500 {sign}",
+            "Month-end wrap: Nasdaq {np}, S&P 500 {p} in {mon} {y}",
+            "S&P 500 {v} in {mon}",
+        ],
+        hl="gain" if f["r"] >= 0 else "slip",
+        mon=MONTHS[m - 1],
+        y=y,
+        sign=fsp(f["r"]),
+        v=head_verb(pen, f["r"], MONTH, False),
+        p=fsp(f["r"]),
+        np=fsp(f["nr"]),
+    )
     items = wrap_items(pen, cx, f, when)
     yi = cx.period_start(idx[-1], lambda a, b: a.year == b.year)
     if yi is not None and m != 1:
-        items.append(pen.say(["Year to date {index} is {a}.", "That brings the {y} performance to {a}."],
-                             a=fsp(pct(f["c"], cx.sps.c[yi])), y=y))
+        items.append(
+            pen.say(
+                ["Year to date {index} is {a}.", "That brings the {y} performance to {a}."],
+                a=fsp(pct(f["c"], cx.sps.c[yi])),
+                y=y,
+            )
+        )
     vs = [v for d, v in zip(cx.vix.dates, cx.vix.vals) if (d.year, d.month) == (y, m)]
     if vs:
-        items.append(f"The VIX averaged {f2(mean(vs))} during the month, ranging from {f2(min(vs))} to "
-                     f"{f2(max(vs))}.")
-    lede = wrap_lede(pen, f, pen.choice([f"in {MONTHS[m - 1]}", f"over {MONTHS[m - 1]}", "for the month"]),
-                     pen.choice(["monthly", "month-long"]))
+        items.append(
+            f"The VIX averaged {f2(mean(vs))} during the month, ranging from {f2(min(vs))} to {f2(max(vs))}."
+        )
+    lede = wrap_lede(
+        pen,
+        f,
+        pen.choice([f"in {MONTHS[m - 1]}", f"over {MONTHS[m - 1]}", "for the month"]),
+        pen.choice(["monthly", "month-long"]),
+    )
     return article(pen, head, dateline("NEW YORK", cx.dates[idx[-1]]), lede, items)
 
 
@@ -1595,9 +2591,20 @@ def quarterly_story(cx: Ctx, y: int, q: int, idx: list[int]) -> str:
     pen = Pen(f"quarter:{y}Q{q}")
     when = lambda j: short_date(cx.dates[j])  # noqa: E731
     o = QUARTERS[q - 1]
-    head = pen.say(["S&P 500 {v} {p} in {o} quarter", "Quarterly wrap: stocks {hl} in Q{q} {y}",
-                    "Wall Street's {o} quarter: S&P 500 {sign}"], v=head_verb(pen, f["r"], MONTH, False),
-                   p=hpct(f["r"]), o=o, q=q, y=y, hl=higher_lower(f["r"]), sign=fsp(f["r"]))
+    head = pen.say(
+        [
+            "S&P 500 {v} {p} in {o} quarter",
+            "Quarterly wrap: stocks {hl} in Q{q} {y}",
+            "Wall Street's {o} quarter: S&P 500 {sign}",
+        ],
+        v=head_verb(pen, f["r"], MONTH, False),
+        p=hpct(f["r"]),
+        o=o,
+        q=q,
+        y=y,
+        hl=higher_lower(f["r"]),
+        sign=fsp(f["r"]),
+    )
     items = wrap_items(pen, cx, f, when)
     months = []
     for mm in range(3 * q - 2, 3 * q + 1):
@@ -1607,10 +2614,21 @@ def quarterly_story(cx: Ctx, y: int, q: int, idx: list[int]) -> str:
     if len(months) == 3:
         bm = max(months, key=lambda t: t[1])
         wm = min(months, key=lambda t: t[1])
-        items.append(pen.say("By month, {b} was the strongest, {br}, and {w} the weakest, {wr}.",
-                             b=MONTHS[bm[0] - 1], br=fsp(bm[1]), w=MONTHS[wm[0] - 1], wr=fsp(wm[1])))
-    lede = wrap_lede(pen, f, pen.choice([f"in the {o} quarter of {y}", f"over the {o} quarter", "for the quarter"]),
-                     "quarterly")
+        items.append(
+            pen.say(
+                "By month, {b} was the strongest, {br}, and {w} the weakest, {wr}.",
+                b=MONTHS[bm[0] - 1],
+                br=fsp(bm[1]),
+                w=MONTHS[wm[0] - 1],
+                wr=fsp(wm[1]),
+            )
+        )
+    lede = wrap_lede(
+        pen,
+        f,
+        pen.choice([f"in the {o} quarter of {y}", f"over the {o} quarter", "for the quarter"]),
+        "quarterly",
+    )
     return article(pen, head, dateline("NEW YORK", cx.dates[idx[-1]]), lede, items)
 
 
@@ -1621,8 +2639,13 @@ def annual_story(cx: Ctx, y: int):
     items, lede, head = [], None, None
     if idx and idx[0] > 0:
         f = period_facts(cx, idx, idx[0] - 1)
-        head = pen.say(["{y} in review: S&P 500 {sign}", "S&P 500 {v} {p} in {y}", "The year in markets, {y}"],
-                       y=y, sign=fsp(f["r"]), v=head_verb(pen, f["r"], MONTH, False), p=hpct(f["r"]))
+        head = pen.say(
+            ["{y} in review: S&P 500 {sign}", "S&P 500 {v} {p} in {y}", "The year in markets, {y}"],
+            y=y,
+            sign=fsp(f["r"]),
+            v=head_verb(pen, f["r"], MONTH, False),
+            p=hpct(f["r"]),
+        )
         lede = wrap_lede(pen, f, pen.choice([f"in {y}", f"over {y} as a whole", "for the year"]), "yearly")
         items = wrap_items(pen, cx, f, lambda j: short_date(cx.dates[j])) + annual_equity_items(pen, cx, idx)
     fam = annual_factor_sentence(pen, ff, y)
@@ -1636,13 +2659,16 @@ def annual_story(cx: Ctx, y: int):
         a, b = credit[(y, 12)]
         pa, pb = credit[(y - 1, 12)]
         w = "widened" if (b - a) > (pb - pa) else "narrowed" if (b - a) < (pb - pa) else "held"
-        items.append(f"By December, Aaa yields were {fp(a)} and Baa {fp(b)}, against {fp(pa)} and {fp(pb)} "
-                     f"a year "
-                     f"before; the Baa-Aaa spread {w} to {fbp(b - a)}.")
+        items.append(
+            f"By December, Aaa yields were {fp(a)} and Baa {fp(b)}, against {fp(pa)} and {fp(pb)} "
+            f"a year before; the Baa-Aaa spread {w} to {fbp(b - a)}."
+        )
     if (y, 12) in cpi and (y - 1, 12) in cpi:
-        items.append(f"Core CPI rose {fp(pct(cpi[(y, 12)], cpi[(y - 1, 12)]))} from December to December."
-                     if cpi[(y, 12)] >= cpi[(y - 1, 12)] else
-                     f"Core CPI fell {fp(pct(cpi[(y, 12)], cpi[(y - 1, 12)]))} from December to December.")
+        items.append(
+            f"Core CPI rose {fp(pct(cpi[(y, 12)], cpi[(y - 1, 12)]))} from December to December."
+            if cpi[(y, 12)] >= cpi[(y - 1, 12)]
+            else f"Core CPI fell {fp(pct(cpi[(y, 12)], cpi[(y - 1, 12)]))} from December to December."
+        )
     items += annual_oil_vix_items(cx, y)
     return article(pen, head, dateline("NEW YORK", month=None), lede, items, keep=0.9)
 
@@ -1659,11 +2685,25 @@ def annual_equity_items(pen: Pen, cx: Ctx, idx: list[int]) -> list[str]:
             mdd, at, at_pk = dd, k, pk
     out = []
     if at is not None:
-        out.append(pen.say("The deepest peak-to-trough decline of the year was {dd}, from {a} to {b} on {d}.",
-                           dd=fp(mdd), a=f2(cl[at_pk]), b=f2(cl[at]), d=short_date(cx.dates[at])))
+        out.append(
+            pen.say(
+                "The deepest peak-to-trough decline of the year was {dd}, from {a} to {b} on {d}.",
+                dd=fp(mdd),
+                a=f2(cl[at_pk]),
+                b=f2(cl[at]),
+                d=short_date(cx.dates[at]),
+            )
+        )
     big = sum(1 for k in idx if abs(s.ret[k]) >= 2.0)
-    out.append(pen.say(["{Index} moved 2% or more in a single session on {b} days.",
-                        "There were {b} sessions with a move of 2% or more."], b=big))
+    out.append(
+        pen.say(
+            [
+                "{Index} moved 2% or more in a single session on {b} days.",
+                "There were {b} sessions with a move of 2% or more.",
+            ],
+            b=big,
+        )
+    )
     return out
 
 
@@ -1677,9 +2717,15 @@ def annual_factor_sentence(pen: Pen, ff: dict, y: int) -> str | None:
         g_rf *= 1.0 + rf / 100.0
     smb = math.fsum(ff[(y, m)][1] for m in range(1, 13))
     hml = math.fsum(ff[(y, m)][2] for m in range(1, 13))
-    return pen.say("Compounding the monthly Fama-French data, {market} returned {m} in {y} against {b} on "
-                   "Treasury bills; the monthly size factor summed to {s} and the value factor to {h}.",
-                   m=fsp((g_mkt - 1) * 100), y=y, b=fp((g_rf - 1) * 100), s=fsp(smb), h=fsp(hml))
+    return pen.say(
+        "Compounding the monthly Fama-French data, {market} returned {m} in {y} against {b} on "
+        "Treasury bills; the monthly size factor summed to {s} and the value factor to {h}.",
+        m=fsp((g_mkt - 1) * 100),
+        y=y,
+        b=fp((g_rf - 1) * 100),
+        s=fsp(smb),
+        h=fsp(hml),
+    )
 
 
 def annual_oil_vix_items(cx: Ctx, y: int) -> list[str]:
@@ -1688,14 +2734,16 @@ def annual_oil_vix_items(cx: Ctx, y: int) -> list[str]:
     pw = cx.wti.last_on_or_before(dt.date(y - 1, 12, 31))
     if wd and pw and pw[0].year == y - 1:
         yr = pct(wd[-1][1], pw[1])
-        out.append(f"WTI crude ended the year at ${f2(wd[-1][1])} a barrel, {up_down(yr)} {fp(yr)}, after "
-                   f"trading "
-                   f"between ${f2(min(v for _, v in wd))} and ${f2(max(v for _, v in wd))}.")
+        out.append(
+            f"WTI crude ended the year at ${f2(wd[-1][1])} a barrel, {up_down(yr)} {fp(yr)}, after "
+            f"trading between ${f2(min(v for _, v in wd))} and ${f2(max(v for _, v in wd))}."
+        )
     vs = [v for d, v in zip(cx.vix.dates, cx.vix.vals) if d.year == y]
     if len(vs) > 200:
-        out.append(f"The VIX averaged {f2(mean(vs))} over the year, with a low of {f2(min(vs))} and a high "
-                   f"of "
-                   f"{f2(max(vs))}.")
+        out.append(
+            f"The VIX averaged {f2(mean(vs))} over the year, with a low of {f2(min(vs))} and a high "
+            f"of {f2(max(vs))}."
+        )
     return out
 
 
@@ -1709,22 +2757,18 @@ EVERGREEN = {
         "The Nasdaq Composite covers most stocks listed on the Nasdaq exchange and leans heavily toward "
         "technology companies.",
         "Many chart-watchers treat the 200-day moving average as the line between a longer-term uptrend and "
-        "a "
-        "downtrend.",
+        "a downtrend.",
         "A decline of 10% from a recent peak is commonly called a correction, and one of 20% a bear market.",
         "Realized volatility measures how much the index has actually moved, as opposed to the volatility "
-        "implied "
-        "by option prices.",
+        "implied by option prices.",
         "Because the S&P 500 is weighted by market capitalization, its biggest constituents sway it the "
         "most.",
         "A golden cross, when the 50-day average climbs above the 200-day, is read by technicians as a "
-        "bullish "
-        "signal; the opposite crossover is dubbed a death cross.",
+        "bullish signal; the opposite crossover is dubbed a death cross.",
         "Price indexes such as the S&P 500 exclude dividends, so total returns to shareholders run somewhat "
         "higher.",
         "Technical analysts often describe a streak of consecutive gains or losses as a sign of momentum, "
-        "though "
-        "streaks say little about what comes next.",
+        "though streaks say little about what comes next.",
         "Daily moves of 2% or more are uncommon in calm markets and tend to cluster in turbulent ones.",
     ],
     "oil": [
@@ -1733,8 +2777,7 @@ EVERGREEN = {
         "A barrel holds 42 U.S. gallons.",
         "Oil prices respond to producers' supply decisions, inventories and the outlook for global demand.",
         "WTI is a light, sweet grade, meaning it is low in density and sulfur, which makes it relatively "
-        "easy "
-        "to refine into gasoline and diesel.",
+        "easy to refine into gasoline and diesel.",
         "Energy costs feed through to transport, heating and petrochemicals, which is why economists follow "
         "crude closely.",
         "Spot prices quote oil for immediate delivery, while futures contracts fix a price for a later "
@@ -1745,8 +2788,7 @@ EVERGREEN = {
         "expects over the next 30 days.",
         "The VIX usually moves in the opposite direction to stocks.",
         "Readings above 30 have tended to accompany periods of market stress, while readings below 15 "
-        "usually "
-        "come with calm markets.",
+        "usually come with calm markets.",
         "A VIX reading can be read roughly as the annualized percentage swing that option buyers are pricing "
         "in for the S&P 500.",
         "Implied volatility tends to exceed the volatility later realized, a gap that sellers of options "
@@ -1763,8 +2805,7 @@ EVERGREEN = {
     ],
     "cpi": [
         "The core index leaves out food and energy, whose prices swing more than most, to give a steadier "
-        "read on "
-        "underlying inflation.",
+        "read on underlying inflation.",
         "The Federal Reserve watches underlying inflation closely when it sets interest rates.",
         "The consumer price index is compiled by the Bureau of Labor Statistics from the prices of a broad "
         "basket of goods and services.",
@@ -1776,12 +2817,10 @@ EVERGREEN = {
         "Quarterly growth figures are expressed as seasonally adjusted annual rates, the convention for U.S. "
         "national accounts.",
         "Two straight quarters of contraction are a common rule of thumb for a recession, though U.S. "
-        "recessions "
-        "are officially dated by the National Bureau of Economic Research.",
+        "recessions are officially dated by the National Bureau of Economic Research.",
         "Consumer spending accounts for the largest share of U.S. economic output.",
         "Investment is the most cyclical component of demand, swinging far more than consumption from "
-        "quarter "
-        "to quarter.",
+        "quarter to quarter.",
         "The real interest rate here is the Treasury bill yield minus inflation, so it turns negative when "
         "prices rise faster than bills pay.",
     ],
@@ -1792,11 +2831,9 @@ EVERGREEN = {
         "The market factor is the return on the value-weighted U.S. stock market in excess of the one-month "
         "Treasury bill rate.",
         "Academic research has documented that small and cheap stocks outperformed over long stretches, "
-        "although "
-        "both premiums have gone through lengthy droughts.",
+        "although both premiums have gone through lengthy droughts.",
         "Factor returns are long-short portfolios, so a positive reading for one side always means a "
-        "shortfall "
-        "for the other.",
+        "shortfall for the other.",
     ],
 }
 
@@ -1805,8 +2842,20 @@ EVERGREEN = {
 # the corpus: every desk's stories, in date order
 
 
-DESKS = ["equities", "commodities", "volatility", "weekly", "credit", "cpi", "factors", "oil-monthly",
-         "monthly", "gdp", "quarterly", "annual"]  # also the tie-break order of stories dated the same day
+DESKS = [
+    "equities",
+    "commodities",
+    "volatility",
+    "weekly",
+    "credit",
+    "cpi",
+    "factors",
+    "oil-monthly",
+    "monthly",
+    "gdp",
+    "quarterly",
+    "annual",
+]  # also the tie-break order of stories dated the same day
 
 
 def sessions_by(cx: Ctx, key) -> list[list[int]]:
@@ -1818,16 +2867,25 @@ def sessions_by(cx: Ctx, key) -> list[list[int]]:
 
 def daily_stories(cx: Ctx) -> list[tuple]:
     out = [(cx.dates[i], "equities", equities_story(cx, i)) for i in range(1, len(cx.dates))]
-    out += [(cx.wti.dates[k], "commodities", oil_story(cx, k)) for k in range(1, len(cx.wti.dates))
-            if oil_eventful(cx, k)]
-    out += [(cx.vix.dates[k], "volatility", vix_story(cx, k)) for k in range(1, len(cx.vix.dates))
-            if vix_eventful(cx, k)]
+    out += [
+        (cx.wti.dates[k], "commodities", oil_story(cx, k))
+        for k in range(1, len(cx.wti.dates))
+        if oil_eventful(cx, k)
+    ]
+    out += [
+        (cx.vix.dates[k], "volatility", vix_story(cx, k))
+        for k in range(1, len(cx.vix.dates))
+        if vix_eventful(cx, k)
+    ]
     return out
 
 
 def period_stories(cx: Ctx) -> list[tuple]:
-    out = [(cx.dates[w[-1]], "weekly", weekly_story(cx, w))
-           for w in sessions_by(cx, lambda d: d.isocalendar()[:2]) if w[0] > 0]
+    out = [
+        (cx.dates[w[-1]], "weekly", weekly_story(cx, w))
+        for w in sessions_by(cx, lambda d: d.isocalendar()[:2])
+        if w[0] > 0
+    ]
     for idx in sessions_by(cx, lambda d: (d.year, d.month)):
         if idx[0] > 0:
             y, m = cx.dates[idx[0]].year, cx.dates[idx[0]].month
@@ -1835,7 +2893,9 @@ def period_stories(cx: Ctx) -> list[tuple]:
     for idx in sessions_by(cx, lambda d: (d.year, (d.month - 1) // 3)):
         if idx[0] > 0:
             d = cx.dates[idx[0]]
-            out.append((cx.dates[idx[-1]], "quarterly", quarterly_story(cx, d.year, (d.month - 1) // 3 + 1, idx)))
+            out.append(
+                (cx.dates[idx[-1]], "quarterly", quarterly_story(cx, d.year, (d.month - 1) // 3 + 1, idx))
+            )
     years = sorted({y for y, _ in cx.data["ff"]} | {d.year for d in cx.dates})
     out += [(dt.date(y, 12, 31), "annual", t) for y in years if (t := annual_story(cx, y))]
     return out
@@ -1843,12 +2903,18 @@ def period_stories(cx: Ctx) -> list[tuple]:
 
 def macro_stories(cx: Ctx) -> list[tuple]:
     out = []
-    for desk, series, story in (("credit", "credit", credit_story), ("cpi", "cpi", cpi_story),
-                                ("factors", "ff", factor_story)):
+    for desk, series, story in (
+        ("credit", "credit", credit_story),
+        ("cpi", "cpi", cpi_story),
+        ("factors", "ff", factor_story),
+    ):
         keys = sorted(cx.data[series])
         out += [(month_end(*keys[k]), desk, t) for k in range(len(keys)) if (t := story(cx, keys, k))]
-    out += [(month_end(y, m), "oil-monthly", t) for (y, m) in sorted(cx.wti_month)
-            if (t := oil_month_story(cx, y, m))]
+    out += [
+        (month_end(y, m), "oil-monthly", t)
+        for (y, m) in sorted(cx.wti_month)
+        if (t := oil_month_story(cx, y, m))
+    ]
     keys = sorted(cx.data["macro"])
     out += [(month_end(y, 3 * q), "gdp", t) for k, (y, q) in enumerate(keys) if (t := gdp_story(cx, keys, k))]
     return out
@@ -1879,11 +2945,13 @@ def bpe_vocab_reached(docs: list[str], vocab_size: int) -> int:
     gpt_scratch.Tokenizer.train does: it stops early once every word is one token, so a corpus with
     little language cannot fill a large vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     hf.train_from_iterator(docs, trainer=trainer)
     return hf.get_vocab_size()
 
@@ -1902,7 +2970,7 @@ def ngram_counts(docs: list[str], n: int, mask_numbers: bool = False) -> tuple[i
     seen, total = set(), 0
     for doc in docs:
         w = doc_words(doc, mask_numbers)
-        grams = [tuple(w[k:k + n]) for k in range(len(w) - n + 1)]
+        grams = [tuple(w[k : k + n]) for k in range(len(w) - n + 1)]
         total += len(grams)
         seen.update(grams)
     return len(seen), total
@@ -1934,24 +3002,40 @@ def corpus_stats(text: str, vocab_size: int = BPE_VOCAB) -> dict:
     grams = {}
     for n in (1, 2, 3, 4):
         distinct, total = ngram_counts(docs, n)
-        grams[str(n)] = dict(distinct=distinct, total=total, ratio=round(distinct / total, 4) if total else 0.0,
-                             window_ratio=round(windowed_ratio(docs, n, False), 4),
-                             window_ratio_numbers_masked=round(windowed_ratio(docs, n, True), 4))
-    return dict(documents=len(docs), words=sum(len(d.split()) for d in docs), bytes=len(text.encode("utf-8")),
-                bpe_vocab_asked=vocab_size, bpe_vocab=bpe_vocab_reached(docs, vocab_size),
-                window_words=WINDOW_WORDS, ngrams=grams)
+        grams[str(n)] = dict(
+            distinct=distinct,
+            total=total,
+            ratio=round(distinct / total, 4) if total else 0.0,
+            window_ratio=round(windowed_ratio(docs, n, False), 4),
+            window_ratio_numbers_masked=round(windowed_ratio(docs, n, True), 4),
+        )
+    return dict(
+        documents=len(docs),
+        words=sum(len(d.split()) for d in docs),
+        bytes=len(text.encode("utf-8")),
+        bpe_vocab_asked=vocab_size,
+        bpe_vocab=bpe_vocab_reached(docs, vocab_size),
+        window_words=WINDOW_WORDS,
+        ngrams=grams,
+    )
 
 
 def stats_lines(path: str, s: dict) -> list[str]:
-    out = [path, f"  documents  {s['documents']:,}", f"  words      {s['words']:,}", f"  bytes      "
-                                                                                     f"{s['bytes']:,}",
-           f"  BPE vocab  {s['bpe_vocab']:,} reached of {s['bpe_vocab_asked']:,} asked",
-           f"  distinct/total word n-grams: whole file; per {s['window_words']:,}-word window; "
-           f"per window with numbers masked"]
+    out = [
+        path,
+        f"  documents  {s['documents']:,}",
+        f"  words      {s['words']:,}",
+        f"  bytes      {s['bytes']:,}",
+        f"  BPE vocab  {s['bpe_vocab']:,} reached of {s['bpe_vocab_asked']:,} asked",
+        f"  distinct/total word n-grams: whole file; per {s['window_words']:,}-word window; "
+        f"per window with numbers masked",
+    ]
     for n, g in s["ngrams"].items():
-        out.append(f"  {n}-grams  {g['ratio']:.4f} ({g['distinct']:,} of {g['total']:,})  "
-                   f"{g['window_ratio']:.4f}  "
-                   f"{g['window_ratio_numbers_masked']:.4f}")
+        out.append(
+            f"  {n}-grams  {g['ratio']:.4f} ({g['distinct']:,} of {g['total']:,})  "
+            f"{g['window_ratio']:.4f}  "
+            f"{g['window_ratio_numbers_masked']:.4f}"
+        )
     return out
 
 
@@ -2005,27 +3089,43 @@ def positive_int(s: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}")
     if n < 257:
-        raise argparse.ArgumentTypeError(f"must be at least 257 (the 256 byte tokens plus one merge), got "
-                                         f"{n}")
+        raise argparse.ArgumentTypeError(
+            f"must be at least 257 (the 256 byte tokens plus one merge), got {n}"
+        )
     return n
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Build the news-style market corpus (data/finance_corpus.txt), or measure "
-                                   "how varied corpora are with --stats.",
-                       epilog="exit codes: 0 done; 2 bad input or an output that cannot be written; "
-                              "130 interrupted with Ctrl-C (nothing half-written is left).")
-    p.add_argument("--out-dir", default=None,
-                   help="where finance_corpus.txt is written, exactly as fetch_news.py --source market "
-                        "writes it (default: data)")
-    p.add_argument("--stats", nargs="+", metavar="FILE", default=None,
-                   help="instead of building, print per corpus file: documents, words, the BPE vocabulary "
-                        "reached when --vocab-size is asked, and distinct/total word 1- to 4-gram ratios "
-                        "(default: off)")
-    p.add_argument("--json", action="store_true", help="with --stats: one JSON object on stdout (default: "
-                                                       "off)")
-    p.add_argument("--vocab-size", type=positive_int, default=BPE_VOCAB,
-                   help="with --stats: the BPE vocabulary asked for (default: %(default)s)")
+    p = ArgumentParser(
+        description="Build the news-style market corpus (data/finance_corpus.txt), or measure "
+        "how varied corpora are with --stats.",
+        epilog="exit codes: 0 done; 2 bad input or an output that cannot be written; "
+        "130 interrupted with Ctrl-C (nothing half-written is left).",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="where finance_corpus.txt is written, exactly as fetch_news.py --source market "
+        "writes it (default: data)",
+    )
+    p.add_argument(
+        "--stats",
+        nargs="+",
+        metavar="FILE",
+        default=None,
+        help="instead of building, print per corpus file: documents, words, the BPE vocabulary "
+        "reached when --vocab-size is asked, and distinct/total word 1- to 4-gram ratios "
+        "(default: off)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="with --stats: one JSON object on stdout (default: off)"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=BPE_VOCAB,
+        help="with --stats: the BPE vocabulary asked for (default: %(default)s)",
+    )
     return p
 
 
@@ -2041,6 +3141,7 @@ def main(argv=None) -> int:
         if args.out_dir is not None and not args.out_dir.strip():
             die("--out-dir must name a folder, got an empty string")
         import fetch_news  # the same checks, atomic write and messages as fetch_news.py --source market
+
         return fetch_news.main(["--source", "market", "--out-dir", args.out_dir or "data"])
     except KeyboardInterrupt:
         print("interrupted: nothing written; run the same command again", file=sys.stderr)

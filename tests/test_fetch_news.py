@@ -37,7 +37,9 @@ def article(n: int, symbols, day: int = None, content: str = None) -> dict:
     return {
         "date": f"2024-03-{day:02d}T{n % 24:02d}:{n % 60:02d}:00+00:00",
         "title": f"Headline number {n}",
-        "content": content if content is not None else f"<p>Body of story {n}.</p><p>Second &amp; last paragraph.</p>",
+        "content": content
+        if content is not None
+        else f"<p>Body of story {n}.</p><p>Second &amp; last paragraph.</p>",
         "link": f"https://news.example.com/story/{n}",
         "symbols": list(symbols),
         "tags": ["EARNINGS"] if n % 2 else [],
@@ -96,7 +98,7 @@ class FakeEODHD:
                 self.quota -= 1
         caps = self.page_caps.get(ticker)
         n = min(limit, caps[k % len(caps)]) if caps else limit
-        items = self.feeds[ticker][offset:offset + n]
+        items = self.feeds[ticker][offset : offset + n]
         return 200, "application/json", json.dumps(items).encode(), {}
 
 
@@ -115,8 +117,16 @@ def api():
                 except ValueError:
                     n = None
                 with fake.lock:
-                    fake.log.append((time.monotonic(), q.get("s"), int(q.get("offset", -1)), int(q.get("limit", -1)),
-                                     status, n))
+                    fake.log.append(
+                        (
+                            time.monotonic(),
+                            q.get("s"),
+                            int(q.get("offset", -1)),
+                            int(q.get("limit", -1)),
+                            status,
+                            n,
+                        )
+                    )
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
@@ -154,9 +164,27 @@ def clean_env():
 
 
 def fetch(api, out_dir, *extra, key=KEY, timeout=60):
-    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(out_dir),
-           "--base-url", api.base_url, "--api-key", key, "--timeout", "1.5", "--max-retries", "3",
-           "--backoff-base", "0.05", "--backoff-max", "0.2", *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "eodhd",
+        "--out-dir",
+        str(out_dir),
+        "--base-url",
+        api.base_url,
+        "--api-key",
+        key,
+        "--timeout",
+        "1.5",
+        "--max-retries",
+        "3",
+        "--backoff-base",
+        "0.05",
+        "--backoff-max",
+        "0.2",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)
 
 
@@ -221,8 +249,13 @@ def all_links(api) -> set:
 
 
 def test_help_documents_every_flag():
-    r = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--help"], capture_output=True, text=True,
-                       env=clean_env(), timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "fetch_news.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
     assert r.returncode == 0
     help_text = " ".join(r.stdout.split())
     parser = fetch_news.build_parser()
@@ -235,38 +268,62 @@ def test_help_documents_every_flag():
         assert s in help_text
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--tickers-file", "/nonexistent/tickers.txt"], "cannot read --tickers-file"),
-    (["--tickers-file", "EMPTY"], "lists no tickers"),
-    (["--tickers", "AAPL.US", "--limit", "0"], "argument --limit: must be between 1 and 1000"),
-    (["--tickers", "AAPL.US", "--limit", "1001"], "argument --limit: must be between 1 and 1000"),
-    (["--tickers", "AAPL.US", "--from", "2024-13-01"], "argument --from: must be a date as YYYY-MM-DD"),
-    (["--tickers", "AAPL.US", "--to", "2024-3-1"], "argument --to: must be a date as YYYY-MM-DD"),
-    (["--tickers", "AAPL.US", "--from", "2024-03-02", "--to", "2024-03-01"], "is after --to"),
-    (["--tickers", "AA PL"], "not a ticker"),
-    (["--tickers", "AAPL.US", "--api-key", ""], "no API key"),
-    ([], "no tickers"),
-    (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must start with"),
-    (["--tickers", "AAPL.US", "--limit", "ten"], "argument --limit: must be a whole number, got 'ten'"),
-    (["--tickers", "AAPL.US", "--timeout", "0"], "argument --timeout: must be more than 0"),
-    # nan and inf passed the old range checks, then crashed in time.sleep() or the socket layer
-    (["--tickers", "AAPL.US", "--timeout", "nan"], "argument --timeout: must be more than 0 and at most"),
-    (["--tickers", "AAPL.US", "--timeout", "1e300"], "argument --timeout: must be more than 0 and at most"),
-    (["--tickers", "AAPL.US", "--backoff-base", "nan"], "argument --backoff-base: must be between 0 and"),
-    (["--tickers", "AAPL.US", "--backoff-max", "inf"], "argument --backoff-max: must be between 0 and 86400"),
-    (["--tickers", "AAPL.US", "--backoff-max", "-1"], "argument --backoff-max: must be between 0 and 86400"),
-    (["--tickers", "AAPL.US", "--max-retries", "-1"], "argument --max-retries: must be 0 or more, got -1"),
-    (["--tickers", "AAPL.US", "--max-pages", "0"], "argument --max-pages: must be at least 1, got 0"),
-    (["--tickers", "AAPL.US", "--out-dir", ""], "argument --out-dir: must name a folder"),
-    (["--tickers-file", "BINARY"], "is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--tickers-file", "/nonexistent/tickers.txt"], "cannot read --tickers-file"),
+        (["--tickers-file", "EMPTY"], "lists no tickers"),
+        (["--tickers", "AAPL.US", "--limit", "0"], "argument --limit: must be between 1 and 1000"),
+        (["--tickers", "AAPL.US", "--limit", "1001"], "argument --limit: must be between 1 and 1000"),
+        (["--tickers", "AAPL.US", "--from", "2024-13-01"], "argument --from: must be a date as YYYY-MM-DD"),
+        (["--tickers", "AAPL.US", "--to", "2024-3-1"], "argument --to: must be a date as YYYY-MM-DD"),
+        (["--tickers", "AAPL.US", "--from", "2024-03-02", "--to", "2024-03-01"], "is after --to"),
+        (["--tickers", "AA PL"], "not a ticker"),
+        (["--tickers", "AAPL.US", "--api-key", ""], "no API key"),
+        ([], "no tickers"),
+        (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must start with"),
+        (["--tickers", "AAPL.US", "--limit", "ten"], "argument --limit: must be a whole number, got 'ten'"),
+        (["--tickers", "AAPL.US", "--timeout", "0"], "argument --timeout: must be more than 0"),
+        # nan and inf passed the old range checks, then crashed in time.sleep() or the socket layer
+        (["--tickers", "AAPL.US", "--timeout", "nan"], "argument --timeout: must be more than 0 and at most"),
+        (
+            ["--tickers", "AAPL.US", "--timeout", "1e300"],
+            "argument --timeout: must be more than 0 and at most",
+        ),
+        (["--tickers", "AAPL.US", "--backoff-base", "nan"], "argument --backoff-base: must be between 0 and"),
+        (
+            ["--tickers", "AAPL.US", "--backoff-max", "inf"],
+            "argument --backoff-max: must be between 0 and 86400",
+        ),
+        (
+            ["--tickers", "AAPL.US", "--backoff-max", "-1"],
+            "argument --backoff-max: must be between 0 and 86400",
+        ),
+        (
+            ["--tickers", "AAPL.US", "--max-retries", "-1"],
+            "argument --max-retries: must be 0 or more, got -1",
+        ),
+        (["--tickers", "AAPL.US", "--max-pages", "0"], "argument --max-pages: must be at least 1, got 0"),
+        (["--tickers", "AAPL.US", "--out-dir", ""], "argument --out-dir: must name a folder"),
+        (["--tickers-file", "BINARY"], "is not UTF-8 text"),
+    ],
+)
 def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
-    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "bin.txt") if a == "BINARY" else a
-            for a in args]
+    args = [
+        str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "bin.txt") if a == "BINARY" else a
+        for a in args
+    ]
     (tmp_path / "empty.txt").write_text("# nothing here\n\n")
     (tmp_path / "bin.txt").write_bytes(b"AAPL.US\n\xff\xfe\x00\x81\n")
-    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path / "out"),
-           *args]
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "eodhd",
+        "--out-dir",
+        str(tmp_path / "out"),
+        *args,
+    ]
     if "--api-key" not in args:
         cmd += ["--api-key", KEY]
     r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
@@ -276,8 +333,21 @@ def test_bad_input_one_line_exit_2(tmp_path, args, fragment):
 
 
 def test_market_rejects_eodhd_flags(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--source", "market", "--out-dir",
-                        str(tmp_path), "--tickers", "AAPL.US"], capture_output=True, text=True, env=clean_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "fetch_news.py"),
+            "--source",
+            "market",
+            "--out-dir",
+            str(tmp_path),
+            "--tickers",
+            "AAPL.US",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: --tickers only applies to --source eodhd"
     assert not (tmp_path / "finance_corpus.txt").exists()
 
@@ -362,10 +432,30 @@ def test_timeouts_and_5xx_exhaust_retries_then_skip(api, tmp_path):
     assert sorted(a["link"] for a in read_news(tmp_path)) == sorted(a["link"] for a in api.feeds["AAPL.US"])
     assert_no_key(r.stdout, r.stderr, out_dir=tmp_path)
     # a refused connection: requests puts the whole URL, token included, into the message
-    dead = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir",
-                           str(tmp_path), "--base-url", "http://127.0.0.1:9/api", "--api-key", KEY, "--tickers",
-                           "TSLA.US", "--max-retries", "1", "--backoff-base", "0.01"],
-                          capture_output=True, text=True, env=clean_env(), timeout=60)
+    dead = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "fetch_news.py"),
+            "--source",
+            "eodhd",
+            "--out-dir",
+            str(tmp_path),
+            "--base-url",
+            "http://127.0.0.1:9/api",
+            "--api-key",
+            KEY,
+            "--tickers",
+            "TSLA.US",
+            "--max-retries",
+            "1",
+            "--backoff-base",
+            "0.01",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+    )
     assert dead.returncode == 0 and "skipped TSLA.US: ConnectionError" in dead.stdout
     assert "api_token=***" in dead.stdout + dead.stderr
     assert_no_key(dead.stdout, dead.stderr, out_dir=tmp_path)
@@ -378,8 +468,9 @@ def test_bad_key_exits_2_without_leaking_or_losing_data(api, tmp_path):
     wrong = "wrong-KEY-77aa"
     r = fetch(api, tmp_path, "--tickers", "AAPL.US,MSFT.US", "--restart", key=wrong)
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: EODHD rejected the API key (HTTP 401: "
-                                                             "Unauthenticated)"), r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+        "error: EODHD rejected the API key (HTTP 401: Unauthenticated)"
+    ), r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert wrong not in r.stdout + r.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
@@ -427,9 +518,24 @@ def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
         api.feeds[t] = own[:10] + shared + own[10:]
     api.page_caps = {t: [3, 2] for t in tickers}
     api.delay_s = 0.03
-    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
-           "--base-url", api.base_url, "--api-key", KEY, "--tickers", ",".join(tickers), "--limit", "3",
-           "--backoff-base", "0.01"]
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "eodhd",
+        "--out-dir",
+        str(tmp_path),
+        "--base-url",
+        api.base_url,
+        "--api-key",
+        KEY,
+        "--tickers",
+        ",".join(tickers),
+        "--limit",
+        "3",
+        "--backoff-base",
+        "0.01",
+    ]
     news = tmp_path / "news.jsonl"
     kills = 0
     for threshold in (8, 40, 75):  # kill -9 at three different points of the run
@@ -461,8 +567,22 @@ def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
 def test_second_concurrent_run_is_refused(api, tmp_path):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(40)]
     api.delay_s = 0.3
-    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
-           "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--limit", "2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "eodhd",
+        "--out-dir",
+        str(tmp_path),
+        "--base-url",
+        api.base_url,
+        "--api-key",
+        KEY,
+        "--tickers",
+        "AAPL.US",
+        "--limit",
+        "2",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
     try:
         deadline = time.time() + 30
@@ -487,10 +607,14 @@ def test_recovers_torn_line_and_pending_merges(api, tmp_path):
     # and a merge recorded for an article that is on disk
     raw = news.read_bytes()
     last_line_start = raw.rindex(b"\n", 0, len(raw) - 1) + 1
-    news.write_bytes(raw[:last_line_start + 25])
+    news.write_bytes(raw[: last_line_start + 25])
     (tmp_path / "news_progress.json").unlink()
-    (tmp_path / "news_merges.jsonl").write_text(json.dumps(
-        {"link": "https://news.example.com/story/3", "tickers": ["MSFT.US"], "symbols": ["MSFT.US"]}) + "\n")
+    (tmp_path / "news_merges.jsonl").write_text(
+        json.dumps(
+            {"link": "https://news.example.com/story/3", "tickers": ["MSFT.US"], "symbols": ["MSFT.US"]}
+        )
+        + "\n"
+    )
     r = fetch(api, tmp_path, "--tickers", "AAPL.US")  # MSFT.US is not fetched: the merge comes from the file
     assert r.returncode == 0, r.stderr
     assert "dropped 1 incomplete line(s)" in r.stderr
@@ -503,8 +627,10 @@ def test_recovers_torn_line_and_pending_merges(api, tmp_path):
 
 
 def test_sp500_list_downloaded_cached_and_mapped(api, tmp_path):
-    csv_text = "Symbol,Security,GICS Sector\nAAPL,Apple Inc.,IT\nBRK.B,Berkshire Hathaway,Financials\n" \
-               "BF.B,Brown-Forman,Staples\n"
+    csv_text = (
+        "Symbol,Security,GICS Sector\nAAPL,Apple Inc.,IT\nBRK.B,Berkshire Hathaway,Financials\n"
+        "BF.B,Brown-Forman,Staples\n"
+    )
     api.files["/constituents.csv"] = ("text/csv", csv_text.encode())
     for n, t in enumerate(("AAPL.US", "BRK-B.US", "BF-B.US")):
         api.feeds[t] = [article(n, [t])]
@@ -527,17 +653,39 @@ def test_sp500_list_downloaded_cached_and_mapped(api, tmp_path):
 
 def test_news_corpus_cleaning_order_and_determinism(tmp_path):
     recs = [
-        {"date": "2024-03-02T09:00:00-05:00", "link": "https://b.example/2", "title": "<b>Later</b> &amp; UTC 14:00",
-         "content": "<div><p>Shares   rose\t3%.</p><script>var x = 1;</script>\n\n<p>Story continues</p>"
-                    "<p>Analysts&nbsp;were upbeat.</p><p>Click here to subscribe</p><p>Advertisement</p>"
-                    "<p>Subscribers grew 10%; related party deals did not.</p></div>"},
-        {"date": "2024-03-02T13:00:00+00:00", "link": "https://a.example/1", "title": "Earlier at 13:00 UTC",
-         "content": "Plain text body.\r\nRead more: https://a.example/more\n\u00a9 2024 Example Media. All rights reserved."},
-        {"date": "2024-03-02T13:00:00+00:00", "link": "https://a.example/0", "title": "Same time, smaller link",
-         "content": "Tie broken by link. Caf\u00e9 prices."},
-        {"date": "2024-03-03T00:00:00+00:00", "link": "https://c.example/3", "title": "Empty", "content": "<p> </p>"},
-        {"date": "2024-03-04T00:00:00+00:00", "link": "https://c.example/4", "title": "Repeat",
-         "content": "<p>Plain text body.</p>"},
+        {
+            "date": "2024-03-02T09:00:00-05:00",
+            "link": "https://b.example/2",
+            "title": "<b>Later</b> &amp; UTC 14:00",
+            "content": "<div><p>Shares   rose\t3%.</p><script>var x = 1;</script>\n\n<p>Story continues</p>"
+            "<p>Analysts&nbsp;were upbeat.</p><p>Click here to subscribe</p><p>Advertisement</p>"
+            "<p>Subscribers grew 10%; related party deals did not.</p></div>",
+        },
+        {
+            "date": "2024-03-02T13:00:00+00:00",
+            "link": "https://a.example/1",
+            "title": "Earlier at 13:00 UTC",
+            "content": "Plain text body.\r\nRead more: https://a.example/more\n"
+            "\u00a9 2024 Example Media. All rights reserved.",
+        },
+        {
+            "date": "2024-03-02T13:00:00+00:00",
+            "link": "https://a.example/0",
+            "title": "Same time, smaller link",
+            "content": "Tie broken by link. Caf\u00e9 prices.",
+        },
+        {
+            "date": "2024-03-03T00:00:00+00:00",
+            "link": "https://c.example/3",
+            "title": "Empty",
+            "content": "<p> </p>",
+        },
+        {
+            "date": "2024-03-04T00:00:00+00:00",
+            "link": "https://c.example/4",
+            "title": "Repeat",
+            "content": "<p>Plain text body.</p>",
+        },
         {"date": "2024-03-01T00:00:00+00:00", "link": "https://c.example/5", "title": None, "content": None},
     ]
     (tmp_path / "news.jsonl").write_bytes(fetch_news.jsonl_bytes(recs))
@@ -547,7 +695,9 @@ def test_news_corpus_cleaning_order_and_determinism(tmp_path):
     assert first.decode("utf-8") == (
         "Same time, smaller link\nTie broken by link. Caf\u00e9 prices.\n\n"
         "Earlier at 13:00 UTC\nPlain text body.\n\n"
-        "Later & UTC 14:00\nShares rose 3%.\nAnalysts were upbeat.\nSubscribers grew 10%; related party deals did not.\n")
+        "Later & UTC 14:00\nShares rose 3%.\nAnalysts were upbeat.\nSubscribers grew 10%; related party "
+        "deals did not.\n"
+    )
     assert fetch_news.write_news_corpus(str(tmp_path))[2] == len(first)
     assert Path(path).read_bytes() == first
     # the same articles stored in another order give the same bytes
@@ -561,8 +711,12 @@ def test_fetched_corpus_identical_across_runs(api, tmp_path):
     api.script, api.always = {}, {}
     tickers = "AAPL.US,MSFT.US,RATE.US,FLAKY.US"
     assert fetch(api, tmp_path / "a", "--tickers", tickers, "--limit", "10").returncode == 0
-    assert fetch(api, tmp_path / "b", "--tickers", ",".join(reversed(tickers.split(","))),
-                 "--limit", "4").returncode == 0
+    assert (
+        fetch(
+            api, tmp_path / "b", "--tickers", ",".join(reversed(tickers.split(","))), "--limit", "4"
+        ).returncode
+        == 0
+    )
     a = (tmp_path / "a" / "finance_corpus.txt").read_bytes()
     assert a == (tmp_path / "b" / "finance_corpus.txt").read_bytes() and len(a) > 1000
 
@@ -590,14 +744,18 @@ def stories():
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_market_corpus_rebuilds_byte_for_byte(tmp_path, script):
-    r = subprocess.run(build_cmd(script, tmp_path), capture_output=True, text=True, env=clean_env(), timeout=300)
+    r = subprocess.run(
+        build_cmd(script, tmp_path), capture_output=True, text=True, env=clean_env(), timeout=300
+    )
     assert r.returncode == 0, r.stderr
     built = (tmp_path / "finance_corpus.txt").read_bytes()
     assert built == COMMITTED.read_bytes()  # market_corpus.py run directly writes the same bytes
     assert 3_000_000 <= len(built) <= 8_000_000
     n_docs = built.count(b"\n\n") + 1
-    assert r.stdout == f"wrote {tmp_path / 'finance_corpus.txt'}: {n_docs:,} documents, " \
-                       f"{len(built):,} bytes, {len(built):,} characters\n"
+    assert (
+        r.stdout == f"wrote {tmp_path / 'finance_corpus.txt'}: {n_docs:,} documents, "
+        f"{len(built):,} bytes, {len(built):,} characters\n"
+    )
 
 
 DATELINE = re.compile(r"^(NEW YORK|WASHINGTON|CHICAGO)(, [A-Z][a-z]+ (\d{1,2}, )?\d{4})? -- [A-Z]")
@@ -618,21 +776,28 @@ def test_market_corpus_format_every_desk_and_news_structure(stories):
         assert DATELINE.match(lede), doc
         if desk in ("equities", "commodities", "volatility", "weekly"):  # daily news carries the full date
             assert f", {market_corpus.short_date(d)} -- " in lede, doc
-        assert lede.endswith((".", ".\"")) and all(p.endswith(".") for p in body), doc
+        assert lede.endswith((".", '."')) and all(p.endswith(".") for p in body), doc
     assert counts["equities"] == 5030 and counts["weekly"] > 1000 and counts["monthly"] > 200
-    assert counts["credit"] == 1200 and counts["cpi"] > 700 and counts["factors"] > 1000 and counts["gdp"] > 200
+    assert (
+        counts["credit"] == 1200 and counts["cpi"] > 700 and counts["factors"] > 1000 and counts["gdp"] > 200
+    )
     assert min(counts.values()) >= 70, counts  # every desk writes
     eq = [t for _, desk, t in stories if desk == "equities"]
     assert sum(len(t.split("\n")) >= 3 for t in eq) > 0.95 * len(eq)  # headline, lede, body paragraphs
     # the same fact comes in many shapes: headline forms and lede openings
     assert len({" ".join(t.split("\n")[0].split()[:2]) for t in eq}) >= 60
     assert len({" ".join(t.split("\n")[1].split(" -- ")[1].split()[:3]) for t in eq}) >= 100
-    title_case = [h for h in (t.split("\n")[0].split() for t in eq)
-                  if not any(w[0].islower() for w in h[1:] if w not in market_corpus.SMALL_WORDS)]
+    title_case = [
+        h
+        for h in (t.split("\n")[0].split() for t in eq)
+        if not any(w[0].islower() for w in h[1:] if w not in market_corpus.SMALL_WORDS)
+    ]
     assert 1000 < len(title_case) < 3000  # two house styles for headlines
 
 
-LEVEL = re.compile(r"(?<![\d.,$])\d{1,3}(?:,\d{3})*\.\d\d(?![\d%]| percentage| points| basis| billion| million)")
+LEVEL = re.compile(
+    r"(?<![\d.,$])\d{1,3}(?:,\d{3})*\.\d\d(?![\d%]| percentage| points| basis| billion| million)"
+)
 
 
 def sentences(doc: str) -> list[str]:
@@ -642,6 +807,7 @@ def sentences(doc: str) -> list[str]:
 def test_market_corpus_numbers_come_from_the_data(stories):
     # recompute with pandas through arch's own loaders, independently of market_corpus' parsing
     from arch.data import core_cpi, default, nasdaq, sp500, vix, wti
+
     sp, nq, vx, oil = sp500.load(), nasdaq.load(), vix.load()["vix"], wti.load()["DCOILWTICO"]
     by_day = {d: t for d, desk, t in stories if desk == "equities"}
     checked = 0
@@ -650,11 +816,11 @@ def test_market_corpus_numbers_come_from_the_data(stories):
         doc = by_day[sp.index[i].date()]
         c, pc = sp["Close"].iloc[i], sp["Close"].iloc[i - 1]
         assert f"{c:,.2f}" in doc and f"{abs(c / pc - 1) * 100:.2f}%" in doc, doc
-        ma50, ma200 = sp["Close"].iloc[i - 49:i + 1].mean(), sp["Close"].iloc[i - 199:i + 1].mean()
-        hi52 = sp["Close"].iloc[i - 251:i + 1].max()
+        ma50, ma200 = sp["Close"].iloc[i - 49 : i + 1].mean(), sp["Close"].iloc[i - 199 : i + 1].mean()
+        hi52 = sp["Close"].iloc[i - 251 : i + 1].max()
         for s in sentences(doc):
             if "shares" in s:  # volume, against its average over the 50 sessions before
-                v, av = sp["Volume"].iloc[i], sp["Volume"].iloc[i - 50:i].mean()
+                v, av = sp["Volume"].iloc[i], sp["Volume"].iloc[i - 50 : i].mean()
                 assert all(f"{x / 1e9:.2f} billion" in s or f"{x / 1e6:.0f} million" in s for x in (v, av)), s
             if not LEVEL.findall(s):
                 continue
@@ -741,8 +907,11 @@ def test_market_reports_name_the_previous_trading_day_after_holidays():
     data = market_corpus.load_market_data()
     sp = data["sp"]
     dates = sp.dates
-    good_friday_mondays = [d for i, d in enumerate(dates)
-                           if d.weekday() == 0 and (d - dates[i - 1]).days == 4 and d.month in (3, 4)]
+    good_friday_mondays = [
+        d
+        for i, d in enumerate(dates)
+        if d.weekday() == 0 and (d - dates[i - 1]).days == 4 and d.month in (3, 4)
+    ]
     assert dt.date(2000, 4, 24) in good_friday_mondays and len(good_friday_mondays) >= 15
     i = dates.index(dt.date(2000, 4, 24))
     assert dates[i - 1] == dt.date(2000, 4, 20)  # Good Friday 2000-04-21: no trading
@@ -758,14 +927,21 @@ def test_market_reports_name_the_previous_trading_day_after_holidays():
     after_good_friday = {d: n for d, n in named.items() if d in good_friday_mondays}
     assert len(after_good_friday) >= 5
     assert all(set(n) == {"Thursday"} for n in after_good_friday.values()), after_good_friday
-    tuesdays_after_monday_holiday = [d for d in named if d.weekday() == 1 and (d - dates[dates.index(d) - 1]).days == 4]
+    tuesdays_after_monday_holiday = [
+        d for d in named if d.weekday() == 1 and (d - dates[dates.index(d) - 1]).days == 4
+    ]
     assert len(tuesdays_after_monday_holiday) >= 20
     assert all(set(named[d]) == {"Friday"} for d in tuesdays_after_monday_holiday)
 
 
 def run_stats(*args):
-    return subprocess.run([sys.executable, str(REPO / "market_corpus.py"), "--stats", *args],
-                          capture_output=True, text=True, env=clean_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "market_corpus.py"), "--stats", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+    )
 
 
 def test_stats_match_hand_computed_values(tmp_path):
@@ -792,12 +968,15 @@ def test_stats_match_hand_computed_values(tmp_path):
     assert "  2-grams  0.6667 (4 of 6)  0.6667  0.6667" in text.stdout
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["{missing}"], "not found"),
-    (["{empty}"], "is empty"),
-    (["{dir}"], "is a folder"),
-    (["{empty}", "--vocab-size", "12"], "must be at least 257"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["{missing}"], "not found"),
+        (["{empty}"], "is empty"),
+        (["{dir}"], "is a folder"),
+        (["{empty}", "--vocab-size", "12"], "must be at least 257"),
+    ],
+)
 def test_stats_bad_input_one_line_exit_2(tmp_path, args, fragment):
     (tmp_path / "empty.txt").write_text("\n\n")
     paths = dict(missing=tmp_path / "nope.txt", empty=tmp_path / "empty.txt", dir=tmp_path)
@@ -807,8 +986,13 @@ def test_stats_bad_input_one_line_exit_2(tmp_path, args, fragment):
 
 def test_market_corpus_flags_that_do_not_combine(tmp_path):
     for args in (["--json"], ["--stats", str(COMMITTED), "--out-dir", str(tmp_path)]):
-        r = subprocess.run([sys.executable, str(REPO / "market_corpus.py"), *args], capture_output=True, text=True,
-                           env=clean_env(), timeout=60)
+        r = subprocess.run(
+            [sys.executable, str(REPO / "market_corpus.py"), *args],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
         assert_user_error(r, "--")
     assert not any(tmp_path.iterdir())
 
@@ -836,8 +1020,11 @@ def test_retry_after_is_capped_by_backoff_max(api, tmp_path, form):
     r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--backoff-max", "0.5", timeout=30)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 < 20
-    assert re.search(r"AAPL\.US offset 0: rate limited \(HTTP 429\): server asked Retry-After 86[34]\d\d s; "
-                     r"waiting 0\.5 s \(--backoff-max\)", r.stderr), r.stderr
+    assert re.search(
+        r"AAPL\.US offset 0: rate limited \(HTTP 429\): server asked Retry-After 86[34]\d\d s; "
+        r"waiting 0\.5 s \(--backoff-max\)",
+        r.stderr,
+    ), r.stderr
     times = [t for t, s, _, _, st, _ in api.log if s == "AAPL.US"]
     assert [st for _, s, _, _, st, _ in api.log if s == "AAPL.US"][:2] == [429, 200]
     assert 0.45 <= times[1] - times[0] < 5
@@ -869,8 +1056,7 @@ KINDS = ["file", "under-file", "corpus-is-folder", "not-writable"]
 def test_market_refuses_unusable_out_dir_before_building(tmp_path, unwritable_dir, kind, script):
     with output_problem(kind, tmp_path, unwritable_dir) as (out, message):
         cmd = build_cmd(script, out)
-        r = subprocess.run(cmd, capture_output=True, text=True,
-                           env=clean_env(), timeout=120)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=120)
         assert_user_error(r, message)
         assert "building" not in r.stderr  # refused before the build starts
         assert not (out / "finance_corpus.txt").is_file()
@@ -881,11 +1067,24 @@ def test_eodhd_refuses_unusable_out_dir_before_any_request(api, tmp_path, unwrit
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(3)]
     api.files["/constituents.csv"] = ("text/csv", b"Symbol\nAAPL\n")
     with output_problem(kind, tmp_path, unwritable_dir) as (out, message):
-        cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(out),
-               "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--sp500",
-               "--sp500-url", api.root + "/constituents.csv"]
-        r = subprocess.run(cmd, capture_output=True, text=True,
-                           env=clean_env(), timeout=60)
+        cmd = [
+            sys.executable,
+            str(REPO / "fetch_news.py"),
+            "--source",
+            "eodhd",
+            "--out-dir",
+            str(out),
+            "--base-url",
+            api.base_url,
+            "--api-key",
+            KEY,
+            "--tickers",
+            "AAPL.US",
+            "--sp500",
+            "--sp500-url",
+            api.root + "/constituents.csv",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
         assert_user_error(r, message)
         assert api.log == [] and api.n_req == {}  # not even the S&P 500 list was asked for
         assert not (out / "news.jsonl").exists()
@@ -900,10 +1099,14 @@ def limit_file_size(n_bytes: int):
 def test_market_write_failure_is_one_line_and_leaves_nothing(tmp_path, script):
     out = tmp_path / "new" / "out"
     cmd = build_cmd(script, out)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=120,
-                       preexec_fn=limit_file_size(100_000))
-    assert_error_last(r, f"cannot write {out / 'finance_corpus.txt'} (File too large); nothing written, "
-                         f"{out / 'finance_corpus.txt'} left as it was")
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=clean_env(), timeout=120, preexec_fn=limit_file_size(100_000)
+    )
+    assert_error_last(
+        r,
+        f"cannot write {out / 'finance_corpus.txt'} (File too large); nothing written, "
+        f"{out / 'finance_corpus.txt'} left as it was",
+    )
     assert not (tmp_path / "new").exists()  # the folders it made are gone again, temp file included
 
 
@@ -912,15 +1115,38 @@ def test_eodhd_write_failure_says_what_was_kept_and_resumes(api, tmp_path):
     r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "4")
     full_size = (tmp_path / "news.jsonl").stat().st_size
     shutil.rmtree(tmp_path)
-    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
-           "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--limit", "4"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60,
-                       preexec_fn=limit_file_size(full_size // 3))
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "eodhd",
+        "--out-dir",
+        str(tmp_path),
+        "--base-url",
+        api.base_url,
+        "--api-key",
+        KEY,
+        "--tickers",
+        "AAPL.US",
+        "--limit",
+        "4",
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        preexec_fn=limit_file_size(full_size // 3),
+    )
     stored = [ln for ln in (tmp_path / "news.jsonl").read_bytes().split(b"\n") if ln.endswith(b"}")]
     assert 0 < len(stored) < 40
-    assert_error_last(r, f"cannot write to {tmp_path} (File too large); {len(stored)} articles kept in "
-                         f"{tmp_path / 'news.jsonl'}; "
-                         f"fix that and run the same command again")
+    assert_error_last(
+        r,
+        f"cannot write to {tmp_path} (File too large); {len(stored)} articles kept in "
+        f"{tmp_path / 'news.jsonl'}; "
+        f"fix that and run the same command again",
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     assert sorted(a["link"] for a in read_news(tmp_path)) == sorted(a["link"] for a in api.feeds["AAPL.US"])
@@ -934,7 +1160,8 @@ def test_rejected_key_leaves_no_new_folder(api, tmp_path):
 
 
 def default_sigint():
-    """In the child: SIGINT at its default, as in a terminal (a shell's background jobs, CI's among them, ignore it)."""
+    """In the child: SIGINT at its default, as in a terminal (a shell's background jobs, CI's among them,
+    ignore it)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -951,16 +1178,37 @@ def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(60)]
     api.delay_s = 0.2
     news = tmp_path / "news.jsonl"
-    cmd = [sys.executable, str(REPO / "fetch_news.py"), "--source", "eodhd", "--out-dir", str(tmp_path),
-           "--base-url", api.base_url, "--api-key", KEY, "--tickers", "AAPL.US", "--limit", "3"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-                         preexec_fn=default_sigint)
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "eodhd",
+        "--out-dir",
+        str(tmp_path),
+        "--base-url",
+        api.base_url,
+        "--api-key",
+        KEY,
+        "--tickers",
+        "AAPL.US",
+        "--limit",
+        "3",
+    ]
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        preexec_fn=default_sigint,
+    )
     _, err = sigint_when(p, lambda: news.exists() and news.read_bytes().count(b"\n") >= 6)
     assert p.returncode == 130 and "Traceback" not in err, err
     stored = read_news(tmp_path)  # every line is whole JSON
     assert 6 <= len(stored) < 60
-    assert err.strip().splitlines()[-1] == (f"interrupted: {len(stored)} articles kept in {news}; "
-                                            f"run the same command again to resume")
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: {len(stored)} articles kept in {news}; run the same command again to resume"
+    )
     api.delay_s = 0.0
     r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
     assert r.returncode == 0, r.stderr
@@ -971,16 +1219,23 @@ def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
 def test_ctrl_c_while_building_market_corpus_writes_nothing(tmp_path, script):
     out = tmp_path / "new" / "data"
     cmd = build_cmd(script, out)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-                         preexec_fn=default_sigint)
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        preexec_fn=default_sigint,
+    )
     first = p.stderr.readline()  # blocks until the build has started
     assert first.startswith("building the market corpus")
     time.sleep(0.3)
     _, err = sigint_when(p, lambda: True)
     assert p.returncode == 130 and "Traceback" not in err, err
     corpus = out / "finance_corpus.txt"
-    assert err.strip().splitlines()[-1] == (f"interrupted: nothing written, {corpus} left as it was; "
-                                            f"run the same command again to build it")
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: nothing written, {corpus} left as it was; run the same command again to build it"
+    )
     assert not (tmp_path / "new").exists()
 
 
