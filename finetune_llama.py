@@ -24,9 +24,9 @@ from the base (or --replay-data FILE); with --replay-loss kl (the default) the m
 next-token distribution on them (self-distillation), a far less noisy signal than the sampled tokens.
 
 CPU recipe = the defaults: LoRA r=16 on all projections, packed 128-token rows, batch 4, lr 2e-3, 40 steps,
-half the rows replayed with the KL loss at weight 2. On two CPU cores (AVX512-BF16) it took the bundled base's
-held-out perplexity on data/finance_corpus.txt from 13.87 to 6.53 (-52.9%) with retention +3.1%, and made
-real finance posts it never saw (FiQA 2018) 17% likelier, in about 100 s of training (6 min with every
+half the rows replayed with the KL loss at weight 3. On two CPU cores (AVX512-BF16) it took the bundled base's
+held-out perplexity on data/finance_corpus.txt from 13.87 to 6.42 (-53.7%) with retention +2.4%, and made
+real finance posts it never saw (FiQA 2018) 16.5% likelier, in about 100-150 s of training (4-8 min with every
 evaluation, on a machine busy with other work; sampling the base's documents adds about 4 min the first time):
     python finetune_llama.py --model smollm2 --out out/finetune --eval-text posts.txt
 The earlier recipe (the same without replay) gave -62.5% in-domain but retention +97% and FiQA +6.5%; on the
@@ -2032,7 +2032,7 @@ def add_data_flags(g) -> None:
     g.add_argument(
         "--replay-weight",
         type=bounded(float, 0, low_open=True),
-        default=2.0,
+        default=3.0,
         help="--replay-loss kl: weight of the KL term against the corpus rows' cross-entropy",
     )
 

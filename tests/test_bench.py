@@ -997,7 +997,7 @@ def test_sweep_settings_are_data_with_distinct_folders():
     base = ["--model", "m", "--data", "d"]
     idents = {name: bench.finetune_identity(base + flags) for name, flags in bench.TRANSFER_SWEEP}
     assert (idents[default[0]]["replay"], idents[default[0]]["replay_loss"]) == (0.5, "kl")
-    assert idents[default[0]]["replay_weight"] == 2.0
+    assert idents[default[0]]["replay_weight"] == 3.0
     # flags that change nothing are left out of a run's identity: no replay -> no loss or weight
     assert [(i["replay"], i.get("replay_loss"), i.get("replay_weight")) for i in idents.values()] == [
         (0, None, None),
@@ -1009,11 +1009,13 @@ def test_sweep_settings_are_data_with_distinct_folders():
         (0.5, "kl", 1.0),
         (0.5, "kl", 1.0),
         (0.75, "kl", 1.0),
+        (0.5, "kl", 2.0),
+        (0.5, "kl", 2.0),
         (0.5, "kl", 4.0),
         (0.5, "kl", 4.0),
-        (0.5, "kl", 2.0),
-        (0.5, "kl", 2.0),
-        (0.5, "kl", 2.0),
+        (0.5, "kl", 3.0),
+        (0.5, "kl", 3.0),
+        (0.5, "kl", 3.0),
     ]
 
 
