@@ -49,6 +49,7 @@ import argparse
 import copy
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -1380,9 +1381,12 @@ def sft_config(args, folder: Path, device: str, total_steps: int):
     )
 
 
-def build_trainer(m, args, folder: Path, rows: list, total_steps: int, replay_pool: int, callbacks: list):
-    """SFTTrainer on the scheduled rows: in schedule order (no reshuffle: the schedule is seeded), the loss of
-    token_losses, the learning rate of lr_at, and a completion mark on every checkpoint."""
+def build_trainer(
+    m: Loaded, args, folder: Path, rows: list, total_steps: int, replay_pool: int, callbacks: list
+):
+    """SFTTrainer on the scheduled rows: in schedule order (no reshuffle: the schedule is seeded), the model's
+    own loss or, on batches with KL rows, token_losses; the learning rate of lr_at; and a completion mark on
+    every checkpoint."""
     import torch
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
@@ -1406,8 +1410,7 @@ def build_trainer(m, args, folder: Path, rows: list, total_steps: int, replay_po
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # with num_items_in_batch: one token-weighted mean over every micro-batch of the step on every
-            # process (DDP averages the gradients, hence the scale); without it the trainer averages micro-
-            # batches
+            # process (DDP averages the gradients, hence the scale); without it the trainer averages them
             replay, labels = inputs.pop("replay"), inputs.pop("labels")
             scale = 1 if num_items_in_batch is None else self.accelerator.num_processes
             if kl_weight is None or not bool(replay.any()):
@@ -1443,13 +1446,9 @@ class StepMeter:
     evaluation every --eval-every steps. Time spent evaluating or writing checkpoints is not a step's time."""
 
     def __init__(self, args, total_steps: int, step_tokens: list[int], device: str, eval_fn):
-        self.args, self.total, self.step_tokens, self.device, self.eval_fn = (
-            args,
-            total_steps,
-            step_tokens,
-            device,
-            eval_fn,
-        )
+        self.args, self.total, self.device, self.eval_fn = args, total_steps, device, eval_fn
+        self.step_tokens = step_tokens
+        self.tokens_after = list(itertools.accumulate(step_tokens))  # tokens trained after each step
         self.times: list[tuple[int, float]] = []
         self.bar = None
         self.t_train = self.mark = time.time()
@@ -1493,7 +1492,7 @@ class StepMeter:
     def on_log(self, args, state, control, logs=None, **kw):
         step = state.global_step
         if logs and "loss" in logs:  # the trainer's own log line: add this run's measures to it
-            tokens = sum(self.step_tokens[:step])
+            tokens = self.tokens_after[step - 1]
             tok_s = self.times[-1][0] / self.times[-1][1] if self.times else 0.0
             state.log_history[-1].update(
                 {
@@ -1521,7 +1520,7 @@ class StepMeter:
         steady = self.times[skip:] or self.times
         train_time = sum(d for _, d in self.times) or float("nan")
         return {
-            "train_tokens": sum(self.step_tokens[: state.global_step]),
+            "train_tokens": self.tokens_after[state.global_step - 1] if state.global_step else 0,
             "train_wall_s": time.time() - self.t_train,
             "tokens_per_s": sum(t for t, _ in self.times) / train_time,
             "skip": skip,
