@@ -18,6 +18,7 @@ Run folder (--out): tokens-<key>.bin/.json and tokenizer-<key>.json (the tokeniz
 made once per corpus and tokenizer), ckpt.pt, metrics.jsonl (one line per evaluation) and
 summary.json. In-process use: main(argv) -> summary dict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,17 +53,38 @@ SCRIPT = "gpt_optimized"
 # shapes and schedules a --preset fills in; flags given explicitly still win
 PRESETS = {
     "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dropout=0.0,
-                vocab_size=2048, max_iters=600, lr=2e-3, warmup_iters=50, eval_interval=100,
-                eval_iters=20),
+    "cpu": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=128,
+        batch_size=16,
+        dropout=0.0,
+        vocab_size=2048,
+        max_iters=600,
+        lr=2e-3,
+        warmup_iters=50,
+        eval_interval=100,
+        eval_iters=20,
+    ),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
 # dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given;
 # a CPU has no such figure to look up, so its MFU is reported only with --peak-flops
-PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "H200": (989e12, 494e12),
-              "GH200": (989e12, 494e12), "B200": (2250e12, 1100e12), "A100": (312e12, 156e12),
-              "L40S": (362e12, 183e12), "L4": (121e12, 60e12), "A10": (125e12, 62.5e12),
-              "4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
+PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "H200": (989e12, 494e12),
+    "GH200": (989e12, 494e12),
+    "B200": (2250e12, 1100e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10": (125e12, 62.5e12),
+    "4090": (165e12, 82.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
 
 
 def die(msg: str) -> None:
@@ -248,6 +270,7 @@ class Tokenizer:
             self.vocab_size = len(chars)
         elif kind == "bpe":
             from tokenizers import Tokenizer as HFTokenizer
+
             self.bpe_json = bpe_json
             self.hf = HFTokenizer.from_str(bpe_json)
             self.vocab_size = self.hf.get_vocab_size()
@@ -259,12 +282,15 @@ class Tokenizer:
         """Build the vocabulary from the training documents only."""
         if kind == "char":
             return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK})))
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()  # byte-level: any text round-trips exactly
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         hf.train_from_iterator(docs, trainer=trainer)
         return cls("bpe", bpe_json=hf.to_str())
 
@@ -322,8 +348,10 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
         text, bad_bytes = decode_utf8(raw)
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         if len(docs) < 2:
-            die(f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
-                "separated by a blank line; the last 10% are validation)")
+            die(
+                f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
+                "separated by a blank line; the last 10% are validation)"
+            )
         n_val_docs = max(1, len(docs) // 10)
         train_docs, val_docs = docs[:-n_val_docs], docs[-n_val_docs:]
         print(f"tokenizing {path} ({len(docs)} documents, {args.tokenizer})...", file=sys.stderr)
@@ -333,31 +361,45 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
         dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
         atomic_write_bytes(bin_path, np.array(train_ids + val_ids, dtype=dtype).tobytes())
         atomic_write_json(tok_path, tok.state())
-        atomic_write_json(meta_path, {
-            "corpus": str(path), "corpus_sha256": sha, "tokenizer": args.tokenizer,
-            "vocab_size": tok.vocab_size, "dtype": dtype, "bad_utf8_bytes": bad_bytes,
-            "n_docs": len(docs), "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
-            "n_train_tokens": len(train_ids), "n_val_tokens": len(val_ids)})
+        atomic_write_json(
+            meta_path,
+            {
+                "corpus": str(path),
+                "corpus_sha256": sha,
+                "tokenizer": args.tokenizer,
+                "vocab_size": tok.vocab_size,
+                "dtype": dtype,
+                "bad_utf8_bytes": bad_bytes,
+                "n_docs": len(docs),
+                "n_train_docs": len(train_docs),
+                "n_val_docs": len(val_docs),
+                "n_train_tokens": len(train_ids),
+                "n_val_tokens": len(val_ids),
+            },
+        )
     meta = json.loads(meta_path.read_text())
     tok = Tokenizer.from_state(json.loads(tok_path.read_text()))
     if meta["bad_utf8_bytes"]:
         print(f"{path}: replaced {meta['bad_utf8_bytes']} bytes that are not UTF-8", file=sys.stderr)
     data = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
-    train, val = data[:meta["n_train_tokens"]], data[meta["n_train_tokens"]:]
+    train, val = data[: meta["n_train_tokens"]], data[meta["n_train_tokens"] :]
     need = args.block_size + 1
     if len(train) < need or len(val) < need:
-        die(f"corpus too short: train split has {len(train)} tokens and validation split "
+        die(
+            f"corpus too short: train split has {len(train)} tokens and validation split "
             f"{len(val)}; each needs at least block_size + 1 = {need} (lower --block-size or "
-            "add documents)")
+            "add documents)"
+        )
     return tok, train, val, meta
 
 
-def get_batch(split: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator,
-              device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    split: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows; the offsets come only from `gen`, so checkpointing it replays the batches."""
     ix = torch.randint(len(split) - block_size, (batch_size,), generator=gen).tolist()
-    x = torch.stack([torch.from_numpy(split[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(split[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    x = torch.stack([torch.from_numpy(split[i : i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(split[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix])
     if device.startswith("cuda"):  # pinned pages copy asynchronously; the CPU queues the next step meanwhile
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -383,6 +425,24 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys (on CPU: ~9% fewer steps, ~10% dearer steps)
     tie_weights: bool = True  # one vocab x C matrix for embedding and head (speedrun unties them)
     flash: bool = True  # fused scaled_dot_product_attention; False: the baseline's explicit softmax(QK^T)V
+
+    @classmethod
+    def from_args(cls, args, vocab_size: int) -> GPTConfig:
+        return cls(
+            vocab_size=vocab_size,
+            block_size=args.block_size,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+            dropout=args.dropout,
+            rope=args.rope,
+            qk_norm=args.qk_norm,
+            relu2=args.relu2,
+            tie_weights=args.tie_weights,
+            flash=args.flash,
+            bias=args.bias,
+            pad_vocab_multiple=64 if args.pad_vocab else 1,
+        )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -415,7 +475,8 @@ def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (x[2i], x[2i+1]) of x (B, nh, T, hs) by their position's angle; cos, sin (T, hs/2)."""
+    """Rotate channel pairs (x[2i], x[2i+1]) of x (B, nh, T, hs) by their position's angle;
+    cos, sin (T, hs/2)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
     if torch.compiler.is_compiling():  # real form: inductor fuses it (it has no complex code generation)
         x0, x1 = pairs.unbind(-1)
@@ -429,7 +490,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        # q, k, v for all heads at once
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -448,17 +510,18 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None:  # decoding: attend to every cached position up to this one
-            assert T == 1 or input_pos == 0, "the cache takes a prefill at position 0, then one token at a time"
+            assert T == 1 or input_pos == 0, "the cache takes a prefill at 0, then one token at a time"
             k, v = self.kv_cache.update(input_pos, k, v)
+        dropout_p = self.dropout if self.training else 0.0
         if self.flash:  # flash attention: one fused kernel, the (T, T) attention matrix is never materialised
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:  # --no-flash (ablation only): the (T, S) matrix, masked, softmaxed and kept for backward
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             if T > 1:
                 S = k.size(-2)
-                att = att.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T), float("-inf"))
-            att = F.dropout(F.softmax(att, dim=-1), p=self.dropout if self.training else 0.0)
+                causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+                att = att.masked_fill(~causal, float("-inf"))
+            att = F.dropout(F.softmax(att, dim=-1), p=dropout_p)
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.resid_dropout(self.c_proj(y))
@@ -522,13 +585,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: int = 0):
         B, T = idx.size()
-        assert input_pos + T <= self.config.block_size, f"position {input_pos + T} > block_size {self.config.block_size}"
+        end = input_pos + T
+        assert end <= self.config.block_size, f"position {end} > block_size {self.config.block_size}"
         rope = None
         if self.config.rope:
-            rope = (self.rope_cos[input_pos:input_pos + T], self.rope_sin[input_pos:input_pos + T])
+            rope = (self.rope_cos[input_pos:end], self.rope_sin[input_pos:end])
             x = self.drop(self.wte(idx))  # (B, T, C)
         else:
-            pos = torch.arange(input_pos, input_pos + T, device=idx.device)
+            pos = torch.arange(input_pos, end, device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.h:
             if self.ckpt_activations and self.training:
@@ -537,7 +601,7 @@ class GPT(nn.Module):
                 x = block(x, rope, input_pos)
         # (B, T, vocab): the padded head matmul tiles evenly, then the padding columns are dropped, so they
         # take no probability mass in the loss or in sampling (they are never a real token)
-        logits = self.lm_head(self.ln_f(x))[..., :self.config.vocab_size]
+        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -550,11 +614,13 @@ class GPT(nn.Module):
         n -= 0 if c.tie_weights else self.wte.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
-    def configure_optimizers(self, lr: float, weight_decay: float, device: str, muon: bool, fused: bool = True) -> list:
+    def configure_optimizers(
+        self, lr: float, weight_decay: float, device: str, muon: bool, fused: bool = True
+    ) -> list:
         """AdamW with decay on 2-D weights only (not gains, biases); with muon, the 2-D weights
         inside the blocks go to Muon and the rest stays on AdamW."""
         params = [p for p in self.parameters() if p.requires_grad]
-        hidden = [p for n, p in self.named_parameters() if n.startswith("h.") and p.dim() == 2] if muon else []
+        hidden = [p for n, p in self.named_parameters() if muon and n.startswith("h.") and p.dim() == 2]
         hidden_ids = {id(p) for p in hidden}
         decay = [p for p in params if p.dim() >= 2 and id(p) not in hidden_ids]
         no_decay = [p for p in params if p.dim() < 2]
@@ -565,21 +631,35 @@ class GPT(nn.Module):
             fast = {"foreach": False}
         optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fast)]
         if muon:  # speedrun: orthogonalised momentum updates for the hidden matrices
-            optimizers.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
-                                               adjust_lr_fn="match_rms_adamw"))
+            optimizers.append(
+                torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+            )
         return optimizers
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, use_kv_cache: bool = True) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_kv_cache: bool = True,
+    ) -> torch.Tensor:
         """Append max_new_tokens tokens to idx (B, T); temperature <= 0 means greedy (argmax).
-        With the KV cache each step runs one token; once the window is full the positions shift,
-        so each step re-runs the last block_size tokens, as generation without the cache does."""
-        if not use_kv_cache:
-            for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -self.config.block_size:])
-                idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
-            return idx
+        Without the KV cache, every step re-runs the model on the whole (cropped) context."""
+        if use_kv_cache:  # each step runs one new token instead of the whole context
+            return self.generate_cached(idx, max_new_tokens, temperature, top_k)
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size :])
+            idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def generate_cached(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None
+    ) -> torch.Tensor:
+        """generate() with the KV cache: each step runs one token; once the window is full the positions
+        shift, so each step re-runs the last block_size tokens, as generation without the cache does."""
         block_size = self.config.block_size
         for block in self.h:
             block.attn.kv_cache = KVCache(block_size)
@@ -674,95 +754,99 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokeniz
 
 
 # -----------------------------------------------------------------------------
-# training
+# flags: (flag, add_argument keywords) in --help order; a --preset fills in some of the defaults
+BOOL = argparse.BooleanOptionalAction  # --flag / --no-flag
 
+PRESET_HELP = (
+    "fill in a shape and schedule: "
+    + "; ".join(f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
+    + " (flags given explicitly override it)"
+)
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__.split("\n\n")[1],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/finance_corpus.txt",
-                   help="corpus: documents separated by a blank line")
-    p.add_argument("--out", default=f"out/{SCRIPT}",
-                   help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="fill in a shape and schedule: " + "; ".join(
-                       f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
-                   + " (flags given explicitly override it)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe",
-                   help="characters, or byte-level BPE")
-    p.add_argument("--vocab-size", type=positive_int, default=8192,
-                   help="BPE vocabulary size (trained on the training split only)")
-    p.add_argument("--n-layer", type=positive_int, default=6, help="transformer blocks")
-    p.add_argument("--n-head", type=positive_int, default=8, help="attention heads (must divide --n-embd)")
-    p.add_argument("--n-embd", type=positive_int, default=512, help="model width")
-    p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
-    p.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
-    p.add_argument("--max-iters", type=non_negative_int, default=5000,
-                   help="train up to this step (with --resume: the new end)")
-    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup-iters", type=non_negative_int, default=100,
-                   help="linear learning-rate warm-up steps")
-    p.add_argument("--eval-interval", type=positive_int, default=250,
-                   help="evaluate, log and checkpoint every N steps")
-    p.add_argument("--eval-iters", type=positive_int, default=50, help="batches per split in each evaluation")
-    p.add_argument("--log-interval", type=positive_int, default=10,
-                   help="update the progress bar every N steps")
-    p.add_argument("--seed", type=non_negative_int, default=1337,
-                   help="seeds weights, dropout and batch sampling")
-    p.add_argument("--device", type=device_arg, default="auto",
-                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt to --max-iters")
-    p.add_argument("--prompt", default="The market", help="prompt for the sample printed at the end")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=200,
-                   help="length of that sample (0: no sample)")
-    p.add_argument("--grad-accum", type=positive_int, default=1,
-                   help="micro-batches per step (per rank): a large batch in small memory")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.1,
-                   help="AdamW weight decay on 2-D weights")
-    p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
-                   help="clip the gradient norm to this (0: off)")
-    p.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd",
-                   help="after warm-up: wsd holds --lr, then decays linearly over the last --cooldown of the steps "
-                        "(warmup-stable-decay, as the speedruns); cosine decays from the first step after warm-up")
-    p.add_argument("--cooldown", type=fraction, default=0.4, help="wsd: fraction of the steps spent decaying")
-    p.add_argument("--lr-decay-iters", type=positive_int, default=None,
-                   help="the decay ends here (default: --max-iters)")
-    p.add_argument("--min-lr", type=non_negative_float, default=None,
-                   help="learning rate at the end of the decay (default: --lr / 10)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on with CUDA, off on CPU)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default None: on with "
-                        "CUDA; on CPU exactly when it has AVX512-BF16 or AMX units, where bf16 matmuls beat "
-                        "fp32: without them bf16 ran ~10x slower)")
-    p.add_argument("--ckpt-activations", action="store_true",
-                   help="recompute activations in backward (saves memory, costs ~1/3 more compute)")
-    p.add_argument("--peak-flops", type=positive_float, default=None,
-                   help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")
-    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
-                   help="rotary position embeddings (--no-rope: learned absolute)")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
-                   help="RMS-normalise queries and keys")
-    p.add_argument("--relu2", action=argparse.BooleanOptionalAction, default=True,
-                   help="ReLU^2 MLP activation (--no-relu2: GELU)")
-    p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=False,
-                   help="Muon optimizer for the hidden matrices (off: on CPU its bf16 Newton-Schulz costs more than it saves)")
+# fmt: off
+# a data table, kept one row per entry (ruff would spread each row over several lines)
+FLAGS = [
+    ("--data",             dict(default="data/finance_corpus.txt",
+        help="corpus: documents separated by a blank line")),
+    ("--out",              dict(default=f"out/{SCRIPT}",
+        help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")),
+    ("--preset",           dict(choices=sorted(PRESETS), default=None, help=PRESET_HELP)),
+    ("--tokenizer",        dict(choices=["char", "bpe"], default="bpe",
+        help="characters, or byte-level BPE")),
+    ("--vocab-size",       dict(type=positive_int, default=8192,
+        help="BPE vocabulary size (trained on the training split only)")),
+    ("--n-layer",          dict(type=positive_int, default=6, help="transformer blocks")),
+    ("--n-head",           dict(type=positive_int, default=8, help="attention heads (must divide --n-embd)")),
+    ("--n-embd",           dict(type=positive_int, default=512, help="model width")),
+    ("--block-size",       dict(type=positive_int, default=256, help="context length in tokens")),
+    ("--dropout",          dict(type=probability, default=0.1, help="dropout probability")),
+    ("--batch-size",       dict(type=positive_int, default=16, help="sequences per step")),
+    ("--max-iters",        dict(type=non_negative_int, default=5000,
+        help="train up to this step (with --resume: the new end)")),
+    ("--lr",               dict(type=positive_float, default=3e-4, help="peak learning rate")),
+    ("--warmup-iters",     dict(type=non_negative_int, default=100,
+        help="linear learning-rate warm-up steps")),
+    ("--eval-interval",    dict(type=positive_int, default=250,
+        help="evaluate, log and checkpoint every N steps")),
+    ("--eval-iters",       dict(type=positive_int, default=50, help="batches per split in each evaluation")),
+    ("--log-interval",     dict(type=positive_int, default=10, help="update the progress bar every N steps")),
+    ("--seed",             dict(type=non_negative_int, default=1337,
+        help="seeds weights, dropout and batch sampling")),
+    ("--device",           dict(type=device_arg, default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")),
+    ("--resume",           dict(action="store_true", help="continue from <out>/ckpt.pt to --max-iters")),
+    ("--prompt",           dict(default="The market", help="prompt for the sample printed at the end")),
+    ("--max-new-tokens",   dict(type=non_negative_int, default=200,
+        help="length of that sample (0: no sample)")),
+    ("--grad-accum",       dict(type=positive_int, default=1,
+        help="micro-batches per step (per rank): a large batch in small memory")),
+    ("--weight-decay",     dict(type=non_negative_float, default=0.1,
+        help="AdamW weight decay on 2-D weights")),
+    ("--grad-clip",        dict(type=non_negative_float, default=1.0,
+        help="clip the gradient norm to this (0: off)")),
+    ("--schedule",         dict(choices=["wsd", "cosine"], default="wsd",
+        help="after warm-up: wsd holds --lr, then decays linearly over the last --cooldown of the steps "
+             "(warmup-stable-decay, as the speedruns); cosine decays from the first step after warm-up")),
+    ("--cooldown",         dict(type=fraction, default=0.4,
+        help="wsd: fraction of the steps spent decaying")),
+    ("--lr-decay-iters",   dict(type=positive_int, default=None,
+        help="the decay ends here (default: --max-iters)")),
+    ("--min-lr",           dict(type=non_negative_float, default=None,
+        help="learning rate at the end of the decay (default: --lr / 10)")),
+    ("--compile",          dict(action=BOOL, default=None,
+        help="torch.compile the model (default: on with CUDA, off on CPU)")),
+    ("--bf16",             dict(action=BOOL, default=None,
+        help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default None: on with CUDA; on CPU "
+             "exactly when it has AVX512-BF16 or AMX units, where bf16 matmuls beat fp32: without them "
+             "bf16 ran ~10x slower)")),
+    ("--ckpt-activations", dict(action="store_true",
+        help="recompute activations in backward (saves memory, costs ~1/3 more compute)")),
+    ("--peak-flops",       dict(type=positive_float, default=None,
+        help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")),
+    ("--rope",             dict(action=BOOL, default=True,
+        help="rotary position embeddings (--no-rope: learned absolute)")),
+    ("--qk-norm",          dict(action=BOOL, default=False, help="RMS-normalise queries and keys")),
+    ("--relu2",            dict(action=BOOL, default=True, help="ReLU^2 MLP activation (--no-relu2: GELU)")),
+    ("--muon",             dict(action=BOOL, default=False,
+        help="Muon optimizer for the hidden matrices "
+             "(off: on CPU its bf16 Newton-Schulz costs more than it saves)")),
     # each technique can be switched off, so bench.py can measure what it buys on its own
-    p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=True,
-                   help="scaled_dot_product_attention (--no-flash: explicit masked softmax, as gpt_scratch.py)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="fused (CUDA) / foreach (CPU) AdamW (--no-fused: one update per parameter tensor)")
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
-                   help="biases in linears and LayerNorms (default: bias-free)")
-    p.add_argument("--pad-vocab", action=argparse.BooleanOptionalAction, default=True,
-                   help="pad the vocabulary to a multiple of 64")
-    p.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=True,
-                   help="share the token embedding with the output head (--no-tie-weights: the speedrun's untied head)")
-    args, _ = p.parse_known_args(argv)
-    if args.preset:
-        p.set_defaults(**PRESETS[args.preset])
-    args = p.parse_args(argv)
+    ("--flash",            dict(action=BOOL, default=True,
+        help="scaled_dot_product_attention (--no-flash: explicit masked softmax, as gpt_scratch.py)")),
+    ("--fused",            dict(action=BOOL, default=True,
+        help="fused (CUDA) / foreach (CPU) AdamW (--no-fused: one update per parameter tensor)")),
+    ("--bias",             dict(action=BOOL, default=False,
+        help="biases in linears and LayerNorms (default: bias-free)")),
+    ("--pad-vocab",        dict(action=BOOL, default=True, help="pad the vocabulary to a multiple of 64")),
+    ("--tie-weights",      dict(action=BOOL, default=True,
+        help="share the token embedding with the output head "
+             "(--no-tie-weights: the speedrun's untied head)")),
+]
+# fmt: on
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The mistakes argparse cannot see: flags that do not fit together."""
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
@@ -771,7 +855,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         die(f"--rope needs an even head size; n_embd / n_head = {args.n_embd // args.n_head}")
     if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
         die(f"--seed {args.seed} is too large: give a number below 2**62")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = OneLineParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for flag, kwargs in FLAGS:
+        p.add_argument(flag, **kwargs)
+    args, _ = p.parse_known_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+    args = p.parse_args(argv)
+    check_args(args)
     return args
+
+
+# -----------------------------------------------------------------------------
+# training
 
 
 def get_lr(it: int, args) -> float:
@@ -785,14 +886,26 @@ def get_lr(it: int, args) -> float:
         return min_lr
     if args.schedule == "wsd":
         start = max(args.warmup_iters, decay_iters - round(args.cooldown * decay_iters))
-        return args.lr if it < start else args.lr + (min_lr - args.lr) * (it - start) / max(1, decay_iters - start)
+        if it < start:
+            return args.lr
+        return args.lr + (min_lr - args.lr) * (it - start) / max(1, decay_iters - start)
     ratio = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - min_lr)
 
 
+def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> float:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return lr
+
+
 def rng_state(data_gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "data": data_gen.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(rng: dict, data_gen: torch.Generator) -> None:
@@ -808,9 +921,16 @@ def peak_mem_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this process
 
 
+def sync(device: str) -> None:
+    """Wait for the GPU's queued kernels, so a timer reads finished work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def cpu_has_bf16_units() -> bool:
     """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
     import torch
+
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -834,8 +954,337 @@ def percent(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fetch, grad_accum: int, ctx,
-               scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def default_peak_flops(device: str, amp: bool) -> float | None:
+    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure; None on CPU, where a guess
+    from the thread count overshot (it reported an MFU above 100%)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in PEAK_FLOPS.items():
+            if key in name:
+                return half if amp else tf32
+        print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
+        return PEAK_FLOPS["A100"][0 if amp else 1]
+    return None
+
+
+def mfu(tokens_per_s: float, facts: dict) -> float | None:
+    """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
+    if facts["peak_flops"] is None:
+        return None
+    return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
+
+
+def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
+    """With --resume, the checkpoint in --out; a bad one is refused before any tokenizing."""
+    if not args.resume:
+        return None
+    path = run.out / "ckpt.pt"
+    if not path.exists():
+        die(f"--resume: no checkpoint at {path}")
+    ckpt = read_checkpoint(path)
+    run.iter_num = run.ckpt_iter = ckpt["iter_num"]
+    return ckpt
+
+
+def check_resume(ckpt: dict, args: argparse.Namespace, tok: Tokenizer, config: GPTConfig) -> None:
+    """A checkpoint continues only on its own corpus, tokenizer and shape."""
+    path = Path(args.out) / "ckpt.pt"
+    if ckpt["tokenizer"] != tok.state():
+        die(
+            f"--resume: checkpoint {path} was trained with another tokenizer "
+            f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}"
+        )
+    same_function = ("dropout", "flash")  # may change on resume: same weights, same model
+    theirs = {k: v for k, v in ckpt["model_args"].items() if k not in same_function}
+    ours = {k: v for k, v in asdict(config).items() if k not in same_function}
+    if theirs != ours:
+        diff = ", ".join(
+            f"{k}={theirs.get(k)} (flags: {ours.get(k)})"
+            for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)
+        )
+        die(f"--resume: checkpoint {path} has another shape: {diff}")
+    if len(ckpt["optimizer"]) != 1 + args.muon:
+        die(f"--resume: checkpoint {path} was trained {'without' if args.muon else 'with'} --muon")
+
+
+@dataclass
+class Ranks:
+    """DDP: torchrun starts one process per device and sets RANK/LOCAL_RANK/WORLD_SIZE; gradients are
+    averaged across ranks, so N devices train N times the tokens per step."""
+
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def setup_ddp(device: str, run: RunState) -> tuple[Ranks, str]:
+    """This process's place among the ranks (torchrun) and its device; only rank 0 writes files and prints."""
+    ranks = Ranks()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        ranks = Ranks(True, rank, int(os.environ.get("LOCAL_RANK", rank)), world_size)
+        if device.startswith("cuda"):
+            device = f"cuda:{ranks.local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    run.master = ranks.rank == 0
+    return ranks, device
+
+
+def load_data(args, out: Path, ranks: Ranks) -> tuple[Tokenizer, np.ndarray, np.ndarray, dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    if ranks.ddp:  # one process per node tokenizes; the others wait, then read its cache
+        if ranks.local_rank == 0:
+            prepare_data(args, out)
+        dist.barrier()
+    return prepare_data(args, out)
+
+
+def finish_ddp(ranks: Ranks) -> None:
+    if ranks.ddp:
+        dist.barrier()  # every rank done with its collectives before any tears down (gloo aborts otherwise)
+        dist.destroy_process_group()
+
+
+def setup_precision(bf16: bool | None, device: str) -> tuple:
+    """(autocast context, grad scaler, autocast dtype or None, why that dtype)."""
+    # TF32: fp32 matmuls on tensor cores (10-bit mantissa), several times the plain fp32 rate
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.fp32_precision = "tf32"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    amp_dtype, amp_why = choose_amp(bf16, device_type)
+    use_amp = amp_dtype is not None
+    # bf16 autocast: matmuls on bf16 tensor cores (or a CPU's bf16 units), half the activation bytes
+    ctx = torch.autocast(device_type, dtype=amp_dtype) if use_amp else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=use_amp and amp_dtype == torch.float16)
+    return ctx, scaler, amp_dtype, amp_why
+
+
+def build_model(args, config: GPTConfig, device: str, rank: int) -> tuple[GPT, list, torch.Generator]:
+    """(model, optimizers, batch generator), seeded by --seed and the rank."""
+    torch.manual_seed(args.seed + rank)  # per-rank dropout; DDP copies rank 0's initial weights
+    data_gen = torch.Generator().manual_seed(args.seed + rank)  # the only source of batch offsets
+    model = GPT(config).to(device)
+    model.ckpt_activations = args.ckpt_activations
+    optimizers = model.configure_optimizers(args.lr, args.weight_decay, device, args.muon, args.fused)
+    return model, optimizers, data_gen
+
+
+def compile_and_wrap(model: GPT, compile: bool | None, device: str, ranks: Ranks) -> tuple[nn.Module, bool]:
+    """The module the training steps run: compiled (default on CUDA) and, under torchrun, in DDP."""
+    use_compile = compile if compile is not None else device.startswith("cuda")
+    if use_compile:
+        model = torch.compile(model)  # fuses elementwise kernels, removes Python overhead per layer
+    if ranks.ddp:
+        device_ids = [ranks.local_rank] if device.startswith("cuda") else None
+        model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    return model, use_compile
+
+
+def speed_facts(
+    model: GPT, args, device: str, ranks: Ranks, use_compile: bool, amp_dtype, amp_why: str
+) -> dict:
+    """How the run is made fast: summary.json's last keys (after mfu), and what MFU divides by."""
+    return {
+        "flops_per_token": model.flops_per_token(),
+        "peak_flops": args.peak_flops or default_peak_flops(device, amp_dtype is not None),
+        "world_size": ranks.world_size,
+        "compile": use_compile,
+        "amp_dtype": str(amp_dtype).split(".")[-1] if amp_dtype is not None else None,
+        "bf16": amp_dtype == torch.bfloat16,
+        "amp": amp_why,
+    }
+
+
+def progress_bar(args, iter_num: int, master: bool) -> tqdm:
+    return tqdm(
+        total=max(args.max_iters - iter_num, 0),
+        desc=SCRIPT,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not master,
+    )
+
+
+def banner(model: GPT, meta: dict, progress: Progress, device: str) -> str:
+    return (
+        f"{SCRIPT}: {count_params(model) / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
+        f"{meta['n_val_tokens']:,} val tokens, {progress.tokens_per_iter:,} tokens per step, device {device}"
+    )
+
+
+@dataclass
+class Progress:
+    """Where training stands: a checkpoint saves it, --resume restores it."""
+
+    tokens_per_iter: int
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    val_loss: float = float("nan")  # the latest evaluation's
+    elapsed_before: float = 0.0  # seconds the runs this one continues took, evaluations included
+
+    def record(self, losses: dict[str, float], lr: float, clock: Clock) -> dict:
+        """Note an evaluation; its metrics.jsonl row (tokens/s: the training steps since the last row)."""
+        self.val_loss = losses["val"]
+        self.best_val_loss = min(self.best_val_loss, self.val_loss)
+        return {
+            "iter": self.iter_num,
+            "train_loss": losses["train"],
+            "val_loss": self.val_loss,
+            "lr": lr,
+            "tokens": self.iter_num * self.tokens_per_iter,
+            "tokens_per_s": clock.take_row(),
+            "elapsed_s": self.elapsed_before + clock.elapsed_s(),
+        }
+
+
+class Clock:
+    """Training time in windows of steps: each log interval closes one. Evaluations and checkpoints
+    stop the clock (stop() before, start() after), so tokens/s counts training steps only."""
+
+    def __init__(self, progress: Progress, device: str):
+        self.progress, self.device = progress, device
+        self.steady_tokens, self.steady_s, self.all_tokens, self.all_s, self.windows = 0, 0.0, 0, 0.0, 0
+        self.row_tokens, self.row_s = 0, 0.0  # since the last metrics row
+        self.t_start = self.t_mark = time.perf_counter()
+        self.iter_mark = progress.iter_num
+
+    def stop(self) -> None:
+        """Close the window: its steps and seconds count from the last start() or stop()."""
+        sync(self.device)
+        now, iter_num = time.perf_counter(), self.progress.iter_num
+        n, dt = (iter_num - self.iter_mark) * self.progress.tokens_per_iter, now - self.t_mark
+        if n:
+            self.all_tokens, self.all_s = self.all_tokens + n, self.all_s + dt
+            self.row_tokens, self.row_s = self.row_tokens + n, self.row_s + dt
+            if self.windows >= SKIP_WINDOWS:
+                self.steady_tokens, self.steady_s = self.steady_tokens + n, self.steady_s + dt
+            self.windows += 1
+        self.t_mark, self.iter_mark = now, iter_num
+
+    def start(self) -> None:
+        self.t_mark = time.perf_counter()
+
+    def row_tokens_per_s(self) -> float:
+        return self.row_tokens / self.row_s if self.row_s else 0.0
+
+    def take_row(self) -> float:
+        """tokens/s since the last metrics row, which this one ends."""
+        rate, self.row_tokens, self.row_s = self.row_tokens_per_s(), 0, 0.0
+        return rate
+
+    def tokens_per_s(self) -> float:
+        """Steady tokens/s (without each process's first window); over all windows if there was only one."""
+        if self.steady_s:
+            return self.steady_tokens / self.steady_s
+        return self.all_tokens / self.all_s if self.all_s else 0.0
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def restore(
+    ckpt: dict | None,
+    model: GPT,
+    optimizers: list,
+    scaler: torch.amp.GradScaler,
+    data_gen: torch.Generator,
+    progress: Progress,
+    rank: int,
+    seed: int,
+) -> None:
+    """Continue where the checkpoint stopped: weights, optimizer state, batch stream, progress."""
+    if ckpt is None:
+        return
+    model.load_state_dict(ckpt["model"])
+    for optimizer, state in zip(optimizers, ckpt["optimizer"]):
+        optimizer.load_state_dict(state)
+    if ckpt["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    progress.iter_num, progress.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    progress.elapsed_before = ckpt.get("elapsed_s", 0.0)
+    ranks = ckpt["rng"]["ranks"]
+    if rank < len(ranks):
+        set_rng_state(ranks[rank], data_gen)
+    else:  # more ranks than the checkpoint knew: fresh, distinct batch streams
+        data_gen.manual_seed(seed + rank + progress.iter_num)
+
+
+def trim_metrics(path: Path, ckpt: dict | None, iter_num: int) -> None:
+    """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps."""
+    kept = []
+    if ckpt is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if row["iter"] < iter_num:
+                kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: GPT,
+    train_data: np.ndarray,
+    val_data: np.ndarray,
+    args,
+    device: str,
+    ctx,
+    ranks: Ranks,
+) -> dict:
+    """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare.
+    The plain module runs them: a few forward passes do not repay compiling a second (eval-mode) graph."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1 + ranks.rank)
+    losses = {}
+    for name, split in (("train", train_data), ("val", val_data)):
+        total = 0.0
+        for _ in range(args.eval_iters):
+            x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
+            with ctx:
+                total += model(x, y)[1].item()
+        losses[name] = total / args.eval_iters
+    if ranks.ddp:  # average over the ranks' batches
+        t = torch.tensor([losses["train"], losses["val"]], device=device)
+        dist.all_reduce(t)
+        losses = {"train": t[0].item() / ranks.world_size, "val": t[1].item() / ranks.world_size}
+    model.train()
+    return losses
+
+
+class Batches:
+    """The training batches from data_gen. `state` is the generator as it was before the batch in hand was
+    drawn: a checkpoint saves it, so a resumed run draws that batch again."""
+
+    def __init__(self, data: np.ndarray, args, gen: torch.Generator, device: str):
+        self.data, self.gen, self.device = data, gen, device
+        self.batch_size, self.block_size = args.batch_size, args.block_size
+        self.state = gen.get_state()
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.state = self.gen.get_state()
+        return get_batch(self.data, self.batch_size, self.block_size, self.gen, self.device)
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fetch,
+    grad_accum: int,
+    ctx,
+    scaler: torch.amp.GradScaler,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over grad_accum micro-batches, from the batch (x, y) in hand; returns (the last
     micro-batch's loss, the next batch). As in nanoGPT, the next batch is fetched between forward and
     backward: the CPU draws and pins it, and queues its non-blocking copy, while the GPU still works through
@@ -850,302 +1299,223 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fetch, grad_a
     return loss, x, y
 
 
-def default_peak_flops(device: str, amp: bool) -> float | None:
-    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure; None on CPU, where a guess
-    from the thread count overshot (it reported an MFU above 100%)."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, (half, tf32) in PEAK_FLOPS.items():
-            if key in name:
-                return half if amp else tf32
-        print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
-        return PEAK_FLOPS["A100"][0 if amp else 1]
-    return None
-
-
-def train(args: argparse.Namespace, run: RunState) -> dict:
-    device = args.device
-    out = run.out
-    ckpt_path = out / "ckpt.pt"
-    ckpt = None
-    if args.resume:  # a bad checkpoint is refused before any tokenizing
-        if not ckpt_path.exists():
-            die(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path)
-        run.iter_num = run.ckpt_iter = ckpt["iter_num"]
-    # DDP: torchrun starts one process per device and sets RANK/LOCAL_RANK/WORLD_SIZE; gradients are
-    # averaged across ranks, so N devices train N times the tokens per step
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0  # only rank 0 writes files and prints
-    run.master = master
-    if ddp:  # one process per node tokenizes; the others wait, then read its cache
-        if local_rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            prepare_data(args, out)
-        dist.barrier()
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    tok, train_data, val_data, meta = prepare_data(args, out)
-
-    config = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                       rope=args.rope, qk_norm=args.qk_norm, relu2=args.relu2, tie_weights=args.tie_weights,
-                       flash=args.flash, bias=args.bias, pad_vocab_multiple=64 if args.pad_vocab else 1)
-    if ckpt is not None:
-        if ckpt["tokenizer"] != tok.state():
-            die(f"--resume: checkpoint {ckpt_path} was trained with another tokenizer "
-                f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}")
-        same_function = ("dropout", "flash")  # these may change on resume: same weights, same model
-        theirs = {k: v for k, v in ckpt["model_args"].items() if k not in same_function}
-        ours = {k: v for k, v in asdict(config).items() if k not in same_function}
-        if theirs != ours:
-            diff = ", ".join(f"{k}={theirs.get(k)} (flags: {ours.get(k)})" for k in sorted(set(theirs) | set(ours))
-                             if theirs.get(k) != ours.get(k))
-            die(f"--resume: checkpoint {ckpt_path} has another shape: {diff}")
-        if len(ckpt["optimizer"]) != 1 + args.muon:
-            die(f"--resume: checkpoint {ckpt_path} was trained {'without' if args.muon else 'with'} --muon")
-
-    # TF32: fp32 matmuls on tensor cores (10-bit mantissa), several times the plain fp32 rate
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.fp32_precision = "tf32"
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    amp_dtype, amp_why = choose_amp(args.bf16, device_type)
-    use_amp = amp_dtype is not None
-    # bf16 autocast: matmuls on bf16 tensor cores (or a CPU's bf16 units), half the activation bytes
-    ctx = torch.autocast(device_type, dtype=amp_dtype) if use_amp else nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=use_amp and amp_dtype == torch.float16)
-
-    torch.manual_seed(args.seed + rank)  # per-rank dropout; DDP copies rank 0's initial weights
-    data_gen = torch.Generator().manual_seed(args.seed + rank)  # the only source of batch offsets
-    model = GPT(config).to(device)
-    model.ckpt_activations = args.ckpt_activations
-    optimizers = model.configure_optimizers(args.lr, args.weight_decay, device, args.muon, args.fused)
-    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        for optimizer, state in zip(optimizers, ckpt["optimizer"]):
-            optimizer.load_state_dict(state)
-        if ckpt["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        elapsed_before = ckpt.get("elapsed_s", 0.0)
-        ranks = ckpt["rng"]["ranks"]
-        if rank < len(ranks):
-            set_rng_state(ranks[rank], data_gen)
-        else:  # more ranks than the checkpoint knew: fresh, distinct batch streams
-            data_gen.manual_seed(args.seed + rank + iter_num)
-    n_params = count_params(model)
-    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world_size
-    raw_model = model
-    use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model)  # fuses elementwise kernels, removes Python overhead per layer
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
-    flops_per_token = raw_model.flops_per_token()
-    peak_flops = args.peak_flops or default_peak_flops(device, use_amp)
-    if master:
-        print(f"{SCRIPT}: {n_params / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
-              f"{meta['n_val_tokens']:,} val tokens, {tokens_per_iter:,} tokens per step, device {device}"
-              f" x {world_size}, {'compiled' if use_compile else 'eager'}, "
-              f"{amp_why}", file=sys.stderr)
-
-    def mfu(tokens_per_s: float) -> float | None:
-        """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
-        return None if peak_flops is None else flops_per_token * tokens_per_s / (peak_flops * world_size)
-
-    # metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps
-    metrics_path = out / "metrics.jsonl"
-    kept = []
-    if ckpt is not None and metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-            if row["iter"] < iter_num:
-                kept.append(line + "\n")
-    if master:
-        atomic_write_bytes(metrics_path, "".join(kept).encode())
-
-    @torch.no_grad()
-    def estimate_loss() -> dict:
-        """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare. The plain module
-        runs them: a few forward passes do not repay compiling a second (eval-mode) graph."""
-        raw_model.eval()
-        gen = torch.Generator().manual_seed(args.seed + 1 + rank)
-        losses = {}
-        for name, split in (("train", train_data), ("val", val_data)):
-            total = 0.0
-            for _ in range(args.eval_iters):
-                x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
-                with ctx:
-                    total += raw_model(x, y)[1].item()
-            losses[name] = total / args.eval_iters
-        if ddp:  # average over the ranks' batches
-            t = torch.tensor([losses["train"], losses["val"]], device=device)
-            dist.all_reduce(t)
-            losses = {"train": t[0].item() / world_size, "val": t[1].item() / world_size}
-        raw_model.train()
-        return losses
-
-    # the batch generator as it was before the batch in hand was drawn: a resumed run draws that batch again
-    batch_state = data_gen.get_state()
-
-    def fetch() -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal batch_state
-        batch_state = data_gen.get_state()
-        return get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
-
-    def save_checkpoint() -> None:
-        state = {**rng_state(data_gen), "data": batch_state}
-        rngs = [state]  # every rank's generators, so each rank replays its batches
-        if ddp:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, state)
-        if not master:
-            return
-        atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save({"script": SCRIPT, "model_args": asdict(config), "tokenizer": tok.state(),
-                    "model": raw_model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
-                    "scaler": scaler.state_dict(),
-                    "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": {"ranks": rngs},
-                    "args": vars(args), "corpus_sha256": meta["corpus_sha256"],
-                    "elapsed_s": elapsed_before + time.perf_counter() - t_start}, atomic_save)
-        run.commit_checkpoint(atomic_save, ckpt_path, iter_num)
-
-    # throughput counts training steps only: evaluations and checkpoints are outside the windows
-    steady_tokens, steady_s, all_tokens, all_s, windows = 0, 0.0, 0, 0.0, 0
-    row_tokens, row_s = 0, 0.0
-
-    def close_window() -> None:
-        nonlocal steady_tokens, steady_s, all_tokens, all_s, windows, row_tokens, row_s, t_mark, iter_mark
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        n, dt = (iter_num - iter_mark) * tokens_per_iter, now - t_mark
-        if n:
-            all_tokens, all_s, row_tokens, row_s = all_tokens + n, all_s + dt, row_tokens + n, row_s + dt
-            if windows >= SKIP_WINDOWS:
-                steady_tokens, steady_s = steady_tokens + n, steady_s + dt
-            windows += 1
-        t_mark, iter_mark = now, iter_num
-
-    model.train()
-    val_loss, loss_f = float("nan"), float("nan")
-    t_start = t_mark = time.perf_counter()
-    iter_mark = iter_num
-    pbar = tqdm(total=max(args.max_iters - iter_num, 0), desc=SCRIPT, unit="step", dynamic_ncols=True,
-                disable=not master)
-    run.pbar = pbar
-    x, y = fetch()  # the first batch; each step fetches the next one (train_step)
-    while True:
-        lr = get_lr(iter_num, args)
+def optimizer_step(optimizers: list, scaler: torch.amp.GradScaler, model: GPT, grad_clip: float) -> None:
+    if grad_clip > 0:  # clip the global gradient norm: no blow-ups from rare bad batches
         for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        if iter_num % args.eval_interval == 0 or iter_num >= args.max_iters:
-            close_window()
-            losses = estimate_loss()
-            val_loss = losses["val"]
-            best_val_loss = min(best_val_loss, val_loss)
-            row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": val_loss, "lr": lr,
-                   "tokens": iter_num * tokens_per_iter,
-                   "tokens_per_s": row_tokens / row_s if row_s else 0.0,
-                   "elapsed_s": elapsed_before + time.perf_counter() - t_start}
-            row["mfu"] = mfu(row["tokens_per_s"])
-            row_tokens, row_s = 0, 0.0
-            if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                pbar.write(f"iter {iter_num}: train {losses['train']:.4f}, val {val_loss:.4f}, "
-                           f"mfu {percent(row['mfu'])}")
-            if ckpt is None or iter_num > ckpt["iter_num"]:
-                save_checkpoint()
-            t_mark = time.perf_counter()
-        if iter_num >= args.max_iters:
-            break
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
-        loss, x, y = train_step(model, x, y, fetch, args.grad_accum, ctx, scaler)
-        if args.grad_clip > 0:  # clip the global gradient norm: no blow-ups from rare bad batches
-            for optimizer in optimizers:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        run.iter_num = iter_num
-        pbar.update(1)
-        if iter_num % args.log_interval == 0:
-            loss_f = loss.item()
-            close_window()
-            pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{row_tokens / row_s if row_s else 0:,.0f}")
-    pbar.close()
-    train_time_s = time.perf_counter() - t_start
-    if ddp:
-        dist.barrier()  # every rank done with its collectives before any tears down (gloo aborts otherwise)
-        dist.destroy_process_group()
-    if not master:
-        return {}
 
-    # -------------------------------------------------------------------------
-    # outputs: latency, a sample, summary.json
-    tokens_per_s = steady_tokens / steady_s if steady_s else (all_tokens / all_s if all_s else 0.0)
-    model = raw_model  # generation runs the plain module, with its KV cache
-    model.eval()
+def save_checkpoint(
+    run: RunState,
+    model: GPT,
+    optimizers: list,
+    scaler: torch.amp.GradScaler,
+    batches: Batches,
+    tok: Tokenizer,
+    meta: dict,
+    args,
+    progress: Progress,
+    clock: Clock,
+    ranks: Ranks,
+) -> None:
+    state = {**rng_state(batches.gen), "data": batches.state}
+    rngs = [state]  # every rank's generators, so each rank replays its batches
+    if ranks.ddp:
+        rngs = [None] * ranks.world_size
+        dist.all_gather_object(rngs, state)
+    if not run.master:
+        return
+    ckpt_path = run.out / "ckpt.pt"
+    atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
+    torch.save(
+        {
+            "script": SCRIPT,
+            "model_args": asdict(model.config),
+            "tokenizer": tok.state(),
+            "model": model.state_dict(),
+            "optimizer": [o.state_dict() for o in optimizers],
+            "scaler": scaler.state_dict(),
+            "iter_num": progress.iter_num,
+            "best_val_loss": progress.best_val_loss,
+            "rng": {"ranks": rngs},
+            "args": vars(args),
+            "corpus_sha256": meta["corpus_sha256"],
+            "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
+        },
+        atomic_save,
+    )
+    run.commit_checkpoint(atomic_save, ckpt_path, progress.iter_num)
+
+
+def measure_latency(model: GPT, device: str) -> float:
+    """Milliseconds to generate 128 tokens greedily from one, after a warm-up."""
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
-    with ctx:
-        model.generate(start, 8, temperature=0.0)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    model.generate(start, 8, temperature=0.0)  # warm-up
+    sync(device)
     t0 = time.perf_counter()
-    with ctx:
-        model.generate(start, 128, temperature=0.0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    latency_ms = (time.perf_counter() - t0) * 1000
+    model.generate(start, 128, temperature=0.0)
+    sync(device)
+    return (time.perf_counter() - t0) * 1000
+
+
+def generate_sample(model: GPT, tok: Tokenizer, args, device: str) -> str:
+    """The sample printed at the end: --max-new-tokens tokens after --prompt."""
     sample_text = ""
     if args.max_new_tokens > 0:
         prompt_ids = tok.encode(args.prompt) or [0]
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        with ctx:
-            sample_text = tok.decode(model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
+        sample_text = tok.decode(
+            model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0].tolist()
+        )
         print(f"--- sample ---\n{sample_text}\n---")
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
-    summary = {
-        "script": SCRIPT, "val_loss": val_loss, "perplexity": math.exp(val_loss),
-        "best_val_loss": best_val_loss, "tokens_per_s": tokens_per_s, "train_time_s": train_time_s,
-        "time_per_epoch_s": meta["n_train_tokens"] / tokens_per_s if tokens_per_s else None,
-        "latency_ms": latency_ms, "latency_tokens": 128,
-        "model_size_mb": sum(storages.values()) / 2**20, "peak_mem_mb": peak_mem_mb(device),
-        "peak_mem_kind": "cuda_max_allocated" if device.startswith("cuda") else "cpu_max_rss",
-        "params": n_params, "iters": iter_num, "tokens_per_iter": tokens_per_iter,
-        "tokens_trained": iter_num * tokens_per_iter, "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_train_tokens": meta["n_train_tokens"],
-        "n_val_tokens": meta["n_val_tokens"], "bad_utf8_bytes": meta["bad_utf8_bytes"],
-        "corpus_sha256": meta["corpus_sha256"], "sample": sample_text, "args": vars(args),
-        "mfu": mfu(tokens_per_s), "flops_per_token": flops_per_token, "peak_flops": peak_flops,
-        "world_size": world_size, "compile": use_compile, "amp_dtype": str(amp_dtype).split(".")[-1] if use_amp else None,
-        "bf16": amp_dtype == torch.bfloat16, "amp": amp_why,
+    return sample_text
+
+
+def summarize(
+    args,
+    tok: Tokenizer,
+    meta: dict,
+    model: GPT,
+    device: str,
+    progress: Progress,
+    tokens_per_s: float,
+    train_time_s: float,
+    latency_ms: float,
+    sample_text: str,
+) -> dict:
+    """The final figures, in summary.json's key order."""
+    val_loss, iter_num, tokens_per_iter = progress.val_loss, progress.iter_num, progress.tokens_per_iter
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
     }
-    atomic_write_json(out / "summary.json", summary)
-    print(f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
-          f"mfu {percent(summary['mfu'])}, {train_time_s:.1f}s -> {out}")
+    return {
+        "script": SCRIPT,
+        "val_loss": val_loss,
+        "perplexity": math.exp(val_loss),
+        "best_val_loss": progress.best_val_loss,
+        "tokens_per_s": tokens_per_s,
+        "train_time_s": train_time_s,
+        "time_per_epoch_s": meta["n_train_tokens"] / tokens_per_s if tokens_per_s else None,
+        "latency_ms": latency_ms,
+        "latency_tokens": 128,
+        "model_size_mb": sum(storages.values()) / 2**20,
+        "peak_mem_mb": peak_mem_mb(device),
+        "peak_mem_kind": "cuda_max_allocated" if device.startswith("cuda") else "cpu_max_rss",
+        "params": count_params(model),
+        "iters": iter_num,
+        "tokens_per_iter": tokens_per_iter,
+        "tokens_trained": iter_num * tokens_per_iter,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "n_train_tokens": meta["n_train_tokens"],
+        "n_val_tokens": meta["n_val_tokens"],
+        "bad_utf8_bytes": meta["bad_utf8_bytes"],
+        "corpus_sha256": meta["corpus_sha256"],
+        "sample": sample_text,
+        "args": vars(args),
+    }
+
+
+def write_summary(
+    args,
+    run: RunState,
+    tok: Tokenizer,
+    meta: dict,
+    model: GPT,
+    device: str,
+    progress: Progress,
+    clock: Clock,
+    train_time_s: float,
+    ctx,
+    facts: dict,
+) -> dict:
+    """Time generation, print a sample, write summary.json (bench.py reads its keys) and say the result."""
+    val_loss, tokens_per_s = progress.val_loss, clock.tokens_per_s()
+    model.eval()  # the plain module generates, with its KV cache
+    with ctx:  # autocast for generation too
+        latency_ms = measure_latency(model, device)
+        sample_text = generate_sample(model, tok, args, device)
+    summary = summarize(
+        args, tok, meta, model, device, progress, tokens_per_s, train_time_s, latency_ms, sample_text
+    )
+    summary = {**summary, "mfu": mfu(tokens_per_s, facts), **facts}
+    atomic_write_json(run.out / "summary.json", summary)
+    print(
+        f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
+        f"mfu {percent(summary['mfu'])}, {train_time_s:.1f}s -> {run.out}"
+    )
     return summary
+
+
+def train(args: argparse.Namespace, run: RunState) -> dict:
+    """Train to --max-iters, evaluating and checkpointing every --eval-interval steps; write summary.json."""
+    device, metrics_path = args.device, run.out / "metrics.jsonl"
+    ckpt = resume_checkpoint(args, run)
+    ranks, device = setup_ddp(device, run)
+    tok, train_data, val_data, meta = load_data(args, run.out, ranks)
+    config = GPTConfig.from_args(args, tok.vocab_size)
+    if ckpt is not None:
+        check_resume(ckpt, args, tok, config)
+    ctx, scaler, amp_dtype, amp_why = setup_precision(args.bf16, device)
+    raw_model, optimizers, data_gen = build_model(args, config, device, ranks.rank)
+    progress = Progress(args.batch_size * args.block_size * args.grad_accum * ranks.world_size)
+    restore(ckpt, raw_model, optimizers, scaler, data_gen, progress, ranks.rank, args.seed)
+    model, use_compile = compile_and_wrap(raw_model, args.compile, device, ranks)
+    facts = speed_facts(raw_model, args, device, ranks, use_compile, amp_dtype, amp_why)
+    if run.master:
+        how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"
+        print(banner(raw_model, meta, progress, how), file=sys.stderr)
+        trim_metrics(metrics_path, ckpt, progress.iter_num)
+
+    model.train()
+    clock = Clock(progress, device)
+    batches = Batches(train_data, args, data_gen, device)
+    pbar = run.pbar = progress_bar(args, progress.iter_num, run.master)
+    x, y = batches()  # the first batch; each step fetches the next one (train_step)
+    while True:
+        lr = set_lr(optimizers, get_lr(progress.iter_num, args))
+        if progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters:
+            clock.stop()  # the clock stands still while evaluating and checkpointing
+            losses = estimate_loss(raw_model, train_data, val_data, args, device, ctx, ranks)
+            row = progress.record(losses, lr, clock)
+            row["mfu"] = mfu(row["tokens_per_s"], facts)
+            if run.master:
+                append_row(metrics_path, row)
+                pbar.write(
+                    f"iter {progress.iter_num}: train {losses['train']:.4f}, val {progress.val_loss:.4f}, "
+                    f"mfu {percent(row['mfu'])}"
+                )
+            if ckpt is None or progress.iter_num > ckpt["iter_num"]:
+                save_checkpoint(
+                    run, raw_model, optimizers, scaler, batches, tok, meta, args, progress, clock, ranks
+                )
+            clock.start()
+        if progress.iter_num >= args.max_iters:
+            break
+        loss, x, y = train_step(model, x, y, batches, args.grad_accum, ctx, scaler)
+        optimizer_step(optimizers, scaler, raw_model, args.grad_clip)
+        progress.iter_num = run.iter_num = progress.iter_num + 1
+        pbar.update(1)
+        if progress.iter_num % args.log_interval == 0:
+            loss_f = loss.item()
+            clock.stop()
+            pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{clock.row_tokens_per_s():,.0f}")
+    pbar.close()
+    train_time_s = clock.elapsed_s()
+    finish_ddp(ranks)
+    if not run.master:
+        return {}
+    return write_summary(args, run, tok, meta, raw_model, device, progress, clock, train_time_s, ctx, facts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1161,12 +1531,18 @@ def main(argv: list[str] | None = None) -> dict:
         if run.master:
             if run.ckpt_iter is None:
                 run.remove_new()
-                print(f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
-                      "run the same command again", file=sys.stderr)
+                print(
+                    f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
+                    "run the same command again",
+                    file=sys.stderr,
+                )
             else:
                 run.remove_partial()
-                print(f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
-                      f"{run.out}; continue with --resume", file=sys.stderr)
+                print(
+                    f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
+                    f"{run.out}; continue with --resume",
+                    file=sys.stderr,
+                )
         raise SystemExit(130) from None
     except BaseException:  # a refusal (exit 2) or a crash
         if run.master and not run.wrote_ckpt:

@@ -13,6 +13,7 @@ Run folder (--out): tokens-<key>.bin/.json and tokenizer-<key>.json (the tokeniz
 made once per corpus and tokenizer), ckpt.pt, metrics.jsonl (one line per evaluation) and
 summary.json. In-process use: main(argv) -> summary dict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,20 @@ SCRIPT = "gpt_scratch"
 # shapes and schedules a --preset fills in; flags given explicitly still win
 PRESETS = {
     "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dropout=0.0,
-                vocab_size=2048, max_iters=600, lr=2e-3, warmup_iters=50, eval_interval=100,
-                eval_iters=20),
+    "cpu": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=128,
+        batch_size=16,
+        dropout=0.0,
+        vocab_size=2048,
+        max_iters=600,
+        lr=2e-3,
+        warmup_iters=50,
+        eval_interval=100,
+        eval_iters=20,
+    ),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
 
@@ -219,6 +231,7 @@ class Tokenizer:
             self.vocab_size = len(chars)
         elif kind == "bpe":
             from tokenizers import Tokenizer as HFTokenizer
+
             self.bpe_json = bpe_json
             self.hf = HFTokenizer.from_str(bpe_json)
             self.vocab_size = self.hf.get_vocab_size()
@@ -230,12 +243,15 @@ class Tokenizer:
         """Build the vocabulary from the training documents only."""
         if kind == "char":
             return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK})))
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()  # byte-level: any text round-trips exactly
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         hf.train_from_iterator(docs, trainer=trainer)
         return cls("bpe", bpe_json=hf.to_str())
 
@@ -293,8 +309,10 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
         text, bad_bytes = decode_utf8(raw)
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         if len(docs) < 2:
-            die(f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
-                "separated by a blank line; the last 10% are validation)")
+            die(
+                f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
+                "separated by a blank line; the last 10% are validation)"
+            )
         n_val_docs = max(1, len(docs) // 10)
         train_docs, val_docs = docs[:-n_val_docs], docs[-n_val_docs:]
         print(f"tokenizing {path} ({len(docs)} documents, {args.tokenizer})...", file=sys.stderr)
@@ -304,31 +322,45 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
         dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
         atomic_write_bytes(bin_path, np.array(train_ids + val_ids, dtype=dtype).tobytes())
         atomic_write_json(tok_path, tok.state())
-        atomic_write_json(meta_path, {
-            "corpus": str(path), "corpus_sha256": sha, "tokenizer": args.tokenizer,
-            "vocab_size": tok.vocab_size, "dtype": dtype, "bad_utf8_bytes": bad_bytes,
-            "n_docs": len(docs), "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
-            "n_train_tokens": len(train_ids), "n_val_tokens": len(val_ids)})
+        atomic_write_json(
+            meta_path,
+            {
+                "corpus": str(path),
+                "corpus_sha256": sha,
+                "tokenizer": args.tokenizer,
+                "vocab_size": tok.vocab_size,
+                "dtype": dtype,
+                "bad_utf8_bytes": bad_bytes,
+                "n_docs": len(docs),
+                "n_train_docs": len(train_docs),
+                "n_val_docs": len(val_docs),
+                "n_train_tokens": len(train_ids),
+                "n_val_tokens": len(val_ids),
+            },
+        )
     meta = json.loads(meta_path.read_text())
     tok = Tokenizer.from_state(json.loads(tok_path.read_text()))
     if meta["bad_utf8_bytes"]:
         print(f"{path}: replaced {meta['bad_utf8_bytes']} bytes that are not UTF-8", file=sys.stderr)
     data = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
-    train, val = data[:meta["n_train_tokens"]], data[meta["n_train_tokens"]:]
+    train, val = data[: meta["n_train_tokens"]], data[meta["n_train_tokens"] :]
     need = args.block_size + 1
     if len(train) < need or len(val) < need:
-        die(f"corpus too short: train split has {len(train)} tokens and validation split "
+        die(
+            f"corpus too short: train split has {len(train)} tokens and validation split "
             f"{len(val)}; each needs at least block_size + 1 = {need} (lower --block-size or "
-            "add documents)")
+            "add documents)"
+        )
     return tok, train, val, meta
 
 
-def get_batch(split: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator,
-              device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    split: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows; the offsets come only from `gen`, so checkpointing it replays the batches."""
     ix = torch.randint(len(split) - block_size, (batch_size,), generator=gen).tolist()
-    x = torch.stack([torch.from_numpy(split[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(split[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    x = torch.stack([torch.from_numpy(split[i : i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(split[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix])
     return x.to(device), y.to(device)
 
 
@@ -345,18 +377,29 @@ class GPTConfig:
     n_embd: int = 512
     dropout: float = 0.1
 
+    @classmethod
+    def from_args(cls, args, vocab_size: int) -> GPTConfig:
+        return cls(
+            vocab_size=vocab_size,
+            block_size=args.block_size,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+            dropout=args.dropout,
+        )
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        # q, k, v for all heads at once
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         mask = torch.tril(torch.ones(config.block_size, config.block_size))
-        self.register_buffer("mask", mask.view(1, 1, config.block_size, config.block_size),
-                             persistent=False)
+        self.register_buffer("mask", mask.view(1, 1, config.block_size, config.block_size), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -430,12 +473,17 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> torch.Tensor:
         """Append max_new_tokens tokens to idx (B, T); temperature <= 0 means greedy (argmax).
         Every step re-runs the model on the whole (cropped) context."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            logits, _ = self(idx[:, -self.config.block_size :])
             idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
@@ -513,59 +561,79 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokeniz
 
 
 # -----------------------------------------------------------------------------
-# training
+# flags: (flag, add_argument keywords) in --help order; a --preset fills in some of the defaults
+
+PRESET_HELP = (
+    "fill in a shape and schedule: "
+    + "; ".join(f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
+    + " (flags given explicitly override it)"
+)
+
+# fmt: off
+# a data table, kept one row per entry (ruff would spread each row over several lines)
+FLAGS = [
+    ("--data",             dict(default="data/finance_corpus.txt",
+        help="corpus: documents separated by a blank line")),
+    ("--out",              dict(default=f"out/{SCRIPT}",
+        help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")),
+    ("--preset",           dict(choices=sorted(PRESETS), default=None, help=PRESET_HELP)),
+    ("--tokenizer",        dict(choices=["char", "bpe"], default="bpe",
+        help="characters, or byte-level BPE")),
+    ("--vocab-size",       dict(type=positive_int, default=8192,
+        help="BPE vocabulary size (trained on the training split only)")),
+    ("--n-layer",          dict(type=positive_int, default=6, help="transformer blocks")),
+    ("--n-head",           dict(type=positive_int, default=8, help="attention heads (must divide --n-embd)")),
+    ("--n-embd",           dict(type=positive_int, default=512, help="model width")),
+    ("--block-size",       dict(type=positive_int, default=256, help="context length in tokens")),
+    ("--dropout",          dict(type=probability, default=0.1, help="dropout probability")),
+    ("--batch-size",       dict(type=positive_int, default=16, help="sequences per step")),
+    ("--max-iters",        dict(type=non_negative_int, default=5000,
+        help="train up to this step (with --resume: the new end)")),
+    ("--lr",               dict(type=positive_float, default=3e-4, help="peak learning rate")),
+    ("--warmup-iters",     dict(type=non_negative_int, default=100,
+        help="linear learning-rate warm-up steps")),
+    ("--eval-interval",    dict(type=positive_int, default=250,
+        help="evaluate, log and checkpoint every N steps")),
+    ("--eval-iters",       dict(type=positive_int, default=50, help="batches per split in each evaluation")),
+    ("--log-interval",     dict(type=positive_int, default=10, help="update the progress bar every N steps")),
+    ("--seed",             dict(type=non_negative_int, default=1337,
+        help="seeds weights, dropout and batch sampling")),
+    ("--device",           dict(type=device_arg, default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")),
+    ("--resume",           dict(action="store_true", help="continue from <out>/ckpt.pt to --max-iters")),
+    ("--prompt",           dict(default="The market", help="prompt for the sample printed at the end")),
+    ("--max-new-tokens",   dict(type=non_negative_int, default=200,
+        help="length of that sample (0: no sample)")),
+]
+# fmt: on
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__.split("\n\n")[1],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/finance_corpus.txt",
-                   help="corpus: documents separated by a blank line")
-    p.add_argument("--out", default=f"out/{SCRIPT}",
-                   help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="fill in a shape and schedule: " + "; ".join(
-                       f"{k}: " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in PRESETS.items())
-                   + " (flags given explicitly override it)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="bpe",
-                   help="characters, or byte-level BPE")
-    p.add_argument("--vocab-size", type=positive_int, default=8192,
-                   help="BPE vocabulary size (trained on the training split only)")
-    p.add_argument("--n-layer", type=positive_int, default=6, help="transformer blocks")
-    p.add_argument("--n-head", type=positive_int, default=8, help="attention heads (must divide --n-embd)")
-    p.add_argument("--n-embd", type=positive_int, default=512, help="model width")
-    p.add_argument("--block-size", type=positive_int, default=256, help="context length in tokens")
-    p.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
-    p.add_argument("--max-iters", type=non_negative_int, default=5000,
-                   help="train up to this step (with --resume: the new end)")
-    p.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup-iters", type=non_negative_int, default=100,
-                   help="linear learning-rate warm-up steps")
-    p.add_argument("--eval-interval", type=positive_int, default=250,
-                   help="evaluate, log and checkpoint every N steps")
-    p.add_argument("--eval-iters", type=positive_int, default=50, help="batches per split in each evaluation")
-    p.add_argument("--log-interval", type=positive_int, default=10,
-                   help="update the progress bar every N steps")
-    p.add_argument("--seed", type=non_negative_int, default=1337,
-                   help="seeds weights, dropout and batch sampling")
-    p.add_argument("--device", type=device_arg, default="auto",
-                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt to --max-iters")
-    p.add_argument("--prompt", default="The market", help="prompt for the sample printed at the end")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=200,
-                   help="length of that sample (0: no sample)")
-    args, _ = p.parse_known_args(argv)
-    if args.preset:
-        p.set_defaults(**PRESETS[args.preset])
-    args = p.parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """The mistakes argparse cannot see: flags that do not fit together."""
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
         die("--vocab-size must be at least 257 for byte-level BPE")
     if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
         die(f"--seed {args.seed} is too large: give a number below 2**62")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = OneLineParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for flag, kwargs in FLAGS:
+        p.add_argument(flag, **kwargs)
+    args, _ = p.parse_known_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+    args = p.parse_args(argv)
+    check_args(args)
     return args
+
+
+# -----------------------------------------------------------------------------
+# training
 
 
 def get_lr(it: int, args) -> float:
@@ -573,9 +641,19 @@ def get_lr(it: int, args) -> float:
     return args.lr * min(1.0, (it + 1) / (args.warmup_iters + 1))
 
 
+def set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> float:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return lr
+
+
 def rng_state(data_gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "data": data_gen.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(rng: dict, data_gen: torch.Generator) -> None:
@@ -591,186 +669,383 @@ def peak_mem_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of this process
 
 
-def train(args: argparse.Namespace, run: RunState) -> dict:
-    device = args.device
-    out = run.out
-    ckpt_path = out / "ckpt.pt"
-    ckpt = None
-    if args.resume:  # a bad checkpoint is refused before any tokenizing
-        if not ckpt_path.exists():
-            die(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path)
-        run.iter_num = run.ckpt_iter = ckpt["iter_num"]
-    out.mkdir(parents=True, exist_ok=True)
-    tok, train_data, val_data, meta = prepare_data(args, out)
+def sync(device: str) -> None:
+    """Wait for the GPU's queued kernels, so a timer reads finished work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    config = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    if ckpt is not None:
-        if ckpt["tokenizer"] != tok.state():
-            die(f"--resume: checkpoint {ckpt_path} was trained with another tokenizer "
-                f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}")
-        theirs = {k: v for k, v in ckpt["model_args"].items() if k != "dropout"}
-        ours = {k: v for k, v in asdict(config).items() if k != "dropout"}
-        if theirs != ours:
-            diff = ", ".join(f"{k}={theirs.get(k)} (flags: {ours.get(k)})" for k in sorted(set(theirs) | set(ours))
-                             if theirs.get(k) != ours.get(k))
-            die(f"--resume: checkpoint {ckpt_path} has another shape: {diff}")
 
+def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
+    """With --resume, the checkpoint in --out; a bad one is refused before any tokenizing."""
+    if not args.resume:
+        return None
+    path = run.out / "ckpt.pt"
+    if not path.exists():
+        die(f"--resume: no checkpoint at {path}")
+    ckpt = read_checkpoint(path)
+    run.iter_num = run.ckpt_iter = ckpt["iter_num"]
+    return ckpt
+
+
+def check_resume(ckpt: dict, args: argparse.Namespace, tok: Tokenizer, config: GPTConfig) -> None:
+    """A checkpoint continues only on its own corpus, tokenizer and shape."""
+    path = Path(args.out) / "ckpt.pt"
+    if ckpt["tokenizer"] != tok.state():
+        die(
+            f"--resume: checkpoint {path} was trained with another tokenizer "
+            f"({ckpt['tokenizer']['kind']}) or corpus than --tokenizer {args.tokenizer} on {args.data}"
+        )
+    same_function = ("dropout",)  # may change on resume: same weights, same model
+    theirs = {k: v for k, v in ckpt["model_args"].items() if k not in same_function}
+    ours = {k: v for k, v in asdict(config).items() if k not in same_function}
+    if theirs != ours:
+        diff = ", ".join(
+            f"{k}={theirs.get(k)} (flags: {ours.get(k)})"
+            for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)
+        )
+        die(f"--resume: checkpoint {path} has another shape: {diff}")
+
+
+def build_model(args, config: GPTConfig, device: str) -> tuple[GPT, torch.optim.Optimizer, torch.Generator]:
+    """(model, optimizer, batch generator), seeded by --seed."""
     torch.manual_seed(args.seed)
     data_gen = torch.Generator().manual_seed(args.seed)  # the only source of batch offsets
     model = GPT(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        elapsed_before = ckpt.get("elapsed_s", 0.0)
-        set_rng_state(ckpt["rng"], data_gen)
-    n_params = count_params(model)
-    tokens_per_iter = args.batch_size * args.block_size
-    print(f"{SCRIPT}: {n_params / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
-          f"{meta['n_val_tokens']:,} val tokens, {tokens_per_iter:,} tokens per step, device {device}",
-          file=sys.stderr)
+    return model, optimizer, data_gen
 
-    # metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps
-    metrics_path = out / "metrics.jsonl"
+
+def progress_bar(args, iter_num: int, master: bool) -> tqdm:
+    return tqdm(
+        total=max(args.max_iters - iter_num, 0),
+        desc=SCRIPT,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not master,
+    )
+
+
+def banner(model: GPT, meta: dict, progress: Progress, device: str) -> str:
+    return (
+        f"{SCRIPT}: {count_params(model) / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
+        f"{meta['n_val_tokens']:,} val tokens, {progress.tokens_per_iter:,} tokens per step, device {device}"
+    )
+
+
+@dataclass
+class Progress:
+    """Where training stands: a checkpoint saves it, --resume restores it."""
+
+    tokens_per_iter: int
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    val_loss: float = float("nan")  # the latest evaluation's
+    elapsed_before: float = 0.0  # seconds the runs this one continues took, evaluations included
+
+    def record(self, losses: dict[str, float], lr: float, clock: Clock) -> dict:
+        """Note an evaluation; its metrics.jsonl row (tokens/s: the training steps since the last row)."""
+        self.val_loss = losses["val"]
+        self.best_val_loss = min(self.best_val_loss, self.val_loss)
+        return {
+            "iter": self.iter_num,
+            "train_loss": losses["train"],
+            "val_loss": self.val_loss,
+            "lr": lr,
+            "tokens": self.iter_num * self.tokens_per_iter,
+            "tokens_per_s": clock.take_row(),
+            "elapsed_s": self.elapsed_before + clock.elapsed_s(),
+        }
+
+
+class Clock:
+    """Training time in windows of steps: each log interval closes one. Evaluations and checkpoints
+    stop the clock (stop() before, start() after), so tokens/s counts training steps only."""
+
+    def __init__(self, progress: Progress, device: str):
+        self.progress, self.device = progress, device
+        self.steady_tokens, self.steady_s, self.all_tokens, self.all_s, self.windows = 0, 0.0, 0, 0.0, 0
+        self.row_tokens, self.row_s = 0, 0.0  # since the last metrics row
+        self.t_start = self.t_mark = time.perf_counter()
+        self.iter_mark = progress.iter_num
+
+    def stop(self) -> None:
+        """Close the window: its steps and seconds count from the last start() or stop()."""
+        sync(self.device)
+        now, iter_num = time.perf_counter(), self.progress.iter_num
+        n, dt = (iter_num - self.iter_mark) * self.progress.tokens_per_iter, now - self.t_mark
+        if n:
+            self.all_tokens, self.all_s = self.all_tokens + n, self.all_s + dt
+            self.row_tokens, self.row_s = self.row_tokens + n, self.row_s + dt
+            if self.windows >= SKIP_WINDOWS:
+                self.steady_tokens, self.steady_s = self.steady_tokens + n, self.steady_s + dt
+            self.windows += 1
+        self.t_mark, self.iter_mark = now, iter_num
+
+    def start(self) -> None:
+        self.t_mark = time.perf_counter()
+
+    def row_tokens_per_s(self) -> float:
+        return self.row_tokens / self.row_s if self.row_s else 0.0
+
+    def take_row(self) -> float:
+        """tokens/s since the last metrics row, which this one ends."""
+        rate, self.row_tokens, self.row_s = self.row_tokens_per_s(), 0, 0.0
+        return rate
+
+    def tokens_per_s(self) -> float:
+        """Steady tokens/s (without each process's first window); over all windows if there was only one."""
+        if self.steady_s:
+            return self.steady_tokens / self.steady_s
+        return self.all_tokens / self.all_s if self.all_s else 0.0
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def restore(
+    ckpt: dict | None,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    data_gen: torch.Generator,
+    progress: Progress,
+) -> None:
+    """Continue where the checkpoint stopped: weights, optimizer state, batch stream, progress."""
+    if ckpt is None:
+        return
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    progress.iter_num, progress.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    progress.elapsed_before = ckpt.get("elapsed_s", 0.0)
+    set_rng_state(ckpt["rng"], data_gen)
+
+
+def trim_metrics(path: Path, ckpt: dict | None, iter_num: int) -> None:
+    """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps."""
     kept = []
-    if ckpt is not None and metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
+    if ckpt is not None and path.exists():
+        for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the kill
                 continue
             if row["iter"] < iter_num:
                 kept.append(line + "\n")
-    atomic_write_bytes(metrics_path, "".join(kept).encode())
+    atomic_write_bytes(path, "".join(kept).encode())
 
-    @torch.no_grad()
-    def estimate_loss() -> dict:
-        """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare."""
-        model.eval()
-        gen = torch.Generator().manual_seed(args.seed + 1)
-        losses = {}
-        for name, split in (("train", train_data), ("val", val_data)):
-            total = 0.0
-            for _ in range(args.eval_iters):
-                x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
-                total += model(x, y)[1].item()
-            losses[name] = total / args.eval_iters
-        model.train()
-        return losses
 
-    def save_checkpoint() -> None:
-        atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save({"script": SCRIPT, "model_args": asdict(config), "tokenizer": tok.state(),
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng_state(data_gen),
-                    "args": vars(args), "corpus_sha256": meta["corpus_sha256"],
-                    "elapsed_s": elapsed_before + time.perf_counter() - t_start}, atomic_save)
-        run.commit_checkpoint(atomic_save, ckpt_path, iter_num)
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
-    # throughput counts training steps only: evaluations and checkpoints are outside the windows
-    steady_tokens, steady_s, all_tokens, all_s, windows = 0, 0.0, 0, 0.0, 0
-    row_tokens, row_s = 0, 0.0
 
-    def close_window() -> None:
-        nonlocal steady_tokens, steady_s, all_tokens, all_s, windows, row_tokens, row_s, t_mark, iter_mark
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        n, dt = (iter_num - iter_mark) * tokens_per_iter, now - t_mark
-        if n:
-            all_tokens, all_s, row_tokens, row_s = all_tokens + n, all_s + dt, row_tokens + n, row_s + dt
-            if windows >= SKIP_WINDOWS:
-                steady_tokens, steady_s = steady_tokens + n, steady_s + dt
-            windows += 1
-        t_mark, iter_mark = now, iter_num
-
-    model.train()
-    val_loss, loss_f = float("nan"), float("nan")
-    t_start = t_mark = time.perf_counter()
-    iter_mark = iter_num
-    pbar = tqdm(total=max(args.max_iters - iter_num, 0), desc=SCRIPT, unit="step", dynamic_ncols=True)
-    run.pbar = pbar
-    while True:
-        lr = get_lr(iter_num, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if iter_num % args.eval_interval == 0 or iter_num >= args.max_iters:
-            close_window()
-            losses = estimate_loss()
-            val_loss = losses["val"]
-            best_val_loss = min(best_val_loss, val_loss)
-            row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": val_loss, "lr": lr,
-                   "tokens": iter_num * tokens_per_iter,
-                   "tokens_per_s": row_tokens / row_s if row_s else 0.0,
-                   "elapsed_s": elapsed_before + time.perf_counter() - t_start}
-            row_tokens, row_s = 0, 0.0
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            pbar.write(f"iter {iter_num}: train {losses['train']:.4f}, val {val_loss:.4f}")
-            if ckpt is None or iter_num > ckpt["iter_num"]:
-                save_checkpoint()
-            t_mark = time.perf_counter()
-        if iter_num >= args.max_iters:
-            break
-
-        x, y = get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        iter_num += 1
-        run.iter_num = iter_num
-        pbar.update(1)
-        if iter_num % args.log_interval == 0:
-            loss_f = loss.item()
-            close_window()
-            pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{row_tokens / row_s if row_s else 0:,.0f}")
-    pbar.close()
-    train_time_s = time.perf_counter() - t_start
-
-    # -------------------------------------------------------------------------
-    # outputs: latency, a sample, summary.json
-    tokens_per_s = steady_tokens / steady_s if steady_s else (all_tokens / all_s if all_s else 0.0)
+@torch.no_grad()
+def estimate_loss(
+    model: GPT,
+    train_data: np.ndarray,
+    val_data: np.ndarray,
+    args,
+    device: str,
+) -> dict:
+    """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare."""
     model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    losses = {}
+    for name, split in (("train", train_data), ("val", val_data)):
+        total = 0.0
+        for _ in range(args.eval_iters):
+            x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
+            total += model(x, y)[1].item()
+        losses[name] = total / args.eval_iters
+    model.train()
+    return losses
+
+
+def train_step(
+    model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """One Adam step on the batch (x, y); returns its loss."""
+    _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def save_checkpoint(
+    run: RunState,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    data_gen: torch.Generator,
+    tok: Tokenizer,
+    meta: dict,
+    args,
+    progress: Progress,
+    clock: Clock,
+) -> None:
+    ckpt_path = run.out / "ckpt.pt"
+    atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
+    torch.save(
+        {
+            "script": SCRIPT,
+            "model_args": asdict(model.config),
+            "tokenizer": tok.state(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "iter_num": progress.iter_num,
+            "best_val_loss": progress.best_val_loss,
+            "rng": rng_state(data_gen),
+            "args": vars(args),
+            "corpus_sha256": meta["corpus_sha256"],
+            "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
+        },
+        atomic_save,
+    )
+    run.commit_checkpoint(atomic_save, ckpt_path, progress.iter_num)
+
+
+def measure_latency(model: GPT, device: str) -> float:
+    """Milliseconds to generate 128 tokens greedily from one, after a warm-up."""
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     model.generate(start, 8, temperature=0.0)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     model.generate(start, 128, temperature=0.0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    latency_ms = (time.perf_counter() - t0) * 1000
+    sync(device)
+    return (time.perf_counter() - t0) * 1000
+
+
+def generate_sample(model: GPT, tok: Tokenizer, args, device: str) -> str:
+    """The sample printed at the end: --max-new-tokens tokens after --prompt."""
     sample_text = ""
     if args.max_new_tokens > 0:
         prompt_ids = tok.encode(args.prompt) or [0]
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        sample_text = tok.decode(model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0].tolist())
+        sample_text = tok.decode(
+            model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0].tolist()
+        )
         print(f"--- sample ---\n{sample_text}\n---")
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
-    summary = {
-        "script": SCRIPT, "val_loss": val_loss, "perplexity": math.exp(val_loss),
-        "best_val_loss": best_val_loss, "tokens_per_s": tokens_per_s, "train_time_s": train_time_s,
-        "time_per_epoch_s": meta["n_train_tokens"] / tokens_per_s if tokens_per_s else None,
-        "latency_ms": latency_ms, "latency_tokens": 128,
-        "model_size_mb": sum(storages.values()) / 2**20, "peak_mem_mb": peak_mem_mb(device),
-        "peak_mem_kind": "cuda_max_allocated" if device.startswith("cuda") else "cpu_max_rss",
-        "params": n_params, "iters": iter_num, "tokens_per_iter": tokens_per_iter,
-        "tokens_trained": iter_num * tokens_per_iter, "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_train_tokens": meta["n_train_tokens"],
-        "n_val_tokens": meta["n_val_tokens"], "bad_utf8_bytes": meta["bad_utf8_bytes"],
-        "corpus_sha256": meta["corpus_sha256"], "sample": sample_text, "args": vars(args),
+    return sample_text
+
+
+def summarize(
+    args,
+    tok: Tokenizer,
+    meta: dict,
+    model: GPT,
+    device: str,
+    progress: Progress,
+    tokens_per_s: float,
+    train_time_s: float,
+    latency_ms: float,
+    sample_text: str,
+) -> dict:
+    """The final figures, in summary.json's key order."""
+    val_loss, iter_num, tokens_per_iter = progress.val_loss, progress.iter_num, progress.tokens_per_iter
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()
     }
-    atomic_write_json(out / "summary.json", summary)
-    print(f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
-          f"{train_time_s:.1f}s -> {out}")
+    return {
+        "script": SCRIPT,
+        "val_loss": val_loss,
+        "perplexity": math.exp(val_loss),
+        "best_val_loss": progress.best_val_loss,
+        "tokens_per_s": tokens_per_s,
+        "train_time_s": train_time_s,
+        "time_per_epoch_s": meta["n_train_tokens"] / tokens_per_s if tokens_per_s else None,
+        "latency_ms": latency_ms,
+        "latency_tokens": 128,
+        "model_size_mb": sum(storages.values()) / 2**20,
+        "peak_mem_mb": peak_mem_mb(device),
+        "peak_mem_kind": "cuda_max_allocated" if device.startswith("cuda") else "cpu_max_rss",
+        "params": count_params(model),
+        "iters": iter_num,
+        "tokens_per_iter": tokens_per_iter,
+        "tokens_trained": iter_num * tokens_per_iter,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "n_train_tokens": meta["n_train_tokens"],
+        "n_val_tokens": meta["n_val_tokens"],
+        "bad_utf8_bytes": meta["bad_utf8_bytes"],
+        "corpus_sha256": meta["corpus_sha256"],
+        "sample": sample_text,
+        "args": vars(args),
+    }
+
+
+def write_summary(
+    args,
+    run: RunState,
+    tok: Tokenizer,
+    meta: dict,
+    model: GPT,
+    device: str,
+    progress: Progress,
+    clock: Clock,
+    train_time_s: float,
+) -> dict:
+    """Time generation, print a sample, write summary.json (bench.py reads its keys) and say the result."""
+    val_loss, tokens_per_s = progress.val_loss, clock.tokens_per_s()
+    model.eval()
+    latency_ms = measure_latency(model, device)
+    sample_text = generate_sample(model, tok, args, device)
+    summary = summarize(
+        args, tok, meta, model, device, progress, tokens_per_s, train_time_s, latency_ms, sample_text
+    )
+    atomic_write_json(run.out / "summary.json", summary)
+    print(
+        f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
+        f"{train_time_s:.1f}s -> {run.out}"
+    )
     return summary
+
+
+def train(args: argparse.Namespace, run: RunState) -> dict:
+    """Train to --max-iters, evaluating and checkpointing every --eval-interval steps; write summary.json."""
+    device, metrics_path = args.device, run.out / "metrics.jsonl"
+    ckpt = resume_checkpoint(args, run)
+    run.out.mkdir(parents=True, exist_ok=True)
+    tok, train_data, val_data, meta = prepare_data(args, run.out)
+    config = GPTConfig.from_args(args, tok.vocab_size)
+    if ckpt is not None:
+        check_resume(ckpt, args, tok, config)
+    model, optimizer, data_gen = build_model(args, config, device)
+    progress = Progress(args.batch_size * args.block_size)
+    restore(ckpt, model, optimizer, data_gen, progress)
+    print(banner(model, meta, progress, device), file=sys.stderr)
+    trim_metrics(metrics_path, ckpt, progress.iter_num)
+
+    model.train()
+    clock = Clock(progress, device)
+    pbar = run.pbar = progress_bar(args, progress.iter_num, run.master)
+    while True:
+        lr = set_lr([optimizer], get_lr(progress.iter_num, args))
+        if progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters:
+            clock.stop()  # the clock stands still while evaluating and checkpointing
+            losses = estimate_loss(model, train_data, val_data, args, device)
+            row = progress.record(losses, lr, clock)
+            append_row(metrics_path, row)
+            pbar.write(f"iter {progress.iter_num}: train {losses['train']:.4f}, val {progress.val_loss:.4f}")
+            if ckpt is None or progress.iter_num > ckpt["iter_num"]:
+                save_checkpoint(run, model, optimizer, data_gen, tok, meta, args, progress, clock)
+            clock.start()
+        if progress.iter_num >= args.max_iters:
+            break
+        x, y = get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
+        loss = train_step(model, optimizer, x, y)
+        progress.iter_num = run.iter_num = progress.iter_num + 1
+        pbar.update(1)
+        if progress.iter_num % args.log_interval == 0:
+            loss_f = loss.item()
+            clock.stop()
+            pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{clock.row_tokens_per_s():,.0f}")
+    pbar.close()
+    train_time_s = clock.elapsed_s()
+    return write_summary(args, run, tok, meta, model, device, progress, clock, train_time_s)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -786,12 +1061,18 @@ def main(argv: list[str] | None = None) -> dict:
         if run.master:
             if run.ckpt_iter is None:
                 run.remove_new()
-                print(f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
-                      "run the same command again", file=sys.stderr)
+                print(
+                    f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
+                    "run the same command again",
+                    file=sys.stderr,
+                )
             else:
                 run.remove_partial()
-                print(f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
-                      f"{run.out}; continue with --resume", file=sys.stderr)
+                print(
+                    f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
+                    f"{run.out}; continue with --resume",
+                    file=sys.stderr,
+                )
         raise SystemExit(130) from None
     except BaseException:  # a refusal (exit 2) or a crash
         if run.master and not run.wrote_ckpt:
