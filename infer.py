@@ -398,27 +398,49 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
             )
 
 
+def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:
+    """The base to load: --model, else the one the adapter's run.json records (resolved again when it was a
+    converted folder that is gone); with what run.json records of it, and run.json itself."""
+    if not adapter_dir:
+        return args.model, {}, {}
+    adapter_cfg, run = read_run(adapter_dir)
+    recorded = run.get("base", {})
+    spec = args.model or recorded.get("resolved") or adapter_cfg.get("base_model_name_or_path")
+    if (
+        not args.model
+        and recorded.get("resolved")
+        and not Path(recorded["resolved"]).exists()
+        and recorded.get("source") not in ("hub", "hub-cache")
+    ):
+        spec = recorded.get("model")
+    if not spec:
+        die(f"--adapter {adapter_dir}: records no base model; give it with --model")
+    return spec, recorded, run
+
+
+def load_unsloth(args, adapter_dir: Path | None, resolved: str, run: dict, label: str, device: str):
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=str(adapter_dir) if adapter_dir and not args.model else resolved,
+        max_seq_length=max(run.get("args", {}).get("max_seq_length") or 0, 2048),  # room for ppl windows
+        dtype=None,
+        load_in_4bit=args.load_in_4bit if args.load_in_4bit is not None else run.get("load_in_4bit", True),
+    )
+    if adapter_dir and args.model:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    FastLanguageModel.for_inference(model)  # Unsloth's fused, cached decoding path
+    return HFModel(model, tok, label, device)
+
+
 def load_hf(args, device: str):
     """The base comes from --model, else from the adapter's run.json; the adapter goes on top."""
     import torch
 
     adapter_dir = Path(args.adapter) if args.adapter else None
-    recorded, run = {}, {}
-    if adapter_dir:
-        adapter_cfg, run = read_run(adapter_dir)
-        recorded = run.get("base", {})
-        spec = args.model or recorded.get("resolved") or adapter_cfg.get("base_model_name_or_path")
-        if (
-            not args.model
-            and recorded.get("resolved")
-            and not Path(recorded["resolved"]).exists()
-            and recorded.get("source") not in ("hub", "hub-cache")
-        ):
-            spec = recorded.get("model")  # a converted folder that is gone: resolve (and convert) again
-        if not spec:
-            die(f"--adapter {adapter_dir}: records no base model; give it with --model")
-    else:
-        spec = args.model
+    spec, recorded, run = base_spec(args, adapter_dir)
     backend = choose_backend(args.backend)  # before transformers: unsloth must patch it first
     base = resolve_model(spec, args.cache_dir)
     from transformers import AutoConfig
@@ -433,22 +455,7 @@ def load_hf(args, device: str):
     load_4bit = args.load_in_4bit if args.load_in_4bit is not None else bool(run.get("load_in_4bit", False))
     label = f"{base['resolved']}" + (f" + {adapter_dir}" if adapter_dir else "")
     if backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tok = FastLanguageModel.from_pretrained(
-            model_name=str(adapter_dir) if adapter_dir and not args.model else base["resolved"],
-            max_seq_length=max(run.get("args", {}).get("max_seq_length") or 0, 2048),  # room for ppl windows
-            dtype=None,
-            load_in_4bit=args.load_in_4bit
-            if args.load_in_4bit is not None
-            else run.get("load_in_4bit", True),
-        )
-        if adapter_dir and args.model:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        FastLanguageModel.for_inference(model)  # Unsloth's fused, cached decoding path
-        return HFModel(model, tok, label, device)
+        return load_unsloth(args, adapter_dir, base["resolved"], run, label, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -845,9 +852,7 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
-    g = p.add_argument_group("what to run (one of)")
+def add_target_flags(g) -> None:
     g.add_argument(
         "--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)"
     )
@@ -876,7 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--threads", type=non_negative_int, default=0, help="CPU threads for torch (0: torch's default)"
     )
-    g = p.add_argument_group("prompts and sampling")
+
+
+def add_prompt_flags(g) -> None:
     g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
     g.add_argument("--prompts-file", help="text file with one prompt per line")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate per prompt")
@@ -904,7 +911,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="cap the context in tokens (0: the model's own); longer prompts are cut from the left",
     )
-    g = p.add_argument_group("perplexity and benchmark")
+
+
+def add_measure_flags(g) -> None:
     g.add_argument(
         "--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)"
     )
@@ -942,6 +951,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
+    add_target_flags(p.add_argument_group("what to run (one of)"))
+    add_prompt_flags(p.add_argument_group("prompts and sampling"))
+    add_measure_flags(p.add_argument_group("perplexity and benchmark"))
     return p
 
 
