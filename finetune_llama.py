@@ -1068,7 +1068,7 @@ def start_progress(
         if folder.exists():  # an earlier run's (check_out_dir let this pass only with --overwrite)
             shutil.rmtree(folder)
         if args.save_steps:
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)  # another process's trainer may have made it already
             atomic_write_text(folder / RESUME_FILE, json.dumps(progress, indent=2) + "\n")
     return progress
 
@@ -1420,8 +1420,22 @@ def build_trainer(
             )
             return total / (n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch) * scale
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # a data-parallel run on CPUs has the device "cpu:<rank>", which torch.load cannot map saved
+            # tensors to (the trainer maps to its device when there are several processes): load onto "cpu"
+            if not checkpoint or self.args.world_size == 1 or self.args.device.type != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            folder = Path(checkpoint)
+            self.optimizer.load_state_dict(
+                torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            )
+            self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every process's random state is in the folder first
             if self.args.should_save:
                 folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
                 atomic_write_text(

@@ -358,3 +358,42 @@ def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
         )
     assert abs(mean.item() - (total / n).item()) < 1e-5
     assert abs(summed.item() - total.item() / 100) < 1e-5
+
+
+def test_a_two_process_run_resumes_after_kill_9(tiny, tmp_path):
+    """Both processes killed after a checkpoint; torchrun with --resume ends where the uninterrupted
+    two-process run ends (each process restores its own random state; the optimizer state loads on the
+    CPU)."""
+    cache = tmp_path / "cache"
+
+    def torchrun(out, *extra):
+        cmd = finetune_cmd(tiny, out, "--max-steps", 60, "--batch-size", 2, "--save-steps", 5, *extra)
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            *cmd[1:],
+        ]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(torchrun(full), cache=cache)
+    proc = subprocess.Popen(
+        torchrun(killed),
+        cwd=ROOT,
+        env={**ENV, "FINLLM_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_checkpoint(proc, killed)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both training processes
+    proc.wait(timeout=60)
+    assert not (killed / "run.json").exists()
+    resumed = run(torchrun(killed, "--resume"), cache=cache)
+    assert "resuming from" in resumed.stderr
+    a, b = (next(m["train_loss"] for m in reversed(metrics(d)) if "train_loss" in m) for d in (full, killed))
+    assert abs(a - b) < 1e-3
+    rb = json.loads((killed / "run.json").read_text())
+    assert rb["world_size"] == 2 and rb["resumed_from_step"] >= 5
