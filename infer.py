@@ -632,7 +632,7 @@ def run_bench(lm, args, context: int) -> list[dict]:
         if lm.supports_kv_cache():
             variants.append(("kv cache", lambda ids, n: lm.module_generate(ids, n, True)))
         variants.append(("no cache", lambda ids, n: lm.module_generate(ids, n, False)))
-    rows = []
+    rows, tokens = [], {}  # tokens[(n, variant)]: what each variant generated, to compare with no cache
     prompt_ids = lm.encode(BENCH_PROMPT)
     from tqdm import tqdm
 
@@ -657,6 +657,7 @@ def run_bench(lm, args, context: int) -> list[dict]:
             rows.append(row)
             continue
         lat = statistics.median(times)
+        tokens[(n, name)] = list(out)
         row.update(
             latency_ms=1e3 * lat,
             tokens_per_s=len(out) / lat,
@@ -673,6 +674,10 @@ def run_bench(lm, args, context: int) -> list[dict]:
     for r in rows:
         if "latency_ms" in r and r["new_tokens"] in base:
             r["speedup_vs_no_cache"] = base[r["new_tokens"]]["latency_ms"] / r["latency_ms"]
+            # greedy decoding: a faster path must give the very tokens of the plain one
+            r["same_tokens_as_no_cache"] = (
+                tokens[(r["new_tokens"], r["variant"])] == tokens[(r["new_tokens"], "no cache")]
+            )
     print_bench(rows)
     return rows
 

@@ -706,8 +706,22 @@ def test_bench_reports_cache_and_no_cache(tiny, tmp_path, capsys):
         assert r["generated"] == 16 and r["latency_ms"] > 0
         assert math.isclose(r["tokens_per_s"], 16 / (r["latency_ms"] / 1e3), rel_tol=1e-6)
     assert rows["no cache"]["speedup_vs_no_cache"] == 1.0
+    assert rows["kv cache"]["same_tokens_as_no_cache"] is True
     assert json.loads((tmp_path / "bench.json").read_text())["bench"][0]["variant"] == "kv cache"
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_static_cache_with_compiled_decoding_gives_the_eager_greedy_tokens(tiny):
+    """gpt-fast's recipe through transformers: a fixed-size KV cache and the decoding step compiled (on the
+    CPU with inductor's default mode); greedy decoding gives exactly the tokens of the plain eager loop."""
+    res = infer.main(
+        ["--model", str(tiny["llama_a"]), "--bench", "--bench-new-tokens", "24", "--bench-runs", "1"]
+    )["bench"]
+    rows = {r["variant"]: r for r in res}
+    static = rows["static cache + compile"]
+    assert "error" not in static, static
+    assert static["compiled"] is True and static["generated"] == 24
+    assert static["same_tokens_as_no_cache"] is True and rows["kv cache"]["same_tokens_as_no_cache"] is True
 
 
 def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
