@@ -36,11 +36,10 @@ GPU (Unsloth, the seed's setup; a 1B base wants the usual LoRA learning rate):
 
 Multi-GPU: torchrun --nproc_per_node=4 finetune_llama.py --backend unsloth ... (--batch-size is per process)
 
-Outputs in --out: the PEFT adapter (adapter_config.json, adapter_model.safetensors), tokenizer files,
-run.json (base identity, flags, backend, every evaluation set's perplexity before/after, loss curves,
-tokens/s, peak memory, wall time), metrics.jsonl (one line per log/eval step), eval_docs.txt (the scored
-held-out
-documents), and with --merge a merged 16-bit model in <out>/merged.
+Outputs in --out: the PEFT adapter (adapter_config.json, adapter_model.safetensors), tokenizer files, run.json
+(base identity, flags, backend, every evaluation set's perplexity before/after, loss curves, tokens/s, peak
+memory, wall time), metrics.jsonl (one line per log/eval step), eval_docs.txt (the scored held-out documents),
+and with --merge a merged 16-bit model in <out>/merged.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ def note(msg: str) -> None:
 
 def say(msg: str) -> None:
     """A progress note from the first process only (each process of a data-parallel run runs this script)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         note(msg)
 
 
@@ -530,8 +529,7 @@ def score_sequences(
 ) -> tuple[float, int]:
     """Total negative log-likelihood (nats) and number of predicted tokens; each sequence scored on its own,
     in windows of `context` tokens, batch_size * context tokens (padding included) per forward pass: many
-    short
-    documents or a few long ones. Works for any causal LM returning .logits."""
+    short documents or a few long ones. Works for any causal LM returning .logits."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -863,8 +861,7 @@ def load_for_training(args, backend: str, resolved: str, device: str):
 
 def packed_4bit_fits(out_features: int, in_features: int, blocksize: int) -> bool:
     """Whether bitsandbytes' AVX512-BF16 CPU layout can hold a 4-bit weight of this shape: rows in tiles of
-    32,
-    and whole quantization blocks along each row (a narrower row reshapes to zero blocks and fails)."""
+    32, and whole quantization blocks along each row (a narrower row reshapes to zero blocks and fails)."""
     return out_features % 32 == 0 and in_features % blocksize == 0
 
 
@@ -875,9 +872,8 @@ def set_cpu_4bit_path(model, allow_packed: bool) -> tuple[int, int]:
     first time the layer runs without gradients, and keeps them so. The repack fails mid-run for shapes the
     layout cannot hold (packed_4bit_fits), and a repacked layer has no backward: training after an evaluation
     would silently lose the gradient through the frozen base. Training therefore keeps every layer on the
-    plain
-    dequantize path (the same numbers on every CPU); inference may take the packed path where the shape fits.
-    Returns (layers on the packed path, 4-bit layers)."""
+    plain dequantize path (the same numbers on every CPU); inference may take the packed path where the shape
+    fits. Returns (layers on the packed path, 4-bit layers)."""
     import bitsandbytes as bnb
 
     cpu_packed = allow_packed and bool(bnb.functional.has_avx512bf16())
@@ -946,10 +942,8 @@ def earlier_adapter(out: Path) -> str | None:
 
 def check_out_dir(args) -> None:
     """--out is a writable folder; an adapter already there is replaced only with --overwrite, the
-    checkpoints of
-    an unfinished run only with --overwrite (or continued with --resume), and <out>/merged only when an
-    earlier
-    --merge wrote it. Runs before any work, and creates nothing."""
+    checkpoints of an unfinished run only with --overwrite (or continued with --resume), and <out>/merged only
+    when an earlier --merge wrote it. Runs before any work, and creates nothing."""
     out = Path(args.out)
     check_writable_dir(out, "--out")
     held, unfinished = earlier_adapter(out), unfinished_run(out)
@@ -981,8 +975,7 @@ def checkpoint_step(folder: Path) -> int:
 
 def complete_checkpoints(out: Path) -> list[Path]:
     """The checkpoint folders the trainer finished writing (a kill can leave the last one half written),
-    oldest
-    first."""
+    oldest first."""
     found = [
         p
         for p in (out / CHECKPOINTS).glob("checkpoint-*")
@@ -1192,13 +1185,13 @@ def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:
 
 def token_losses(model, inputs: dict, labels, replay, weight: float | None, reference=None):
     """Sum of the per-token losses of a batch, and the number of tokens scored: cross-entropy on the corpus
-    rows;
-    with `weight` (--replay-loss kl), on the replay rows the KL divergence from the base's whole next-token
-    distribution (the LoRA switched off) to the model's, times `weight`. That is the retention set's measure
-    itself, per token, rather than a one-sample estimate of it (self-distillation, as in Learning without
-    Forgetting, Li & Hoiem 2016; `weight` is LwF's lambda: how hard to hold on). `reference` is the PEFT model
-    whose adapter is switched off for the base's pass (the model itself unless it is wrapped, e.g. by DDP).
-    labels: (B, T); the inputs may hold the B rows flattened into one (RowCollator's flat layout)."""
+    rows; with `weight` (--replay-loss kl), on the replay rows the KL divergence from the base's whole
+    next-token distribution (the LoRA switched off) to the model's, times `weight`. That is the retention
+    set's measure itself, per token, rather than a one-sample estimate of it (self-distillation, as in
+    Learning without Forgetting, Li & Hoiem 2016; `weight` is LwF's lambda: how hard to hold on). `reference`
+    is the PEFT model whose adapter is switched off for the base's pass (the model itself unless it is
+    wrapped, e.g. by DDP). labels: (B, T); the inputs may hold the B rows flattened into one (RowCollator's
+    flat layout)."""
     import torch
     import torch.nn.functional as F
 
@@ -1206,21 +1199,14 @@ def token_losses(model, inputs: dict, labels, replay, weight: float | None, refe
     logits = model(**inputs).logits.view(B, T, -1)[:, :-1]  # (B, T-1, vocab)
     target = labels[:, 1:]
     valid = target != -100
-    if weight is None or not bool(replay.any()):
-        total = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            target.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        return total, valid.sum()
     logp = F.log_softmax(logits.float(), dim=-1)
     tok_loss = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    if weight is None or not bool(replay.any()):
+        return (tok_loss * valid).sum(), valid.sum()
     reference = reference if reference is not None else model
     with torch.no_grad(), reference.disable_adapter():
-        base_logits = reference(**select_rows(inputs, replay, T)).logits.view(int(replay.sum()), T, -1)[
-            :, :-1
-        ]
+        base = reference(**select_rows(inputs, replay, T)).logits
+        base_logits = base.view(int(replay.sum()), T, -1)[:, :-1]
     base_logp = F.log_softmax(base_logits.float(), dim=-1)
     kl = (base_logp.exp() * (base_logp - logp[replay])).sum(-1)  # (R, T-1)
     tok_loss[replay] = weight * kl
@@ -1229,9 +1215,8 @@ def token_losses(model, inputs: dict, labels, replay, weight: float | None, refe
 
 def cross_entropy_loss(model, inputs: dict, labels, num_items_in_batch=None):
     """The model's own next-token loss: the sum over the batch / num_items_in_batch, or the mean. Unsloth
-    computes
-    it fused, without materialising the full-vocabulary logits (a 128k vocabulary makes them the largest
-    tensor of a 1B model's step). token_losses' cross-entropy is the same figure."""
+    computes it fused, without materialising the full-vocabulary logits (a 128k vocabulary makes them the
+    largest tensor of a 1B model's step). token_losses' cross-entropy is the same figure."""
     kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     # labels in the inputs' layout: in the flat one, each row's first label is -100, so nothing crosses rows
     return model(**inputs, labels=labels.reshape(inputs["input_ids"].shape), **kw).loss
@@ -1267,12 +1252,10 @@ def piece_lengths(positions):
 class RowCollator:
     """Training rows -> a batch. Packed rows: position ids restart at every document piece and there is no
     attention mask, so transformers builds a block-diagonal causal mask (padding-free packing: no token
-    attends
-    to the document before it) and the first token of each piece is not predicted. `flat` lays the B rows out
-    as
-    one (1, B*T) row with the piece lengths in `packed_seq_lengths`, the form in which Unsloth keeps documents
-    apart (it reads piece boundaries from one row only). Unpacked rows: right-padded, with an attention
-    mask."""
+    attends to the document before it) and the first token of each piece is not predicted. `flat` lays the B
+    rows out as one (1, B*T) row with the piece lengths in `packed_seq_lengths`, the form in which Unsloth
+    keeps documents apart (it reads piece boundaries from one row only). Unpacked rows: right-padded, with an
+    attention mask."""
 
     pad_id: int
     packed: bool
@@ -1356,7 +1339,7 @@ def sft_config(args, folder: Path, device: str, total_steps: int):
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         weight_decay=0.0,
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else 0.0,
+        max_grad_norm=args.max_grad_norm,  # 0: no clipping, as --max-grad-norm says
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
         bf16=bool(args.bf16),
         fp16=False,
@@ -1545,8 +1528,7 @@ class StepMeter:
 
 def metrics_lines(log_history: list[dict]) -> list[dict]:
     """metrics.jsonl's training and mid-run evaluation lines, from the trainer's log history (which a
-    checkpoint
-    keeps, so a resumed run's file is whole)."""
+    checkpoint keeps, so a resumed run's file is whole)."""
     out = []
     for h in log_history:
         if "sets" in h:

@@ -25,9 +25,8 @@ def fallback_docs(n):
 @pytest.fixture
 def unwritable_dir(tmp_path):
     """An empty folder nothing can be written into, for this process and the scripts it starts. An ordinary
-    user
-    gets a 555 folder; root writes into those, so as root it is a read-only bind mount of itself (a read-only
-    mount is what users meet), or an immutable folder where mounting is not allowed."""
+    user gets a 555 folder; root writes into those, so as root it is a read-only bind mount of itself (a
+    read-only mount is what users meet), or an immutable folder where mounting is not allowed."""
     d = tmp_path / "readonly"
     d.mkdir()
     if os.geteuid() != 0:
