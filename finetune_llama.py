@@ -45,6 +45,7 @@ and with --merge a merged 16-bit model in <out>/merged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -1069,8 +1070,6 @@ def start_progress(
 def main_process_first(device: str):
     """In a data-parallel run, the first process does the block before the others (which then find its
     cache)."""
-    import contextlib
-
     if world_size() == 1:
         return contextlib.nullcontext()
     from accelerate import PartialState
@@ -1165,12 +1164,28 @@ def evaluate(
 ) -> dict:
     """Perplexity of every evaluation set: {name: {"loss", "ppl", "tokens"}}."""
     out = {}
-    for s in sets:
-        nll, n = score_sequences(
-            model, s.seqs, context, batch_size, pad_id, progress=f"eval {s.name} ({label})" if label else None
-        )
-        out[s.name] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
+    with plain_forward(model):
+        for s in sets:
+            progress = f"eval {s.name} ({label})" if label else None
+            nll, n = score_sequences(model, s.seqs, context, batch_size, pad_id, progress=progress)
+            out[s.name] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
     return out
+
+
+@contextlib.contextmanager
+def plain_forward(model):
+    """The model's own forward for the length of the block. With mixed precision the trainer (accelerate)
+    wraps the forward in autocast for good; scoring through the wrapper would put the evaluations during and
+    after training in bf16 and the one before in the model's dtype. No wrapper: nothing to do."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def eval_line(step: int, scores: dict, elapsed_s: float) -> dict:

@@ -397,3 +397,17 @@ def test_a_two_process_run_resumes_after_kill_9(tiny, tmp_path):
     assert abs(a - b) < 1e-3
     rb = json.loads((killed / "run.json").read_text())
     assert rb["world_size"] == 2 and rb["resumed_from_step"] >= 5
+
+
+def test_evaluation_after_bf16_training_is_in_full_precision_like_the_one_before(tiny, tmp_path):
+    """The trainer wraps the model's forward in bf16 autocast for training; the scores after training must
+    still come from the plain fp32 forward, as the scores before do and as infer.py recomputes them."""
+    sys.path.insert(0, str(ROOT))
+    import infer
+
+    out = tmp_path / "bf16"
+    run(finetune_cmd(tiny, out, "--max-steps", 6, "--bf16"), cache=tmp_path / "cache")
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["bf16"] is True
+    again = infer.main(["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")])["ppl"]["perplexity"]
+    assert abs(again / rec["eval_ppl_after"] - 1) < 1e-6  # bf16 scoring was 2e-5 off on this model
