@@ -182,18 +182,23 @@ class GPTModel:
                 )
         return out[len(ids) :]
 
-    def module_generate(self, ids: list[int], max_new_tokens: int, use_cache: bool) -> list[int]:
-        """The module's own greedy generate (gpt_optimized's has a KV cache); used by --bench."""
+    def module_generate(
+        self, ids: list[int], max_new_tokens: int, use_cache: bool, compile_decode: bool = False
+    ) -> list[int]:
+        """The module's own greedy generate (gpt_optimized's has a fixed-size KV cache and a compiled decoding
+        step); used by --bench."""
         import torch
 
         x = torch.tensor([ids], device=self.device)
-        kw = {"use_kv_cache": use_cache} if self.supports_kv_cache() else {}
+        kw = {"use_kv_cache": use_cache} if self.supports("use_kv_cache") else {}
+        kw.update({"compile_decode": True} if compile_decode else {})
         return self.model.generate(x, max_new_tokens, temperature=0.0, **kw)[0, len(ids) :].tolist()
 
-    def supports_kv_cache(self) -> bool:
+    def supports(self, argument: str) -> bool:
+        """Whether the checkpoint's module generates with this option (gpt_scratch's has none)."""
         import inspect
 
-        return "use_kv_cache" in inspect.signature(self.model.generate).parameters
+        return argument in inspect.signature(self.model.generate).parameters
 
     def doc_sequences(self, docs: list[str]) -> list[list[int]]:
         """The separator's last token as context (as for the Llama models), then the document and the
@@ -619,91 +624,197 @@ def timed(fn) -> tuple[float, object]:
 
 def run_bench(lm, args, context: int) -> list[dict]:
     """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one
-    warm-up."""
-    ns = args.bench_new_tokens
-    variants = []  # (name, fn(ids, n) -> new ids)
-    greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
-    if isinstance(lm, HFModel):
-        variants.append(("kv cache", lambda ids, n: lm.generate(ids, n, greedy, True, force_length=True)))
-        variants.append(("no cache", lambda ids, n: lm.generate(ids, n, greedy, False, force_length=True)))
-        if args.bench_compile:
-            variants.append(("static cache + compile", None))  # built per length below
-    else:
-        if lm.supports_kv_cache():
-            variants.append(("kv cache", lambda ids, n: lm.module_generate(ids, n, True)))
-        variants.append(("no cache", lambda ids, n: lm.module_generate(ids, n, False)))
+    warm-up. A LoRA adapter on a 16/32-bit base is merged into it first, as for serving."""
+    variants = bench_variants(lm, args)
+    merged = merge_for_bench(lm)
     rows, tokens = [], {}  # tokens[(n, variant)]: what each variant generated, to compare with no cache
     prompt_ids = lm.encode(BENCH_PROMPT)
     from tqdm import tqdm
 
-    bar = tqdm([(n, name, fn) for n in ns for name, fn in variants], desc="bench", dynamic_ncols=True)
+    bar = tqdm(
+        [(n, name, fn) for n in args.bench_new_tokens for name, fn in variants],
+        desc="bench",
+        dynamic_ncols=True,
+    )
     for n, name, fn in bar:
         bar.set_postfix_str(f"{name}, {n} tokens")
         ids = fit_prompt(lm, prompt_ids, n, context)
         row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
-        if fn is None:
-            fn, row = static_compiled(lm, row)
-            if fn is None:
-                rows.append(row)
-                continue
-        try:
-            warm_s, out = timed(lambda: fn(ids, n))  # warm-up: allocation, compilation
-            times = []
-            for _ in range(args.bench_runs):
-                dt, out = timed(lambda: fn(ids, n))
-                times.append(dt)
-        except Exception as e:  # a variant this model/backend cannot run is reported, not fatal
-            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
-            rows.append(row)
-            continue
-        lat = statistics.median(times)
-        tokens[(n, name)] = list(out)
-        row.update(
-            latency_ms=1e3 * lat,
-            tokens_per_s=len(out) / lat,
-            ms_per_token=1e3 * lat / len(out),
-            generated=len(out),
-            warmup_s=warm_s,
-            runs=len(times),
-        )
-        if name.startswith("static"):
-            inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-            row["compiled"] = getattr(inner, "_compiled_call", None) is not None
+        if merged is not None:
+            row["adapter"] = "merged" if merged else "unmerged (4-bit base)"
+        out = time_variant(fn, ids, n, args.bench_runs, row)
+        if out is not None:
+            tokens[(n, name)] = out
+            if isinstance(lm, HFModel):
+                bandwidth_facts(lm, row)
         rows.append(row)
-    base = {r["new_tokens"]: r for r in rows if r["variant"] == "no cache" and "latency_ms" in r}
-    for r in rows:
-        if "latency_ms" in r and r["new_tokens"] in base:
-            r["speedup_vs_no_cache"] = base[r["new_tokens"]]["latency_ms"] / r["latency_ms"]
-            # greedy decoding: a faster path must give the very tokens of the plain one
-            r["same_tokens_as_no_cache"] = (
-                tokens[(r["new_tokens"], r["variant"])] == tokens[(r["new_tokens"], "no cache")]
-            )
+    if merged:
+        lm.model.unmerge_adapter()
+    compare_rows(rows, tokens)
     print_bench(rows)
     return rows
 
 
-def static_compiled(lm, row: dict):
-    """transformers' static KV cache, with the decoding step compiled (gpt-fast's recipe) where supported."""
-    import torch
-    from transformers import CompileConfig
-
-    inner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
-    q = getattr(inner, "hf_quantizer", None)
-    if q is not None and not q.is_compileable:
-        row["error"] = "this quantization does not compile"
-        return None, row
-    cc = CompileConfig(
-        fullgraph=False, dynamic=False, mode="reduce-overhead" if lm.device == "cuda" else "default"
-    )
-    if lm.device != "cuda":
-        cc._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+def bench_variants(lm, args) -> list[tuple]:
+    """(name, fn(ids, n) -> new ids) for each way of decoding the model offers."""
     greedy = argparse.Namespace(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return (
-        lambda ids, n: lm.generate(
-            ids, n, greedy, True, force_length=True, cache_implementation="static", compile_config=cc
+    if isinstance(lm, HFModel):
+        variants = [
+            ("kv cache", lambda ids, n: lm.generate(ids, n, greedy, True, force_length=True)),
+            ("no cache", lambda ids, n: lm.generate(ids, n, greedy, False, force_length=True)),
+        ]
+        if args.bench_compile:
+            fast = StaticDecoder(lm.model, lm.device)
+            variants.append(("static cache + compile", lambda ids, n: fast.generate(ids, n)))
+        return variants
+    variants = [("no cache", lambda ids, n: lm.module_generate(ids, n, False))]
+    if lm.supports("use_kv_cache"):
+        variants.insert(0, ("kv cache", lambda ids, n: lm.module_generate(ids, n, True)))
+    if args.bench_compile and lm.supports("compile_decode"):
+        variants.append(("static cache + compile", lambda ids, n: lm.module_generate(ids, n, True, True)))
+    return variants
+
+
+def merge_for_bench(lm) -> bool | None:
+    """Merges a PEFT adapter into a 16/32-bit base (True), leaves it on a 4-bit one, where merging would
+    round the adapter into 4 bits (False); None without an adapter."""
+    if not isinstance(lm, HFModel) or not hasattr(lm.model, "merge_adapter"):
+        return None
+    if getattr(lm.model.get_base_model(), "hf_quantizer", None) is not None:
+        return False
+    lm.model.merge_adapter()
+    return True
+
+
+def time_variant(fn, ids: list[int], n: int, runs: int, row: dict) -> list[int] | None:
+    """Times fn into row (a variant the model cannot run is reported there, not fatal); its tokens."""
+    import torch
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        warm_s, out = timed(lambda: fn(ids, n))  # warm-up: allocation, compilation
+        warm_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        times = []
+        for _ in range(runs):
+            dt, out = timed(lambda: fn(ids, n))
+            times.append(dt)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+        return None
+    lat = statistics.median(times)
+    row.update(
+        latency_ms=1e3 * lat,
+        tokens_per_s=len(out) / lat,
+        ms_per_token=1e3 * lat / len(out),
+        generated=len(out),
+        warmup_s=warm_s,
+        runs=len(times),
+    )
+    if row["variant"].startswith("static"):  # compiled once, in the warm-up, and never again
+        row["compiled"] = warm_graphs > graphs
+        row["recompiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] > warm_graphs
+    return list(out)
+
+
+def compare_rows(rows: list[dict], tokens: dict) -> None:
+    """Speed-up over the no-cache loop, and whether greedy decoding gave its very tokens."""
+    base = {r["new_tokens"]: r for r in rows if r["variant"] == "no cache" and "latency_ms" in r}
+    for r in rows:
+        if "latency_ms" in r and r["new_tokens"] in base:
+            r["speedup_vs_no_cache"] = base[r["new_tokens"]]["latency_ms"] / r["latency_ms"]
+            r["same_tokens_as_no_cache"] = (
+                tokens[(r["new_tokens"], r["variant"])] == tokens[(r["new_tokens"], "no cache")]
+            )
+
+
+class StaticDecoder:
+    """gpt-fast's recipe on a transformers model, greedy: a fixed-size KV cache, the prompt prefilled
+    eagerly, then one compiled step per token (CUDA graphs on a GPU: mode="reduce-overhead"). The next token
+    is picked on the device and fed straight back, so the host never waits for a token; the tokens come back
+    in one copy at the end. transformers' own generate() checks stopping criteria on the host every token."""
+
+    def __init__(self, model, device: str):
+        import torch
+
+        self.device = device
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        q = getattr(self.model, "hf_quantizer", None)
+        # bitsandbytes' 4-bit matmuls break the graph; everything else compiles into one graph
+        self.step = torch.compile(
+            decode_step,
+            mode="reduce-overhead" if device == "cuda" else "default",
+            fullgraph=q is None,
+            dynamic=False,
         )
-    ), row
+        self.cache = None
+
+    def kv_cache(self, length: int):
+        """One cache for every call (its buffers' addresses are what the CUDA graph replays), grown to the
+        next multiple of 256 when a call needs more room."""
+        from transformers import StaticCache
+
+        if self.cache is None or self.cache.get_max_length() < length:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=-(-length // 256) * 256)
+        else:
+            self.cache.reset()
+        return self.cache
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        cache = self.kv_cache(len(ids) + max_new_tokens)
+        out = torch.empty((1, max_new_tokens), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            pos = torch.arange(len(ids), device=self.device)
+            token = decode_step(self.model, torch.tensor([ids], device=self.device), pos, cache)  # prefill
+            out[:, :1] = token
+            pos = pos[-1:] + 1
+            for i in range(1, max_new_tokens):
+                token = self.step(self.model, token, pos, cache).clone()  # a graph's output is reused
+                out[:, i : i + 1] = token
+                pos += 1
+        return out[0].tolist()  # the one host sync
+
+
+def decode_step(model, ids, pos, cache):
+    """Logits of the tokens `ids` (1, T) at positions `pos` (T,) through the static cache -> (1, 1) argmax."""
+    logits = model(
+        input_ids=ids, position_ids=pos[None], cache_position=pos, past_key_values=cache, use_cache=True
+    ).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def bandwidth_facts(lm, row: dict) -> None:
+    """Decoding at batch 1 reads every weight once per token: bytes of weights x tokens/s against the
+    card's memory bandwidth is the fraction of the roofline reached."""
+    import torch
+
+    merged = row.get("adapter") == "merged"  # the LoRA factors are in the base weights, not read again
+    params = [p for n, p in lm.model.named_parameters() if not (merged and "lora_" in n)]
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    row["weight_gb"] = weight_bytes / 1e9
+    if "tokens_per_s" not in row:
+        return
+    row["weight_gb_per_s"] = weight_bytes * row["tokens_per_s"] / 1e9
+    peak = card_bandwidth_gb_s() if lm.device == "cuda" and torch.cuda.is_available() else None
+    if peak:
+        row["bandwidth_bound_tokens_per_s"] = peak * 1e9 / weight_bytes
+        row["roofline_fraction"] = row["weight_gb_per_s"] / peak
+
+
+def card_bandwidth_gb_s() -> float | None:
+    """Published memory bandwidth of the cards this is benchmarked on; SXM and PCIe H100s differ in SM count
+    (132 vs 114)."""
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    if "H100" in p.name:
+        return 3350.0 if p.multi_processor_count >= 132 else 2000.0
+    if "H200" in p.name:
+        return 4800.0
+    if "A100" in p.name:
+        return 2039.0 if p.total_memory > 60e9 else 1555.0
+    return None
 
 
 def print_bench(rows: list[dict]) -> None:

@@ -1717,11 +1717,10 @@ ft_trainer_r2: python finetune_llama.py --model base --data corpus.txt --backend
 --warmup-steps 3 --lr 2e-4 --replay 0 --retention-docs 0 --out OUT/runs/ft_trainer_r2 --overwrite
 
 infer_gpt_scratch: python infer.py --ckpt OUT/runs/gpt_scratch/ckpt.pt --bench --bench-new-tokens
-128 --bench-runs 3 --json-out OUT/runs/infer_gpt_scratch.json --device cuda --no-bench-compile
+128 --bench-runs 3 --json-out OUT/runs/infer_gpt_scratch.json --device cuda
 
 infer_gpt_optimized: python infer.py --ckpt OUT/runs/gpt_optimized/ckpt.pt --bench
 --bench-new-tokens 128 --bench-runs 3 --json-out OUT/runs/infer_gpt_optimized.json --device cuda
---no-bench-compile
 
 infer_llama_lora: python infer.py --adapter OUT/runs/ft_lora_packed --bench --bench-new-tokens 128
 --bench-runs 3 --json-out OUT/runs/infer_llama_lora.json --device cuda --backend hf --compare-base

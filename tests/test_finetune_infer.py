@@ -721,7 +721,26 @@ def test_static_cache_with_compiled_decoding_gives_the_eager_greedy_tokens(tiny)
     static = rows["static cache + compile"]
     assert "error" not in static, static
     assert static["compiled"] is True and static["generated"] == 24
+    assert static["recompiled"] is False  # the timed runs replay the warm-up's graph
     assert static["same_tokens_as_no_cache"] is True and rows["kv cache"]["same_tokens_as_no_cache"] is True
+    from transformers import AutoModelForCausalLM
+
+    n_weights = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).parameters())
+    assert math.isclose(static["weight_gb"], 4 * n_weights / 1e9)  # fp32 on the CPU; no bandwidth bound there
+    assert "roofline_fraction" not in static
+
+
+def test_bench_merges_a_lora_adapter_and_decodes_its_greedy_tokens(adapter):
+    """An adapter on a 16/32-bit base is merged for decoding, as for serving: every variant, the compiled
+    static-cache one included, gives the no-cache loop's tokens, and the LoRA factors count as no weight
+    read."""
+    res = infer.main(
+        ["--adapter", str(adapter["out"]), "--bench", "--bench-new-tokens", "12", "--bench-runs", "1"]
+    )
+    rows = {r["variant"]: r for r in res["bench"]}
+    assert set(rows) == {"kv cache", "no cache", "static cache + compile"}
+    for r in rows.values():
+        assert r["adapter"] == "merged" and r["same_tokens_as_no_cache"] is True, r
 
 
 def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
