@@ -9,9 +9,8 @@ Two sources, one output format (UTF-8, documents separated by exactly one blank 
 --source market writes the offline corpus of market_corpus.py: news-style stories written from real
 historical series shipped inside installed packages, byte-identical on every run and machine.
 
---source eodhd pages through the EODHD financial-news API for a list of tickers into
-news.jsonl (one article per line, de-duplicated by link, resumable after kill -9) and then
-writes finance_corpus.txt beside it.
+--source eodhd pages through the EODHD financial-news API for a list of tickers into news.jsonl (one
+article per line, de-duplicated by link, resumable after kill -9), then writes finance_corpus.txt beside it.
 """
 
 import argparse
@@ -23,7 +22,6 @@ import hashlib
 import html
 import io
 import json
-import math
 import os
 import random
 import re
@@ -45,36 +43,36 @@ except ImportError:  # Windows: no lock, everything else works
     fcntl = None
 
 # -----------------------------------------------------------------------------
-# defaults
+# constants (the flags' defaults are in the FLAGS table at the end)
 
-SOURCE = "market"
-OUT_DIR = "data"
 CORPUS_NAME = "finance_corpus.txt"
 BASE_URL = "https://eodhd.com/api"
-LIMIT = 1000  # EODHD's maximum page size for /news
-TIMEOUT_S = 30.0
-MAX_RETRIES = 5
-BACKOFF_BASE_S = 1.0
-BACKOFF_MAX_S = 60.0
+MAX_WAIT_S = 86400.0  # a day: the cap on --timeout and --backoff-*; far more overflows sleep() and sockets
 CALLS_PER_NEWS_REQUEST = 5  # EODHD bills each /news request as 5 API calls
-SP500_URL = "https://raw.githubusercontent.com/datasets/s-and-p-500-companies/main/data/constituents.csv"
 SP500_CACHE = "sp500_constituents.csv"
-
+BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
 RERUN = "run the same command again"  # every stop keeps what was done: a rerun goes on from there
 EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
 EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
 
 
-class UserError(Exception):
-    """A mistake the user can fix: reported as one line on stderr, exit code 2."""
+class UserError(Exception): ...  # a mistake the user can fix: one line on stderr, exit code 2
 
 
-class FolderBusy(UserError):
-    """Another run holds --out-dir: its files are not ours to tidy up."""
+class FolderBusy(UserError): ...  # another run holds --out-dir: its files are not ours to tidy up
+
+
+class QuotaExhausted(Exception): ...  # HTTP 402: the day's API quota is spent
+
+
+class TickerNotFound(Exception): ...  # HTTP 404: EODHD does not know the ticker
+
+
+class TickerFailed(Exception): ...  # retries spent, or a 4xx that retrying cannot help: skip the ticker
 
 
 # -----------------------------------------------------------------------------
-# shared file helpers
+# output files
 
 
 @contextlib.contextmanager
@@ -103,10 +101,8 @@ def atomic_open(path: str):
 
 
 def check_out_dir(path: str, names) -> None:
-    """Refuse an --out-dir that cannot be written, before any work is done: it is a file, it lies
-    under a file, or its nearest existing folder does not let us create files (probing with a temp
-    file answers for read-only mounts, modes and ACLs alike, and creates no folder). A folder where
-    an output file of `names` should be would only fail at os.replace, after the work."""
+    """Refuse an --out-dir that cannot be written, before any work is done. Probing with a temp file covers
+    read-only mounts, modes and ACLs alike; an output that is a folder would only fail at os.replace."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out-dir {path} is a file, not a folder")
     probe = os.path.abspath(path)
@@ -132,21 +128,32 @@ def first_missing(path: str):
 
 
 def remove_created(top, out_dir: str) -> None:
-    """Undo the folders a failed run created, as long as they hold nothing of value: only empty
-    folders go (and the lock file, when it is all there is)."""
+    """Undo the folders a failed run created while they hold nothing of value (the lock file at most)."""
     if top is None:
         return
-    out_dir = os.path.abspath(out_dir)
+    d = os.path.abspath(out_dir)
     with contextlib.suppress(OSError):
-        if os.listdir(out_dir) == ["news.lock"]:
-            os.remove(os.path.join(out_dir, "news.lock"))
-    d = out_dir
-    while d == top or d.startswith(top + os.sep):
-        try:
+        if os.listdir(d) == ["news.lock"]:
+            os.remove(os.path.join(d, "news.lock"))
+    with contextlib.suppress(OSError):  # rmdir fails on the first folder that is not empty: stop there
+        while d == top or d.startswith(top + os.sep):
             os.rmdir(d)
-        except OSError:
-            return
-        d = os.path.dirname(d)
+            d = os.path.dirname(d)
+
+
+def write_corpus(path: str, docs) -> tuple:
+    """The project-wide corpus format: documents (bytes) joined by one blank line, a trailing newline,
+    written atomically. Returns (#documents, #bytes); (0, 0) and nothing written when there are none."""
+    first = next(docs, None)
+    if first is None:
+        return 0, 0
+    with atomic_open(path) as out:
+        out.write(first)
+        n_docs = 1
+        for n_docs, doc in enumerate(docs, start=2):
+            out.write(b"\n\n" + doc)
+        out.write(b"\n")
+        return n_docs, out.tell()
 
 
 def run_market(out_dir: str) -> None:
@@ -154,13 +161,10 @@ def run_market(out_dir: str) -> None:
     check_out_dir(out_dir, [CORPUS_NAME])
     print(f"building the market corpus for {path} ...", file=sys.stderr, flush=True)
     docs = [d.strip() for d in market_corpus.build_market_docs()]
-    # the project-wide corpus format: documents joined by one blank line, trailing newline
     assert all(docs) and not any("\n\n" in d for d in docs), "documents must be non-empty, no blank lines"
-    data = ("\n\n".join(docs) + "\n").encode("utf-8")
-    with atomic_open(path) as f:
-        f.write(data)
-    chars = len(data.decode("utf-8"))
-    print(f"wrote {path}: {len(docs):,} documents, {len(data):,} bytes, {chars:,} characters")
+    n_docs, n_bytes = write_corpus(path, (d.encode("utf-8") for d in docs))
+    chars = sum(map(len, docs)) + 2 * (n_docs - 1) + 1  # the documents, blank lines and final newline
+    print(f"wrote {path}: {n_docs:,} documents, {n_bytes:,} bytes, {chars:,} characters")
 
 
 # -----------------------------------------------------------------------------
@@ -168,15 +172,10 @@ def run_market(out_dir: str) -> None:
 # in exception messages, so every message we print goes through redact())
 
 
-def api_key_of(args) -> str:
-    return args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
-
-
 class Redactor:
     def __init__(self, secret: str):
-        self.secrets = [
-            s for s in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)} if s
-        ]
+        forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+        self.secrets = [s for s in forms if s]
 
     def __call__(self, text) -> str:
         text = str(text)
@@ -185,28 +184,13 @@ class Redactor:
         return re.sub(r"(api_token=)[^&\s'\"]+", r"\1***", text)
 
 
-class AuthError(UserError): ...
-
-
-class QuotaExhausted(Exception): ...
-
-
-class TickerNotFound(Exception): ...
-
-
-class TickerFailed(Exception): ...
-
-
 class NewsClient:
-    """GET {base_url}/news with retries. Returns one page (a list of article dicts) or raises:
-    AuthError (401/403), QuotaExhausted (402), TickerNotFound (404), TickerFailed (gave up)."""
+    """GET <base-url>/news with retries. Returns one page (a list of article dicts) or raises: UserError
+    (401/403, a rejected key), QuotaExhausted (402), TickerNotFound (404), TickerFailed (gave up)."""
 
     def __init__(self, args, api_key: str, log):
+        self.args, self.api_key, self.log, self.redact = args, api_key, log, Redactor(api_key)
         self.url = args.base_url.rstrip("/") + "/news"
-        self.api_key, self.timeout, self.log = api_key, args.timeout, log
-        self.max_retries = args.max_retries
-        self.backoff_base, self.backoff_max = args.backoff_base, args.backoff_max
-        self.redact = Redactor(api_key)
         self.session = requests.Session()  # one connection pool: keep-alive across pages and tickers
         self.session.headers["User-Agent"] = "fetch_news.py (finance corpus builder)"
         self.requests_ok = 0  # requests answered 200: each costs CALLS_PER_NEWS_REQUEST API calls
@@ -214,12 +198,13 @@ class NewsClient:
 
     def backoff(self, attempt: int) -> float:
         # exponential backoff with jitter: base * 2^attempt, scaled by a random factor in [0.5, 1]
-        return min(self.backoff_max, self.backoff_base * (2**attempt)) * (0.5 + 0.5 * self.jitter.random())
+        wait = min(self.args.backoff_max, self.args.backoff_base * (2**attempt))
+        return wait * (0.5 + 0.5 * self.jitter.random())
 
     def rate_limited(self, resp, attempt: int) -> tuple:
         """(reason, wait) for a 429. Retry-After (seconds or an HTTP date) is honoured up to
         --backoff-max: a server asking for a day's pause must not stall the fetch for a day."""
-        value, ra = resp.headers.get("Retry-After", "").strip(), None
+        value, ra, cap = resp.headers.get("Retry-After", "").strip(), None, self.args.backoff_max
         with contextlib.suppress(ValueError):
             ra = max(0.0, float(value))
         if ra is None:
@@ -228,38 +213,33 @@ class NewsClient:
                 ra = max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
         if ra is None:
             return "rate limited (HTTP 429)", self.backoff(attempt)
-        if ra <= self.backoff_max:
+        if ra <= cap:
             return "rate limited (HTTP 429)", ra
-        return (
-            f"rate limited (HTTP 429): server asked Retry-After {ra:.0f} s; "
-            f"waiting {self.backoff_max:g} s (--backoff-max)",
-            self.backoff_max,
-        )
+        capped = f"server asked Retry-After {ra:.0f} s; waiting {cap:g} s (--backoff-max)"
+        return f"rate limited (HTTP 429): {capped}", cap
 
-    def page(self, ticker: str, offset: int, limit: int, date_from, date_to) -> list:
-        params = {"s": ticker, "offset": offset, "limit": limit, "api_token": self.api_key, "fmt": "json"}
-        params.update((k, v) for k, v in (("from", date_from), ("to", date_to)) if v)
-        for attempt in range(self.max_retries + 1):
+    def page(self, ticker: str, offset: int) -> list:
+        a = self.args
+        params = {"s": ticker, "offset": offset, "limit": a.limit, "api_token": self.api_key, "fmt": "json"}
+        params.update((k, v) for k, v in (("from", a.date_from), ("to", a.date_to)) if v)
+        for attempt in range(a.max_retries + 1):
             try:
-                resp = self.session.get(self.url, params=params, timeout=self.timeout)
+                resp = self.session.get(self.url, params=params, timeout=a.timeout)
             except requests.RequestException as e:  # timeouts, refused and reset connections
                 reason, wait = f"{type(e).__name__}: {self.redact(e)}", self.backoff(attempt)
             else:
                 code = resp.status_code
                 if code == 200:
                     self.requests_ok += 1
-                    items = None
                     with contextlib.suppress(ValueError):
                         items = json.loads(resp.text)
-                    if isinstance(items, list):
-                        return items
+                        if isinstance(items, list):
+                            return items
                     reason, wait = "answer is not a JSON list of articles", self.backoff(attempt)
                 elif code in (401, 403):
-                    body = " ".join(resp.text.split())[:80] or resp.reason
-                    raise AuthError(
-                        f"EODHD rejected the API key (HTTP {code}: {self.redact(body)}); "
-                        f"pass a valid --api-key or set EODHD_API_KEY"
-                    )
+                    body = self.redact(" ".join(resp.text.split())[:80] or resp.reason)
+                    fix = "pass a valid --api-key or set EODHD_API_KEY"
+                    raise UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
                 elif code in (402, 404):  # the day's quota is spent; no such ticker
                     raise QuotaExhausted() if code == 402 else TickerNotFound()
                 elif code == 429:
@@ -268,27 +248,25 @@ class NewsClient:
                     reason, wait = f"server error (HTTP {code})", self.backoff(attempt)
                 else:  # other 4xx: retrying the same request cannot help
                     raise TickerFailed(f"HTTP {code}: {self.redact(' '.join(resp.text.split())[:120])}")
-            if attempt == self.max_retries:
+            if attempt == a.max_retries:
                 raise TickerFailed(f"{reason}; gave up after {attempt + 1} attempts")
-            self.log(
-                f"{ticker} offset {offset}: {reason}; retry {attempt + 1}/{self.max_retries} in {wait:.2f}s"
-            )
+            retry = f"retry {attempt + 1}/{a.max_retries} in {wait:.2f}s"
+            self.log(f"{ticker} offset {offset}: {reason}; {retry}")
             time.sleep(wait)
-        raise AssertionError("unreachable")
 
 
 # -----------------------------------------------------------------------------
 # eodhd: crash-safe storage
 #
-# news.jsonl   one article per line, each link exactly once; appended page by page (flush + fsync)
-# news_merges.jsonl   extra tickers for articles already in news.jsonl (appended, fsynced); folded
-#                     into news.jsonl by compact(), which rewrites it via temp file + os.replace
+# news.jsonl          one article per line, each link exactly once; appended page by page (flush + fsync)
+# news_merges.jsonl   extra tickers for articles already in news.jsonl (appended, fsynced); compact()
+#                     folds them in, rewriting news.jsonl via temp file + os.replace
 # news_progress.json  per ticker: the query (from, to), the next offset, done; atomic rewrite per page
 #
-# Order per page: append articles -> append merges -> record the new offset. A kill -9 anywhere in
-# between only means the page is fetched again on the next run; the link index rebuilt from
-# news.jsonl (+ merges) at start-up turns those repeats into no-ops. A torn last line (killed
-# mid-append) is dropped at start-up; its articles come back with the refetched page.
+# Order per page: append articles -> append merges -> record the new offset. A kill -9 anywhere in between
+# only means the page is fetched again on the next run; the link index rebuilt from news.jsonl (+ merges)
+# at start-up turns those repeats into no-ops. A torn last line (killed mid-append) is dropped at start-up;
+# its articles come back with the refetched page.
 
 
 def str_list(v) -> list:
@@ -322,9 +300,9 @@ def jsonl_bytes(records) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
 
 
-def append_fsync(path: str, data: bytes) -> None:
+def append_jsonl(path: str, records: list) -> None:
     with open(path, "ab") as f:
-        f.write(data)
+        f.write(jsonl_bytes(records))
         f.flush()
         os.fsync(f.fileno())
 
@@ -332,9 +310,8 @@ def append_fsync(path: str, data: bytes) -> None:
 class NewsStore:
     def __init__(self, out_dir: str, log):
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "news.jsonl")
-        self.merges_path = os.path.join(out_dir, "news_merges.jsonl")
-        self.progress_path = os.path.join(out_dir, "news_progress.json")
+        names = ("news.jsonl", "news_merges.jsonl", "news_progress.json")
+        self.path, self.merges_path, self.progress_path = (os.path.join(out_dir, n) for n in names)
         self.log = log
         # one writer per folder: a second concurrent run would interleave appends. flock is
         # released by the kernel when the process dies, kill -9 included
@@ -343,36 +320,34 @@ class NewsStore:
             if fcntl is not None:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise FolderBusy(
-                f"another fetch_news.py run is writing to {out_dir}; wait for it or use another --out-dir"
-            )
+            busy = f"another fetch_news.py run is writing to {out_dir}; wait for it or use another --out-dir"
+            raise FolderBusy(busy)
         for name in os.listdir(out_dir):  # temp files of a run killed during a rewrite
             if re.fullmatch(r"(news\.jsonl|news_progress\.json|finance_corpus\.txt)\.tmp\d+", name):
                 os.remove(os.path.join(out_dir, name))
-        self.tickers: dict[str, set] = {}  # link -> tickers it is stored under (the dedup index)
         self.compact(startup=True)
-        self.progress = {}
-        if os.path.exists(self.progress_path):
-            try:
-                with open(self.progress_path, encoding="utf-8") as f:
-                    self.progress = json.load(f)
-                if not isinstance(self.progress, dict):
-                    raise ValueError
-            except ValueError:  # cannot happen with os.replace, but never lose articles over it
-                self.progress = {}
-                self.log(f"ignoring unreadable {self.progress_path}; every ticker restarts at offset 0")
+        try:
+            with open(self.progress_path, encoding="utf-8") as f:
+                self.progress = json.load(f)
+        except FileNotFoundError:
+            self.progress = {}
+        except ValueError:  # cannot happen with os.replace, but never lose articles over it
+            self.progress = None
+        if not isinstance(self.progress, dict):
+            self.progress = {}
+            self.log(f"ignoring unreadable {self.progress_path}; every ticker restarts at offset 0")
 
     def compact(self, startup: bool = False) -> int:
-        """Fold pending merges into news.jsonl, drop a torn tail or any repeated link, and rebuild
-        the link index. Streams the file, so its size is not limited by memory. Returns #articles."""
+        """Fold pending merges into news.jsonl, drop a torn tail or any repeated link, and rebuild the
+        link index. Holds an index entry per article in memory, never the articles. Returns #articles."""
         merges = {}  # link -> (tickers, symbols) still to fold in
         for _, m in scan_jsonl(self.merges_path):
             if m is not None:
                 t, sy = merges.setdefault(article_key(m), (set(), set()))
                 t.update(str_list(m.get("tickers")))
                 sy.update(str_list(m.get("symbols")))
-        index, rewrite, bad = {}, False, 0
-        for _, obj in scan_jsonl(self.path):
+        index, first, rewrite, bad = {}, [], False, 0  # first: (offset, link) of each link's first line
+        for off, obj in scan_jsonl(self.path):
             if obj is None:
                 bad += 1
                 continue
@@ -380,35 +355,28 @@ class NewsStore:
             if k in index:
                 rewrite = True
                 continue
-            index[k] = set(str_list(obj.get("tickers")))
-            symbols = set(str_list(obj.get("symbols")))
-            if k in merges and not (merges[k][0] <= index[k] and merges[k][1] <= symbols):
-                rewrite = True
+            tickers, symbols = set(str_list(obj.get("tickers"))), set(str_list(obj.get("symbols")))
+            more_tickers, more_symbols = merges.get(k, (set(), set()))
+            rewrite |= not (more_tickers <= tickers and more_symbols <= symbols)
+            index[k] = tickers | more_tickers  # link -> the tickers it is stored under: the dedup index
+            first.append((off, k))
         if bad and startup:
-            self.log(
-                f"{self.path}: dropped {bad} incomplete line(s) left by an interrupted run; "
-                f"their articles are fetched again"
-            )
+            why = "left by an interrupted run; their articles are fetched again"
+            self.log(f"{self.path}: dropped {bad} incomplete line(s) {why}")
         if rewrite or bad:
             with atomic_open(self.path) as out, open(self.path, "rb") as src:
-                written = set()
-                for off, obj in scan_jsonl(self.path):
-                    if obj is None or article_key(obj) in written:
-                        continue
-                    k = article_key(obj)
-                    written.add(k)
-                    if k in merges:
+                for off, k in first:
+                    src.seek(off)
+                    line = src.readline()
+                    if k in merges:  # only these are re-serialised: the others keep their original bytes
+                        obj = json.loads(line)
                         obj["tickers"] = sorted(set(str_list(obj.get("tickers"))) | merges[k][0])
                         obj["symbols"] = sorted(set(str_list(obj.get("symbols"))) | merges[k][1])
-                        out.write(jsonl_bytes([obj]))
-                    else:  # copy the original bytes: no re-serialisation for untouched articles
-                        src.seek(off)
-                        out.write(src.readline())
+                        line = jsonl_bytes([obj])
+                    out.write(line)
+        # news.jsonl holds the merges now (one for an article lost in a torn tail is dropped: it is refetched)
         if os.path.exists(self.merges_path):
-            os.remove(self.merges_path)  # only once news.jsonl holds the merged tickers
-        for k, (t, _) in merges.items():
-            if k in index:  # a merge for an article lost in a torn tail is dropped: it gets refetched
-                index[k] |= t
+            os.remove(self.merges_path)
         self.tickers = index
         return len(index)
 
@@ -427,9 +395,9 @@ class NewsStore:
                 symbols = sorted(set(str_list(a.get("symbols"))))
                 merges.append({"link": k, "tickers": [ticker], "symbols": symbols})
         if new:
-            append_fsync(self.path, jsonl_bytes(new))
+            append_jsonl(self.path, new)
         if merges:
-            append_fsync(self.merges_path, jsonl_bytes(merges))
+            append_jsonl(self.merges_path, merges)
         return len(new)
 
     def save_progress(self, ticker: str, state: dict) -> None:
@@ -440,7 +408,6 @@ class NewsStore:
 
 # -----------------------------------------------------------------------------
 # eodhd: tickers
-
 
 TICKER_RE = re.compile(r"^[A-Z0-9^][A-Z0-9.\-_=]*$")
 
@@ -456,11 +423,11 @@ def sp500_symbols(text: str) -> list[str]:
     return [row["Symbol"] for row in csv.DictReader(io.StringIO(text)) if (row.get("Symbol") or "").strip()]
 
 
-def load_sp500(out_dir: str, url: str, timeout: float, log) -> list[str]:
+def load_sp500(args, log) -> list[str]:
     """The current S&P 500 constituents: downloaded when online (and cached), else the cache."""
-    cache = os.path.join(out_dir, SP500_CACHE)
+    url, cache = args.sp500_url, os.path.join(args.out_dir, SP500_CACHE)
     try:
-        r = requests.get(url, timeout=timeout)
+        r = requests.get(url, timeout=args.timeout)
         r.raise_for_status()
         syms = sp500_symbols(r.text)
         if not syms:
@@ -470,9 +437,8 @@ def load_sp500(out_dir: str, url: str, timeout: float, log) -> list[str]:
     except (requests.RequestException, ValueError) as e:
         why = type(e).__name__ if isinstance(e, requests.RequestException) else str(e)
         if not os.path.exists(cache):
-            raise UserError(
-                f"cannot get the S&P 500 list from {url} ({why}) and there is no cached copy at {cache}"
-            )
+            no_copy = f"and there is no cached copy at {cache}"
+            raise UserError(f"cannot get the S&P 500 list from {url} ({why}) {no_copy}")
         log(f"S&P 500 list not downloaded ({why}); using the cached {cache}")
         with open(cache, encoding="utf-8") as f:
             syms = sp500_symbols(f.read())
@@ -483,9 +449,7 @@ def load_sp500(out_dir: str, url: str, timeout: float, log) -> list[str]:
 
 
 def collect_tickers(args, log) -> list[str]:
-    out = []
-    if args.tickers:
-        out += [normalise_ticker(t) for t in args.tickers.split(",") if t.strip()]
+    out = [normalise_ticker(t) for t in (args.tickers or "").split(",") if t.strip()]
     if args.tickers_file:
         try:
             with open(args.tickers_file, encoding="utf-8") as f:
@@ -499,7 +463,7 @@ def collect_tickers(args, log) -> list[str]:
             raise UserError(f"--tickers-file {args.tickers_file} lists no tickers")
         out += [normalise_ticker(t) for t in found]
     if args.sp500:
-        out += load_sp500(args.out_dir, args.sp500_url, args.timeout, log)
+        out += load_sp500(args, log)
     if not out:
         raise UserError("no tickers: give --tickers, --tickers-file or --sp500")
     return list(dict.fromkeys(out))  # de-duplicate, keep order
@@ -527,14 +491,9 @@ def clean_text(s) -> str:
         return ""
     s = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", s)
     s = re.sub(r"(?i)<br\s*/?>|</?(p|div|li|h[1-6]|tr|blockquote)\b[^>]*>", "\n", s)
-    s = re.sub(r"<[^>]*>", " ", s)
-    s = html.unescape(s)
-    lines = []
-    for ln in s.splitlines():
-        ln = " ".join(ln.split())  # str.split() also splits on non-breaking and other unicode spaces
-        if ln and not (len(ln) < 200 and BOILERPLATE.match(ln)):
-            lines.append(ln)
-    return "\n".join(lines)
+    s = html.unescape(re.sub(r"<[^>]*>", " ", s))
+    lines = (" ".join(ln.split()) for ln in s.splitlines())  # split() also takes non-breaking spaces
+    return "\n".join(ln for ln in lines if ln and not (len(ln) < 200 and BOILERPLATE.match(ln)))
 
 
 def date_key(s) -> str:
@@ -548,27 +507,19 @@ def date_key(s) -> str:
     return d.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def news_doc(r: dict) -> tuple:
-    """(title, cleaned body) of one article; the document is 'title\nbody'."""
-    return " ".join(clean_text(r.get("title")).split()), clean_text(r.get("content"))
-
-
 def news_docs(src_path: str):
-    """The documents of news.jsonl as bytes (title line, then body), sorted by (date, link); empty
-    and repeated bodies dropped (the earliest copy is kept). Holds only (date, link, offset) per
-    article and a hash per body in memory; the articles themselves are read back one at a time."""
-    order = sorted(
-        (date_key(obj.get("date", "")), article_key(obj), off)
-        for off, obj in scan_jsonl(src_path)
-        if obj is not None
-    )
+    """news.jsonl's documents as bytes ('title\\nbody', cleaned) by (date, link), empty and repeated bodies
+    dropped. Holds (date, link, offset) and a body hash per article in memory, never the articles."""
+    articles = ((off, obj) for off, obj in scan_jsonl(src_path) if obj is not None)
+    order = sorted((date_key(obj.get("date", "")), article_key(obj), off) for off, obj in articles)
     if not order:
         return
     seen_bodies = set()
     with open(src_path, "rb") as src:
         for _, _, off in order:
             src.seek(off)
-            title, body = news_doc(json.loads(src.readline()))
+            r = json.loads(src.readline())
+            title, body = " ".join(clean_text(r.get("title")).split()), clean_text(r.get("content"))
             h = hashlib.sha256(body.encode("utf-8")).digest()
             if body and h not in seen_bodies:
                 seen_bodies.add(h)
@@ -579,25 +530,12 @@ def write_news_corpus(out_dir: str) -> tuple:
     """news.jsonl -> finance_corpus.txt. Returns (path, #documents, #bytes); (path, 0, 0) when no
     article has a body, and then an existing corpus (e.g. the market one) is left as it was."""
     path = os.path.join(out_dir, CORPUS_NAME)
-    docs = news_docs(os.path.join(out_dir, "news.jsonl"))
-    first = next(docs, None)
-    if first is None:
-        return path, 0, 0
-    with atomic_open(path) as out:
-        out.write(first)
-        n_docs = 1
-        for doc in docs:
-            out.write(b"\n\n" + doc)
-            n_docs += 1
-        out.write(b"\n")
-        n_bytes = out.tell()
-    return path, n_docs, n_bytes
+    return path, *write_corpus(path, news_docs(os.path.join(out_dir, "news.jsonl")))
 
 
 # -----------------------------------------------------------------------------
 # eodhd: the fetch loop
 
-BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
 EODHD_FILES = ("news.jsonl", "news_merges.jsonl", "news_progress.json", "news.lock", CORPUS_NAME, SP500_CACHE)
 
 
@@ -609,20 +547,6 @@ def eodhd_kept(out_dir: str) -> str:
     except OSError:
         return f"the articles stored so far are kept in {path}"
     return f"{n} articles kept in {path}" if n else "no articles stored yet"
-
-
-def check_eodhd_args(args, api_key: str) -> None:
-    """Everything that can be refused before the first request (the S&P 500 list's included)."""
-    if not api_key.strip():
-        raise UserError(
-            "no API key: pass --api-key or set EODHD_API_KEY (--api-key demo serves AAPL.US and TSLA.US)"
-        )
-    if args.date_from and args.date_to and args.date_from > args.date_to:
-        raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
-    if not re.match(r"^https?://", args.base_url):
-        base_url = Redactor(api_key)(args.base_url)
-        raise UserError(f"--base-url must start with http:// or https://, got {base_url!r}")
-    check_out_dir(args.out_dir, EODHD_FILES)
 
 
 def resume_offset(state, query: dict, restart: bool):
@@ -640,21 +564,16 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
     """Page every ticker until an empty page (or --max-pages), storing each page as it comes. A
     spent quota or Ctrl-C ends the loop early and says so in the returned tally's `stop`."""
     t = SimpleNamespace(done=0, already=0, new=0, unfinished=[], skipped={}, stop=None)
-    query = {"from": args.date_from, "to": args.date_to}
-    bar = None
+    query, bar = {"from": args.date_from, "to": args.date_to}, None
     try:
         for ticker in tickers:
             offset = resume_offset(store.progress.get(ticker), query, args.restart)
             if offset is None:
                 t.already += 1
                 continue
-            pages = 0
-            while True:
-                if args.max_pages is not None and pages >= args.max_pages:
-                    t.unfinished.append(ticker)
-                    break
+            for _ in range(args.max_pages or sys.maxsize):  # one request per pass
                 try:
-                    items = client.page(ticker, offset, args.limit, args.date_from, args.date_to)
+                    items = client.page(ticker, offset)
                 except TickerNotFound:
                     items, t.skipped[ticker] = None, "unknown ticker (HTTP 404)"
                     log(f"{ticker}: unknown ticker (HTTP 404), skipped")
@@ -665,7 +584,6 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
                     bar = tqdm(total=len(tickers), initial=t.already, **BAR)
                 if items is None:
                     break
-                pages += 1
                 bar.set_postfix(new=t.new, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
                 if not items:  # only an empty page ends a ticker: short pages happen mid-stream
                     store.save_progress(ticker, dict(query, offset=offset, done=True))
@@ -674,11 +592,12 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
                 t.new += store.add_page(ticker, items)
                 offset += len(items)  # advance by what came back, not by --limit
                 store.save_progress(ticker, dict(query, offset=offset, done=False))
-            if bar is not None:
-                bar.update(1)
+            else:  # --max-pages requests and no empty page yet
+                t.unfinished.append(ticker)
+            bar.update(1)  # every ticker that reaches here made a request, so the bar exists
     except QuotaExhausted:
         t.stop = "quota"
-    except AuthError:
+    except UserError:  # a rejected key: fold what is stored, then stop with one line
         store.compact()
         raise
     except KeyboardInterrupt:
@@ -690,29 +609,23 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
 
 
 def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: NewsClient) -> int:
-    """Fold pending merges, write the corpus, print the summary (and on stderr why the run stopped
-    early); returns the exit code."""
+    """Fold pending merges, write the corpus, print the summary (on stderr why a run stopped early)."""
     total = store.compact()
     path, n_docs, n_bytes = write_news_corpus(args.out_dir)
-    calls = client.requests_ok * CALLS_PER_NEWS_REQUEST
-    print(
-        f"tickers: {t.done} done, {t.already} already complete, {len(t.skipped)} skipped, "
-        f"{len(t.unfinished)} unfinished (--max-pages), {n_tickers} requested"
-    )
+    counts = f"{t.done} done, {t.already} already complete, {len(t.skipped)} skipped"
+    print(f"tickers: {counts}, {len(t.unfinished)} unfinished (--max-pages), {n_tickers} requested")
     for ticker, why in t.skipped.items():
         print(f"  skipped {ticker}: {why}")
     print(f"articles: {t.new} new, {total} total in {store.path}")
+    calls = client.requests_ok * CALLS_PER_NEWS_REQUEST
     print(f"API calls spent: {calls} ({client.requests_ok} news requests x {CALLS_PER_NEWS_REQUEST})")
     if n_docs:
         print(f"corpus: {path}, {n_docs} documents, {n_bytes:,} bytes")
     else:
         print(f"corpus: no usable articles yet; {path} left as it was")
     if t.stop == "quota":
-        print(
-            "stopped: the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved; "
-            f"{RERUN} after the quota resets to resume where it stopped.",
-            file=sys.stderr,
-        )
+        why = "the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved"
+        print(f"stopped: {why}; {RERUN} after the quota resets to resume where it stopped.", file=sys.stderr)
         return EXIT_QUOTA
     if t.stop == "interrupt":
         print(f"interrupted: {eodhd_kept(args.out_dir)}; {RERUN} to resume", file=sys.stderr)
@@ -722,54 +635,41 @@ def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: N
     return 0
 
 
-def run_eodhd(args) -> int:
+def run_eodhd(args, api_key: str) -> int:
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
-    api_key = api_key_of(args)
-    check_eodhd_args(args, api_key)
+    # everything that can be refused is refused before the first request (the S&P 500 list's included)
+    if not api_key.strip():
+        demo = "--api-key demo serves AAPL.US and TSLA.US"
+        raise UserError(f"no API key: pass --api-key or set EODHD_API_KEY ({demo})")
+    if args.date_from and args.date_to and args.date_from > args.date_to:
+        raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
+    if not re.match(r"^https?://", args.base_url):
+        base_url = Redactor(api_key)(args.base_url)  # before repr(), which could escape the key's characters
+        raise UserError(f"--base-url must start with http:// or https://, got {base_url!r}")
+    check_out_dir(args.out_dir, EODHD_FILES)
     tickers = collect_tickers(args, log)
-    store = NewsStore(args.out_dir, log)
-    client = NewsClient(args, api_key, log)
+    store, client = NewsStore(args.out_dir, log), NewsClient(args, api_key, log)
     return finish(args, fetch_all(args, tickers, store, client, log), len(tickers), store, client)
 
 
 # -----------------------------------------------------------------------------
 # command line: typed flag values, so a bad one is refused by the parser before anything runs
 
-MAX_WAIT_S = 86400.0  # a day; far larger values overflow sleep() and socket timeouts
 
+def number_flag(cast, ok, rule: str):
+    """An argparse type: cast(s), refused with one line unless ok(value) (nan fails every comparison)."""
+    what = "a whole number" if cast is int else "a number of seconds"
 
-def int_flag(lo: int, hi: float, rule: str):
-    def parse(s: str) -> int:
+    def parse(s: str):
         try:
-            n = int(s)
+            x = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}")
-        if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {n}")
-        return n
-
-    return parse
-
-
-def seconds_flag(allow_zero: bool):
-    def parse(s: str) -> float:
-        try:
-            x = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number of seconds, got {s!r}")
-        if not (0.0 <= x <= MAX_WAIT_S) or (x == 0.0 and not allow_zero):  # nan fails every comparison
-            rule = "between 0 and" if allow_zero else "more than 0 and at most"
-            raise argparse.ArgumentTypeError(f"must be {rule} {MAX_WAIT_S:.0f} seconds, got {s!r}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {x if cast is int else repr(s)}")
         return x
 
     return parse
-
-
-page_size = int_flag(1, 1000, "between 1 and 1000 (EODHD's largest page)")
-positive_int = int_flag(1, math.inf, "at least 1")
-non_negative_int = int_flag(0, math.inf, "0 or more")
-positive_seconds = seconds_flag(allow_zero=False)
-non_negative_seconds = seconds_flag(allow_zero=True)
 
 
 def iso_date(s: str) -> str:
@@ -785,73 +685,73 @@ def folder(s: str) -> str:
     return s
 
 
-HELP = {  # every flag's help, each stating its default
-    "source": "market: offline reports from bundled historical series; eodhd: news from the EODHD "
-    "API (default: %(default)s)",
-    "out_dir": "where finance_corpus.txt (and for eodhd news.jsonl, progress and the S&P 500 "
-    "list cache) are written (default: %(default)s)",
-    "tickers": "comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix means .US "
-    "(default: none)",
-    "tickers_file": "file with tickers, one or more per line, '#' starts a comment (default: none)",
-    "sp500": f"add the S&P 500 constituents: downloaded from --sp500-url when online, cached as "
-    f"<out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes BRK-B.US (default: off)",
-    "sp500_url": "CSV with a Symbol column listing the S&P 500 (default: %(default)s)",
-    "date_from": "oldest article date, YYYY-MM-DD (default: none, the API's own range)",
-    "date_to": "newest article date, YYYY-MM-DD (default: none)",
-    "limit": "articles per request, 1-1000 (default: %(default)s)",
-    "max_pages": "stop each ticker after this many requests this run; a rerun continues "
-    "(default: no cap, page until an empty page)",
-    "api_key": "EODHD API token; never printed or stored (default: $EODHD_API_KEY; 'demo' serves "
-    "AAPL.US and TSLA.US)",
-    "base_url": f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})",
-    "timeout": "seconds to wait for a connection or an answer, at most a day (default: %(default)s)",
-    "max_retries": "retries of one request after 429, 5xx, timeouts or invalid JSON before the ticker "
-    "is skipped (default: %(default)s)",
-    "backoff_base": "first retry wait in seconds, doubled each retry, with jitter; a 429's Retry-After "
-    "overrides it (default: %(default)s)",
-    "backoff_max": "cap on one wait before a retry in seconds, a 429's Retry-After included: a server "
-    "asking for longer is retried after this long (default: %(default)s)",
-    "restart": "ignore recorded progress and page every ticker from offset 0; stored articles are "
-    "still not duplicated (default: off, resume)",
-}
+DAY = f"{MAX_WAIT_S:.0f} seconds"
+positive_seconds = number_flag(float, lambda x: 0 < x <= MAX_WAIT_S, f"more than 0 and at most {DAY}")
+non_negative_seconds = number_flag(float, lambda x: 0 <= x <= MAX_WAIT_S, f"between 0 and {DAY}")
+page_size = number_flag(int, lambda n: 1 <= n <= 1000, "between 1 and 1000 (EODHD's largest page)")
+positive_int = number_flag(int, lambda n: n >= 1, "at least 1")
+non_negative_int = number_flag(int, lambda n: n >= 0, "0 or more")
+SP500_URL = "https://raw.githubusercontent.com/datasets/s-and-p-500-companies/main/data/constituents.csv"
+
+# fmt: off
+# a data table, kept one row per flag (ruff would spread each row over several lines); every help states
+# its default. The flags after --out-dir form the "eodhd source" group.
+FLAGS = [
+    ("--source",       dict(choices=["market", "eodhd"], default="market", help="market: offline reports "
+        "from bundled historical series; eodhd: news from the EODHD API (default: %(default)s)")),
+    ("--out-dir",      dict(type=folder, default="data", help="where finance_corpus.txt (and for eodhd "
+        "news.jsonl, progress and the S&P 500 list cache) are written (default: %(default)s)")),
+    ("--tickers",      dict(help="comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix "
+        "means .US (default: none)")),
+    ("--tickers-file", dict(help="file with tickers, one or more per line, '#' starts a comment "
+        "(default: none)")),
+    ("--sp500",        dict(action="store_true", help="add the S&P 500 constituents: downloaded from "
+        f"--sp500-url when online, cached as <out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes "
+        "BRK-B.US (default: off)")),
+    ("--sp500-url",    dict(default=SP500_URL,
+        help="CSV with a Symbol column listing the S&P 500 (default: %(default)s)")),
+    ("--from",         dict(dest="date_from", type=iso_date, metavar="YYYY-MM-DD",
+        help="oldest article date, YYYY-MM-DD (default: none, the API's own range)")),
+    ("--to",           dict(dest="date_to", type=iso_date, metavar="YYYY-MM-DD",
+        help="newest article date, YYYY-MM-DD (default: none)")),
+    ("--limit",        dict(type=page_size, default=1000,  # EODHD's maximum page size for /news
+        help="articles per request, 1-1000 (default: %(default)s)")),
+    ("--max-pages",    dict(type=positive_int, help="stop each ticker after this many requests this run; "
+        "a rerun continues (default: no cap, page until an empty page)")),
+    ("--api-key",      dict(help="EODHD API token; never printed or stored (default: $EODHD_API_KEY; "
+        "'demo' serves AAPL.US and TSLA.US)")),
+    ("--base-url",     dict(default=BASE_URL,  # build_parser puts $EODHD_BASE_URL first
+        help=f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})")),
+    ("--timeout",      dict(type=positive_seconds, default=30.0, help="seconds to wait for a connection "
+        "or an answer, at most a day (default: %(default)s)")),
+    ("--max-retries",  dict(type=non_negative_int, default=5, help="retries of one request after 429, "
+        "5xx, timeouts or invalid JSON before the ticker is skipped (default: %(default)s)")),
+    ("--backoff-base", dict(type=non_negative_seconds, default=1.0, help="first retry wait in seconds, "
+        "doubled each retry, with jitter; a 429's Retry-After overrides it (default: %(default)s)")),
+    ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap on one wait before a retry "
+        "in seconds, a 429's Retry-After included: a server asking for longer is retried after this long "
+        "(default: %(default)s)")),
+    ("--restart",      dict(action="store_true", help="ignore recorded progress and page every ticker "
+        "from offset 0; stored articles are still not duplicated (default: off, resume)")),
+]
+# fmt: on
 EPILOG = (
-    "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that "
-    "cannot be written, or a rejected API key; "
-    "3 EODHD daily quota spent (everything fetched is kept; rerun the same command to resume); "
-    "130 interrupted with Ctrl-C (the same: kept, rerun to resume). "
-    "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir."
+    "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
+    "written, or a rejected API key; 3 EODHD daily quota spent (everything fetched is kept; rerun the same "
+    "command to resume); 130 interrupted with Ctrl-C (the same: kept, rerun to resume). --source eodhd "
+    "writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir."
 )
+EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 
 
 def build_parser() -> argparse.ArgumentParser:
     about = __doc__.split("\n\n")[0].strip() + " See the module docstring for details."
     p = market_corpus.ArgumentParser(description=about, epilog=EPILOG)  # bad flags: one line, exit 2
-    p.add_argument("--source", choices=["market", "eodhd"], default=SOURCE, help=HELP["source"])
-    p.add_argument("--out-dir", type=folder, default=OUT_DIR, help=HELP["out_dir"])
-    g = p.add_argument_group("eodhd source")
-    g.add_argument("--tickers", help=HELP["tickers"])
-    g.add_argument("--tickers-file", help=HELP["tickers_file"])
-    g.add_argument("--sp500", action="store_true", help=HELP["sp500"])
-    g.add_argument("--sp500-url", default=SP500_URL, help=HELP["sp500_url"])
-    g.add_argument("--from", dest="date_from", type=iso_date, metavar="YYYY-MM-DD", help=HELP["date_from"])
-    g.add_argument("--to", dest="date_to", type=iso_date, metavar="YYYY-MM-DD", help=HELP["date_to"])
-    g.add_argument("--limit", type=page_size, default=LIMIT, help=HELP["limit"])
-    g.add_argument("--max-pages", type=positive_int, help=HELP["max_pages"])
-    g.add_argument("--api-key", help=HELP["api_key"])
-    g.add_argument("--base-url", default=os.environ.get("EODHD_BASE_URL", BASE_URL), help=HELP["base_url"])
-    g.add_argument("--timeout", type=positive_seconds, default=TIMEOUT_S, help=HELP["timeout"])
-    g.add_argument("--max-retries", type=non_negative_int, default=MAX_RETRIES, help=HELP["max_retries"])
-    g.add_argument(
-        "--backoff-base", type=non_negative_seconds, default=BACKOFF_BASE_S, help=HELP["backoff_base"]
-    )
-    g.add_argument(
-        "--backoff-max", type=non_negative_seconds, default=BACKOFF_MAX_S, help=HELP["backoff_max"]
-    )
-    g.add_argument("--restart", action="store_true", help=HELP["restart"])
+    eodhd = p.add_argument_group("eodhd source")
+    for flag, settings in FLAGS:
+        (p if flag in ("--source", "--out-dir") else eodhd).add_argument(flag, **settings)
+    p.set_defaults(base_url=os.environ.get("EODHD_BASE_URL", BASE_URL))  # read when the parser is built
     return p
-
-
-EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 
 
 def stop_line(e: BaseException, args, redact: Redactor) -> str:
@@ -863,8 +763,7 @@ def stop_line(e: BaseException, args, redact: Redactor) -> str:
     # the market corpus is written whole through a temp file: all of it or none of it
     kept = f"nothing written, {corpus} left as it was" if market else eodhd_kept(args.out_dir)
     if isinstance(e, KeyboardInterrupt):
-        again = "build it" if market else "resume"
-        return redact(f"interrupted: {kept}; {RERUN} to {again}")
+        return redact(f"interrupted: {kept}; {RERUN} to {'build it' if market else 'resume'}")
     # a failed write() does not say which file: the market source writes only one
     where = e.filename or (corpus if market else f"to {args.out_dir}")
     return redact(f"error: cannot write {where} ({e.strerror or e}); {kept}; fix that and {RERUN}")
@@ -872,23 +771,22 @@ def stop_line(e: BaseException, args, redact: Redactor) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    redact = Redactor(api_key_of(args))
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
+    redact = Redactor(api_key)
     created = first_missing(args.out_dir)  # folders this run makes; a run that fails removes them again
     try:
         if args.source == "eodhd":
-            return run_eodhd(args)
+            return run_eodhd(args, api_key)
         used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
         if used:
             flag = "--" + used[0].replace("_", "-").replace("date-", "")  # date_from is --from
             raise UserError(f"{flag} only applies to --source eodhd")
         run_market(args.out_dir)
         return 0
-    except FolderBusy as e:  # another run's folder: nothing in it is ours to remove
-        print(f"error: {redact(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     # user mistakes; disk full or permissions changed mid-run (the machine's problem, not a bug); Ctrl-C
     except (UserError, OSError, KeyboardInterrupt) as e:
-        remove_created(created, args.out_dir)
+        if not isinstance(e, FolderBusy):  # another run's folder: nothing in it is ours to remove
+            remove_created(created, args.out_dir)
         print(stop_line(e, args, redact), file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
     except Exception:  # a bug: show the traceback, but never the key
