@@ -7,7 +7,8 @@ is missing), flash attention through scaled_dot_product_attention, fused AdamW w
 on matrices only, tied embeddings, bias-free layers, a vocabulary padded to a multiple of 64,
 TF32, pinned non-blocking host-to-device copies, gradient accumulation, a warmup-stable-decay LR
 schedule (a higher peak LR than the baseline tolerates, with clipping), gradient
-clipping, optional activation checkpointing, a KV cache for generation, DDP via torchrun, MFU;
+clipping, optional activation checkpointing, a static KV cache with a compiled decoding step for
+generation, regional compilation (--compile-scope blocks), DDP via torchrun, MFU;
 and, behind flags, NanoGPT-speedrun changes (rotary embeddings, QK-norm, ReLU^2, Muon).
 
     python gpt_optimized.py --preset cpu --out out/gpt_optimized
@@ -450,20 +451,23 @@ class GPTConfig:
         return (self.vocab_size + m - 1) // m * m
 
 
-class KVCache:
-    """Static per-layer key/value buffers (B, nh, block_size, hs), written at the current position."""
+class KVCache(nn.Module):
+    """Static per-layer key/value buffers (B, nh, block_size, hs), written at the positions decoded: fixed
+    shapes, so the decoding step compiles once and replays as a CUDA graph."""
 
-    def __init__(self, max_len: int):
-        self.max_len, self.k, self.v = max_len, None, None
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        # non-persistent: never in a checkpoint, and no parameters
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:  # allocate once, in the dtype autocast gives k and v
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        end = pos + k.size(2)
-        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at the T positions input_pos; return the whole buffers (B, nh, S, hs)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # .to: autocast keeps some ops (norms) in fp32
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,7 +503,13 @@ class CausalSelfAttention(nn.Module):
         self.flash = config.flash
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, input_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple | None = None,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -509,18 +519,18 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kv_cache is not None:  # decoding: attend to every cached position up to this one
-            assert T == 1 or input_pos == 0, "the cache takes a prefill at 0, then one token at a time"
+        if input_pos is not None:  # cached decoding: keys and values of every position so far, (B, nh, S, hs)
             k, v = self.kv_cache.update(input_pos, k, v)
         dropout_p = self.dropout if self.training else 0.0
         if self.flash:  # flash attention: one fused kernel, the (T, T) attention matrix is never materialised
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            causal = mask is None and T > 1  # with the cache, the mask says which slots each query sees
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
         else:  # --no-flash (ablation only): the (T, S) matrix, masked, softmaxed and kept for backward
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-            if T > 1:
-                S = k.size(-2)
-                causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-                att = att.masked_fill(~causal, float("-inf"))
+            if mask is None and T > 1:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
             att = F.dropout(F.softmax(att, dim=-1), p=dropout_p)
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
@@ -549,8 +559,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, input_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, input_pos)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple | None = None,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -559,6 +575,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ckpt_activations = False  # recompute each block in backward: activation memory O(1) in depth
+        self.compiled_decode = {}  # device type -> compiled decode_step, built on first use
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         if config.rope:
             cos, sin = rope_tables(config)
@@ -583,22 +600,29 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: int = 0):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None
+    ):
+        """Without input_pos, positions 0..T-1 with causal attention (training, generation without the cache);
+        with it (a LongTensor of T positions), the tokens at those positions, their keys and values written
+        into the static KV caches (setup_kv_cache) and attention over the cache, masked."""
         B, T = idx.size()
-        end = input_pos + T
-        assert end <= self.config.block_size, f"position {end} > block_size {self.config.block_size}"
-        rope = None
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        rope, mask = None, None
+        if input_pos is not None:  # (T, S): each token sees the cache slots up to its own position
+            mask = torch.arange(self.config.block_size, device=idx.device)[None, :] <= input_pos[:, None]
         if self.config.rope:
-            rope = (self.rope_cos[input_pos:end], self.rope_sin[input_pos:end])
+            cos, sin = self.rope_cos, self.rope_sin
+            rope = (cos[:T], sin[:T]) if input_pos is None else (cos[input_pos], sin[input_pos])
             x = self.drop(self.wte(idx))  # (B, T, C)
         else:
-            pos = torch.arange(input_pos, end, device=idx.device)
+            pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
             x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.h:
             if self.ckpt_activations and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, input_pos)
+                x = block(x, rope, input_pos, mask)
         # (B, T, vocab): the padded head matmul tiles evenly, then the padding columns are dropped, so they
         # take no probability mass in the loss or in sampling (they are never a real token)
         logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]
@@ -644,41 +668,80 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         use_kv_cache: bool = True,
+        compile_decode: bool = False,
     ) -> torch.Tensor:
         """Append max_new_tokens tokens to idx (B, T); temperature <= 0 means greedy (argmax).
         Without the KV cache, every step re-runs the model on the whole (cropped) context."""
         if use_kv_cache:  # each step runs one new token instead of the whole context
-            return self.generate_cached(idx, max_new_tokens, temperature, top_k)
+            return self.generate_cached(idx, max_new_tokens, temperature, top_k, compile_decode)
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
             idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
 
+    def setup_kv_cache(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Give each layer a static KV cache; one of the same shape, dtype and device is kept, so a compiled
+        decoding step finds the buffers it was built for (no recompiling, no re-recording a CUDA graph)."""
+        c = self.config
+        shape = (batch, c.n_head, c.block_size, c.n_embd // c.n_head)
+        for block in self.h:
+            kv = block.attn.kv_cache
+            if kv is None or (kv.k.shape, kv.k.dtype, kv.k.device) != (shape, dtype, device):
+                block.attn.kv_cache = KVCache(shape, dtype, device)
+
+    def decode_step(
+        self, token: torch.Tensor, input_pos: torch.Tensor, temperature: float, top_k: int | None
+    ) -> torch.Tensor:
+        """token (B, 1) at position input_pos (1,) -> the next token (B, 1), sampled on the device."""
+        logits, _ = self(token, input_pos=input_pos)
+        return sample(logits[:, -1, :], temperature, top_k)
+
+    def compiled_decode_step(self, device: torch.device):
+        """decode_step compiled once per model (fixed shapes: one graph for every position); on CUDA
+        replayed as a CUDA graph, so a token costs one launch instead of one per kernel."""
+        if device.type not in self.compiled_decode:
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            step = torch.compile(self.decode_step, fullgraph=True, mode=mode, dynamic=False)
+            self.compiled_decode[device.type] = step
+        return self.compiled_decode[device.type]
+
     @torch.no_grad()
     def generate_cached(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        compile_decode: bool = False,
     ) -> torch.Tensor:
-        """generate() with the KV cache: each step runs one token; once the window is full the positions
-        shift, so each step re-runs the last block_size tokens, as generation without the cache does."""
-        block_size = self.config.block_size
-        for block in self.h:
-            block.attn.kv_cache = KVCache(block_size)
-        try:
-            pos = min(idx.size(1), block_size)
-            logits, _ = self(idx[:, -block_size:], input_pos=0)  # prefill
-            for i in range(max_new_tokens):
-                idx = torch.cat((idx, sample(logits[:, -1, :], temperature, top_k)), dim=1)
-                if i == max_new_tokens - 1:
-                    break
-                if pos < block_size:  # decode: one new token, written at position pos
-                    logits, _ = self(idx[:, -1:], input_pos=pos)
-                    pos += 1
-                else:
-                    logits, _ = self(idx[:, -block_size:], input_pos=0)
-        finally:
-            for block in self.h:
-                block.attn.kv_cache = None
-        return idx
+        """generate() with the KV cache: a prefill, then one token per step; once the window is full the
+        positions shift, so each step re-runs the last block_size tokens, as generation without the cache
+        does. No host sync per token: tokens go into a preallocated tensor, the position advances on the
+        device."""
+        if max_new_tokens == 0:
+            return idx
+        (B, T0), block_size = idx.shape, self.config.block_size
+        device_type = idx.device.type  # the cache holds what autocast makes of k and v
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        self.setup_kv_cache(B, dtype or self.lm_head.weight.dtype, idx.device)
+        out = torch.empty((B, T0 + max_new_tokens), dtype=idx.dtype, device=idx.device)
+        out[:, :T0] = idx
+        T = min(T0, block_size)
+        input_pos = torch.arange(T, device=idx.device)
+        logits, _ = self(idx[:, -T:], input_pos=input_pos)  # prefill: the prompt's keys and values
+        token = sample(logits[:, -1, :], temperature, top_k)
+        out[:, T0] = token[:, 0]
+        step = self.compiled_decode_step(idx.device) if compile_decode else self.decode_step
+        input_pos = input_pos[-1:] + 1
+        n_cached = min(max_new_tokens - 1, block_size - T)  # steps whose context still fits the window
+        for t in range(T0 + 1, T0 + 1 + n_cached):
+            token = step(token, input_pos, temperature, top_k).clone()  # a CUDA graph reuses its output
+            out[:, t] = token[:, 0]
+            input_pos += 1
+        for t in range(T0 + 1 + n_cached, T0 + max_new_tokens):  # window full: uncached, as without the cache
+            logits, _ = self(out[:, t - block_size : t])
+            out[:, t] = sample(logits[:, -1, :], temperature, top_k)[:, 0]
+        return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -814,7 +877,11 @@ FLAGS = [
     ("--min-lr",           dict(type=non_negative_float, default=None,
         help="learning rate at the end of the decay (default: --lr / 10)")),
     ("--compile",          dict(action=BOOL, default=None,
-        help="torch.compile the model (default: on with CUDA, off on CPU)")),
+        help="torch.compile the model (default: on with CUDA, off on CPU); generation's latency then uses "
+             "the compiled decoding step")),
+    ("--compile-scope",    dict(choices=["model", "blocks"], default="model",
+        help="what --compile wraps for training: the whole model, or each transformer block (regional "
+             "compilation: one compilation serves all blocks, so compiling takes less time)")),
     ("--bf16",             dict(action=BOOL, default=None,
         help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default None: on with CUDA; on CPU "
              "exactly when it has AVX512-BF16 or AMX units, where bf16 matmuls beat fp32: without them "
@@ -1073,11 +1140,16 @@ def build_model(args, config: GPTConfig, device: str, rank: int) -> tuple[GPT, l
     return model, optimizers, data_gen
 
 
-def compile_and_wrap(model: GPT, compile: bool | None, device: str, ranks: Ranks) -> tuple[nn.Module, bool]:
+def compile_and_wrap(
+    model: GPT, compile: bool | None, scope: str, device: str, ranks: Ranks
+) -> tuple[nn.Module, bool]:
     """The module the training steps run: compiled (default on CUDA) and, under torchrun, in DDP."""
     use_compile = compile if compile is not None else device.startswith("cuda")
-    if use_compile:
+    if use_compile and scope == "model":
         model = torch.compile(model)  # fuses elementwise kernels, removes Python overhead per layer
+    elif use_compile:  # regional: one compilation serves every block (the same code), so compiling is quicker
+        for block in model.h:
+            block.compile()
     if ranks.ddp:
         device_ids = [ranks.local_rank] if device.startswith("cuda") else None
         model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
@@ -1093,6 +1165,8 @@ def speed_facts(
         "peak_flops": args.peak_flops or default_peak_flops(device, amp_dtype is not None),
         "world_size": ranks.world_size,
         "compile": use_compile,
+        "compile_scope": args.compile_scope if use_compile else None,
+        "latency_decode": "compiled" if use_compile else "eager",  # the KV-cache step measure_latency ran
         "amp_dtype": str(amp_dtype).split(".")[-1] if amp_dtype is not None else None,
         "bf16": amp_dtype == torch.bfloat16,
         "amp": amp_why,
@@ -1243,7 +1317,8 @@ def estimate_loss(
     ranks: Ranks,
 ) -> dict:
     """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare.
-    The plain module runs them: a few forward passes do not repay compiling a second (eval-mode) graph."""
+    The plain module runs them: a few forward passes do not repay compiling a second (eval-mode) graph
+    (force_eager: the blocks, if --compile-scope blocks compiled them, run uncompiled here too)."""
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1 + ranks.rank)
     losses = {}
@@ -1251,7 +1326,7 @@ def estimate_loss(
         total = 0.0
         for _ in range(args.eval_iters):
             x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
-            with ctx:
+            with ctx, torch.compiler.set_stance("force_eager"):
                 total += model(x, y)[1].item()
         losses[name] = total / args.eval_iters
     if ranks.ddp:  # average over the ranks' batches
@@ -1353,13 +1428,14 @@ def save_checkpoint(
     run.commit_checkpoint(atomic_save, ckpt_path, progress.iter_num)
 
 
-def measure_latency(model: GPT, device: str) -> float:
-    """Milliseconds to generate 128 tokens greedily from one, after a warm-up."""
+def measure_latency(model: GPT, device: str, compiled: bool) -> float:
+    """Milliseconds to generate 128 tokens greedily from one, after a warm-up; compiled: with the compiled
+    decoding step (the warm-up compiles it)."""
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
-    model.generate(start, 8, temperature=0.0)  # warm-up
+    model.generate(start, 8, temperature=0.0, compile_decode=compiled)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    model.generate(start, 128, temperature=0.0)
+    model.generate(start, 128, temperature=0.0, compile_decode=compiled)
     sync(device)
     return (time.perf_counter() - t0) * 1000
 
@@ -1443,8 +1519,9 @@ def write_summary(
     val_loss, tokens_per_s = progress.val_loss, clock.tokens_per_s()
     model.eval()  # the plain module generates, with its KV cache
     with ctx:  # autocast for generation too
-        latency_ms = measure_latency(model, device)
-        sample_text = generate_sample(model, tok, args, device)
+        latency_ms = measure_latency(model, device, facts["compile"])
+        with torch.compiler.set_stance("force_eager"):  # one sample does not repay compiling blocks for it
+            sample_text = generate_sample(model, tok, args, device)
     summary = summarize(
         args, tok, meta, model, device, progress, tokens_per_s, train_time_s, latency_ms, sample_text
     )
@@ -1470,7 +1547,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     raw_model, optimizers, data_gen = build_model(args, config, device, ranks.rank)
     progress = Progress(args.batch_size * args.block_size * args.grad_accum * ranks.world_size)
     restore(ckpt, raw_model, optimizers, scaler, data_gen, progress, ranks.rank, args.seed)
-    model, use_compile = compile_and_wrap(raw_model, args.compile, device, ranks)
+    model, use_compile = compile_and_wrap(raw_model, args.compile, args.compile_scope, device, ranks)
     facts = speed_facts(raw_model, args, device, ranks, use_compile, amp_dtype, amp_why)
     if run.master:
         how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"

@@ -394,28 +394,26 @@ def test_resume_extends_to_new_max_iters(name, trained, tmp_path):
 # generation
 
 
+def tiny_random_gpt(mod, **kw):
+    """An untrained tiny GPT (block_size 32) in eval mode, seeded."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return mod.GPT(mod.GPTConfig(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "no-flash"])
 @pytest.mark.parametrize("variant", ["trained", "absolute positions, GELU, untied, QK-norm"])
-def test_kv_cache_greedy_equals_no_cache(variant, trained):
+def test_kv_cache_greedy_equals_no_cache(variant, flash, trained):
     mod = load("gpt_optimized")
     if variant != "trained":
-        torch.manual_seed(0)
-        cfg = mod.GPTConfig(
-            vocab_size=50,
-            block_size=32,
-            n_layer=2,
-            n_head=2,
-            n_embd=32,
-            dropout=0.0,
-            rope=False,
-            qk_norm=True,
-            relu2=False,
-            tie_weights=False,
-        )
-        model = mod.GPT(cfg).eval()
+        model = tiny_random_gpt(mod, rope=False, qk_norm=True, relu2=False, tie_weights=False)
         prompt = torch.randint(0, 50, (2, 5))
     else:
         model, tok, _ = mod.load_checkpoint(trained["gpt_optimized"]["out"] / "ckpt.pt")
         prompt = torch.tensor([tok.encode("Shares of "), tok.encode("The index ")])
+    for block in model.h:  # --no-flash: the explicit attention takes the same mask
+        block.attn.flash = flash
+    keys, n_params, flops = set(model.state_dict()), mod.count_params(model), model.flops_per_token()
     lengths = []
     hook = model.wte.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].shape[1]))
     # 40 new tokens from 5-10 of prompt: past block_size 32, so the full-window path runs too
@@ -428,7 +426,69 @@ def test_kv_cache_greedy_equals_no_cache(variant, trained):
     assert n_cached_calls == 40
     n_decode = 32 - prompt.shape[1]  # one token per call until the 32-token window is full
     assert lengths == [prompt.shape[1]] + [1] * n_decode + [32] * (39 - n_decode)
-    assert all(blk.attn.kv_cache is None for blk in model.h)
+    # the cache: fixed (B, nh, block_size, hs) buffers, kept for reuse, never in the weights or their counts
+    hs = model.config.n_embd // model.config.n_head
+    k_buffers = [block.attn.kv_cache.k for block in model.h]
+    assert all(k.shape == (2, model.config.n_head, 32, hs) for k in k_buffers)
+    assert set(model.state_dict()) == keys and mod.count_params(model) == n_params
+    assert model.flops_per_token() == flops
+    # a prompt longer than the window: the last block_size tokens prefill it; the same buffers serve again
+    long_prompt = torch.cat([prompt] * 5, dim=1)[:, :35]
+    again = model.generate(long_prompt, 3, temperature=0.0)
+    assert torch.equal(again, model.generate(long_prompt, 3, temperature=0.0, use_kv_cache=False))
+    assert all(block.attn.kv_cache.k is k for block, k in zip(model.h, k_buffers))
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "no-flash"])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "learned positions"])
+def test_cached_forward_gives_the_full_forward_logits(rope, flash):
+    """Prefill 5 tokens, then one token per call over the fixed-size cache: at every position the logits
+    are those of one causal forward over the whole sequence (greedy agreement alone can hide a mask off by
+    one, whose effect on an argmax is small)."""
+    mod = load("gpt_optimized")
+    model = tiny_random_gpt(mod, rope=rope, flash=flash, qk_norm=True)
+    x = torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        full, _ = model(x)
+        model.setup_kv_cache(2, torch.float32, x.device)
+        steps = [model(x[:, :5], input_pos=torch.arange(5))[0]]
+        steps += [model(x[:, t : t + 1], input_pos=torch.tensor([t]))[0] for t in range(5, 32)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_gives_the_eager_greedy_tokens_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    mod = load("gpt_optimized")
+    torch._dynamo.reset()  # compile afresh, whatever earlier tests compiled
+    model = tiny_random_gpt(mod)
+    prompt = torch.randint(0, 50, (2, 5))
+    eager = model.generate(prompt, 40, temperature=0.0)  # past block_size 32: the uncached path too
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = model.generate(prompt, 40, temperature=0.0, compile_decode=True)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled, model.generate(prompt, 40, temperature=0.0, use_kv_cache=False))
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph serves every position
+    step = model.compiled_decode["cpu"]
+    # another call, another prompt length: the same compiled step, no recompiling
+    short = model.generate(prompt[:, :3], 12, temperature=0.0, compile_decode=True)
+    assert torch.equal(short, model.generate(prompt[:, :3], 12, temperature=0.0))
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and model.compiled_decode == {"cpu": step}
+
+
+def test_kv_cache_under_bf16_autocast_takes_its_dtype(trained):
+    mod = load("gpt_optimized")
+    model, tok, _ = mod.load_checkpoint(trained["gpt_optimized"]["out"] / "ckpt.pt")
+    prompt = torch.tensor([tok.encode("Shares of ")])
+    with torch.autocast("cpu", torch.bfloat16):
+        cached = model.generate(prompt, 12, temperature=0.0)
+        plain = model.generate(prompt, 12, temperature=0.0, use_kv_cache=False)
+    assert all(block.attn.kv_cache.k.dtype == torch.bfloat16 for block in model.h)
+    # bf16 rounds the cached and uncached attention differently, but a short greedy run agrees
+    assert torch.equal(cached, plain)
+    fp32 = model.generate(prompt, 12, temperature=0.0)  # autocast off: a float32 cache replaces it
+    assert all(block.attn.kv_cache.k.dtype == torch.float32 for block in model.h)
+    assert torch.equal(fp32, model.generate(prompt, 12, temperature=0.0, use_kv_cache=False))
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -643,20 +703,22 @@ def test_lr_schedules_warmup_stable_decay_and_cosine():
 DIFFER_ON_PURPOSE = {
     "get_batch": "pinned memory, non-blocking host-to-device copies",
     "GPTConfig": "the technique switches (rope, relu2, qk_norm, tie_weights, flash, bias), the padded vocab",
-    "CausalSelfAttention": "flash attention, RoPE, QK-norm, the KV cache, bias-free linears",
+    "CausalSelfAttention": "flash attention, RoPE, QK-norm, the static KV cache and its mask, no biases",
     "MLP": "ReLU^2, bias-free linears",
-    "Block": "bias-free LayerNorms; passes the rotary tables and the cache position",
-    "GPT": "tied weights, padded head, RoPE, activation checkpointing, fused AdamW/Muon, MFU, KV cache "
-    "(generate_cached)",
+    "Block": "bias-free LayerNorms; passes the rotary tables, the cache positions and mask",
+    "GPT": "tied weights, padded head, RoPE, activation checkpointing, fused AdamW/Muon, MFU, static KV "
+    "cache (setup_kv_cache, generate_cached) with a compiled decoding step (decode_step)",
     "check_args": "--rope needs an even head size",
     "get_lr": "the warmup-stable-decay and cosine schedules",
     "check_resume": "--flash may change on resume; Adam vs Adam + Muon",
     "build_model": "per-rank seeds, activation checkpointing, AdamW with decay on matrices only",
     "restore": "several optimizers, the grad scaler, one batch stream per rank",
-    "estimate_loss": "autocast, averaged over DDP ranks",
+    "estimate_loss": "autocast, averaged over DDP ranks, regionally compiled blocks run eagerly",
     "train_step": "gradient accumulation, autocast, the next batch fetched during the forward",
     "save_checkpoint": "several optimizers, the grad scaler, every rank's batch stream",
-    "write_summary": "MFU and the speed facts in summary.json; generation under autocast",
+    "measure_latency": "the compiled decoding step when the run is compiled",
+    "write_summary": "MFU and the speed facts in summary.json; generation under autocast, its latency "
+    "with the compiled decoding step when the run is compiled",
     "train": "DDP, autocast, compile, grad clipping, MFU",
 }
 
@@ -826,6 +888,75 @@ def test_bf16_default_on_cpu_follows_the_bf16_units_and_flags_force_it(corpus, t
     assert (off["bf16"], off["amp"], off["amp_dtype"]) == (False, "fp32 (--no-bf16)", None)
     assert on["val_loss"] != off["val_loss"]  # the autocast really ran: bf16 rounding moves the numbers
     assert "AVX512-BF16" in run_cli("gpt_optimized", ["--help"]).stdout
+
+
+def test_compile_scope_blocks_trains_as_eager_and_is_recorded(corpus, tmp_path):
+    """Regional compilation follows the eager run's losses within 1e-4 (fp32 CPU inductor kernels round
+    differently from eager ones: at most 3e-7 here). Dropout off, since compiled dropout draws other random
+    numbers; fp32, since bf16 would round the two further apart."""
+    from torch._dynamo.utils import counters
+
+    mod = load("gpt_optimized")
+    same = ("--dropout", "0", "--no-bf16")
+    eager = tiny_main(mod, corpus, tmp_path / "eager", *same, "--no-compile")
+    graphs = counters["stats"]["unique_graphs"]
+    blocks = tiny_main(mod, corpus, tmp_path / "blocks", *same, "--compile", "--compile-scope", "blocks")
+    assert counters["stats"]["unique_graphs"] > graphs  # something was compiled
+    rows_e, rows_b = read_rows(tmp_path / "eager"), read_rows(tmp_path / "blocks")
+    assert [r["iter"] for r in rows_b] == [r["iter"] for r in rows_e] == [0, 2, 4]
+    assert rows_b[0]["val_loss"] == rows_e[0]["val_loss"]  # evaluation runs the blocks uncompiled
+    for e, b in zip(rows_e, rows_b):
+        assert b["train_loss"] == pytest.approx(e["train_loss"], abs=1e-4)
+        assert b["val_loss"] == pytest.approx(e["val_loss"], abs=1e-4)
+    assert (blocks["compile"], blocks["compile_scope"], blocks["latency_decode"]) == (
+        True,
+        "blocks",
+        "compiled",
+    )
+    assert (eager["compile"], eager["compile_scope"], eager["latency_decode"]) == (False, None, "eager")
+    assert json.loads((tmp_path / "blocks" / "summary.json").read_text())["compile_scope"] == "blocks"
+    assert blocks["latency_ms"] > 0 and blocks["params"] == eager["params"]
+    # compiled in place: the checkpoint keeps the plain parameter names and loads into a plain GPT
+    model, _, ckpt = mod.load_checkpoint(tmp_path / "blocks" / "ckpt.pt")
+    assert set(ckpt["model"]) == set(model.state_dict()) and not any("_orig_mod" in k for k in ckpt["model"])
+
+
+def test_compile_scope_blocks_under_ddp_compiles_each_block_then_wraps(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mod = load("gpt_optimized")
+    x = torch.randint(0, 50, (4, 32))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model, reference = tiny_random_gpt(mod, n_layer=3).train(), tiny_random_gpt(mod, n_layer=3).train()
+        wrapped, use_compile = mod.compile_and_wrap(model, True, "blocks", "cpu", mod.Ranks(True, 0, 0, 1))
+        assert use_compile and isinstance(wrapped, DDP) and wrapped.module is model
+        torch._dynamo.reset()  # compile afresh, whatever earlier tests compiled
+        graphs = counters["stats"]["unique_graphs"]
+        loss = wrapped(x, x)[1]
+        loss.backward()
+        assert counters["stats"]["unique_graphs"] == graphs + 1  # one compilation serves all three blocks
+        ref_loss = reference(x, x)[1]
+        ref_loss.backward()
+        assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+        # what the compiler traces: each block's MLP, not the embedding (recording it recompiles, hence last)
+        compiling, mlp_forward = [], mod.MLP.forward
+
+        def recorded_mlp(self, h: torch.Tensor) -> torch.Tensor:
+            compiling.append(torch.compiler.is_compiling())
+            return mlp_forward(self, h)
+
+        monkeypatch.setattr(mod.MLP, "forward", recorded_mlp)
+        torch._dynamo.reset()  # trace the blocks again, with the recording MLP
+        model.wte.register_forward_hook(lambda m, i, o: compiling.append(torch.compiler.is_compiling()))
+        wrapped(x, x)
+        assert compiling == [False] + [True] * 3
+    finally:
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
