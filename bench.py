@@ -208,7 +208,13 @@ def gpt_plan(mode: str, bf16_units: bool = False) -> dict:
     if mode == "quick":  # Muon's Newton-Schulz steps are slow on a CPU; measured in --full
         extras = extras[:1]
     elif mode == "full":  # QK-norm would cost another compilation; it is measured in --quick
-        extras = extras[1:]
+        # compilation counts in the time to a loss: regional compilation (one block compiled, reused by all),
+        # and each scope again with inductor's cache warm from the run before (a user's second run)
+        extras = extras[1:] + [
+            ("+ regional compilation (each block)", {"compile_scope": "blocks"}),
+            ("+ regional compilation, compile cache warm", {"compile_scope": "blocks"}),
+            ("defaults again, compile cache warm", {}),
+        ]
     return {"base": GPT_SHAPES[mode], "ladder": ladder, "defaults_at": defaults_at, "extras": extras}
 
 
@@ -760,7 +766,7 @@ def eval_sets_of(run: dict) -> dict:
 def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device: str) -> dict:
     res: dict = {"rows": [], "generations": []}
     runs = R.out / "runs"
-    for key, source in infer_targets(gpt, ft):
+    for key, source in infer_targets(gpt, ft, four_bit=mode == "full"):
         out_json = runs / f"infer_{key}.json"
         cmd = [R.py, "infer.py"] + flags(infer_settings(mode, key, source, out_json, device))
         if R.run(f"infer_{key}", cmd, COST[mode][2], out_json):
@@ -771,8 +777,9 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device:
     return res
 
 
-def infer_targets(gpt: dict | None, ft: dict | None) -> list[tuple[str, dict]]:
-    """The models to time: both GPTs (their checkpoints) and the packed LoRA run's adapter."""
+def infer_targets(gpt: dict | None, ft: dict | None, four_bit: bool = False) -> list[tuple[str, dict]]:
+    """The models to time: both GPTs (their checkpoints) and the packed LoRA run's adapter; four_bit: the
+    QLoRA run's too, on its 4-bit base (on a GPU: a CPU takes minutes to compile a step for it)."""
     targets = []
     if gpt:
         for key in ("gpt_scratch", "gpt_optimized"):
@@ -782,21 +789,25 @@ def infer_targets(gpt: dict | None, ft: dict | None) -> list[tuple[str, dict]]:
         packed = [r for r in ft["runs"] if r["packing"] and r["method"] == "LoRA"] or ft["runs"]
         if packed:
             targets.append(("llama_lora", {"adapter": packed[0]["adapter"]}))
+        qlora = [r for r in ft["runs"] if r["method"].startswith("QLoRA")]
+        if four_bit and qlora:
+            targets.append(("llama_qlora", {"adapter": qlora[0]["adapter"]}))
     return targets
 
 
 def infer_settings(mode: str, key: str, source: dict, out_json: Path, device: str) -> dict:
     # on a CPU, re-running a 135M model's whole context for each of 128 tokens takes minutes:
     # --quick times the Llama at 32 new tokens (the report says so), the GPTs at 128
-    n_new = 32 if key == "llama_lora" and mode != "full" else 128
-    runs = 1 if mode == "tiny" or (mode == "quick" and key == "llama_lora") else 3
+    n_new = 32 if key.startswith("llama") and mode != "full" else 128
+    runs = 1 if mode == "tiny" or (mode == "quick" and key.startswith("llama")) else 3
     settings = {**source, "bench": True, "bench_new_tokens": n_new, "bench_runs": runs}
     settings |= {"json_out": str(out_json), "device": device}
     if mode != "full":  # compiling the decoding step takes minutes on a CPU: timed on the GPU only
         settings["bench_compile"] = False
-    if key == "llama_lora":  # on plain transformers, whichever backend trained it; the demo's side-by-side
-        settings |= {"backend": "hf", "compare_base": True, "prompt": "The S&P 500"}
-        settings |= {"max_new_tokens": 32, "temperature": 0}
+    if key.startswith("llama"):  # on plain transformers, whichever backend trained it
+        settings["backend"] = "hf"
+    if key == "llama_lora":  # the demo's side-by-side
+        settings |= {"compare_base": True, "prompt": "The S&P 500", "max_new_tokens": 32, "temperature": 0}
     return settings
 
 

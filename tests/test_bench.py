@@ -1411,7 +1411,12 @@ def planned_commands(bench, mode: str, gpu: bool, bf16_units: bool, out: Path) -
     ft = bench.stage_finetune(R, mode, "corpus.txt", "base", gpu, bf16_units, ["t.txt"], baseline)
     runs = out / "runs"
     ckpts = {"runs": {k: {"ckpt": str(runs / k / "ckpt.pt")} for k in ("gpt_scratch", "gpt_optimized")}}
-    lora = {"runs": [{"method": "LoRA", "packing": True, "adapter": str(runs / "ft_lora_packed")}]}
+    lora = {
+        "runs": [
+            {"method": "LoRA", "packing": True, "adapter": str(runs / "ft_lora_packed")},
+            {"method": "QLoRA (NF4)", "packing": True, "adapter": str(runs / "ft_qlora_packed")},
+        ]
+    }
     bench.stage_infer(R, mode, ckpts, lora, device)
     shared = {"GPT": shlex.join(gpt_base), "FT": shlex.join(ft["common"])}
     text = "\n\n".join(f"{name}: {shlex.join(cmd)}" for name, cmd in R.commands)
@@ -1685,6 +1690,15 @@ ablation_07: python gpt_optimized.py --out OUT/runs/ablation_07 GPT --flash --fu
 extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --muon
 
+extra_01: python gpt_optimized.py --out OUT/runs/extra_01 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks
+
+extra_02: python gpt_optimized.py --out OUT/runs/extra_02 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks
+
+extra_03: python gpt_optimized.py --out OUT/runs/extra_03 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile
+
 ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
 OUT/runs/ft_lora_packed --overwrite --packing --backend hf --no-load-in-4bit FT --eval-text t.txt
 
@@ -1725,6 +1739,9 @@ infer_gpt_optimized: python infer.py --ckpt OUT/runs/gpt_optimized/ckpt.pt --ben
 infer_llama_lora: python infer.py --adapter OUT/runs/ft_lora_packed --bench --bench-new-tokens 128
 --bench-runs 3 --json-out OUT/runs/infer_llama_lora.json --device cuda --backend hf --compare-base
 --prompt 'The S&P 500' --max-new-tokens 32 --temperature 0
+
+infer_llama_qlora: python infer.py --adapter OUT/runs/ft_qlora_packed --bench --bench-new-tokens 128
+--bench-runs 3 --json-out OUT/runs/infer_llama_qlora.json --device cuda --backend hf
 """,
 }
 
