@@ -156,6 +156,7 @@ GPT_SHAPES = {
         warmup_iters=5,
     ),
 }
+GPT_KEYS = ("gpt_scratch", "gpt_optimized")  # the two scripts' runs in runs/, the ones decoding is timed for
 BIG_BATCH = {"full": 64, "quick": 32, "tiny": 16}  # the ladder's last row: the same tokens in fewer steps
 
 # gpt_optimized.py's techniques: setting -> (its value with the technique off, the ablation row's words)
@@ -764,9 +765,24 @@ def eval_sets_of(run: dict) -> dict:
     }
 
 
-def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device: str) -> dict:
+def stage_infer(
+    R: Runner,
+    mode: str,
+    gpt: dict | None,
+    ft: dict | None,
+    device: str,
+    data: str | None = None,
+    model: str | None = None,
+) -> dict:
+    """Decoding at batch 1 for the models the other stages trained; run alone (--only infer), for what
+    earlier runs left in --out, else for the base model itself and a GPT checkpoint of one step (decoding
+    speed does not depend on what the weights learned), so the stage fits a short GPU session."""
     res: dict = {"rows": [], "generations": []}
     runs = R.out / "runs"
+    if gpt is None and data is not None:
+        gpt = gpt_on_disk(runs) or gpt_decode_checkpoint(R, mode, data, device)
+    if ft is None and model is not None:
+        ft = ft_on_disk(runs, model)
     for key, source in infer_targets(gpt, ft, four_bit=mode == "full"):
         out_json = runs / f"infer_{key}.json"
         cmd = [R.py, "infer.py"] + flags(infer_settings(mode, key, source, out_json, device))
@@ -778,12 +794,40 @@ def stage_infer(R: Runner, mode: str, gpt: dict | None, ft: dict | None, device:
     return res
 
 
+def gpt_on_disk(runs: Path) -> dict | None:
+    """The GPT checkpoints an earlier bench run left in runs/, in gpt_record's shape (for infer_targets)."""
+    found = {k: {"ckpt": str(runs / k / "ckpt.pt")} for k in GPT_KEYS if (runs / k / "ckpt.pt").is_file()}
+    return {"runs": found} if found else None
+
+
+def gpt_decode_checkpoint(R: Runner, mode: str, data: str, device: str) -> dict | None:
+    """A gpt_optimized checkpoint at the mode's shape after one step, eager: enough to time decoding."""
+    folder = R.out / "runs" / "gpt_optimized"
+    base = {**GPT_SHAPES[mode], "data": data, "device": device, "max_new_tokens": 0}
+    one_step = {"max_iters": 1, "eval_interval": 1, "eval_iters": 1, "warmup_iters": 1, "compile": False}
+    cmd = [R.py, "gpt_optimized.py", "--out", str(folder)] + flags({**base, **one_step})
+    if not R.run("gpt_optimized_1_step", cmd, COST[mode][0], folder / "ckpt.pt"):
+        return None
+    return {"runs": {"gpt_optimized": {"ckpt": str(folder / "ckpt.pt")}}}
+
+
+def ft_on_disk(runs: Path, model: str) -> dict:
+    """The LoRA and QLoRA adapters an earlier bench run left in runs/; the base model itself (and on its
+    4-bit load) where there are none."""
+    found = [
+        {"method": method, "packing": True, "adapter": str(runs / key)}
+        for method, key in (("LoRA", "ft_lora_packed"), ("QLoRA (NF4)", "ft_qlora_packed"))
+        if (runs / key / "adapter_config.json").is_file()
+    ]
+    return {"runs": found, "base_model": None if found else model}
+
+
 def infer_targets(gpt: dict | None, ft: dict | None, four_bit: bool = False) -> list[tuple[str, dict]]:
     """The models to time: both GPTs (their checkpoints) and the packed LoRA run's adapter; four_bit: the
     QLoRA run's too, on its 4-bit base (on a GPU: a CPU takes minutes to compile a step for it)."""
     targets = []
     if gpt:
-        for key in ("gpt_scratch", "gpt_optimized"):
+        for key in GPT_KEYS:
             if key in gpt["runs"]:
                 targets.append((key, {"ckpt": gpt["runs"][key]["ckpt"]}))
     if ft:
@@ -793,6 +837,10 @@ def infer_targets(gpt: dict | None, ft: dict | None, four_bit: bool = False) -> 
         qlora = [r for r in ft["runs"] if r["method"].startswith("QLoRA")]
         if four_bit and qlora:
             targets.append(("llama_qlora", {"adapter": qlora[0]["adapter"]}))
+        if ft.get("base_model"):  # no adapter at hand: the base alone decodes at the same speed
+            targets.append(("llama_base", {"model": ft["base_model"]}))
+            if four_bit:
+                targets.append(("llama_base_4bit", {"model": ft["base_model"], "load_in_4bit": True}))
     return targets
 
 
@@ -2473,7 +2521,9 @@ def run_bench(
             R, mode, data, model, gpu, bf16_units, args.eval_text, meta.get("baseline")
         )
     if "infer" in stages:
-        results["infer"] = stage_infer(R, mode, results.get("gpt"), results.get("finetune"), device)
+        results["infer"] = stage_infer(
+            R, mode, results.get("gpt"), results.get("finetune"), device, data, model
+        )
     if "gpt" in stages:
         stage_gpt_extras(R, mode, results["gpt"])
     R.bar.close()

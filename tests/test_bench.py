@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -1785,3 +1786,25 @@ def test_every_plan_runs_the_same_commands(mode, gpu, bf16_units, tmp_path):
     import bench
 
     assert planned_commands(bench, mode, gpu, bf16_units, tmp_path) + "\n" == PLANNED[mode, gpu, bf16_units]
+
+
+def test_the_inference_stage_runs_alone(tiny_setup, tmp_path):
+    """--only infer fits a short GPU session: it times what earlier runs left in --out, else the base model
+    itself and a gpt_optimized checkpoint of one step (decoding speed does not depend on the weights)."""
+    common = ["--tiny", "--only", "infer", "--data", tiny_setup["corpus"], "--model", tiny_setup["model"]]
+    common += ["--device", "cpu"]
+    fresh = tmp_path / "fresh"
+    p = bench(*common, "--out", fresh, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = json.loads((fresh / "results.json").read_text())["infer"]["rows"]
+    assert {r["model"] for r in rows} == {"gpt_optimized", "llama_base"}
+    assert all(r.get("same_tokens_as_no_cache") for r in rows), rows
+    summary = json.loads((fresh / "runs" / "gpt_optimized" / "summary.json").read_text())
+    assert summary["iters"] == 1 and summary["compile"] is False
+    earlier = tmp_path / "earlier"  # the full tiny run's folder: its checkpoints and adapter are timed
+    shutil.copytree(tiny_setup["out"] / "runs", earlier / "runs")
+    p = bench(*common, "--out", earlier, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = json.loads((earlier / "results.json").read_text())["infer"]["rows"]
+    assert {r["model"] for r in rows} == {"gpt_scratch", "gpt_optimized", "llama_lora"}
+    assert not (earlier / "logs" / "gpt_optimized_1_step.log").exists()
