@@ -2,11 +2,20 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-CORPUS = Path(__file__).resolve().parent.parent / "data" / "finance_corpus.txt"
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "data" / "finance_corpus.txt"
+
+
+def tiny_finetune_cmd(tiny, flags: str, *extra) -> list[str]:
+    """finetune_llama.py on the tiny fixture's 32-wide Llama and corpus (transformers backend), with `flags`
+    (space-separated) and then `extra`."""
+    base = [sys.executable, str(ROOT / "finetune_llama.py"), "--model", str(tiny["llama_a"])]
+    return base + ["--backend", "hf", "--data", str(tiny["corpus"]), *flags.split(), *map(str, extra)]
 
 
 def fallback_docs(n):

@@ -15,6 +15,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import tiny_finetune_cmd  # noqa: E402
+
 import finetune_llama  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -217,33 +219,8 @@ def test_a_training_step_applies_the_head_a_chunk_at_a_time_in_the_trainers_auto
 
 
 def finetune_cmd(tiny, out: Path, *extra) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "finetune_llama.py"),
-        "--model",
-        str(tiny["llama_a"]),
-        "--backend",
-        "hf",
-        "--data",
-        str(tiny["corpus"]),
-        "--replay-data",
-        str(tiny["corpus"]),
-        "--retention-docs",
-        "0",
-        "--max-seq-length",
-        "64",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--eval-split",
-        "8",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-        *map(str, extra),
-    ]
+    flags = "--retention-docs 0 --max-seq-length 64 --batch-size 4 --lr 1e-2 --eval-split 8 --threads 1"
+    return tiny_finetune_cmd(tiny, flags, "--replay-data", tiny["corpus"], "--out", out, *extra)
 
 
 def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

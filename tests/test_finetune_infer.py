@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from conftest import CORPUS, fallback_docs  # noqa: E402
+from conftest import CORPUS, fallback_docs, tiny_finetune_cmd  # noqa: E402
 
 import finetune_llama  # noqa: E402
 import infer  # noqa: E402
@@ -534,22 +534,7 @@ def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
 
     out = tmp_path / "o"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "finetune_llama.py"),
-            "--model",
-            str(tiny["llama_a"]),
-            "--backend",
-            "hf",
-            "--data",
-            str(tiny["corpus"]),
-            "--max-seq-length",
-            "32",
-            "--max-steps",
-            "100000",
-            "--out",
-            str(out),
-        ],
+        tiny_finetune_cmd(tiny, "--max-seq-length 32 --max-steps 100000", "--out", out),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

@@ -17,6 +17,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import tiny_finetune_cmd  # noqa: E402
+
 import finetune_llama  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -24,37 +26,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS
 
 def finetune_cmd(tiny, out, *extra) -> list[str]:
     """A run on the 32-wide Llama whose every step trains one checkpointable, deterministic update."""
-    return [
-        sys.executable,
-        str(ROOT / "finetune_llama.py"),
-        "--model",
-        str(tiny["llama_a"]),
-        "--backend",
-        "hf",
-        "--data",
-        str(tiny["corpus"]),
-        "--max-seq-length",
-        "64",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--warmup-steps",
-        "2",
-        "--eval-split",
-        "8",
-        "--eval-tokens",
-        "0",
-        "--retention-docs",
-        "16",
-        "--retention-tokens",
-        "32",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-        *map(str, extra),
-    ]
+    flags = "--max-seq-length 64 --batch-size 4 --lr 1e-2 --warmup-steps 2 --eval-split 8 --eval-tokens 0"
+    flags += " --retention-docs 16 --retention-tokens 32 --threads 1"
+    return tiny_finetune_cmd(tiny, flags, "--out", out, *extra)
 
 
 def run(cmd, check=True, cache=None):
