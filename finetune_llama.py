@@ -1531,6 +1531,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def finish_processes() -> None:
+    """Under torchrun: every process waits here until the first has evaluated and written, then the process
+    group is shut down. A process that just exits leaves gloo's threads running into the interpreter's
+    teardown, which aborts it (SIGABRT) now and then, and torchrun then fails the whole run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def sft_config(args, folder: Path, device: str, total_steps: int):
     from trl import SFTConfig
 
@@ -1926,6 +1937,7 @@ def main(args) -> dict:
     )
     stats = train(m, args, rows, plan, len(sources) if replay else -1, eval_all, resume_from)
     if not is_main_process():
+        finish_processes()
         return {}
     after = eval_all("after")
     run = run_record(args, args_given, m, sources, sets, replay, plan, before, after, stats)
@@ -1942,6 +1954,7 @@ def main(args) -> dict:
     ]
     write_outputs(args, m, run, metrics, sets[0])
     print_summary(args, run, sets)
+    finish_processes()
     return run
 
 
