@@ -504,7 +504,7 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str, bf16_units: bool = F
     """gpt_scratch, then the ablation ladder (whose defaults row is gpt_optimized) and the headline ratios."""
     plan = gpt_plan(mode, bf16_units)
     res: dict = {
-        "base_flags": flags({**plan["base"], "data": data, "device": device, "max_new_tokens": 0}),
+        "base_flags": flags(gpt_base(mode, data, device)),
         "runs": {},
     }
 
@@ -794,6 +794,11 @@ def stage_infer(
     return res
 
 
+def gpt_base(mode: str, data: str, device: str) -> dict:
+    """Every GPT run's settings: the mode's shape and token budget, the corpus and device, no sample."""
+    return {**GPT_SHAPES[mode], "data": data, "device": device, "max_new_tokens": 0}
+
+
 def gpt_on_disk(runs: Path) -> dict | None:
     """The GPT checkpoints an earlier bench run left in runs/, in gpt_record's shape (for infer_targets)."""
     found = {k: {"ckpt": str(runs / k / "ckpt.pt")} for k in GPT_KEYS if (runs / k / "ckpt.pt").is_file()}
@@ -803,7 +808,7 @@ def gpt_on_disk(runs: Path) -> dict | None:
 def gpt_decode_checkpoint(R: Runner, mode: str, data: str, device: str) -> dict | None:
     """A gpt_optimized checkpoint at the mode's shape after one step, eager: enough to time decoding."""
     folder = R.out / "runs" / "gpt_optimized"
-    base = {**GPT_SHAPES[mode], "data": data, "device": device, "max_new_tokens": 0}
+    base = gpt_base(mode, data, device)
     one_step = {"max_iters": 1, "eval_interval": 1, "eval_iters": 1, "warmup_iters": 1, "compile": False}
     cmd = [R.py, "gpt_optimized.py", "--out", str(folder)] + flags({**base, **one_step})
     if not R.run("gpt_optimized_1_step", cmd, COST[mode][0], folder / "ckpt.pt"):

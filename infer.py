@@ -191,7 +191,8 @@ class GPTModel:
 
         x = torch.tensor([ids], device=self.device)
         kw = {"use_kv_cache": use_cache} if self.supports("use_kv_cache") else {}
-        kw.update({"compile_decode": True} if compile_decode else {})
+        if compile_decode:
+            kw["compile_decode"] = True
         return self.model.generate(x, max_new_tokens, temperature=0.0, **kw)[0, len(ids) :].tolist()
 
     def supports(self, argument: str) -> bool:
