@@ -1686,7 +1686,52 @@ def headline(results: dict) -> dict:
     return h
 
 
+# (key, words): the headline line of a pair of fine-tuning runs; m and t are the first run's peak memory and
+# tokens/s over the second's (headline)
+PAIR_WORDS = (
+    ("qlora_vs_lora", "QLoRA (NF4) uses **{m:.2f}x** LoRA's peak memory at {t:.2f}x its tokens/s"),
+    ("unsloth_vs_qlora", "Unsloth: **{t:.2f}x** QLoRA's tokens/s at {m:.2f}x its peak memory"),
+    (
+        "lora_vs_unsloth",
+        "LoRA (transformers + peft, chunked loss): **{m:.2f}x** Unsloth's peak memory at "
+        "{t:.2f}x its tokens/s",
+    ),
+    (
+        "chunked_vs_plain",
+        "the chunked loss: **{m:.2f}x** the plain loss's peak memory at {t:.2f}x its tokens/s",
+    ),
+)
+
+
 def headline_lines(h: dict) -> list[str]:
+    """The README's headline, one line per ratio that the results hold."""
+    out = gpt_headline_lines(h)
+    out += [
+        w.format(m=h[f"{k}_memory"], t=h[f"{k}_tokens_per_s"]) for k, w in PAIR_WORDS if f"{k}_memory" in h
+    ]
+    bf16 = [
+        f"{what} **{h[key]:.2f}x**"
+        for what, key in (
+            ("the GPT at", "gpt_bf16_vs_fp32_tokens_per_s"),
+            ("LoRA at", "lora_bf16_vs_fp32_tokens_per_s"),
+        )
+        if key in h
+    ]
+    if bf16:
+        out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
+    if "packing_tokens_per_s_ratio" in h:
+        out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
+    if "trainer_vs_loop_tokens_per_s" in h:
+        out.append(trainer_vs_loop_line(h))
+    label = h.get("lora_label", "LoRA")
+    if h.get("lora_transfer"):
+        out.append(f"{label}: " + transfer_words(h["lora_transfer"]))
+    elif "lora_ppl_change" in h:
+        out.append(f"{label} held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
+    return out + decoding_headline_lines(h)
+
+
+def gpt_headline_lines(h: dict) -> list[str]:
     out = []
     if "gpt_tokens_per_s_ratio" in h:
         out.append(
@@ -1708,56 +1753,26 @@ def headline_lines(h: dict) -> list[str]:
                 f"warm-up; {100 * h['gpt_tokens_to_target_ratio']:.0f}% of the tokens)"
             )
         out.append(line)
-    if "qlora_vs_lora_memory" in h:
-        out.append(
-            f"QLoRA (NF4) uses **{h['qlora_vs_lora_memory']:.2f}x** LoRA's peak memory at "
-            f"{h['qlora_vs_lora_tokens_per_s']:.2f}x its tokens/s"
-        )
-    if "unsloth_vs_qlora_tokens_per_s" in h:
-        out.append(
-            f"Unsloth: **{h['unsloth_vs_qlora_tokens_per_s']:.2f}x** QLoRA's tokens/s at "
-            f"{h['unsloth_vs_qlora_memory']:.2f}x its peak memory"
-        )
-    if "lora_vs_unsloth_memory" in h:
-        out.append(
-            f"LoRA (transformers + peft, chunked loss): **{h['lora_vs_unsloth_memory']:.2f}x** Unsloth's "
-            f"peak memory at {h['lora_vs_unsloth_tokens_per_s']:.2f}x its tokens/s"
-        )
-    if "chunked_vs_plain_memory" in h:
-        out.append(
-            f"the chunked loss: **{h['chunked_vs_plain_memory']:.2f}x** the plain loss's peak memory at "
-            f"{h['chunked_vs_plain_tokens_per_s']:.2f}x its tokens/s"
-        )
-    bf16 = [
-        f"{what} **{h[key]:.2f}x**"
-        for what, key in (
-            ("the GPT at", "gpt_bf16_vs_fp32_tokens_per_s"),
-            ("LoRA at", "lora_bf16_vs_fp32_tokens_per_s"),
-        )
-        if key in h
-    ]
-    if bf16:
-        out.append(f"bf16 autocast trains {' and '.join(bf16)} fp32's tokens/s")
-    if "packing_tokens_per_s_ratio" in h:
-        out.append(f"packing: **{h['packing_tokens_per_s_ratio']:.2f}x** the tokens/s of padded rows (LoRA)")
-    if "trainer_vs_loop_tokens_per_s" in h:
-        r, tol = h["trainer_vs_loop_tokens_per_s"], LOOP_VS_TRAINER["tolerance"]
-        verdict = (
-            f"within {100 * tol:.0f}%"
-            if abs(r - 1) <= tol
-            else f"{100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside {100 * tol:.0f}%"
-        )
-        wall = h.get("trainer_vs_loop_wall_time")
-        out.append(
-            f"SFTTrainer trains at **{r:.2f}x** the hand-written loop's steady tokens/s "
-            f"({h['trainer_vs_loop_rev']}; {verdict})"
-            + (f", {wall:.2f}x its whole-run wall time" if wall else "")
-        )
-    label = h.get("lora_label", "LoRA")
-    if h.get("lora_transfer"):
-        out.append(f"{label}: " + transfer_words(h["lora_transfer"]))
-    elif "lora_ppl_change" in h:
-        out.append(f"{label} held-out perplexity change: **{100 * h['lora_ppl_change']:+.1f}%**")
+    return out
+
+
+def trainer_vs_loop_line(h: dict) -> str:
+    r, tol = h["trainer_vs_loop_tokens_per_s"], LOOP_VS_TRAINER["tolerance"]
+    verdict = (
+        f"within {100 * tol:.0f}%"
+        if abs(r - 1) <= tol
+        else f"{100 * abs(r - 1):.1f}% {'slower' if r < 1 else 'faster'}, outside {100 * tol:.0f}%"
+    )
+    wall = h.get("trainer_vs_loop_wall_time")
+    return (
+        f"SFTTrainer trains at **{r:.2f}x** the hand-written loop's steady tokens/s "
+        f"({h['trainer_vs_loop_rev']}; {verdict})"
+        + (f", {wall:.2f}x its whole-run wall time" if wall else "")
+    )
+
+
+def decoding_headline_lines(h: dict) -> list[str]:
+    out = []
     for model in ("gpt_optimized", "llama_lora"):
         if f"{model}_kv_cache_speedup" in h:
             out.append(

@@ -1,0 +1,45 @@
+"""The code-shape rules, checked so that they hold without anyone policing them: short named functions
+(none over 80 lines) and GPT mains that read as the training story (60 lines at most)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.name for p in ROOT.glob("*.py"))
+
+
+def function_lengths(name: str) -> dict[str, int]:
+    """qualified name -> lines, for every function and method of the script."""
+    lengths = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                qualified = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    lengths[qualified] = child.end_lineno - child.lineno + 1
+                visit(child, qualified + ".")
+
+    visit(ast.parse((ROOT / name).read_text()), "")
+    return lengths
+
+
+def test_the_scripts_are_found():
+    assert {"bench.py", "fetch_news.py", "gpt_scratch.py", "gpt_optimized.py", "finetune_llama.py"} <= set(
+        SCRIPTS
+    )
+    assert function_lengths("gpt_scratch.py")["main"] > 5
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_function_is_over_80_lines(name):
+    long = {f: n for f, n in function_lengths(name).items() if n > 80}
+    assert not long, f"{name}: split these into named steps: {long}"
+
+
+@pytest.mark.parametrize("name", ["gpt_scratch.py", "gpt_optimized.py"])
+def test_the_gpt_mains_are_60_lines_at_most(name):
+    lengths = function_lengths(name)
+    assert lengths["main"] <= 60 and lengths["train"] <= 60, lengths
