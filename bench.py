@@ -210,10 +210,15 @@ def gpt_plan(mode: str, bf16_units: bool = False) -> dict:
         extras = extras[:1]
     elif mode == "full":  # QK-norm would cost another compilation; it is measured in --quick
         # compilation counts in the time to a loss: regional compilation (one block compiled, reused by all),
-        # and each scope again with inductor's cache warm from the run before (a user's second run)
+        # and each scope again with inductor's cache warm from the run before (a user's second run); CUDA
+        # graphs replay each block's kernels with one launch
         extras = extras[1:] + [
             ("+ regional compilation (each block)", {"compile_scope": "blocks"}),
             ("+ regional compilation, compile cache warm", {"compile_scope": "blocks"}),
+            (
+                "+ CUDA graphs (regional compilation)",
+                {"compile_scope": "blocks", "compile_mode": "reduce-overhead"},
+            ),
             ("defaults again, compile cache warm", {}),
         ]
     return {"base": GPT_SHAPES[mode], "ladder": ladder, "defaults_at": defaults_at, "extras": extras}

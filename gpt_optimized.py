@@ -819,6 +819,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokeniz
 # -----------------------------------------------------------------------------
 # flags: (flag, add_argument keywords) in --help order; a --preset fills in some of the defaults
 BOOL = argparse.BooleanOptionalAction  # --flag / --no-flag
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 PRESET_HELP = (
     "fill in a shape and schedule: "
@@ -882,6 +883,10 @@ FLAGS = [
     ("--compile-scope",    dict(choices=["model", "blocks"], default="model",
         help="what --compile wraps for training: the whole model, or each transformer block (regional "
              "compilation: one compilation serves all blocks, so compiling takes less time)")),
+    ("--compile-mode",     dict(choices=COMPILE_MODES, default="default",
+        help="torch.compile mode for training: reduce-overhead replays each step as CUDA graphs (one launch, "
+             "not one per kernel: small models are launch-bound); max-autotune also times kernel choices "
+             "while compiling (default: %(default)s)")),
     ("--bf16",             dict(action=BOOL, default=None,
         help="bf16 autocast, fp16 + GradScaler on cards without bf16 (default None: on with CUDA; on CPU "
              "exactly when it has AVX512-BF16 or AMX units, where bf16 matmuls beat fp32: without them "
@@ -1141,15 +1146,17 @@ def build_model(args, config: GPTConfig, device: str, rank: int) -> tuple[GPT, l
 
 
 def compile_and_wrap(
-    model: GPT, compile: bool | None, scope: str, device: str, ranks: Ranks
+    model: GPT, compile: bool | None, scope: str, device: str, ranks: Ranks, mode: str = "default"
 ) -> tuple[nn.Module, bool]:
     """The module the training steps run: compiled (default on CUDA) and, under torchrun, in DDP."""
     use_compile = compile if compile is not None else device.startswith("cuda")
     if use_compile and scope == "model":
-        model = torch.compile(model)  # fuses elementwise kernels, removes Python overhead per layer
+        model = torch.compile(
+            model, mode=mode
+        )  # fuses elementwise kernels, removes Python overhead per layer
     elif use_compile:  # regional: one compilation serves every block (the same code), so compiling is quicker
         for block in model.h:
-            block.compile()
+            block.compile(mode=mode)
     if ranks.ddp:
         device_ids = [ranks.local_rank] if device.startswith("cuda") else None
         model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
@@ -1166,6 +1173,7 @@ def speed_facts(
         "world_size": ranks.world_size,
         "compile": use_compile,
         "compile_scope": args.compile_scope if use_compile else None,
+        "compile_mode": args.compile_mode if use_compile else None,
         "latency_decode": "compiled" if use_compile else "eager",  # the KV-cache step measure_latency ran
         "amp_dtype": str(amp_dtype).split(".")[-1] if amp_dtype is not None else None,
         "bf16": amp_dtype == torch.bfloat16,
@@ -1364,6 +1372,7 @@ def train_step(
     micro-batch's loss, the next batch). As in nanoGPT, the next batch is fetched between forward and
     backward: the CPU draws and pins it, and queues its non-blocking copy, while the GPU still works through
     the queued forward. The batch order is the same as fetching each batch just before its forward."""
+    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs may be overwritten
     for micro_step in range(grad_accum):
         if isinstance(model, DDP):  # all-reduce the gradients once per step, on the last micro-batch
             model.require_backward_grad_sync = micro_step == grad_accum - 1
@@ -1547,7 +1556,9 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     raw_model, optimizers, data_gen = build_model(args, config, device, ranks.rank)
     progress = Progress(args.batch_size * args.block_size * args.grad_accum * ranks.world_size)
     restore(ckpt, raw_model, optimizers, scaler, data_gen, progress, ranks.rank, args.seed)
-    model, use_compile = compile_and_wrap(raw_model, args.compile, args.compile_scope, device, ranks)
+    model, use_compile = compile_and_wrap(
+        raw_model, args.compile, args.compile_scope, device, ranks, args.compile_mode
+    )
     facts = speed_facts(raw_model, args, device, ranks, use_compile, amp_dtype, amp_why)
     if run.master:
         how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"

@@ -1702,6 +1702,10 @@ extra_02: python gpt_optimized.py --out OUT/runs/extra_02 GPT --flash --fused --
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks
 
 extra_03: python gpt_optimized.py --out OUT/runs/extra_03 GPT --flash --fused --no-bias
+--tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks --compile-mode
+reduce-overhead
+
+extra_04: python gpt_optimized.py --out OUT/runs/extra_04 GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile
 
 ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out

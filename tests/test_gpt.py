@@ -921,6 +921,28 @@ def test_compile_scope_blocks_trains_as_eager_and_is_recorded(corpus, tmp_path):
     assert set(ckpt["model"]) == set(model.state_dict()) and not any("_orig_mod" in k for k in ckpt["model"])
 
 
+def test_compile_mode_reaches_the_compiler_and_trains_as_eager(corpus, tmp_path):
+    """--compile-mode reduce-overhead asks inductor for CUDA graphs: on a CPU it skips them (counted per
+    compiled graph), which the default mode never asks for; either way the losses follow eager's."""
+    from torch._dynamo.utils import counters
+
+    mod = load("gpt_optimized")
+    same = ("--dropout", "0", "--no-bf16", "--compile-scope", "blocks")
+    eager = tiny_main(mod, corpus, tmp_path / "eager", *same, "--no-compile")
+    runs, skips = {}, {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        before = counters["inductor"]["cudagraph_skips"]
+        runs[mode] = tiny_main(mod, corpus, tmp_path / mode, *same, "--compile", "--compile-mode", mode)
+        skips[mode] = counters["inductor"]["cudagraph_skips"] - before
+    assert skips["default"] == 0 and skips["reduce-overhead"] >= 2  # the block's forward and backward graphs
+    assert (runs["reduce-overhead"]["compile_mode"], eager["compile_mode"]) == ("reduce-overhead", None)
+    for mode in runs:
+        for e, r in zip(read_rows(tmp_path / "eager"), read_rows(tmp_path / mode)):
+            assert r["train_loss"] == pytest.approx(e["train_loss"], abs=1e-4)
+    assert "reduce-overhead" in run_cli("gpt_optimized", ["--help"]).stdout
+
+
 def test_compile_scope_blocks_under_ddp_compiles_each_block_then_wraps(tmp_path, monkeypatch):
     import torch.distributed as dist
     from torch._dynamo.utils import counters
