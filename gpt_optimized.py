@@ -927,6 +927,9 @@ def check_args(args: argparse.Namespace) -> None:
         die(f"--rope needs an even head size; n_embd / n_head = {args.n_embd // args.n_head}")
     if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
         die(f"--seed {args.seed} is too large: give a number below 2**62")
+    compiled = args.compile if args.compile is not None else args.device.startswith("cuda")
+    if not compiled and (args.compile_scope, args.compile_mode) != ("model", "default"):
+        die("--compile-scope and --compile-mode apply only when compiling: add --compile (CPU default: off)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -927,13 +927,14 @@ def test_compile_mode_reaches_the_compiler_and_trains_as_eager(corpus, tmp_path)
     from torch._dynamo.utils import counters
 
     mod = load("gpt_optimized")
-    same = ("--dropout", "0", "--no-bf16", "--compile-scope", "blocks")
+    same = ("--dropout", "0", "--no-bf16")
     eager = tiny_main(mod, corpus, tmp_path / "eager", *same, "--no-compile")
     runs, skips = {}, {}
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
         before = counters["inductor"]["cudagraph_skips"]
-        runs[mode] = tiny_main(mod, corpus, tmp_path / mode, *same, "--compile", "--compile-mode", mode)
+        flags = ("--compile", "--compile-scope", "blocks", "--compile-mode", mode)
+        runs[mode] = tiny_main(mod, corpus, tmp_path / mode, *same, *flags)
         skips[mode] = counters["inductor"]["cudagraph_skips"] - before
     assert skips["default"] == 0 and skips["reduce-overhead"] >= 2  # the block's forward and backward graphs
     assert (runs["reduce-overhead"]["compile_mode"], eager["compile_mode"]) == ("reduce-overhead", None)
@@ -941,6 +942,10 @@ def test_compile_mode_reaches_the_compiler_and_trains_as_eager(corpus, tmp_path)
         for e, r in zip(read_rows(tmp_path / "eager"), read_rows(tmp_path / mode)):
             assert r["train_loss"] == pytest.approx(e["train_loss"], abs=1e-4)
     assert "reduce-overhead" in run_cli("gpt_optimized", ["--help"]).stdout
+    for flags in (["--compile-mode", "reduce-overhead"], ["--no-compile", "--compile-scope", "blocks"]):
+        p = run_cli("gpt_optimized", ["--device", "cpu", "--out", str(tmp_path / "refused"), *flags])
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+        assert "apply only when compiling: add --compile" in p.stderr and not (tmp_path / "refused").exists()
 
 
 def test_compile_scope_blocks_under_ddp_compiles_each_block_then_wraps(tmp_path, monkeypatch):
