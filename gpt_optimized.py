@@ -8,8 +8,9 @@ on matrices only, tied embeddings, bias-free layers, a vocabulary padded to a mu
 TF32, pinned non-blocking host-to-device copies, gradient accumulation, a warmup-stable-decay LR
 schedule (a higher peak LR than the baseline tolerates, with clipping), gradient
 clipping, optional activation checkpointing, a static KV cache with a compiled decoding step for
-generation, regional compilation (--compile-scope blocks), DDP via torchrun, MFU;
-and, behind flags, NanoGPT-speedrun changes (rotary embeddings, QK-norm, ReLU^2, Muon).
+generation, regional compilation (--compile-scope blocks), CUDA graphs for training (--compile-mode
+reduce-overhead), DDP via torchrun, MFU; and NanoGPT-speedrun changes: rotary embeddings and ReLU^2
+(on by default), QK-norm and Muon (behind flags).
 
     python gpt_optimized.py --preset cpu --out out/gpt_optimized
     python gpt_optimized.py --preset cpu --out out/gpt_optimized --resume --max-iters 1200
@@ -1148,12 +1149,11 @@ def build_model(args, config: GPTConfig, device: str, rank: int) -> tuple[GPT, l
     return model, optimizers, data_gen
 
 
-def compile_and_wrap(
-    model: GPT, compile: bool | None, scope: str, device: str, ranks: Ranks, mode: str = "default"
-) -> tuple[nn.Module, bool]:
+def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Module, bool]:
     """The module the training steps run: compiled (default on CUDA) and, under torchrun, in DDP."""
-    use_compile = compile if compile is not None else device.startswith("cuda")
-    if use_compile and scope == "model":
+    use_compile = args.compile if args.compile is not None else device.startswith("cuda")
+    mode = args.compile_mode  # reduce-overhead: CUDA graphs, one launch per graph instead of one per kernel
+    if use_compile and args.compile_scope == "model":
         model = torch.compile(
             model, mode=mode
         )  # fuses elementwise kernels, removes Python overhead per layer
@@ -1559,9 +1559,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     raw_model, optimizers, data_gen = build_model(args, config, device, ranks.rank)
     progress = Progress(args.batch_size * args.block_size * args.grad_accum * ranks.world_size)
     restore(ckpt, raw_model, optimizers, scaler, data_gen, progress, ranks.rank, args.seed)
-    model, use_compile = compile_and_wrap(
-        raw_model, args.compile, args.compile_scope, device, ranks, args.compile_mode
-    )
+    model, use_compile = compile_and_wrap(raw_model, args, device, ranks)
     facts = speed_facts(raw_model, args, device, ranks, use_compile, amp_dtype, amp_why)
     if run.master:
         how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"

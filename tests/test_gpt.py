@@ -958,7 +958,8 @@ def test_compile_scope_blocks_under_ddp_compiles_each_block_then_wraps(tmp_path,
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         model, reference = tiny_random_gpt(mod, n_layer=3).train(), tiny_random_gpt(mod, n_layer=3).train()
-        wrapped, use_compile = mod.compile_and_wrap(model, True, "blocks", "cpu", mod.Ranks(True, 0, 0, 1))
+        flags = Namespace(compile=True, compile_scope="blocks", compile_mode="default")
+        wrapped, use_compile = mod.compile_and_wrap(model, flags, "cpu", mod.Ranks(True, 0, 0, 1))
         assert use_compile and isinstance(wrapped, DDP) and wrapped.module is model
         torch._dynamo.reset()  # compile afresh, whatever earlier tests compiled
         graphs = counters["stats"]["unique_graphs"]
