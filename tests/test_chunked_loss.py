@@ -230,26 +230,35 @@ def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 def test_chunked_and_plain_runs_train_the_same_steps_and_record_which_ran(tiny, tmp_path):
     """fp32, half the rows replayed with the KL loss, two micro-batches a step (the loss: a sum over the
-    step's tokens): the same loss at every step, the same adapter."""
+    step's tokens): the same loss at every step, the same adapter; and so with gradient checkpointing, the
+    default on a GPU (each layer's forward runs again in backward, the decoder's output hook only once)."""
     steps = ("--max-steps", 8, "--no-bf16", "--batch-size", 2, "--grad-accum", 2)
-    chunked = run(finetune_cmd(tiny, tmp_path / "chunked", *steps, "--loss-chunk-tokens", 50), tmp_path)
-    plain = run(finetune_cmd(tiny, tmp_path / "plain", *steps, "--loss-impl", "plain"), tmp_path)
-    assert chunked.returncode == 0 and plain.returncode == 0, (chunked.stderr + plain.stderr)[-3000:]
-    runs = [json.loads((tmp_path / d / "run.json").read_text()) for d in ("chunked", "plain")]
+    names = ("chunked", "plain", "checkpointed")
+    flags = (
+        ("--loss-chunk-tokens", 50, "--no-gradient-checkpointing"),
+        ("--loss-impl", "plain"),
+        ("--loss-chunk-tokens", 50, "--gradient-checkpointing"),
+    )
+    procs = [run(finetune_cmd(tiny, tmp_path / d, *steps, *f), tmp_path) for d, f in zip(names, flags)]
+    assert all(p.returncode == 0 for p in procs), "".join(p.stderr for p in procs)[-3000:]
+    runs = [json.loads((tmp_path / d / "run.json").read_text()) for d in names]
     assert (runs[0]["loss_impl"], runs[0]["loss_chunk_tokens"]) == ("chunked", 50)  # chunked: hf's default
     assert (runs[1]["loss_impl"], runs[1]["loss_chunk_tokens"]) == ("plain", None)
+    assert [r["gradient_checkpointing"] for r in runs] == [False, False, True]
     losses = [
         [
             json.loads(line)["train_loss"]
             for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
             if "train_loss" in line
         ]
-        for d in ("chunked", "plain")
+        for d in names
     ]
-    assert len(losses[0]) == len(losses[1]) == 8
-    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-4
+    assert len(losses[0]) == len(losses[1]) == len(losses[2]) == 8
+    assert max(abs(a - b) for a, b in zip(losses[0], losses[1])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses[0], losses[2])) < 1e-4
     assert runs[0]["eval_ppl_change"] < -0.02  # it trained: the held-out documents became likelier
-    assert abs(runs[0]["eval_ppl_after"] / runs[1]["eval_ppl_after"] - 1) < 1e-4
+    for other in runs[1:]:
+        assert abs(runs[0]["eval_ppl_after"] / other["eval_ppl_after"] - 1) < 1e-4
 
 
 def test_the_default_chunk_is_recorded(tiny, tmp_path):
