@@ -181,6 +181,7 @@ def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny, capsys):
         "--backend",
         "hf",
         "--load-in-4bit",
+        "--gradient-checkpointing",  # the GPU default (through prepare_model_for_kbit_training)
         "--data",
         tiny["corpus"],
         "--max-seq-length",
@@ -199,6 +200,7 @@ def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny, capsys):
     assert "kernels" not in p.stderr  # bitsandbytes' hub-kernel warning stays out of the user's way
     r = json.loads((out / "run.json").read_text())
     assert r["load_in_4bit"] is True and (out / "adapter_model.safetensors").is_file()
+    assert r["gradient_checkpointing"] is True
     assert math.isfinite(r["eval_ppl_after"])
     capsys.readouterr()
     res = infer.main(
