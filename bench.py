@@ -1627,6 +1627,38 @@ def adapter_mb(folder: str) -> float | None:
     return p.stat().st_size / 2**20 if p.exists() else None
 
 
+# (key, run, against, words): a pair of fine-tuning runs (by method, packed rows) set side by side in the
+# headline: m and t in words are run's peak memory and tokens/s over those of the run it is set against. The
+# chunked loss's aim: LoRA within 2x Unsloth's memory at its tokens/s or more
+FT_PAIRS = (
+    (
+        "qlora_vs_lora",
+        "QLoRA (NF4)",
+        "LoRA",
+        "QLoRA (NF4) uses **{m:.2f}x** LoRA's peak memory at {t:.2f}x its tokens/s",
+    ),
+    (
+        "unsloth_vs_qlora",
+        "Unsloth 4-bit",
+        "QLoRA (NF4)",
+        "Unsloth: **{t:.2f}x** QLoRA's tokens/s at {m:.2f}x its peak memory",
+    ),
+    (
+        "lora_vs_unsloth",
+        "LoRA",
+        "Unsloth 4-bit",
+        "LoRA (transformers + peft, chunked loss): **{m:.2f}x** Unsloth's peak memory at "
+        "{t:.2f}x its tokens/s",
+    ),
+    (
+        "chunked_vs_plain",
+        "LoRA",
+        "LoRA plain loss",
+        "the chunked loss: **{m:.2f}x** the plain loss's peak memory at {t:.2f}x its tokens/s",
+    ),
+)
+
+
 def headline(results: dict) -> dict:
     """The ratios quoted in the README, computed from the measured figures above."""
     h: dict = {}
@@ -1644,13 +1676,9 @@ def headline(results: dict) -> dict:
             h["gpt_bf16_vs_fp32_tokens_per_s"] = row["tokens_per_s"] / above["tokens_per_s"]
     if ft:
         by = {(r["method"], r["packing"]): r for r in ft["runs"]}
-        lora, qlora = by.get(("LoRA", True)), by.get(("QLoRA (NF4)", True))
-        unsl, plain = by.get(("Unsloth 4-bit", True)), by.get(("LoRA plain loss", True))
-        # (key, run, against): run's peak memory and tokens/s over those of the run it is set against; the
-        # chunked loss's aim: LoRA within 2x Unsloth's memory at its tokens/s or more
-        pairs = (("qlora_vs_lora", qlora, lora), ("unsloth_vs_qlora", unsl, qlora))
-        pairs += (("lora_vs_unsloth", lora, unsl), ("chunked_vs_plain", lora, plain))
-        for key, run, against in pairs:
+        lora = by.get(("LoRA", True))
+        for key, method, against_method, _ in FT_PAIRS:
+            run, against = by.get((method, True)), by.get((against_method, True))
             if run and against:
                 h[f"{key}_memory"] = run["peak_mem_mb"] / against["peak_mem_mb"]
                 h[f"{key}_tokens_per_s"] = run["tokens_per_s"] / against["tokens_per_s"]
@@ -1691,28 +1719,13 @@ def headline(results: dict) -> dict:
     return h
 
 
-# (key, words): the headline line of a pair of fine-tuning runs; m and t are the first run's peak memory and
-# tokens/s over the second's (headline)
-PAIR_WORDS = (
-    ("qlora_vs_lora", "QLoRA (NF4) uses **{m:.2f}x** LoRA's peak memory at {t:.2f}x its tokens/s"),
-    ("unsloth_vs_qlora", "Unsloth: **{t:.2f}x** QLoRA's tokens/s at {m:.2f}x its peak memory"),
-    (
-        "lora_vs_unsloth",
-        "LoRA (transformers + peft, chunked loss): **{m:.2f}x** Unsloth's peak memory at "
-        "{t:.2f}x its tokens/s",
-    ),
-    (
-        "chunked_vs_plain",
-        "the chunked loss: **{m:.2f}x** the plain loss's peak memory at {t:.2f}x its tokens/s",
-    ),
-)
-
-
 def headline_lines(h: dict) -> list[str]:
     """The README's headline, one line per ratio that the results hold."""
     out = gpt_headline_lines(h)
     out += [
-        w.format(m=h[f"{k}_memory"], t=h[f"{k}_tokens_per_s"]) for k, w in PAIR_WORDS if f"{k}_memory" in h
+        w.format(m=h[f"{k}_memory"], t=h[f"{k}_tokens_per_s"])
+        for k, _, _, w in FT_PAIRS
+        if f"{k}_memory" in h
     ]
     bf16 = [
         f"{what} **{h[key]:.2f}x**"

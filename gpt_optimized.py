@@ -1154,9 +1154,8 @@ def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Mo
     use_compile = args.compile if args.compile is not None else device.startswith("cuda")
     mode = args.compile_mode  # reduce-overhead: CUDA graphs, one launch per graph instead of one per kernel
     if use_compile and args.compile_scope == "model":
-        model = torch.compile(
-            model, mode=mode
-        )  # fuses elementwise kernels, removes Python overhead per layer
+        # fuses elementwise kernels, removes Python overhead per layer
+        model = torch.compile(model, mode=mode)
     elif use_compile:  # regional: one compilation serves every block (the same code), so compiling is quicker
         for block in model.h:
             block.compile(mode=mode)
