@@ -692,6 +692,7 @@ def time_variant(fn, ids: list[int], n: int, runs: int, row: dict) -> list[int] 
     import torch
 
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     try:
         warm_s, out = timed(lambda: fn(ids, n))  # warm-up: allocation, compilation
         warm_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -714,6 +715,8 @@ def time_variant(fn, ids: list[int], n: int, runs: int, row: dict) -> list[int] 
     if row["variant"].startswith("static"):  # compiled once, in the warm-up, and never again
         row["compiled"] = warm_graphs > graphs
         row["recompiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] > warm_graphs
+        # graphs inductor compiled for CUDA-graph replay but ran without (mutated inputs, a CPU op, ...)
+        row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
     return list(out)
 
 
@@ -829,6 +832,7 @@ def print_bench(rows: list[dict]) -> None:
             print(f"{r['variant']:<24} {r['new_tokens']:>7}  n/a: {r.get('error', '')}")
             continue
         tag = "" if r.get("compiled", True) else " (not compiled)"
+        tag += " (CUDA graphs skipped)" if r.get("cudagraph_skips") else ""
         print(
             f"{r['variant'] + tag:<24} {r['new_tokens']:>7} {r['latency_ms']:>11.1f} "
             f"{r['tokens_per_s']:>9.1f} "

@@ -709,12 +709,31 @@ def test_static_cache_with_compiled_decoding_gives_the_eager_greedy_tokens(tiny)
     assert "error" not in static, static
     assert static["compiled"] is True and static["generated"] == 24
     assert static["recompiled"] is False  # the timed runs replay the warm-up's graph
+    assert static["cudagraph_skips"] == 0  # the CPU's default mode asks for no CUDA graphs
     assert static["same_tokens_as_no_cache"] is True and rows["kv cache"]["same_tokens_as_no_cache"] is True
     from transformers import AutoModelForCausalLM
 
     n_weights = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).parameters())
     assert math.isclose(static["weight_gb"], 4 * n_weights / 1e9)  # fp32 on the CPU; no bandwidth bound there
     assert "roofline_fraction" not in static
+
+
+def test_bench_rows_count_cuda_graphs_inductor_skipped(capsys):
+    """A compiled step that asked for CUDA graphs and ran without them says so: its row counts the skips
+    (here a CPU step under mode="reduce-overhead", which inductor cannot graph) and the table tags it."""
+    import torch
+
+    step = torch.compile(lambda x: (x * 2 + 1).sin(), mode="reduce-overhead", dynamic=False)
+
+    def fn(ids, n):
+        return step(torch.tensor(ids[:n], dtype=torch.float32)).tolist()
+
+    row = {"variant": "static cache + compile", "new_tokens": 3}
+    out = infer.time_variant(fn, [1, 2, 3, 4], 3, 2, row)
+    assert out == pytest.approx([math.sin(3.0), math.sin(5.0), math.sin(7.0)], abs=1e-6)
+    assert row["compiled"] is True and row["recompiled"] is False and row["cudagraph_skips"] >= 1
+    infer.print_bench([row])
+    assert "(CUDA graphs skipped)" in capsys.readouterr().out
 
 
 def test_bench_merges_a_lora_adapter_and_decodes_its_greedy_tokens(adapter):
