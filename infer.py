@@ -667,6 +667,9 @@ def bench_variants(lm, args) -> list[tuple]:
         if args.bench_compile:
             fast = StaticDecoder(lm.model, lm.device)
             variants.append(("static cache + compile", lambda ids, n: fast.generate(ids, n)))
+            if fusable_llama(lm.model):
+                fused = FusedLlama(lm.model, lm.device)
+                variants.append(("static cache + fused step", lambda ids, n: fused.generate(ids, n)))
         return variants
     variants = [("no cache", lambda ids, n: lm.module_generate(ids, n, False))]
     if lm.supports("use_kv_cache"):
@@ -786,6 +789,140 @@ def decode_step(model, ids, pos, cache):
         input_ids=ids, position_ids=pos[None], cache_position=pos, past_key_values=cache, use_cache=True
     ).logits
     return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def fusable_llama(model) -> bool:
+    """A plain (16/32-bit, bias-free, SiLU) Llama-architecture model, whose weights FusedLlama can take."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    return (
+        type(base).__name__ == "LlamaForCausalLM"
+        and getattr(base, "hf_quantizer", None) is None
+        and cfg.hidden_act == "silu"
+        and not getattr(cfg, "attention_bias", False)
+        and not getattr(cfg, "mlp_bias", False)
+    )
+
+
+def rms_norm(x, weight, eps: float):
+    """transformers' LlamaRMSNorm: normalised in fp32, scaled in the input's dtype."""
+    import torch
+
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding as transformers applies it (halves, not interleaved pairs); cos, sin (T, D)."""
+    import torch
+
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def fused_layer(layer, x, cos, sin, pos, eps: float):
+    """One decoder layer: the q, k, v projections in one matmul, gate and up in another (gpt-fast's
+    fusion: three matmuls fewer per layer than transformers' modules, for the same sums)."""
+    import torch
+    import torch.nn.functional as F
+
+    T, (hq, hkv, d) = x.shape[1], layer.heads
+    q, k, v = F.linear(rms_norm(x, layer.ln1, eps), layer.wqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = (t.view(1, T, -1, d).transpose(1, 2) for t in (q, k, v))
+    layer.k.index_copy_(2, pos, rotate(k, cos, sin))
+    layer.v.index_copy_(2, pos, v)
+    mask = torch.arange(layer.k.shape[2], device=pos.device) <= pos[:, None]  # the positions written so far
+    y = F.scaled_dot_product_attention(rotate(q, cos, sin), layer.k, layer.v, mask, enable_gqa=True)
+    x = x + F.linear(y.transpose(1, 2).reshape(1, T, hq * d), layer.wo)
+    gate, up = F.linear(rms_norm(x, layer.ln2, eps), layer.w13).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, layer.w2)
+
+
+def fused_logits(model, ids, pos, last_only: bool = False):
+    """Tokens ids (1, T) at positions pos (T,) through FusedLlama's cache -> logits (1, T or 1, vocab)."""
+    import torch.nn.functional as F
+
+    x, cos, sin = model.embed[ids], model.cos[pos], model.sin[pos]
+    for layer in model.layers:
+        x = fused_layer(layer, x, cos, sin, pos, model.eps)
+    return F.linear(rms_norm(x[:, -1:] if last_only else x, model.norm, model.eps), model.head)
+
+
+def fused_step(model, ids, pos):
+    """-> the greedy next token (1, 1), chosen on the device."""
+    return fused_logits(model, ids, pos, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+
+class FusedLlama:
+    """gpt-fast's model code on a transformers Llama's weights (an adapter merged into them first): greedy
+    decoding through a fixed-size cache, one compiled step per token (CUDA graphs on a GPU), with q/k/v and
+    gate/up fused into one matmul each. The weights and caches are module buffers, so a CUDA graph reads
+    them in place. For decoding benchmarks: the fused weights are a copy, taken at the first call."""
+
+    def __init__(self, model, device: str):
+        import torch
+
+        self.source, self.device, self.net = model, device, None
+        self.step = torch.compile(
+            fused_step,
+            mode="reduce-overhead" if device == "cuda" else "default",
+            fullgraph=True,
+            dynamic=False,
+        )
+
+    def build(self, length: int):
+        """The fused copy of the weights, and caches of the next multiple of 256 positions >= length."""
+        import torch
+        from torch import nn
+
+        base = self.source.get_base_model() if hasattr(self.source, "get_base_model") else self.source
+        cfg, m = base.config, base.model
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        size = -(-length // 256) * 256
+        net = nn.Module()
+        w = m.embed_tokens.weight
+        net.register_buffer("embed", w.detach(), persistent=False)
+        net.register_buffer("head", base.lm_head.weight.detach(), persistent=False)
+        net.register_buffer("norm", m.norm.weight.detach(), persistent=False)
+        cos, sin = m.rotary_emb(w[:1], torch.arange(size, device=w.device)[None])
+        net.register_buffer("cos", cos[0], persistent=False)
+        net.register_buffer("sin", sin[0], persistent=False)
+        net.eps, net.layers = cfg.rms_norm_eps, nn.ModuleList()
+        for blk in m.layers:
+            a, f, layer = blk.self_attn, blk.mlp, nn.Module()
+            layer.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, d)
+            bufs = dict(
+                ln1=blk.input_layernorm.weight,
+                ln2=blk.post_attention_layernorm.weight,
+                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                wo=a.o_proj.weight,
+                w13=torch.cat([f.gate_proj.weight, f.up_proj.weight]),
+                w2=f.down_proj.weight,
+                k=w.new_zeros(1, cfg.num_key_value_heads, size, d),
+                v=w.new_zeros(1, cfg.num_key_value_heads, size, d),
+            )
+            for name, t in bufs.items():
+                layer.register_buffer(name, t.detach(), persistent=False)
+            net.layers.append(layer)
+        self.net = net
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        if self.net is None or self.net.cos.shape[0] < len(ids) + max_new_tokens:
+            self.build(len(ids) + max_new_tokens)
+        out = torch.empty((1, max_new_tokens), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            pos = torch.arange(len(ids), device=self.device)
+            token = fused_step(self.net, torch.tensor([ids], device=self.device), pos)  # prefill, eager
+            out[:, :1] = token
+            pos = pos[-1:] + 1
+            for i in range(1, max_new_tokens):
+                token = self.step(self.net, token, pos).clone()  # a graph's output is reused
+                out[:, i : i + 1] = token
+                pos += 1
+        return out[0].tolist()  # the one host sync
 
 
 def bandwidth_facts(lm, row: dict) -> None:
@@ -1067,7 +1204,8 @@ def add_measure_flags(g) -> None:
         "--bench-compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time a static KV cache with compiled decoding (HF models)",
+        help="also time a static KV cache with compiled decoding (HF models; for a 16/32-bit Llama also "
+        "gpt-fast-style code on its weights, q/k/v and gate/up fused)",
     )
     g.add_argument(
         "--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here"

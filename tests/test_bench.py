@@ -159,6 +159,34 @@ def test_time_to_loss_interpolates():
     assert bench.time_to_loss(curve, 1.0) is None
 
 
+def test_headline_quotes_the_fastest_compiled_decoding_and_names_it():
+    """With transformers' compiled step and the fused step both timed, the headline quotes the faster and
+    says which it was; the plain static-cache step needs no name (its line reads as before)."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    def rows(static_ms, fused_ms):
+        r = [("kv cache", 3000.0), ("no cache", 3300.0), ("static cache + compile", static_ms)]
+        r += [("static cache + fused step", fused_ms)] if fused_ms else []
+        return {"rows": [dict(model="llama_lora", variant=v, new_tokens=128, latency_ms=ms,
+                              tokens_per_s=128e3 / ms) for v, ms in r]}  # fmt: skip
+
+    h = bench.headline({"infer": rows(200.0, 160.0)})
+    assert h["llama_lora_compiled_tokens_per_s"] == pytest.approx(800.0)
+    assert h["llama_lora_compiled_vs_kv_cache"] == pytest.approx(3000 / 160)
+    line = [x for x in bench.headline_lines(h) if "compiled decoding" in x][0]
+    assert line.endswith("**800 tokens/s** at batch 1, 18.75x the eager KV cache (static cache + fused step)")
+    h = bench.headline({"infer": rows(200.0, 250.0)})
+    assert h["llama_lora_compiled_tokens_per_s"] == pytest.approx(640.0)
+    assert [x for x in bench.headline_lines(h) if "compiled decoding" in x][0].endswith(
+        "15.00x the eager KV cache"
+    )
+    assert (
+        bench.headline({"infer": rows(200.0, None)})["llama_lora_compiled_variant"]
+        == "static cache + compile"
+    )
+
+
 def test_finetune_and_inference_ratios(tiny_setup):
     out, res = tiny_setup["out"], tiny_setup["results"]
     lora = json.loads((out / "runs" / "ft_lora_packed" / "run.json").read_text())

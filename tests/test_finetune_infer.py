@@ -711,6 +711,9 @@ def test_static_cache_with_compiled_decoding_gives_the_eager_greedy_tokens(tiny)
     assert static["recompiled"] is False  # the timed runs replay the warm-up's graph
     assert static["cudagraph_skips"] == 0  # the CPU's default mode asks for no CUDA graphs
     assert static["same_tokens_as_no_cache"] is True and rows["kv cache"]["same_tokens_as_no_cache"] is True
+    fused = rows["static cache + fused step"]  # the same, on gpt-fast-style code with fused weights
+    assert fused["compiled"] is True and fused["recompiled"] is False and fused["cudagraph_skips"] == 0
+    assert fused["same_tokens_as_no_cache"] is True and fused["generated"] == 24
     from transformers import AutoModelForCausalLM
 
     n_weights = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).parameters())
@@ -744,9 +747,63 @@ def test_bench_merges_a_lora_adapter_and_decodes_its_greedy_tokens(adapter):
         ["--adapter", str(adapter["out"]), "--bench", "--bench-new-tokens", "12", "--bench-runs", "1"]
     )
     rows = {r["variant"]: r for r in res["bench"]}
-    assert set(rows) == {"kv cache", "no cache", "static cache + compile"}
+    assert set(rows) == {"kv cache", "no cache", "static cache + compile", "static cache + fused step"}
     for r in rows.values():
         assert r["adapter"] == "merged" and r["same_tokens_as_no_cache"] is True, r
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_llama_logits_equal_transformers_through_prefill_and_decoding(tied):
+    """The fused step's code (q/k/v and gate/up in one matmul each, rotary halves, GQA, the fixed-size
+    cache) computes transformers' Llama: the prompt's logits and each decoded position's equal one full
+    forward of the same tokens to 1e-5, with norms, embeddings and an untied head all made non-trivial
+    and Llama 3's rotary scaling."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        rope_parameters=rope,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    assert infer.fusable_llama(model)
+    ids = torch.randint(0, 97, (1, 12))
+    fused = infer.FusedLlama(model, "cpu")
+    fused.build(12)
+    with torch.no_grad():
+        want = model(ids).logits
+        got = infer.fused_logits(fused.net, ids[:, :8], torch.arange(8))
+        assert (got - want[:, :8]).abs().max() < 1e-5
+        for t in range(8, 12):  # one token at a time through the cache
+            step = infer.fused_logits(fused.net, ids[:, t : t + 1], torch.tensor([t]))
+            assert (step[:, 0] - want[:, t]).abs().max() < 1e-5, t
+        assert want.abs().max() > 0.5  # logits large enough for 1e-5 to mean something
+
+
+def test_fused_step_is_offered_only_for_plain_llama_weights(tiny):
+    """A 4-bit base (bitsandbytes' packed weights) or a Llama with biases gets no fused step."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    assert infer.fusable_llama(AutoModelForCausalLM.from_pretrained(tiny["llama_a"]))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    assert not infer.fusable_llama(
+        AutoModelForCausalLM.from_pretrained(tiny["llama_a"], quantization_config=q)
+    )
+    biased = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    biased.attention_bias = True
+    assert not infer.fusable_llama(LlamaForCausalLM(biased))
 
 
 def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
