@@ -761,26 +761,44 @@ class StaticDecoder:
         from transformers import StaticCache
 
         if self.cache is None or self.cache.get_max_length() < length:
-            self.cache = StaticCache(config=self.model.config, max_cache_len=-(-length // 256) * 256)
+            self.cache = StaticCache(config=self.model.config, max_cache_len=cache_positions(length))
         else:
             self.cache.reset()
         return self.cache
 
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        import torch
-
         cache = self.kv_cache(len(ids) + max_new_tokens)
-        out = torch.empty((1, max_new_tokens), dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            pos = torch.arange(len(ids), device=self.device)
-            token = decode_step(self.model, torch.tensor([ids], device=self.device), pos, cache)  # prefill
-            out[:, :1] = token
-            pos = pos[-1:] + 1
-            for i in range(1, max_new_tokens):
-                token = self.step(self.model, token, pos, cache).clone()  # a graph's output is reused
-                out[:, i : i + 1] = token
-                pos += 1
-        return out[0].tolist()  # the one host sync
+        return greedy_decode(
+            lambda t, pos: decode_step(self.model, t, pos, cache),
+            lambda t, pos: self.step(self.model, t, pos, cache),
+            ids,
+            max_new_tokens,
+            self.device,
+        )
+
+
+def greedy_decode(prefill, step, ids: list[int], max_new_tokens: int, device: str) -> list[int]:
+    """The prompt through prefill(tokens, positions) eagerly, then step(token, position) once per new token.
+    The next token is picked on the device and fed straight back, so the host never waits for a token; the
+    tokens come back in one copy at the end."""
+    import torch
+
+    out = torch.empty((1, max_new_tokens), dtype=torch.long, device=device)
+    with torch.no_grad():
+        pos = torch.arange(len(ids), device=device)
+        token = prefill(torch.tensor([ids], device=device), pos)
+        out[:, :1] = token
+        pos = pos[-1:] + 1
+        for i in range(1, max_new_tokens):
+            token = step(token, pos).clone()  # a CUDA graph's output is overwritten by its next replay
+            out[:, i : i + 1] = token
+            pos += 1
+    return out[0].tolist()  # the one host sync
+
+
+def cache_positions(length: int) -> int:
+    """A fixed-size cache's length: the next multiple of 256 (a longer call grows it, and recompiles)."""
+    return -(-length // 256) * 256
 
 
 def decode_step(model, ids, pos, cache):
@@ -879,7 +897,7 @@ class FusedLlama:
         base = self.source.get_base_model() if hasattr(self.source, "get_base_model") else self.source
         cfg, m = base.config, base.model
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        size = -(-length // 256) * 256
+        size = cache_positions(length)
         net = nn.Module()
         w = m.embed_tokens.weight
         net.register_buffer("embed", w.detach(), persistent=False)
@@ -908,21 +926,15 @@ class FusedLlama:
         self.net = net
 
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        import torch
-
         if self.net is None or self.net.cos.shape[0] < len(ids) + max_new_tokens:
             self.build(len(ids) + max_new_tokens)
-        out = torch.empty((1, max_new_tokens), dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            pos = torch.arange(len(ids), device=self.device)
-            token = fused_step(self.net, torch.tensor([ids], device=self.device), pos)  # prefill, eager
-            out[:, :1] = token
-            pos = pos[-1:] + 1
-            for i in range(1, max_new_tokens):
-                token = self.step(self.net, token, pos).clone()  # a graph's output is reused
-                out[:, i : i + 1] = token
-                pos += 1
-        return out[0].tolist()  # the one host sync
+        return greedy_decode(
+            lambda t, pos: fused_step(self.net, t, pos),
+            lambda t, pos: self.step(self.net, t, pos),
+            ids,
+            max_new_tokens,
+            self.device,
+        )
 
 
 def bandwidth_facts(lm, row: dict) -> None:
