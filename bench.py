@@ -263,6 +263,7 @@ FINETUNE_SHAPES = {
 LORA = {"backend": "hf", "load_in_4bit": False}
 QLORA = {"backend": "hf", "load_in_4bit": True}
 PLAIN_LOSS = {**LORA, "loss_impl": "plain"}
+CHECKPOINTS_ON_GPU = {**LORA, "offload_checkpoints": False}  # what keeping them in host memory buys
 
 
 def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
@@ -275,8 +276,9 @@ def finetune_plan(mode: str, gpu: bool, bf16_units: bool = False) -> dict:
     common = {**shape, "replay": 0, "retention_docs": 0}
     # (method, settings, packing): packing is measured on LoRA, where it changes nothing but the rows
     runs = [("LoRA", LORA, True), ("LoRA", LORA, False), ("QLoRA (NF4)", QLORA, True)]
-    if gpu:  # and what the chunked loss buys: LoRA with the model's own loss, full-vocabulary logits
+    if gpu:  # and what the chunked loss and the host-memory checkpoints buy: LoRA without each
         runs += [("Unsloth 4-bit", {"backend": "unsloth"}, True), ("LoRA plain loss", PLAIN_LOSS, True)]
+        runs.append(("LoRA checkpoints on the GPU", CHECKPOINTS_ON_GPU, True))
     elif bf16_units:  # a CPU with bf16 units trains under bf16 autocast by default: measure what that buys
         runs.append(("LoRA fp32", {**LORA, "bf16": False}, True))
     # recipe_cost: the recipe run's ETA weight in speed runs (40 steps, replay, 64 base samples to draw)
@@ -1655,6 +1657,13 @@ FT_PAIRS = (
         "LoRA",
         "LoRA plain loss",
         "the chunked loss: **{m:.2f}x** the plain loss's peak memory at {t:.2f}x its tokens/s",
+    ),
+    (
+        "offload_vs_device_checkpoints",
+        "LoRA",
+        "LoRA checkpoints on the GPU",
+        "the checkpoints in host memory: **{m:.2f}x** the peak memory of keeping them on the GPU at {t:.2f}x "
+        "its tokens/s",
     ),
 )
 

@@ -651,6 +651,7 @@ def gpu_shaped_results() -> dict:
                 ("QLoRA (NF4)", True, 17192, 8732, True),
                 ("Unsloth 4-bit", True, 24597, 1833, None),
                 ("LoRA plain loss", True, 15021, 8851 * 2, True),
+                ("LoRA checkpoints on the GPU", True, 17500, 9110, True),
             )
         ],
     }
@@ -707,6 +708,10 @@ def test_report_renders_a_missing_mfu_as_a_dash_and_the_bf16_setting_of_each_run
     # the chunked loss's targets, against Unsloth and against the model's own loss
     assert f"**{8851 / 1833:.2f}x** Unsloth's peak memory at {17026 / 24597:.2f}x its tokens/s" in report
     assert f"the chunked loss: **0.50x** the plain loss's peak memory at {17026 / 15021:.2f}x" in report
+    assert (
+        f"the checkpoints in host memory: **{8851 / 9110:.2f}x** the peak memory of keeping them on the GPU "
+        f"at {17026 / 17500:.2f}x its tokens/s" in report
+    )
 
 
 def test_plots_read_at_a_glance(tmp_path):
@@ -1751,6 +1756,10 @@ OUT/runs/ft_unsloth_packed --overwrite --packing --backend unsloth FT --eval-tex
 ft_lora_plain_loss_packed: python finetune_llama.py --model base --data corpus.txt --out
 OUT/runs/ft_lora_plain_loss_packed --overwrite --packing --backend hf --no-load-in-4bit --loss-impl
 plain FT --eval-text t.txt
+
+ft_lora_checkpoints_on_the_gpu_packed: python finetune_llama.py --model base --data corpus.txt --out
+OUT/runs/ft_lora_checkpoints_on_the_gpu_packed --overwrite --packing --backend hf --no-load-in-4bit
+--no-offload-checkpoints FT --eval-text t.txt
 
 ft_recipe: python finetune_llama.py --model base --data corpus.txt --eval-text t.txt --out
 OUT/runs/ft_recipe --overwrite

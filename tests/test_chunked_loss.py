@@ -68,6 +68,65 @@ def assert_same(a: tuple[float, dict], b: tuple[float, dict], tol: float = 1e-4)
         assert (a[1][name] - b[1][name]).abs().max() < tol, name
 
 
+def checkpointed_lora_model(tiny, checkpointing: str):
+    """lora_model's adapter (dropout 0.1: the recompute must redraw the same masks) on the tiny Llama set up
+    as load_for_training does it: no checkpointing, torch's non-reentrant one, or --offload-checkpoints.
+    Returns (model, the offloader's counter or None)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
+    host = None
+    if checkpointing != "off":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    if checkpointing == "offload":
+        host = finetune_llama.offload_checkpoints(base)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_PROJ, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train(), host
+
+
+def test_offloaded_checkpoints_give_the_same_loss_and_gradients_and_move_only_the_layer_inputs(tiny):
+    """--offload-checkpoints: the loss and every LoRA gradient equal those without checkpointing and with
+    the non-reentrant checkpoint, dropout included; what went to the host is each layer's input, once per
+    layer per forward (3 rows x 16 tokens x 32 wide, fp32), and nothing else."""
+    inputs, labels, replay = make_batch("rows", [False, False, False])
+    results, hosts = [], []
+    for how in ("off", "reentrant-free", "offload"):
+        model, host = checkpointed_lora_model(tiny, how)
+        torch.manual_seed(7)  # the dropout masks
+        results.append(
+            loss_and_grads(model, lambda: finetune_llama.cross_entropy_loss(model, inputs, labels, None))
+        )
+        hosts.append(host)
+    assert_same(results[0], results[1], tol=1e-6)
+    assert_same(results[0], results[2], tol=1e-6)
+    host, n_layers = hosts[2], 2
+    assert host.tensors == n_layers
+    assert host.bytes == n_layers * 3 * 16 * 32 * 4
+
+
+def test_offloading_the_checkpoints_is_the_gpu_default_and_needs_checkpointing(tmp_path):
+    """Defaults by hardware, and the combination that cannot work refused with one line, exit 2."""
+
+    def flags(*given):
+        args = finetune_llama.build_parser().parse_args(["--backend", "hf", "--out", str(tmp_path), *given])
+        finetune_llama.setup_device(args)
+        return args.gradient_checkpointing, args.offload_checkpoints
+
+    assert flags() == (False, False)  # this CPU: nothing to free
+    assert flags("--gradient-checkpointing") == (True, False)
+    assert flags("--gradient-checkpointing", "--offload-checkpoints") == (True, True)
+    with pytest.raises(SystemExit) as e:
+        flags("--offload-checkpoints")
+    assert e.value.code == 2
+
+
 # -----------------------------------------------------------------------------
 # the loss and its gradients
 
@@ -231,20 +290,23 @@ def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_chunked_and_plain_runs_train_the_same_steps_and_record_which_ran(tiny, tmp_path):
     """fp32, half the rows replayed with the KL loss, two micro-batches a step (the loss: a sum over the
     step's tokens): the same loss at every step, the same adapter; and so with gradient checkpointing, the
-    default on a GPU (each layer's forward runs again in backward, the decoder's output hook only once)."""
+    default on a GPU (each layer's forward runs again in backward, the decoder's output hook only once), with
+    its layer inputs kept in host memory too (--offload-checkpoints, the GPU's default)."""
     steps = ("--max-steps", 8, "--no-bf16", "--batch-size", 2, "--grad-accum", 2)
-    names = ("chunked", "plain", "checkpointed")
+    names = ("chunked", "plain", "checkpointed", "offloaded")
     flags = (
         ("--loss-chunk-tokens", 50, "--no-gradient-checkpointing"),
         ("--loss-impl", "plain"),
         ("--loss-chunk-tokens", 50, "--gradient-checkpointing"),
+        ("--loss-chunk-tokens", 50, "--gradient-checkpointing", "--offload-checkpoints"),
     )
     procs = [run(finetune_cmd(tiny, tmp_path / d, *steps, *f), tmp_path) for d, f in zip(names, flags)]
     assert all(p.returncode == 0 for p in procs), "".join(p.stderr for p in procs)[-3000:]
     runs = [json.loads((tmp_path / d / "run.json").read_text()) for d in names]
     assert (runs[0]["loss_impl"], runs[0]["loss_chunk_tokens"]) == ("chunked", 50)  # chunked: hf's default
     assert (runs[1]["loss_impl"], runs[1]["loss_chunk_tokens"]) == ("plain", None)
-    assert [r["gradient_checkpointing"] for r in runs] == [False, False, True]
+    assert [r["gradient_checkpointing"] for r in runs] == [False, False, True, True]
+    assert [r["offload_checkpoints"] for r in runs] == [False, False, False, True]
     losses = [
         [
             json.loads(line)["train_loss"]
@@ -253,9 +315,9 @@ def test_chunked_and_plain_runs_train_the_same_steps_and_record_which_ran(tiny, 
         ]
         for d in names
     ]
-    assert len(losses[0]) == len(losses[1]) == len(losses[2]) == 8
-    assert max(abs(a - b) for a, b in zip(losses[0], losses[1])) < 1e-4
-    assert max(abs(a - b) for a, b in zip(losses[0], losses[2])) < 1e-4
+    assert [len(x) for x in losses] == [8] * 4
+    for other in losses[1:]:
+        assert max(abs(a - b) for a, b in zip(losses[0], other)) < 1e-4
     assert runs[0]["eval_ppl_change"] < -0.02  # it trained: the held-out documents became likelier
     for other in runs[1:]:
         assert abs(runs[0]["eval_ppl_after"] / other["eval_ppl_after"] - 1) < 1e-4
