@@ -1501,6 +1501,39 @@ def piece_lengths(positions):
     return torch.diff(starts, append=end).to(torch.int32)
 
 
+def unsloth_packed_kernel() -> str | None:
+    """The kernel Unsloth attends a packed row with in one call (its attention dispatch's order): flash-attn,
+    xformers, or torch's varlen flash kernel where it takes window_size and enable_gqa (torch >= 2.12, and a
+    build with flash attention). None: Unsloth runs SDPA once per document of the row, a launch per document
+    per layer, which ran at half HF QLoRA's tokens/s on an H200 with torch 2.11."""
+    import inspect
+
+    import torch
+
+    for name in ("flash_attn", "xformers"):
+        if importlib.util.find_spec(name) is not None:
+            return name.replace("_", "-")
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    takes = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
+    return "torch varlen" if takes and torch.backends.cuda.is_flash_attention_available() else None
+
+
+def packed_attention_note(kernel: str | None) -> str | None:
+    """The line that says why Unsloth's packed rows are slow here, and the fix; None when they are not."""
+    if kernel is not None:
+        return None
+    import torch
+
+    return (
+        f"note: Unsloth attends each document of a packed row separately here (torch {torch.__version__}, "
+        "no flash-attn or xformers): slower than one kernel per row. torch >= 2.12 (requirements-gpu.txt) "
+        "or flash-attn gives it one; --no-packing trains padded rows instead"
+    )
+
+
 @dataclass
 class RowCollator:
     """Training rows -> a batch. Packed rows: position ids restart at every document piece and there is no
@@ -1933,6 +1966,9 @@ def load(args) -> Loaded:
         f"{'4-bit ' if args.load_in_4bit else ''}{'bf16' if args.bf16 else 'fp32'} | LoRA r={args.rank} "
         f"alpha={args.alpha}: {n_trainable / 1e6:.2f}M trainable of {n_total / 1e6:.1f}M"
     )
+    note = backend == "unsloth" and args.packing and packed_attention_note(unsloth_packed_kernel())
+    if note:
+        say(note)
     return m
 
 
@@ -2131,6 +2167,10 @@ def run_record(args, args_given, m: Loaded, sources, sets, replay, plan, before,
         "offload_checkpoints": bool(args.offload_checkpoints),
         "loss_impl": args.loss_impl,
         "loss_chunk_tokens": args.loss_chunk_tokens,
+        # Unsloth's kernel for a packed row, "per document" where it runs SDPA on each document alone
+        "unsloth_packed_attention": (unsloth_packed_kernel() or "per document")
+        if m.backend == "unsloth" and args.packing
+        else None,
         "trainable_params": m.n_trainable,
         "total_params": m.n_total,
         "data": data_record(args, sources, sets[0], before["heldout"]["tokens"], plan),

@@ -385,3 +385,36 @@ def test_evaluation_after_bf16_training_is_in_full_precision_like_the_one_before
     assert rec["bf16"] is True
     again = infer.main(["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")])["ppl"]["perplexity"]
     assert abs(again / rec["eval_ppl_after"] - 1) < 1e-6  # bf16 scoring was 2e-5 off on this model
+
+
+def test_unsloths_packed_rows_name_their_kernel_and_a_missing_one_is_said_with_its_fix(monkeypatch):
+    """Unsloth attends a packed row in one call with flash-attn, xformers, or torch's varlen kernel where it
+    takes enable_gqa and flash attention is built in; else once per document, which is said in one line."""
+    import importlib.util
+
+    import torch.nn.attention.varlen as varlen
+
+    flash_built = torch.backends.cuda.is_flash_attention_available()
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    assert finetune_llama.unsloth_packed_kernel() == "torch varlen"  # torch 2.13's varlen_attn
+
+    def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        raise AssertionError("only its signature is read")
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_2_11)  # torch 2.11: no enable_gqa
+    assert finetune_llama.unsloth_packed_kernel() is None
+    note = finetune_llama.packed_attention_note(None)
+    assert note.startswith("note: Unsloth attends each document") and f"torch {torch.__version__}" in note
+    assert "\n" not in note and "torch >= 2.12" in note and "--no-packing" in note
+    assert finetune_llama.packed_attention_note("torch varlen") is None
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "xformers" else real_find_spec(name, *a),
+    )
+    assert finetune_llama.unsloth_packed_kernel() == "xformers"
+    monkeypatch.undo()
+    if not flash_built:  # a CPU build of torch: no flash kernel for varlen to call
+        assert finetune_llama.unsloth_packed_kernel() is None
