@@ -1661,6 +1661,17 @@ def sft_config(args, folder: Path, device: str, total_steps: int):
     )
 
 
+def lora_inputs_uncast(model, backend: str):
+    """Training steps on the hf backend run with peft's input casts off. peft keeps the adapters in fp32 and
+    copies each adapted layer's input to fp32 first; under the trainer's bf16 autocast the adapter's matmul
+    then casts it back to bf16, so the copies change no result (tested) but cost memory: at the 1B's peak, a
+    layer's recompute in backward, they held 192 MiB (benchmarks/lora_peak_model.py). Outside autocast (the
+    evaluations, fp32 training) nothing is cast either way: the inputs already have the adapters' dtype."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=backend == "hf")
+
+
 def micro_batch_loss(accelerator, model, inputs: dict, args, num_items_in_batch=None):
     """The trainer's loss of one micro-batch: chunked_token_losses (--loss-impl chunked), or else the model's
     own loss or, on batches with KL rows, token_losses. With num_items_in_batch: one token-weighted mean over
@@ -1709,6 +1720,11 @@ def build_trainer(
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return micro_batch_loss(self.accelerator, model, inputs, args, num_items_in_batch)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # forward and backward: a checkpointed layer's recompute in backward runs without the casts too
+            with lora_inputs_uncast(model, m.backend):
+                return super().training_step(model, inputs, num_items_in_batch)
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             # a data-parallel run on CPUs has the device "cpu:<rank>", which torch.load cannot map saved

@@ -111,6 +111,81 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients_and_move_only_th
     assert host.bytes == n_layers * 3 * 16 * 32 * 4
 
 
+def record_adapter_inputs(model) -> list[torch.dtype]:
+    """The dtype of every input the LoRA A matrices get while training (forward and recompute)."""
+    seen = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_pre_hook(
+                lambda mod, args: seen.append(args[0].dtype) if mod.training else None
+            )
+    return seen
+
+
+def test_without_peft_input_casts_a_bf16_autocast_step_is_the_same_and_no_fp32_copy_is_made(tiny):
+    """The GPU's setting: bf16 weights, peft's fp32 adapters, the trainer's bf16 autocast, checkpointed
+    layers. peft copies each adapted layer's input to fp32, which autocast casts back to bf16 for the matmul;
+    lora_inputs_uncast leaves it in bf16 (also in the recompute, inside the context): the same loss and the
+    same gradients, bit for bit, and the adapters see bf16: 7 projections x 2 layers x forward, recompute."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"], dtype=torch.bfloat16)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    torch.manual_seed(0)
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, task_type="CAUSAL_LM")
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    model.train()
+    seen = record_adapter_inputs(model)
+    inputs, labels, _ = make_batch("rows", [False, False, False])
+    results, dtypes = [], []
+    for uncast in (contextlib.nullcontext(), finetune_llama.lora_inputs_uncast(model, "hf")):
+        seen.clear()
+        with uncast, torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(
+                loss_and_grads(model, lambda: finetune_llama.cross_entropy_loss(model, inputs, labels, None))
+            )
+        dtypes.append(list(seen))
+    assert dtypes[0] == [torch.float32] * (7 * 2 * 2)  # peft's copies
+    assert dtypes[1] == [torch.bfloat16] * (7 * 2 * 2)
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
+def test_the_trainers_steps_give_the_adapters_their_inputs_uncast(tiny, tmp_path, monkeypatch):
+    """A real run on the CPU (fp32 weights, --bf16 autocast, checkpointed layers): in every training step's
+    forward and recompute, the adapted layers whose input autocast made bf16 (o_proj, down_proj) hand it to
+    their adapters as it is."""
+    calls = []
+    load = finetune_llama.load_for_training
+
+    def hooked(*a, **kw):
+        model, tok = load(*a, **kw)
+        for name, module in model.named_modules():
+            if name.endswith(("o_proj.lora_A.default", "down_proj.lora_A.default")):
+                module.register_forward_pre_hook(
+                    lambda mod, args: calls.append(args[0].dtype) if mod.training else None
+                )
+        return model, tok
+
+    monkeypatch.setattr(finetune_llama, "load_for_training", hooked)
+    flags = ["--model", str(tiny["llama_a"]), "--backend", "hf", "--data", str(tiny["corpus"])]
+    flags += ["--replay", "0", "--retention-docs", "0", "--max-seq-length", "64", "--batch-size", "4"]
+    flags += ["--max-steps", "2", "--eval-split", "8", "--bf16", "--gradient-checkpointing", "--threads", "1"]
+    flags += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]
+    finetune_llama.main(finetune_llama.build_parser().parse_args(flags))
+    assert calls == [torch.bfloat16] * (2 * 2 * 2 * 2)  # 2 steps x 2 layers x (o, down) x forward, recompute
+
+
 def test_offloading_the_checkpoints_is_the_gpu_default_and_needs_checkpointing(tmp_path):
     """Defaults by hardware, and the combination that cannot work refused with one line, exit 2."""
 
