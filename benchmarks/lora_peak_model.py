@@ -4,15 +4,18 @@ Every storage torch creates is counted from the op that makes it until it is fre
 finalizer per storage), on top of the weights and inputs, so the running total's maximum is what CUDA's
 max_memory_allocated shows for the same tensors, less the allocator's rounding and cuBLAS workspaces. With
 --offload, the layers' checkpointed inputs go to numpy arrays, which torch does not count: the device/host
-split of finetune_llama.py --offload-checkpoints. bf16 weights, random, LoRA r=16 on every projection,
-gradient checkpointing, one forward and backward:
+split of finetune_llama.py --offload-checkpoints. As the script trains on a GPU: bf16 weights (random), LoRA
+r=16 on every projection (fp32 adapters), gradient checkpointing, bf16 autocast, peft's input casts off; one
+forward and backward:
 
     python benchmarks/lora_peak_model.py                     # the chunked loss (256 tokens), 16 layers
     python benchmarks/lora_peak_model.py --offload
+    python benchmarks/lora_peak_model.py --peft-casts        # peft copying each adapter's input to fp32
     python benchmarks/lora_peak_model.py --chunk 0           # the model's own loss, full-vocabulary logits
 """
 
 import argparse
+import contextlib
 import sys
 import time
 import weakref
@@ -90,14 +93,15 @@ def build(layers: int, offload: bool):
     return get_peft_model(model, lora).train(), host
 
 
-def step_peak(model, batch: int, seq: int, chunk: int) -> LiveBytes:
+def step_peak(model, batch: int, seq: int, chunk: int, peft_casts: bool) -> LiveBytes:
     torch.manual_seed(1)
     ids = torch.randint(0, 128000, (batch, seq))
     inputs = {"input_ids": ids, "position_ids": torch.arange(seq).repeat(batch, 1)}
     labels, replay = ids.clone(), torch.zeros(batch, dtype=torch.bool)
     weights = list({t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values())
     live = LiveBytes(weights + [ids, labels, inputs["position_ids"]])
-    with live:
+    uncast = contextlib.nullcontext() if peft_casts else ft.lora_inputs_uncast(model, "hf")
+    with live, uncast, torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's autocast
         if chunk:
             total, n = ft.chunked_token_losses(model, inputs, labels, replay, None, chunk)
             (total / n).backward()
@@ -113,10 +117,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--chunk", type=int, default=ft.LOSS_CHUNK_TOKENS, help="0: the model's own loss")
     p.add_argument("--offload", action="store_true", help="the checkpointed layer inputs in host memory")
+    p.add_argument("--peft-casts", action="store_true", help="peft's fp32 copies of the adapters' inputs")
     args = p.parse_args()
     model, host = build(args.layers, args.offload)
     t0 = time.time()
-    live = step_peak(model, args.batch, args.seq, args.chunk)
+    live = step_peak(model, args.batch, args.seq, args.chunk, args.peft_casts)
     mib = lambda n: round(n / 2**20, 1)  # noqa: E731
     print(
         {
