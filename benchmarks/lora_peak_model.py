@@ -5,8 +5,9 @@ finalizer per storage), on top of the weights and inputs, so the running total's
 max_memory_allocated shows for the same tensors, less the allocator's rounding and cuBLAS workspaces. With
 --offload, the layers' checkpointed inputs go to numpy arrays, which torch does not count: the device/host
 split of finetune_llama.py --offload-checkpoints. As the script trains on a GPU: bf16 weights (random), LoRA
-r=16 on every projection (fp32 adapters), gradient checkpointing, bf16 autocast, peft's input casts off; one
-forward and backward:
+r=16 on every projection (fp32 adapters), gradient checkpointing, bf16 autocast, peft's input casts off. One
+step of AdamW first (its states count, as from a trainer's second step on), then the forward and backward
+measured:
 
     python benchmarks/lora_peak_model.py                     # the chunked loss (256 tokens), 16 layers
     python benchmarks/lora_peak_model.py --offload
@@ -93,20 +94,34 @@ def build(layers: int, offload: bool):
     return get_peft_model(model, lora).train(), host
 
 
-def step_peak(model, batch: int, seq: int, chunk: int, peft_casts: bool) -> LiveBytes:
-    torch.manual_seed(1)
-    ids = torch.randint(0, 128000, (batch, seq))
-    inputs = {"input_ids": ids, "position_ids": torch.arange(seq).repeat(batch, 1)}
-    labels, replay = ids.clone(), torch.zeros(batch, dtype=torch.bool)
-    weights = list({t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values())
-    live = LiveBytes(weights + [ids, labels, inputs["position_ids"]])
+def forward_backward(model, inputs: dict, labels, chunk: int, peft_casts: bool) -> None:
+    replay = torch.zeros(labels.shape[0], dtype=torch.bool)
     uncast = contextlib.nullcontext() if peft_casts else ft.lora_inputs_uncast(model, "hf")
-    with live, uncast, torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's autocast
+    with uncast, torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's autocast
         if chunk:
             total, n = ft.chunked_token_losses(model, inputs, labels, replay, None, chunk)
             (total / n).backward()
         else:  # the model's own loss, on full-vocabulary logits (--loss-impl plain)
             ft.cross_entropy_loss(model, inputs, labels).backward()
+
+
+def step_peak(model, host, batch: int, seq: int, chunk: int, peft_casts: bool) -> LiveBytes:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128000, (batch, seq))
+    inputs = {"input_ids": ids, "position_ids": torch.arange(seq).repeat(batch, 1)}
+    labels = ids.clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    forward_backward(model, inputs, labels, chunk, peft_casts)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    weights = list({t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values())
+    states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    live = LiveBytes(weights + states + [ids, labels, inputs["position_ids"]])
+    if host is not None:
+        host.tensors, host.bytes = 0, 0  # what the measured step moves
+    with live:
+        forward_backward(model, inputs, labels, chunk, peft_casts)
     return live
 
 
@@ -121,12 +136,12 @@ def main() -> None:
     args = p.parse_args()
     model, host = build(args.layers, args.offload)
     t0 = time.time()
-    live = step_peak(model, args.batch, args.seq, args.chunk, args.peft_casts)
+    live = step_peak(model, host, args.batch, args.seq, args.chunk, args.peft_casts)
     mib = lambda n: round(n / 2**20, 1)  # noqa: E731
     print(
         {
             **vars(args),
-            "weights_and_inputs_mb": mib(live.base),
+            "weights_states_inputs_mb": mib(live.base),
             "peak_mb": mib(live.peak),
             "peak_op": live.peak_op,
             "offloaded_mb": mib(host.bytes) if host else None,
