@@ -906,13 +906,14 @@ class HostCheckpoints:
             return checkpoint(layer_call, *args, use_reentrant=True)
 
 
-def offload_checkpoints(model) -> HostCheckpoints:
-    """Give every gradient-checkpointed layer of model the offloading checkpoint; returns its counter."""
-    host = HostCheckpoints()
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-    for layer in layers:
-        layer._gradient_checkpointing_func = host.checkpoint
-    model.enable_input_require_grads()  # a reentrant checkpoint passes gradients only to inputs needing them
+def offload_checkpoints(model, host: HostCheckpoints | None = None) -> HostCheckpoints:
+    """Give every gradient-checkpointed layer of model the offloading checkpoint (of `host`, or a new one);
+    returns it. The model's inputs must require grad (enable_input_require_grads, as gradient checkpointing
+    is set up above): a reentrant checkpoint passes gradients only to inputs that need them."""
+    host = host if host is not None else HostCheckpoints()
+    for layer in model.modules():
+        if getattr(layer, "gradient_checkpointing", False):
+            layer._gradient_checkpointing_func = host.checkpoint
     return host
 
 

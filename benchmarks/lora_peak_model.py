@@ -85,10 +85,7 @@ def build(layers: int, offload: bool):
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    host = NumpyHost() if offload else None
-    for m in model.modules() if offload else ():
-        if getattr(m, "gradient_checkpointing", False):
-            m._gradient_checkpointing_func = host.checkpoint
+    host = ft.offload_checkpoints(model, NumpyHost()) if offload else None
     targets = list(ft.LORA_SHORT_NAMES.values())
     lora = LoraConfig(r=16, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora).train(), host

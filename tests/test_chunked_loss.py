@@ -23,16 +23,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(tiny, head: bool = False):
-    """The 32-wide tiny Llama (fp32) with a LoRA on every projection (and on the output head with `head`),
-    both factors random: a trained adapter, whose every LoRA weight gets a gradient."""
+def lora_model(tiny, head: bool = False, base=None, dropout: float = 0.0):
+    """The 32-wide tiny Llama (fp32; or `base`) with a LoRA on every projection (and on the output head with
+    `head`), both factors random: a trained adapter, whose every LoRA weight gets a gradient."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     targets = ALL_PROJ + (["lm_head"] if head else [])
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llama_a"]), config)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    base = base if base is not None else AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
+    model = get_peft_model(base, config)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -72,7 +75,6 @@ def checkpointed_lora_model(tiny, checkpointing: str):
     """lora_model's adapter (dropout 0.1: the recompute must redraw the same masks) on the tiny Llama set up
     as load_for_training does it: no checkpointing, torch's non-reentrant one, or --offload-checkpoints.
     Returns (model, the offloader's counter or None)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
@@ -82,13 +84,7 @@ def checkpointed_lora_model(tiny, checkpointing: str):
         base.enable_input_require_grads()
     if checkpointing == "offload":
         host = finetune_llama.offload_checkpoints(base)
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=ALL_PROJ, task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    return model.train(), host
+    return lora_model(tiny, base=base, dropout=0.1).train(), host
 
 
 def test_offloaded_checkpoints_give_the_same_loss_and_gradients_and_move_only_the_layer_inputs(tiny):
@@ -129,19 +125,12 @@ def test_without_peft_input_casts_a_bf16_autocast_step_is_the_same_and_no_fp32_c
     same gradients, bit for bit, and the adapters see bf16: 7 projections x 2 layers x forward, recompute."""
     import contextlib
 
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"], dtype=torch.bfloat16)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.enable_input_require_grads()
-    torch.manual_seed(0)
-    model = get_peft_model(
-        base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, task_type="CAUSAL_LM")
-    )
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = lora_model(tiny, base=base)
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
     model.train()
     seen = record_adapter_inputs(model)
