@@ -883,7 +883,7 @@ def fmt(x, spec: str = ".1f", none: str = "–") -> str:
 
 
 def percent(x: float | None) -> str:
-    """A fraction as a percentage; "–" where it is missing (on a CPU gpt_optimized reports no MFU: its
+    """A fraction as a percentage; "–" where it is missing (on a CPU the GPT scripts report no MFU: its
     peak FLOP/s would be a guess)."""
     return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 

@@ -38,7 +38,7 @@ GPT_SUMMARY = Contract(
     optional={
         "train_time_s": "seconds spent in training steps",
         "latency_ms": "decoding latency of the run's own sample (null with --max-new-tokens 0)",
-        "mfu": "model FLOPs utilisation (gpt_optimized.py; null where the peak FLOP/s is unknown)",
+        "mfu": "model FLOPs utilisation (null where the peak FLOP/s is unknown, e.g. on a CPU)",
     },
 )
 

@@ -71,8 +71,8 @@ PRESETS = {
     ),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
-# dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given;
-# a CPU has no such figure to look up, so its MFU is reported only with --peak-flops
+# dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given (fp32
+# runs: the TF32 figure); a CPU has no such figure to look up, so its MFU is reported only with --peak-flops
 PEAK_FLOPS = {
     "H100 PCIe": (756e12, 378e12),
     "H100": (989e12, 494e12),
@@ -632,13 +632,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def flops_per_token(self) -> float:
-        """6N + 12*L*H*Q*T (PaLM appendix B): matmul flops of forward + backward for one token."""
-        c = self.config
-        n = count_params(self) - (0 if c.rope else self.wpe.weight.numel())  # lookups are not matmuls
-        n -= 0 if c.tie_weights else self.wte.weight.numel()
-        return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-
     def configure_optimizers(
         self, lr: float, weight_decay: float, device: str, muon: bool, fused: bool = True
     ) -> list:
@@ -760,6 +753,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
 
 
+def flops_per_token(model: nn.Module) -> float:
+    """6N + 12*L*H*Q*T (PaLM appendix B): matmul flops of forward + backward for one token; N counts the
+    head but no embedding lookup (a position table, a token embedding not tied to the head)."""
+    c, head = model.config, model.lm_head.weight
+    lookups = ("wte.", "wpe.")  # lookups are not matmuls
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(lookups) or p is head)
+    return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+
 def describe_unloadable(path: Path, error: Exception) -> str:
     """What a file that torch.load refused is, in words (torch's own message may advise unpickling it
     unsafely, which a checkpoint of ours never needs)."""
@@ -859,6 +861,8 @@ FLAGS = [
         help="seeds weights, dropout and batch sampling")),
     ("--device",           dict(type=device_arg, default="auto",
         help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")),
+    ("--peak-flops",       dict(type=positive_float, default=None,
+        help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")),
     ("--resume",           dict(action="store_true", help="continue from <out>/ckpt.pt to --max-iters")),
     ("--prompt",           dict(default="The market", help="prompt for the sample printed at the end")),
     ("--max-new-tokens",   dict(type=non_negative_int, default=200,
@@ -894,8 +898,6 @@ FLAGS = [
              "bf16 ran ~10x slower)")),
     ("--ckpt-activations", dict(action="store_true",
         help="recompute activations in backward (saves memory, costs ~1/3 more compute)")),
-    ("--peak-flops",       dict(type=positive_float, default=None,
-        help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")),
     ("--rope",             dict(action=BOOL, default=True,
         help="rotary position embeddings (--no-rope: learned absolute)")),
     ("--qk-norm",          dict(action=BOOL, default=False, help="RMS-normalise queries and keys")),
@@ -1003,6 +1005,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def percent(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def default_peak_flops(device: str, amp: bool) -> float | None:
+    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure; None on CPU, where a guess
+    from the thread count overshot (it reported an MFU above 100%)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in PEAK_FLOPS.items():
+            if key in name:
+                return half if amp else tf32
+        print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
+        return PEAK_FLOPS["A100"][0 if amp else 1]
+    return None
+
+
+def flop_facts(model: nn.Module, args, device: str, amp: bool, world_size: int) -> dict:
+    """What MFU divides by, as summary.json records it."""
+    peak = args.peak_flops or default_peak_flops(device, amp)
+    return {"flops_per_token": flops_per_token(model), "peak_flops": peak, "world_size": world_size}
+
+
+def mfu(tokens_per_s: float, facts: dict) -> float | None:
+    """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
+    if facts["peak_flops"] is None:
+        return None
+    return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
+
+
 def cpu_has_bf16_units() -> bool:
     """AVX512-BF16 or AMX-BF16: CPUs where bf16 matmuls beat fp32 (without them bf16 ran ~10x slower)."""
     import torch
@@ -1024,30 +1056,6 @@ def choose_amp(flag: bool | None, device_type: str) -> tuple[torch.dtype | None,
     if cpu_has_bf16_units():
         return torch.bfloat16, "bf16 (CPU has AVX512-BF16/AMX)"
     return None, "fp32 (CPU has no AVX512-BF16/AMX: bf16 would run ~10x slower)"
-
-
-def percent(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1%}"
-
-
-def default_peak_flops(device: str, amp: bool) -> float | None:
-    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure; None on CPU, where a guess
-    from the thread count overshot (it reported an MFU above 100%)."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, (half, tf32) in PEAK_FLOPS.items():
-            if key in name:
-                return half if amp else tf32
-        print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
-        return PEAK_FLOPS["A100"][0 if amp else 1]
-    return None
-
-
-def mfu(tokens_per_s: float, facts: dict) -> float | None:
-    """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
-    if facts["peak_flops"] is None:
-        return None
-    return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
 
 
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
@@ -1168,11 +1176,9 @@ def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Mo
 def speed_facts(
     model: GPT, args, device: str, ranks: Ranks, use_compile: bool, amp_dtype, amp_why: str
 ) -> dict:
-    """How the run is made fast: summary.json's last keys (after mfu), and what MFU divides by."""
+    """What MFU divides by and how the run is made fast: summary.json's last keys (after mfu)."""
     return {
-        "flops_per_token": model.flops_per_token(),
-        "peak_flops": args.peak_flops or default_peak_flops(device, amp_dtype is not None),
-        "world_size": ranks.world_size,
+        **flop_facts(model, args, device, amp_dtype is not None, ranks.world_size),
         "compile": use_compile,
         "compile_scope": args.compile_scope if use_compile else None,
         "compile_mode": args.compile_mode if use_compile else None,

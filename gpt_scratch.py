@@ -60,6 +60,22 @@ PRESETS = {
     ),
 }
 SKIP_WINDOWS = 1  # throughput ignores each process's first log window (allocation, warm-up)
+# dense peak FLOP/s by card: (bf16/fp16 tensor cores, tf32), for MFU when --peak-flops is not given (fp32
+# runs: the TF32 figure); a CPU has no such figure to look up, so its MFU is reported only with --peak-flops
+PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "H200": (989e12, 494e12),
+    "GH200": (989e12, 494e12),
+    "B200": (2250e12, 1100e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10": (125e12, 62.5e12),
+    "4090": (165e12, 82.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
 
 
 def die(msg: str) -> None:
@@ -503,6 +519,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
 
 
+def flops_per_token(model: nn.Module) -> float:
+    """6N + 12*L*H*Q*T (PaLM appendix B): matmul flops of forward + backward for one token; N counts the
+    head but no embedding lookup (a position table, a token embedding not tied to the head)."""
+    c, head = model.config, model.lm_head.weight
+    lookups = ("wte.", "wpe.")  # lookups are not matmuls
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(lookups) or p is head)
+    return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+
 def describe_unloadable(path: Path, error: Exception) -> str:
     """What a file that torch.load refused is, in words (torch's own message may advise unpickling it
     unsafely, which a checkpoint of ours never needs)."""
@@ -600,6 +625,8 @@ FLAGS = [
         help="seeds weights, dropout and batch sampling")),
     ("--device",           dict(type=device_arg, default="auto",
         help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")),
+    ("--peak-flops",       dict(type=positive_float, default=None,
+        help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")),
     ("--resume",           dict(action="store_true", help="continue from <out>/ckpt.pt to --max-iters")),
     ("--prompt",           dict(default="The market", help="prompt for the sample printed at the end")),
     ("--max-new-tokens",   dict(type=non_negative_int, default=200,
@@ -673,6 +700,36 @@ def sync(device: str) -> None:
     """Wait for the GPU's queued kernels, so a timer reads finished work."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def percent(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def default_peak_flops(device: str, amp: bool) -> float | None:
+    """Dense peak FLOP/s of one device: the card's bf16 (or TF32) figure; None on CPU, where a guess
+    from the thread count overshot (it reported an MFU above 100%)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in PEAK_FLOPS.items():
+            if key in name:
+                return half if amp else tf32
+        print(f"{SCRIPT}: unknown card {name!r}: MFU uses A100 figures; pass --peak-flops", file=sys.stderr)
+        return PEAK_FLOPS["A100"][0 if amp else 1]
+    return None
+
+
+def flop_facts(model: nn.Module, args, device: str, amp: bool, world_size: int) -> dict:
+    """What MFU divides by, as summary.json records it."""
+    peak = args.peak_flops or default_peak_flops(device, amp)
+    return {"flops_per_token": flops_per_token(model), "peak_flops": peak, "world_size": world_size}
+
+
+def mfu(tokens_per_s: float, facts: dict) -> float | None:
+    """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
+    if facts["peak_flops"] is None:
+        return None
+    return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
 
 
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
@@ -987,6 +1044,7 @@ def write_summary(
     progress: Progress,
     clock: Clock,
     train_time_s: float,
+    facts: dict,
 ) -> dict:
     """Time generation, print a sample, write summary.json (bench.py reads its keys) and say the result."""
     val_loss, tokens_per_s = progress.val_loss, clock.tokens_per_s()
@@ -996,10 +1054,11 @@ def write_summary(
     summary = summarize(
         args, tok, meta, model, device, progress, tokens_per_s, train_time_s, latency_ms, sample_text
     )
+    summary = {**summary, "mfu": mfu(tokens_per_s, facts), **facts}
     atomic_write_json(run.out / "summary.json", summary)
     print(
         f"{SCRIPT}: val_loss {val_loss:.4f} (ppl {summary['perplexity']:.2f}), {tokens_per_s:,.0f} tokens/s, "
-        f"{train_time_s:.1f}s -> {run.out}"
+        f"mfu {percent(summary['mfu'])}, {train_time_s:.1f}s -> {run.out}"
     )
     return summary
 
@@ -1014,6 +1073,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     if ckpt is not None:
         check_resume(ckpt, args, tok, config)
     model, optimizer, data_gen = build_model(args, config, device)
+    facts = flop_facts(model, args, device, False, 1)  # fp32, one device
     progress = Progress(args.batch_size * args.block_size)
     restore(ckpt, model, optimizer, data_gen, progress)
     print(banner(model, meta, progress, device), file=sys.stderr)
@@ -1028,8 +1088,12 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
             clock.stop()  # the clock stands still while evaluating and checkpointing
             losses = estimate_loss(model, train_data, val_data, args, device)
             row = progress.record(losses, lr, clock)
+            row["mfu"] = mfu(row["tokens_per_s"], facts)
             append_row(metrics_path, row)
-            pbar.write(f"iter {progress.iter_num}: train {losses['train']:.4f}, val {progress.val_loss:.4f}")
+            pbar.write(
+                f"iter {progress.iter_num}: train {losses['train']:.4f}, val {progress.val_loss:.4f}, "
+                f"mfu {percent(row['mfu'])}"
+            )
             if ckpt is None or progress.iter_num > ckpt["iter_num"]:
                 save_checkpoint(run, model, optimizer, data_gen, tok, meta, args, progress, clock)
             clock.start()
@@ -1045,7 +1109,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
             pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{clock.row_tokens_per_s():,.0f}")
     pbar.close()
     train_time_s = clock.elapsed_s()
-    return write_summary(args, run, tok, meta, model, device, progress, clock, train_time_s)
+    return write_summary(args, run, tok, meta, model, device, progress, clock, train_time_s, facts)
 
 
 def main(argv: list[str] | None = None) -> dict:

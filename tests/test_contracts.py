@@ -74,9 +74,7 @@ def test_gpt_summary_and_metrics_hold_their_contracts(script, gpt_runs):
     summary = json.loads((out / "summary.json").read_text())
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert len(lines) >= 2  # an evaluation at step 0 and at the end: the curve bench.py draws
-    # mfu: gpt_optimized.py alone reports it
-    missing = missing_keys(contracts.GPT_SUMMARY, [summary])
-    assert missing == ([] if script == "gpt_optimized" else ["mfu"]), f"GPT_SUMMARY: {out / 'summary.json'}"
+    assert missing_keys(contracts.GPT_SUMMARY, [summary]) == [], f"GPT_SUMMARY: {out / 'summary.json'}"
     assert missing_keys(contracts.GPT_METRICS, lines) == [], f"GPT_METRICS: {out / 'metrics.jsonl'}"
 
 

@@ -413,7 +413,7 @@ def test_kv_cache_greedy_equals_no_cache(variant, flash, trained):
         prompt = torch.tensor([tok.encode("Shares of "), tok.encode("The index ")])
     for block in model.h:  # --no-flash: the explicit attention takes the same mask
         block.attn.flash = flash
-    keys, n_params, flops = set(model.state_dict()), mod.count_params(model), model.flops_per_token()
+    keys, n_params, flops = set(model.state_dict()), mod.count_params(model), mod.flops_per_token(model)
     lengths = []
     hook = model.wte.register_forward_hook(lambda m, inp, out: lengths.append(inp[0].shape[1]))
     # 40 new tokens from 5-10 of prompt: past block_size 32, so the full-window path runs too
@@ -431,7 +431,7 @@ def test_kv_cache_greedy_equals_no_cache(variant, flash, trained):
     k_buffers = [block.attn.kv_cache.k for block in model.h]
     assert all(k.shape == (2, model.config.n_head, 32, hs) for k in k_buffers)
     assert set(model.state_dict()) == keys and mod.count_params(model) == n_params
-    assert model.flops_per_token() == flops
+    assert mod.flops_per_token(model) == flops
     # a prompt longer than the window: the last block_size tokens prefill it; the same buffers serve again
     long_prompt = torch.cat([prompt] * 5, dim=1)[:, :35]
     again = model.generate(long_prompt, 3, temperature=0.0)
@@ -855,9 +855,28 @@ def tiny_main(mod, corpus: Path, out: Path, *extra: str) -> dict:
     )
 
 
+@pytest.mark.parametrize(
+    "name, kw, tables",
+    [
+        ("gpt_scratch", {}, ["wte", "wpe"]),  # untied embedding, learned positions
+        ("gpt_optimized", {}, []),  # tied (the embedding is the head), rotary positions
+        ("gpt_optimized", dict(rope=False, tie_weights=False), ["wte", "wpe"]),
+    ],
+)
+def test_flops_per_token_counts_the_head_but_no_embedding_lookup(name, kw, tables):
+    mod = load(name)
+    model = tiny_random_gpt(mod, **kw)
+    c, n = model.config, mod.count_params(model)
+    attention = 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+    lookups = sum(getattr(model, t).weight.numel() for t in tables)
+    assert mod.flops_per_token(model) == 6 * (n - lookups) + attention
+    assert mod.flops_per_token(model) > 6 * model.lm_head.weight.numel() + attention
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
-def test_mfu_on_cpu_is_none_unless_peak_flops_is_given(corpus, tmp_path, capsys):
-    mod = load("gpt_optimized")
+@pytest.mark.parametrize("name", MODULES)
+def test_mfu_on_cpu_is_none_unless_peak_flops_is_given(name, corpus, tmp_path, capsys):
+    mod = load(name)
     s = tiny_main(mod, corpus, tmp_path / "a")
     assert s["mfu"] is None and s["peak_flops"] is None
     assert all(r["mfu"] is None for r in read_rows(tmp_path / "a"))
