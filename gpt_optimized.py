@@ -1,16 +1,12 @@
 """
 A from-scratch GPT language model on the finance corpus, made fast.
 
-gpt_scratch.py plus the speed techniques: `diff gpt_scratch.py gpt_optimized.py` lists them,
-each with a comment on what it buys. torch.compile, bf16 autocast (fp16 + GradScaler where bf16
-is missing), flash attention through scaled_dot_product_attention, fused AdamW with weight decay
-on matrices only, tied embeddings, bias-free layers, a vocabulary padded to a multiple of 64,
-TF32, pinned non-blocking host-to-device copies, gradient accumulation, a warmup-stable-decay LR
-schedule (a higher peak LR than the baseline tolerates, with clipping), gradient
-clipping, optional activation checkpointing, a static KV cache with a compiled decoding step for
-generation, regional compilation (--compile-scope blocks), CUDA graphs for training (--compile-mode
-reduce-overhead), DDP via torchrun, MFU; and NanoGPT-speedrun changes: rotary embeddings and ReLU^2
-(on by default), QK-norm and Muon (behind flags).
+gpt_scratch.py plus the speed techniques, each commented where `diff gpt_scratch.py gpt_optimized.py`
+shows it: torch.compile (whole model or per block, CUDA graphs), bf16 autocast (fp16 + GradScaler where
+bf16 is missing), flash attention, fused AdamW with decay on matrices only, a tied, bias-free model with
+a padded vocabulary, TF32, pinned copies, gradient accumulation, a warmup-stable-decay schedule with
+clipping, activation checkpointing, a static KV cache with a compiled decoding step, DDP via torchrun;
+NanoGPT-speedrun changes: rotary embeddings and ReLU^2 (on by default), QK-norm and Muon (flags).
 
     python gpt_optimized.py --preset cpu --out out/gpt_optimized
     python gpt_optimized.py --preset cpu --out out/gpt_optimized --resume --max-iters 1200
