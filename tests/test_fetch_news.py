@@ -163,28 +163,16 @@ def clean_env():
     return env
 
 
+def eodhd_cmd(base_url: str, out_dir, *extra, key=KEY) -> list[str]:
+    """The command line of an EODHD run against base_url."""
+    script = str(REPO / "fetch_news.py")
+    where = ["--out-dir", str(out_dir), "--base-url", base_url, "--api-key", key]
+    return [sys.executable, script, "--source", "eodhd", *where, *extra]
+
+
 def fetch(api, out_dir, *extra, key=KEY, timeout=60):
-    cmd = [
-        sys.executable,
-        str(REPO / "fetch_news.py"),
-        "--source",
-        "eodhd",
-        "--out-dir",
-        str(out_dir),
-        "--base-url",
-        api.base_url,
-        "--api-key",
-        key,
-        "--timeout",
-        "1.5",
-        "--max-retries",
-        "3",
-        "--backoff-base",
-        "0.05",
-        "--backoff-max",
-        "0.2",
-        *extra,
-    ]
+    quick = ["--timeout", "1.5", "--max-retries", "3", "--backoff-base", "0.05", "--backoff-max", "0.2"]
+    cmd = eodhd_cmd(api.base_url, out_dir, *quick, *extra, key=key)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)
 
 
@@ -433,24 +421,16 @@ def test_timeouts_and_5xx_exhaust_retries_then_skip(api, tmp_path):
     assert_no_key(r.stdout, r.stderr, out_dir=tmp_path)
     # a refused connection: requests puts the whole URL, token included, into the message
     dead = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "fetch_news.py"),
-            "--source",
-            "eodhd",
-            "--out-dir",
-            str(tmp_path),
-            "--base-url",
+        eodhd_cmd(
             "http://127.0.0.1:9/api",
-            "--api-key",
-            KEY,
+            str(tmp_path),
             "--tickers",
             "TSLA.US",
             "--max-retries",
             "1",
             "--backoff-base",
             "0.01",
-        ],
+        ),
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -518,24 +498,9 @@ def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
         api.feeds[t] = own[:10] + shared + own[10:]
     api.page_caps = {t: [3, 2] for t in tickers}
     api.delay_s = 0.03
-    cmd = [
-        sys.executable,
-        str(REPO / "fetch_news.py"),
-        "--source",
-        "eodhd",
-        "--out-dir",
-        str(tmp_path),
-        "--base-url",
-        api.base_url,
-        "--api-key",
-        KEY,
-        "--tickers",
-        ",".join(tickers),
-        "--limit",
-        "3",
-        "--backoff-base",
-        "0.01",
-    ]
+    cmd = eodhd_cmd(
+        api.base_url, str(tmp_path), "--tickers", ",".join(tickers), "--limit", "3", "--backoff-base", "0.01"
+    )
     news = tmp_path / "news.jsonl"
     kills = 0
     for threshold in (8, 40, 75):  # kill -9 at three different points of the run
@@ -567,22 +532,7 @@ def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
 def test_second_concurrent_run_is_refused(api, tmp_path):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(40)]
     api.delay_s = 0.3
-    cmd = [
-        sys.executable,
-        str(REPO / "fetch_news.py"),
-        "--source",
-        "eodhd",
-        "--out-dir",
-        str(tmp_path),
-        "--base-url",
-        api.base_url,
-        "--api-key",
-        KEY,
-        "--tickers",
-        "AAPL.US",
-        "--limit",
-        "2",
-    ]
+    cmd = eodhd_cmd(api.base_url, str(tmp_path), "--tickers", "AAPL.US", "--limit", "2")
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
     try:
         deadline = time.time() + 30
@@ -1067,23 +1017,15 @@ def test_eodhd_refuses_unusable_out_dir_before_any_request(api, tmp_path, unwrit
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(3)]
     api.files["/constituents.csv"] = ("text/csv", b"Symbol\nAAPL\n")
     with output_problem(kind, tmp_path, unwritable_dir) as (out, message):
-        cmd = [
-            sys.executable,
-            str(REPO / "fetch_news.py"),
-            "--source",
-            "eodhd",
-            "--out-dir",
-            str(out),
-            "--base-url",
+        cmd = eodhd_cmd(
             api.base_url,
-            "--api-key",
-            KEY,
+            str(out),
             "--tickers",
             "AAPL.US",
             "--sp500",
             "--sp500-url",
             api.root + "/constituents.csv",
-        ]
+        )
         r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
         assert_user_error(r, message)
         assert api.log == [] and api.n_req == {}  # not even the S&P 500 list was asked for
@@ -1115,22 +1057,7 @@ def test_eodhd_write_failure_says_what_was_kept_and_resumes(api, tmp_path):
     r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "4")
     full_size = (tmp_path / "news.jsonl").stat().st_size
     shutil.rmtree(tmp_path)
-    cmd = [
-        sys.executable,
-        str(REPO / "fetch_news.py"),
-        "--source",
-        "eodhd",
-        "--out-dir",
-        str(tmp_path),
-        "--base-url",
-        api.base_url,
-        "--api-key",
-        KEY,
-        "--tickers",
-        "AAPL.US",
-        "--limit",
-        "4",
-    ]
+    cmd = eodhd_cmd(api.base_url, str(tmp_path), "--tickers", "AAPL.US", "--limit", "4")
     r = subprocess.run(
         cmd,
         capture_output=True,
@@ -1178,22 +1105,7 @@ def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(60)]
     api.delay_s = 0.2
     news = tmp_path / "news.jsonl"
-    cmd = [
-        sys.executable,
-        str(REPO / "fetch_news.py"),
-        "--source",
-        "eodhd",
-        "--out-dir",
-        str(tmp_path),
-        "--base-url",
-        api.base_url,
-        "--api-key",
-        KEY,
-        "--tickers",
-        "AAPL.US",
-        "--limit",
-        "3",
-    ]
+    cmd = eodhd_cmd(api.base_url, str(tmp_path), "--tickers", "AAPL.US", "--limit", "3")
     p = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
