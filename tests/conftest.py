@@ -9,6 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "finance_corpus.txt"
+# a 1-layer, 32-wide GPT trained 4 steps on the CPU: checkpoints and output files for infer and contracts
+TINY_GPT_FLAGS = (
+    "--tokenizer char --n-layer 1 --n-head 2 --n-embd 32 --block-size 32 --batch-size 4 --max-iters 4 "
+    "--eval-interval 4 --eval-iters 1 --warmup-iters 1 --max-new-tokens 0 --device cpu"
+).split()
 
 
 def tiny_finetune_cmd(tiny, flags: str, *extra) -> list[str]:

@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import TINY_GPT_FLAGS  # noqa: E402
+
 import contracts  # noqa: E402
 
 ENV = {
@@ -22,10 +24,6 @@ ENV = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "OMP_NUM_THREADS": "1",
 }
-GPT_TINY = (
-    "--tokenizer char --n-layer 1 --n-head 2 --n-embd 32 --block-size 32 --batch-size 4 --max-iters 4 "
-    "--eval-interval 2 --eval-iters 1 --warmup-iters 1 --max-new-tokens 0 --device cpu"
-).split()
 
 
 def run(script: str, *args, cache: Path | None = None) -> subprocess.CompletedProcess:
@@ -64,7 +62,7 @@ def gpt_runs(tiny):
     outs = {}
     for script in ("gpt_scratch", "gpt_optimized"):
         outs[script] = tiny["dir"] / f"contract_{script}"
-        run(f"{script}.py", "--data", tiny["corpus"], "--out", outs[script], *GPT_TINY)
+        run(f"{script}.py", "--data", tiny["corpus"], "--out", outs[script], *TINY_GPT_FLAGS)
     return outs
 
 

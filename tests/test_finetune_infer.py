@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from conftest import CORPUS, fallback_docs, tiny_finetune_cmd  # noqa: E402
+from conftest import CORPUS, TINY_GPT_FLAGS, fallback_docs, tiny_finetune_cmd  # noqa: E402
 
 import finetune_llama  # noqa: E402
 import infer  # noqa: E402
@@ -59,35 +59,17 @@ def finetune_llama_has_avx512bf16() -> bool:
 # fixtures (the tiny Llamas, their corpus and tokenizer: conftest.py)
 
 
+def adapter_args(tiny, out) -> list:
+    """The adapter fixture's training command: 12 steps at rank 16 on the tiny Llama, merged copy too."""
+    shape = "--max-seq-length 64 --batch-size 4 --max-steps 12 --lr 1e-2 --warmup-steps 2 --eval-split 8"
+    model = ["--model", tiny["llama_a"], "--backend", "hf", "--data", tiny["corpus"]]
+    return ["finetune_llama.py", *model, *shape.split(), "--eval-tokens", 0, "--merge", "--out", out]
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny):
     out = tiny["dir"] / "adapter"
-    p = run(
-        "finetune_llama.py",
-        "--model",
-        tiny["llama_a"],
-        "--backend",
-        "hf",
-        "--data",
-        tiny["corpus"],
-        "--max-seq-length",
-        64,
-        "--batch-size",
-        4,
-        "--max-steps",
-        12,
-        "--lr",
-        1e-2,
-        "--warmup-steps",
-        2,
-        "--eval-split",
-        8,
-        "--eval-tokens",
-        0,
-        "--merge",
-        "--out",
-        out,
-    )
+    p = run(*adapter_args(tiny, out))
     return {"out": out, "proc": p, "run": json.loads((out / "run.json").read_text())}
 
 
@@ -435,33 +417,7 @@ def test_a_second_finetune_never_replaces_the_first_without_overwrite(tiny, adap
     out = adapter["out"]
     before = snapshot(out)
     # the very same command again: refused before any work, every file of the first run untouched
-    p = run(
-        "finetune_llama.py",
-        "--model",
-        tiny["llama_a"],
-        "--backend",
-        "hf",
-        "--data",
-        tiny["corpus"],
-        "--max-seq-length",
-        64,
-        "--batch-size",
-        4,
-        "--max-steps",
-        12,
-        "--lr",
-        1e-2,
-        "--warmup-steps",
-        2,
-        "--eval-split",
-        8,
-        "--eval-tokens",
-        0,
-        "--merge",
-        "--out",
-        out,
-        check=False,
-    )
+    p = run(*adapter_args(tiny, out), check=False)
     assert_user_error(p, f"--out {out} holds an adapter from", "rank 16, 12 steps", "--overwrite")
     assert snapshot(out) == before
 
@@ -869,30 +825,7 @@ def test_infer_runs_gpt_checkpoints(tiny, tmp_path, script):
         tiny["corpus"],
         "--out",
         tmp_path / "run",
-        "--tokenizer",
-        "char",
-        "--n-layer",
-        1,
-        "--n-head",
-        2,
-        "--n-embd",
-        32,
-        "--block-size",
-        32,
-        "--batch-size",
-        4,
-        "--max-iters",
-        4,
-        "--eval-interval",
-        4,
-        "--eval-iters",
-        1,
-        "--warmup-iters",
-        1,
-        "--max-new-tokens",
-        0,
-        "--device",
-        "cpu",
+        *TINY_GPT_FLAGS,
     )
     ckpt = tmp_path / "run" / "ckpt.pt"
     greedy = [

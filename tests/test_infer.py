@@ -17,9 +17,10 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import CORPUS, TINY_GPT_FLAGS  # noqa: E402
+
 import infer  # noqa: E402
 
-CORPUS = ROOT / "data" / "finance_corpus.txt"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 EXPECTED = "expected a ckpt.pt written by gpt_scratch.py or gpt_optimized.py"
@@ -71,30 +72,7 @@ def train_gpt(script: str, out: Path, corpus: Path) -> Path:
         corpus,
         "--out",
         out,
-        "--tokenizer",
-        "char",
-        "--n-layer",
-        1,
-        "--n-head",
-        2,
-        "--n-embd",
-        32,
-        "--block-size",
-        32,
-        "--batch-size",
-        4,
-        "--max-iters",
-        4,
-        "--eval-interval",
-        4,
-        "--eval-iters",
-        1,
-        "--warmup-iters",
-        1,
-        "--max-new-tokens",
-        0,
-        "--device",
-        "cpu",
+        *TINY_GPT_FLAGS,
     )
     return out / "ckpt.pt"
 
