@@ -16,6 +16,18 @@ TINY_GPT_FLAGS = (
 ).split()
 
 
+def assert_user_error(p, *fragments, prefix: str = "") -> str:
+    """A user mistake: exit code 2, exactly one line on stderr (starting with prefix) holding every fragment,
+    no traceback. Returns the line."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert lines[0].startswith(prefix), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
 def tiny_finetune_cmd(tiny, flags: str, *extra) -> list[str]:
     """finetune_llama.py on the tiny fixture's 32-wide Llama and corpus (transformers backend), with `flags`
     (space-separated) and then `extra`."""

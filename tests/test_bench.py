@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import assert_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "finance_corpus.txt"
@@ -397,14 +398,6 @@ def test_steady_time_and_tokens_to_target():
 
 # -----------------------------------------------------------------------------
 # bad inputs, Ctrl-C, the CPU's bf16 units, and the report and plots on figures shaped like a GPU run
-
-
-def assert_user_error(p, *fragments):
-    """A user mistake: exit 2, exactly one line on stderr, no traceback."""
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def small_corpus(path: Path, n_docs: int = 200) -> Path:

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import assert_user_error as one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -177,13 +178,8 @@ def fetch(api, out_dir, *extra, key=KEY, timeout=60):
 
 
 def assert_user_error(r, *fragments):
-    """Exit 2, exactly one line on stderr holding every fragment, no traceback."""
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    assert "Traceback" not in r.stderr
+    """Exit 2, exactly one line on stderr, "error: ..." holding every fragment, no traceback."""
+    one_line_error(r, *fragments, prefix="error:")
 
 
 def assert_error_last(r, *fragments):

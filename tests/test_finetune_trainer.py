@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from conftest import tiny_finetune_cmd  # noqa: E402
+from conftest import assert_user_error, tiny_finetune_cmd  # noqa: E402
 
 import finetune_llama  # noqa: E402
 
@@ -37,14 +37,6 @@ def run(cmd, check=True, cache=None):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}:\n{p.stderr[-3000:]}")
     return p
-
-
-def assert_user_error(p, *fragments):
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def metrics(out: Path) -> list[dict]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,16 +121,6 @@ def run_cli(name: str, args: list[str], **kw) -> subprocess.CompletedProcess:
         env=ENV,
         **kw,
     )
-
-
-def assert_user_error(p, *fragments):
-    """Exit code 2, exactly one line on stderr, no traceback."""
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def one_line_exit2(fn, capsys, *fragments) -> str:

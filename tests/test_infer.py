@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from conftest import CORPUS, TINY_GPT_FLAGS  # noqa: E402
+from conftest import CORPUS, TINY_GPT_FLAGS, assert_user_error  # noqa: E402
 
 import infer  # noqa: E402
 
@@ -39,15 +39,6 @@ def run(script, *args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
-
-
-def assert_user_error(p, *fragments):
-    """Exit code 2, exactly one line on stderr, no traceback."""
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, p.stderr
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def corpus_docs(n: int) -> list[str]:
