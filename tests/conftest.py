@@ -16,6 +16,31 @@ TINY_GPT_FLAGS = (
 ).split()
 
 
+# the scripts' subprocesses: offline (no model hub here), output unbuffered, tokenizers single-process
+OFFLINE_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def run_script(script, *args, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """python <repo>/<script> args (str() of each), from the repository root, output captured; with check, a
+    non-zero exit fails the test with the end of its stderr."""
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or OFFLINE_ENV,
+        timeout=600,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
 def assert_user_error(p, *fragments, prefix: str = "") -> str:
     """A user mistake: exit code 2, exactly one line on stderr (starting with prefix) holding every fragment,
     no traceback. Returns the line."""

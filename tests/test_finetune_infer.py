@@ -18,26 +18,13 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from conftest import CORPUS, TINY_GPT_FLAGS, assert_user_error, fallback_docs, tiny_finetune_cmd  # noqa: E402
+from conftest import OFFLINE_ENV as ENV  # noqa: E402
+from conftest import run_script as run  # noqa: E402
 
 import finetune_llama  # noqa: E402
 import infer  # noqa: E402
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def run(script, *args, check=True):
-    p = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=ENV,
-        timeout=600,
-    )
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
-    return p
 
 
 def finetune_llama_has_avx512bf16() -> bool:
