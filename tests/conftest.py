@@ -16,8 +16,10 @@ TINY_GPT_FLAGS = (
 ).split()
 
 
-# the scripts' subprocesses: offline (no model hub here), output unbuffered, tokenizers single-process
+# the scripts' subprocesses: offline (no model hub here), output unbuffered, tokenizers single-process, and
+# (unless set) no OpenMP threads spinning on a shared CPU
 OFFLINE_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
     **os.environ,
     "HF_HUB_OFFLINE": "1",
     "PYTHONUNBUFFERED": "1",

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from conftest import TINY_GPT_FLAGS  # noqa: E402
+from conftest import TINY_GPT_FLAGS, run_script  # noqa: E402
 
 import contracts  # noqa: E402
 
@@ -27,17 +27,7 @@ ENV = {
 
 
 def run(script: str, *args, cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**ENV, "FINLLM_CACHE": str(cache)} if cache else ENV
-    p = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-    )
-    assert p.returncode == 0, f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}"
-    return p
+    return run_script(script, *args, env={**ENV, "FINLLM_CACHE": str(cache)} if cache else ENV)
 
 
 def entries(value) -> list:
