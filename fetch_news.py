@@ -7,7 +7,8 @@ Two sources, one output format (UTF-8, documents separated by exactly one blank 
   python fetch_news.py --source eodhd --api-key demo --tickers AAPL.US,TSLA.US
 
 --source market writes the offline corpus of market_corpus.py: news-style stories written from real
-historical series shipped inside installed packages, byte-identical on every run and machine.
+historical series shipped inside installed packages, byte-identical on every run and machine. Both sources
+write the corpus with market_corpus.py's writer (whole files through a temp file, never half of one).
 
 --source eodhd pages through the EODHD financial-news API for a list of tickers into news.jsonl (one
 article per line, de-duplicated by link, resumable after kill -9), then writes finance_corpus.txt beside it.
@@ -26,7 +27,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 import traceback
 import urllib.parse
@@ -36,6 +36,7 @@ import requests
 from tqdm import tqdm
 
 import market_corpus
+from market_corpus import CORPUS_NAME, RERUN, UserError, atomic_open, check_out_dir, write_corpus
 
 try:
     import fcntl  # POSIX: guards news.jsonl against two concurrent writers
@@ -45,18 +46,13 @@ except ImportError:  # Windows: no lock, everything else works
 # -----------------------------------------------------------------------------
 # constants (the flags' defaults are in the FLAGS table at the end)
 
-CORPUS_NAME = "finance_corpus.txt"
 BASE_URL = "https://eodhd.com/api"
 MAX_WAIT_S = 86400.0  # a day: the cap on --timeout and --backoff-*; far more overflows sleep() and sockets
 CALLS_PER_NEWS_REQUEST = 5  # EODHD bills each /news request as 5 API calls
 SP500_CACHE = "sp500_constituents.csv"
 BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
-RERUN = "run the same command again"  # every stop keeps what was done: a rerun goes on from there
 EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
 EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
-
-
-class UserError(Exception): ...  # a mistake the user can fix: one line on stderr, exit code 2
 
 
 class FolderBusy(UserError): ...  # another run holds --out-dir: its files are not ours to tidy up
@@ -69,102 +65,6 @@ class TickerNotFound(Exception): ...  # HTTP 404: EODHD does not know the ticker
 
 
 class TickerFailed(Exception): ...  # retries spent, or a 4xx that retrying cannot help: skip the ticker
-
-
-# -----------------------------------------------------------------------------
-# output files
-
-
-@contextlib.contextmanager
-def atomic_open(path: str):
-    """Write a whole file through a temp file in the same directory + os.replace: readers (and a
-    run killed half-way) see the old file or the new one, never a mix. On error the old file stays."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    # os.replace is atomic, but the rename only survives a power cut once the folder entry is on disk
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def check_out_dir(path: str, names) -> None:
-    """Refuse an --out-dir that cannot be written, before any work is done. Probing with a temp file covers
-    read-only mounts, modes and ACLs alike; an output that is a folder would only fail at os.replace."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out-dir {path} is a file, not a folder")
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UserError(f"--out-dir {path} lies under a file ({probe})")
-    try:
-        tempfile.TemporaryFile(dir=probe).close()
-    except OSError as e:
-        raise UserError(f"--out-dir {path} is not writable ({e.strerror})")
-    for out in (os.path.join(path, name) for name in names):
-        if os.path.isdir(out):
-            raise UserError(f"{out} is a folder, not a file; move it away or use another --out-dir")
-
-
-def first_missing(path: str):
-    """The topmost folder of path that does not exist yet (what a run will create), or None."""
-    path, top = os.path.abspath(path), None
-    while not os.path.exists(path):
-        path, top = os.path.dirname(path), path
-    return top
-
-
-def remove_created(top, out_dir: str) -> None:
-    """Undo the folders a failed run created while they hold nothing of value (the lock file at most)."""
-    if top is None:
-        return
-    d = os.path.abspath(out_dir)
-    with contextlib.suppress(OSError):
-        if os.listdir(d) == ["news.lock"]:
-            os.remove(os.path.join(d, "news.lock"))
-    with contextlib.suppress(OSError):  # rmdir fails on the first folder that is not empty: stop there
-        while d == top or d.startswith(top + os.sep):
-            os.rmdir(d)
-            d = os.path.dirname(d)
-
-
-def write_corpus(path: str, docs) -> tuple:
-    """The project-wide corpus format: documents (bytes) joined by one blank line, a trailing newline,
-    written atomically. Returns (#documents, #bytes); (0, 0) and nothing written when there are none."""
-    first = next(docs, None)
-    if first is None:
-        return 0, 0
-    with atomic_open(path) as out:
-        out.write(first)
-        n_docs = 1
-        for n_docs, doc in enumerate(docs, start=2):
-            out.write(b"\n\n" + doc)
-        out.write(b"\n")
-        return n_docs, out.tell()
-
-
-def run_market(out_dir: str) -> None:
-    path = os.path.join(out_dir, CORPUS_NAME)
-    check_out_dir(out_dir, [CORPUS_NAME])
-    print(f"building the market corpus for {path} ...", file=sys.stderr, flush=True)
-    docs = [d.strip() for d in market_corpus.build_market_docs()]
-    assert all(docs) and not any("\n\n" in d for d in docs), "documents must be non-empty, no blank lines"
-    n_docs, n_bytes = write_corpus(path, (d.encode("utf-8") for d in docs))
-    chars = sum(map(len, docs)) + 2 * (n_docs - 1) + 1  # the documents, blank lines and final newline
-    print(f"wrote {path}: {n_docs:,} documents, {n_bytes:,} bytes, {chars:,} characters")
 
 
 # -----------------------------------------------------------------------------
@@ -755,42 +655,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stop_line(e: BaseException, args, redact: Redactor) -> str:
-    """The one stderr line of a run stopped by a user mistake, a failed write or Ctrl-C."""
+    """The one stderr line of a fetch stopped by a user mistake, a failed write or Ctrl-C."""
     if isinstance(e, UserError):
         return f"error: {redact(e)}"
-    market = args.source == "market"
-    corpus = os.path.join(args.out_dir, CORPUS_NAME)
-    # the market corpus is written whole through a temp file: all of it or none of it
-    kept = f"nothing written, {corpus} left as it was" if market else eodhd_kept(args.out_dir)
+    kept = eodhd_kept(args.out_dir)
     if isinstance(e, KeyboardInterrupt):
-        return redact(f"interrupted: {kept}; {RERUN} to {'build it' if market else 'resume'}")
-    # a failed write() does not say which file: the market source writes only one
-    where = e.filename or (corpus if market else f"to {args.out_dir}")
+        return redact(f"interrupted: {kept}; {RERUN} to resume")
+    where = e.filename or f"to {args.out_dir}"  # a failed write() does not say which file
     return redact(f"error: cannot write {where} ({e.strerror or e}); {kept}; fix that and {RERUN}")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
-    redact = Redactor(api_key)
-    created = first_missing(args.out_dir)  # folders this run makes; a run that fails removes them again
-    try:
-        if args.source == "eodhd":
-            return run_eodhd(args, api_key)
+    if args.source == "market":
         used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
-        if used:
-            flag = "--" + used[0].replace("_", "-").replace("date-", "")  # date_from is --from
-            raise UserError(f"{flag} only applies to --source eodhd")
-        run_market(args.out_dir)
-        return 0
+        if not used:
+            return market_corpus.build_corpus(args.out_dir)
+        flag = "--" + used[0].replace("_", "-").replace("date-", "")  # date_from is --from
+        print(f"error: {flag} only applies to --source eodhd", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
+    # folders this run makes; a run that fails removes them again
+    created = market_corpus.first_missing(args.out_dir)
+    try:
+        return run_eodhd(args, api_key)
     # user mistakes; disk full or permissions changed mid-run (the machine's problem, not a bug); Ctrl-C
     except (UserError, OSError, KeyboardInterrupt) as e:
         if not isinstance(e, FolderBusy):  # another run's folder: nothing in it is ours to remove
-            remove_created(created, args.out_dir)
-        print(stop_line(e, args, redact), file=sys.stderr)
+            market_corpus.remove_created(created, args.out_dir, litter="news.lock")
+        print(stop_line(e, args, Redactor(api_key)), file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
     except Exception:  # a bug: show the traceback, but never the key
-        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(Redactor(api_key)(traceback.format_exc()), file=sys.stderr, end="")
         return 1
 
 

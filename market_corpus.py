@@ -13,10 +13,14 @@ monthly, quarterly and annual wraps. Every number is computed from the data with
 (math.fsum); the words are picked by a random.Random seeded with the story's desk and date, so the file
 is byte-identical on every run and machine. Nothing is invented: no quotes, names or figures that the
 data do not give.
+
+The corpus file's writer lives here too (documents joined by one blank line, written atomically through a
+temp file): fetch_news.py writes its EODHD corpus with it.
 """
 
 import argparse
 import bisect
+import contextlib
 import csv
 import datetime as dt
 import gzip
@@ -24,10 +28,12 @@ import importlib.resources
 import io
 import json
 import math
+import os
 import random
 import re
 import string
 import sys
+import tempfile
 
 # -----------------------------------------------------------------------------
 # data: load the bundled series (csv + gzip only, no pandas, so parsing and
@@ -3070,6 +3076,132 @@ def run_stats(paths: list[str], as_json: bool, vocab_size: int) -> int:
 
 
 # -----------------------------------------------------------------------------
+# output: the corpus file, as both of fetch_news.py's sources write it (they import these helpers)
+
+CORPUS_NAME = "finance_corpus.txt"
+RERUN = "run the same command again"  # every stop keeps what was done: a rerun goes on from there
+
+
+class UserError(Exception): ...  # a mistake the user can fix: one line on stderr, exit code 2
+
+
+@contextlib.contextmanager
+def atomic_open(path: str):
+    """Write a whole file through a temp file in the same directory + os.replace: readers (and a
+    run killed half-way) see the old file or the new one, never a mix. On error the old file stays."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    # os.replace is atomic, but the rename only survives a power cut once the folder entry is on disk
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_out_dir(path: str, names) -> None:
+    """Refuse an --out-dir that cannot be written, before any work is done. Probing with a temp file covers
+    read-only mounts, modes and ACLs alike; an output that is a folder would only fail at os.replace."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out-dir {path} is a file, not a folder")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"--out-dir {path} lies under a file ({probe})")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise UserError(f"--out-dir {path} is not writable ({e.strerror})")
+    for out in (os.path.join(path, name) for name in names):
+        if os.path.isdir(out):
+            raise UserError(f"{out} is a folder, not a file; move it away or use another --out-dir")
+
+
+def first_missing(path: str):
+    """The topmost folder of path that does not exist yet (what a run will create), or None."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def remove_created(top, out_dir: str, litter: str = "") -> None:
+    """Undo the folders a failed run created while they hold nothing of value (a `litter` file at most)."""
+    if top is None:
+        return
+    d = os.path.abspath(out_dir)
+    with contextlib.suppress(OSError):
+        if litter and os.listdir(d) == [litter]:
+            os.remove(os.path.join(d, litter))
+    with contextlib.suppress(OSError):  # rmdir fails on the first folder that is not empty: stop there
+        while d == top or d.startswith(top + os.sep):
+            os.rmdir(d)
+            d = os.path.dirname(d)
+
+
+def write_corpus(path: str, docs) -> tuple:
+    """The project-wide corpus format: documents (bytes) joined by one blank line, a trailing newline,
+    written atomically. Returns (#documents, #bytes); (0, 0) and nothing written when there are none."""
+    first = next(docs, None)
+    if first is None:
+        return 0, 0
+    with atomic_open(path) as out:
+        out.write(first)
+        n_docs = 1
+        for n_docs, doc in enumerate(docs, start=2):
+            out.write(b"\n\n" + doc)
+        out.write(b"\n")
+        return n_docs, out.tell()
+
+
+def write_market_corpus(out_dir: str) -> None:
+    path = os.path.join(out_dir, CORPUS_NAME)
+    check_out_dir(out_dir, [CORPUS_NAME])
+    print(f"building the market corpus for {path} ...", file=sys.stderr, flush=True)
+    docs = [d.strip() for d in build_market_docs()]
+    assert all(docs) and not any("\n\n" in d for d in docs), "documents must be non-empty, no blank lines"
+    n_docs, n_bytes = write_corpus(path, (d.encode("utf-8") for d in docs))
+    chars = sum(map(len, docs)) + 2 * (n_docs - 1) + 1  # the documents, blank lines and final newline
+    print(f"wrote {path}: {n_docs:,} documents, {n_bytes:,} bytes, {chars:,} characters")
+
+
+def build_corpus(out_dir: str) -> int:
+    """Write the market corpus into out_dir; returns the exit code. A bad --out-dir, a failed write or
+    Ctrl-C: one line, any old corpus left as it was, the folders this run made removed again."""
+    created = first_missing(out_dir)
+    try:
+        write_market_corpus(out_dir)
+        return 0
+    except (UserError, OSError, KeyboardInterrupt) as e:
+        remove_created(created, out_dir)
+        print(build_stop_line(e, out_dir), file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
+
+
+def build_stop_line(e: BaseException, out_dir: str) -> str:
+    if isinstance(e, UserError):
+        return f"error: {e}"
+    corpus = os.path.join(out_dir, CORPUS_NAME)
+    kept = f"nothing written, {corpus} left as it was"  # written whole through a temp file: all or none
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted: {kept}; {RERUN} to build it"
+    # a failed write() does not say which file: this writes only one
+    return f"error: cannot write {e.filename or corpus} ({e.strerror or e}); {kept}; fix that and {RERUN}"
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -3140,9 +3272,7 @@ def main(argv=None) -> int:
             die(f"--{'json' if args.json else 'vocab-size'} only applies with --stats")
         if args.out_dir is not None and not args.out_dir.strip():
             die("--out-dir must name a folder, got an empty string")
-        import fetch_news  # the same checks, atomic write and messages as fetch_news.py --source market
-
-        return fetch_news.main(["--source", "market", "--out-dir", args.out_dir or "data"])
+        return build_corpus(args.out_dir or "data")
     except KeyboardInterrupt:
         print("interrupted: nothing written; run the same command again", file=sys.stderr)
         return 130
