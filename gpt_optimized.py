@@ -34,20 +34,20 @@ import tempfile
 import threading
 import time
 import zipfile
-from contextlib import nullcontext
+from contextlib import nullcontext  # autocast off: a context that does nothing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # DDP: one process per GPU under torchrun
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
+from torch.nn.parallel import DistributedDataParallel as DDP  # all-reduces the gradients
+from torch.utils.checkpoint import checkpoint  # --ckpt-activations
 from tqdm import tqdm
 
-SCRIPT = "gpt_optimized"
+SCRIPT = "gpt_optimized"  # which script wrote a run (checkpoints, summaries)
 # shapes and schedules a --preset fills in; flags given explicitly still win
 PRESETS = {
     "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
@@ -151,14 +151,14 @@ def probability(s: str) -> float:
     return x
 
 
-def non_negative_float(s: str) -> float:
+def non_negative_float(s: str) -> float:  # --weight-decay, --grad-clip, --min-lr
     x = finite_float(s)
     if x < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
     return x
 
 
-def fraction(s: str) -> float:
+def fraction(s: str) -> float:  # --cooldown
     x = finite_float(s)
     if not 0 <= x <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {s}")
@@ -433,7 +433,7 @@ class GPTConfig:
             n_head=args.n_head,
             n_embd=args.n_embd,
             dropout=args.dropout,
-            rope=args.rope,
+            rope=args.rope,  # each technique a switch, for the ablation
             qk_norm=args.qk_norm,
             relu2=args.relu2,
             tie_weights=args.tie_weights,
@@ -492,15 +492,15 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         # q, k, v for all heads at once
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # bias-free linears
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # (--no-bias)
+        self.dropout = config.dropout  # a rate: SDPA drops inside its kernel
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.qk_norm = config.qk_norm
-        self.flash = config.flash
-        self.kv_cache: KVCache | None = None
+        self.qk_norm = config.qk_norm  # speedrun: RMS-normalised queries and keys
+        self.flash = config.flash  # flash attention (SDPA)
+        self.kv_cache: KVCache | None = None  # static KV cache, made by setup_kv_cache
 
-    def forward(
+    def forward(  # + rope tables; for cached decoding, positions and mask
         self,
         x: torch.Tensor,
         rope: tuple | None = None,
@@ -537,23 +537,23 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)  # bias-free linears
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)  # (--no-bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.relu2 = config.relu2
+        self.relu2 = config.relu2  # speedrun: ReLU^2 instead of GELU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)  # speedrun: ReLU^2
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)  # bias-free LayerNorm
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)  # (--no-bias)
         self.mlp = MLP(config)
 
     def forward(
@@ -563,7 +563,7 @@ class Block(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, input_pos, mask)
+        x = x + self.attn(self.ln_1(x), rope, input_pos, mask)  # rope; cached decoding
         return x + self.mlp(self.ln_2(x))
 
 
@@ -657,8 +657,8 @@ class GPT(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
-        use_kv_cache: bool = True,
-        compile_decode: bool = False,
+        use_kv_cache: bool = True,  # KV cache: one new token per step
+        compile_decode: bool = False,  # the decoding step compiled (CUDA graphs on a GPU)
     ) -> torch.Tensor:
         """Append max_new_tokens tokens to idx (B, T); temperature <= 0 means greedy (argmax).
         Without the KV cache, every step re-runs the model on the whole (cropped) context."""
@@ -702,7 +702,7 @@ class GPT(nn.Module):
         max_new_tokens: int,
         temperature: float,
         top_k: int | None,
-        compile_decode: bool = False,
+        compile_decode: bool = False,  # the decoding step compiled (CUDA graphs on a GPU)
     ) -> torch.Tensor:
         """generate() with the KV cache: a prefill, then one token per step; once the window is full the
         positions shift, so each step re-runs the last block_size tokens, as generation without the cache
@@ -922,11 +922,11 @@ def check_args(args: argparse.Namespace) -> None:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
         die("--vocab-size must be at least 257 for byte-level BPE")
-    if args.rope and (args.n_embd // args.n_head) % 2:
+    if args.rope and (args.n_embd // args.n_head) % 2:  # rope rotates pairs of dimensions
         die(f"--rope needs an even head size; n_embd / n_head = {args.n_embd // args.n_head}")
     if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
         die(f"--seed {args.seed} is too large: give a number below 2**62")
-    compiled = args.compile if args.compile is not None else args.device.startswith("cuda")
+    compiled = args.compile if args.compile is not None else args.device.startswith("cuda")  # torch.compile
     if not compiled and (args.compile_scope, args.compile_mode) != ("model", "default"):
         die("--compile-scope and --compile-mode apply only when compiling: add --compile (CPU default: off)")
 
@@ -1275,20 +1275,20 @@ class Clock:
 def restore(
     ckpt: dict | None,
     model: GPT,
-    optimizers: list,
-    scaler: torch.amp.GradScaler,
+    optimizers: list,  # AdamW, and Muon with --muon
+    scaler: torch.amp.GradScaler,  # fp16 loss scaling (disabled unless fp16)
     data_gen: torch.Generator,
     progress: Progress,
-    rank: int,
+    rank: int,  # DDP: each rank its own batch stream
     seed: int,
 ) -> None:
     """Continue where the checkpoint stopped: weights, optimizer state, batch stream, progress."""
     if ckpt is None:
         return
     model.load_state_dict(ckpt["model"])
-    for optimizer, state in zip(optimizers, ckpt["optimizer"]):
+    for optimizer, state in zip(optimizers, ckpt["optimizer"]):  # AdamW (+ Muon)
         optimizer.load_state_dict(state)
-    if ckpt["scaler"] and scaler.is_enabled():
+    if ckpt["scaler"] and scaler.is_enabled():  # fp16 loss scale
         scaler.load_state_dict(ckpt["scaler"])
     progress.iter_num, progress.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     progress.elapsed_before = ckpt.get("elapsed_s", 0.0)
@@ -1325,20 +1325,20 @@ def estimate_loss(
     val_data: np.ndarray,
     args,
     device: str,
-    ctx,
-    ranks: Ranks,
+    ctx,  # autocast
+    ranks: Ranks,  # DDP
 ) -> dict:
     """Mean loss over eval_iters batches per split; fixed batches, so evaluations compare.
     The plain module runs them: a few forward passes do not repay compiling a second (eval-mode) graph
     (force_eager: the blocks, if --compile-scope blocks compiled them, run uncompiled here too)."""
     model.eval()
-    gen = torch.Generator().manual_seed(args.seed + 1 + ranks.rank)
+    gen = torch.Generator().manual_seed(args.seed + 1 + ranks.rank)  # DDP: other batches on each rank
     losses = {}
     for name, split in (("train", train_data), ("val", val_data)):
         total = 0.0
         for _ in range(args.eval_iters):
             x, y = get_batch(split, args.batch_size, args.block_size, gen, device)
-            with ctx, torch.compiler.set_stance("force_eager"):
+            with ctx, torch.compiler.set_stance("force_eager"):  # autocast, uncompiled
                 total += model(x, y)[1].item()
         losses[name] = total / args.eval_iters
     if ranks.ddp:  # average over the ranks' batches
@@ -1369,8 +1369,8 @@ def train_step(
     y: torch.Tensor,
     fetch,
     grad_accum: int,
-    ctx,
-    scaler: torch.amp.GradScaler,
+    ctx,  # autocast
+    scaler: torch.amp.GradScaler,  # fp16 loss scaling (disabled unless fp16)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over grad_accum micro-batches, from the batch (x, y) in hand; returns (the last
     micro-batch's loss, the next batch). As in nanoGPT, the next batch is fetched between forward and
@@ -1402,15 +1402,15 @@ def optimizer_step(optimizers: list, scaler: torch.amp.GradScaler, model: GPT, g
 def save_checkpoint(
     run: RunState,
     model: GPT,
-    optimizers: list,
-    scaler: torch.amp.GradScaler,
+    optimizers: list,  # AdamW, and Muon with --muon
+    scaler: torch.amp.GradScaler,  # fp16 loss scaling (disabled unless fp16)
     batches: Batches,
     tok: Tokenizer,
     meta: dict,
     args,
     progress: Progress,
     clock: Clock,
-    ranks: Ranks,
+    ranks: Ranks,  # DDP
 ) -> None:
     state = {**rng_state(batches.gen), "data": batches.state}
     rngs = [state]  # every rank's generators, so each rank replays its batches
@@ -1427,11 +1427,11 @@ def save_checkpoint(
             "model_args": asdict(model.config),
             "tokenizer": tok.state(),
             "model": model.state_dict(),
-            "optimizer": [o.state_dict() for o in optimizers],
-            "scaler": scaler.state_dict(),
+            "optimizer": [o.state_dict() for o in optimizers],  # AdamW (+ Muon)
+            "scaler": scaler.state_dict(),  # fp16 loss scale
             "iter_num": progress.iter_num,
             "best_val_loss": progress.best_val_loss,
-            "rng": {"ranks": rngs},
+            "rng": {"ranks": rngs},  # DDP: every rank's batch stream
             "args": vars(args),
             "corpus_sha256": meta["corpus_sha256"],
             "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
@@ -1448,7 +1448,7 @@ def measure_latency(model: GPT, device: str, compiled: bool) -> float:
     model.generate(start, 8, temperature=0.0, compile_decode=compiled)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    model.generate(start, 128, temperature=0.0, compile_decode=compiled)
+    model.generate(start, 128, temperature=0.0, compile_decode=compiled)  # compiled KV-cache step
     sync(device)
     return (time.perf_counter() - t0) * 1000
 
@@ -1525,7 +1525,7 @@ def write_summary(
     progress: Progress,
     clock: Clock,
     train_time_s: float,
-    ctx,
+    ctx,  # autocast
     facts: dict,
 ) -> dict:
     """Time generation, print a sample, write summary.json (bench.py reads its keys) and say the result."""
@@ -1551,16 +1551,16 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     """Train to --max-iters, evaluating and checkpointing every --eval-interval steps; write summary.json."""
     device, metrics_path = args.device, run.out / "metrics.jsonl"
     ckpt = resume_checkpoint(args, run)
-    ranks, device = setup_ddp(device, run)
+    ranks, device = setup_ddp(device, run)  # DDP under torchrun; else one process
     tok, train_data, val_data, meta = load_data(args, run.out, ranks)
     config = GPTConfig.from_args(args, tok.vocab_size)
     if ckpt is not None:
         check_resume(ckpt, args, tok, config)
-    ctx, scaler, amp_dtype, amp_why = setup_precision(args.bf16, device)
+    ctx, scaler, amp_dtype, amp_why = setup_precision(args.bf16, device)  # bf16 autocast, TF32
     raw_model, optimizers, data_gen = build_model(args, config, device, ranks.rank)
     progress = Progress(args.batch_size * args.block_size * args.grad_accum * ranks.world_size)
     restore(ckpt, raw_model, optimizers, scaler, data_gen, progress, ranks.rank, args.seed)
-    model, use_compile = compile_and_wrap(raw_model, args, device, ranks)
+    model, use_compile = compile_and_wrap(raw_model, args, device, ranks)  # torch.compile, DDP
     facts = speed_facts(raw_model, args, device, ranks, use_compile, amp_dtype, amp_why)
     if run.master:
         how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"
@@ -1569,31 +1569,31 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
 
     model.train()
     clock = Clock(progress, device)
-    batches = Batches(train_data, args, data_gen, device)
+    batches = Batches(train_data, args, data_gen, device)  # pinned, non-blocking copies
     pbar = run.pbar = progress_bar(args, progress.iter_num, run.master)
     x, y = batches()  # the first batch; each step fetches the next one (train_step)
     while True:
-        lr = set_lr(optimizers, get_lr(progress.iter_num, args))
+        lr = set_lr(optimizers, get_lr(progress.iter_num, args))  # warmup-stable-decay (or cosine)
         if progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters:
             clock.stop()  # the clock stands still while evaluating and checkpointing
-            losses = estimate_loss(raw_model, train_data, val_data, args, device, ctx, ranks)
+            losses = estimate_loss(raw_model, train_data, val_data, args, device, ctx, ranks)  # DDP
             row = progress.record(losses, lr, clock)
             row["mfu"] = mfu(row["tokens_per_s"], facts)
-            if run.master:
+            if run.master:  # DDP: only rank 0 writes
                 append_row(metrics_path, row)
                 pbar.write(
                     f"iter {progress.iter_num}: train {losses['train']:.4f}, val {progress.val_loss:.4f}, "
                     f"mfu {percent(row['mfu'])}"
                 )
             if ckpt is None or progress.iter_num > ckpt["iter_num"]:
-                save_checkpoint(
+                save_checkpoint(  # every rank's batch stream; rank 0 writes
                     run, raw_model, optimizers, scaler, batches, tok, meta, args, progress, clock, ranks
                 )
             clock.start()
         if progress.iter_num >= args.max_iters:
             break
-        loss, x, y = train_step(model, x, y, batches, args.grad_accum, ctx, scaler)
-        optimizer_step(optimizers, scaler, raw_model, args.grad_clip)
+        loss, x, y = train_step(model, x, y, batches, args.grad_accum, ctx, scaler)  # accumulation, autocast
+        optimizer_step(optimizers, scaler, raw_model, args.grad_clip)  # gradient clipping; fp16 loss scale
         progress.iter_num = run.iter_num = progress.iter_num + 1
         pbar.update(1)
         if progress.iter_num % args.log_interval == 0:
@@ -1602,7 +1602,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
             pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{clock.row_tokens_per_s():,.0f}")
     pbar.close()
     train_time_s = clock.elapsed_s()
-    finish_ddp(ranks)
+    finish_ddp(ranks)  # DDP: wait for every rank
     if not run.master:
         return {}
     return write_summary(args, run, tok, meta, raw_model, device, progress, clock, train_time_s, ctx, facts)
