@@ -486,7 +486,7 @@ def gpt_run(R: Runner, res: dict, key: str, script: str, run_flags: list[str], c
     runs = R.out / "runs"
     folder = runs / key
     share_token_cache(runs, folder)
-    cmd = [R.py, script, "--out", str(folder)] + res["base_flags"] + run_flags
+    cmd = [R.py, script, "--out", str(folder), "--overwrite"] + res["base_flags"] + run_flags
     if not R.run(key, cmd, cost, folder / "summary.json"):
         return None
     r = R.collect(key, lambda: gpt_record(folder, run_flags))
@@ -817,7 +817,7 @@ def gpt_decode_checkpoint(R: Runner, mode: str, data: str, device: str) -> dict 
     folder = R.out / "runs" / "gpt_optimized"
     base = gpt_base(mode, data, device)
     one_step = {"max_iters": 1, "eval_interval": 1, "eval_iters": 1, "warmup_iters": 1, "compile": False}
-    cmd = [R.py, "gpt_optimized.py", "--out", str(folder)] + flags({**base, **one_step})
+    cmd = [R.py, "gpt_optimized.py", "--out", str(folder), "--overwrite"] + flags({**base, **one_step})
     if not R.run("gpt_optimized_1_step", cmd, COST[mode][0], folder / "ckpt.pt"):
         return None
     return {"runs": {"gpt_optimized": {"ckpt": str(folder / "ckpt.pt")}}}
@@ -2387,6 +2387,9 @@ def read_meta(out: Path) -> dict:
         die(f"--report-only: {path} cannot be read ({e})")
     if missing:
         die(f"--report-only: {path} is not a bench.py meta.json (no {', '.join(missing)})")
+    mode, stages = meta["mode"], meta["stages"]
+    if mode not in COST or not isinstance(stages, list) or not set(stages) <= set(DEFAULT_STAGES.split(",")):
+        die(f"--report-only: {path} is not a bench.py meta.json (mode {mode!r}, stages {stages!r})")
     return meta
 
 

@@ -137,6 +137,10 @@ BENCH_META = Contract(
         "device_name": "the CPU or GPU, in words",
         "data": "the corpus",
         "model": "the fine-tuning base",
+        "torch": "torch's version",
+        "date": "when the run started",
+        "git_commit": "the commit it ran",
+        "command": "the bench.py command",
     },
     optional={
         "flags": "bench.py's flags",

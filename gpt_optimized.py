@@ -860,6 +860,8 @@ FLAGS = [
     ("--peak-flops",       dict(type=positive_float, default=None,
         help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")),
     ("--resume",           dict(action="store_true", help="continue from <out>/ckpt.pt to --max-iters")),
+    ("--overwrite",        dict(action="store_true",
+        help="start over in an --out that holds a checkpoint (without it such an --out is refused)")),
     ("--prompt",           dict(default="The market", help="prompt for the sample printed at the end")),
     ("--max-new-tokens",   dict(type=non_negative_int, default=200,
         help="length of that sample (0: no sample)")),
@@ -918,6 +920,10 @@ FLAGS = [
 
 def check_args(args: argparse.Namespace) -> None:
     """The mistakes argparse cannot see: flags that do not fit together."""
+    if not args.out.strip():
+        die("--out must name a folder, got an empty string")
+    if args.resume and args.overwrite:
+        die("--resume continues the run in --out and --overwrite starts a new one: pass one of them")
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.tokenizer == "bpe" and args.vocab_size < 257:
@@ -1055,13 +1061,20 @@ def choose_amp(flag: bool | None, device_type: str) -> tuple[torch.dtype | None,
 
 
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
-    """With --resume, the checkpoint in --out; a bad one is refused before any tokenizing."""
-    if not args.resume:
-        return None
+    """With --resume, the checkpoint in --out; a bad one, or one already at --max-iters, is refused before
+    any tokenizing. Without it, a checkpoint in --out is trained over only with --overwrite."""
     path = run.out / "ckpt.pt"
+    if not args.resume:
+        if path.exists() and not args.overwrite:
+            die(
+                f"--out {run.out} holds a checkpoint: continue it with --resume, or --overwrite to start over"
+            )
+        return None
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")
     ckpt = read_checkpoint(path)
+    if args.max_iters <= ckpt["iter_num"]:
+        die(f"--resume: {path} is at iter {ckpt['iter_num']} already; give a --max-iters above it")
     run.iter_num = run.ckpt_iter = ckpt["iter_num"]
     return ckpt
 

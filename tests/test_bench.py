@@ -445,6 +445,16 @@ def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
     assert_user_error(bench("--report-only", "--out", out, timeout=60), "meta.json cannot be read")
     (out / "meta.json").write_text('{"mode": "tiny"}')
     assert_user_error(bench("--report-only", "--out", out, timeout=60), "not a bench.py meta.json", "stages")
+    sys.path.insert(0, str(ROOT))
+    import contracts
+
+    meta = {k: "x" for k in contracts.BENCH_META.keys} | {"mode": "tiny", "stages": ["infer"]}
+    (out / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "torch"}))
+    assert_user_error(bench("--report-only", "--out", out, timeout=60), "not a bench.py meta.json (no torch)")
+    for bad in ({"mode": "weird"}, {"stages": "gpt"}, {"stages": ["gpt", "train"]}):
+        (out / "meta.json").write_text(json.dumps(meta | bad))
+        assert_user_error(bench("--report-only", "--out", out, timeout=60), "not a bench.py meta.json (mode")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"]  # nothing made for a refused folder
 
 
 def test_out_that_cannot_be_written_is_refused_before_any_run(tmp_path, unwritable_dir):
@@ -1432,7 +1442,7 @@ def planned_commands(bench, mode: str, gpu: bool, bf16_units: bool, out: Path) -
     gpt_base = gpt["base_flags"]
     optimized = [cmd for name, cmd in R.commands if name == "gpt_optimized"][0]
     gpt["runs"]["gpt_optimized"] = {  # the extras run on top of the defaults row's flags
-        "flags": optimized[4 + len(gpt_base) :],
+        "flags": optimized[5 + len(gpt_base) :],  # after python, script, --out OUT, --overwrite
         "summary": {"tokens_per_s": 1.0, "val_loss": 1.0},
         "metrics": [],
         "curve": [],
@@ -1467,34 +1477,34 @@ GPT = --preset cpu --n-layer 2 --n-embd 64 --n-head 2 --block-size 32 --vocab-si
 FT = --max-seq-length 64 --batch-size 2 --max-steps 3 --eval-tokens 512 --warmup-steps 1 --replay 0
 --retention-docs 0
 
-gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch --overwrite GPT
 
-ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 --overwrite GPT --no-flash
+--no-fused --bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 --overwrite GPT --flash --no-fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 --overwrite GPT --flash --fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
 
-ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
+ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
 
-ablation_06: python gpt_optimized.py --out OUT/runs/ablation_06 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --batch-size 16 --max-iters 15
---eval-interval 5 --warmup-iters 2
+ablation_06: python gpt_optimized.py --out OUT/runs/ablation_06 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --batch-size 16 --max-iters
+15 --eval-interval 5 --warmup-iters 2
 
-extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --qk-norm
 
-extra_01: python gpt_optimized.py --out OUT/runs/extra_01 GPT --flash --fused --no-bias
+extra_01: python gpt_optimized.py --out OUT/runs/extra_01 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --muon
 
 ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
@@ -1544,28 +1554,28 @@ GPT = --preset cpu --batch-size 8 --max-iters 48 --eval-interval 12 --eval-iters
 FT = --max-seq-length 128 --batch-size 4 --max-steps 6 --eval-tokens 1024 --warmup-steps 2 --lr 2e-3
 --replay 0 --retention-docs 0
 
-gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch --overwrite GPT
 
-ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 --overwrite GPT --no-flash
+--no-fused --bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 --overwrite GPT --flash --no-fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 --overwrite GPT --flash --fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
 
-ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --batch-size 32 --max-iters 12
---eval-interval 3 --warmup-iters 1
+ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --batch-size 32
+--max-iters 12 --eval-interval 3 --warmup-iters 1
 
-extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile --qk-norm
 
 ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
@@ -1614,31 +1624,31 @@ GPT = --preset cpu --batch-size 8 --max-iters 48 --eval-interval 12 --eval-iters
 FT = --max-seq-length 128 --batch-size 4 --max-steps 6 --eval-tokens 1024 --warmup-steps 2 --lr 2e-3
 --replay 0 --retention-docs 0
 
-gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch --overwrite GPT
 
-ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 --overwrite GPT --no-flash
+--no-fused --bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 --overwrite GPT --flash --no-fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 --overwrite GPT --flash --fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_04: python gpt_optimized.py --out OUT/runs/ablation_04 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+ablation_04: python gpt_optimized.py --out OUT/runs/ablation_04 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
 
-gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
 
-ablation_06: python gpt_optimized.py --out OUT/runs/ablation_06 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --batch-size 32 --max-iters 12
---eval-interval 3 --warmup-iters 1
+ablation_06: python gpt_optimized.py --out OUT/runs/ablation_06 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --batch-size 32 --max-iters
+12 --eval-interval 3 --warmup-iters 1
 
-extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile --qk-norm
 
 ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out
@@ -1691,47 +1701,47 @@ GPT = --preset seed --batch-size 16 --max-iters 300 --eval-interval 30 --eval-it
 FT = --max-seq-length 512 --batch-size 8 --max-steps 30 --eval-tokens 8192 --warmup-steps 3 --lr
 2e-4 --replay 0 --retention-docs 0
 
-gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch GPT
+gpt_scratch: python gpt_scratch.py --out OUT/runs/gpt_scratch --overwrite GPT
 
-ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 GPT --no-flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_00: python gpt_optimized.py --out OUT/runs/ablation_00 --overwrite GPT --no-flash
+--no-fused --bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 GPT --flash --no-fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_01: python gpt_optimized.py --out OUT/runs/ablation_01 --overwrite GPT --flash --no-fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 GPT --flash --fused --bias
---no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_02: python gpt_optimized.py --out OUT/runs/ablation_02 --overwrite GPT --flash --fused
+--bias --no-tie-weights --no-pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
+ablation_03: python gpt_optimized.py --out OUT/runs/ablation_03 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --no-rope --no-relu2 --no-bf16 --no-compile
 
-ablation_04: python gpt_optimized.py --out OUT/runs/ablation_04 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
+ablation_04: python gpt_optimized.py --out OUT/runs/ablation_04 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --no-bf16 --no-compile
 
-ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
+ablation_05: python gpt_optimized.py --out OUT/runs/ablation_05 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --no-compile
 
-gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --compile
+gpt_optimized: python gpt_optimized.py --out OUT/runs/gpt_optimized --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --compile
 
-ablation_07: python gpt_optimized.py --out OUT/runs/ablation_07 GPT --flash --fused --no-bias
---tie-weights --pad-vocab --rope --relu2 --bf16 --compile --batch-size 64 --max-iters 75
+ablation_07: python gpt_optimized.py --out OUT/runs/ablation_07 --overwrite GPT --flash --fused
+--no-bias --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --batch-size 64 --max-iters 75
 --eval-interval 7 --warmup-iters 7
 
-extra_00: python gpt_optimized.py --out OUT/runs/extra_00 GPT --flash --fused --no-bias
+extra_00: python gpt_optimized.py --out OUT/runs/extra_00 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --muon
 
-extra_01: python gpt_optimized.py --out OUT/runs/extra_01 GPT --flash --fused --no-bias
+extra_01: python gpt_optimized.py --out OUT/runs/extra_01 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks
 
-extra_02: python gpt_optimized.py --out OUT/runs/extra_02 GPT --flash --fused --no-bias
+extra_02: python gpt_optimized.py --out OUT/runs/extra_02 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks
 
-extra_03: python gpt_optimized.py --out OUT/runs/extra_03 GPT --flash --fused --no-bias
+extra_03: python gpt_optimized.py --out OUT/runs/extra_03 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile --compile-scope blocks --compile-mode
 reduce-overhead
 
-extra_04: python gpt_optimized.py --out OUT/runs/extra_04 GPT --flash --fused --no-bias
+extra_04: python gpt_optimized.py --out OUT/runs/extra_04 --overwrite GPT --flash --fused --no-bias
 --tie-weights --pad-vocab --rope --relu2 --bf16 --compile
 
 ft_lora_packed: python finetune_llama.py --model base --data corpus.txt --out

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -592,6 +593,26 @@ def test_bad_inputs_exit_2(name, corpus, trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load(name).load_checkpoint(junk)
     assert e.value.code == 2 and "cannot load checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_trained_run_is_not_trained_over_by_mistake(name, trained, tmp_path, capsys):
+    run = trained[name]["out"]
+    data = json.loads((run / "summary.json").read_text())["args"]["data"]
+    kept = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl", "summary.json")}
+    common = ["--data", data, *TINY, "--eval-interval", "30"]
+    expect_exit2(name, [*common, "--out", str(run)], capsys, "holds a checkpoint: continue it with --resume")
+    msg = expect_exit2(name, [*common, "--out", str(run), "--max-iters", "60", "--resume"], capsys, "iter 60")
+    assert "give a --max-iters above it" in msg
+    both = [*common, "--out", str(run), "--resume", "--overwrite"]
+    expect_exit2(name, both, capsys, "pass one of them")
+    expect_exit2(name, [*common, "--out", ""], capsys, "--out must name a folder, got an empty string")
+    assert {f: (run / f).read_bytes() for f in kept} == kept  # the run and its results are as they were
+    fresh = tmp_path / "again"
+    shutil.copytree(run, fresh)
+    load(name).main([*common, "--out", str(fresh), "--max-iters", "30", "--overwrite"])  # starts over
+    assert [r["iter"] for r in read_rows(fresh)] == [0, 30]
+    assert torch.load(fresh / "ckpt.pt", weights_only=True)["iter_num"] == 30
 
 
 @pytest.mark.parametrize("name", MODULES)
