@@ -53,6 +53,7 @@ SP500_CACHE = "sp500_constituents.csv"
 BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
 EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
 EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
+DAMAGED = "nothing was changed: restore the file from a copy, or move it away to start afresh"
 
 
 class FolderBusy(UserError): ...  # another run holds --out-dir: its files are not ours to tidy up
@@ -247,7 +248,9 @@ class NewsStore:
                 t.update(str_list(m.get("tickers")))
                 sy.update(str_list(m.get("symbols")))
         index, first, rewrite, bad = {}, [], False, 0  # first: (offset, link) of each link's first line
-        for off, obj in scan_jsonl(self.path):
+        for line, (off, obj) in enumerate(scan_jsonl(self.path), start=1):
+            if bad:  # a kill can tear only the last line: one before it was damaged by something else
+                raise UserError(f"{self.path} line {line - 1} is not an article (JSON object); {DAMAGED}")
             if obj is None:
                 bad += 1
                 continue
@@ -519,10 +522,8 @@ def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: N
     print(f"articles: {t.new} new, {total} total in {store.path}")
     calls = client.requests_ok * CALLS_PER_NEWS_REQUEST
     print(f"API calls spent: {calls} ({client.requests_ok} news requests x {CALLS_PER_NEWS_REQUEST})")
-    if n_docs:
-        print(f"corpus: {path}, {n_docs} documents, {n_bytes:,} bytes")
-    else:
-        print(f"corpus: no usable articles yet; {path} left as it was")
+    written = f"{path}, {n_docs} documents, {n_bytes:,} bytes"
+    print(f"corpus: {written}" if n_docs else f"corpus: no usable articles yet; {path} left as it was")
     if t.stop == "quota":
         why = "the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved"
         print(f"stopped: {why}; {RERUN} after the quota resets to resume where it stopped.", file=sys.stderr)
@@ -543,9 +544,13 @@ def run_eodhd(args, api_key: str) -> int:
         raise UserError(f"no API key: pass --api-key or set EODHD_API_KEY ({demo})")
     if args.date_from and args.date_to and args.date_from > args.date_to:
         raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
-    if not re.match(r"^https?://", args.base_url):
+    bad_url = True
+    with contextlib.suppress(ValueError):  # urlsplit and .port raise on an unclosed IPv6 host, a bad port
+        url = urllib.parse.urlsplit(args.base_url)
+        bad_url = url.scheme not in ("http", "https") or not url.hostname or url.port == 0
+    if bad_url:
         base_url = Redactor(api_key)(args.base_url)  # before repr(), which could escape the key's characters
-        raise UserError(f"--base-url must start with http:// or https://, got {base_url!r}")
+        raise UserError(f"--base-url must be an http:// or https:// URL with a host, got {base_url!r}")
     check_out_dir(args.out_dir, EODHD_FILES)
     tickers = collect_tickers(args, log)
     store, client = NewsStore(args.out_dir, log), NewsClient(args, api_key, log)

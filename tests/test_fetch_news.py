@@ -265,7 +265,10 @@ def test_help_documents_every_flag():
         (["--tickers", "AA PL"], "not a ticker"),
         (["--tickers", "AAPL.US", "--api-key", ""], "no API key"),
         ([], "no tickers"),
-        (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must start with"),
+        (["--tickers", "AAPL.US", "--base-url", "ftp://x"], "--base-url must be an http:// or https:// URL"),
+        (["--tickers", "AAPL.US", "--base-url", "http://"], "URL with a host, got 'http://'"),
+        (["--tickers", "AAPL.US", "--base-url", "http://127.0.0.1:99999"], "--base-url must be an http"),
+        (["--tickers", "AAPL.US", "--base-url", "http://[::1"], "--base-url must be an http"),
         (["--tickers", "AAPL.US", "--limit", "ten"], "argument --limit: must be a whole number, got 'ten'"),
         (["--tickers", "AAPL.US", "--timeout", "0"], "argument --timeout: must be more than 0"),
         # nan and inf passed the old range checks, then crashed in time.sleep() or the socket layer
@@ -570,6 +573,20 @@ def test_recovers_torn_line_and_pending_merges(api, tmp_path):
     by_link = {a["link"]: a for a in stored}
     assert by_link["https://news.example.com/story/3"]["tickers"] == ["AAPL.US", "MSFT.US"]
     assert not (tmp_path / "news_merges.jsonl").exists()
+
+
+def test_a_damaged_line_inside_news_jsonl_is_refused_not_dropped(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(4)]
+    assert fetch(api, tmp_path, "--tickers", "AAPL.US").returncode == 0
+    news, corpus = tmp_path / "news.jsonl", tmp_path / "finance_corpus.txt"
+    lines = news.read_bytes().split(b"\n")
+    lines[1] = b"\xff" + lines[1]  # no longer UTF-8: damaged, where a kill can only tear the last line
+    news.write_bytes(b"\n".join(lines))
+    kept = news.read_bytes(), corpus.read_bytes()
+    api.log.clear()
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US", "--restart")
+    assert_user_error(r, f"{news} line 2 is not an article (JSON object); nothing was changed")
+    assert (news.read_bytes(), corpus.read_bytes()) == kept and api.log == []
 
 
 def test_sp500_list_downloaded_cached_and_mapped(api, tmp_path):
