@@ -333,14 +333,16 @@ def read_run(adapter_dir: Path) -> tuple[dict, dict]:
             f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter folder from "
             "finetune_llama.py)"
         )
-    try:
-        adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-        run = (
-            json.loads((adapter_dir / "run.json").read_text()) if (adapter_dir / "run.json").is_file() else {}
-        )
-    except json.JSONDecodeError as e:
-        die(f"--adapter {adapter_dir}: unreadable JSON ({e.msg} at line {e.lineno})")
-    return adapter_cfg, run
+    found = {}
+    for name in ("adapter_config.json", "run.json"):  # run.json may be missing: a bare PEFT folder
+        path = adapter_dir / name
+        try:
+            found[name] = json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError as e:
+            die(f"--adapter {adapter_dir}: {name} is unreadable JSON ({e.msg} at line {e.lineno})")
+        if not isinstance(found[name], dict):
+            die(f"--adapter {adapter_dir}: {name} holds a {type(found[name]).__name__}, not a JSON object")
+    return found["adapter_config.json"], found["run.json"]
 
 
 def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path) -> None:
@@ -1066,6 +1068,17 @@ def check_writable_file(path: Path, flag: str) -> None:
     check_writable_dir(path, flag, folder=path.parent)
 
 
+def check_spares_inputs(args) -> None:
+    """--json-out must not replace what this run reads: an input file, or a file in an input folder."""
+    out = Path(args.json_out).resolve()
+    for name in ("adapter", "model", "ckpt", "ppl", "prompts_file"):
+        given = getattr(args, name)
+        source = Path(given).resolve() if given and Path(given).exists() else None
+        if source is not None and (out == source or (source.is_dir() and out.is_relative_to(source))):
+            flag = "--" + name.replace("_", "-")
+            die(f"--json-out {args.json_out} would overwrite the {flag} input {given}: write it elsewhere")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one; an interrupted write leaves no temp file behind."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -1087,6 +1100,7 @@ def main(argv: list[str] | None = None) -> dict:
         die("--compare-base needs --adapter (it compares the adapter with its base)")
     if args.json_out:
         check_writable_file(Path(args.json_out), "--json-out")  # found now, not after all the generation
+        check_spares_inputs(args)
     for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file)):
         if path and not Path(path).is_file():
             die(f"{flag} {path}: file not found")
