@@ -380,7 +380,9 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
         folder = gguf_to_hf_folder(path.resolve(), cache / f"{path.stem}-{key}")
         return {"model": spec, "resolved": str(folder), "source": "gguf"}
     if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            die(f"--model {spec}: an adapter folder, not a base model; give its base (infer.py: --adapter)")
+        if not (path / "config.json").is_file():
             die(f"--model {spec}: folder holds no config.json (not a Hugging Face model folder)")
         return {"model": spec, "resolved": str(path.resolve()), "source": "local"}
     if path.exists():
@@ -995,7 +997,10 @@ def earlier_adapter(out: Path) -> str | None:
             return "an adapter (run.json unreadable)"
     if any((out / f).exists() for f in ADAPTER_FILES):
         return "an adapter"
-    return None
+    others = [
+        f for f in ("metrics.jsonl", "eval_docs.txt", "README.md", "tokenizer.json") if (out / f).exists()
+    ]
+    return f"files of another program that a run would replace ({', '.join(others)})" if others else None
 
 
 def check_out_dir(args) -> None:
@@ -1004,6 +1009,8 @@ def check_out_dir(args) -> None:
     when an earlier --merge wrote it. Runs before any work, and creates nothing."""
     out = Path(args.out)
     check_writable_dir(out, "--out")
+    if out.is_dir() and out.resolve() == Path(args.model).expanduser().resolve():
+        die(f"--out {out} is the --model folder: the adapter would be written into its base; choose another")
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):
@@ -1013,6 +1020,7 @@ def check_out_dir(args) -> None:
             )
         if not unfinished:
             die(f"--resume: the run in {out} finished ({held}); there is nothing to resume")
+        check_checkpoint_files(complete_checkpoints(out)[-1])
     elif unfinished and not args.overwrite:
         die(
             f"--out {out} holds an unfinished run ({unfinished}); pass --resume to continue it, "
@@ -1042,18 +1050,45 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def check_checkpoint_files(folder: Path) -> None:
+    """--resume: the last checkpoint's files read back whole (a full disk or a cut-short copy can leave a
+    file truncated after its completion mark), found before any work and not in the trainer's traceback."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for f in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin")):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        st.get_tensor(key)
+            else:  # torch.save writes zip archives: every member is checked against its CRC
+                with zipfile.ZipFile(f) as z:
+                    if z.testzip() is not None:
+                        raise ValueError("a member fails its checksum")
+        except Exception as e:  # safetensors' and zipfile's errors alike: the file is not whole
+            fix = (
+                f"remove {folder} to resume from the checkpoint before it, or pass --overwrite to start over"
+            )
+            die(f"--resume: {f} is damaged ({type(e).__name__}); {fix}")
+
+
 def read_progress(out: Path) -> dict | None:
     try:
-        return json.loads((out / CHECKPOINTS / RESUME_FILE).read_text())
+        progress = json.loads((out / CHECKPOINTS / RESUME_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return progress if isinstance(progress, dict) else None
 
 
 def unfinished_run(out: Path) -> str | None:
     """The run whose checkpoints are in --out and whose adapter is not, in words; None when there is none."""
     progress, done = read_progress(out), complete_checkpoints(out)
-    if progress is None or not done:
+    if not done:
         return None
+    if progress is None:  # checkpoints whose record is gone or damaged: still not removed without --overwrite
+        return f"last checkpoint at step {checkpoint_step(done[-1])}, {RESUME_FILE} missing or unreadable"
     try:
         finished = json.loads((out / "run.json").read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -432,6 +433,21 @@ def test_unwritable_out_is_refused_before_any_work(tiny, tmp_path, unwritable_di
     assert list(unwritable_dir.iterdir()) == []
 
 
+def test_out_that_is_the_base_or_another_program_s_folder_is_refused(tiny, tmp_path):
+    base = snapshot(tiny["llama_a"])
+    p = tiny_finetune(tiny, tiny["llama_a"], check=False)
+    assert_user_error(p, "is the --model folder: the adapter would be written into its base")
+    assert snapshot(tiny["llama_a"]) == base
+    gpt_run = tmp_path / "gpt_run"  # what gpt_scratch.py leaves: a checkpoint and a metrics.jsonl
+    gpt_run.mkdir()
+    (gpt_run / "ckpt.pt").write_bytes(b"weights")
+    (gpt_run / "metrics.jsonl").write_text('{"iter": 0}\n')
+    kept = snapshot(gpt_run)
+    p = tiny_finetune(tiny, gpt_run, check=False)
+    assert_user_error(p, "files of another program that a run would replace (metrics.jsonl)", "--overwrite")
+    assert snapshot(gpt_run) == kept
+
+
 def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_text("not a model\n")
@@ -751,6 +767,14 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         run("infer.py", "--adapter", bare, "--model", tiny["llama_b"], "--prompt", "x", check=False),
         "does not fit",
     )
+    for name, text, frag in (
+        ("run.json", "[]", "run.json holds a list, not a JSON object"),
+        ("adapter_config.json", "{", "adapter_config.json is unreadable JSON"),
+    ):
+        broken = tmp_path / f"broken_{name}"
+        shutil.copytree(adapter["out"], broken)
+        (broken / name).write_text(text)
+        assert_user_error(run("infer.py", "--adapter", broken, "--prompt", "x", check=False), frag)
     (tmp_path / "empty.txt").write_text("\n")
     for args, frag in (
         (["--adapter", tmp_path / "nope", "--prompt", "x"], "not found"),
@@ -761,6 +785,7 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         (["--model", tiny["llama_a"], "--prompts-file", tmp_path / "empty.txt"], "no prompts"),
         (["--model", tiny["llama_a"], "--ppl", tmp_path / "empty.txt"], "empty"),
         (["--ckpt", tmp_path / "empty.txt", "--prompt", "x"], "not a"),
+        (["--model", adapter["out"], "--prompt", "x"], "an adapter folder, not a base model"),
     ):
         assert_user_error(run("infer.py", *args, check=False), frag)
 

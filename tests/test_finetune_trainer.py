@@ -246,6 +246,20 @@ def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
         "--overwrite",
     )
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == before  # refusals touch nothing
+    # damaged files never start the run over: an unreadable record, then a truncated optimizer state
+    record = part / "checkpoints" / "resume.json"
+    saved = record.read_bytes()
+    record.write_text("[]")
+    command = finetune_cmd(tiny, part, "--max-steps", 100000, "--save-steps", 3)
+    plain = run(command, check=False, cache=cache)
+    assert_user_error(plain, "holds an unfinished run", "resume.json missing or unreadable", "--overwrite")
+    assert_user_error(run([*command, "--resume"], check=False, cache=cache), "missing or unreadable")
+    record.write_bytes(saved)
+    optimizer = finetune_llama.complete_checkpoints(part)[-1] / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    damaged = run([*command, "--resume"], check=False, cache=cache)
+    assert_user_error(damaged, f"--resume: {optimizer} is damaged", "resume from the checkpoint before it")
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == before
 
 
 # -----------------------------------------------------------------------------

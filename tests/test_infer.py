@@ -340,6 +340,22 @@ def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, tmp_path, unwr
     assert list(unwritable_dir.iterdir()) == []  # the missing folder was not made
 
 
+def test_json_out_never_replaces_an_input(ckpt, tmp_path):
+    copy, text, adapter = tmp_path / "ckpt.pt", tmp_path / "text.txt", tmp_path / "adapter"
+    shutil.copyfile(ckpt, copy)
+    text.write_text("Stocks rose.\n")
+    adapter.mkdir()
+    for args, flag, given in (
+        (["--ckpt", copy, "--prompt", "x", "--json-out", copy], "--ckpt", copy),
+        (["--ckpt", copy, "--ppl", text, "--json-out", text], "--ppl", text),
+        (["--adapter", adapter, "--prompt", "x", "--json-out", adapter / "run.json"], "--adapter", adapter),
+    ):
+        p = run("infer.py", *args, check=False)
+        assert_user_error(p, f"would overwrite the {flag} input {given}: write it elsewhere")
+    assert copy.read_bytes() == Path(ckpt).read_bytes() and text.read_text() == "Stocks rose.\n"
+    assert list(adapter.iterdir()) == []
+
+
 # -----------------------------------------------------------------------------
 # Ctrl-C
 
