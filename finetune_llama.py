@@ -614,12 +614,12 @@ def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
         if not part:
             continue
         path, _, w = part.rpartition(":")
-        if path and re.fullmatch(
-            r"\d+(\.\d*)?|\.\d+", w
-        ):  # "news.txt:2"; a path with ':' and no weight stays whole
+        if path and re.fullmatch(r"\d+(\.\d*)?|\.\d+", w):  # "news.txt:2"; a path with ':' stays whole
             if not float(w) > 0:
                 die(f"--data {part}: a weight must be above 0")
             out.append((path, float(w)))
+        elif path and not Path(part).exists() and Path(path).is_file():  # "news.txt:-1", "news.txt:abc"
+            die(f"--data {part}: the weight {w!r} is not a number above 0")
         else:
             out.append((part, None))
     if not out:

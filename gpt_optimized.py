@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint  # --ckpt-activations
 from tqdm import tqdm
 
 SCRIPT = "gpt_optimized"  # which script wrote a run (checkpoints, summaries)
+MAX_VOCAB = 2**20  # a larger BPE request makes the tokenizer trainer abort the process
 # shapes and schedules a --preset fills in; flags given explicitly still win
 PRESETS = {
     "seed": dict(n_layer=6, n_head=8, n_embd=512, block_size=256, batch_size=16, dropout=0.1),
@@ -926,8 +927,8 @@ def check_args(args: argparse.Namespace) -> None:
         die("--resume continues the run in --out and --overwrite starts a new one: pass one of them")
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    if args.tokenizer == "bpe" and args.vocab_size < 257:
-        die("--vocab-size must be at least 257 for byte-level BPE")
+    if args.tokenizer == "bpe" and not 257 <= args.vocab_size <= MAX_VOCAB:
+        die(f"--vocab-size must be between 257 and {MAX_VOCAB:,} for byte-level BPE, got {args.vocab_size:,}")
     if args.rope and (args.n_embd // args.n_head) % 2:  # rope rotates pairs of dimensions
         die(f"--rope needs an even head size; n_embd / n_head = {args.n_embd // args.n_head}")
     if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets

@@ -522,8 +522,8 @@ def read_prompts(args) -> list[str]:
         prompts = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
         if not prompts:
             die("no prompt: stdin was empty")
-    if any(p == "" for p in prompts):
-        die("--prompt is empty")
+    if any(not p.strip() for p in prompts):
+        die("--prompt is empty (or only spaces)")
     return prompts
 
 

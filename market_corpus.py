@@ -3220,9 +3220,9 @@ def positive_int(s: str) -> int:
         n = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}")
-    if n < 257:
+    if not 257 <= n <= 2**20:  # a larger request makes the tokenizer trainer abort the process
         raise argparse.ArgumentTypeError(
-            f"must be at least 257 (the 256 byte tokens plus one merge), got {n}"
+            f"must be between 257 (the 256 byte tokens and a merge) and 2**20, got {n}"
         )
     return n
 

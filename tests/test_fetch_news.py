@@ -937,7 +937,8 @@ def test_stats_match_hand_computed_values(tmp_path):
         (["{missing}"], "not found"),
         (["{empty}"], "is empty"),
         (["{dir}"], "is a folder"),
-        (["{empty}", "--vocab-size", "12"], "must be at least 257"),
+        (["{empty}", "--vocab-size", "12"], "must be between 257"),
+        (["{empty}", "--vocab-size", "100000000000"], "and 2**20, got 100000000000"),
     ],
 )
 def test_stats_bad_input_one_line_exit_2(tmp_path, args, fragment):

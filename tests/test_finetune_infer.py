@@ -786,6 +786,7 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         (["--model", tiny["llama_a"], "--ppl", tmp_path / "empty.txt"], "empty"),
         (["--ckpt", tmp_path / "empty.txt", "--prompt", "x"], "not a"),
         (["--model", adapter["out"], "--prompt", "x"], "an adapter folder, not a base model"),
+        (["--model", tiny["llama_a"], "--prompt", "   "], "--prompt is empty (or only spaces)"),
     ):
         assert_user_error(run("infer.py", *args, check=False), frag)
 
@@ -1188,6 +1189,8 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         (["--replay", "0", "--replay-data", "CORPUS"], "--replay-data needs --replay"),
         (["--replay", "1"], "--replay"),
         (["--data", "CORPUS:0"], "a weight must be above 0"),
+        (["--data", "CORPUS:-1"], "the weight '-1' is not a number above 0"),
+        (["--data", "CORPUS:nan"], "the weight 'nan' is not a number above 0"),
         (["--data", "CORPUS,CORPUS"], "named twice"),
         (["--retention-tokens", "0"], "--retention-tokens"),
     ],
