@@ -423,6 +423,12 @@ def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:
         spec = recorded.get("model")
     if not spec:
         die(f"--adapter {adapter_dir}: records no base model; give it with --model")
+    if (
+        not args.model
+        and recorded.get("source") in ("local", "gguf")
+        and not Path(spec).expanduser().exists()
+    ):
+        die(f"--adapter {adapter_dir}: its base {spec} (recorded in run.json) is gone; give it with --model")
     return spec, recorded, run
 
 
@@ -1101,11 +1107,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json_out:
         check_writable_file(Path(args.json_out), "--json-out")  # found now, not after all the generation
         check_spares_inputs(args)
-    for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file)):
+    for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file), ("--ckpt", args.ckpt)):
         if path and not Path(path).is_file():
-            die(f"{flag} {path}: file not found")
-    if args.ckpt and not Path(args.ckpt).is_file():
-        die(f"--ckpt {args.ckpt}: file not found")
+            die(f"{flag} {path}: {'a folder, not a file' if Path(path).is_dir() else 'file not found'}")
     if args.adapter:
         read_run(Path(args.adapter))  # a bad adapter folder fails here, early
         adapter_shapes(Path(args.adapter))  # and damaged adapter weights, before any base model loads

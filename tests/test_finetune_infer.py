@@ -775,6 +775,14 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         shutil.copytree(adapter["out"], broken)
         (broken / name).write_text(text)
         assert_user_error(run("infer.py", "--adapter", broken, "--prompt", "x", check=False), frag)
+    moved = tmp_path / "moved_base"  # the base it was trained on is no longer where run.json says
+    shutil.copytree(adapter["out"], moved)
+    record = json.loads((moved / "run.json").read_text())
+    gone = str(tmp_path / "gone")
+    record["base"] = {**record["base"], "model": gone, "resolved": gone, "source": "local"}
+    (moved / "run.json").write_text(json.dumps(record))
+    p = run("infer.py", "--adapter", moved, "--prompt", "x", check=False)
+    assert_user_error(p, f"its base {gone} (recorded in run.json) is gone; give it with --model")
     (tmp_path / "empty.txt").write_text("\n")
     for args, frag in (
         (["--adapter", tmp_path / "nope", "--prompt", "x"], "not found"),
@@ -782,6 +790,7 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         (["--ckpt", tmp_path / "c.pt", "--model", "smollm2", "--prompt", "x"], "does not combine"),
         (["--model", tiny["llama_a"], "--compare-base", "--prompt", "x"], "needs --adapter"),
         (["--model", tiny["llama_a"], "--ppl", tmp_path / "missing.txt"], "not found"),
+        (["--model", tiny["llama_a"], "--ppl", tmp_path], "a folder, not a file"),
         (["--model", tiny["llama_a"], "--prompts-file", tmp_path / "empty.txt"], "no prompts"),
         (["--model", tiny["llama_a"], "--ppl", tmp_path / "empty.txt"], "empty"),
         (["--ckpt", tmp_path / "empty.txt", "--prompt", "x"], "not a"),
