@@ -404,6 +404,9 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
                 f"--adapter {adapter_dir} does not fit {base_desc}: {key} is {shape}, the base needs "
                 f"{expected[key]}"
             )
+    missing = [key for key in expected if key not in shapes]  # loaded anyway, those layers would stay base
+    if missing:
+        die(f"--adapter {adapter_dir} is incomplete: {len(missing)} of {len(expected)} tensors are missing")
 
 
 def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:

@@ -15,6 +15,7 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do: no spinning threads on a shared CPU
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -775,6 +776,12 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         shutil.copytree(adapter["out"], broken)
         (broken / name).write_text(text)
         assert_user_error(run("infer.py", "--adapter", broken, "--prompt", "x", check=False), frag)
+    partial = tmp_path / "partial"  # a weights file that lost most of its tensors
+    shutil.copytree(adapter["out"], partial)
+    weights = load_file(partial / "adapter_model.safetensors")
+    save_file(dict(list(weights.items())[:3]), partial / "adapter_model.safetensors")
+    p = run("infer.py", "--adapter", partial, "--prompt", "x", check=False)
+    assert_user_error(p, f"is incomplete: {len(weights) - 3} of {len(weights)} tensors are missing")
     moved = tmp_path / "moved_base"  # the base it was trained on is no longer where run.json says
     shutil.copytree(adapter["out"], moved)
     record = json.loads((moved / "run.json").read_text())
