@@ -1051,27 +1051,29 @@ def complete_checkpoints(out: Path) -> list[Path]:
 
 
 def check_checkpoint_files(folder: Path) -> None:
-    """--resume: the last checkpoint's files read back whole (a full disk or a cut-short copy can leave a
-    file truncated after its completion mark), found before any work and not in the trainer's traceback."""
+    """--resume: the last checkpoint's files are whole (a full disk or a cut-short copy can leave one
+    truncated after its completion mark), found before any work and not in the trainer's traceback. Read as
+    bytes: a safetensors header gives the file's exact length; torch.save's zip archives carry CRCs."""
     import zipfile
-
-    from safetensors import safe_open
 
     for f in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin")):
         try:
             if f.suffix == ".safetensors":
-                with safe_open(str(f), framework="pt") as st:
-                    for key in st.keys():
-                        st.get_tensor(key)
-            else:  # torch.save writes zip archives: every member is checked against its CRC
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if f.stat().st_size != 8 + n + end:
+                    raise ValueError(f"{f.stat().st_size:,} bytes of {8 + n + end:,}")
+            else:
                 with zipfile.ZipFile(f) as z:
                     if z.testzip() is not None:
                         raise ValueError("a member fails its checksum")
-        except Exception as e:  # safetensors' and zipfile's errors alike: the file is not whole
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
             fix = (
                 f"remove {folder} to resume from the checkpoint before it, or pass --overwrite to start over"
             )
-            die(f"--resume: {f} is damaged ({type(e).__name__}); {fix}")
+            die(f"--resume: {f} is damaged ({type(e).__name__}: {str(e)[:60]}); {fix}")
 
 
 def read_progress(out: Path) -> dict | None:

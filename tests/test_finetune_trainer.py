@@ -255,10 +255,15 @@ def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
     assert_user_error(plain, "holds an unfinished run", "resume.json missing or unreadable", "--overwrite")
     assert_user_error(run([*command, "--resume"], check=False, cache=cache), "missing or unreadable")
     record.write_bytes(saved)
-    optimizer = finetune_llama.complete_checkpoints(part)[-1] / "optimizer.pt"
-    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
-    damaged = run([*command, "--resume"], check=False, cache=cache)
-    assert_user_error(damaged, f"--resume: {optimizer} is damaged", "resume from the checkpoint before it")
+    last = finetune_llama.complete_checkpoints(part)[-1]
+    for name in ("optimizer.pt", "adapter_model.safetensors"):
+        whole = (last / name).read_bytes()
+        (last / name).write_bytes(whole[: len(whole) * 3 // 4])
+        damaged = run([*command, "--resume"], check=False, cache=cache)
+        assert_user_error(
+            damaged, f"--resume: {last / name} is damaged", "resume from the checkpoint before it"
+        )
+        (last / name).write_bytes(whole)
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == before
 
 
