@@ -638,6 +638,13 @@ FLAGS = [
 # fmt: on
 
 
+def training_bytes(args: argparse.Namespace) -> int:
+    """The fp32 weights, gradients and two Adam moments of the shape the flags ask for (16 bytes a
+    parameter; activations come on top): a shape that cannot fit is refused instead of failing to allocate."""
+    vocab = args.vocab_size if args.tokenizer == "bpe" else 0  # a char vocabulary is small
+    return 16 * (12 * args.n_layer * args.n_embd**2 + (2 * vocab + args.block_size) * args.n_embd)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The mistakes argparse cannot see: flags that do not fit together."""
     if not args.out.strip():
@@ -650,6 +657,9 @@ def check_args(args: argparse.Namespace) -> None:
         die(f"--vocab-size must be between 257 and {MAX_VOCAB:,} for byte-level BPE, got {args.vocab_size:,}")
     if args.seed >= 2**62:  # the generators take 64-bit seeds; ranks and evaluation add small offsets
         die(f"--seed {args.seed} is too large: give a number below 2**62")
+    need, have = training_bytes(args), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        die(f"this shape needs {need >> 30:,} GiB before activations; the machine has {have >> 30:,} GiB")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

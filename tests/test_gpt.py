@@ -1043,6 +1043,8 @@ BAD_FLAGS = [
     (["--vocab-size", "0"], "--vocab-size: must be at least 1"),
     (["--tokenizer", "bpe", "--vocab-size", "100"], "between 257 and 1,048,576 for byte-level BPE, got 100"),
     (["--tokenizer", "bpe", "--vocab-size", "100000000000"], "between 257 and 1,048,576"),
+    (["--n-embd", "1000000000", "--n-head", "2"], "GiB before activations; the machine has"),
+    (["--n-layer", "100000000"], "GiB before activations"),
     (["--seed", "-1"], "--seed: must be 0 or more"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:x"], "unknown device"),
