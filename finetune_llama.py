@@ -1009,7 +1009,12 @@ def check_out_dir(args) -> None:
     when an earlier --merge wrote it. Runs before any work, and creates nothing."""
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    if out.is_dir() and out.resolve() == Path(args.model).expanduser().resolve():
+    aliases = ("auto", SMOLLM2_ALIAS, RANDOM_LLAMA_ALIAS)  # names resolve_model reads before any folder
+    if (
+        args.model not in aliases
+        and out.is_dir()
+        and out.resolve() == Path(args.model).expanduser().resolve()
+    ):
         die(f"--out {out} is the --model folder: the adapter would be written into its base; choose another")
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
@@ -1069,7 +1074,15 @@ def check_checkpoint_files(folder: Path) -> None:
                 with zipfile.ZipFile(f) as z:
                     if z.testzip() is not None:
                         raise ValueError("a member fails its checksum")
-        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            AttributeError,
+            zipfile.BadZipFile,
+        ) as e:
             fix = (
                 f"remove {folder} to resume from the checkpoint before it, or pass --overwrite to start over"
             )
