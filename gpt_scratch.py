@@ -749,6 +749,19 @@ def mfu(tokens_per_s: float, facts: dict) -> float | None:
     return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
 
 
+def same_data(ckpt: dict, args: argparse.Namespace) -> bool:
+    """The checkpoint was trained on --data's bytes with the --tokenizer (and BPE --vocab-size) asked for."""
+    then = ckpt.get("args", {})
+    if then.get("tokenizer") != args.tokenizer:
+        return False
+    if args.tokenizer == "bpe" and then.get("vocab_size") != args.vocab_size:
+        return False
+    try:
+        return hashlib.sha256(Path(args.data).read_bytes()).hexdigest() == ckpt.get("corpus_sha256")
+    except OSError:  # prepare_data says what is wrong with the file
+        return True
+
+
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     """With --resume, the checkpoint in --out; a bad one, or one already at --max-iters, is refused before
     any tokenizing. Without it, a checkpoint in --out is trained over only with --overwrite."""
@@ -762,6 +775,11 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")
     ckpt = read_checkpoint(path)
+    if not same_data(ckpt, args):  # found before tokenizing; check_resume compares the tokenizers themselves
+        die(
+            f"--resume: checkpoint {path} was trained with another tokenizer ({ckpt['tokenizer']['kind']}) "
+            f"or corpus than --tokenizer {args.tokenizer} on {args.data}"
+        )
     if args.max_iters <= ckpt["iter_num"]:
         die(f"--resume: {path} is at iter {ckpt['iter_num']} already; give a --max-iters above it")
     run.iter_num = run.ckpt_iter = ckpt["iter_num"]

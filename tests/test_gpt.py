@@ -607,6 +607,10 @@ def test_a_trained_run_is_not_trained_over_by_mistake(name, trained, tmp_path, c
     both = [*common, "--out", str(run), "--resume", "--overwrite"]
     expect_exit2(name, both, capsys, "pass one of them")
     expect_exit2(name, [*common, "--out", ""], capsys, "--out must name a folder, got an empty string")
+    other = [*common, "--out", str(run), "--max-iters", "70", "--resume", "--tokenizer", "bpe"]
+    assert_user_error(
+        run_cli(name, [*other, "--vocab-size", "300"]), "another tokenizer"
+    )  # before tokenizing
     assert {f: (run / f).read_bytes() for f in kept} == kept  # the run and its results are as they were
     fresh = tmp_path / "again"
     shutil.copytree(run, fresh)
