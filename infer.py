@@ -637,6 +637,9 @@ def timed(fn) -> tuple[float, object]:
 def run_bench(lm, args, context: int) -> list[dict]:
     """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one
     warm-up. A LoRA adapter on a 16/32-bit base is merged into it first, as for serving."""
+    for n in args.bench_new_tokens:  # refused before the bar starts, under the flag that asked for it
+        if isinstance(lm, HFModel) and context - n < 1:
+            die(f"--bench-new-tokens {n} leaves no room for the prompt in a {context}-token context")
     variants = bench_variants(lm, args)
     merged = merge_for_bench(lm)
     rows, tokens = [], {}  # tokens[(n, variant)]: what each variant generated, to compare with no cache
