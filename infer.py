@@ -536,11 +536,13 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def fit_prompt(lm, ids: list[int], max_new_tokens: int, context: int) -> list[int]:
+def fit_prompt(
+    lm, ids: list[int], max_new_tokens: int, context: int, flag: str = "--max-new-tokens"
+) -> list[int]:
     """A prompt that does not fit the context with room for the new tokens is cut from the left."""
     keep = context - max_new_tokens if isinstance(lm, HFModel) else context
     if keep < 1:
-        die(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a {context}-token context")
+        die(f"{flag} {max_new_tokens} leaves no room for the prompt in a {context}-token context")
     if len(ids) > keep:
         note(
             f"warning: prompt of {len(ids)} tokens is longer than the {keep} that fit the {context}-token "
@@ -637,13 +639,11 @@ def timed(fn) -> tuple[float, object]:
 def run_bench(lm, args, context: int) -> list[dict]:
     """Greedy decoding of exactly N new tokens at batch 1: median latency over --bench-runs after one
     warm-up. A LoRA adapter on a 16/32-bit base is merged into it first, as for serving."""
-    for n in args.bench_new_tokens:  # refused before the bar starts, under the flag that asked for it
-        if isinstance(lm, HFModel) and context - n < 1:
-            die(f"--bench-new-tokens {n} leaves no room for the prompt in a {context}-token context")
-    variants = bench_variants(lm, args)
+    prompt_ids = lm.encode(BENCH_PROMPT)
+    fitted = {n: fit_prompt(lm, prompt_ids, n, context, "--bench-new-tokens") for n in args.bench_new_tokens}
+    variants = bench_variants(lm, args)  # every length was refused or fitted before this and the bar
     merged = merge_for_bench(lm)
     rows, tokens = [], {}  # tokens[(n, variant)]: what each variant generated, to compare with no cache
-    prompt_ids = lm.encode(BENCH_PROMPT)
     from tqdm import tqdm
 
     bar = tqdm(
@@ -653,7 +653,7 @@ def run_bench(lm, args, context: int) -> list[dict]:
     )
     for n, name, fn in bar:
         bar.set_postfix_str(f"{name}, {n} tokens")
-        ids = fit_prompt(lm, prompt_ids, n, context)
+        ids = fitted[n]
         row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
         if merged is not None:
             row["adapter"] = "merged" if merged else "unmerged (4-bit base)"
