@@ -810,6 +810,19 @@ def check_target_modules(resolved: str, target: list[str] | str) -> None:
         )
 
 
+def check_positions(resolved: str, max_seq_length: int) -> None:
+    """Training rows fit the base's positions: beyond them its rotary angles are ones it never saw, and
+    quality falls without an error. Read from the config, before any weights load."""
+    from transformers import AutoConfig
+
+    try:
+        positions = AutoConfig.from_pretrained(resolved).max_position_embeddings
+    except (OSError, ValueError, AttributeError):  # no readable config here: loading the base reports it
+        return
+    if max_seq_length > positions:
+        die(f"--max-seq-length {max_seq_length} is longer than the {positions} positions of {resolved}")
+
+
 def load_for_training(args, backend: str, resolved: str, device: str):
     import torch
 
@@ -2018,6 +2031,7 @@ def load(args) -> Loaded:
     base = resolve_model(args.model, args.cache_dir, quiet=not is_main_process())
     torch.manual_seed(args.seed)
     check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
+    check_positions(base["resolved"], args.max_seq_length)
     t_load = time.time()
     model, tok = load_for_training(args, backend, base["resolved"], device)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config

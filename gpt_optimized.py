@@ -920,10 +920,17 @@ FLAGS = [
 
 
 def training_bytes(args: argparse.Namespace) -> int:
-    """The fp32 weights, gradients and two Adam moments of the shape the flags ask for (16 bytes a
-    parameter; activations come on top): a shape that cannot fit is refused instead of failing to allocate."""
+    """A floor on the memory training needs: the fp32 weights, gradients and two Adam moments (16 bytes a
+    parameter) and, on a CPU, whose memory they share, one micro-batch's activations: the logits and their
+    log-softmax (8 bytes a vocabulary entry a token) and what each block keeps for backward (at least 15
+    numbers a channel at 2 bytes; 1 with --ckpt-activations). A run that cannot fit is refused instead of
+    failing to allocate or being killed by the system."""
     vocab = args.vocab_size if args.tokenizer == "bpe" else 0  # a char vocabulary is small
-    return 16 * (12 * args.n_layer * args.n_embd**2 + (2 * vocab + args.block_size) * args.n_embd)
+    weights = 16 * (12 * args.n_layer * args.n_embd**2 + (2 * vocab + args.block_size) * args.n_embd)
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    tokens = args.batch_size * args.block_size if on_cpu else 0
+    per_channel = 2 if getattr(args, "ckpt_activations", False) else 30
+    return weights + tokens * (8 * vocab + args.n_layer * args.n_embd * per_channel)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -942,7 +949,7 @@ def check_args(args: argparse.Namespace) -> None:
         die(f"--seed {args.seed} is too large: give a number below 2**62")
     need, have = training_bytes(args), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
-        die(f"this shape needs {need >> 30:,} GiB before activations; the machine has {have >> 30:,} GiB")
+        die(f"this shape and batch need at least {need >> 30:,} GiB; the machine has {have >> 30:,} GiB")
     compiled = args.compile if args.compile is not None else args.device.startswith("cuda")  # torch.compile
     if not compiled and (args.compile_scope, args.compile_mode) != ("model", "default"):
         die("--compile-scope and --compile-mode apply only when compiling: add --compile (CPU default: off)")

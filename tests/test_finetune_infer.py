@@ -468,6 +468,8 @@ def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     )
     p = tiny_finetune(tiny, tmp_path / "o", "--target-modules", "q,foo", check=False)
     assert_user_error(p, "--target-modules: foo not in this model", "q_proj", "down_proj")
+    p = tiny_finetune(tiny, tmp_path / "o", "--max-seq-length", 257, check=False)  # the fixture has 256
+    assert_user_error(p, "--max-seq-length 257 is longer than the 256 positions of", "llama_a")
     for flag, value, says in (
         ("--rank", 0, "out of range"),
         ("--dropout", 1.5, "out of range"),

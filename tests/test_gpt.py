@@ -1047,8 +1047,9 @@ BAD_FLAGS = [
     (["--vocab-size", "0"], "--vocab-size: must be at least 1"),
     (["--tokenizer", "bpe", "--vocab-size", "100"], "between 257 and 1,048,576 for byte-level BPE, got 100"),
     (["--tokenizer", "bpe", "--vocab-size", "100000000000"], "between 257 and 1,048,576"),
-    (["--n-embd", "1000000000", "--n-head", "2"], "GiB before activations; the machine has"),
-    (["--n-layer", "100000000"], "GiB before activations"),
+    (["--n-embd", "1000000000", "--n-head", "2"], "this shape and batch need at least"),
+    (["--n-layer", "100000000"], "GiB; the machine has"),
+    (["--device", "cpu", "--preset", "cpu", "--batch-size", "20000"], "this shape and batch need at least"),
     (["--seed", "-1"], "--seed: must be 0 or more"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:x"], "unknown device"),
@@ -1082,6 +1083,35 @@ def test_bad_flags_get_one_line(name, argv, needle, tmp_path, capsys):
     argv = ["--data", "missing.txt", "--out", str(out), *argv]
     one_line_exit2(lambda: load(name).main(argv), capsys, needle)
     assert not out.exists()
+
+
+def test_the_memory_floor_counts_one_micro_batch_on_a_cpu_only():
+    args = load("gpt_optimized").parse_args(["--preset", "cpu", "--device", "cpu", "--out", "o"])
+    weights = 16 * (12 * 4 * 128**2 + (2 * 2048 + 128) * 128)  # 1.05M parameters' fp32 training state
+    acts = 16 * 128 * (8 * 2048 + 4 * 128 * 30)
+    for name in MODULES:
+        assert load(name).training_bytes(args) == weights + acts
+    args.ckpt_activations = True  # only each block's input kept
+    assert load("gpt_optimized").training_bytes(args) == weights + 16 * 128 * (8 * 2048 + 4 * 128 * 2)
+    args.device = "cuda"  # activations live on the card, not in this machine's memory
+    assert load("gpt_optimized").training_bytes(args) == weights
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_memory_floor_is_below_what_a_step_really_takes(name, tmp_path):
+    """A floor, so a run it lets through may still be too big, but one it refuses surely is: one step at
+    batch 256 peaks above it (resident memory of the whole process)."""
+    code = (
+        f"import resource, {name} as m; "
+        f"m.main(['--preset', 'cpu', '--device', 'cpu', '--batch-size', '256', '--max-iters', '1', "
+        f"'--eval-iters', '1', '--max-new-tokens', '0', '--out', {str(tmp_path / 'o')!r}]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    args = load(name).parse_args(["--preset", "cpu", "--device", "cpu", "--batch-size", "256", "--out", "o"])
+    floor = load(name).training_bytes(args)
+    assert floor > 10**9 and int(p.stdout.split()[-1]) > floor
 
 
 @pytest.mark.parametrize("name", MODULES)
