@@ -334,7 +334,8 @@ class Runner:
     def __init__(self, out: Path, total_cost: float, time_limit: float | None = None, replay: bool = False):
         self.py, self.replay = sys.executable, replay
         self.out, self.logs = out, out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        if not replay:  # --report-only runs nothing, so it writes no logs
+            self.logs.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(
             total=round(total_cost),
             desc="bench",
@@ -2348,6 +2349,9 @@ def check_eval_texts(paths: list[str]) -> None:
 
 
 def check_corpus(data: Path) -> None:
+    if data.exists() and not data.is_file():
+        what = "a folder" if data.is_dir() else "not a regular file"
+        die(f"--data {data} is {what}; give the corpus text file")
     if not data.is_file() or data.stat().st_size == 0:
         die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
     try:

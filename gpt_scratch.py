@@ -310,8 +310,10 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
     path = Path(args.data)
     if path.is_dir():
         die(f"--data {path} is a folder; give the corpus text file")
-    if not path.is_file():
+    if not path.exists():
         die(f"corpus not found: {path}")
+    if not path.is_file():  # a device or a pipe: the corpus is hashed and read twice
+        die(f"--data {path} is not a regular file; give the corpus text file")
     try:
         raw = path.read_bytes()
     except OSError as e:

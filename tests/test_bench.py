@@ -297,6 +297,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     for args, frag in (
         (["--only", "gpt,nope"], "--only"),
         (["--data", tmp_path / "missing.txt"], "missing or empty"),
+        (["--data", tmp_path], "is a folder; give the corpus text file"),
+        (["--data", "/dev/null"], "--data /dev/null is not a regular file"),
         (["--full", "--device", "cpu"], "GPU"),
     ):
         p = bench(*args, "--out", tmp_path / "o", timeout=120)
@@ -357,6 +359,7 @@ def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, 
     shutil.copytree(tiny_setup["out"], out)
     (out / "results.json").unlink()
     (out / "report.md").unlink()
+    shutil.rmtree(out / "logs")  # nothing runs, so no logs are written
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- headline:tiny-cpu -->\nold\n<!-- /headline:tiny-cpu -->\n\nrest\n")
     p = bench("--report-only", "--out", out, "--readme", readme, timeout=120)
@@ -365,6 +368,7 @@ def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, 
     assert res["headline"] == tiny_setup["results"]["headline"]
     assert res["meta"]["date"] == tiny_setup["results"]["meta"]["date"]
     assert res["meta"]["report_rebuilt_by"].startswith("python bench.py --report-only")
+    assert not (out / "logs").exists()
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- /headline:tiny-cpu -->\n\nrest\n")
     assert f"**{res['headline']['gpt_tokens_per_s_ratio']:.2f}x** gpt_scratch's tokens/s" in text

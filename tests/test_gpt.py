@@ -554,6 +554,7 @@ def expect_exit2(name: str, argv: list[str], capsys, needle: str) -> str:
 def test_bad_inputs_exit_2(name, corpus, trained, tmp_path, capsys):
     out = ["--out", str(tmp_path / "o")]
     expect_exit2(name, ["--data", str(tmp_path / "missing.txt"), *out, *TINY], capsys, "corpus not found")
+    expect_exit2(name, ["--data", "/dev/null", *out, *TINY], capsys, "--data /dev/null is not a regular file")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
     expect_exit2(name, ["--data", str(empty), *out, *TINY], capsys, "corpus is empty")
