@@ -452,7 +452,18 @@ def load_unsloth(args, adapter_dir: Path | None, resolved: str, run: dict, label
     return HFModel(model, tok, label, device)
 
 
-def load_hf(args, device: str):
+def check_room(args, config, new_tokens: dict[str, list[int]]) -> None:
+    """Each count of new tokens leaves room for a prompt in the context (the flag that asked for it named):
+    found from the config, before the weights load."""
+    context = int(getattr(config, "max_position_embeddings", 0) or 2048)  # as HFModel.context
+    context = min(context, args.context) if args.context else context
+    for flag, counts in new_tokens.items():
+        for n in counts:
+            if n >= context:
+                die(f"{flag} {n} leaves no room for the prompt in a {context}-token context")
+
+
+def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
     """The base comes from --model, else from the adapter's run.json; the adapter goes on top."""
     import torch
 
@@ -469,6 +480,7 @@ def load_hf(args, device: str):
     if adapter_dir:
         check_base_matches(config, recorded, f"base {base['resolved']}", adapter_dir)
         check_adapter_fits(config, adapter_dir, f"base {base['resolved']}")
+    check_room(args, config, new_tokens)
     load_4bit = args.load_in_4bit if args.load_in_4bit is not None else bool(run.get("load_in_4bit", False))
     label = f"{base['resolved']}" + (f" + {adapter_dir}" if adapter_dir else "")
     if backend == "unsloth":
@@ -1127,7 +1139,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    lm = load_gpt(args.ckpt, device) if args.ckpt else load_hf(args, device)
+    new_tokens = {"--max-new-tokens": [args.max_new_tokens] * bool(prompts)}
+    new_tokens["--bench-new-tokens"] = args.bench_new_tokens if args.bench else []
+    lm = load_gpt(args.ckpt, device) if args.ckpt else load_hf(args, device, new_tokens)
     context = min(lm.context, args.context) if args.context else lm.context
     # one default for a base alone and for an adapter (not its training rows' length), so perplexities of
     # separate runs compare; finetune_llama.py's --eval-context scores with the same windows
