@@ -1189,10 +1189,23 @@ def main(argv: list[str] | None = None) -> dict:
                     file=sys.stderr,
                 )
         raise SystemExit(130) from None
-    except BaseException:  # a refusal (exit 2) or a crash
+    except BaseException as e:  # a refusal (exit 2), memory running out, or a crash
         if run.master and not run.wrote_ckpt:
             run.remove_new()
+        if out_of_memory(e):  # a step too big for the device: the flags' doing, so one line and exit 2
+            run.close_bar()
+            kept = (
+                f"ckpt.pt at iter {run.ckpt_iter} kept; " if run.ckpt_iter is not None else "nothing kept; "
+            )
+            die(f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size")
         raise
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A CUDA allocation that failed, or a CPU one (a RuntimeError from the CPU allocator)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+    )
 
 
 if __name__ == "__main__":

@@ -1116,6 +1116,40 @@ def test_the_memory_floor_is_below_what_a_step_really_takes(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_running_out_of_memory_is_one_line_and_keeps_what_was_saved(name, tmp_path):
+    """A batch the floor lets through but the memory cannot hold (here: 4 GB of address space for a step
+    that takes 7-10 GB): one line, exit 2, the checkpoint on disk kept, or nothing left behind."""
+    import resource
+
+    out = tmp_path / "o"
+    cmd = [
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "1024",
+        "--max-iters",
+        "2",
+        "--eval-iters",
+        "1",
+    ]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 * 10**9, 4 * 10**9))  # noqa: E731
+    p = run_cli(name, [*cmd, "--max-new-tokens", "0", "--out", str(out)], preexec_fn=limit)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert last.startswith(f"{name}: error: out of memory at iter 0: ") and last.endswith("--block-size"), (
+        last
+    )
+    if "nothing kept" in last:
+        assert not out.exists()
+    else:
+        assert (
+            "ckpt.pt at iter 0 kept" in last and load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 0
+        )
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_bad_flags_from_the_command_line_are_one_line_no_traceback(name, tmp_path):
     line = assert_user_error(run_cli(name, ["--n-head", "0", "--out", str(tmp_path / "o")]), "--n-head")
     assert line == f"{name}: error: argument --n-head: must be at least 1, got 0"
