@@ -2319,6 +2319,18 @@ def interrupted_message(out: str) -> str:
     return f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """A failed CUDA allocation (torch.OutOfMemoryError), or a CPU one (a RuntimeError of its allocator)."""
+    return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def out_of_memory_message(out: str) -> str:
+    """A step too big for the device is the flags' doing: what to lower, and what --out holds."""
+    unfinished = unfinished_run(Path(out))
+    kept = f"{out} keeps the checkpoints ({unfinished})" if unfinished else f"{out} has no new adapter"
+    return f"error: out of memory: lower --batch-size (raise --grad-accum) or --max-seq-length; {kept}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """A bad flag is a user mistake like any other: one line on stderr, exit code 2 (argparse prints two)."""
 
@@ -2588,3 +2600,12 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
         raise SystemExit(130)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not out_of_memory(e):
+            raise
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):  # closed now, not redrawn under the message at exit
+            bar.close()
+        print(out_of_memory_message(cli_args.out), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -484,6 +484,30 @@ def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path):
+    """A batch the memory cannot hold (here: 3 GB of address space for 4096 rows of 256 tokens)."""
+    import resource
+
+    out = tmp_path / "o"
+    flags = (
+        "--max-seq-length 256 --batch-size 4096 --max-steps 2 --replay 0 --retention-docs 0 --eval-split 4"
+    )
+    p = subprocess.run(
+        tiny_finetune_cmd(tiny, flags, "--out", out),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, 3 * 10**9)),
+    )
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    lower = "lower --batch-size (raise --grad-accum) or --max-seq-length"
+    assert last == f"error: out of memory: {lower}; {out} has no new adapter", p.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
     import signal
 
