@@ -1282,3 +1282,11 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         raise SystemExit(130)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's failure
+        if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
+            raise
+        print(
+            "\nerror: out of memory: lower --batch-size or --ppl-context; nothing was written",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None

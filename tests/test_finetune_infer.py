@@ -508,6 +508,29 @@ def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tiny, tmp_p
     assert not out.exists()
 
 
+def test_infer_out_of_memory_is_one_line_exit_2(tiny, tmp_path):
+    """Scoring 1.5M tokens (5,900 windows of 256) in one batch: 2.4 GB of fp32 logits alone, against 3 GB of
+    address space."""
+    import resource
+
+    text = tmp_path / "long.txt"
+    text.write_text("\n\n".join(tiny["docs"] * 120))
+    cmd = ["--model", tiny["llama_a"], "--ppl", text, "--ppl-context", 256, "--batch-size", 8000]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *map(str, cmd), "--json-out", "r.json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=ENV,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, 3 * 10**9)),
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == "error: out of memory: lower --batch-size or --ppl-context; nothing was written", last
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
     import signal
 
