@@ -1198,7 +1198,10 @@ def main_process_first(device: str):
 
 
 def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_text: str) -> None:
-    """Write into a temp folder beside --out, then move each file in with os.replace (atomic per file)."""
+    """Write into a temp folder beside --out, then move each file in with os.replace (atomic per file).
+    run.json says the folder is one finished run, so it goes first and comes back last: a kill in between
+    leaves adapter files without run.json, which no reader takes for a finished run (with --save-steps,
+    --resume continues it), never new weights under an earlier run's run.json."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out))
     try:
@@ -1207,7 +1210,8 @@ def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_tex
         (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (tmp / "eval_docs.txt").write_text(eval_text, encoding="utf-8")
-        for f in sorted(tmp.iterdir()):
+        (out / "run.json").unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "run.json"):
             if f.is_file():
                 os.replace(f, out / f.name)
         WRITTEN.append(out)

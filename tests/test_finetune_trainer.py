@@ -373,7 +373,12 @@ def test_a_two_process_run_resumes_after_kill_9(tiny, tmp_path):
         start_new_session=True,
     )
     wait_for_checkpoint(proc, killed)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both training processes
+    # torchrun starts each training process in a session of its own: killing torchrun's group alone leaves
+    # them training on to the end (they wrote the adapter after this test's checks, under load)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) >= 2, workers
+    for pid in [proc.pid, *map(int, workers)]:
+        os.killpg(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (killed / "run.json").exists()
     resumed = run(torchrun(killed, "--resume"), cache=cache)
@@ -429,3 +434,56 @@ def test_unsloths_packed_rows_name_their_kernel_and_a_missing_one_is_said_with_i
     monkeypatch.undo()
     if not flash_built:  # a CPU build of torch: no flash kernel for varlen to call
         assert finetune_llama.unsloth_packed_kernel() is None
+
+
+def test_a_kill_while_the_adapter_is_published_never_pairs_new_weights_with_an_old_run_json(
+    tiny, tmp_path, monkeypatch
+):
+    """--overwrite over a finished run, killed after each possible file move: whenever run.json is there, the
+    files beside it are all of one run, the one it describes (without it, --resume continues from the
+    checkpoints)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama_a"])
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
+
+    def save(out, run_id):
+        with torch.no_grad():  # each run's own LoRA weights
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.1 if run_id == "new" else -0.1)
+        finetune_llama.save_outputs(out, model, tok, {"run_id": run_id}, [{"step": run_id}], f"{run_id}\n")
+
+    files = {}
+    for run_id in ("old", "new"):
+        save(tmp_path / run_id, run_id)
+        files[run_id] = {f.name: f.read_bytes() for f in (tmp_path / run_id).iterdir() if f.is_file()}
+    real_replace, k = os.replace, 0
+    while True:
+        out, moved = tmp_path / f"kill_after_{k}", []
+        save(out, "old")
+
+        def replace(src, dst, out=out, moved=moved, k=k):
+            if Path(dst).parent == out:  # a move into --out (not the savers' own renames in the temp folder)
+                if len(moved) == k:
+                    raise KeyboardInterrupt  # the kill
+                moved.append(Path(dst).name)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(finetune_llama.os, "replace", replace)
+        try:
+            save(out, "new")
+            killed = False
+        except KeyboardInterrupt:
+            killed = True
+        monkeypatch.setattr(finetune_llama.os, "replace", real_replace)
+        if (out / "run.json").exists():  # one run's files, all of them
+            assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} in files.values(), moved
+        else:
+            assert killed and "run.json" not in moved
+        if not killed:
+            break
+        k += 1
+    assert k == len(files["new"]) and moved[-1] == "run.json"  # every cut was tried; run.json moved in last
