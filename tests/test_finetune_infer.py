@@ -484,50 +484,42 @@ def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path):
-    """A batch the memory cannot hold (here: 3 GB of address space for 4096 rows of 256 tokens)."""
+def out_of_memory_exit(cmd: list, cwd: Path) -> str:
+    """cmd run with 3 GB of address space: it must end with exit 2 and no traceback; returns its last line."""
     import resource
 
+    p = subprocess.run(
+        [*map(str, cmd)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=ENV,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, 3 * 10**9)),
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path):
+    """A batch the memory cannot hold (4096 rows of 256 tokens)."""
     out = tmp_path / "o"
     flags = (
         "--max-seq-length 256 --batch-size 4096 --max-steps 2 --replay 0 --retention-docs 0 --eval-split 4"
     )
-    p = subprocess.run(
-        tiny_finetune_cmd(tiny, flags, "--out", out),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=ENV,
-        timeout=600,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, 3 * 10**9)),
-    )
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = out_of_memory_exit(tiny_finetune_cmd(tiny, flags, "--out", out), ROOT)
     lower = "lower --batch-size (raise --grad-accum) or --max-seq-length"
-    assert last == f"error: out of memory: {lower}; {out} has no new adapter", p.stderr[-2000:]
+    assert last == f"error: out of memory: {lower}; {out} has no new adapter"
     assert not out.exists()
 
 
 def test_infer_out_of_memory_is_one_line_exit_2(tiny, tmp_path):
-    """Scoring 1.5M tokens (5,900 windows of 256) in one batch: 2.4 GB of fp32 logits alone, against 3 GB of
-    address space."""
-    import resource
-
+    """Scoring 1.5M tokens (5,900 windows of 256) in one batch: 2.4 GB of fp32 logits alone."""
     text = tmp_path / "long.txt"
     text.write_text("\n\n".join(tiny["docs"] * 120))
     cmd = ["--model", tiny["llama_a"], "--ppl", text, "--ppl-context", 256, "--batch-size", 8000]
-    p = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), *map(str, cmd), "--json-out", "r.json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=ENV,
-        timeout=600,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 * 10**9, 3 * 10**9)),
-    )
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last == "error: out of memory: lower --batch-size or --ppl-context; nothing was written", last
+    last = out_of_memory_exit([sys.executable, ROOT / "infer.py", *cmd, "--json-out", "r.json"], tmp_path)
+    assert last == "error: out of memory: lower --batch-size or --ppl-context; nothing was written"
     assert not (tmp_path / "r.json").exists()
 
 
