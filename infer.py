@@ -40,6 +40,7 @@ from finetune_llama import (
     doc_separator_id,
     encode_documents,
     note,
+    out_of_memory,
     resolve_model,
     score_sequences,
     set_cpu_4bit_path,
@@ -1282,8 +1283,8 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         raise SystemExit(130)
-    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's failure
-        if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not out_of_memory(e):
             raise
         print(
             "\nerror: out of memory: lower --batch-size or --ppl-context; nothing was written",
