@@ -1826,6 +1826,12 @@ def build_trainer(
     )
     trainer.remove_callback(ProgressCallback)  # StepMeter draws the bar, with tokens/s
     trainer.remove_callback(PrinterCallback)
+    if m.backend == "hf" and not args.bf16:
+        # TRL casts a quantized model's adapters to bf16, for bf16 autocast; without it the adapters' inputs
+        # stay fp32 (their casts are off in training steps), so the adapters do too
+        for p in m.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     return trainer
 
 

@@ -180,6 +180,18 @@ def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny, capsys):
     assert f"4-bit layers: {packed} of 14 on the packed" in capsys.readouterr().err
 
 
+def test_qlora_trains_without_bf16_too(tiny, tmp_path):
+    """The fp32 path, the default on CPUs without AVX512-BF16/AMX, forced here on any CPU: TRL casts a 4-bit
+    model's adapters to bf16, which fp32 training steps cannot multiply with their fp32 inputs."""
+    from safetensors.torch import load_file
+
+    tiny_finetune(tiny, tmp_path / "o", "--load-in-4bit", "--no-bf16")
+    r = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert r["load_in_4bit"] is True and r["bf16"] is False and math.isfinite(r["eval_ppl_after"])
+    weights = load_file(tmp_path / "o" / "adapter_model.safetensors")
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+
+
 # -----------------------------------------------------------------------------
 # bitsandbytes' two CPU kernels for 4-bit layers. On CPUs with AVX512-BF16 a Linear4bit repacks its weights
 # into a bf16 GEMV layout the first time it runs without gradients; elsewhere it always dequantizes. Both are
