@@ -112,10 +112,8 @@ class NewsClient:
             with contextlib.suppress(TypeError, ValueError):
                 when = email.utils.parsedate_to_datetime(value)
                 ra = max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
-        if ra is None:
-            return "rate limited (HTTP 429)", self.backoff(attempt)
-        if ra <= cap:
-            return "rate limited (HTTP 429)", ra
+        if ra is None or ra <= cap:  # no usable Retry-After: the usual backoff
+            return "rate limited (HTTP 429)", self.backoff(attempt) if ra is None else ra
         capped = f"server asked Retry-After {ra:.0f} s; waiting {cap:g} s (--backoff-max)"
         return f"rate limited (HTTP 429): {capped}", cap
 
@@ -179,7 +177,8 @@ def article_key(a: dict) -> str:
     link = a.get("link")
     if isinstance(link, str) and link.strip():
         return link.strip()
-    return "no-link:" + str(a.get("date", "")) + "|" + str(a.get("title", ""))
+    fields = json.dumps([a.get("date"), a.get("title"), a.get("content")], default=str)  # no link: by these
+    return "no-link:" + hashlib.sha256(fields.encode()).hexdigest()[:32]
 
 
 def scan_jsonl(path: str):
@@ -198,7 +197,9 @@ def scan_jsonl(path: str):
 
 
 def jsonl_bytes(records) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in records)
+    """One JSON line per record. A lone surrogate (valid JSON: half an emoji) goes back to its \\u escape."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return text.encode("utf-8", "backslashreplace")
 
 
 def append_jsonl(path: str, records: list) -> None:
@@ -230,10 +231,8 @@ class NewsStore:
         try:
             with open(self.progress_path, encoding="utf-8") as f:
                 self.progress = json.load(f)
-        except FileNotFoundError:
-            self.progress = {}
-        except ValueError:  # cannot happen with os.replace, but never lose articles over it
-            self.progress = None
+        except (FileNotFoundError, ValueError):  # ValueError: impossible with os.replace, never fatal
+            self.progress = None if os.path.exists(self.progress_path) else {}
         if not isinstance(self.progress, dict):
             self.progress = {}
             self.log(f"ignoring unreadable {self.progress_path}; every ticker restarts at offset 0")
@@ -292,7 +291,7 @@ class NewsStore:
             k = article_key(a)
             if k not in self.tickers:
                 self.tickers[k] = {ticker}
-                new.append(dict(a, link=k, tickers=[ticker]))
+                new.append(dict(a, tickers=[ticker]))  # as the API gave it: article_key(a) finds it again
             elif ticker not in self.tickers[k]:  # a page repeating a link merges it once
                 self.tickers[k].add(ticker)
                 symbols = sorted(set(str_list(a.get("symbols"))))
@@ -347,8 +346,10 @@ def load_sp500(args, log) -> list[str]:
             syms = sp500_symbols(f.read())
         if not syms:
             raise UserError(f"{cache} has no Symbol column; delete it and run again online")
-    # class shares: the constituents list writes BRK.B, EODHD wants BRK-B.US
-    return [s.strip().upper().replace(".", "-") + ".US" for s in syms]
+    syms = [s.strip().upper().replace(".", "-") for s in syms]  # class shares: BRK.B is BRK-B.US on EODHD
+    if bad := [s for s in syms if not TICKER_RE.match(s)]:
+        log(f"S&P 500 list: skipped {len(bad)} row(s) that are not ticker symbols: {bad[:3]}")
+    return [s + ".US" for s in syms if s not in bad]
 
 
 def collect_tickers(args, log) -> list[str]:
@@ -375,39 +376,41 @@ def collect_tickers(args, log) -> list[str]:
 # -----------------------------------------------------------------------------
 # eodhd: from news.jsonl to the corpus
 
-# lines that are site furniture rather than news (matched at the start of a line under 200 chars)
+# site furniture, not news: matched at the start of a line under 200 chars (not "Copyright Office rules...")
 BOILERPLATE = re.compile(
     r"^(?:(?:story continues|continue reading|read more|read the (?:full|original) (?:story|article)"
-    r"|view comments|recommended stories|click here|sign up|subscribe|download the|follow us|share this"
+    r"|view comments|recommended stories|click here|follow us|share this|download (?:the|our) (?:\w+ ){,3}app"
+    r"|(?:sign up|subscribe)(?: now| here| today|$| for (?:free|our|the)| to (?:our|receive|get|the \w+ ne))"
     r"|(?:this|the) (?:article|story|post) (?:was )?(?:originally |first )?(?:appeared|published|featured)"
-    r"|originally published|copyright|all rights reserved)\b"
+    r"|originally published|all rights reserved)\b"
     r"|(?:related(?: articles| stories)?|see also|read also|photo|image source)\s*:"
-    r"|advertisement$|\u00a9|\(c\) ?\d{4})",
+    r"|advertisement$|\u00a9|\(c\) ?\d{4}|copyright\s*(?:\u00a9|\(c\)|\d{4}))",
     re.IGNORECASE,
 )
+TAG = re.compile(r"</?[A-Za-z][\w:-]*(?:\s[^<>]*)?/?>|<[!?][^<>]*>")  # not the "<" of "margin < 5%"
 
 
-def clean_text(s) -> str:
-    """HTML to plain text: tags and entities gone, boilerplate lines dropped, whitespace normalised
-    (single spaces within a line, no empty lines, so a document never contains a blank line)."""
+def clean_text(s, furniture: bool = True) -> str:
+    """HTML to plain text: tags and entities gone, furniture (boilerplate) lines dropped, whitespace
+    normalised (single spaces within a line, no empty lines, so a document never contains a blank line)."""
     if not isinstance(s, str):
         return ""
-    s = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>", " ", s)
-    s = re.sub(r"(?i)<br\s*/?>|</?(p|div|li|h[1-6]|tr|blockquote)\b[^>]*>", "\n", s)
-    s = html.unescape(re.sub(r"<[^>]*>", " ", s))
+    s = s.encode("utf-8", "ignore").decode("utf-8")  # lone surrogates (half an emoji) are not text
+    s = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->", " ", s)
+    s = re.sub(r"(?i)<br\s*/?>|</?(p|div|li|h[1-6]|tr|blockquote)\b[^<>]*>", "\n", s)
+    s = html.unescape(TAG.sub(" ", s))
     lines = (" ".join(ln.split()) for ln in s.splitlines())  # split() also takes non-breaking spaces
-    return "\n".join(ln for ln in lines if ln and not (len(ln) < 200 and BOILERPLATE.match(ln)))
+    return "\n".join(ln for ln in lines if ln and not (furniture and len(ln) < 200 and BOILERPLATE.match(ln)))
 
 
 def date_key(s) -> str:
-    """ISO-8601 with any offset -> a UTC string that sorts chronologically."""
+    """ISO-8601 with any offset -> a UTC string that sorts chronologically; anything else as it is."""
     try:
         d = dt.datetime.fromisoformat(str(s).replace("Z", "+00:00"))
-    except ValueError:
+        d = d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+        return d.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    except (ValueError, OverflowError):  # not a date, or one whose UTC time leaves the calendar (year 9999)
         return str(s)
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=dt.timezone.utc)
-    return d.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def news_docs(src_path: str):
@@ -422,7 +425,7 @@ def news_docs(src_path: str):
         for _, _, off in order:
             src.seek(off)
             r = json.loads(src.readline())
-            title, body = " ".join(clean_text(r.get("title")).split()), clean_text(r.get("content"))
+            title, body = " ".join(clean_text(r.get("title"), False).split()), clean_text(r.get("content"))
             h = hashlib.sha256(body.encode("utf-8")).digest()
             if body and h not in seen_bodies:
                 seen_bodies.add(h)
@@ -515,7 +518,8 @@ def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: N
     """Fold pending merges, write the corpus, print the summary (on stderr why a run stopped early)."""
     total = store.compact()
     path, n_docs, n_bytes = write_news_corpus(args.out_dir)
-    counts = f"{t.done} done, {t.already} already complete, {len(t.skipped)} skipped"
+    left = n_tickers - t.done - t.already - len(t.skipped) - len(t.unfinished)  # a stop came before them
+    counts = f"{t.done} done, {t.already} already complete, {len(t.skipped)} skipped, {left} left for a rerun"
     print(f"tickers: {counts}, {len(t.unfinished)} unfinished (--max-pages), {n_tickers} requested")
     for ticker, why in t.skipped.items():
         print(f"  skipped {ticker}: {why}")
@@ -608,11 +612,9 @@ FLAGS = [
         "news.jsonl, progress and the S&P 500 list cache) are written (default: %(default)s)")),
     ("--tickers",      dict(help="comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix "
         "means .US (default: none)")),
-    ("--tickers-file", dict(help="file with tickers, one or more per line, '#' starts a comment "
-        "(default: none)")),
-    ("--sp500",        dict(action="store_true", help="add the S&P 500 constituents: downloaded from "
-        f"--sp500-url when online, cached as <out-dir>/{SP500_CACHE} for offline runs; BRK.B becomes "
-        "BRK-B.US (default: off)")),
+    ("--tickers-file", dict(help="file of tickers, some on each line, '#' starts a comment (default: none)")),
+    ("--sp500",        dict(action="store_true", help="add the S&P 500 constituents: from --sp500-url "
+        f"when online, cached as <out-dir>/{SP500_CACHE} for offline runs; BRK.B: BRK-B.US (default: off)")),
     ("--sp500-url",    dict(default=SP500_URL,
         help="CSV with a Symbol column listing the S&P 500 (default: %(default)s)")),
     ("--from",         dict(dest="date_from", type=iso_date, metavar="YYYY-MM-DD",
@@ -633,18 +635,17 @@ FLAGS = [
         "5xx, timeouts or invalid JSON before the ticker is skipped (default: %(default)s)")),
     ("--backoff-base", dict(type=non_negative_seconds, default=1.0, help="first retry wait in seconds, "
         "doubled each retry, with jitter; a 429's Retry-After overrides it (default: %(default)s)")),
-    ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap on one wait before a retry "
-        "in seconds, a 429's Retry-After included: a server asking for longer is retried after this long "
-        "(default: %(default)s)")),
+    ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap in seconds on one wait before "
+        "a retry, a 429's Retry-After included: a longer one is cut to this (default: %(default)s)")),
     ("--restart",      dict(action="store_true", help="ignore recorded progress and page every ticker "
         "from offset 0; stored articles are still not duplicated (default: off, resume)")),
 ]
 # fmt: on
 EPILOG = (
     "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
-    "written, or a rejected API key; 3 EODHD daily quota spent (everything fetched is kept; rerun the same "
-    "command to resume); 130 interrupted with Ctrl-C (the same: kept, rerun to resume). --source eodhd "
-    "writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir."
+    "written, or a rejected API key; 3 EODHD daily quota spent and 130 Ctrl-C (everything fetched is kept; "
+    "rerun the same command to resume). --source eodhd writes news.jsonl, news_progress.json and "
+    "finance_corpus.txt into --out-dir."
 )
 EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 

@@ -464,6 +464,8 @@ def test_quota_402_stops_cleanly_and_resumes(api, tmp_path):
     r = fetch(api, tmp_path, "--tickers", "AAPL.US,TSLA.US", "--limit", "4")
     assert r.returncode == 3
     assert "quota is spent (HTTP 402)" in r.stderr and "run the same command again" in r.stderr
+    # the ticker the quota stopped and the one never reached are both counted
+    assert "tickers: 0 done, 0 already complete, 0 skipped, 2 left for a rerun" in r.stdout
     assert "Traceback" not in r.stderr
     assert [a["link"] for a in read_news(tmp_path)] == [a["link"] for a in api.feeds["AAPL.US"]]
     progress = json.loads((tmp_path / "news_progress.json").read_text())
@@ -592,7 +594,7 @@ def test_a_damaged_line_inside_news_jsonl_is_refused_not_dropped(api, tmp_path):
 def test_sp500_list_downloaded_cached_and_mapped(api, tmp_path):
     csv_text = (
         "Symbol,Security,GICS Sector\nAAPL,Apple Inc.,IT\nBRK.B,Berkshire Hathaway,Financials\n"
-        "BF.B,Brown-Forman,Staples\n"
+        "BF.B,Brown-Forman,Staples\nFOO BAR,A row that is no symbol,None\n"
     )
     api.files["/constituents.csv"] = ("text/csv", csv_text.encode())
     for n, t in enumerate(("AAPL.US", "BRK-B.US", "BF-B.US")):
@@ -601,6 +603,7 @@ def test_sp500_list_downloaded_cached_and_mapped(api, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted({s for _, s, *_ in api.log}) == ["AAPL.US", "BF-B.US", "BRK-B.US"]
     assert (tmp_path / "sp500_constituents.csv").read_text() == csv_text
+    assert "skipped 1 row(s) that are not ticker symbols: ['FOO BAR']" in r.stderr
     # offline with a cache: use it, say so
     dead = "http://127.0.0.1:9/constituents.csv"
     r = fetch(api, tmp_path, "--sp500", "--sp500-url", dead, "--restart")
@@ -1178,3 +1181,47 @@ def test_odd_shapes_in_answers_and_progress_do_not_crash(api, tmp_path):
     assert len(by_link) == 3
     assert by_link[shared["link"]]["tickers"] == ["AAPL.US", "MSFT.US"]
     assert by_link[shared["link"]]["symbols"] == ["AAPL.US", "MSFT.US"]
+
+
+def test_articles_the_json_allows_but_python_trips_on(api, tmp_path):
+    """Half an emoji (a lone surrogate: valid JSON), a date whose UTC time is past year 9999, and articles
+    without a link: every one is stored as it came, once, and the corpus is written."""
+    cut = article(1, ["AAPL.US"], content="Emoji cut \ud83d in half. Shares rose.")
+    late = dict(article(2, ["AAPL.US"]), date="9999-12-31T23:00:00-05:00")
+    bare = [
+        dict(article(n, ["AAPL.US"], content=f"Story {n} had no link."), link=None, date=None, title=None)
+        for n in (3, 4)
+    ]
+    api.feeds["AAPL.US"] = [cut, late, *bare, article(5, ["AAPL.US"])]
+    api.feeds["MSFT.US"] = [article(6, ["MSFT.US"])]
+    for _ in range(2):  # the rerun finds every ticker complete and stores nothing twice
+        r = fetch(api, tmp_path, "--tickers", "AAPL.US,MSFT.US")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "tickers: " in r.stdout and "0 left for a rerun" in r.stdout
+        stored = read_news(tmp_path)
+        assert len(stored) == 6
+        assert stored[0]["content"] == cut["content"] and stored[1]["date"] == late["date"]
+        assert [a["link"] for a in stored[2:4]] == [None, None]  # kept as the API gave it
+    corpus = (tmp_path / "finance_corpus.txt").read_text(encoding="utf-8")
+    assert "Emoji cut in half. Shares rose." in corpus
+    order = [corpus.index(f"Body of story {n}") for n in (5, 6, 2)]  # 2024, 2024, then the year 9999
+    assert order == sorted(order) and corpus.index("Story 4 had no link.") > order[-1]  # no date: last
+    assert corpus.count("\n\n") == 5  # six documents
+
+
+def test_cleaning_keeps_text_that_only_looks_like_markup_or_furniture():
+    clean = fetch_news.clean_text
+    assert clean("Net margin < 5% while peers report > 12% growth.") == (
+        "Net margin < 5% while peers report > 12% growth."
+    )
+    assert clean("Costs fell <$1.10 a share<br>Revenue <b>rose</b> 4%<!-- ad -->.") == (
+        "Costs fell <$1.10 a share\nRevenue rose 4% ."
+    )
+    news = "Copyright Office rejects AI art\nSubscribe to Netflix? Prices rise\nSign up numbers fell"
+    assert clean(news) == news
+    furniture = (
+        "Copyright 2024 Reuters\nCopyright \u00a9 Example Media\nSubscribe to our newsletter\n"
+        "Sign up for free\nDownload the Yahoo Finance app\nSubscribe\nShares rose."
+    )
+    assert clean(furniture) == "Shares rose."
+    assert clean("Read more: the Fed", furniture=False) == "Read more: the Fed"  # titles keep every line
