@@ -721,6 +721,11 @@ def samples_path(cache_dir: str, base: dict, purpose: str, n: int, length: int) 
     return Path(cache_dir).expanduser() / "samples" / f"{name}-{key}" / f"{purpose}-n{n}-len{length}.txt"
 
 
+def quantized_tag(model) -> str:
+    """Samples drawn from a 4-bit model (QLoRA, Unsloth) differ from the 16/32-bit base's: cached apart."""
+    return "-4bit" if getattr(model, "is_loaded_in_4bit", False) else ""
+
+
 def clean_sample(text: str) -> str:
     """A sampled text as one corpus document: no blank lines (they separate documents), no stray
     whitespace."""
@@ -802,6 +807,9 @@ def check_target_modules(resolved: str, target: list[str] | str) -> None:
     linear = sorted(
         {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     )
+    if "lm_head" in target:  # TRL refuses it only after the base is loaded and scored
+        die("--target-modules lm_head: SFTTrainer puts no adapter on the output head; leave it out")
+    linear = [n for n in linear if n != "lm_head"]
     missing = [t for t in target if t not in linear]
     if missing:
         die(
@@ -1023,12 +1031,19 @@ def check_out_dir(args) -> None:
     out = Path(args.out)
     check_writable_dir(out, "--out")
     aliases = ("auto", SMOLLM2_ALIAS, RANDOM_LLAMA_ALIAS)  # names resolve_model reads before any folder
+    model = Path(args.model).expanduser()
+    if args.model not in aliases and out.is_dir() and out.resolve() == model.resolve():
+        die(f"--out {out} is the --model folder: the adapter would be written into its base; choose another")
     if (
         args.model not in aliases
         and out.is_dir()
-        and out.resolve() == Path(args.model).expanduser().resolve()
+        and model.exists()
+        and model.resolve().is_relative_to(out.resolve())
     ):
-        die(f"--out {out} is the --model folder: the adapter would be written into its base; choose another")
+        die(
+            f"--model {args.model} lies inside --out {out} (an earlier --merge?): this run would replace or "
+            "remove it; copy it out of --out first"
+        )
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):
@@ -1133,9 +1148,11 @@ def resume_identity(args_given: dict, sources: list[Source]) -> dict:
     """What must match for a checkpoint to continue: the flags that shape training and its evaluation, the
     corpora's bytes and the number of processes (it sets the rows of each step)."""
     cosmetic = {"eval_every", "log_every", "threads", "merge", "eval_batch_size", "offload_checkpoints"}
+    files = [*(args_given.get("eval_text") or []), args_given.get("replay_data")]  # scored / trained on
     return {
         "args": {k: v for k, v in args_given.items() if k not in cosmetic},
         "corpora": [s.sha256 for s in sources],
+        "files": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files if f and Path(f).is_file()],
         "world_size": world_size(),
     }
 
@@ -1147,14 +1164,20 @@ def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
     progress = read_progress(out) or die(
         f"--resume: {out / CHECKPOINTS / RESUME_FILE} is missing or unreadable"
     )
-    then, now = progress.get("identity", {}), resume_identity(args_given, sources)
+    then, now = progress.get("identity"), resume_identity(args_given, sources)
+    readable = isinstance(then, dict) and isinstance(then.get("args"), dict)
+    if not (readable and isinstance(progress.get("before"), dict)):
+        record = out / CHECKPOINTS / RESUME_FILE
+        die(f"--resume: {record} is damaged; restore it, or start over with --overwrite")
     diffs = [
         f"--{k.replace('_', '-')} {then['args'].get(k)!r} then, {v!r} now"
         for k, v in now["args"].items()
-        if then.get("args", {}).get(k) != v
+        if then["args"].get(k) != v
     ]
     if then.get("corpora") != now["corpora"]:
         diffs.append("the --data corpora changed")
+    if then.get("files", now["files"]) != now["files"]:  # a record without them predates the check
+        diffs.append("an --eval-text or --replay-data file changed")
     if then.get("world_size") != now["world_size"]:
         diffs.append(f"{then.get('world_size')} processes then, {now['world_size']} now")
     if diffs:
@@ -1226,6 +1249,7 @@ def merge_to_16bit(
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=merged_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the merged model is an ordinary, readable model folder
     try:
         if backend == "unsloth":
             model.save_pretrained_merged(str(tmp), tok, save_method="merged_16bit")
@@ -2144,7 +2168,7 @@ def eval_sets_and_replay(
     sets = [heldout_set(m.tok, sources, args.eval_tokens)]
     if args.retention_docs:
         n, length = args.retention_docs, args.retention_tokens
-        path = samples_path(args.cache_dir, m.base, "retention", n, length)
+        path = samples_path(args.cache_dir, m.base, "retention" + quantized_tag(m.model), n, length)
         what = "retention documents from the base"
         docs = base_samples(m.model, m.tok, n, length, RETENTION_SEED, path, m.backend, what)
         sets.append(EvalSet("retention", "retention", str(path), docs))
@@ -2158,7 +2182,7 @@ def eval_sets_and_replay(
     # enough base samples for the rows replay takes, in steps of 64 documents
     n = 64 * math.ceil(replay_rows_needed(args) * args.max_seq_length / (64 * args.retention_tokens))
     n = min(n, REPLAY_POOL_MAX_DOCS)  # a long run cycles through the pool rather than sampling for hours
-    path = samples_path(args.cache_dir, m.base, "replay", n, args.retention_tokens)
+    path = samples_path(args.cache_dir, m.base, "replay" + quantized_tag(m.model), n, args.retention_tokens)
     what = "replay documents from the base"
     docs = base_samples(m.model, m.tok, n, args.retention_tokens, REPLAY_SEED, path, m.backend, what)
     return sets, {"source": "base-samples", "path": str(path), "docs": docs}
@@ -2527,7 +2551,8 @@ def add_evaluation_flags(g) -> None:
         "--eval-tokens",
         type=NONNEG_INT,
         default=4096,
-        help="score at most this many held-out corpus tokens (the first held-out documents; 0: all)",
+        help="score about this many held-out corpus tokens: the first held-out documents, the one reaching "
+        "the count kept whole (0: all)",
     )
     g.add_argument(
         "--eval-batch-size", type=NONNEG_INT, default=0, help="rows per eval batch (0: --batch-size)"

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -343,7 +344,17 @@ def read_run(adapter_dir: Path) -> tuple[dict, dict]:
             die(f"--adapter {adapter_dir}: {name} is unreadable JSON ({e.msg} at line {e.lineno})")
         if not isinstance(found[name], dict):
             die(f"--adapter {adapter_dir}: {name} holds a {type(found[name]).__name__}, not a JSON object")
-    return found["adapter_config.json"], found["run.json"]
+    run, base = found["run.json"], found["run.json"].get("base", {})
+    # the fields read here, of the types finetune_llama.py writes: a hand-edited run.json gets one line
+    fields = (("base", dict), ("args", dict), ("load_in_4bit", bool))
+    wrong = [k for k, t in fields if k in run and not isinstance(run[k], t)]
+    if isinstance(base, dict):
+        wrong += [
+            f"base.{k}" for k in ("model", "resolved", "source") if not isinstance(base.get(k, ""), str)
+        ]
+    if wrong:
+        die(f"--adapter {adapter_dir}: run.json is damaged ({', '.join(wrong)}: wrong type); restore it")
+    return found["adapter_config.json"], run
 
 
 def check_base_matches(config, recorded: dict, base_desc: str, adapter_dir: Path) -> None:
@@ -609,7 +620,8 @@ def read_ppl_docs(path: str) -> list[str]:
     if not p.is_file():
         die(f"--ppl {path}: file not found")
     try:
-        docs = [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        text = p.read_text(encoding="utf-8")  # documents apart as finetune_llama.py reads them
+        docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
     except UnicodeDecodeError:
         die(f"--ppl {path}: not UTF-8 text")
     if not docs:

@@ -188,6 +188,8 @@ def test_qlora_trains_without_bf16_too(tiny, tmp_path):
     tiny_finetune(tiny, tmp_path / "o", "--load-in-4bit", "--no-bf16")
     r = json.loads((tmp_path / "o" / "run.json").read_text())
     assert r["load_in_4bit"] is True and r["bf16"] is False and math.isfinite(r["eval_ppl_after"])
+    # the retention set is sampled from the 4-bit model, so it is cached apart from the full base's samples
+    assert "/retention-4bit-n" in r["eval_sets"]["retention"]["source"]
     weights = load_file(tmp_path / "o" / "adapter_model.safetensors")
     assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
 
@@ -451,6 +453,12 @@ def test_out_that_is_the_base_or_another_program_s_folder_is_refused(tiny, tmp_p
     p = tiny_finetune(tiny, tiny["llama_a"], check=False)
     assert_user_error(p, "is the --model folder: the adapter would be written into its base")
     assert snapshot(tiny["llama_a"]) == base
+    inside = tmp_path / "run"  # an earlier --merge's model as the base of a run into the same --out
+    shutil.copytree(tiny["llama_a"], inside / "merged")
+    kept = snapshot(inside)
+    p = tiny_finetune(tiny, inside, "--model", inside / "merged", "--overwrite", check=False)
+    assert_user_error(p, f"--model {inside / 'merged'} lies inside --out {inside}", "copy it out")
+    assert snapshot(inside) == kept
     gpt_run = tmp_path / "gpt_run"  # what gpt_scratch.py leaves: a checkpoint and a metrics.jsonl
     gpt_run.mkdir()
     (gpt_run / "ckpt.pt").write_bytes(b"weights")
@@ -480,6 +488,10 @@ def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     )
     p = tiny_finetune(tiny, tmp_path / "o", "--target-modules", "q,foo", check=False)
     assert_user_error(p, "--target-modules: foo not in this model", "q_proj", "down_proj")
+    assert "lm_head" not in p.stderr  # not offered: SFTTrainer refuses it
+    p = tiny_finetune(tiny, tmp_path / "o", "--target-modules", "q,lm_head", check=False)
+    assert_user_error(p, "--target-modules lm_head: SFTTrainer puts no adapter on the output head")
+    assert not (tmp_path / "o").exists()
     p = tiny_finetune(tiny, tmp_path / "o", "--max-seq-length", 257, check=False)  # the fixture has 256
     assert_user_error(p, "--max-seq-length 257 is longer than the 256 positions of", "llama_a")
     for flag, value, says in (
@@ -618,6 +630,10 @@ def test_infer_ppl_matches_training_eval_and_an_independent_count(tiny, adapter,
                 n += 1
     assert res["tokens"] == n
     assert math.isclose(res["perplexity"], math.exp(nll / n), rel_tol=1e-4)
+    # separator lines holding spaces or tabs part documents too, as in finetune_llama.py's --eval-text
+    (tmp_path / "spaced.txt").write_text(docs[0] + "\n \n" + docs[1] + "\n\t\n" + docs[2] + "\n")
+    assert infer.read_ppl_docs(str(tmp_path / "spaced.txt")) == docs
+    assert finetune_llama.read_documents(str(tmp_path / "spaced.txt"), "--eval-text") == docs
 
 
 def test_generation_is_seeded_and_kv_cache_greedy_equals_no_cache(adapter, capsys):
@@ -829,6 +845,19 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         shutil.copytree(adapter["out"], broken)
         (broken / name).write_text(text)
         assert_user_error(run("infer.py", "--adapter", broken, "--prompt", "x", check=False), frag)
+    record = json.loads((adapter["out"] / "run.json").read_text())
+    for i, (edit, frag) in enumerate(  # hand-edited fields of the wrong type
+        (
+            ({"base": "smollm2"}, "(base: wrong type)"),
+            ({"base": {**record["base"], "resolved": 123}}, "(base.resolved: wrong type)"),
+            ({"load_in_4bit": "no"}, "(load_in_4bit: wrong type)"),
+        )
+    ):
+        edited = tmp_path / f"edited_{i}"
+        shutil.copytree(adapter["out"], edited)
+        (edited / "run.json").write_text(json.dumps({**record, **edit}))
+        p = run("infer.py", "--adapter", edited, "--prompt", "x", check=False)
+        assert_user_error(p, f"--adapter {edited}: run.json is damaged {frag}")
     partial = tmp_path / "partial"  # a weights file that lost most of its tensors
     shutil.copytree(adapter["out"], partial)
     weights = load_file(partial / "adapter_model.safetensors")

@@ -345,6 +345,37 @@ def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
     assert abs(summed.item() - total.item() / 100) < 1e-5
 
 
+def test_resume_refuses_an_edited_eval_text_and_a_damaged_record(tmp_path, capsys):
+    """The files a run scores (--eval-text) or trains on (--replay-data) are part of what a checkpoint
+    continues: the scores before training are not measured again, so an edited file would report a change
+    the adapter never made. A record of the wrong shape is refused, not a traceback."""
+    import argparse
+
+    text = tmp_path / "ev.txt"
+    text.write_text("Oil fell.\n\nRates rose.\n")
+    given = {"lr": 0.01, "eval_text": [str(text)], "replay_data": None}
+    out = tmp_path / "o"
+    record = out / finetune_llama.CHECKPOINTS / finetune_llama.RESUME_FILE
+    record.parent.mkdir(parents=True)
+    identity = finetune_llama.resume_identity(given, [])
+    record.write_text(json.dumps({"identity": identity, "before": {}}))
+    args = argparse.Namespace(out=str(out))
+    assert finetune_llama.check_resume(args, given, [])["before"] == {}
+    for edit, says in (
+        (
+            lambda: text.write_text("Oil rose.\n\nRates rose.\n"),
+            "an --eval-text or --replay-data file changed",
+        ),
+        (lambda: record.write_text(json.dumps({"identity": {}, "before": {}})), "is damaged"),
+        (lambda: record.write_text(json.dumps({"identity": identity, "before": None})), "is damaged"),
+    ):
+        edit()
+        with pytest.raises(SystemExit) as stop:
+            finetune_llama.check_resume(args, given, [])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and says in err and err.count("\n") == 1, err
+
+
 def test_a_two_process_run_resumes_after_kill_9(tiny, tmp_path):
     """Both processes killed after a checkpoint; torchrun with --resume ends where the uninterrupted
     two-process run ends (each process restores its own random state; the optimizer state loads on the
