@@ -36,8 +36,8 @@ GPT_SUMMARY = Contract(
         "device": "where it trained: cpu or cuda",
     },
     optional={
-        "train_time_s": "seconds spent in training steps",
-        "latency_ms": "decoding latency of the run's own sample (null with --max-new-tokens 0)",
+        "train_time_s": "seconds of training, evaluations and checkpoints included, over every --resume",
+        "latency_ms": "milliseconds to decode 128 tokens greedily from one (latency_tokens)",
         "mfu": "model FLOPs utilisation (null where the peak FLOP/s is unknown, e.g. on a CPU)",
     },
 )

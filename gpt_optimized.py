@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -280,7 +281,8 @@ class Tokenizer:
     def train(cls, kind: str, docs: list[str], vocab_size: int) -> "Tokenizer":
         """Build the vocabulary from the training documents only."""
         if kind == "char":
-            return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK})))
+            # "\n": documents are joined by a blank line, whether or not any of them holds a newline
+            return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK, "\n"})))
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -347,7 +349,8 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
     tok_path = out / f"tokenizer-{key}.json"
     if not (meta_path.exists() and bin_path.exists() and tok_path.exists()):
         text, bad_bytes = decode_utf8(raw)
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        text = text.replace("\r\n", "\n")  # Windows line endings: the same documents
+        docs = [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
         if len(docs) < 2:
             die(
                 f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
@@ -1093,6 +1096,15 @@ def same_data(ckpt: dict, args: argparse.Namespace) -> bool:
         return True
 
 
+def summarized(out: Path, ckpt: dict) -> bool:
+    """summary.json describes the checkpoint's step (else --resume at that step writes it: a run stopped
+    after its last step, while sampling)."""
+    try:
+        return json.loads((out / "summary.json").read_text())["iters"] >= ckpt["iter_num"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     """With --resume, the checkpoint in --out; a bad one, or one already at --max-iters, is refused before
     any tokenizing. Without it, a checkpoint in --out is trained over only with --overwrite."""
@@ -1111,7 +1123,9 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
             f"--resume: checkpoint {path} was trained with another tokenizer ({ckpt['tokenizer']['kind']}) "
             f"or corpus than --tokenizer {args.tokenizer} on {args.data}"
         )
-    if args.max_iters <= ckpt["iter_num"]:
+    if args.max_iters < ckpt["iter_num"] or (
+        args.max_iters == ckpt["iter_num"] and summarized(run.out, ckpt)
+    ):
         die(f"--resume: {path} is at iter {ckpt['iter_num']} already; give a --max-iters above it")
     run.iter_num = run.ckpt_iter = ckpt["iter_num"]
     return ckpt
@@ -1262,6 +1276,8 @@ class Progress:
     best_val_loss: float = float("inf")
     val_loss: float = float("nan")  # the latest evaluation's
     elapsed_before: float = 0.0  # seconds the runs this one continues took, evaluations included
+    tokens: int = 0  # tokens trained so far, every run this one continues included (its flags may differ)
+    clock_before: dict | None = None  # the training-step windows of those runs (Clock.state)
 
     def record(self, losses: dict[str, float], lr: float, clock: Clock) -> dict:
         """Note an evaluation; its metrics.jsonl row (tokens/s: the training steps since the last row)."""
@@ -1272,7 +1288,7 @@ class Progress:
             "train_loss": losses["train"],
             "val_loss": self.val_loss,
             "lr": lr,
-            "tokens": self.iter_num * self.tokens_per_iter,
+            "tokens": self.tokens,
             "tokens_per_s": clock.take_row(),
             "elapsed_s": self.elapsed_before + clock.elapsed_s(),
         }
@@ -1284,7 +1300,9 @@ class Clock:
 
     def __init__(self, progress: Progress, device: str):
         self.progress, self.device = progress, device
-        self.steady_tokens, self.steady_s, self.all_tokens, self.all_s, self.windows = 0, 0.0, 0, 0.0, 0
+        before = progress.clock_before or {}  # a resumed run's tokens/s counts the steps before it too
+        self.steady_tokens, self.steady_s = before.get("steady_tokens", 0), before.get("steady_s", 0.0)
+        self.all_tokens, self.all_s, self.windows = before.get("all_tokens", 0), before.get("all_s", 0.0), 0
         self.row_tokens, self.row_s = 0, 0.0  # since the last metrics row
         self.t_start = self.t_mark = time.perf_counter()
         self.iter_mark = progress.iter_num
@@ -1304,6 +1322,10 @@ class Clock:
 
     def start(self) -> None:
         self.t_mark = time.perf_counter()
+
+    def state(self) -> dict:
+        keys = ("steady_tokens", "steady_s", "all_tokens", "all_s")
+        return {k: getattr(self, k) for k in keys}
 
     def row_tokens_per_s(self) -> float:
         return self.row_tokens / self.row_s if self.row_s else 0.0
@@ -1343,6 +1365,8 @@ def restore(
         scaler.load_state_dict(ckpt["scaler"])
     progress.iter_num, progress.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     progress.elapsed_before = ckpt.get("elapsed_s", 0.0)
+    progress.tokens = ckpt.get("tokens", progress.iter_num * progress.tokens_per_iter)  # older: iters x now's
+    progress.val_loss, progress.clock_before = ckpt.get("val_loss", float("nan")), ckpt.get("clock")
     ranks = ckpt["rng"]["ranks"]
     if rank < len(ranks):
         set_rng_state(ranks[rank], data_gen)
@@ -1350,9 +1374,17 @@ def restore(
         data_gen.manual_seed(seed + rank + progress.iter_num)
 
 
-def trim_metrics(path: Path, ckpt: dict | None, iter_num: int) -> None:
-    """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps."""
-    kept = []
+def evaluated_already(ckpt: dict | None, progress: Progress) -> bool:
+    """At its checkpoint's step a resumed run has that step's evaluation: its row and val loss are kept."""
+    return ckpt is not None and progress.iter_num == ckpt["iter_num"] and not math.isnan(progress.val_loss)
+
+
+def trim_metrics(path: Path, ckpt: dict | None, progress: Progress) -> None:
+    """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps. A new
+    run (--overwrite) starts the folder over: the earlier run's checkpoint and summary go with its rows."""
+    kept, iter_num = [], progress.iter_num + evaluated_already(ckpt, progress)  # its row: kept, or made again
+    for name in ("ckpt.pt", "summary.json") if ckpt is None else ():
+        (path.parent / name).unlink(missing_ok=True)
     if ckpt is not None and path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -1486,6 +1518,9 @@ def save_checkpoint(
             "args": vars(args),
             "corpus_sha256": meta["corpus_sha256"],
             "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
+            "tokens": progress.tokens,
+            "val_loss": progress.val_loss,
+            "clock": clock.state(),
         },
         atomic_save,
     )
@@ -1550,7 +1585,7 @@ def summarize(
         "params": count_params(model),
         "iters": iter_num,
         "tokens_per_iter": tokens_per_iter,
-        "tokens_trained": iter_num * tokens_per_iter,
+        "tokens_trained": progress.tokens,
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
@@ -1616,7 +1651,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     if run.master:
         how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"
         print(banner(raw_model, meta, progress, how), file=sys.stderr)
-        trim_metrics(metrics_path, ckpt, progress.iter_num)
+        trim_metrics(metrics_path, ckpt, progress)
 
     model.train()
     clock = Clock(progress, device)
@@ -1625,7 +1660,8 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     x, y = batches()  # the first batch; each step fetches the next one (train_step)
     while True:
         lr = set_lr(optimizers, get_lr(progress.iter_num, args))  # warmup-stable-decay (or cosine)
-        if progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters:
+        due = progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters
+        if due and not evaluated_already(ckpt, progress):
             clock.stop()  # the clock stands still while evaluating and checkpointing
             losses = estimate_loss(raw_model, train_data, val_data, args, device, ctx, ranks)  # DDP
             row = progress.record(losses, lr, clock)
@@ -1646,13 +1682,14 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
         loss, x, y = train_step(model, x, y, batches, args.grad_accum, ctx, scaler)  # accumulation, autocast
         optimizer_step(optimizers, scaler, raw_model, args.grad_clip)  # gradient clipping; fp16 loss scale
         progress.iter_num = run.iter_num = progress.iter_num + 1
+        progress.tokens += progress.tokens_per_iter
         pbar.update(1)
         if progress.iter_num % args.log_interval == 0:
             loss_f = loss.item()
             clock.stop()
             pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{clock.row_tokens_per_s():,.0f}")
     pbar.close()
-    train_time_s = clock.elapsed_s()
+    train_time_s = progress.elapsed_before + clock.elapsed_s()  # every session of the run
     finish_ddp(ranks)  # DDP: wait for every rank
     if not run.master:
         return {}

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -259,7 +260,8 @@ class Tokenizer:
     def train(cls, kind: str, docs: list[str], vocab_size: int) -> "Tokenizer":
         """Build the vocabulary from the training documents only."""
         if kind == "char":
-            return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK})))
+            # "\n": documents are joined by a blank line, whether or not any of them holds a newline
+            return cls("char", chars="".join(sorted(set("".join(docs)) | {cls.UNK, "\n"})))
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -326,7 +328,8 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
     tok_path = out / f"tokenizer-{key}.json"
     if not (meta_path.exists() and bin_path.exists() and tok_path.exists()):
         text, bad_bytes = decode_utf8(raw)
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        text = text.replace("\r\n", "\n")  # Windows line endings: the same documents
+        docs = [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
         if len(docs) < 2:
             die(
                 f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "
@@ -771,6 +774,15 @@ def same_data(ckpt: dict, args: argparse.Namespace) -> bool:
         return True
 
 
+def summarized(out: Path, ckpt: dict) -> bool:
+    """summary.json describes the checkpoint's step (else --resume at that step writes it: a run stopped
+    after its last step, while sampling)."""
+    try:
+        return json.loads((out / "summary.json").read_text())["iters"] >= ckpt["iter_num"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     """With --resume, the checkpoint in --out; a bad one, or one already at --max-iters, is refused before
     any tokenizing. Without it, a checkpoint in --out is trained over only with --overwrite."""
@@ -789,7 +801,9 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
             f"--resume: checkpoint {path} was trained with another tokenizer ({ckpt['tokenizer']['kind']}) "
             f"or corpus than --tokenizer {args.tokenizer} on {args.data}"
         )
-    if args.max_iters <= ckpt["iter_num"]:
+    if args.max_iters < ckpt["iter_num"] or (
+        args.max_iters == ckpt["iter_num"] and summarized(run.out, ckpt)
+    ):
         die(f"--resume: {path} is at iter {ckpt['iter_num']} already; give a --max-iters above it")
     run.iter_num = run.ckpt_iter = ckpt["iter_num"]
     return ckpt
@@ -850,6 +864,8 @@ class Progress:
     best_val_loss: float = float("inf")
     val_loss: float = float("nan")  # the latest evaluation's
     elapsed_before: float = 0.0  # seconds the runs this one continues took, evaluations included
+    tokens: int = 0  # tokens trained so far, every run this one continues included (its flags may differ)
+    clock_before: dict | None = None  # the training-step windows of those runs (Clock.state)
 
     def record(self, losses: dict[str, float], lr: float, clock: Clock) -> dict:
         """Note an evaluation; its metrics.jsonl row (tokens/s: the training steps since the last row)."""
@@ -860,7 +876,7 @@ class Progress:
             "train_loss": losses["train"],
             "val_loss": self.val_loss,
             "lr": lr,
-            "tokens": self.iter_num * self.tokens_per_iter,
+            "tokens": self.tokens,
             "tokens_per_s": clock.take_row(),
             "elapsed_s": self.elapsed_before + clock.elapsed_s(),
         }
@@ -872,7 +888,9 @@ class Clock:
 
     def __init__(self, progress: Progress, device: str):
         self.progress, self.device = progress, device
-        self.steady_tokens, self.steady_s, self.all_tokens, self.all_s, self.windows = 0, 0.0, 0, 0.0, 0
+        before = progress.clock_before or {}  # a resumed run's tokens/s counts the steps before it too
+        self.steady_tokens, self.steady_s = before.get("steady_tokens", 0), before.get("steady_s", 0.0)
+        self.all_tokens, self.all_s, self.windows = before.get("all_tokens", 0), before.get("all_s", 0.0), 0
         self.row_tokens, self.row_s = 0, 0.0  # since the last metrics row
         self.t_start = self.t_mark = time.perf_counter()
         self.iter_mark = progress.iter_num
@@ -892,6 +910,10 @@ class Clock:
 
     def start(self) -> None:
         self.t_mark = time.perf_counter()
+
+    def state(self) -> dict:
+        keys = ("steady_tokens", "steady_s", "all_tokens", "all_s")
+        return {k: getattr(self, k) for k in keys}
 
     def row_tokens_per_s(self) -> float:
         return self.row_tokens / self.row_s if self.row_s else 0.0
@@ -925,12 +947,22 @@ def restore(
     optimizer.load_state_dict(ckpt["optimizer"])
     progress.iter_num, progress.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     progress.elapsed_before = ckpt.get("elapsed_s", 0.0)
+    progress.tokens = ckpt.get("tokens", progress.iter_num * progress.tokens_per_iter)  # older: iters x now's
+    progress.val_loss, progress.clock_before = ckpt.get("val_loss", float("nan")), ckpt.get("clock")
     set_rng_state(ckpt["rng"], data_gen)
 
 
-def trim_metrics(path: Path, ckpt: dict | None, iter_num: int) -> None:
-    """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps."""
-    kept = []
+def evaluated_already(ckpt: dict | None, progress: Progress) -> bool:
+    """At its checkpoint's step a resumed run has that step's evaluation: its row and val loss are kept."""
+    return ckpt is not None and progress.iter_num == ckpt["iter_num"] and not math.isnan(progress.val_loss)
+
+
+def trim_metrics(path: Path, ckpt: dict | None, progress: Progress) -> None:
+    """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps. A new
+    run (--overwrite) starts the folder over: the earlier run's checkpoint and summary go with its rows."""
+    kept, iter_num = [], progress.iter_num + evaluated_already(ckpt, progress)  # its row: kept, or made again
+    for name in ("ckpt.pt", "summary.json") if ckpt is None else ():
+        (path.parent / name).unlink(missing_ok=True)
     if ckpt is not None and path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -1006,6 +1038,9 @@ def save_checkpoint(
             "args": vars(args),
             "corpus_sha256": meta["corpus_sha256"],
             "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
+            "tokens": progress.tokens,
+            "val_loss": progress.val_loss,
+            "clock": clock.state(),
         },
         atomic_save,
     )
@@ -1069,7 +1104,7 @@ def summarize(
         "params": count_params(model),
         "iters": iter_num,
         "tokens_per_iter": tokens_per_iter,
-        "tokens_trained": iter_num * tokens_per_iter,
+        "tokens_trained": progress.tokens,
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
@@ -1128,14 +1163,15 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     progress = Progress(args.batch_size * args.block_size)
     restore(ckpt, model, optimizer, data_gen, progress)
     print(banner(model, meta, progress, device), file=sys.stderr)
-    trim_metrics(metrics_path, ckpt, progress.iter_num)
+    trim_metrics(metrics_path, ckpt, progress)
 
     model.train()
     clock = Clock(progress, device)
     pbar = run.pbar = progress_bar(args, progress.iter_num, run.master)
     while True:
         lr = set_lr([optimizer], get_lr(progress.iter_num, args))
-        if progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters:
+        due = progress.iter_num % args.eval_interval == 0 or progress.iter_num >= args.max_iters
+        if due and not evaluated_already(ckpt, progress):
             clock.stop()  # the clock stands still while evaluating and checkpointing
             losses = estimate_loss(model, train_data, val_data, args, device)
             row = progress.record(losses, lr, clock)
@@ -1153,13 +1189,14 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
         x, y = get_batch(train_data, args.batch_size, args.block_size, data_gen, device)
         loss = train_step(model, optimizer, x, y)
         progress.iter_num = run.iter_num = progress.iter_num + 1
+        progress.tokens += progress.tokens_per_iter
         pbar.update(1)
         if progress.iter_num % args.log_interval == 0:
             loss_f = loss.item()
             clock.stop()
             pbar.set_postfix(loss=f"{loss_f:.4f}", tok_s=f"{clock.row_tokens_per_s():,.0f}")
     pbar.close()
-    train_time_s = clock.elapsed_s()
+    train_time_s = progress.elapsed_before + clock.elapsed_s()  # every session of the run
     return write_summary(args, run, tok, meta, model, device, progress, clock, train_time_s, facts)
 
 

@@ -378,8 +378,30 @@ def test_resume_extends_to_new_max_iters(name, trained, tmp_path):
             "--resume",
         ]
     )
-    assert [r["iter"] for r in read_rows(out)] == [0, 30, 60, 70]
+    rows = read_rows(out)
+    assert [r["iter"] for r in rows] == [0, 30, 60, 70]
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 70
+    assert rows[:3] == read_rows(src)  # the checkpoint's own row is kept, not measured again
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_resumed_run_counts_every_session(name, trained, tmp_path):
+    """Tokens trained add up across a resume with another batch size, and training time and tokens/s count
+    the sessions before it; a run stopped after its last step (while sampling) writes its summary with
+    --resume at the same --max-iters, with the figures the uninterrupted run wrote."""
+    src, first = trained[name]["out"], trained[name]["summary"]
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    (out / "summary.json").unlink()  # as if Ctrl-C came while sampling, after the last checkpoint
+    common = ["--data", first["args"]["data"], "--out", str(out), *TINY, "--eval-interval", "30", "--resume"]
+    again = load(name).main([*common, "--max-iters", "60"])
+    for key in ("tokens_trained", "tokens_per_s", "val_loss", "iters"):
+        assert again[key] == first[key], key
+    before = torch.load(src / "ckpt.pt", weights_only=True)["elapsed_s"]  # the session that trained it
+    assert again["train_time_s"] >= before > 0 and read_rows(out) == read_rows(src)
+    more = load(name).main([*common, "--max-iters", "70", "--batch-size", "4"])  # half the batch
+    assert more["tokens_trained"] == 60 * 8 * 32 + 10 * 4 * 32 == read_rows(out)[-1]["tokens"]
+    assert more["train_time_s"] > again["train_time_s"]
 
 
 # -----------------------------------------------------------------------------
@@ -594,6 +616,39 @@ def test_bad_inputs_exit_2(name, corpus, trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load(name).load_checkpoint(junk)
     assert e.value.code == 2 and "cannot load checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_windows_line_endings_and_one_line_documents(name, corpus, tmp_path):
+    """A CRLF corpus is the same documents as its LF original; a character vocabulary holds the newline
+    that joins documents even when none of them has one."""
+    mod = load(name)
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(corpus.read_bytes().replace(b"\n", b"\r\n"))
+    args = mod.parse_args(["--data", str(corpus), *TINY])
+    for folder in ("lf", "crlf", "lines"):
+        (tmp_path / folder).mkdir()
+    lf_tok, lf_train, lf_val, lf_meta = mod.prepare_data(args, tmp_path / "lf")
+    args.data = str(crlf)
+    tok, train, val, meta = mod.prepare_data(args, tmp_path / "crlf")
+    assert meta["n_docs"] == lf_meta["n_docs"] == 300 and tok.chars == lf_tok.chars
+    assert np.array_equal(train, lf_train) and np.array_equal(val, lf_val)
+    one_line = tmp_path / "lines.txt"
+    one_line.write_text("\n\n".join(f"stocks rose {i} points" for i in range(40)) + "\n")
+    args.data = str(one_line)
+    tok = mod.prepare_data(args, tmp_path / "lines")[0]
+    assert tok.decode(tok.encode("a\n\nb")) == "\ufffd\n\n\ufffd"  # letters unseen, the separator known
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_overwrite_starts_the_folder_over(name, trained, tmp_path):
+    """Once --overwrite's run begins, the earlier run's checkpoint and summary go with its metrics rows, so
+    an interrupt before the new run's first checkpoint leaves no mix of the two runs."""
+    mod, out = load(name), tmp_path / "run"
+    shutil.copytree(trained[name]["out"], out)
+    mod.trim_metrics(out / "metrics.jsonl", None, mod.Progress(8 * 32))
+    assert not (out / "ckpt.pt").exists() and not (out / "summary.json").exists()
+    assert (out / "metrics.jsonl").read_text() == ""
 
 
 @pytest.mark.parametrize("name", MODULES)
