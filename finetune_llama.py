@@ -1886,7 +1886,11 @@ class StepMeter:
     def on_train_begin(self, args, state, control, **kw):
         from tqdm import tqdm
 
-        self.t_train = self.mark = self.sync()
+        self.mark = self.sync()
+        # a resumed run goes on from the time its checkpoint's log reached: elapsed_s and train_time_s count
+        # every session (the seconds between that log line and the interruption are not known)
+        earlier = [h["elapsed_s"] for h in state.log_history if "elapsed_s" in h]
+        self.t_train = self.mark - (earlier[-1] if earlier and state.global_step else 0.0)
         if is_main_process():
             self.bar = tqdm(total=self.total, initial=state.global_step, desc="train", dynamic_ncols=True)
 

@@ -199,6 +199,8 @@ def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
         and ra["resumed_from_step"] is None
     )
     assert abs(ra["eval_ppl_after"] - rb["eval_ppl_after"]) < 1e-3 * ra["eval_ppl_after"]
+    elapsed = [m["elapsed_s"] for m in b if "elapsed_s" in m]  # the resumed session goes on from the first's
+    assert elapsed == sorted(elapsed) and rb["train_time_s"] >= elapsed[-1] > 0
     assert ra["eval_sets"]["retention"]["ppl_before"] == rb["eval_sets"]["retention"]["ppl_before"]
     wa, wb = adapter_weights(full), adapter_weights(killed)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
