@@ -1279,6 +1279,11 @@ class Progress:
     tokens: int = 0  # tokens trained so far, every run this one continues included (its flags may differ)
     clock_before: dict | None = None  # the training-step windows of those runs (Clock.state)
 
+    def step(self) -> int:
+        """One optimizer step done; returns the new iteration number."""
+        self.iter_num, self.tokens = self.iter_num + 1, self.tokens + self.tokens_per_iter
+        return self.iter_num
+
     def record(self, losses: dict[str, float], lr: float, clock: Clock) -> dict:
         """Note an evaluation; its metrics.jsonl row (tokens/s: the training steps since the last row)."""
         self.val_loss = losses["val"]
@@ -1681,8 +1686,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
             break
         loss, x, y = train_step(model, x, y, batches, args.grad_accum, ctx, scaler)  # accumulation, autocast
         optimizer_step(optimizers, scaler, raw_model, args.grad_clip)  # gradient clipping; fp16 loss scale
-        progress.iter_num = run.iter_num = progress.iter_num + 1
-        progress.tokens += progress.tokens_per_iter
+        run.iter_num = progress.step()
         pbar.update(1)
         if progress.iter_num % args.log_interval == 0:
             loss_f = loss.item()
