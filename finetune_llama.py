@@ -1032,18 +1032,15 @@ def check_out_dir(args) -> None:
     check_writable_dir(out, "--out")
     aliases = ("auto", SMOLLM2_ALIAS, RANDOM_LLAMA_ALIAS)  # names resolve_model reads before any folder
     model = Path(args.model).expanduser()
-    if args.model not in aliases and out.is_dir() and out.resolve() == model.resolve():
-        die(f"--out {out} is the --model folder: the adapter would be written into its base; choose another")
-    if (
-        args.model not in aliases
-        and out.is_dir()
-        and model.exists()
-        and model.resolve().is_relative_to(out.resolve())
-    ):
-        die(
-            f"--model {args.model} lies inside --out {out} (an earlier --merge?): this run would replace or "
-            "remove it; copy it out of --out first"
-        )
+    if args.model not in aliases and out.is_dir() and model.exists():
+        if model.resolve() == out.resolve():  # the base itself; below, a model in a folder a run writes
+            into_base = "the adapter would be written into its base; choose another"
+            die(f"--out {out} is the --model folder: {into_base}")
+        if model.resolve().is_relative_to(out.resolve()):
+            die(
+                f"--model {args.model} lies inside --out {out} (an earlier --merge?): this run would replace "
+                "or remove it; copy it out of --out first"
+            )
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):

@@ -21,7 +21,6 @@ import importlib
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -42,6 +41,7 @@ from finetune_llama import (
     encode_documents,
     note,
     out_of_memory,
+    read_documents,
     resolve_model,
     score_sequences,
     set_cpu_4bit_path,
@@ -616,17 +616,8 @@ def print_side_by_side(prompt: str, left: str, right: str) -> None:
 
 
 def read_ppl_docs(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        die(f"--ppl {path}: file not found")
-    try:
-        text = p.read_text(encoding="utf-8")  # documents apart as finetune_llama.py reads them
-        docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
-    except UnicodeDecodeError:
-        die(f"--ppl {path}: not UTF-8 text")
-    if not docs:
-        die(f"--ppl {path} is empty")
-    return docs
+    """The documents of a --ppl file, parted exactly as finetune_llama.py parts --data and --eval-text."""
+    return read_documents(path, "--ppl")
 
 
 def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -> dict:
