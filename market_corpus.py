@@ -197,6 +197,10 @@ def fsp(x: float) -> str:  # signed percentage
     return f"{s}%" if s.startswith("-") or s == "0.00" else f"+{s}%"
 
 
+def fpct(x: float) -> str:  # percentage, a sign only when negative (a rate that can fall below zero)
+    return f"{f2(x)}%"
+
+
 def fpp(x: float) -> str:  # percentage points, unsigned
     return f"{f2(abs(x))} percentage points"
 
@@ -257,6 +261,11 @@ def up_down(x: float) -> str:
 
 def higher_lower(x: float) -> str:
     return "higher" if x >= 0 else "lower"
+
+
+def grew(x: float) -> str:
+    """'grew 1.23%', 'shrank 0.46%', or 'was unchanged' for a % change that rounds to nothing."""
+    return "was unchanged" if f2(x) == "0.00" else f"{'grew' if x > 0 else 'shrank'} {fp(x)}"
 
 
 def gain_loss(x: float) -> str:
@@ -806,9 +815,10 @@ def verb(pen: Pen, x: float, t: Tiers) -> tuple[str, str]:
 
 
 def third(base: str) -> str:
-    """'edge up' -> 'edges up', 'rally' -> 'rallies', 'barely budge' -> 'barely budges'."""
+    """'edge up' -> 'edges up', 'rally' -> 'rallies', 'barely budge' -> 'barely budges',
+    'rally sharply' -> 'rallies sharply' (an adverb leads only when the next word is no adverb)."""
     words = base.split(" ")
-    k = 1 if words[0].endswith("ly") and len(words) > 1 else 0
+    k = 1 if len(words) > 1 and words[0].endswith("ly") and not words[1].endswith("ly") else 0
     w = words[k]
     if w.endswith(("ch", "sh", "s", "x", "z")):
         w += "es"
@@ -877,6 +887,11 @@ def hpct(x: float) -> str:  # headline percentages: one decimal
     return f"{abs(x):.1f}%"
 
 
+def hp(x: float, t: "Tiers") -> str:
+    """' 1.2%' after a headline verb ('{v}{p}'), nothing after a flat one: not 'holds steady 0.1%'."""
+    return "" if abs(x) < t.flat else " " + hpct(x)
+
+
 def since_phrase(dates: list, j, first_label: str) -> str:
     return f"since {short_date(dates[j])}" if j is not None else f"since at least {first_label}"
 
@@ -910,6 +925,13 @@ class Ctx:
         while j > 0 and same(self.dates[j - 1], self.dates[i]):
             j -= 1
         return j - 1 if j > 0 else None
+
+    def wti_gap(self, k: int) -> dt.date | None:
+        """The date of WTI's previous price when it is older than the last stock session before WTI's
+        day k (the oil series misses a day there), so that a change is not told as one day's; else None."""
+        d, pd = self.wti.dates[k], self.wti.dates[k - 1]
+        i = self.session.get(d)
+        return pd if i and self.dates[i - 1] > pd else None
 
 
 # -----------------------------------------------------------------------------
@@ -981,32 +1003,32 @@ def equity_headline(pen: Pen, f: dict) -> str:
     nv = head_verb(pen, nr, EQUITY, False)
     if abs(r) < EQUITY.flat:
         return pen.say(
-            ["{s} {v} on {wd}", "{s} {v} as Nasdaq {nv} {np}", "S&P 500 {sv} at {c}"],
+            ["{s} {v} on {wd}", "{s} {v} as Nasdaq {nv}{np}", "S&P 500 {sv} at {c}"],
             s=subj,
             v=v,
             wd=f["wd"],
             nv=nv,
-            np=hpct(nr),
+            np=hp(nr, EQUITY),
             sv=head_verb(pen, r, EQUITY, False),
             c=f2(f["c"]),
         )
     return pen.say(
         [
             "{s} {v} on {wd}",
-            "{s} {v} as Nasdaq {nv} {np}",
-            "S&P 500 {sv} {p} to {c}",
+            "{s} {v} as Nasdaq {nv}{np}",
+            "S&P 500 {sv}{p} to {c}",
             "{s} {v}; Nasdaq {nv}",
             "{s} {v} in {adj} trade",
-            "Nasdaq {nv} {np}, S&P 500 {sv} {p}",
+            "Nasdaq {nv}{np}, S&P 500 {sv}{p}",
             "{s} {v}, S&P 500 ends at {c}",
         ],
         s=subj,
         v=v,
         wd=f["wd"],
         nv=nv,
-        np=hpct(nr),
+        np=hp(nr, EQUITY),
         sv=head_verb(pen, r, EQUITY, False),
-        p=hpct(r),
+        p=hp(r, EQUITY),
         c=f2(f["c"]),
         adj=day_adjective(f),
     )
@@ -1049,7 +1071,7 @@ def equity_event_headline(pen: Pen, f: dict, subj: str, v: str, plural: bool) ->
             v=v,
             c=f2(f["c"]),
         )
-    if abs(f["streak"]) >= 4 and pen.chance(0.6):
+    if abs(f["streak"]) >= 4 and abs(f["r"]) >= EQUITY.flat and pen.chance(0.6):  # no "hold steady" streaks
         w = "winning" if f["streak"] > 0 else "losing"
         return pen.say(
             [
@@ -1093,35 +1115,33 @@ def day_adjective(f: dict) -> str:
 
 
 def equity_lede(pen: Pen, f: dict) -> str:
+    zero = f2(abs(f["r"])) == "0.00"  # a close that matched the last one: neither higher nor lower
     kw = dict(
         wd=f["wd"],
         mv=moves_pts(pen, f["r"], f["pts"], f["c"]),
         c=f2(f["c"]),
         pc=f2(f["pc"]),
-        hl=higher_lower(f["r"]),
+        hl="unchanged" if zero else higher_lower(f["r"]),
         pr=fp(f["r"]),
         prior=prior_close(f["d"], f["pd"]),
         nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])),
         adj=day_adjective(f),
         ud=up_down(f["r"]),
         pts=f2(abs(f["pts"])),
-        adv=adverb(pen, f["r"], EQUITY),
+        adv="" if zero else adverb(pen, f["r"], EQUITY),
     )
-    return pen.say(
-        [
-            "{Stocks} {ended} {adv}{hl} on {wd}, as {spx} {mv}.",
-            "{Spx} {mv} on {wd}, while {ndx} {nmv}.",
-            "{Stocks} {ended} {adv}{hl} in a {adj} {wd} {session}. {Spx} {mv}, and {ndx} {nmv}.",
-            "{Spx} {ended} at {c} on {wd}, {ud} {pts} points, or {pr}, from {prior} of {pc}.",
-            "A {adj} {session} on {wd} left {spx} at {c}: {index} {mv}.",
-            "{Stocks} {ended} {adv}{hl} on {wd}. {Spx} {mv} and {ndx} {nmv}.",
-            "It was a {adj} {session} for {stocks} on {wd}: {spx} {mv}, and {ndx} {nmv}.",
-            "{Spx} {mv} on {wd} as {stocks} {ended} {adv}{hl}.",
-            "U.S. stock indexes {ended} {adv}{hl} on {wd}, with {spx} finishing at {c}, {ud} {pr} from "
-            "{prior}.",
-        ],
-        **kw,
-    )
+    templates = [
+        "{Stocks} {ended} {adv}{hl} on {wd}, as {spx} {mv}.",
+        "{Spx} {mv} on {wd}, while {ndx} {nmv}.",
+        "{Stocks} {ended} {adv}{hl} in a {adj} {wd} {session}. {Spx} {mv}, and {ndx} {nmv}.",
+        "{Spx} {ended} at {c} on {wd}, {ud} {pts} points, or {pr}, from {prior} of {pc}.",
+        "A {adj} {session} on {wd} left {spx} at {c}: {index} {mv}.",
+        "{Stocks} {ended} {adv}{hl} on {wd}. {Spx} {mv} and {ndx} {nmv}.",
+        "It was a {adj} {session} for {stocks} on {wd}: {spx} {mv}, and {ndx} {nmv}.",
+        "{Spx} {mv} on {wd} as {stocks} {ended} {adv}{hl}.",
+        "U.S. stock indexes {ended} {adv}{hl} on {wd}, with {spx} finishing at {c}, {ud} {pr} from {prior}.",
+    ]
+    return pen.say([t for t in templates if not (zero and "{ud}" in t)], **kw)
 
 
 def equity_range_items(pen: Pen, f: dict) -> list[str]:
@@ -1166,10 +1186,14 @@ def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
         if diff > 0
         else pen.choice(["underperforming", "lagging", "trailing"])
     )
+    even = f2(abs(diff)) == "0.00"  # no lead to speak of at two decimals
+    both = min(abs(f["r"]), abs(f["nr"])) >= EQUITY.flat and (f["r"] > 0) == (f["nr"] > 0)
     out = (
         [
             pen.say(
-                [
+                ["The Nasdaq moved in step with {spx}.", "{Ndx} matched the move of {spx} on the day."]
+                if even
+                else [
                     "The Nasdaq's move left it {rel} {spx} by {dpp}.",
                     "{Ndx} ended {dpp} {ab} {spx} on the day.",
                 ],
@@ -1182,11 +1206,11 @@ def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
         else [
             pen.say(
                 [
-                    "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
-                    "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, {rel} the broader market by "
-                    "{dpp}.",
+                    "{Ndx} {nmv}, in step with {spx}." if even else "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
+                    "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, "
+                    + ("in step with the broader market." if even else "{rel} the broader market by {dpp}."),
                     "{Ndx} {ended} at {nc}, {ud} {npts} points, or {npr}.",
-                    "Technology-heavy shares {hl2} too: {ndx} {nmv}.",
+                    "Technology-heavy shares {hl2}: {ndx} {nmv}.",
                 ],
                 nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])),
                 rel=rel,
@@ -1195,7 +1219,10 @@ def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
                 ud=up_down(f["nr"]),
                 npr=fp(f["nr"]),
                 npts=f2(abs(f["npts"])),
-                hl2="moved higher" if f["nr"] > 0 else "moved lower",
+                # "too" only when both indexes moved, the same way
+                hl2=("moved higher too" if f["nr"] > 0 else "moved lower too")
+                if both
+                else "went their own way",
             )
         ]
     )
@@ -1500,15 +1527,17 @@ def equity_cross_asset_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
     oc = cx.wti.change(d)
     if oc:
         price, orr, _ = oc
+        gap = cx.wti_gap(cx.wti.index[d])
+        since = f" since {short_date(gap)}" if gap else ""  # the oil series misses the day before
         s = pen.say(
             [
                 "{Meanwhile} {oil} {mv} {barrel}.",
                 "In commodities, WTI crude {mv}.",
                 "{Meanwhile} WTI crude {mv} {barrel}.",
             ],
-            mv=moved(pen, orr, OIL, fp(orr), f"${f2(price)}"),
+            mv=moved(pen, orr, OIL, fp(orr) + since, f"${f2(price)}"),
         )
-        if abs(orr) >= 1.0 and abs(r) >= 0.5 and pen.chance(0.7):
+        if abs(orr) >= 1.0 and abs(r) >= 0.5 and not gap and pen.chance(0.7):
             s += " " + (
                 "Oil and stocks moved together on the day."
                 if (orr > 0) == (r > 0)
@@ -1684,7 +1713,8 @@ def oil_headline(pen: Pen, cx: Ctx, k: int) -> str:
     if int(p // 10) != int(s.c[k - 1] // 10):
         lvl = int(p // 10) * 10 if r > 0 else int(s.c[k - 1] // 10) * 10
         j = last_past(s.c, k - 1, lvl, r > 0)
-        move = ("top" if plural else "tops") if r > 0 else ("fall below" if plural else "falls below")
+        up = "reach" if p == lvl else "top"  # exactly $30.00 reaches $30, it does not top it
+        move = (up if r > 0 else "fall below") if plural else third(up if r > 0 else "fall below")
         if j is not None and k - j > 20:
             return f"{subj} {move} ${lvl} for first time since {short_date(cx.wti.dates[j])}"
         return f"{subj} {move} ${lvl}"
@@ -1701,10 +1731,10 @@ def oil_headline(pen: Pen, cx: Ctx, k: int) -> str:
             "Oil {w} streak reaches {n} sessions", w="winning" if r > 0 else "losing", n=abs(s.streak[k])
         )
     return pen.say(
-        ["{s} {v} {p}", "{s} {v} to ${lvl}", "{s} {v} {p} in {adj} session"],
+        ["{s} {v}{p}", "{s} {v} to ${lvl}", "{s} {v}{p} in {adj} session"],
         s=subj,
         v=v,
-        p=hpct(r),
+        p=hp(r, OIL),
         lvl=f2(p),
         adj="volatile" if abs(r) >= 5 else "active",
     )
@@ -1713,9 +1743,14 @@ def oil_headline(pen: Pen, cx: Ctx, k: int) -> str:
 def oil_lede(pen: Pen, cx: Ctx, k: int) -> str:
     s, d = cx.oils, cx.wti.dates[k]
     r, p, chg = s.ret[k], s.c[k], s.c[k] - s.c[k - 1]
+    gap = cx.wti_gap(k)
+    since = f" since {short_date(gap)}" if gap else ""  # the oil series misses the day before
     cents = f"{abs(chg) * 100:.0f} cents" if abs(chg) < 0.995 else None
-    amount = pen.choice(["${c}, or {r}", "{r}"] + ([cents + ", or {r}"] if cents else [])).format(
-        c=f2(abs(chg)), r=fp(r)
+    amount = (
+        pen.choice(["${c}, or {r}", "{r}"] + ([cents + ", or {r}"] if cents else [])).format(
+            c=f2(abs(chg)), r=fp(r)
+        )
+        + since
     )
     j = last_bigger_abs(s.ret, k)
     clause = (
@@ -1730,7 +1765,7 @@ def oil_lede(pen: Pen, cx: Ctx, k: int) -> str:
         p=f2(p),
         ud=up_down(r),
         a=fp(r),
-        pp=f2(s.c[k - 1]),
+        pp=f2(s.c[k - 1]) + (f" on {short_date(gap)}" if gap else ""),
         clause=clause,
     )
     if clause:
@@ -1744,7 +1779,9 @@ def oil_lede(pen: Pen, cx: Ctx, k: int) -> str:
     return pen.say(
         [
             "{Oil} {mv} {barrel} on {wd}.",
-            "Oil prices {hl} on {wd}, with West Texas Intermediate at ${p} {barrel}, {ud} {a} from the "
+            "Oil prices held on {wd}, with West Texas Intermediate unchanged at ${p} {barrel}."
+            if f2(abs(r)) == "0.00"
+            else "Oil prices {hl} on {wd}, with West Texas Intermediate at ${p} {barrel}, {ud} {a} from the "
             "previous price of ${pp}.",
             "In {oilmarket}, {oil} {mv} {barrel} on {wd}.",
         ],
@@ -1837,12 +1874,12 @@ def vix_story(cx: Ctx, k: int) -> str:
     heads = [
         "Volatility gauge {hv} to {lv}",
         "VIX {hv} to {lv}",
-        "Fear gauge {hv} {p}",
-        "Wall Street's fear gauge {hv} {p}",
+        "Fear gauge {hv}{p}",
+        "Wall Street's fear gauge {hv}{p}",
     ]
     if i is not None and i > 0:
-        heads.append("VIX {hv} {p} as stocks " + ("rise" if cx.sps.ret[i] > 0 else "fall"))
-    head = pen.say(heads, hv=hv, p=hpct(r), lv=f2(lv))
+        heads.append("VIX {hv}{p} as stocks " + ("rise" if cx.sps.ret[i] > 0 else "fall"))
+    head = pen.say(heads, hv=hv, p=hp(r, VIXT), lv=f2(lv))
     lede = pen.say(
         [
             "{Vix} {mv} on {wd}, {ud} {pts} points.",
@@ -1901,19 +1938,13 @@ def credit_story(cx: Ctx, keys: list, k: int) -> str:
             dabp=fbp(da),
             ud=up_down(da),
         )
-        head = (
-            pen.say(
-                [
-                    "Credit spreads {w} in {mon} {y}",
-                    "Baa-Aaa spread {w} to {sp}",
-                    "Corporate bond yields {ad} in {mon}; spread at {sp}",
-                    "{Mon} {y}: top-rated corporate yields {ad} {dabp}",
-                ],
-                **kw,
-            )
-            if abs(ds) >= 0.005 or abs(da) >= 0.005
-            else pen.say("Corporate bond yields steady in {mon} {y}", **kw)
-        )
+        heads = ["Credit spreads {w} in {mon} {y}", "Baa-Aaa spread {w} to {sp}"] if abs(ds) >= 0.005 else []
+        if abs(da) >= 0.005:  # a direction only for what moved
+            heads += [
+                "Corporate bond yields {ad} in {mon}; spread at {sp}",
+                "{Mon} {y}: top-rated corporate yields {ad} {dabp}",
+            ]
+        head = pen.say(heads or "Corporate bond yields steady in {mon} {y}", **kw)
         items.append(
             pen.say(
                 [
@@ -1983,7 +2014,7 @@ def credit_context(pen: Pen, cx: Ctx, keys: list, k: int) -> list[str]:
         )
     if (y, m) in cx.data["ff"]:
         rf = cx.data["ff"][(y, m)][3]
-        out.append(pen.say("{Bills} returned {rf} over the month.", rf=fp(rf)))
+        out.append(pen.say("{Bills} returned {rf} over the month.", rf=fpct(rf)))
     return out
 
 
@@ -2008,13 +2039,14 @@ def cpi_story(cx: Ctx, keys: list, k: int):
         pyoy=fp(pyoy),
         rf="rose" if mom > 0 else "fell",
         lvl=f"{cpi[keys[k]]:.3f}",
-        ac="accelerated" if yoy > pyoy else "slowed" if yoy < pyoy else "held",
+        ac="accelerated" if yoy > pyoy else "slowed",
     )
+    held = f2(yoy) == f2(pyoy)  # the annual rate as printed did not move
     flat = f2(mom) == "0.00"
     head = (
         pen.say(
             [
-                "Core inflation {ac} to {yoy} in {mon}",
+                "Core inflation holds at {yoy} in {mon}" if held else "Core inflation {ac} to {yoy} in {mon}",
                 "Core CPI {rf} {mom} in {mon} {y}",
                 "U.S. core prices {rf} {mom}; annual rate {yoy}",
                 "Underlying inflation at {yoy} in {mon}",
@@ -2032,13 +2064,15 @@ def cpi_story(cx: Ctx, keys: list, k: int):
             "Core inflation printed {smom} for {mon} {y}; the annual rate is {syoy}.",
         ]
         if not flat
-        else ["{Core} were unchanged in {mon} {y}; the annual rate is {syoy}."],
+        else ["{Core} showed no change in {mon} {y}; the annual rate is {syoy}."],
         **kw,
     )
     items = [
         pen.say(
             [
-                "The annual rate {ac} from {pyoy} the month before.",
+                "The annual rate was also {pyoy} the month before."
+                if held
+                else "The annual rate {ac} from {pyoy} the month before.",
                 "That compares with a twelve-month rate of {pyoy} in the previous month.",
             ],
             **kw,
@@ -2132,8 +2166,8 @@ def gdp_items(pen: Pen, cx: Ctx, keys: list, k: int, saar: dict) -> list[str]:
         )
         out.append(
             pen.say(
-                "{M1} grew {a} over four quarters, to ${v} billion.",
-                a=fsp(pct(cur["m1"], ya["m1"])),
+                "{M1} {g} over four quarters, to ${v} billion.",
+                g=grew(pct(cur["m1"], ya["m1"])),
                 v=f2(cur["m1"]),
             )
         )
@@ -2212,13 +2246,13 @@ def factor_story(cx: Ctx, keys: list, k: int) -> str:
         tot=fp(tot),
         stot=fsp(tot),
         mkt=fsp(mkt),
-        rf=fp(rf),
-        smb=fpp(smb),
-        hml=fpp(hml),
+        rf=fpct(rf),  # bills returned less than nothing in some 1930s months
+        smb=f" by {fpp(smb)}" if smb else "",  # the factors are given to two decimals: 0 is a tie
+        hml=f" by {fpp(hml)}" if hml else "",
         ssmb=fsp(smb),
         shml=fsp(hml),
-        sv="beat" if smb > 0 else "lagged",
-        vv="beat" if hml > 0 else "lagged",
+        sv="beat" if smb > 0 else "lagged" if smb < 0 else "matched",
+        vv="beat" if hml > 0 else "lagged" if hml < 0 else "matched",
         gl="gained" if tot >= 0 else "lost",
     )
     head = pen.say(
@@ -2230,20 +2264,24 @@ def factor_story(cx: Ctx, keys: list, k: int) -> str:
         ],
         **kw,
     )
-    lede = pen.say(
+    lede = pen.choice(
         [
             "{Market} {gl} {tot} in {mon} {y}, or {mkt} over {bills}, which paid {rf}.",
-            "{Smallcaps} {sv} {largecaps} by {smb} in {mon} {y}, while {value} {vv} {growth} by {hml}.",
+            "{Smallcaps} {sv} {largecaps}{smb} in {mon} {y}, while {value} {vv} {growth}{hml}.",
             "In the Fama-French factors for {mon} {y}, the market returned {mkt} over the risk-free rate of "
             "{rf}; size (SMB) was {ssmb} and value (HML) {shml}.",
-        ],
-        **kw,
+        ]
     )
-    items = [
-        pen.say("{Smallcaps} {sv} {largecaps} by {smb}.", **kw),
-        pen.say("{Value} {vv} {growth} by {hml}.", **kw),
-        pen.say("Including the risk-free return, {market} {gl} {tot}.", **kw),
+    items = [  # what the lede has not said already
+        pen.say(t, **kw)
+        for t, said in (
+            ("{Smallcaps} {sv} {largecaps}{smb}.", "smb}" in lede),
+            ("{Value} {vv} {growth}{hml}.", "hml}" in lede),
+            ("Including the risk-free return, {market} {gl} {tot}.", "{tot}" in lede),
+        )
+        if not said
     ]
+    lede = pen.say(lede, **kw)
     best = monthly_since(ff, keys, k, lambda t: t[0] + t[3], tot >= 0)
     if best:
         items.append(f"It was the {'best' if tot >= 0 else 'worst'} month for the market {best}.")
@@ -2357,14 +2395,14 @@ def wrap_lede(pen: Pen, f: dict, span: str, span_adj: str) -> str:
     return pen.say(
         [
             "{Spx} {mv} {span}, ending at {c}.",
-            "{Stocks} posted a {adj} {gl} {span}: {spx} closed at {c}, {ud} {a} from {pc}.",
+            "{Stocks} posted a {adj}{gl} {span}: {spx} closed at {c}, {ud} {a} from {pc}.",
             "{Spx} {mv} {span} to finish at {c}, while {ndx} {nmv}.",
             "{Stocks} {ended} {hl} {span}, with {spx} {ud} {a} at {c} and {ndx} {ud2} {na}.",
             "{Stocks} {ended} {adv}{hl} {span}: {spx} {mv}, ending at {c}.",
         ],
         mv=moved(pen, f["r"], MONTH, fp(f["r"])),
         span=span,
-        adj=span_adj,
+        adj="" if span_adj[:4] in span else span_adj + " ",  # not "a yearly gain for the year"
         adv=adverb(pen, f["r"], MONTH),
         c=f2(f["c"]),
         pc=f2(f["pc"]),
@@ -2405,7 +2443,11 @@ def wrap_items(pen: Pen, cx: Ctx, f: dict, when) -> list[str]:
                 else "Down days outnumbered up days {dn} to {u}."
                 if 2 * f["ups"] < f["n"]
                 else "Up and down days split evenly, {u} each.",
-                "Gains outnumbered losses on {u} of {n} days.",
+                "Gains outnumbered losses on {u} of {n} days."
+                if 2 * f["ups"] > f["n"]
+                else "Losses outnumbered gains on {dn} of {n} days."
+                if 2 * f["ups"] < f["n"]
+                else "Gains and losses split evenly, {u} days each.",
             ],
             u=f["ups"],
             U=spelled(f["ups"]),
@@ -2423,10 +2465,12 @@ def wrap_range_items(pen: Pen, cx: Ctx, f: dict, when) -> list[str]:
     if f["n"] > 1:
         out.append(
             pen.say(
-                [
-                    "The best session was {bd}, {br}, and the worst {wd}, {wr}.",
-                    "{Bd} brought the biggest move up, {br}; {wd} the weakest, {wr}.",
-                ],
+                ["The best session was {bd}, {br}, and the worst {wd}, {wr}."]
+                + (
+                    ["{Bd} brought the biggest move up, {br}; {wd} the weakest, {wr}."]
+                    if s.ret[f["best"]] > 0
+                    else []
+                ),
                 bd=when(f["best"]),
                 Bd=when(f["best"]),
                 br=fsp(s.ret[f["best"]]),
@@ -2480,7 +2524,7 @@ def weekly_story(cx: Ctx, idx: list[int]) -> str:
         [
             "Week ending {d}: S&P 500 {sign}",
             "Stocks post weekly {gl}",
-            "S&P 500 {v} {p} for the week",
+            "S&P 500 {v}{p} for the week",
             "Weekly wrap: S&P 500 {sign}, Nasdaq {nsign}",
             "Week in review: stocks {hl}, Nasdaq {nsign}",
         ],
@@ -2488,7 +2532,7 @@ def weekly_story(cx: Ctx, idx: list[int]) -> str:
         sign=fsp(f["r"]),
         nsign=fsp(f["nr"]),
         gl=gain_loss(f["r"]),
-        p=hpct(f["r"]),
+        p=hp(f["r"], MONTH),
         v=head_verb(pen, f["r"], MONTH, False),
         hl=higher_lower(f["r"]),
     )
@@ -2599,12 +2643,12 @@ def quarterly_story(cx: Ctx, y: int, q: int, idx: list[int]) -> str:
     o = QUARTERS[q - 1]
     head = pen.say(
         [
-            "S&P 500 {v} {p} in {o} quarter",
+            "S&P 500 {v}{p} in {o} quarter",
             "Quarterly wrap: stocks {hl} in Q{q} {y}",
             "Wall Street's {o} quarter: S&P 500 {sign}",
         ],
         v=head_verb(pen, f["r"], MONTH, False),
-        p=hpct(f["r"]),
+        p=hp(f["r"], MONTH),
         o=o,
         q=q,
         y=y,
@@ -2646,11 +2690,11 @@ def annual_story(cx: Ctx, y: int):
     if idx and idx[0] > 0:
         f = period_facts(cx, idx, idx[0] - 1)
         head = pen.say(
-            ["{y} in review: S&P 500 {sign}", "S&P 500 {v} {p} in {y}", "The year in markets, {y}"],
+            ["{y} in review: S&P 500 {sign}", "S&P 500 {v}{p} in {y}", "The year in markets, {y}"],
             y=y,
             sign=fsp(f["r"]),
             v=head_verb(pen, f["r"], MONTH, False),
-            p=hpct(f["r"]),
+            p=hp(f["r"], MONTH),
         )
         lede = wrap_lede(pen, f, pen.choice([f"in {y}", f"over {y} as a whole", "for the year"]), "yearly")
         items = wrap_items(pen, cx, f, lambda j: short_date(cx.dates[j])) + annual_equity_items(pen, cx, idx)
@@ -2728,7 +2772,7 @@ def annual_factor_sentence(pen: Pen, ff: dict, y: int) -> str | None:
         "Treasury bills; the monthly size factor summed to {s} and the value factor to {h}.",
         m=fsp((g_mkt - 1) * 100),
         y=y,
-        b=fp((g_rf - 1) * 100),
+        b=fpct((g_rf - 1) * 100),
         s=fsp(smb),
         h=fsp(hml),
     )

@@ -785,7 +785,9 @@ def test_market_corpus_numbers_come_from_the_data(stories):
         ma50, ma200 = sp["Close"].iloc[i - 49 : i + 1].mean(), sp["Close"].iloc[i - 199 : i + 1].mean()
         hi52 = sp["Close"].iloc[i - 251 : i + 1].max()
         for s in sentences(doc):
-            if "shares" in s:  # volume, against its average over the 50 sessions before
+            if re.search(
+                r"(million|billion) shares", s
+            ):  # volume, against its average over the 50 sessions before
                 v, av = sp["Volume"].iloc[i], sp["Volume"].iloc[i - 50 : i].mean()
                 assert all(f"{x / 1e9:.2f} billion" in s or f"{x / 1e6:.0f} million" in s for x in (v, av)), s
             if not LEVEL.findall(s):
@@ -830,6 +832,62 @@ def test_market_corpus_numbers_come_from_the_data(stories):
     d, _, doc = next(s for s in stories if s[1] == "commodities" and s[0] == dt.date(2008, 7, 3))
     k = oil.index.get_loc("2008-07-03")
     assert f"${oil.iloc[k]:.2f}" in doc and f"{abs(oil.iloc[k] / oil.iloc[k - 1] - 1) * 100:.2f}%" in doc, doc
+
+
+def test_market_corpus_words_agree_with_their_numbers(stories):
+    """Direction words and numbers tell the same story: nothing "lagged by 0.00 percentage points", a rate
+    below zero keeps its sign, "too" follows a move the same way, a tally's words match its counts."""
+    mc, data = market_corpus, market_corpus.load_market_data()
+    text = "\n".join(t for _, _, t in stories)
+    adverbs = {a.strip() for tier in mc.ADVERBS for a in tier if a.strip().endswith("ly")}
+    assert not [a for a in adverbs if a[:-1] + "ies" in text.lower()]  # "rally sharply" -> "rallies sharply"
+    for phrase in (
+        "by 0.00 percentage points",
+        "up 0.00% from the previous",
+        "grew -",
+        "grew +",
+    ):
+        assert phrase not in text, phrase
+    assert not re.search(
+        r"(?i)(index|CPI|inflation|cost of living) were unchanged", text
+    )  # singular subjects
+    assert not re.search(r"(?i)(holds?|held) steady \d", text)  # a flat headline verb takes no percentage
+    assert not re.search(r"biggest move up, -", text)
+    for u, n in re.findall(r"Gains outnumbered losses on (\d+) of (\d+) days", text):
+        assert 2 * int(u) > int(n)
+    for d, n in re.findall(r"Losses outnumbered gains on (\d+) of (\d+) days", text):
+        assert 2 * int(d) > int(n)
+    # the Nasdaq moved "too" only when the S&P 500 moved the same way, by more than a flat day's move
+    sp, nq = data["sp"].cols["close"], data["nq"].cols["close"]
+    at = {d: i for i, d in enumerate(data["sp"].dates)}
+    too = 0
+    for d, desk, t in stories:
+        m = re.search(r"Technology-heavy shares moved (higher|lower) too", t)
+        if desk == "equities" and m:
+            i, too = at[d], too + 1
+            r, nr = mc.pct(sp[i], sp[i - 1]), mc.pct(nq[i], nq[i - 1])
+            assert min(abs(r), abs(nr)) >= mc.EQUITY.flat and (r > 0) == (nr > 0) == (m[1] == "higher"), t
+    assert too > 100
+    # credit headlines give a direction only to what moved; core inflation "slowed" only when it printed lower
+    keys = sorted(data["credit"])
+    by_month = {(d.year, d.month): t for d, desk, t in stories if desk == "credit"}
+    for k in range(1, len(keys)):
+        (aaa, baa), (paaa, pbaa) = data["credit"][keys[k]], data["credit"][keys[k - 1]]
+        head = by_month[keys[k]].split("\n")[0].lower()
+        if re.search(r"spreads? (widened|narrowed)", head):
+            assert round(abs((baa - aaa) - (pbaa - paaa)) * 100) >= 1, head
+        if re.search(r"yields (rose|fell)", head):
+            assert round(abs(aaa - paaa) * 100) >= 1, head
+    cpi, ckeys = data["cpi"], sorted(data["cpi"])
+    cpi_text = {(d.year, d.month): t for d, desk, t in stories if desk == "cpi"}
+    for k in range(13, len(ckeys)):
+        yoy = mc.f2(mc.pct(cpi[ckeys[k]], cpi[ckeys[k - 12]]))
+        pyoy = mc.f2(mc.pct(cpi[ckeys[k - 1]], cpi[ckeys[k - 13]]))
+        said = re.findall(r"annual rate (accelerated|slowed) from", cpi_text.get(ckeys[k], ""))
+        assert not said or (said[0] == "accelerated") == (float(yoy) > float(pyoy)) and yoy != pyoy, ckeys[k]
+    # a negative bill rate keeps its sign (February 1933: -0.03%)
+    feb33 = [t for d, desk, t in stories if desk == "factors" and (d.year, d.month) == (1933, 2)][0]
+    assert f"{data['ff'][(1933, 2)][3]:.2f}%" in feb33 and data["ff"][(1933, 2)][3] < 0, feb33
 
 
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
