@@ -1179,7 +1179,8 @@ def equity_range_items(pen: Pen, f: dict) -> list[str]:
     return out
 
 
-def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
+def nasdaq_day_sentence(pen: Pen, f: dict, in_lede: bool) -> str:
+    """The Nasdaq's day beside the S&P 500's: its lead or lag, or its move."""
     diff = f["nr"] - f["r"]
     rel = (
         pen.choice(["outperforming", "beating", "outpacing"])
@@ -1188,44 +1189,40 @@ def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
     )
     even = f2(abs(diff)) == "0.00"  # no lead to speak of at two decimals
     both = min(abs(f["r"]), abs(f["nr"])) >= EQUITY.flat and (f["r"] > 0) == (f["nr"] > 0)
-    out = (
+    if in_lede:
+        return pen.say(
+            ["The Nasdaq moved in step with {spx}.", "{Ndx} matched the move of {spx} on the day."]
+            if even
+            else [
+                "The Nasdaq's move left it {rel} {spx} by {dpp}.",
+                "{Ndx} ended {dpp} {ab} {spx} on the day.",
+            ],
+            rel=rel,
+            dpp=fpp(diff),
+            ab="ahead of" if diff > 0 else "behind",
+        )
+    return pen.say(
         [
-            pen.say(
-                ["The Nasdaq moved in step with {spx}.", "{Ndx} matched the move of {spx} on the day."]
-                if even
-                else [
-                    "The Nasdaq's move left it {rel} {spx} by {dpp}.",
-                    "{Ndx} ended {dpp} {ab} {spx} on the day.",
-                ],
-                rel=rel,
-                dpp=fpp(diff),
-                ab="ahead of" if diff > 0 else "behind",
-            )
-        ]
-        if in_lede
-        else [
-            pen.say(
-                [
-                    "{Ndx} {nmv}, in step with {spx}." if even else "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
-                    "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, "
-                    + ("in step with the broader market." if even else "{rel} the broader market by {dpp}."),
-                    "{Ndx} {ended} at {nc}, {ud} {npts} points, or {npr}.",
-                    "Technology-heavy shares {hl2}: {ndx} {nmv}.",
-                ],
-                nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])),
-                rel=rel,
-                dpp=fpp(diff),
-                nc=f2(f["nc"]),
-                ud=up_down(f["nr"]),
-                npr=fp(f["nr"]),
-                npts=f2(abs(f["npts"])),
-                # "too" only when both indexes moved, the same way
-                hl2=("moved higher too" if f["nr"] > 0 else "moved lower too")
-                if both
-                else "went their own way",
-            )
-        ]
+            "{Ndx} {nmv}, in step with {spx}." if even else "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
+            "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, "
+            + ("in step with the broader market." if even else "{rel} the broader market by {dpp}."),
+            "{Ndx} {ended} at {nc}, {ud} {npts} points, or {npr}.",
+            "Technology-heavy shares {hl2}: {ndx} {nmv}.",
+        ],
+        nmv=moved(pen, f["nr"], EQUITY, fp(f["nr"]), f2(f["nc"])),
+        rel=rel,
+        dpp=fpp(diff),
+        nc=f2(f["nc"]),
+        ud=up_down(f["nr"]),
+        npr=fp(f["nr"]),
+        npts=f2(abs(f["npts"])),
+        # "too" only when both indexes moved, the same way
+        hl2=("moved higher too" if f["nr"] > 0 else "moved lower too") if both else "went their own way",
     )
+
+
+def equity_nasdaq_items(pen: Pen, cx: Ctx, f: dict, in_lede: bool) -> list[str]:
+    out = [nasdaq_day_sentence(pen, f, in_lede)]
     i = f["i"]
     if i > 21:
         rel20 = pct(cx.nqs.c[i], cx.nqs.c[i - 21]) - pct(cx.sps.c[i], cx.sps.c[i - 21])
