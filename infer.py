@@ -31,6 +31,7 @@ from pathlib import Path
 
 from finetune_llama import (
     DEFAULT_CACHE_DIR,
+    MERGE_MARKER,
     ArgumentParser,
     HelpFormatter,
     check_writable_dir,
@@ -170,13 +171,15 @@ class GPTModel:
     def generate(
         self, ids: list[int], max_new_tokens: int, args, use_cache: bool = True, force_length: bool = False
     ) -> list[int]:
-        """Token by token with the full sampling flags; the model re-reads its (cropped) context each step."""
+        """Token by token with the full sampling flags; the model re-reads its context each step, cropped to
+        the block size or to --context when that is smaller."""
         import torch
 
+        window = min(self.context, args.context) if getattr(args, "context", 0) else self.context
         out = list(ids)
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                logits, _ = self.model(torch.tensor([out[-self.context :]], device=self.device))
+                logits, _ = self.model(torch.tensor([out[-window:]], device=self.device))
                 out.append(
                     sample_next(
                         logits[0, -1], out, args.temperature, args.top_k, args.top_p, args.repetition_penalty
@@ -328,6 +331,8 @@ def load_gpt(path: str, device: str) -> GPTModel:
 
 
 def read_run(adapter_dir: Path) -> tuple[dict, dict]:
+    if adapter_dir.is_file():
+        die(f"--adapter {adapter_dir} is a file, not an adapter folder (a GPT checkpoint goes to --ckpt)")
     if not adapter_dir.is_dir():
         die(f"--adapter {adapter_dir}: folder not found")
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -438,6 +443,11 @@ def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:
         spec = recorded.get("model")
     if not spec:
         die(f"--adapter {adapter_dir}: records no base model; give it with --model")
+    if args.model and merged_from(Path(args.model), adapter_dir):
+        die(
+            f"--model {args.model} already has the adapter {adapter_dir} merged into it: load it alone with "
+            "--model, or the adapter on its base"
+        )
     if (
         not args.model
         and recorded.get("source") in ("local", "gguf")
@@ -445,6 +455,20 @@ def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:
     ):
         die(f"--adapter {adapter_dir}: its base {spec} (recorded in run.json) is gone; give it with --model")
     return spec, recorded, run
+
+
+def merged_from(model: Path, adapter_dir: Path) -> bool:
+    """Whether the folder `model` is this adapter's own `--merge` output: finetune_llama.py's marker names
+    the adapter (relative to where training ran, so <adapter>/merged counts too)."""
+    marker = model / MERGE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        source = json.loads(marker.read_text()).get("adapter")
+    except (ValueError, AttributeError, OSError):
+        source = None
+    here = adapter_dir.resolve()
+    return model.resolve() == here / "merged" or (isinstance(source, str) and Path(source).resolve() == here)
 
 
 def load_unsloth(args, adapter_dir: Path | None, resolved: str, run: dict, label: str, device: str):
@@ -508,11 +532,16 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
+    has_tok = adapter_dir and (adapter_dir / "tokenizer_config.json").exists()  # finetune_llama.py saves it
+    try:  # before the weights: damaged tokenizer files are found in a second, not after the load
+        tok = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tok else base["resolved"])
+    except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        where = f"--adapter {adapter_dir}" if has_tok else f"base {base['resolved']}"
+        reason = (str(e).splitlines() or [""])[0][:120]
+        die(f"{where}: its tokenizer files are damaged or incomplete ({type(e).__name__}: {reason})")
     model = AutoModelForCausalLM.from_pretrained(
         base["resolved"], dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **kw
     )
-    has_tok = adapter_dir and (adapter_dir / "tokenizer_config.json").exists()  # finetune_llama.py saves it
-    tok = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tok else base["resolved"])
     if adapter_dir:
         from peft import PeftModel
 
@@ -563,8 +592,12 @@ def read_prompts(args) -> list[str]:
 def fit_prompt(
     lm, ids: list[int], max_new_tokens: int, context: int, flag: str = "--max-new-tokens"
 ) -> list[int]:
-    """A prompt that does not fit the context with room for the new tokens is cut from the left."""
+    """A prompt that does not fit the context with room for the new tokens is cut from the left. A GPT
+    may generate past its block size (the window slides), but --bench gives its KV cache the room, down to
+    a one-token prompt: a step past the window runs uncached (the row counts them)."""
     keep = context - max_new_tokens if isinstance(lm, HFModel) else context
+    if isinstance(lm, GPTModel) and flag == "--bench-new-tokens":
+        keep = max(1, context - max_new_tokens)
     if keep < 1:
         die(f"{flag} {max_new_tokens} leaves no room for the prompt in a {context}-token context")
     if len(ids) > keep:
@@ -671,6 +704,8 @@ def run_bench(lm, args, context: int) -> list[dict]:
         bar.set_postfix_str(f"{name}, {n} tokens")
         ids = fitted[n]
         row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
+        if isinstance(lm, GPTModel) and name != "no cache" and len(ids) + n > context:
+            row["uncached_steps"] = len(ids) + n - context  # the window is full: re-run, as without a cache
         if merged is not None:
             row["adapter"] = "merged" if merged else "unmerged (4-bit base)"
         out = time_variant(fn, ids, n, args.bench_runs, row)
@@ -1012,6 +1047,7 @@ def print_bench(rows: list[dict]) -> None:
             continue
         tag = "" if r.get("compiled", True) else " (not compiled)"
         tag += " (CUDA graphs skipped)" if r.get("cudagraph_skips") else ""
+        tag += f" ({r['uncached_steps']} uncached)" if r.get("uncached_steps") else ""
         print(
             f"{r['variant'] + tag:<24} {r['new_tokens']:>7} {r['latency_ms']:>11.1f} "
             f"{r['tokens_per_s']:>9.1f} "
@@ -1066,6 +1102,14 @@ def non_negative_float(s: str) -> float:
     return x
 
 
+def temperature(s: str) -> float:
+    """0 (greedy) or at least 1e-4: below that, logits / T overflow to inf and sampling breaks."""
+    x = non_negative_float(s)
+    if 0 < x < 1e-4:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least 0.0001, got {s}")
+    return x
+
+
 def positive_float(s: str) -> float:
     if (x := _number(s, float)) <= 0:
         raise argparse.ArgumentTypeError(f"{s} must be > 0")
@@ -1105,6 +1149,14 @@ def check_spares_inputs(args) -> None:
         if source is not None and (out == source or (source.is_dir() and out.is_relative_to(source))):
             flag = "--" + name.replace("_", "-")
             die(f"--json-out {args.json_out} would overwrite the {flag} input {given}: write it elsewhere")
+    if args.adapter and not args.model and Path(args.adapter, "adapter_config.json").is_file():
+        config, run = read_run(Path(args.adapter))
+        base = run.get("base", {})  # the base run.json names, or a bare PEFT folder's config
+        names = (base.get("resolved"), base.get("model"), config.get("base_model_name_or_path"))
+        for given in [n for n in names if isinstance(n, str) and n]:
+            source = Path(given).expanduser().resolve()
+            if source.exists() and (out == source or (source.is_dir() and out.is_relative_to(source))):
+                die(f"--json-out {args.json_out} would overwrite the adapter's base {given}: write elsewhere")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -1124,6 +1176,8 @@ def main(argv: list[str] | None = None) -> dict:
         die("--ckpt runs a GPT checkpoint on its own; it does not combine with --adapter or --model")
     if not sources:
         die("nothing to run: give --adapter DIR, --model SPEC or --ckpt FILE")
+    if args.ckpt and (args.backend != "auto" or args.load_in_4bit is not None):
+        die("--backend and --load-in-4bit load Llama models; a --ckpt GPT runs as it was trained")
     if args.compare_base and not args.adapter:
         die("--compare-base needs --adapter (it compares the adapter with its base)")
     if args.json_out:
@@ -1199,7 +1253,9 @@ def add_prompt_flags(g) -> None:
     g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
     g.add_argument("--prompts-file", help="text file with one prompt per line")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate per prompt")
-    g.add_argument("--temperature", type=non_negative_float, default=0.7, help="0 means greedy decoding")
+    g.add_argument(
+        "--temperature", type=temperature, default=0.7, help="0 means greedy decoding; else at least 0.0001"
+    )
     g.add_argument("--top-p", type=nucleus_mass, default=0.9, help="nucleus sampling mass (1: off)")
     g.add_argument(
         "--top-k", type=non_negative_int, default=50, help="sample among the k most likely tokens (0: off)"

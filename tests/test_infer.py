@@ -267,7 +267,7 @@ def test_ppl_context_default_is_the_same_for_base_and_adapter(adapter, corpus, t
     # which windows matters (these documents are longer than 16 tokens), and an explicit one is used as given
     short = infer.main(["--model", str(long_base), *ppl, "--ppl-context", "16"])["ppl"]
     assert short["context"] == 16 and short["tokens"] == alone["ppl"]["tokens"]
-    assert abs(short["perplexity"] / alone["ppl"]["perplexity"] - 1) > 1e-3
+    assert abs(short["perplexity"] / alone["ppl"]["perplexity"] - 1) > 1e-4  # an untrained model: a small gap
 
 
 def test_ppl_context_default_is_capped_by_the_model_context(adapter, ckpt, corpus, tmp_path):
@@ -398,3 +398,122 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpt, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == INTERRUPTED, err
     assert not out.exists() and not out.parent.exists()
+
+
+# -----------------------------------------------------------------------------
+# GPT generation and --bench windows; adapters and their bases
+
+
+def test_context_caps_gpt_generation_window(ckpt):
+    """--context N: every step of a GPT sees at most the last N tokens, not only the cut prompt."""
+    res = infer.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--prompt",
+            "The market",
+            "--context",
+            "4",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1",
+        ]
+    )
+    model, tok, _ = __import__("gpt_scratch").load_checkpoint(ckpt, "cpu")
+
+    def greedy(window: int) -> str:
+        ids = tok.encode("The market")[-4:]
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids[-window:]]))[0][0, -1].argmax()))
+        return tok.decode(ids[4:])
+
+    assert greedy(4) != greedy(32)  # the window matters for this model, so the check below can tell
+    assert res["generations"][0]["output"] == greedy(4)
+
+
+def test_gpt_bench_gives_the_kv_cache_room_and_counts_uncached_steps(shared_dir, corpus):
+    path = train_gpt("gpt_optimized", shared_dir / "bench_optimized", corpus)  # block size 32
+    rows = infer.main(
+        [
+            "--ckpt",
+            str(path),
+            "--bench",
+            "--bench-new-tokens",
+            "8,40",
+            "--bench-runs",
+            "1",
+            "--no-bench-compile",
+        ]
+    )["bench"]
+    by = {(r["variant"], r["new_tokens"]): r for r in rows}
+    assert by[("kv cache", 8)]["prompt_tokens"] == 24 and "uncached_steps" not in by[("kv cache", 8)]
+    assert by[("kv cache", 40)]["prompt_tokens"] == 1 and by[("kv cache", 40)]["uncached_steps"] == 9
+    assert "uncached_steps" not in by[("no cache", 40)]
+    assert all(r["same_tokens_as_no_cache"] for r in rows if r["variant"] == "kv cache")
+
+
+def test_tiny_temperature_and_llama_flags_with_ckpt_exit_2(ckpt):
+    p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", "--temperature", "1e-45", check=False)
+    assert_user_error(p, "--temperature: must be 0 (greedy) or at least 0.0001, got 1e-45")
+    for flags in (["--backend", "hf"], ["--load-in-4bit"]):
+        p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", *flags, check=False)
+        assert_user_error(
+            p, "--backend and --load-in-4bit load Llama models; a --ckpt GPT runs as it was trained"
+        )
+    p = run("infer.py", "--adapter", ckpt, "--prompt", "x", check=False)
+    assert_user_error(
+        p, f"--adapter {ckpt} is a file, not an adapter folder (a GPT checkpoint goes to --ckpt)"
+    )
+
+
+def test_damaged_tokenizer_files_exit_2_before_the_model_loads(adapter, tmp_path):
+    base = adapter.parent / "base"
+    with_tok = tmp_path / "adapter"
+    shutil.copytree(adapter, with_tok)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(base / name, with_tok / name)
+    full = (with_tok / "tokenizer.json").read_bytes()
+    (with_tok / "tokenizer.json").write_bytes(full[: len(full) // 2])
+    p = run("infer.py", "--adapter", with_tok, "--prompt", "Oil", "--max-new-tokens", "2", check=False)
+    assert_user_error(p, f"--adapter {with_tok}: its tokenizer files are damaged or incomplete (")
+    broken_base = tmp_path / "base"
+    shutil.copytree(base, broken_base)
+    (broken_base / "tokenizer.json").unlink()
+    (broken_base / "tokenizer_config.json").write_text("{not json")
+    p = run(
+        "infer.py",
+        "--adapter",
+        adapter,
+        "--model",
+        broken_base,
+        "--prompt",
+        "Oil",
+        "--max-new-tokens",
+        "2",
+        check=False,
+    )
+    assert_user_error(p, f"base {broken_base}: its tokenizer files are damaged or incomplete (")
+
+
+def test_json_out_spares_the_adapters_base_and_merged_model_is_not_adapted_twice(adapter, tmp_path):
+    base = adapter.parent / "base"
+    config = (base / "config.json").read_bytes()
+    p = run(
+        "infer.py", "--adapter", adapter, "--prompt", "x", "--json-out", base / "config.json", check=False
+    )
+    assert_user_error(p, f"would overwrite the adapter's base {base}: write elsewhere")
+    assert (base / "config.json").read_bytes() == config
+    merged = tmp_path / "merged"  # what finetune_llama.py --merge writes: the adapter folded in, and a marker
+    shutil.copytree(base, merged)
+    (merged / infer.MERGE_MARKER).write_text(json.dumps({"adapter": str(adapter), "base": str(base)}))
+    p = run("infer.py", "--adapter", adapter, "--model", merged, "--prompt", "x", check=False)
+    assert_user_error(p, f"--model {merged} already has the adapter {adapter} merged into it")
+    (merged / infer.MERGE_MARKER).write_text(json.dumps({"adapter": str(tmp_path / "other"), "base": "b"}))
+    res = infer.main(  # another adapter's merge is a base like any other
+        ["--adapter", str(adapter), "--model", str(merged), "--prompt", "x", "--max-new-tokens", "2"]
+    )
+    assert len(res["generations"]) == 1
