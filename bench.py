@@ -348,6 +348,7 @@ class Runner:
         self.reused: list[str] = []  # runs whose earlier output matched and was kept, not run again
         self.current: str | None = None
         self.current_expect: Path | None = None
+        self.current_started = 0.0  # wall clock: an output older than this is an earlier invocation's
         self.deadline = time.perf_counter() + time_limit if time_limit else None
 
     def run(
@@ -375,7 +376,7 @@ class Runner:
             self.bar.update(round(cost))
             return False
         t0 = time.perf_counter()
-        self.current, self.current_expect = name, expect
+        self.current, self.current_expect, self.current_started = name, expect, time.time()
         with open(log, "w") as f:
             f.write("$ " + shlex.join(cmd) + "\n")
             f.flush()
@@ -410,13 +411,16 @@ class Runner:
         return True
 
     def collect(self, name: str, read):
-        """read(): the run's figures from its output files. A key missing there fails the run: one line in
-        the report's failures, and None."""
+        """read(): the run's figures from its output files. A key missing there, or a file that cannot be
+        read or parsed (a run cut off mid-line), fails that run alone: one line in the report's failures,
+        and None."""
         try:
             return read()
-        except OutputError as e:
-            self.failures.append(f"{name}: {e}")
-            self.bar.write(f"bench.py: {name} failed: {e}")
+        except (OutputError, ValueError, OSError) as e:
+            why = str(e) if isinstance(e, OutputError) else f"output cannot be read ({e})"
+            why = " ".join(why.split())[:300]  # one line, however the error was worded
+            self.failures.append(f"{name}: {why}")
+            self.bar.write(f"bench.py: {name} failed: {why}")
             return None
 
 
@@ -431,24 +435,36 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class OutputError(Exception):
-    """A script's output file lacks a key bench.py reads (contracts.py): the run counts as failed."""
+    """A script's output file lacks a key bench.py reads (contracts.py), or cannot be read or parsed: the
+    run counts as failed."""
 
 
 def read_output(path: Path, contract: contracts.Contract) -> dict | list[dict]:
     """A script's output file (JSON, or JSON lines), holding every key its contract lists."""
-    data = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
-    for i, record in enumerate(data if isinstance(data, list) else [data]):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise OutputError(f"{path} cannot be read ({e})") from None
+    jsonl = path.suffix == ".jsonl"
+    lines = enumerate(text.splitlines(), 1) if jsonl else [(None, text)]
+    data = []
+    for n, line in lines:
+        if n is not None and not line.strip():
+            continue
+        try:
+            data.append(json.loads(line))
+        except ValueError as e:  # a run cut off mid-write leaves a truncated last line
+            raise OutputError(f"{path}{f' line {n}' if n else ''} is not valid JSON ({e})") from None
+    for i, record in enumerate(data):
+        line = f" line {i + 1}" if jsonl else ""
+        if not isinstance(record, dict):
+            raise OutputError(f"{path}{line} holds a {type(record).__name__}, not a JSON object")
         missing = contracts.missing_key(contract, record)
         if missing:
-            line = f" line {i + 1}" if isinstance(data, list) else ""
             key, listed_by, meaning = missing
             raise OutputError(f"{path}{line} has no {key!r} ({listed_by.name}: {meaning})")
-    return data
+    return data if jsonl else data[0]
 
 
 def train_seconds_curve(rows: list[dict]) -> list[tuple[float, float]]:
@@ -1137,7 +1153,7 @@ def infer_figure(inf: dict):
         nc = next((r["latency_ms"] for r in rows if r["variant"] == "no cache"), None)
         texts = [
             f"{r['latency_ms']:,.0f} ms"
-            + (f" ({nc / r['latency_ms']:.2f}x faster)" if nc and r["variant"] != "no cache" else "")
+            + (f" ({speed_words(nc / r['latency_ms'])})" if nc and r["variant"] != "no cache" else "")
             for r in rows
         ]
         hbars(
@@ -1152,6 +1168,12 @@ def infer_figure(inf: dict):
         ax.set_ylabel(f"{m}\n{rows[0]['new_tokens']} tokens", fontsize=9)
     axes[-1, 0].set_xlabel("decoding latency, batch 1 (ms; lower is better)")
     return fig, "Decoding latency, batch 1: with and without the KV cache"
+
+
+def speed_words(r: float) -> str:
+    """A speed ratio (the baseline's time over this one's) with its direction: "1.25x faster", or
+    "1.25x slower" for a ratio of 0.80."""
+    return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower"
 
 
 SET_LABELS = {"heldout": "held-out (in-domain)", "retention": "retention (base-model samples)"}
@@ -1805,15 +1827,19 @@ def decoding_headline_lines(h: dict) -> list[str]:
     out = []
     for model in ("gpt_optimized", "llama_lora"):
         if f"{model}_kv_cache_speedup" in h:
+            ratio, words = speed_words(h[f"{model}_kv_cache_speedup"]).split(" ", 1)
             out.append(
                 f"{model}: the KV cache decodes {h[f'{model}_kv_cache_new_tokens']} tokens "
-                f"**{h[f'{model}_kv_cache_speedup']:.2f}x** faster than re-running the context"
+                f"**{ratio}** {words} than re-running the context"
             )
         if f"{model}_compiled_tokens_per_s" in h:
+            r = h[f"{model}_compiled_vs_kv_cache"]  # slower than the eager cache: say so, not "0.80x"
+            against = (
+                f"{r:.2f}x the eager KV cache" if r >= 1 else f"{1 / r:.2f}x slower than the eager KV cache"
+            )
             out.append(
                 f"{model}: a static KV cache with compiled decoding runs "
-                f"**{h[f'{model}_compiled_tokens_per_s']:.0f} tokens/s** at batch 1, "
-                f"{h[f'{model}_compiled_vs_kv_cache']:.2f}x the eager KV cache"
+                f"**{h[f'{model}_compiled_tokens_per_s']:.0f} tokens/s** at batch 1, {against}"
                 + variant_words(h.get(f"{model}_compiled_variant"))
             )
     return out
@@ -1835,12 +1861,61 @@ def transfer_words(sets: list[dict]) -> str:
     return ", ".join(parts)
 
 
+def headline_markers(key: str) -> tuple[str, str]:
+    return f"<!-- headline:{key} -->", f"<!-- /headline:{key} -->"
+
+
+def record_markers(key: str) -> tuple[str, str]:
+    return f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+
+
+def marker_problem(text: str, start: str, end: str) -> str | None:
+    """What is wrong with text's start ... end markers, in words; None when neither is there, or there is
+    exactly one start followed by exactly one end (the block that is replaced)."""
+    ns, ne = text.count(start), text.count(end)
+    if ns == ne == 0 or (ns == ne == 1 and text.find(end, text.index(start)) >= 0):
+        return None
+    if ns > 1 or ne > 1:
+        return f"{start} appears {ns} times and {end} {ne} times; keep one block"
+    if ne == 0:
+        return f"{start} has no {end} after it"
+    if ns == 0:
+        return f"{end} has no {start} before it"
+    return f"{end} comes before {start}"
+
+
+def read_markdown(path: Path, flag: str, start: str, end: str) -> str:
+    """path's text as it is on disk (newlines untranslated), its start ... end markers checked: absent, or
+    one block (a user mistake otherwise: one line, exit 2)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{flag} {path} cannot be read ({e})")
+    problem = marker_problem(text, start, end)
+    if problem:
+        die(f"{flag} {path}: {problem}; fix its markers by hand")
+    return text
+
+
+def replace_block(text: str, start: str, end: str, body: str, keep_markers: bool) -> str:
+    """text with its one start ... end block's content (keep_markers) or the whole block replaced by body,
+    written with text's own newlines; every byte outside the block stays as it was."""
+    nl = "\r\n" if "\r\n" in text else "\n"
+    body = body.replace("\r\n", "\n").replace("\n", nl)
+    i = text.index(start)
+    j = text.index(end, i)
+    if keep_markers:
+        return text[: i + len(start)] + nl + body + nl + text[j:]
+    return text[:i] + body + text[j + len(end) :]
+
+
 def record_headline(readme: Path, key: str, results: dict) -> None:
     """Replace the <!-- headline:KEY --> ... <!-- /headline:KEY --> block of readme with this run's headline
     ratios, with the command, device, date and commit they come from."""
-    start, end = f"<!-- headline:{key} -->", f"<!-- /headline:{key} -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
+    start, end = headline_markers(key)
+    text = read_markdown(readme, "--readme", start, end)
+    if start not in text:
         die(f"--readme {readme}: no {start} ... {end} block to fill")
     m = results["meta"]
     lines = [
@@ -1848,14 +1923,14 @@ def record_headline(readme: Path, key: str, results: dict) -> None:
         "details in [BENCHMARKS.md](BENCHMARKS.md)):",
         "",
     ] + [f"- {x}" for x in headline_lines(results["headline"])]
-    text = text[: text.index(start) + len(start)] + "\n" + "\n".join(lines) + "\n" + text[text.index(end) :]
-    atomic_write(readme, text)
+    atomic_write(readme, replace_block(text, start, end, "\n".join(lines), keep_markers=True).encode("utf-8"))
 
 
 def record(md: Path, key: str, report: str, out: Path) -> None:
     """Replace (or append) this mode's section of md with the report, headings one level down; the
     plots are copied beside md into benchmarks/<key>/ so the file shows them."""
-    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    start, end = record_markers(key)
+    text = read_markdown(md, "--record", start, end) if md.exists() else "# Benchmarks\n"
     figs = md.parent / "benchmarks" / key
     figs.mkdir(parents=True, exist_ok=True)
     for png in out.glob("*.png"):
@@ -1863,12 +1938,12 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
         report = report.replace(f"]({png.name})", f"](benchmarks/{key}/{png.name})")
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in report.strip().splitlines())
     section = f"{start}\n{body}\n{end}"
-    text = md.read_text() if md.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    if start in text:
+        text = replace_block(text, start, end, section, keep_markers=False)
     else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write(md, text)
+        nl = "\r\n" if "\r\n" in text else "\n"
+        text = text.rstrip() + nl + nl + section.replace("\n", nl) + nl
+    atomic_write(md, text.encode("utf-8"))
 
 
 # -----------------------------------------------------------------------------
@@ -2337,15 +2412,27 @@ def extract_baseline(out: Path, rev: str, commit: str) -> dict:
 
 
 def check_eval_texts(paths: list[str]) -> None:
+    """Each --eval-text as finetune_llama.py reads it (UTF-8, documents separated by blank lines, at least
+    one), checked before any run: a file it refuses would fail every fine-tune run after the GPT stage."""
     for path in map(Path, paths):
+        if path.is_dir():
+            die(f"--eval-text {path} is a folder, not a file")
+        if path.exists() and not path.is_file():
+            die(f"--eval-text {path} is not a regular file")
         if not path.is_file():
             die(f"--eval-text {path}: file not found")
         if path.stat().st_size == 0:
             die(f"--eval-text {path} is empty")
         try:
-            path.open("rb").close()
+            data = path.read_bytes()
         except OSError as e:
             die(f"--eval-text {path} cannot be read ({e.strerror})")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            die(f"--eval-text {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        if not any(doc.strip() for doc in re.split(r"\n\s*\n", text)):
+            die(f"--eval-text {path} is empty: blank lines only, no document to score")
 
 
 def check_corpus(data: Path) -> None:
@@ -2409,17 +2496,16 @@ def check_outputs(args: argparse.Namespace, out: Path) -> None:
 
 
 def check_record_targets(args: argparse.Namespace, key: str) -> None:
-    """--readme must hold this mode's headline block; --record copies the plots into benchmarks/KEY
-    beside its file."""
+    """--readme must hold this mode's headline block; --record's file holds its section once or not at all
+    (then it is appended); a marker unpaired, repeated or out of order in either is refused before any run,
+    not left to corrupt the file. --record copies the plots into benchmarks/KEY beside its file."""
     if args.readme:
-        start, end = f"<!-- headline:{key} -->", f"<!-- /headline:{key} -->"
-        try:
-            text = Path(args.readme).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            die(f"--readme {args.readme} cannot be read ({e})")
-        if start not in text or end not in text:
+        start, end = headline_markers(key)
+        if start not in read_markdown(Path(args.readme), "--readme", start, end):
             die(f"--readme {args.readme}: no {start} ... {end} block to fill")
     if args.record:
+        if Path(args.record).is_file():
+            read_markdown(Path(args.record), "--record", *record_markers(key))
         check_writable_dir(Path(args.record).parent / "benchmarks" / key, "--record: its plot folder")
 
 
@@ -2429,7 +2515,13 @@ def interrupted_message(
     """What Ctrl-C leaves behind and how to go on (resume; default: rebuild the report), in one line."""
     if report_only:
         return f"interrupted: the runs in {out} are untouched; run the same command again for the report"
-    if R is not None and R.current and R.current_expect.is_file():  # stopped as it ended: output whole
+    finished = (  # stopped as it ended: its output is whole, and this run wrote it (not an earlier one)
+        R is not None
+        and R.current
+        and R.current_expect.is_file()
+        and R.current_expect.stat().st_mtime >= R.current_started
+    )
+    if finished:
         R.done.append(R.current)
         R.current = None
     if R is not None and R.done:
@@ -2592,10 +2684,19 @@ def run_bench(
     report = make_report(results, plots)
     atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     atomic_write(out / "report.md", report)
-    if args.record:
-        record(Path(args.record), f"{mode}-{device}", report, out)
-    if args.readme:
-        record_headline(Path(args.readme), f"{mode}-{device}", results)
+    kept = None
+    if (args.record or args.readme) and (R.failures or not results["headline"]):
+        # a run that measured nothing (or not everything) must not overwrite the recorded figures
+        why = f"{len(R.failures)} run(s) failed" if R.failures else "the run measured no headline figure"
+        files = " and ".join(
+            f"{f} {p}" for f, p in (("--record", args.record), ("--readme", args.readme)) if p
+        )
+        kept = f"bench.py: {files} left as they were: {why} (the report is in {out / 'report.md'})"
+    else:
+        if args.record:
+            record(Path(args.record), f"{mode}-{device}", report, out)
+        if args.readme:
+            record_headline(Path(args.readme), f"{mode}-{device}", results)
     # the side-by-side a user reads first: Table 1, the headline ratios and the generations
     table1 = report.split("## Table 1")[1].split("\n## ")[0] if "## Table 1" in report else ""
     print("\nTable 1" + table1.rstrip())
@@ -2613,6 +2714,8 @@ def run_bench(
         print(f"bench.py: {len(R.failures)} run(s) failed:", file=sys.stderr)
         for f in R.failures:
             print("  " + f, file=sys.stderr)
+    if kept:
+        print(kept, file=sys.stderr)
     return results
 
 

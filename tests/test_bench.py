@@ -833,6 +833,14 @@ def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool, recipe: bool = Tru
     """A bench.py output folder holding fine-tune runs only (the recipe run too, or not), rebuilt into a
     report by the real script. The recipe run's figures differ from the speed runs': held-out -54.0%,
     retention +4.6%, fiqa_posts -16.6%, 40 steps of 50% replay with the kl loss."""
+    out = fine_tune_out_folder(tmp_path, eval_sets, recipe, edit)
+    p = bench("--report-only", "--out", out, timeout=120)
+    assert p.returncode == (0 if recipe and not edit else 1), p.stderr[-2000:]
+    return out, p, (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+
+
+def fine_tune_out_folder(tmp_path: Path, eval_sets: bool, recipe: bool = True, edit=None) -> Path:
+    """rebuilt_fine_tune_report's output folder (a --tiny run on the cpu), before the report is built."""
     out = tmp_path / "o"
     meta = {
         "mode": "tiny",
@@ -867,9 +875,7 @@ def rebuilt_fine_tune_report(tmp_path: Path, eval_sets: bool, recipe: bool = Tru
     for key, run in runs.items():
         (out / "runs" / key).mkdir()
         (out / "runs" / key / "run.json").write_text(json.dumps(run))
-    p = bench("--report-only", "--out", out, timeout=120)
-    assert p.returncode == (0 if recipe and not edit else 1), p.stderr[-2000:]
-    return out, p, (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+    return out
 
 
 def transfer_rows(report: str) -> list[str]:
@@ -1856,3 +1862,291 @@ def test_the_inference_stage_runs_alone(tiny_setup, tmp_path):
     rows = json.loads((earlier / "results.json").read_text())["infer"]["rows"]
     assert {r["model"] for r in rows} == {"gpt_scratch", "gpt_optimized", "llama_lora"}
     assert not (earlier / "logs" / "gpt_optimized_1_step.log").exists()
+
+
+# -----------------------------------------------------------------------------
+# the direction of a speed ratio, --record/--readme markers, runs that measured nothing, bad inputs
+
+
+def import_bench():
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    return bench
+
+
+def refused(capsys, call, *fragments) -> str:
+    """call() is a user mistake: exit 2 and one line on stderr holding every fragment. Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def decoding_rows(model: str, no_cache_ms: float, kv_ms: float, static_ms: float | None = None) -> dict:
+    r = [("no cache", no_cache_ms), ("kv cache", kv_ms)] + (
+        [("static cache + compile", static_ms)] * bool(static_ms)
+    )
+    return {"rows": [dict(model=model, variant=v, new_tokens=128, latency_ms=ms, tokens_per_s=128e3 / ms)
+                     for v, ms in r]}  # fmt: skip
+
+
+def test_a_kv_cache_slower_than_no_cache_is_called_slower(tmp_path):
+    bench = import_bench()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slower = bench.headline({"infer": decoding_rows("gpt_optimized", 100.0, 125.0)})
+    assert slower["gpt_optimized_kv_cache_speedup"] == pytest.approx(0.8)
+    assert bench.headline_lines(slower) == [
+        "gpt_optimized: the KV cache decodes 128 tokens **1.25x** slower than re-running the context"
+    ]
+    faster = bench.headline({"infer": decoding_rows("llama_lora", 125.0, 100.0)})
+    assert bench.headline_lines(faster) == [
+        "llama_lora: the KV cache decodes 128 tokens **1.25x** faster than re-running the context"
+    ]
+    # the static cache slower than the eager one: said so, not "0.50x the eager KV cache"
+    h = bench.headline({"infer": decoding_rows("llama_lora", 300.0, 100.0, 200.0)})
+    assert bench.headline_lines(h)[-1] == (
+        "llama_lora: a static KV cache with compiled decoding runs **640 tokens/s** at batch 1, "
+        "2.00x slower than the eager KV cache"
+    )
+    inf = {"rows": decoding_rows("gpt_optimized", 100.0, 125.0)["rows"]}
+    inf["rows"] += decoding_rows("llama_lora", 300.0, 100.0, 200.0)["rows"]
+    fig, _ = bench.infer_figure(inf)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert (
+        "125 ms (1.25x slower)" in texts
+        and "100 ms (3.00x faster)" in texts
+        and "200 ms (1.50x faster)" in texts
+    )
+    assert not any("0.80x" in t for t in texts)
+    plt.close(fig)
+
+
+HEADLINE = "<!-- headline:tiny-cpu -->\nold\n<!-- /headline:tiny-cpu -->\n"
+SECTION = "<!-- bench:tiny-cpu:start -->\nhand-kept\n<!-- bench:tiny-cpu:end -->\n"
+
+
+def test_record_and_readme_markers_unpaired_repeated_or_out_of_order_are_refused(tmp_path, capsys):
+    import argparse
+
+    bench = import_bench()
+    readme, md = tmp_path / "README.md", tmp_path / "BENCHMARKS.md"
+    good_readme = "# x\n\n" + HEADLINE + "\nrest\n"
+    start, end = "<!-- bench:tiny-cpu:start -->", "<!-- bench:tiny-cpu:end -->"
+    for name, text, frag in (
+        ("lone start", f"# B\n\n{start}\nmine\n", f"{start} has no {end} after it"),
+        ("lone end", f"# B\n\nmine\n{end}\n", f"{end} has no {start} before it"),
+        ("end before start", f"# B\n\n{end}\nmine\n{start}\n", f"{end} comes before {start}"),
+        ("two blocks", "# B\n\n" + SECTION + "\nmine\n\n" + SECTION, f"{start} appears 2 times"),
+    ):
+        md.write_bytes(text.encode())
+        readme.write_bytes(good_readme.encode())
+        args = argparse.Namespace(readme=str(readme), record=str(md))
+        line = refused(capsys, lambda: bench.check_record_targets(args, "tiny-cpu"), f"--record {md}: ", frag)
+        assert line.startswith("bench.py: "), name
+        # and record() itself, should the file change during the run: refused, the file as it was
+        refused(capsys, lambda: bench.record(md, "tiny-cpu", "# Benchmark report\n\nnew\n", tmp_path), frag)
+        assert md.read_bytes() == text.encode(), name
+    md.write_text("# B\n\n" + SECTION)  # one block, or none: accepted
+    bench.check_record_targets(argparse.Namespace(readme=str(readme), record=str(md)), "tiny-cpu")
+    md.write_text("# B\n")
+    bench.check_record_targets(argparse.Namespace(readme=str(readme), record=str(md)), "tiny-cpu")
+    hstart, hend = "<!-- headline:tiny-cpu -->", "<!-- /headline:tiny-cpu -->"
+    results = {"meta": {"command": "c", "device_name": "d", "date": "2026-01-01", "git_commit": "abc"}}
+    results["headline"] = {"packing_tokens_per_s_ratio": 1.5}
+    for text, frag in (
+        ("# x\n\n" + HEADLINE + "\nmine\n\n" + HEADLINE, f"{hstart} appears 2 times and {hend} 2 times"),
+        (f"# x\n\n{hend}\nmine\n{hstart}\n", f"{hend} comes before {hstart}"),
+        (f"# x\n\n{hstart}\nmine\n", f"{hstart} has no {hend} after it"),
+        ("# x\n\nno block\n", f"no {hstart} ... {hend} block to fill"),
+    ):
+        readme.write_bytes(text.encode())
+        args = argparse.Namespace(readme=str(readme), record=None)
+        refused(capsys, lambda: bench.check_record_targets(args, "tiny-cpu"), f"--readme {readme}", frag)
+        refused(capsys, lambda: bench.record_headline(readme, "tiny-cpu", results), frag)
+        assert readme.read_bytes() == text.encode()
+
+
+def test_a_lone_start_marker_in_record_is_refused_before_any_run(tmp_path):
+    corpus = small_corpus(tmp_path / "c.txt")
+    md, out = tmp_path / "BENCHMARKS.md", tmp_path / "o"
+    text = b"# Benchmarks\n\n<!-- bench:tiny-cpu:start -->\nhand-written notes\n"
+    md.write_bytes(text)
+    p = bench(
+        "--tiny",
+        "--only",
+        "gpt",
+        "--data",
+        corpus,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--record",
+        md,
+        timeout=60,
+    )
+    assert_user_error(p, f"--record {md}", "<!-- bench:tiny-cpu:start --> has no <!-- bench:tiny-cpu:end -->")
+    assert md.read_bytes() == text and not out.exists()
+
+
+def test_record_and_readme_keep_a_crlf_file_byte_for_byte_outside_their_block(tmp_path):
+    bench = import_bench()
+    out = tmp_path / "o"
+    out.mkdir()
+    md, readme = tmp_path / "BENCHMARKS.md", tmp_path / "README.md"
+    before, after = b"# Benchmarks\r\n\r\nintro\r\n\r\n", b"\r\n\r\n## Notes\r\n\r\nkept\r\n"
+    md.write_bytes(before + SECTION.strip().replace("\n", "\r\n").encode() + after)
+    bench.record(md, "tiny-cpu", "# Benchmark report (tiny)\n\nnew\n", out)
+    data = md.read_bytes()
+    assert data.startswith(before) and data.endswith(after), data
+    section = data[len(before) : -len(after)]
+    assert section == (
+        b"<!-- bench:tiny-cpu:start -->\r\n## Benchmark report (tiny)\r\n\r\nnew\r\n"
+        b"<!-- bench:tiny-cpu:end -->"
+    )
+    bench.record(md, "full-cuda", "# Benchmark report (full)\n\ngpu\n", out)  # appended: CRLF too
+    assert (
+        md.read_bytes().startswith(data.rstrip())
+        and b"gpu\r\n<!-- bench:full-cuda:end -->\r\n" in md.read_bytes()
+    )
+    assert b"\n" not in md.read_bytes().replace(b"\r\n", b"")
+    head, tail = b"# x\r\n\r\n<!-- headline:tiny-cpu -->", b"<!-- /headline:tiny-cpu -->\r\n\r\nrest\r\n"
+    readme.write_bytes(head + b"\r\nold\r\n" + tail)
+    results = {"meta": {"command": "c", "device_name": "d", "date": "2026-01-01", "git_commit": "abc"}}
+    results["headline"] = {"packing_tokens_per_s_ratio": 1.5}
+    bench.record_headline(readme, "tiny-cpu", results)
+    data = readme.read_bytes()
+    assert data.startswith(head) and data.endswith(tail) and b"old" not in data
+    assert data[len(head) : -len(tail)] == (
+        b"\r\n**tiny-cpu** (`c`, d, 2026-01-01, commit abc; "
+        b"details in [BENCHMARKS.md](BENCHMARKS.md)):\r\n\r\n"
+        b"- packing: **1.50x** the tokens/s of padded rows (LoRA)\r\n"
+    )
+
+
+def test_a_run_with_failed_runs_leaves_record_and_readme_as_they_were(tmp_path, capsys):
+    bench = import_bench()
+    readme, md = tmp_path / "README.md", tmp_path / "BENCHMARKS.md"
+    readme_text = ("# x\n\n" + HEADLINE + "\nrest\n").encode()
+    md_text = ("# Benchmarks\n\n" + SECTION).encode()
+    readme.write_bytes(readme_text)
+    md.write_bytes(md_text)
+    flags = ["--readme", str(readme), "--record", str(md)]
+    out = fine_tune_out_folder(tmp_path / "failed", eval_sets=True, recipe=False)  # ft_recipe has no output
+    res = bench.main(["--report-only", "--out", str(out), *flags])
+    assert res["failures"] == [f"ft_recipe: no output in {out / 'runs' / 'ft_recipe'}"]
+    assert readme.read_bytes() == readme_text and md.read_bytes() == md_text
+    assert not (tmp_path / "benchmarks").exists()  # no plots copied either
+    err = [line for line in capsys.readouterr().err.splitlines() if "left as they were" in line]
+    assert err == [
+        f"bench.py: --record {md} and --readme {readme} left as they were: 1 run(s) failed "
+        f"(the report is in {out / 'report.md'})"
+    ]
+    assert "ft_recipe: no output" in (out / "report.md").read_text()  # the report itself is written
+    # every run there: both files take the new figures, as before
+    out = fine_tune_out_folder(tmp_path / "whole", eval_sets=True, recipe=True)
+    res = bench.main(["--report-only", "--out", str(out), *flags])
+    assert res["failures"] == [] and "left as they were" not in capsys.readouterr().err
+    assert "old" not in readme.read_text() and "hand-kept" not in md.read_text()
+    assert "- LoRA, default recipe: held-out ppl **-54.0%**" in readme.read_text()
+
+
+def test_eval_text_that_is_a_folder_not_utf8_or_blank_is_refused_before_any_work(tmp_path, capsys):
+    bench = import_bench()
+    bad, blank, good = tmp_path / "bad.txt", tmp_path / "blank.txt", tmp_path / "good.txt"
+    bad.write_bytes(b"fine\n\n\xff\xfe broken\n")
+    blank.write_bytes(b"  \n\n\t\n \n")
+    good.write_bytes("Earnings rose 4% – a record.\n\n\nGuidance held.\n".encode())
+    bench.check_eval_texts([str(good)])  # UTF-8 with documents: fine
+    refused(
+        capsys,
+        lambda: bench.check_eval_texts([str(tmp_path)]),
+        f"--eval-text {tmp_path} is a folder, not a file",
+    )
+    refused(
+        capsys, lambda: bench.check_eval_texts([str(good), str(bad)]), f"{bad} is not UTF-8 text", "at byte 6"
+    )
+    refused(
+        capsys, lambda: bench.check_eval_texts([str(blank)]), f"--eval-text {blank} is empty", "blank lines"
+    )
+    out = tmp_path / "o"  # through main, before the corpus, the device or --out are touched
+    argv = [
+        "--tiny",
+        "--data",
+        str(small_corpus(tmp_path / "c.txt")),
+        "--out",
+        str(out),
+        "--eval-text",
+        str(blank),
+    ]
+    refused(capsys, lambda: bench.main(argv), "is empty")
+    assert not out.exists()
+
+
+def test_a_truncated_or_malformed_output_file_fails_that_run_alone(tmp_path, capsys):
+    bench = import_bench()
+    folder = tmp_path / "gpt_scratch"
+    folder.mkdir()
+    summary = {"tokens_per_s": 1000.0, "val_loss": 2.0, "perplexity": 7.4, "model_size_mb": 1.0}
+    summary |= {"peak_mem_mb": 10.0, "time_per_epoch_s": 1.0, "device": "cpu"}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    metrics = folder / "metrics.jsonl"
+    metrics.write_text('{"tokens": 0, "val_loss": 5.0}\n\n{"tokens": 1000, "val_lo')  # cut off mid-line
+    R = bench.Runner(tmp_path, 1, replay=True)
+    assert R.collect("gpt_scratch", lambda: bench.gpt_record(folder, [])) is None
+    assert R.failures == [
+        f"gpt_scratch: {metrics} line 3 is not valid JSON (Unterminated string starting at: line 1 column 18 "
+        "(char 17))"
+    ]
+    metrics.write_text('{"tokens": 0, "val_loss": 5.0}\n')
+    (folder / "summary.json").write_text('{"tokens_per_s": 1000.0,')
+    assert R.collect("gpt_optimized", lambda: bench.gpt_record(folder, [])) is None
+    assert R.failures[1].startswith(f"gpt_optimized: {folder / 'summary.json'} is not valid JSON (")
+    (folder / "summary.json").write_text("[1, 2]")
+    assert R.collect("ablation_01", lambda: bench.gpt_record(folder, [])) is None
+    assert R.failures[2] == f"ablation_01: {folder / 'summary.json'} holds a list, not a JSON object"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert R.collect("ablation_02", lambda: bench.gpt_record(folder, []))["summary"] == summary
+    R.bar.close()
+    # --report-only over a folder whose QLoRA run.json was cut short: that run fails, the report is written
+    out = fine_tune_out_folder(tmp_path, eval_sets=True)
+    run_json = out / "runs" / "ft_qlora_packed" / "run.json"
+    run_json.write_text(run_json.read_text()[:200])
+    res = bench.main(["--report-only", "--out", str(out)])
+    assert len(res["failures"]) == 1 and res["failures"][0].startswith(
+        f"ft_qlora_packed: {run_json} is not valid JSON ("
+    )
+    assert [r["method"] for r in res["finetune"]["runs"]] == ["LoRA", "LoRA", "LoRA recipe"]
+    assert "qlora_vs_lora_memory" not in res["headline"] and "packing_tokens_per_s_ratio" in res["headline"]
+    report = (out / "report.md").read_text()
+    assert f"- {res['failures'][0]}" in report.split("## Runs that failed")[1]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_counts_the_run_in_progress_only_when_it_wrote_its_output(tmp_path):
+    """Rerunning into an --out that holds an earlier run's output: Ctrl-C during that run must not count
+    the earlier file as this run's finished output."""
+    import time
+
+    bench = import_bench()
+    R = bench.Runner(tmp_path, 1.0)
+    old = tmp_path / "summary.json"
+    old.write_text("{}")
+    os.utime(old, (1_000_000, 1_000_000))  # written long before this run started
+    R.current, R.current_expect, R.current_started = "gpt_scratch", old, time.time()
+    assert bench.interrupted_message(R, tmp_path, False, False) == "interrupted before any run finished"
+    assert R.done == [] and R.current == "gpt_scratch"
+    os.utime(old)  # now written by the run, as it was stopped
+    msg = bench.interrupted_message(R, tmp_path, False, False)
+    assert msg.startswith(f"interrupted: 1 finished run(s) kept in {tmp_path}; ") and R.done == [
+        "gpt_scratch"
+    ]
+    R.bar.close()
