@@ -197,6 +197,10 @@ def fsp(x: float) -> str:  # signed percentage
     return f"{s}%" if s.startswith("-") or s == "0.00" else f"+{s}%"
 
 
+def prints_as_zero(x: float) -> bool:  # "0.00" at two decimals: no direction worth a word
+    return f2(x) == "0.00"
+
+
 def fpct(x: float) -> str:  # percentage, a sign only when negative (a rate that can fall below zero)
     return f"{f2(x)}%"
 
@@ -265,7 +269,7 @@ def higher_lower(x: float) -> str:
 
 def grew(x: float) -> str:
     """'grew 1.23%', 'shrank 0.46%', or 'was unchanged' for a % change that rounds to nothing."""
-    return "was unchanged" if f2(x) == "0.00" else f"{'grew' if x > 0 else 'shrank'} {fp(x)}"
+    return "was unchanged" if prints_as_zero(x) else f"{'grew' if x > 0 else 'shrank'} {fp(x)}"
 
 
 def gain_loss(x: float) -> str:
@@ -887,7 +891,7 @@ def hpct(x: float) -> str:  # headline percentages: one decimal
     return f"{abs(x):.1f}%"
 
 
-def hp(x: float, t: "Tiers") -> str:
+def hp(x: float, t: Tiers) -> str:
     """' 1.2%' after a headline verb ('{v}{p}'), nothing after a flat one: not 'holds steady 0.1%'."""
     return "" if abs(x) < t.flat else " " + hpct(x)
 
@@ -1115,7 +1119,7 @@ def day_adjective(f: dict) -> str:
 
 
 def equity_lede(pen: Pen, f: dict) -> str:
-    zero = f2(abs(f["r"])) == "0.00"  # a close that matched the last one: neither higher nor lower
+    zero = prints_as_zero(f["r"])  # a close that matched the last one: neither higher nor lower
     kw = dict(
         wd=f["wd"],
         mv=moves_pts(pen, f["r"], f["pts"], f["c"]),
@@ -1187,7 +1191,7 @@ def nasdaq_day_sentence(pen: Pen, f: dict, in_lede: bool) -> str:
         if diff > 0
         else pen.choice(["underperforming", "lagging", "trailing"])
     )
-    even = f2(abs(diff)) == "0.00"  # no lead to speak of at two decimals
+    even = prints_as_zero(diff)  # no lead to speak of at two decimals
     both = min(abs(f["r"]), abs(f["nr"])) >= EQUITY.flat and (f["r"] > 0) == (f["nr"] > 0)
     if in_lede:
         return pen.say(
@@ -1777,7 +1781,7 @@ def oil_lede(pen: Pen, cx: Ctx, k: int) -> str:
         [
             "{Oil} {mv} {barrel} on {wd}.",
             "Oil prices held on {wd}, with West Texas Intermediate unchanged at ${p} {barrel}."
-            if f2(abs(r)) == "0.00"
+            if prints_as_zero(r)
             else "Oil prices {hl} on {wd}, with West Texas Intermediate at ${p} {barrel}, {ud} {a} from the "
             "previous price of ${pp}.",
             "In {oilmarket}, {oil} {mv} {barrel} on {wd}.",
@@ -2039,7 +2043,7 @@ def cpi_story(cx: Ctx, keys: list, k: int):
         ac="accelerated" if yoy > pyoy else "slowed",
     )
     held = f2(yoy) == f2(pyoy)  # the annual rate as printed did not move
-    flat = f2(mom) == "0.00"
+    flat = prints_as_zero(mom)
     head = (
         pen.say(
             [
