@@ -1143,10 +1143,14 @@ def check_writable_file(path: Path, flag: str) -> None:
 def check_spares_inputs(args) -> None:
     """--json-out must not replace what this run reads: an input file, or a file in an input folder."""
     out = Path(args.json_out).resolve()
+
+    def replaces(source: Path) -> bool:  # the file itself, or a file inside the folder
+        return out == source or (source.is_dir() and out.is_relative_to(source))
+
     for name in ("adapter", "model", "ckpt", "ppl", "prompts_file"):
         given = getattr(args, name)
         source = Path(given).resolve() if given and Path(given).exists() else None
-        if source is not None and (out == source or (source.is_dir() and out.is_relative_to(source))):
+        if source is not None and replaces(source):
             flag = "--" + name.replace("_", "-")
             die(f"--json-out {args.json_out} would overwrite the {flag} input {given}: write it elsewhere")
     if args.adapter and not args.model and Path(args.adapter, "adapter_config.json").is_file():
@@ -1155,7 +1159,7 @@ def check_spares_inputs(args) -> None:
         names = (base.get("resolved"), base.get("model"), config.get("base_model_name_or_path"))
         for given in [n for n in names if isinstance(n, str) and n]:
             source = Path(given).expanduser().resolve()
-            if source.exists() and (out == source or (source.is_dir() and out.is_relative_to(source))):
+            if source.exists() and replaces(source):
                 die(f"--json-out {args.json_out} would overwrite the adapter's base {given}: write elsewhere")
 
 
