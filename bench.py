@@ -1387,7 +1387,12 @@ def table1_section(gpt: dict | None, ft: dict | None, inf: dict | None, device: 
         table(TABLE1_HEADERS, rows),
         "",
         "Latency: the KV-cache decoding time of the inference table below (128 new tokens for the GPTs; "
-        "on a CPU the Llama row is timed at 32).",
+        "on a CPU the Llama row is timed at 32)"
+        + (
+            "; gpt_scratch has no KV cache: its time is without one."
+            if any(r[0] == "gpt_scratch" for r in rows)
+            else "."
+        ),
         "",
         "Fine-tuned rows: loss and perplexity on held-out documents after training; model size is the "
         "adapter alone; time/epoch is not applicable to a fixed step budget.",
@@ -2207,12 +2212,18 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     results = {"meta": meta, "sweep": args.sweep, "rows": rows, "reused": R.reused, "failures": R.failures}
     atomic_write(sweep_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     atomic_write(sweep_dir / "report.md", report)
-    if args.record:
+    kept = None
+    if args.record and R.failures:  # a sweep with holes must not overwrite the recorded one
+        kept = f"bench.py: --record {args.record} left as it was: {len(R.failures)} run(s) failed"
+        kept += f" (the report is in {sweep_dir / 'report.md'})"
+    elif args.record:
         record(Path(args.record), key, report, sweep_dir)
     print("\n" + sweep_table(rows))
     print(f"\nbench.py: {len(rows)} setting(s) -> {sweep_dir / 'report.md'}")
     for f in R.failures:
         print("  failed: " + f, file=sys.stderr)
+    if kept:
+        print(kept, file=sys.stderr)
     return results
 
 

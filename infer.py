@@ -1163,6 +1163,41 @@ def check_spares_inputs(args) -> None:
                 die(f"--json-out {args.json_out} would overwrite the adapter's base {given}: write elsewhere")
 
 
+# flags that shape one job only: given without it, they would do nothing
+JOB_FLAGS = {
+    "generation (--prompt, --prompts-file or stdin)": (
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "kv_cache",
+    ),
+    "--ppl": ("ppl_context", "batch_size"),
+    "--bench": ("bench_new_tokens", "bench_runs", "bench_compile"),
+}
+
+
+def given_flags(args, argv: list[str] | None) -> set[str]:
+    """The dests the command line set, told from their defaults by parsing it again into a namespace that
+    already holds every dest (argparse then sets only those given)."""
+    unset = object()
+    given = build_parser().parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {dest for dest, value in vars(given).items() if value is not unset}
+
+
+def check_job_flags(args, argv: list[str] | None, prompts: list[str]) -> None:
+    """A flag of a job that does not run is refused, not ignored (--bench-runs 9 without --bench)."""
+    jobs = {"--ppl": bool(args.ppl), "--bench": args.bench}
+    given = given_flags(args, argv)
+    for job, dests in JOB_FLAGS.items():
+        loose = [d for d in dests if d in given]
+        if loose and not jobs.get(job, bool(prompts)):
+            d = loose[0]
+            flag = f"--{'no-' if getattr(args, d) is False else ''}{d.replace('_', '-')}"
+            die(f"{flag} applies to {job}, which this command does not run: add it or drop {flag}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one; an interrupted write leaves no temp file behind."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -1194,6 +1229,7 @@ def main(argv: list[str] | None = None) -> dict:
         read_run(Path(args.adapter))  # a bad adapter folder fails here, early
         adapter_shapes(Path(args.adapter))  # and damaged adapter weights, before any base model loads
     prompts = read_prompts(args)
+    check_job_flags(args, argv, prompts)
     ppl_docs = read_ppl_docs(args.ppl) if args.ppl else None
     device = pick_device(args.device)
     import torch

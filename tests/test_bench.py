@@ -85,6 +85,7 @@ def test_report_has_every_section_and_plot(tiny_setup):
     # every model in Table 1, every ladder step in the ablation table
     table1 = report.split("## Table 1")[1].split("##")[0]
     assert "| gpt_scratch |" in table1 and "| gpt_optimized |" in table1 and "LoRA" in table1
+    assert "timed at 32); gpt_scratch has no KV cache: its time is without one." in table1
     res = tiny_setup["results"]
     sys.path.insert(0, str(ROOT))
     import bench
@@ -1188,6 +1189,14 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny, tmp_pat
     assert "bench.py: default_replay_50_kl done in" in third.stdout
     assert json.loads((sweep / FOLDERS[1] / "run.json").read_text())["args"]["max_steps"] == 1
     assert (sweep / FOLDERS[0] / "run.json").read_text() == before[0]
+    # a sweep whose run fails leaves the recorded sweep as it was, and says so
+    recorded = md.read_bytes()
+    cmd[cmd.index(SWEEP_EXTRA.replace("--max-steps 2", "--max-steps 1"))] = (
+        SWEEP_EXTRA + " --target-modules zz"
+    )
+    failed = bench(*cmd, env=env, timeout=300)
+    assert failed.returncode == 1 and md.read_bytes() == recorded, failed.stderr[-2000:]
+    assert f"bench.py: --record {md} left as it was: 1 run(s) failed" in failed.stderr
 
 
 def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny, tmp_path):

@@ -517,3 +517,37 @@ def test_json_out_spares_the_adapters_base_and_merged_model_is_not_adapted_twice
         ["--adapter", str(adapter), "--model", str(merged), "--prompt", "x", "--max-new-tokens", "2"]
     )
     assert len(res["generations"]) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--prompt", "x", "--bench-runs", "9"], "--bench-runs applies to --bench, which this command"),
+        (["--prompt", "x", "--no-bench-compile"], "--no-bench-compile applies to --bench"),
+        (["--prompt", "x", "--bench-new-tokens", "32"], "--bench-new-tokens applies to --bench"),
+        (["--bench", "--batch-size", "4"], "--batch-size applies to --ppl, which this command does not run"),
+        (["--bench", "--ppl-context", "64"], "--ppl-context applies to --ppl"),
+        (["--bench", "--temperature", "0"], "--temperature applies to generation (--prompt, --prompts-file"),
+        (["--bench", "--no-kv-cache"], "--no-kv-cache applies to generation"),
+    ],
+)
+def test_flags_of_a_job_that_does_not_run_exit_2(ckpt, flags, says):
+    """Given without their job, these flags did nothing; a user who passed them expected them to count."""
+    p = run("infer.py", "--ckpt", ckpt, *flags, check=False)
+    assert_user_error(p, says, "drop")
+
+
+def test_flags_default_when_their_job_runs(ckpt, corpus, tmp_path):
+    """The same flags with their jobs run, and the defaults they were left at stay the documented ones."""
+    out = tmp_path / "r.json"
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(corpus_docs(3)))
+    flags = ["--prompt", "x", "--max-new-tokens", "4", "--temperature", "0", "--ppl", text, "--batch-size", 2]
+    flags += ["--bench", "--bench-new-tokens", "4", "--bench-runs", "1", "--no-bench-compile"]
+    run("infer.py", "--ckpt", ckpt, *flags, "--json-out", out)
+    results = json.loads(out.read_text())
+    assert len(results["generations"]) == 1 and results["ppl"]["documents"] == 3
+    assert {r["new_tokens"] for r in results["bench"]} == {4}
+    args = infer.build_parser().parse_args(["--ckpt", "c"])
+    assert (args.bench_runs, args.bench_new_tokens, args.batch_size, args.kv_cache) == (3, [128], 8, True)
+    assert infer.given_flags(args, ["--ckpt", "c", "--bench-runs", "3"]) == {"ckpt", "bench_runs"}
