@@ -6,12 +6,11 @@ Two sources, one output format (UTF-8, documents separated by exactly one blank 
   python fetch_news.py --source market            # offline default -> data/finance_corpus.txt
   python fetch_news.py --source eodhd --api-key demo --tickers AAPL.US,TSLA.US
 
---source market writes the offline corpus of market_corpus.py: news-style stories written from real
-historical series shipped inside installed packages, byte-identical on every run and machine. Both sources
-write the corpus with market_corpus.py's writer (whole files through a temp file, never half of one).
-
---source eodhd pages through the EODHD financial-news API for a list of tickers into news.jsonl (one
-article per line, de-duplicated by link, resumable after kill -9), then writes finance_corpus.txt beside it.
+--source market writes market_corpus.py's offline corpus: news-style stories written from real historical
+series shipped inside installed packages, byte-identical on every run and machine. --source eodhd pages
+through the EODHD financial-news API for a list of tickers into news.jsonl (one article per line,
+de-duplicated by link, resumable after kill -9), then writes finance_corpus.txt beside it. Both write it
+with market_corpus.py's writer (whole files through a temp file, never half of one).
 """
 
 import argparse
@@ -62,10 +61,7 @@ class FolderBusy(UserError): ...  # another run holds --out-dir: its files are n
 class QuotaExhausted(Exception): ...  # HTTP 402: the day's API quota is spent
 
 
-class TickerNotFound(Exception): ...  # HTTP 404: EODHD does not know the ticker
-
-
-class TickerFailed(Exception): ...  # retries spent, or a 4xx that retrying cannot help: skip the ticker
+class TickerFailed(Exception): ...  # retries spent, or a 4xx that retrying cannot help (404): skip it
 
 
 # -----------------------------------------------------------------------------
@@ -87,7 +83,7 @@ class Redactor:
 
 class NewsClient:
     """GET <base-url>/news with retries. Returns one page (a list of article dicts) or raises: UserError
-    (401/403, a rejected key), QuotaExhausted (402), TickerNotFound (404), TickerFailed (gave up)."""
+    (401/403, a rejected key), QuotaExhausted (402), TickerFailed (404, 403 for this ticker, gave up)."""
 
     def __init__(self, args, api_key: str, log):
         self.args, self.api_key, self.log, self.redact = args, api_key, log, Redactor(api_key)
@@ -117,6 +113,15 @@ class NewsClient:
         capped = f"server asked Retry-After {ra:.0f} s; waiting {cap:g} s (--backoff-max)"
         return f"rate limited (HTTP 429): {capped}", cap
 
+    def refused(self, resp) -> Exception:
+        """401/403: a rejected key stops the run; a 403 once the key has been taken is about this ticker
+        (a plan, or the demo key, that does not cover it), which is skipped."""
+        code, body = resp.status_code, self.redact(" ".join(resp.text.split())[:80] or resp.reason)
+        if code == 403 and self.requests_ok:
+            return TickerFailed(f"HTTP 403 ({body}): the API key was taken, but not for this ticker")
+        fix = "pass a valid --api-key or set EODHD_API_KEY"
+        return UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
+
     def page(self, ticker: str, offset: int) -> list:
         a = self.args
         params = {"s": ticker, "offset": offset, "limit": a.limit, "api_token": self.api_key, "fmt": "json"}
@@ -136,11 +141,9 @@ class NewsClient:
                             return items
                     reason, wait = "answer is not a JSON list of articles", self.backoff(attempt)
                 elif code in (401, 403):
-                    body = self.redact(" ".join(resp.text.split())[:80] or resp.reason)
-                    fix = "pass a valid --api-key or set EODHD_API_KEY"
-                    raise UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
+                    raise self.refused(resp)
                 elif code in (402, 404):  # the day's quota is spent; no such ticker
-                    raise QuotaExhausted() if code == 402 else TickerNotFound()
+                    raise QuotaExhausted() if code == 402 else TickerFailed("unknown ticker (HTTP 404)")
                 elif code == 429:
                     reason, wait = self.rate_limited(resp, attempt)
                 elif code >= 500:
@@ -480,9 +483,6 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
             for _ in range(args.max_pages or sys.maxsize):  # one request per pass
                 try:
                     items = client.page(ticker, offset)
-                except TickerNotFound:
-                    items, t.skipped[ticker] = None, "unknown ticker (HTTP 404)"
-                    log(f"{ticker}: unknown ticker (HTTP 404), skipped")
                 except TickerFailed as e:
                     items, t.skipped[ticker] = None, str(e)
                     log(f"{ticker}: skipped: {e}")

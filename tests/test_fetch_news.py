@@ -86,6 +86,8 @@ class FakeEODHD:
             what = "ok"
         if what == "404" or ticker not in self.feeds:
             return 404, "application/json", b'{"error": "ticker not found"}', {}
+        if what == "403":  # a key that is good, but not for this ticker (a plan, or the demo key)
+            return 403, "application/json", b'{"error": "Forbidden"}', {}
         if what == "429":
             return 429, "text/plain", b"Too Many Requests", {"Retry-After": self.retry_after}
         if what == "500":
@@ -455,6 +457,26 @@ def test_bad_key_exits_2_without_leaking_or_losing_data(api, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
     for p in tmp_path.iterdir():
         assert wrong.encode() not in p.read_bytes()
+
+
+def test_403_for_one_ticker_skips_it_once_the_key_was_taken(api, tmp_path):
+    """EODHD answers 403 for tickers a key's plan does not cover (the demo key: all but a few): after the
+    key has been taken, that ticker is skipped and the rest fetched; a 403 first of all stops the run."""
+    for k, t in enumerate(("AAPL.US", "MSFT.US", "TSLA.US")):
+        api.feeds[t] = [article(10 * k + i, [t]) for i in range(3)]
+    api.always["MSFT.US"] = "403"
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US,MSFT.US,TSLA.US")
+    assert r.returncode == 0, r.stderr
+    assert (
+        'skipped MSFT.US: HTTP 403 ({"error": "Forbidden"}): the API key was taken, but not for' in r.stdout
+    )
+    assert "tickers: 2 done, 0 already complete, 1 skipped" in r.stdout
+    assert {a["symbols"][0] for a in read_news(tmp_path)} == {"AAPL.US", "TSLA.US"}
+    assert [s for _, s, _, _, st, _ in api.log if st == 403] == ["MSFT.US"]  # not retried
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = fetch(api, tmp_path, "--tickers", "MSFT.US,AAPL.US", "--restart")
+    assert_user_error(r, 'EODHD rejected the API key (HTTP 403: {"error": "Forbidden"})', "--api-key")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
 
 
 def test_quota_402_stops_cleanly_and_resumes(api, tmp_path):
