@@ -1557,6 +1557,14 @@ def generate_sample(model: GPT, tok: Tokenizer, args, device: str) -> str:
     return sample_text
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where that is beyond a float (a diverged run: loss 710 or more), no OverflowError."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def summarize(
     args,
     tok: Tokenizer,
@@ -1577,7 +1585,7 @@ def summarize(
     return {
         "script": SCRIPT,
         "val_loss": val_loss,
-        "perplexity": math.exp(val_loss),
+        "perplexity": perplexity(val_loss),
         "best_val_loss": progress.best_val_loss,
         "tokens_per_s": tokens_per_s,
         "train_time_s": train_time_s,

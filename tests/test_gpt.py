@@ -210,6 +210,18 @@ def test_loss_falls_and_outputs_are_complete(name, trained):
     assert loss.item() < rows[0]["val_loss"] - 1.0
 
 
+@pytest.mark.parametrize(
+    "name,diverge", [("gpt_scratch", ["--lr", "10"]), ("gpt_optimized", ["--lr", "30", "--grad-clip", "0"])]
+)
+def test_a_diverged_run_reports_an_infinite_perplexity(name, diverge, corpus, tmp_path):
+    """A validation loss above ~709 (exp overflows a float) still ends with its summary: perplexity inf."""
+    out = tmp_path / "run"
+    flags = ["--max-iters", "8", "--eval-interval", "4", *diverge]
+    summary = load(name).main(["--data", str(corpus), "--out", str(out), *TINY, *flags])
+    assert summary["val_loss"] > 710 and summary["perplexity"] == math.inf
+    assert json.loads((out / "summary.json").read_text())["perplexity"] == math.inf
+
+
 def test_optimized_is_the_optimized_model(trained):
     """Tied embeddings, no biases, padded vocab, AdamW with decay on matrices only, cosine LR, MFU."""
     mod = load("gpt_optimized")
