@@ -938,7 +938,15 @@ def training_bytes(args: argparse.Namespace) -> int:
     return weights + tokens * (8 * vocab + args.n_layer * args.n_embd * per_channel)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def given_flags(p: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> set[str]:
+    """The dests the command line set (not a default or a --preset), told apart by parsing it again into a
+    namespace that already holds every dest: argparse then sets only those given."""
+    unset = object()
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {dest for dest, value in vars(given).items() if value is not unset}
+
+
+def check_args(args: argparse.Namespace, given: set[str]) -> None:
     """The mistakes argparse cannot see: flags that do not fit together."""
     if not args.out.strip():
         die("--out must name a folder, got an empty string")
@@ -946,6 +954,10 @@ def check_args(args: argparse.Namespace) -> None:
         die("--resume continues the run in --out and --overwrite starts a new one: pass one of them")
     if args.n_embd % args.n_head:
         die(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if "vocab_size" in given and args.tokenizer == "char":
+        die("--vocab-size sizes a BPE vocabulary; --tokenizer char takes the corpus's characters: drop one")
+    if "prompt" in given and not args.max_new_tokens:
+        die("--prompt starts the sample at the end, which --max-new-tokens 0 turns off: drop one")
     if args.tokenizer == "bpe" and not 257 <= args.vocab_size <= MAX_VOCAB:
         die(f"--vocab-size must be between 257 and {MAX_VOCAB:,} for byte-level BPE, got {args.vocab_size:,}")
     if args.rope and (args.n_embd // args.n_head) % 2:  # rope rotates pairs of dimensions
@@ -958,6 +970,8 @@ def check_args(args: argparse.Namespace) -> None:
     compiled = args.compile if args.compile is not None else args.device.startswith("cuda")  # torch.compile
     if not compiled and (args.compile_scope, args.compile_mode) != ("model", "default"):
         die("--compile-scope and --compile-mode apply only when compiling: add --compile (CPU default: off)")
+    if "cooldown" in given and args.schedule != "wsd":  # the cosine schedule has no cooldown phase
+        die("--cooldown is the wsd schedule's decay; --schedule cosine decays all the way: drop one")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -970,7 +984,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
     args = p.parse_args(argv)
-    check_args(args)
+    check_args(args, given_flags(p, argv, args))
     return args
 
 

@@ -300,6 +300,7 @@ def test_help_documents_every_flag(name):
 def test_preset_fills_in_and_flags_override():
     mod = load("gpt_optimized")
     args = mod.parse_args(["--preset", "cpu", "--n-layer", "3"])
+    assert mod.parse_args(["--preset", "cpu", "--tokenizer", "char"]).tokenizer == "char"  # preset: not given
     assert args.n_layer == 3 and args.n_embd == mod.PRESETS["cpu"]["n_embd"]
     args = mod.parse_args(["--preset", "seed"])
     assert (args.n_layer, args.n_head, args.n_embd, args.block_size, args.batch_size, args.dropout) == (
@@ -792,7 +793,7 @@ DIFFER_ON_PURPOSE = {
     "Block": "bias-free LayerNorms; passes the rotary tables, the cache positions and mask",
     "GPT": "tied weights, padded head, RoPE, activation checkpointing, fused AdamW/Muon, MFU, static KV "
     "cache (setup_kv_cache, generate_cached) with a compiled decoding step (decode_step)",
-    "check_args": "--rope needs an even head size",
+    "check_args": "--rope needs an even head size; --cooldown belongs to the wsd schedule",
     "get_lr": "the warmup-stable-decay and cosine schedules",
     "check_resume": "--flash may change on resume; Adam vs Adam + Muon",
     "build_model": "per-rank seeds, activation checkpointing, AdamW with decay on matrices only",
@@ -1122,6 +1123,9 @@ BAD_FLAGS = [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:x"], "unknown device"),
     (["--temperature", "-1"], "unrecognized arguments: --temperature -1"),
+    # a flag the run would ignore
+    (["--tokenizer", "char", "--vocab-size", "512"], "--vocab-size sizes a BPE vocabulary"),
+    (["--prompt", "Stocks", "--max-new-tokens", "0"], "--prompt starts the sample at the end"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS += [
@@ -1138,6 +1142,7 @@ BAD_OPTIMIZED_FLAGS = [
     (["--peak-flops", "0"], "--peak-flops: must be above 0"),
     (["--peak-flops", "inf"], "not a finite number"),
     (["--n-embd", "36", "--n-head", "4"], "even head size"),
+    (["--schedule", "cosine", "--cooldown", "0.2"], "--cooldown is the wsd schedule's decay"),
 ]
 
 
