@@ -804,6 +804,8 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
             die(
                 f"--out {run.out} holds a checkpoint: continue it with --resume, or --overwrite to start over"
             )
+        if (run.out / "summary.json").exists() and not args.overwrite:  # a finished run, its ckpt.pt removed
+            die(f"--out {run.out} holds an earlier run's summary.json (no ckpt.pt): --overwrite starts over")
         return None
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")

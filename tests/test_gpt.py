@@ -689,6 +689,22 @@ def test_a_trained_run_is_not_trained_over_by_mistake(name, trained, tmp_path, c
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_a_finished_run_without_its_checkpoint_keeps_its_results(name, trained, tmp_path, capsys):
+    """ckpt.pt removed after the run (it is the large file): a new run there needs --overwrite, or it would
+    replace the earlier run's summary.json and metrics rows."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[name]["out"], run)
+    (run / "ckpt.pt").unlink()
+    kept = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "summary.json")}
+    data = json.loads(kept["summary.json"])["args"]["data"]
+    common = ["--data", data, "--out", str(run), *TINY, "--max-iters", "4", "--eval-interval", "4"]
+    expect_exit2(name, common, capsys, "holds an earlier run's summary.json (no ckpt.pt): --overwrite")
+    assert {f: (run / f).read_bytes() for f in kept} == kept
+    load(name).main([*common, "--overwrite"])
+    assert [r["iter"] for r in read_rows(run)] == [0, 4]
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_bad_input_from_the_command_line_is_one_line_no_traceback(name, tmp_path):
     r = run_cli(name, ["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
     assert r.returncode == 2
