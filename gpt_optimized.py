@@ -972,6 +972,8 @@ def check_args(args: argparse.Namespace, given: set[str]) -> None:
         die("--compile-scope and --compile-mode apply only when compiling: add --compile (CPU default: off)")
     if "cooldown" in given and args.schedule != "wsd":  # the cosine schedule has no cooldown phase
         die("--cooldown is the wsd schedule's decay; --schedule cosine decays all the way: drop one")
+    if args.min_lr is not None and args.min_lr > args.lr:  # the "decay" would climb to it
+        die(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the decay would raise the learning rate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1159,6 +1159,7 @@ BAD_OPTIMIZED_FLAGS = [
     (["--peak-flops", "inf"], "not a finite number"),
     (["--n-embd", "36", "--n-head", "4"], "even head size"),
     (["--schedule", "cosine", "--cooldown", "0.2"], "--cooldown is the wsd schedule's decay"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr 0.0001"),
 ]
 
 
