@@ -441,6 +441,8 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
     """Documents separated by blank lines; a missing, unreadable or empty file is a user mistake."""
     p = Path(path)
     what = f"corpus {path}" if flag == "--data" else f"{flag} {path}"
+    if p.is_dir():
+        die(f"{what} is a folder, not a file of documents")
     if not p.is_file():
         hint = " (build it with: python fetch_news.py --source market)" if flag == "--data" else ""
         die(f"{what} not found{hint}")

@@ -1307,11 +1307,16 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         (["--data", "CORPUS:nan"], "the weight 'nan' is not a number above 0"),
         (["--data", "CORPUS,CORPUS"], "named twice"),
         (["--retention-tokens", "0"], "--retention-tokens"),
+        (["--data", "DIR"], "corpus DIR is a folder, not a file"),
+        (["--eval-text", "DIR"], "--eval-text DIR is a folder, not a file"),
+        (["--replay-data", "DIR"], "--replay-data DIR is a folder, not a file"),
     ],
 )
 def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
     (tmp_path / "empty.txt").write_text("\n\n")
-    sub = {"EMPTY": str(tmp_path / "empty.txt"), "CORPUS": str(tiny["corpus"])}
+    (tmp_path / "docs").mkdir()
+    sub = {"EMPTY": str(tmp_path / "empty.txt"), "CORPUS": str(tiny["corpus"]), "DIR": str(tmp_path / "docs")}
+    fragment = fragment.replace("DIR", sub["DIR"])
     flags = [sub.get(f, f.replace("CORPUS", str(tiny["corpus"]))) for f in flags]
     if "--data" not in flags:
         flags += ["--data", str(tiny["corpus"])]
