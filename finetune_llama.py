@@ -1043,6 +1043,7 @@ def check_out_dir(args) -> None:
                 f"--model {args.model} lies inside --out {out} (an earlier --merge?): this run would replace "
                 "or remove it; copy it out of --out first"
             )
+    check_inputs_kept(args, out)
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):
@@ -1065,6 +1066,30 @@ def check_out_dir(args) -> None:
         die(
             f"--merge: {merged} was not written by finetune_llama.py --merge; move it or choose another --out"
         )
+
+
+def replaced_by_run(path: Path, out: Path) -> bool:
+    """Whether a run into `out` replaces or removes the file `path`: a file save_outputs writes (the
+    adapter's, the tokenizer's, run.json, metrics.jsonl, eval_docs.txt, README.md), or one under checkpoints/
+    or merged/."""
+    path, out = path.resolve(), out.resolve()
+    if path.parent == out:
+        written = {*ADAPTER_FILES, "run.json", "metrics.jsonl", "eval_docs.txt", "README.md"}
+        tokenizer = {"special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"}
+        return path.name in written | tokenizer or path.name.startswith(("tokenizer", "chat_template"))
+    return any(path.is_relative_to(out / d) for d in (CHECKPOINTS, "merged"))
+
+
+def check_inputs_kept(args, out: Path) -> None:
+    """No file the run reads (--data, --eval-text, --replay-data) is one it would replace in --out."""
+    inputs = [("--data", p) for p, _ in parse_data_spec(args.data)] + [
+        ("--eval-text", p) for p in args.eval_text
+    ]
+    if args.replay_data:
+        inputs.append(("--replay-data", args.replay_data))
+    for flag, given in inputs:
+        if Path(given).is_file() and replaced_by_run(Path(given), out):
+            die(f"{flag} {given} is a file this run writes in --out {out}: copy it out of --out first")
 
 
 def checkpoint_step(folder: Path) -> int:

@@ -439,6 +439,27 @@ def test_overwrite_replaces_only_what_finetune_wrote(tiny, tmp_path):
     assert snapshot(out)["run.json"] != before["run.json"]
 
 
+def test_an_input_that_the_run_would_replace_in_out_is_refused(tiny, tmp_path):
+    out = tmp_path / "out"  # an earlier run's scored held-out documents, kept beside its adapter
+    (out / "merged").mkdir(parents=True)
+    (out / "eval_docs.txt").write_text("\n\n".join(tiny["docs"][-3:]) + "\n")
+    (out / "merged" / "notes.txt").write_text("\n\n".join(tiny["docs"][:3]) + "\n")
+    kept = snapshot(out)
+    for flag, given in (
+        ("--eval-text", out / "eval_docs.txt"),
+        ("--replay-data", out / "eval_docs.txt"),
+        ("--eval-text", out / "merged" / "notes.txt"),
+    ):
+        p = tiny_finetune(tiny, out, "--overwrite", flag, given, check=False)
+        assert_user_error(p, f"{flag} {given} is a file this run writes in --out {out}")
+        assert snapshot(out) == kept
+    p = tiny_finetune(
+        tiny, out, "--overwrite", "--data", out / "eval_docs.txt", "--eval-split", 1, check=False
+    )
+    assert_user_error(p, f"--data {out / 'eval_docs.txt'} is a file this run writes")
+    assert snapshot(out) == kept
+
+
 def test_unwritable_out_is_refused_before_any_work(tiny, tmp_path, unwritable_dir):
     (tmp_path / "file").write_text("x")
     assert_user_error(tiny_finetune(tiny, tmp_path / "file", check=False), "is a file, not a folder")
