@@ -1169,6 +1169,18 @@ def unfinished_run(out: Path) -> str | None:
     )
 
 
+def base_fingerprint(resolved: str) -> dict:
+    """The base a checkpoint was trained on, from its config alone (read before any weights load): --model
+    auto or a folder may name another model on a later --resume."""
+    from transformers import AutoConfig
+
+    try:
+        sha = config_identity(AutoConfig.from_pretrained(resolved))["config_sha256"]
+    except (OSError, ValueError):  # no readable config: loading the base reports it
+        sha = None
+    return {"resolved": resolved, "config_sha256": sha}
+
+
 def resume_identity(args_given: dict, sources: list[Source]) -> dict:
     """What must match for a checkpoint to continue: the flags that shape training and its evaluation, the
     corpora's bytes and the number of processes (it sets the rows of each step)."""
@@ -1205,6 +1217,12 @@ def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
         diffs.append("an --eval-text or --replay-data file changed")
     if then.get("world_size") != now["world_size"]:
         diffs.append(f"{then.get('world_size')} processes then, {now['world_size']} now")
+    if isinstance(progress.get("base"), dict):  # a record from before the base was kept has none
+        base_then = progress["base"]
+        base_now = base_fingerprint(resolve_model(args.model, args.cache_dir, quiet=True)["resolved"])
+        if base_then.get("config_sha256") != base_now["config_sha256"]:
+            where = f"{base_then.get('resolved')} then, {base_now['resolved']} now"
+            diffs.append(f"the base model changed ({where}: another config)")
     if diffs:
         die(
             f"--resume: the checkpoints in {out / CHECKPOINTS} do not match this command "
@@ -1215,7 +1233,7 @@ def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
 
 
 def start_progress(
-    args, args_given: dict, sources: list[Source], before: dict | None, total_steps: int
+    args, args_given: dict, sources: list[Source], before: dict | None, total_steps: int, base: dict
 ) -> dict:
     """A new run: the checkpoints of any earlier one go, and the record --resume checks is written."""
     progress = {
@@ -1223,6 +1241,7 @@ def start_progress(
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "total_steps": total_steps,
         "identity": resume_identity(args_given, sources),
+        "base": base_fingerprint(base["resolved"]),
         "before": before,
     }
     if is_main_process():
@@ -2137,7 +2156,7 @@ def data_line(args, sources: list[Source], plan: dict, replay: dict | None, sets
     return line + f"; evaluation: {sets_words} in {context}-token windows"
 
 
-def starting_point(args, args_given, sources, progress: dict | None, total_steps: int, eval_all):
+def starting_point(args, args_given, sources, progress: dict | None, total_steps: int, eval_all, base: dict):
     """The scores before training and the checkpoint to continue from: a resumed run's are the interrupted
     run's (its LoRA is back at zero only until the checkpoint loads); a new run scores the base now."""
     if progress is not None:
@@ -2146,7 +2165,8 @@ def starting_point(args, args_given, sources, progress: dict | None, total_steps
         before = progress["before"]
     else:
         before = eval_all("before") if is_main_process() else None
-        progress, resume_from = start_progress(args, args_given, sources, before, total_steps), None
+        progress = start_progress(args, args_given, sources, before, total_steps, base)
+        resume_from = None
     if is_main_process():
         say("before: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in before.items()))
     return before, progress, resume_from
@@ -2172,7 +2192,7 @@ def main(args) -> dict:
         return evaluate(m.model, sets, m.context, args.eval_batch_size or args.batch_size, m.pad_id, label)
 
     before, progress, resume_from = starting_point(
-        args, args_given, sources, progress, plan["total_steps"], eval_all
+        args, args_given, sources, progress, plan["total_steps"], eval_all, m.base
     )
     stats = train(m, args, rows, plan, len(sources) if replay else -1, eval_all, resume_from)
     if not is_main_process():

@@ -347,6 +347,27 @@ def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
     assert abs(summed.item() - total.item() / 100) < 1e-5
 
 
+def test_resume_refuses_checkpoints_of_another_base(tiny, tmp_path):
+    """--model names a folder (or auto) whose model may not be the one the checkpoints were trained on: the
+    resume is refused in one line, not a traceback from loading the checkpoint into another model."""
+    import shutil
+
+    cache, out, base = tmp_path / "cache", tmp_path / "o", tmp_path / "base"
+    shutil.copytree(tiny["llama_a"], base)
+    command = finetune_cmd(tiny, out, "--model", base, "--max-steps", 2, "--save-steps", 1)
+    run(command, cache=cache)
+    (out / "run.json").unlink()  # as a kill after training, before the adapter was published, leaves it
+    shutil.rmtree(base)
+    shutil.copytree(tiny["llama_b"], base)  # another model in the same folder: 48 wide, not 32
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    p = run([*command, "--resume"], check=False, cache=cache)
+    where = f"{base} then, {base} now: another config"
+    assert_user_error(
+        p, "--resume: the checkpoints in", f"do not match this command (the base model changed ({where})"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
 def test_resume_refuses_an_edited_eval_text_and_a_damaged_record(tmp_path, capsys):
     """The files a run scores (--eval-text) or trains on (--replay-data) are part of what a checkpoint
     continues: the scores before training are not measured again, so an edited file would report a change
