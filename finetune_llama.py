@@ -385,6 +385,8 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
             die(f"--model {spec}: an adapter folder, not a base model; give its base (infer.py: --adapter)")
         if not (path / "config.json").is_file():
             die(f"--model {spec}: folder holds no config.json (not a Hugging Face model folder)")
+        if not any(f.suffix in (".safetensors", ".bin") for f in path.iterdir()):
+            die(f"--model {spec}: folder holds no weights (*.safetensors or *.bin beside its config.json)")
         return {"model": spec, "resolved": str(path.resolve()), "source": "local"}
     if path.exists():
         die(
@@ -875,7 +877,11 @@ def load_for_training(args, backend: str, resolved: str, device: str):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-    tok = AutoTokenizer.from_pretrained(resolved)
+    try:  # before the weights: missing or damaged tokenizer files are found in a second
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        die(f"base {resolved}: its tokenizer files are missing or damaged ({type(e).__name__}: {reason})")
     model = AutoModelForCausalLM.from_pretrained(
         resolved, dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **kw
     )

@@ -529,6 +529,20 @@ def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_folder_without_weights_or_tokenizer_is_one_line(tiny, tmp_path):
+    """A model folder copied or downloaded in part: its config.json is there, its weights or tokenizer not."""
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(tiny["llama_a"] / "config.json", part)
+    p = tiny_finetune(tiny, tmp_path / "o", "--model", part, check=False)
+    assert_user_error(p, f"--model {part}: folder holds no weights")
+    shutil.copy(tiny["llama_a"] / "model.safetensors", part)
+    p = tiny_finetune(tiny, tmp_path / "o", "--model", part, check=False)
+    line = assert_user_error(p, f"base {part}: its tokenizer files are missing or damaged")
+    assert line.startswith("error: ") and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def out_of_memory_exit(cmd: list, cwd: Path) -> str:
     """cmd run with 3 GB of address space: it must end with exit 2 and no traceback; returns its last line."""
     import resource
