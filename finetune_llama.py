@@ -1926,6 +1926,7 @@ class StepMeter:
         self.step_tokens = step_tokens
         self.tokens_after = list(itertools.accumulate(step_tokens))  # tokens trained after each step
         self.times: list[tuple[int, float]] = []
+        self.earlier = (0, 0.0)  # a resumed run's earlier sessions: tokens and seconds of their timed steps
         self.bar = None
         self.t_train = self.mark = time.time()
 
@@ -1949,6 +1950,10 @@ class StepMeter:
         # every session (the seconds between that log line and the interruption are not known)
         earlier = [h["elapsed_s"] for h in state.log_history if "elapsed_s" in h]
         self.t_train = self.mark - (earlier[-1] if earlier and state.global_step else 0.0)
+        # and its tokens/s counts their steps up to the checkpoint's last log line, which keeps their time
+        timed = [h for h in state.log_history if "step_time_s" in h]
+        if timed and state.global_step:
+            self.earlier = (self.tokens_after[timed[-1]["step"] - 1], timed[-1]["step_time_s"])
         if is_main_process():
             self.bar = tqdm(total=self.total, initial=state.global_step, desc="train", dynamic_ncols=True)
 
@@ -1980,6 +1985,7 @@ class StepMeter:
                     "tokens": tokens,
                     "tokens_per_s": tok_s,
                     "elapsed_s": time.time() - self.t_train,
+                    "step_time_s": self.earlier[1] + sum(d for _, d in self.times),
                 }
             )
             if self.bar is not None:
@@ -1994,17 +2000,21 @@ class StepMeter:
             self.bar.close()
 
     def stats(self, state) -> dict:
-        """Tokens/s over this process's steps, and in steady state (the first steps, allocation and Unsloth's
-        compilation, left out)."""
+        """Tokens/s over every timed step (a resumed run's earlier sessions too), and in steady state: this
+        session's steps less the first (allocation and Unsloth's compilation). None where no step was timed; a
+        session that only resumed a finished checkpoint takes the earlier sessions' rate as steady."""
         skip = min(5, len(self.times) // 5)
         steady = self.times[skip:] or self.times
-        train_time = sum(d for _, d in self.times) or float("nan")
+        tokens = self.earlier[0] + sum(t for t, _ in self.times)
+        seconds = self.earlier[1] + sum(d for _, d in self.times)
+        rate = tokens / seconds if seconds > 0 else None
+        steady_s = sum(d for _, d in steady)
         return {
             "train_tokens": self.tokens_after[state.global_step - 1] if state.global_step else 0,
             "train_wall_s": time.time() - self.t_train,
-            "tokens_per_s": sum(t for t, _ in self.times) / train_time,
+            "tokens_per_s": rate,
             "skip": skip,
-            "tokens_per_s_steady": sum(t for t, _ in steady) / (sum(d for _, d in steady) or float("nan")),
+            "tokens_per_s_steady": sum(t for t, _ in steady) / steady_s if steady_s > 0 else rate,
             "steps_this_process": len(self.times),
         }
 
@@ -2386,9 +2396,10 @@ def write_outputs(args, m: Loaded, run: dict, metrics: list[dict], heldout: Eval
 
 
 def print_summary(args, run: dict, sets: list[EvalSet]) -> None:
+    rate = "no step timed" if run["tokens_per_s"] is None else f"{run['tokens_per_s']:.0f} tokens/s"
     print(
         f"adapter written to {args.out} | {run['train_tokens']} tokens in {run['train_time_s']:.0f} s "
-        f"({run['tokens_per_s']:.0f} tokens/s), peak memory {run['peak_mem_mb']:.0f} MB"
+        f"({rate}), peak memory {run['peak_mem_mb']:.0f} MB"
     )
     for s in sets[1:] + sets[:1]:  # the held-out corpus last: the figure the run is for
         e = run["eval_sets"][s.name]

@@ -347,6 +347,26 @@ def test_the_models_own_loss_equals_token_losses_cross_entropy(tiny, flat):
     assert abs(summed.item() - total.item() / 100) < 1e-5
 
 
+def test_resuming_a_checkpoint_of_the_last_step_reports_the_run_s_tokens_per_s(tiny, tmp_path):
+    """A run killed after its last step (while it scores the adapter, say) resumes with no step left to time:
+    run.json's tokens/s are still every step's, as JSON numbers (no NaN), and so is the closing line's."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    command = finetune_cmd(tiny, out, "--max-steps", 2, "--save-steps", 2)
+    run(command, cache=cache)
+    first = json.loads((out / "run.json").read_text())
+    (out / "run.json").unlink()  # as a kill after training, before the adapter was published, leaves it
+    p = run([*command, "--resume"], cache=cache)
+
+    def strict(c):
+        raise ValueError(f"{c} in run.json")
+
+    again = json.loads((out / "run.json").read_text(), parse_constant=strict)
+    assert again["resumed_from_step"] == 2
+    assert again["tokens_per_s"] == pytest.approx(first["tokens_per_s"], rel=1e-9)
+    assert again["tokens_per_s_steady"] == pytest.approx(first["tokens_per_s"], rel=1e-9)
+    assert f"({again['tokens_per_s']:.0f} tokens/s)" in p.stdout and "nan" not in p.stdout
+
+
 def test_resume_refuses_checkpoints_of_another_base(tiny, tmp_path):
     """--model names a folder (or auto) whose model may not be the one the checkpoints were trained on: the
     resume is refused in one line, not a traceback from loading the checkpoint into another model."""
