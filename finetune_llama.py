@@ -1336,6 +1336,8 @@ def check_flags(args) -> None:
     """Flag combinations that cannot work, refused before anything loads."""
     if args.replay_data and args.replay == 0:
         die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
+    if args.eval_split > 1 and not args.eval_split.is_integer():
+        die(f"--eval-split {args.eval_split}: a fraction below 1, or a whole number of held-out documents")
     if args.max_steps > 0 and args.epochs != 1:
         die(
             f"--epochs {args.epochs} counts passes only when --max-steps <= 0, and --max-steps is "

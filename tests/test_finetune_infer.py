@@ -1345,6 +1345,7 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         (["--epochs", "3"], "--epochs 3 counts passes only when --max-steps <= 0, and --max-steps is 40"),
         (["--replay-loss", "ce", "--replay-weight", "2"], "--replay-weight weighs the KL loss"),
         (["--replay", "0", "--replay-weight", "2"], "and --replay is 0: drop --replay-weight"),
+        (["--eval-split", "2.5"], "--eval-split 2.5: a fraction below 1, or a whole number"),
         (["--data", "DIR"], "corpus DIR is a folder, not a file"),
         (["--eval-text", "DIR"], "--eval-text DIR is a folder, not a file"),
         (["--replay-data", "DIR"], "--replay-data DIR is a folder, not a file"),
