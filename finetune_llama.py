@@ -83,6 +83,7 @@ LORA_SHORT_NAMES = {
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
+UNSCORED: list[Path] = []  # an adapter written alone: Ctrl-C came while scoring it after training
 REPLAY_POOL_MAX_DOCS = (
     512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
 )
@@ -1270,20 +1271,23 @@ def main_process_first(device: str):
     return PartialState(cpu=device == "cpu").main_process_first()
 
 
-def save_outputs(out: Path, model, tok, run: dict, metrics: list[dict], eval_text: str) -> None:
+def save_outputs(out: Path, model, tok, run: dict | None, metrics: list[dict], eval_text: str) -> None:
     """Write into a temp folder beside --out, then move each file in with os.replace (atomic per file).
     run.json says the folder is one finished run, so it goes first and comes back last: a kill in between
     leaves adapter files without run.json, which no reader takes for a finished run (with --save-steps,
-    --resume continues it), never new weights under an earlier run's run.json."""
+    --resume continues it), never new weights under an earlier run's run.json. run None: the adapter alone
+    (training ended, its scoring was interrupted), and no earlier run's records beside it."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        (tmp / "eval_docs.txt").write_text(eval_text, encoding="utf-8")
-        (out / "run.json").unlink(missing_ok=True)
+        if run is not None:
+            (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+            (tmp / "eval_docs.txt").write_text(eval_text, encoding="utf-8")
+        for record in ("run.json",) if run is not None else ("run.json", "metrics.jsonl", "eval_docs.txt"):
+            (out / record).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "run.json"):
             if f.is_file():
                 os.replace(f, out / f.name)
@@ -2216,7 +2220,7 @@ def main(args) -> dict:
     if not is_main_process():
         finish_processes()
         return {}
-    after = eval_all("after")
+    after = score_trained(args, m, eval_all)
     run = run_record(args, args_given, m, sources, sets, replay, plan, before, after, stats)
     run.update(
         run_id=progress["run_id"],
@@ -2233,6 +2237,17 @@ def main(args) -> dict:
     print_summary(args, run, sets)
     finish_processes()
     return run
+
+
+def score_trained(args, m: Loaded, eval_all) -> dict:
+    """The scores after training. Ctrl-C here keeps what was trained: the adapter is written to --out
+    alone (no run.json: it has no scores), and infer.py scores it."""
+    try:
+        return eval_all("after")
+    except KeyboardInterrupt:
+        save_outputs(Path(args.out), m.model, m.tok, None, [], "")
+        UNSCORED.append(Path(args.out))
+        raise
 
 
 def eval_sets_and_replay(
@@ -2418,6 +2433,11 @@ def print_summary(args, run: dict, sets: list[EvalSet]) -> None:
 
 
 def interrupted_message(out: str) -> str:
+    if UNSCORED:
+        return (
+            f"interrupted while scoring: the trained adapter was written to {out} without run.json (no "
+            f"scores); score it with: python infer.py --adapter {out} --ppl FILE --compare-base"
+        )
     unfinished = unfinished_run(Path(out))
     if unfinished and not WRITTEN:
         return (

@@ -614,6 +614,44 @@ def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
     assert not out.exists()
 
 
+def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
+    """Training has ended; Ctrl-C during the scoring after it writes the adapter alone (no run.json: no
+    scores), which infer.py then loads and scores."""
+    import signal
+
+    out, text = tmp_path / "o", tmp_path / "long.txt"
+    text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
+    flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
+    proc = subprocess.Popen(
+        tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**ENV, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    err = b""
+    while b"(after)" not in err:  # the progress bar of the scoring after training
+        chunk = proc.stderr.read1(4096)
+        assert chunk, err.decode()[-2000:]
+        err += chunk
+    proc.send_signal(signal.SIGINT)
+    err = (err + proc.stderr.read()).decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().replace("\r", "\n").splitlines()[-1] == (
+        f"interrupted while scoring: the trained adapter was written to {out} without run.json (no scores); "
+        f"score it with: python infer.py --adapter {out} --ppl FILE --compare-base"
+    )
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "run.json").exists()
+    assert not [f for f in out.iterdir() if f.name.startswith(".finetune-")]  # no temp folder left
+    scored = tmp_path / "scored.json"
+    cmd = ["--adapter", out, "--ppl", tiny["corpus"], "--compare-base", "--json-out", scored]
+    subprocess.run([sys.executable, ROOT / "infer.py", *map(str, cmd)], check=True, cwd=tmp_path, env=ENV)
+    ppl = json.loads(scored.read_text())["ppl"]
+    assert 1 < ppl["perplexity"] < math.inf and ppl["perplexity"] != ppl["base_perplexity"]  # trained
+
+
 def test_bf16_auto_follows_the_cpu_and_evaluation_stays_fp32(tiny, adapter, tmp_path):
     if not torch.cuda.is_available():
         assert (
