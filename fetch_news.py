@@ -606,7 +606,7 @@ SP500_URL = "https://raw.githubusercontent.com/datasets/s-and-p-500-companies/ma
 # a data table, kept one row per flag (ruff would spread each row over several lines); every help states
 # its default. The flags after --out-dir form the "eodhd source" group.
 FLAGS = [
-    ("--source",       dict(choices=["market", "eodhd"], default="market", help="market: offline reports "
+    ("--source",       dict(choices=["market", "eodhd"], default="market", help="market: offline stories "
         "from bundled historical series; eodhd: news from the EODHD API (default: %(default)s)")),
     ("--out-dir",      dict(type=folder, default="data", help="where finance_corpus.txt (and for eodhd "
         "news.jsonl, progress and the S&P 500 list cache) are written (default: %(default)s)")),

@@ -4,7 +4,7 @@ Generate text, score perplexity and benchmark decoding for the project's three k
   --adapter DIR   a LoRA adapter from finetune_llama.py on the base it records (checked to match);
                   Unsloth's for_inference on a CUDA GPU when unsloth imports, transformers + peft elsewhere
   --model SPEC    a base model alone, resolved as finetune_llama.py does (hub id, HF folder, .gguf, smollm2,
-  auto)
+                  random-llama-3.2-1b, auto)
   --ckpt FILE     a GPT checkpoint written by gpt_scratch.py or gpt_optimized.py
 
 Examples:
