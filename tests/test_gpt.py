@@ -525,6 +525,13 @@ def test_generate_samples_respect_top_k_and_vocab(name, trained):
     idx = model.generate(torch.tensor([tok.encode("The ")]), 50, temperature=1.0, top_k=5)
     assert idx.shape == (1, 54) and int(idx.max()) < tok.vocab_size
     assert isinstance(tok.decode(idx[0].tolist()), str)
+    # every drawn token is among the 5 likeliest after its context, and not always the likeliest (sampled)
+    ranks = []
+    with torch.no_grad():
+        for t in range(4, 54):
+            logits = model(idx[:, max(0, t - model.config.block_size) : t])[0][0, -1, : tok.vocab_size]
+            ranks.append(int((logits > logits[idx[0, t]]).sum()))
+    assert max(ranks) < 5 and sum(r > 0 for r in ranks) >= 5, ranks
 
 
 # -----------------------------------------------------------------------------
