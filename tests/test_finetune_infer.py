@@ -108,8 +108,16 @@ def test_finetune_writes_peft_adapter_and_run_record(tiny, adapter):
     )
     assert r["eval_ppl_after"] < r["eval_ppl_before"]  # a random model learns the corpus statistics fast
     last = adapter["proc"].stdout.strip().splitlines()[-1]
-    m = re.match(r"held-out perplexity: ([\d.]+) -> ([\d.]+) \(([-+][\d.]+)%\)", last)
-    assert m and math.isclose(float(m.group(1)), r["eval_ppl_before"], rel_tol=1e-3)
+    m = re.fullmatch(
+        r"held-out perplexity: ([\d.]+) -> ([\d.]+) \(([-+][\d.]+)%\) "
+        r"on (\d+) tokens of 8 held-out documents never trained on",
+        last,
+    )
+    assert m, last
+    assert math.isclose(float(m.group(1)), r["eval_ppl_before"], rel_tol=1e-3)
+    assert math.isclose(float(m.group(2)), r["eval_ppl_after"], rel_tol=1e-3)
+    assert float(m.group(3)) == round(100 * (r["eval_ppl_after"] / r["eval_ppl_before"] - 1), 1) < 0
+    assert int(m.group(4)) == r["eval_sets"]["heldout"]["tokens"]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iter"] for m in metrics if "train_loss" in m] == list(range(1, 13))
 
