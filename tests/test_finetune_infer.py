@@ -752,8 +752,15 @@ def test_compare_base_prints_both_side_by_side(adapter, capsys):
     assert header.split("|")[1].strip() == "adapted"
 
 
-def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys):
+def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys, monkeypatch):
     prompt = " ".join(tiny["docs"][:3])
+    given, generate = [], infer.HFModel.generate
+
+    def recorded(lm, ids, *a, **kw):  # the real generation, with the prompt ids it was handed kept
+        given.append((list(ids), lm.encode(prompt)))
+        return generate(lm, ids, *a, **kw)
+
+    monkeypatch.setattr(infer.HFModel, "generate", recorded)
     res = infer.main(
         [
             "--model",
@@ -769,7 +776,9 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert re.search(r"warning: prompt of \d+ tokens .* keeping the last 56", err)
+    (ids, full), *more = given
+    assert re.search(rf"warning: prompt of {len(full)} tokens .* keeping the last 56", err)
+    assert not more and len(full) > 56 and ids == full[-56:]  # 64 - 8 new: the prompt's end is kept
     assert len(res["generations"][0]["output"]) > 0
 
 
