@@ -732,21 +732,15 @@ def test_generation_is_seeded_and_kv_cache_greedy_equals_no_cache(adapter, capsy
     assert "Closing bell," + cached in out
 
 
-def test_compare_base_prints_both_side_by_side(adapter, capsys):
-    res = infer.main(
-        [
-            "--adapter",
-            str(adapter["out"]),
-            "--prompt",
-            "Closing bell,",
-            "--compare-base",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "16",
-        ]
-    )["generations"][0]
+def test_compare_base_prints_both_side_by_side(tiny, adapter, capsys):
+    greedy = ["--prompt", "Closing bell,", "--temperature", "0", "--max-new-tokens", "16"]
+    res = infer.main(["--adapter", str(adapter["out"]), *greedy, "--compare-base"])["generations"][0]
     assert res["base"] != res["adapted"]
+    # each column is its own model's text: the adapter's alone, and the base's without it
+    assert (
+        res["adapted"] == infer.main(["--adapter", str(adapter["out"]), *greedy])["generations"][0]["output"]
+    )
+    assert res["base"] == infer.main(["--model", str(tiny["llama_a"]), *greedy])["generations"][0]["output"]
     out = capsys.readouterr().out
     header = next(ln for ln in out.splitlines() if ln.startswith("base"))
     assert header.split("|")[1].strip() == "adapted"
