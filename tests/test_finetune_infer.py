@@ -1198,7 +1198,11 @@ def test_row_schedule_gives_each_pool_its_share_and_cycles_through_it():
     assert sorted(got[0]) == sorted(list(range(10)) * 2)  # whole passes over a pool before any row repeats
     assert sorted(got[1]) == sorted([100, 101, 102] * 4) and len(set(got[2])) == 8
     # largest remainder: 7 rows at 1/3 each -> 3, 2, 2 (or a permutation), never 6 or 8 rows
-    assert len(finetune_llama.row_schedule(pools, [1 / 3] * 3, 7, seed=0)) == 7
+    thirds = [i for i, _ in finetune_llama.row_schedule(pools, [1 / 3] * 3, 7, seed=0)]
+    assert sorted(thirds.count(k) for k in range(3)) == [2, 2, 3]
+    # 7 x (0.45, 0.35, 0.2) = 3.15, 2.45, 1.4: the one row left goes to the largest remainder, the second pool
+    shares = [i for i, _ in finetune_llama.row_schedule(pools, [0.45, 0.35, 0.2], 7, seed=0)]
+    assert [shares.count(k) for k in range(3)] == [3, 3, 1]
 
 
 def test_base_samples_are_seeded_cached_and_free_of_blank_lines(tiny, tmp_path):
