@@ -76,6 +76,21 @@ def test_training_runs_through_trl_sfttrainer_on_a_datasets_dataset(tiny, tmp_pa
     assert not (out / "checkpoints").exists()  # no --save-steps: no checkpoints
 
 
+def test_the_optimizer_steps_at_the_logged_learning_rate(tiny, tmp_path):
+    """The rate each step's optimizer update uses is the one metrics.jsonl logs for that step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    out, applied = tmp_path / "o", []
+    cmd = finetune_cmd(tiny, out, "--max-steps", 6, "--retention-docs", 0, "--cache-dir", tmp_path / "cache")
+    handle = register_optimizer_step_pre_hook(lambda opt, a, kw: applied.append(opt.param_groups[0]["lr"]))
+    try:
+        finetune_llama.main(finetune_llama.build_parser().parse_args(cmd[2:]))
+    finally:
+        handle.remove()
+    logged = [m["lr"] for m in metrics(out) if "train_loss" in m]
+    assert len(logged) == 6 and applied == pytest.approx(logged, rel=1e-9)
+
+
 def test_packed_rows_never_attend_to_the_document_before(tiny):
     """A token's logits do not depend on the document packed before it in the row, in either layout of the
     batch; the same rows without the position restart do depend on it (so the check can fail)."""
