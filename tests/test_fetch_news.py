@@ -1032,7 +1032,11 @@ def test_stats_bad_input_one_line_exit_2(tmp_path, args, fragment):
 
 
 def test_market_corpus_flags_that_do_not_combine(tmp_path):
-    for args in (["--json"], ["--stats", str(COMMITTED), "--out-dir", str(tmp_path)]):
+    for args, says in (
+        (["--json"], "--json only applies with --stats"),
+        (["--vocab-size", "4096", "--out-dir", str(tmp_path)], "--vocab-size only applies with --stats"),
+        (["--stats", str(COMMITTED), "--out-dir", str(tmp_path)], "--out-dir does not apply with --stats"),
+    ):
         r = subprocess.run(
             [sys.executable, str(REPO / "market_corpus.py"), *args],
             capture_output=True,
@@ -1040,7 +1044,7 @@ def test_market_corpus_flags_that_do_not_combine(tmp_path):
             env=clean_env(),
             timeout=60,
         )
-        assert_user_error(r, "--")
+        assert_user_error(r, says)
     assert not any(tmp_path.iterdir())
 
 
