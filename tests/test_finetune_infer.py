@@ -797,6 +797,8 @@ def test_bench_reports_cache_and_no_cache(tiny, tmp_path, capsys):
         assert r["generated"] == 16 and r["latency_ms"] > 0
         assert math.isclose(r["tokens_per_s"], 16 / (r["latency_ms"] / 1e3), rel_tol=1e-6)
     assert rows["no cache"]["speedup_vs_no_cache"] == 1.0
+    speedup = rows["no cache"]["latency_ms"] / rows["kv cache"]["latency_ms"]  # how much less time it took
+    assert rows["kv cache"]["speedup_vs_no_cache"] == pytest.approx(speedup, rel=1e-9)
     assert rows["kv cache"]["same_tokens_as_no_cache"] is True
     assert json.loads((tmp_path / "bench.json").read_text())["bench"][0]["variant"] == "kv cache"
     assert "tokens/s" in capsys.readouterr().out
