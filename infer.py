@@ -564,6 +564,8 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
 
 
 def read_prompts(args) -> list[str]:
+    if args.prompt is not None and args.prompts_file:  # else one of them would be silently left out
+        die("--prompt and --prompts-file both give the prompts: use one of them")
     if args.prompt is not None:
         prompts = [args.prompt]
     elif args.prompts_file:
@@ -1172,6 +1174,7 @@ JOB_FLAGS = {
         "top_k",
         "repetition_penalty",
         "kv_cache",
+        "seed",
     ),
     "--ppl": ("ppl_context", "batch_size"),
     "--bench": ("bench_new_tokens", "bench_runs", "bench_compile"),
@@ -1196,6 +1199,21 @@ def check_job_flags(args, argv: list[str] | None, prompts: list[str]) -> None:
             d = loose[0]
             flag = f"--{'no-' if getattr(args, d) is False else ''}{d.replace('_', '-')}"
             die(f"{flag} applies to {job}, which this command does not run: add it or drop {flag}")
+    if args.compare_base and not prompts and not args.ppl:  # --bench times the adapter alone
+        die(
+            "--compare-base applies to generation and --ppl, which this command does not run: "
+            "add one or drop it"
+        )
+    sampling = [d for d in ("top_k", "top_p", "seed") if d in given]
+    if prompts and args.temperature == 0 and sampling:
+        flag = "--" + sampling[0].replace("_", "-")
+        die(
+            f"{flag} applies to sampling, and --temperature 0 decodes greedily: "
+            f"give a temperature or drop {flag}"
+        )
+    if args.ckpt and "kv_cache" in given:
+        flag = "--kv-cache" if args.kv_cache else "--no-kv-cache"
+        die(f"{flag} applies to HF models; a --ckpt GPT generates without a cache: drop {flag}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

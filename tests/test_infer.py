@@ -551,3 +551,40 @@ def test_flags_default_when_their_job_runs(ckpt, corpus, tmp_path):
     args = infer.build_parser().parse_args(["--ckpt", "c"])
     assert (args.bench_runs, args.bench_new_tokens, args.batch_size, args.kv_cache) == (3, [128], 8, True)
     assert infer.given_flags(args, ["--ckpt", "c", "--bench-runs", "3"]) == {"ckpt", "bench_runs"}
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--prompt", "x", "--prompts-file", "P"], "--prompt and --prompts-file both give the prompts"),
+        (["--prompt", "x", "--temperature", "0", "--top-k", "5"], "--top-k applies to sampling"),
+        (["--prompt", "x", "--temperature", "0", "--top-p", "0.5"], "--top-p applies to sampling"),
+        (["--prompt", "x", "--temperature", "0", "--seed", "3"], "--seed applies to sampling"),
+        (["--ppl", "P", "--seed", "3"], "--seed applies to generation"),
+        (["--prompt", "x", "--kv-cache"], "--kv-cache applies to HF models"),
+        (["--prompt", "x", "--no-kv-cache"], "--no-kv-cache applies to HF models"),
+    ],
+)
+def test_flags_that_would_be_silently_ignored_exit_2(ckpt, tmp_path, flags, says):
+    """Each of these did nothing (the prompts file was never read, greedy decoding has no top-k or seed, a GPT
+    checkpoint generates without a cache); a user who gave them expected them to count."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Oil\n")
+    flags = [str(prompts) if f == "P" else f for f in flags]
+    p = run("infer.py", "--ckpt", ckpt, *flags, check=False)
+    assert_user_error(p, says, "drop" if "both" not in says else "use one")
+
+
+def test_compare_base_without_generation_or_ppl_exit_2(adapter):
+    """--bench times the adapter alone: --compare-base with it alone compared nothing."""
+    flags = [
+        "--bench",
+        "--bench-runs",
+        "1",
+        "--bench-new-tokens",
+        "2",
+        "--no-bench-compile",
+        "--compare-base",
+    ]
+    p = run("infer.py", "--adapter", adapter, *flags, check=False)
+    assert_user_error(p, "--compare-base applies to generation and --ppl", "drop it")
