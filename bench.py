@@ -2446,16 +2446,24 @@ def check_eval_texts(paths: list[str]) -> None:
             die(f"--eval-text {path} is empty: blank lines only, no document to score")
 
 
-def check_corpus(data: Path) -> None:
+def check_corpus(data: Path, finetune: bool = True) -> None:
+    """The corpus, checked before any run: one the scripts refuse would fail every run of their stage. The
+    GPT scripts replace bytes that are not UTF-8; finetune_llama.py refuses them (finetune: it reads it)."""
     if data.exists() and not data.is_file():
         what = "a folder" if data.is_dir() else "not a regular file"
         die(f"--data {data} is {what}; give the corpus text file")
     if not data.is_file() or data.stat().st_size == 0:
         die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
     try:
-        data.open("rb").close()
+        raw = data.read_bytes()
     except OSError as e:
         die(f"corpus {data} cannot be read ({e.strerror})")
+    try:
+        text = raw.decode("utf-8", errors="strict" if finetune else "replace")
+    except UnicodeDecodeError as e:
+        die(f"corpus {data} is not UTF-8 text ({e.reason} at byte {e.start}); the fine-tune runs refuse it")
+    if not any(doc.strip() for doc in re.split(r"\n\s*\n", text)):
+        die(f"corpus {data} is empty: blank lines only, no document")
 
 
 def run_meta(
@@ -2618,7 +2626,7 @@ def new_run_meta(
     """A new run's record, written to OUT/meta.json before any run: it lets --report-only rebuild a run that
     was cut off."""
     data = Path(args.data)
-    check_corpus(data)
+    check_corpus(data, finetune="finetune" in stages)
     device, device_name, gpu = device_info(args.device)
     if mode == "full" and not gpu:
         die("--full runs the seed's shapes on a GPU and none is available here: use --quick")

@@ -307,6 +307,26 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
         assert p.returncode == 2 and len(lines) == 1 and frag in lines[0], p.stderr
 
 
+def test_corpus_the_runs_would_refuse_exit_2_before_any_run(tmp_path):
+    """A corpus that is not UTF-8 failed every fine-tune run (after the whole GPT stage), one of blank lines
+    every run: refused up front, nothing written into --out."""
+    sys.path.insert(0, str(ROOT))
+    from bench import check_corpus
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"Stocks rose.\n\nCaf\xe9 prices fell 2%.\n")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n\t\n")
+    for data, frag in (
+        (latin1, "is not UTF-8 text (invalid continuation byte at byte 17)"),
+        (blank, "blank"),
+    ):
+        p = bench("--tiny", "--only", "finetune", "--data", data, "--out", tmp_path / "o", timeout=120)
+        assert_user_error(p, f"corpus {data}", frag, prefix="bench.py: ")
+        assert not (tmp_path / "o").exists()
+    check_corpus(latin1, finetune=False)  # the GPT scripts replace the bytes: a GPT-only run may use it
+
+
 def test_record_replaces_its_own_section_and_copies_plots(tmp_path):
     sys.path.insert(0, str(ROOT))
     import bench
