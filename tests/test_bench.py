@@ -2179,3 +2179,30 @@ def test_ctrl_c_counts_the_run_in_progress_only_when_it_wrote_its_output(tmp_pat
         "gpt_scratch"
     ]
     R.bar.close()
+
+
+def test_kv_cache_steps_past_a_gpts_window_are_reported(tmp_path):
+    """infer.py counts the kv-cache steps that ran past a GPT's window (re-running it, as without a cache):
+    the table, the plot and the headline say so, not a plain 'kv cache' speed-up."""
+    bench = import_bench()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inf = decoding_rows("gpt_optimized", 103.0, 97.5)
+    inf["rows"][1]["uncached_steps"] = 97
+    h = bench.headline({"infer": inf})
+    assert bench.headline_lines(h) == [
+        "gpt_optimized: the KV cache decodes 128 tokens **1.06x** faster than re-running the context "
+        "(97 of its steps ran past the window, uncached)"
+    ]
+    assert "| gpt_optimized | kv cache (97 of 128 steps uncached) | 128 | 97.5 |" in "\n".join(
+        bench.infer_section({**inf, "generations": []})
+    )
+    fig, _ = bench.infer_figure(inf)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    plt.close(fig)
+    assert any("97 of 128 steps uncached" in s for s in labels)
+    plain = bench.headline({"infer": decoding_rows("llama_lora", 125.0, 100.0)})  # within the window
+    assert "uncached" not in bench.headline_lines(plain)[0]
