@@ -2200,7 +2200,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     check_corpus(data)
     device, device_name, _ = device_info(args.device)
     key = f"sweep-{args.sweep}-{device}"
-    check_record_targets(args, key)
+    check_record_targets(args, key, [("--data", str(data))] + [("--eval-text", t) for t in args.eval_text])
     model = args.model or ("auto" if mode == "full" else "smollm2")
     try:
         extra = shlex.split(args.sweep_extra)
@@ -2536,10 +2536,15 @@ def check_outputs(args: argparse.Namespace, out: Path) -> None:
         die(f"--readme {args.readme} does not exist")
 
 
-def check_record_targets(args: argparse.Namespace, key: str) -> None:
+def check_record_targets(args: argparse.Namespace, key: str, inputs: list[tuple[str, str]] = ()) -> None:
     """--readme must hold this mode's headline block; --record's file holds its section once or not at all
     (then it is appended); a marker unpaired, repeated or out of order in either is refused before any run,
-    not left to corrupt the file. --record copies the plots into benchmarks/KEY beside its file."""
+    not left to corrupt the file. --record copies the plots into benchmarks/KEY beside its file. Neither is
+    one of the run's inputs, (flag, path) pairs: the corpus or an --eval-text would get the report in it."""
+    for flag, md in (("--readme", args.readme), ("--record", args.record)):
+        for given_flag, given in inputs:
+            if md and Path(md).resolve() == Path(given).resolve():
+                die(f"{flag} {md} would overwrite the {given_flag} input {given}: write it elsewhere")
     if args.readme:
         start, end = headline_markers(key)
         if start not in read_markdown(Path(args.readme), "--readme", start, end):
@@ -2633,7 +2638,8 @@ def report_only_meta(args: argparse.Namespace, mode: str, out: Path, command: st
     meta["report_rebuilt_by"] = command
     args.time_limit = None
     args.eval_text = (meta.get("flags") or {}).get("eval_text") or []
-    check_record_targets(args, f"{meta['mode']}-{meta['device']}")
+    inputs = [("--data", meta["data"])] + [("--eval-text", t) for t in args.eval_text]
+    check_record_targets(args, f"{meta['mode']}-{meta['device']}", inputs)
     return meta
 
 
@@ -2652,7 +2658,9 @@ def new_run_meta(
     device, device_name, gpu = device_info(args.device)
     if mode == "full" and not gpu:
         die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
-    check_record_targets(args, f"{mode}-{device}")
+    check_record_targets(
+        args, f"{mode}-{device}", [("--data", str(data))] + [("--eval-text", t) for t in args.eval_text]
+    )
     model = args.model or ("auto" if mode == "full" else "smollm2")
     bf16_units, why = bf16_units_decision(device)
     why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU

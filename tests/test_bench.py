@@ -2206,3 +2206,19 @@ def test_kv_cache_steps_past_a_gpts_window_are_reported(tmp_path):
     assert any("97 of 128 steps uncached" in s for s in labels)
     plain = bench.headline({"infer": decoding_rows("llama_lora", 125.0, 100.0)})  # within the window
     assert "uncached" not in bench.headline_lines(plain)[0]
+
+
+def test_record_or_readme_onto_an_input_exit_2(tmp_path):
+    """--record appended the report to the corpus (or an --eval-text) the run reads: refused, file intact."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Stocks rose 1%.\n\nBonds fell.\n")
+    text = tmp_path / "text.txt"
+    text.write_text("Oil rose.\n")
+    base = ["--tiny", "--only", "finetune", "--data", corpus, "--eval-text", text, "--out", tmp_path / "o"]
+    for flag, md, given in (("--record", corpus, "--data"), ("--record", text, "--eval-text")):
+        p = bench(*base, flag, md, timeout=120)
+        assert_user_error(p, f"{flag} {md} would overwrite the {given} input", prefix="bench.py: ")
+    p = bench(*base, "--readme", tmp_path / "." / "corpus.txt", timeout=120)  # the same file, spelled apart
+    assert_user_error(p, "would overwrite the --data input", prefix="bench.py: ")
+    assert corpus.read_text() == "Stocks rose 1%.\n\nBonds fell.\n" and text.read_text() == "Oil rose.\n"
+    assert not (tmp_path / "o").exists()
