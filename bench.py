@@ -427,8 +427,11 @@ class Runner:
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write path whole or not at all: a temp file beside it, renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no temp file behind
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict:
@@ -1394,7 +1397,7 @@ def table1_section(gpt: dict | None, ft: dict | None, inf: dict | None, device: 
         table(TABLE1_HEADERS, rows),
         "",
         "Latency: the KV-cache decoding time of the inference table below (128 new tokens for the GPTs; "
-        "on a CPU the Llama row is timed at 32)"
+        "the Llama row at 32 except in --full)"
         + (
             "; gpt_scratch has no KV cache: its time is without one."
             if any(r[0] == "gpt_scratch" for r in rows)
@@ -1961,8 +1964,9 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
     figs = md.parent / "benchmarks" / key
     figs.mkdir(parents=True, exist_ok=True)
     for png in out.glob("*.png"):
-        shutil.copyfile(png, figs / png.name)
-        report = report.replace(f"]({png.name})", f"](benchmarks/{key}/{png.name})")
+        if f"]({png.name})" in report:  # this report's plots, not an earlier run's left in --out
+            shutil.copyfile(png, figs / png.name)
+            report = report.replace(f"]({png.name})", f"](benchmarks/{key}/{png.name})")
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in report.strip().splitlines())
     section = f"{start}\n{body}\n{end}"
     if start in text:

@@ -85,7 +85,7 @@ def test_report_has_every_section_and_plot(tiny_setup):
     # every model in Table 1, every ladder step in the ablation table
     table1 = report.split("## Table 1")[1].split("##")[0]
     assert "| gpt_scratch |" in table1 and "| gpt_optimized |" in table1 and "LoRA" in table1
-    assert "timed at 32); gpt_scratch has no KV cache: its time is without one." in table1
+    assert "at 32 except in --full); gpt_scratch has no KV cache: its time is without one." in table1
     res = tiny_setup["results"]
     sys.path.insert(0, str(ROOT))
     import bench
@@ -2222,3 +2222,29 @@ def test_record_or_readme_onto_an_input_exit_2(tmp_path):
     assert_user_error(p, "would overwrite the --data input", prefix="bench.py: ")
     assert corpus.read_text() == "Stocks rose 1%.\n\nBonds fell.\n" and text.read_text() == "Oil rose.\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_record_copies_only_the_reports_plots_and_a_failed_write_leaves_no_temp(tmp_path, monkeypatch):
+    bench = import_bench()
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("a.png", "stale.png"):  # stale.png: an earlier run's plot this report does not show
+        (out / name).write_bytes(b"\x89PNG " + name.encode())
+    md = tmp_path / "BENCHMARKS.md"
+    bench.record(md, "tiny-cpu", "# Benchmark report (tiny)\n\n![a](a.png)\n", out)
+    assert [p.name for p in (tmp_path / "benchmarks" / "tiny-cpu").iterdir()] == ["a.png"]
+    assert "![a](benchmarks/tiny-cpu/a.png)" in md.read_text()
+    before, real = md.read_bytes(), Path.write_bytes
+
+    def disk_full(self, data):  # half the bytes land, then the disk is full
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError):
+        bench.atomic_write(md, b"new text")
+    assert md.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "BENCHMARKS.md",
+        "benchmarks",
+        "o",
+    ]
