@@ -923,11 +923,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def latency_of(infer: dict | None, model: str, variant: str) -> float | None:
+def timed_row(infer: dict | None, model: str, variant: str) -> dict | None:
+    """The inference row of this model and variant that has a latency (a failed variant has none)."""
     for r in (infer or {}).get("rows", []):
         if r["model"] == model and r["variant"] == variant and "latency_ms" in r:
-            return r["latency_ms"]
+            return r
     return None
+
+
+def latency_of(infer: dict | None, model: str, variant: str) -> float | None:
+    row = timed_row(infer, model, variant)
+    return row["latency_ms"] if row else None
 
 
 def human(x: float) -> str:
@@ -1755,17 +1761,11 @@ def headline(results: dict) -> dict:
         h["trainer_vs_loop_wall_time"] = lvt["ratio_wall_time"]
         h["trainer_vs_loop_rev"] = rev_words(lvt)
     for model in ("gpt_optimized", "llama_lora"):
-        kv, nc = latency_of(inf, model, "kv cache"), latency_of(inf, model, "no cache")
+        kv_row, nc = timed_row(inf, model, "kv cache"), latency_of(inf, model, "no cache")
+        kv = kv_row["latency_ms"] if kv_row else None
         if kv and nc:
             h[f"{model}_kv_cache_speedup"] = nc / kv
-            h[f"{model}_kv_cache_new_tokens"] = [r["new_tokens"] for r in inf["rows"] if r["model"] == model][
-                0
-            ]
-            kv_row = next(
-                r
-                for r in inf["rows"]
-                if r["model"] == model and r["variant"] == "kv cache" and "latency_ms" in r
-            )
+            h[f"{model}_kv_cache_new_tokens"] = kv_row["new_tokens"]
             if kv_row.get("uncached_steps"):  # past the window: those steps re-ran the context too
                 h[f"{model}_kv_cache_uncached_steps"] = kv_row["uncached_steps"]
         comp = [
@@ -2204,7 +2204,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     check_corpus(data)
     device, device_name, _ = device_info(args.device)
     key = f"sweep-{args.sweep}-{device}"
-    check_record_targets(args, key, [("--data", str(data))] + [("--eval-text", t) for t in args.eval_text])
+    check_record_targets(args, key, run_inputs(data, args.eval_text))
     model = args.model or ("auto" if mode == "full" else "smollm2")
     try:
         extra = shlex.split(args.sweep_extra)
@@ -2540,6 +2540,11 @@ def check_outputs(args: argparse.Namespace, out: Path) -> None:
         die(f"--readme {args.readme} does not exist")
 
 
+def run_inputs(data, eval_texts: list[str]) -> list[tuple[str, str]]:
+    """The files a run reads, as (flag, path): what --record and --readme must not be."""
+    return [("--data", str(data))] + [("--eval-text", t) for t in eval_texts]
+
+
 def check_record_targets(args: argparse.Namespace, key: str, inputs: list[tuple[str, str]] = ()) -> None:
     """--readme must hold this mode's headline block; --record's file holds its section once or not at all
     (then it is appended); a marker unpaired, repeated or out of order in either is refused before any run,
@@ -2642,8 +2647,7 @@ def report_only_meta(args: argparse.Namespace, mode: str, out: Path, command: st
     meta["report_rebuilt_by"] = command
     args.time_limit = None
     args.eval_text = (meta.get("flags") or {}).get("eval_text") or []
-    inputs = [("--data", meta["data"])] + [("--eval-text", t) for t in args.eval_text]
-    check_record_targets(args, f"{meta['mode']}-{meta['device']}", inputs)
+    check_record_targets(args, f"{meta['mode']}-{meta['device']}", run_inputs(meta["data"], args.eval_text))
     return meta
 
 
@@ -2662,9 +2666,7 @@ def new_run_meta(
     device, device_name, gpu = device_info(args.device)
     if mode == "full" and not gpu:
         die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
-    check_record_targets(
-        args, f"{mode}-{device}", [("--data", str(data))] + [("--eval-text", t) for t in args.eval_text]
-    )
+    check_record_targets(args, f"{mode}-{device}", run_inputs(data, args.eval_text))
     model = args.model or ("auto" if mode == "full" else "smollm2")
     bf16_units, why = bf16_units_decision(device)
     why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU
