@@ -706,8 +706,9 @@ def run_bench(lm, args, context: int) -> list[dict]:
         bar.set_postfix_str(f"{name}, {n} tokens")
         ids = fitted[n]
         row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
-        if isinstance(lm, GPTModel) and name != "no cache" and len(ids) + n > context:
-            row["uncached_steps"] = len(ids) + n - context  # the window is full: re-run, as without a cache
+        # new token i is predicted from len(ids) + i tokens: past the window, the step re-runs it uncached
+        if isinstance(lm, GPTModel) and name != "no cache" and len(ids) + n - 1 > context:
+            row["uncached_steps"] = len(ids) + n - 1 - context
         if merged is not None:
             row["adapter"] = "merged" if merged else "unmerged (4-bit base)"
         out = time_variant(fn, ids, n, args.bench_runs, row)

@@ -443,7 +443,7 @@ def test_gpt_bench_gives_the_kv_cache_room_and_counts_uncached_steps(shared_dir,
             str(path),
             "--bench",
             "--bench-new-tokens",
-            "8,40",
+            "8,32,40",
             "--bench-runs",
             "1",
             "--no-bench-compile",
@@ -451,8 +451,22 @@ def test_gpt_bench_gives_the_kv_cache_room_and_counts_uncached_steps(shared_dir,
     )["bench"]
     by = {(r["variant"], r["new_tokens"]): r for r in rows}
     assert by[("kv cache", 8)]["prompt_tokens"] == 24 and "uncached_steps" not in by[("kv cache", 8)]
-    assert by[("kv cache", 40)]["prompt_tokens"] == 1 and by[("kv cache", 40)]["uncached_steps"] == 9
+    # a one-token prompt and 32 new tokens: the last token is predicted from 32, which fit the window
+    assert by[("kv cache", 32)]["prompt_tokens"] == 1 and "uncached_steps" not in by[("kv cache", 32)]
+    assert by[("kv cache", 40)]["prompt_tokens"] == 1 and by[("kv cache", 40)]["uncached_steps"] == 8
     assert "uncached_steps" not in by[("no cache", 40)]
+    model, _, _ = __import__("gpt_optimized").load_checkpoint(path, "cpu")
+    full_window = []  # forwards without input_pos: the steps the cache could not serve
+    forward = model.forward
+    model.forward = lambda idx, *a, **kw: (
+        full_window.append(kw.get("input_pos") is None) or forward(idx, *a, **kw)
+    )
+    for n in (8, 32, 40):
+        full_window.clear()
+        model.generate(
+            torch.zeros((1, by[("kv cache", n)]["prompt_tokens"]), dtype=torch.long), n, temperature=0.0
+        )
+        assert by[("kv cache", n)].get("uncached_steps", 0) == sum(full_window), n
     assert all(r["same_tokens_as_no_cache"] for r in rows if r["variant"] == "kv cache")
 
 
