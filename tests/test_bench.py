@@ -1464,7 +1464,7 @@ class RecordingRunner:
     """Stands in for bench.Runner: records the command of each run a stage asks for, runs nothing."""
 
     def __init__(self, out: Path):
-        self.py, self.out, self.replay = "python", out, False
+        self.py, self.out, self.replay, self.deadline = "python", out, False, None
         self.failures, self.done, self.commands = [], [], []
 
     def run(self, name, cmd, cost, expect, env=None, reuse=None) -> bool:
@@ -2248,3 +2248,28 @@ def test_record_copies_only_the_reports_plots_and_a_failed_write_leaves_no_temp(
         "benchmarks",
         "o",
     ]
+
+
+def test_the_gpt_token_cache_is_made_before_the_first_run_so_no_run_tokenizes(tmp_path):
+    """A run that trains the tokenizer holds it in its peak memory (the process's peak RSS on a CPU): were
+    gpt_scratch, the first run, to make the cache the others link, its peak memory would not compare."""
+    bench = import_bench()
+    corpus = small_corpus(tmp_path / "corpus.txt")
+    logs = {}
+
+    class FirstRunRunner(RecordingRunner):
+        def run(self, name, cmd, cost, expect, env=None, reuse=None) -> bool:
+            if name == "gpt_scratch":  # the real script, as Runner.run would start it
+                p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+                assert p.returncode == 0, p.stderr[-2000:]
+                logs[name] = p.stderr
+            return super().run(name, cmd, cost, expect, env, reuse)
+
+    R = FirstRunRunner(tmp_path / "out")
+    R.py = sys.executable
+    bench.stage_gpt(R, "tiny", str(corpus), "cpu")
+    folder = tmp_path / "out" / "runs" / "gpt_scratch"
+    assert "tokenizing" not in logs["gpt_scratch"]  # the cache was there: the run did not train the tokenizer
+    summary = json.loads((folder / "summary.json").read_text())
+    meta = json.loads(next(folder.glob("tokens-*.json")).read_text())
+    assert summary["n_train_tokens"] == meta["n_train_tokens"] and summary["peak_mem_mb"] > 0
