@@ -486,12 +486,12 @@ def train_seconds_curve(rows: list[dict]) -> list[tuple[float, float]]:
 
 def time_to_loss(curve: list[tuple[float, float]], target: float) -> float | None:
     """Training seconds until val loss first reaches target, interpolated between evaluations."""
+    if curve and curve[0][1] <= target:
+        return curve[0][0]
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if l1 <= target:
-            if l0 <= target:
-                return t0
             return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
-    return curve[0][0] if curve and curve[0][1] <= target else None
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -159,6 +159,10 @@ def test_time_to_loss_interpolates():
     assert bench.time_to_loss(curve, 4.0) == pytest.approx(5.0)
     assert bench.time_to_loss(curve, 2.5) == pytest.approx(15.0)
     assert bench.time_to_loss(curve, 1.0) is None
+    # reached at the first evaluation, then lost and reached again: the first time counts
+    again = [(0.0, 2.0), (10.0, 3.0), (20.0, 1.0)]
+    assert bench.time_to_loss(again, 2.5) == 0.0
+    assert bench.tokens_to_loss({"metrics": [{"tokens": t, "val_loss": v} for t, v in again]}, 2.5) == 0.0
 
 
 def test_headline_quotes_the_fastest_compiled_decoding_and_names_it():
