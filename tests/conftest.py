@@ -43,6 +43,18 @@ def run_script(script, *args, check: bool = True, env: dict | None = None) -> su
     return p
 
 
+BIG_PARENT = (  # a parent holding (and having touched) `mib` MiB, which then runs the command given after it
+    "import subprocess, sys; big = bytearray(int(sys.argv[1]) << 20); big[::4096] = b'x' * len(big[::4096]); "
+    "sys.exit(subprocess.run(sys.argv[2:]).returncode)"
+)
+
+
+def run_under_big_parent(mib: int, cmd: list, **kw) -> subprocess.CompletedProcess:
+    """cmd started by a process whose own peak resident memory is `mib` MiB (as bench.py or pytest would be):
+    the child's peak memory must not count it."""
+    return subprocess.run([sys.executable, "-c", BIG_PARENT, str(mib), *map(str, cmd)], **kw)
+
+
 def assert_user_error(p, *fragments, prefix: str = "") -> str:
     """A user mistake: exit code 2, exactly one line on stderr (starting with prefix) holding every fragment,
     no traceback. Returns the line."""

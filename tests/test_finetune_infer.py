@@ -19,7 +19,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from conftest import CORPUS, TINY_GPT_FLAGS, assert_user_error, fallback_docs, tiny_finetune_cmd  # noqa: E402
+from conftest import (  # noqa: E402
+    CORPUS,
+    TINY_GPT_FLAGS,
+    assert_user_error,
+    fallback_docs,
+    run_under_big_parent,
+    tiny_finetune_cmd,
+)
 from conftest import OFFLINE_ENV as ENV  # noqa: E402
 from conftest import run_script as run  # noqa: E402
 
@@ -566,6 +573,18 @@ def out_of_memory_exit(cmd: list, cwd: Path) -> str:
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     return p.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_peak_memory_is_the_runs_own_not_its_parents(tiny, tmp_path):
+    """On a CPU run.json's peak_mem_mb is the process's peak RSS; the peak of the process that started it
+    (bench.py, pytest: here 4 GiB) is not counted."""
+    out = tmp_path / "o"
+    flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
+    cmd = tiny_finetune_cmd(tiny, flags, "--out", out)
+    p = run_under_big_parent(4096, cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "run.json").read_text())
+    assert r["peak_mem_kind"] == "process_max_rss" and 50 < r["peak_mem_mb"] < 3072, r["peak_mem_mb"]
 
 
 def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path):

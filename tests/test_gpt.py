@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error
+from conftest import OFFLINE_ENV, assert_user_error, run_under_big_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -152,6 +152,20 @@ def trained(corpus, tmp_path_factory) -> dict:
 
 # -----------------------------------------------------------------------------
 # training, outputs, contract
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_cpu_peak_memory_is_the_runs_own_not_its_parents(name, corpus, tmp_path):
+    """On a CPU peak_mem_mb is the process's peak RSS; the peak of the process that started it (bench.py,
+    pytest: here 3 GiB) is not counted."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, ROOT / f"{name}.py", "--data", corpus, "--out", out, *TINY, "--max-iters", "2"]
+    p = run_under_big_parent(
+        3072, cmd, capture_output=True, text=True, cwd=ROOT, env=OFFLINE_ENV, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    peak = json.loads((out / "summary.json").read_text())["peak_mem_mb"]
+    assert 50 < peak < 2048, peak
 
 
 @pytest.mark.parametrize("name", MODULES)
