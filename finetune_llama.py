@@ -83,7 +83,7 @@ LORA_SHORT_NAMES = {
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
-UNSCORED: list[Path] = []  # an adapter written alone: Ctrl-C came while scoring it after training
+UNSCORED: list[str] = []  # infer.py flags that load an adapter written alone (Ctrl-C came while scoring it)
 REPLAY_POOL_MAX_DOCS = (
     512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
 )
@@ -2255,7 +2255,11 @@ def score_trained(args, m: Loaded, eval_all) -> dict:
         return eval_all("after")
     except KeyboardInterrupt:
         save_outputs(Path(args.out), m.model, m.tok, None, [], "")
-        UNSCORED.append(Path(args.out))
+        # without run.json infer.py loads the base in 4 bits only on Unsloth: say so where training differed
+        flag = ""
+        if bool(args.load_in_4bit) != (m.backend == "unsloth"):
+            flag = " --load-in-4bit" if args.load_in_4bit else " --no-load-in-4bit"
+        UNSCORED.append(f"--adapter {args.out}{flag}")
         raise
 
 
@@ -2445,7 +2449,7 @@ def interrupted_message(out: str) -> str:
     if UNSCORED:
         return (
             f"interrupted while scoring: the trained adapter was written to {out} without run.json (no "
-            f"scores); score it with: python infer.py --adapter {out} --ppl FILE --compare-base"
+            f"scores); score it with: python infer.py {UNSCORED[-1]} --ppl FILE --compare-base"
         )
     unfinished = unfinished_run(Path(out))
     if unfinished and not WRITTEN:

@@ -679,6 +679,45 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
     assert 1 < ppl["perplexity"] < math.inf and ppl["perplexity"] != ppl["base_perplexity"]  # trained
 
 
+def test_ctrl_c_while_scoring_a_qlora_adapter_names_the_4bit_base(tiny, tmp_path):
+    """A QLoRA adapter written alone (Ctrl-C while scoring) has no run.json to say its base was 4-bit: the
+    command the message gives loads the base in 4 bits, and scores what the uninterrupted run records."""
+    import signal
+
+    text = tmp_path / "long.txt"
+    text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
+    flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0 --load-in-4bit --eval-split 4"
+    run(*tiny_finetune_cmd(tiny, flags, "--out", tmp_path / "whole")[1:])
+    recorded = json.loads((tmp_path / "whole" / "run.json").read_text())["eval_sets"]["heldout"]
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**ENV, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    err = b""
+    while b"eval long (after)" not in err:  # the held-out set is scored; the long text is being scored
+        chunk = proc.stderr.read1(4096)
+        assert chunk, err.decode()[-2000:]
+        err += chunk
+    proc.send_signal(signal.SIGINT)
+    err = (err + proc.stderr.read()).decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().replace("\r", "\n").splitlines()[-1]
+    command = f"python infer.py --adapter {out} --load-in-4bit --ppl FILE --compare-base"
+    assert last.endswith(f"score it with: {command}"), last
+    scored = tmp_path / "scored.json"
+    args = command.replace("FILE", str(tmp_path / "whole" / "eval_docs.txt")).split()[2:]  # the same held-out
+    subprocess.run([sys.executable, ROOT / "infer.py", *args, "--json-out", scored], check=True, env=ENV)
+    ppl = json.loads(scored.read_text())["ppl"]
+    assert math.isclose(ppl["base_perplexity"], recorded["ppl_before"], rel_tol=1e-4), (ppl, recorded)
+    assert math.isclose(ppl["perplexity"], recorded["ppl_after"], rel_tol=1e-4), (ppl, recorded)
+
+
 def test_bf16_auto_follows_the_cpu_and_evaluation_stays_fp32(tiny, adapter, tmp_path):
     if not torch.cuda.is_available():
         assert (
