@@ -1141,6 +1141,9 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
             )
         if (run.out / "summary.json").exists() and not args.overwrite:  # a finished run, its ckpt.pt removed
             die(f"--out {run.out} holds an earlier run's summary.json (no ckpt.pt): --overwrite starts over")
+        metrics = run.out / "metrics.jsonl"  # rows with no ckpt.pt or summary.json: another program's
+        if metrics.is_file() and metrics.stat().st_size and not args.overwrite:  # e.g. a fine-tune's
+            die(f"--out {run.out} holds another run's metrics.jsonl: choose another --out, or --overwrite")
         return None
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")

@@ -1127,6 +1127,20 @@ def test_infer_runs_gpt_checkpoints(tiny, tmp_path, script):
     assert {r["variant"] for r in rows} >= {"no cache"} and all(r["generated"] == 8 for r in rows)
 
 
+@pytest.mark.parametrize("script", ["gpt_scratch", "gpt_optimized"])
+def test_a_gpt_run_does_not_replace_a_fine_tunes_metrics(tiny, adapter, tmp_path, script):
+    """Both kinds of run write metrics.jsonl: a GPT run pointed at an adapter folder is refused before any
+    work, and with --overwrite it trains there (the adapter and its run.json are left alone)."""
+    out = shutil.copytree(adapter["out"], tmp_path / "ft")
+    kept = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    p = run(f"{script}.py", "--data", tiny["corpus"], "--out", out, *TINY_GPT_FLAGS, check=False)
+    assert_user_error(p, f"--out {out} holds another run's metrics.jsonl", "--overwrite", prefix=script)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == kept  # nothing written
+    run(f"{script}.py", "--data", tiny["corpus"], "--out", out, *TINY_GPT_FLAGS, "--overwrite")
+    assert [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 4]
+    assert all((out / f).read_bytes() == kept[f] for f in ("run.json", "adapter_model.safetensors"))
+
+
 # -----------------------------------------------------------------------------
 # the bundled real base, end to end
 
