@@ -641,16 +641,13 @@ def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
     assert not out.exists()
 
 
-def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
-    """Training has ended; Ctrl-C during the scoring after it writes the adapter alone (no run.json: no
-    scores), which infer.py then loads and scores."""
+def interrupt_while_scoring(cmd: list, until: bytes) -> str:
+    """Run the fine-tune `cmd`, send Ctrl-C once `until` shows on stderr (a scoring bar after training);
+    returns stderr, after checking the exit: code 130, no traceback."""
     import signal
 
-    out, text = tmp_path / "o", tmp_path / "long.txt"
-    text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
-    flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
     proc = subprocess.Popen(
-        tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out),
+        cmd,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         cwd=ROOT,
@@ -658,7 +655,7 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err = b""
-    while b"(after)" not in err:  # the progress bar of the scoring after training
+    while until not in err:
         chunk = proc.stderr.read1(4096)
         assert chunk, err.decode()[-2000:]
         err += chunk
@@ -666,6 +663,17 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
     err = (err + proc.stderr.read()).decode()
     proc.wait(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    return err
+
+
+def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
+    """Training has ended; Ctrl-C during the scoring after it writes the adapter alone (no run.json: no
+    scores), which infer.py then loads and scores."""
+    out, text = tmp_path / "o", tmp_path / "long.txt"
+    text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
+    flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
+    cmd = tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out)
+    err = interrupt_while_scoring(cmd, b"(after)")  # the progress bar of the scoring after training
     assert err.strip().replace("\r", "\n").splitlines()[-1] == (
         f"interrupted while scoring: the trained adapter was written to {out} without run.json (no scores); "
         f"score it with: python infer.py --adapter {out} --ppl FILE --compare-base"
@@ -682,31 +690,14 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
 def test_ctrl_c_while_scoring_a_qlora_adapter_names_the_4bit_base(tiny, tmp_path):
     """A QLoRA adapter written alone (Ctrl-C while scoring) has no run.json to say its base was 4-bit: the
     command the message gives loads the base in 4 bits, and scores what the uninterrupted run records."""
-    import signal
-
     text = tmp_path / "long.txt"
     text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
     flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0 --load-in-4bit --eval-split 4"
     run(*tiny_finetune_cmd(tiny, flags, "--out", tmp_path / "whole")[1:])
     recorded = json.loads((tmp_path / "whole" / "run.json").read_text())["eval_sets"]["heldout"]
     out = tmp_path / "o"
-    proc = subprocess.Popen(
-        tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out),
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**ENV, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    err = b""
-    while b"eval long (after)" not in err:  # the held-out set is scored; the long text is being scored
-        chunk = proc.stderr.read1(4096)
-        assert chunk, err.decode()[-2000:]
-        err += chunk
-    proc.send_signal(signal.SIGINT)
-    err = (err + proc.stderr.read()).decode()
-    proc.wait(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    cmd = tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out)
+    err = interrupt_while_scoring(cmd, b"eval long (after)")  # held-out scored; the long text being scored
     last = err.strip().replace("\r", "\n").splitlines()[-1]
     command = f"python infer.py --adapter {out} --load-in-4bit --ppl FILE --compare-base"
     assert last.endswith(f"score it with: {command}"), last
