@@ -19,7 +19,6 @@ Ctrl-C keeps the finished runs; `python bench.py --report-only --out DIR` builds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -537,8 +536,9 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str, bf16_units: bool = F
     }
 
     cost = COST[mode][0]
-    tokenize_first(R, res["base_flags"], R.out / "runs" / "gpt_scratch")
-    scratch = gpt_run(R, res, "gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
+    scratch = None
+    if tokenize_first(R, res["base_flags"], R.out / "runs" / "gpt_scratch", cost * 1.5):
+        scratch = gpt_run(R, res, "gpt_scratch", "gpt_scratch.py", [], cost * 1.5)
     target = scratch["summary"]["val_loss"] if scratch else None
     rows = [ablation_row("gpt_scratch.py (baseline)", scratch, target)] if scratch else []
     optimized = None
@@ -573,23 +573,34 @@ def stage_gpt(R: Runner, mode: str, data: str, device: str, bf16_units: bool = F
     return res
 
 
-def tokenize_first(R: Runner, base_flags: list[str], folder: Path) -> None:
+def tokenize_first(R: Runner, base_flags: list[str], folder: Path, cost: float) -> bool:
     """The GPT runs' token cache, made before the first run by a process of its own: a run that trains the
     tokenizer holds it in its peak memory (on a CPU, the process's peak RSS), which the runs linking the cache
-    do not, so gpt_scratch's figure would not compare with the others'. Not in this process either: a child
-    starts with its parent's peak RSS as its own. A corpus the scripts refuse is left to the run to report."""
-    if R.replay:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
+    do not, so gpt_scratch's figure would not compare with the others'. A corpus the scripts refuse is left to
+    the run to report. False when --time-limit stopped it: that was gpt_scratch's work, reported as such."""
     left = R.deadline - time.perf_counter() if R.deadline else None
-    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+    if R.replay or (left is not None and left <= 0):
+        return True  # nothing to make, or gpt_scratch's run reports the time limit
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
         subprocess.run(
             [R.py, "-c", TOKENIZE, *base_flags, "--out", str(folder)],
             capture_output=True,
             cwd=HERE,
-            timeout=None if left is None else max(left, 1),
+            timeout=left,
             env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},
         )
+    except subprocess.TimeoutExpired:
+        took = time.perf_counter() - t0
+        R.failures.append(
+            f"gpt_scratch: stopped after {took:.0f}s, making its token cache: --time-limit reached"
+        )
+        R.bar.update(round(cost))
+        return False
+    except OSError:
+        pass
+    return True
 
 
 TOKENIZE = (  # gpt_scratch.py's data preparation alone: the token cache every GPT run of the stage links
@@ -2616,8 +2627,28 @@ def interrupted_message(
     return "interrupted before any run finished"
 
 
+def anchor_paths(args: argparse.Namespace) -> None:
+    """Paths given relative to where bench.py was started, made absolute when that is not this repository:
+    the runs start in the repository (where their scripts are), so there a relative path names another file.
+    Started in the repository, the paths stay as given (as the report shows them); --report-only runs
+    nothing, so reads them from where it was started."""
+    if args.report_only or Path.cwd().resolve() == HERE:
+        return
+
+    def anchor(p: str | None) -> str | None:
+        return str(Path(p).absolute()) if p else p
+
+    args.out, args.data, args.record, args.readme = map(
+        anchor, (args.out, args.data, args.record, args.readme)
+    )
+    args.eval_text = [anchor(p) for p in args.eval_text] if args.eval_text else args.eval_text
+    if args.model and Path(args.model).exists():  # a model folder or file; not an alias or hub id
+        args.model = anchor(args.model)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    anchor_paths(args)
     mode = "full" if args.full else "tiny" if args.tiny else "quick"
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:

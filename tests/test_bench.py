@@ -19,12 +19,12 @@ CORPUS = ROOT / "data" / "finance_corpus.txt"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def bench(*args, timeout=900, env=None):
+def bench(*args, timeout=900, env=None, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "bench.py"), *map(str, args)],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         env={**ENV, **(env or {})},
         timeout=timeout,
     )
@@ -347,6 +347,20 @@ def test_record_replaces_its_own_section_and_copies_plots(tmp_path):
     assert text.startswith("# Benchmarks\n\nintro\n") and "first" not in text
     assert text.count("second") == 1 and text.count("gpu") == 1 and "## Benchmark report (quick)" in text
     assert "](benchmarks/quick-cpu/a.png)" in text and (tmp_path / "benchmarks/quick-cpu/a.png").is_file()
+
+
+def test_relative_paths_from_another_folder_name_the_same_files_for_the_runs(tmp_path):
+    """Started outside the repository with a relative --data and --out: the runs (started in the repository)
+    train on that corpus and write under that --out, and nothing lands in the repository."""
+    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-200:]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    p = bench("--tiny", "--only", "gpt", "--data", "c.txt", "--device", "cpu", "--out", "o", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["failures"] == [] and "gpt_scratch" in res["gpt"]["runs"]
+    summary = json.loads((tmp_path / "o" / "runs" / "gpt_scratch" / "summary.json").read_text())
+    assert Path(summary["args"]["data"]) == tmp_path / "c.txt"
+    assert not (ROOT / "o").exists()
 
 
 def test_time_limit_stops_and_skips_but_still_reports(tmp_path):
