@@ -1046,7 +1046,8 @@ def peak_rss_mb() -> float:
     try:
         return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024  # kB
     except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # macOS: bytes; elsewhere KiB
 
 
 def sync(device: str) -> None:

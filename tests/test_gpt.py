@@ -168,6 +168,21 @@ def test_cpu_peak_memory_is_the_runs_own_not_its_parents(name, corpus, tmp_path)
     assert 50 < peak < 2048, peak
 
 
+@pytest.mark.parametrize("name", [*MODULES, "finetune_llama"])
+@pytest.mark.parametrize("platform,maxrss", [("linux", 3 * 2**20), ("darwin", 3 * 2**30)])
+def test_peak_memory_without_proc_reads_ru_maxrss_in_the_systems_unit(name, platform, maxrss, monkeypatch):
+    """Where /proc/self/status cannot be read, ru_maxrss is the figure: KiB on Linux, bytes on macOS."""
+    mod = load(name)
+
+    def no_proc(self, *a, **k):
+        raise FileNotFoundError(self)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(mod.resource, "getrusage", lambda who: Namespace(ru_maxrss=maxrss))
+    assert mod.peak_rss_mb() == 3072.0
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_loss_falls_and_outputs_are_complete(name, trained):
     out, summary = trained[name]["out"], trained[name]["summary"]
