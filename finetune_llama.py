@@ -2256,11 +2256,9 @@ def score_trained(args, m: Loaded, eval_all) -> dict:
         return eval_all("after")
     except KeyboardInterrupt:
         save_outputs(Path(args.out), m.model, m.tok, None, [], "")
-        # without run.json infer.py loads the base in 4 bits only on Unsloth: say so where training differed
-        flag = ""
-        if bool(args.load_in_4bit) != (m.backend == "unsloth"):
-            flag = " --load-in-4bit" if args.load_in_4bit else " --no-load-in-4bit"
-        UNSCORED.append(f"--adapter {args.out}{flag}")
+        # without run.json infer.py picks its backend and base precision for itself: name training's
+        bits = "--load-in-4bit" if args.load_in_4bit else "--no-load-in-4bit"
+        UNSCORED.append(f"--adapter {args.out} --backend {m.backend} {bits}")
         raise
 
 

@@ -674,15 +674,19 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
     flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
     cmd = tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out)
     err = interrupt_while_scoring(cmd, b"(after)")  # the progress bar of the scoring after training
+    # infer.py would otherwise choose for itself (on a GPU with Unsloth: Unsloth, 4-bit): training's are named
+    command = f"python infer.py --adapter {out} --backend hf --no-load-in-4bit --ppl FILE --compare-base"
     assert err.strip().replace("\r", "\n").splitlines()[-1] == (
         f"interrupted while scoring: the trained adapter was written to {out} without run.json (no scores); "
-        f"score it with: python infer.py --adapter {out} --ppl FILE --compare-base"
+        f"score it with: {command}"
     )
     assert (out / "adapter_model.safetensors").is_file() and not (out / "run.json").exists()
     assert not [f for f in out.iterdir() if f.name.startswith(".finetune-")]  # no temp folder left
     scored = tmp_path / "scored.json"
-    cmd = ["--adapter", out, "--ppl", tiny["corpus"], "--compare-base", "--json-out", scored]
-    subprocess.run([sys.executable, ROOT / "infer.py", *map(str, cmd)], check=True, cwd=tmp_path, env=ENV)
+    args = command.replace("FILE", str(tiny["corpus"])).split()[2:]  # the command as given
+    subprocess.run(
+        [sys.executable, ROOT / "infer.py", *args, "--json-out", scored], check=True, cwd=tmp_path, env=ENV
+    )
     ppl = json.loads(scored.read_text())["ppl"]
     assert 1 < ppl["perplexity"] < math.inf and ppl["perplexity"] != ppl["base_perplexity"]  # trained
 
@@ -699,7 +703,7 @@ def test_ctrl_c_while_scoring_a_qlora_adapter_names_the_4bit_base(tiny, tmp_path
     cmd = tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out)
     err = interrupt_while_scoring(cmd, b"eval long (after)")  # held-out scored; the long text being scored
     last = err.strip().replace("\r", "\n").splitlines()[-1]
-    command = f"python infer.py --adapter {out} --load-in-4bit --ppl FILE --compare-base"
+    command = f"python infer.py --adapter {out} --backend hf --load-in-4bit --ppl FILE --compare-base"
     assert last.endswith(f"score it with: {command}"), last
     scored = tmp_path / "scored.json"
     args = command.replace("FILE", str(tmp_path / "whole" / "eval_docs.txt")).split()[2:]  # the same held-out
