@@ -828,6 +828,9 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
             f"--resume: checkpoint {path} was trained with another tokenizer ({ckpt['tokenizer']['kind']}) "
             f"or corpus than --tokenizer {args.tokenizer} on {args.data}"
         )
+    seed = ckpt.get("args", {}).get("seed", args.seed)
+    if args.seed != seed:  # evaluation batches come from it: others would break the val-loss curve
+        die(f"--resume: {path} was trained with --seed {seed}, not {args.seed}: add --seed {seed}")
     if args.max_iters < ckpt["iter_num"] or (
         args.max_iters == ckpt["iter_num"] and summarized(run.out, ckpt)
     ):

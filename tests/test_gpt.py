@@ -654,6 +654,8 @@ def test_bad_inputs_exit_2(name, corpus, trained, tmp_path, capsys):
     msg = expect_exit2(name, [*base, "--n-layer", "3"], capsys, "another shape")
     assert "n_layer=2 (flags: 3)" in msg
     expect_exit2(name, [*base, "--tokenizer", "bpe", "--vocab-size", "300"], capsys, "another tokenizer")
+    msg = expect_exit2(name, [*base, "--seed", "8"], capsys, "was trained with --seed 1337, not 8")
+    assert msg.endswith("add --seed 1337"), msg
     assert torch.load(run / "ckpt.pt", weights_only=True)["iter_num"] == 60  # nothing trained is lost
 
     other = trained[[m for m in MODULES if m != name][0]]["out"] / "ckpt.pt"
