@@ -83,7 +83,7 @@ FINETUNE_RUN = Contract(
     optional={
         "tokens_per_s_steady": "training tokens/s without the first steps (allocation, compilation)",
         "peak_mem_kind": "what peak_mem_mb measures (CUDA allocations or the process's RSS)",
-        "train_time_s": "seconds spent in training steps",
+        "train_time_s": "seconds of training, --eval-every scoring and saves included, over every --resume",
         "wall_time_s": "seconds the whole process took",
         "load_time_s": "seconds loading the base model",
         "steps": "optimizer steps taken",
