@@ -331,8 +331,17 @@ TRANSFER_TARGET = (-0.30, 0.05)  # a setting in the box: in-domain ppl -30% or b
 
 
 class Runner:
-    def __init__(self, out: Path, total_cost: float, time_limit: float | None = None, replay: bool = False):
+    def __init__(
+        self,
+        out: Path,
+        total_cost: float,
+        time_limit: float | None = None,
+        replay: bool = False,
+        device: str = "cpu",  # where the runs go: cpu hides any GPU from them
+    ):
         self.py, self.replay = sys.executable, replay
+        # --device cpu on a GPU machine: finetune_llama.py has no --device, so no run may see the GPU
+        self.env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
         self.out, self.logs = out, out / "logs"
         if not replay:  # --report-only runs nothing, so it writes no logs
             self.logs.mkdir(parents=True, exist_ok=True)
@@ -389,7 +398,7 @@ class Runner:
                     stderr=subprocess.STDOUT,
                     cwd=HERE,
                     timeout=left,
-                    env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})},
+                    env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, **(env or {})},
                 ).returncode
             except subprocess.TimeoutExpired:
                 self.current = None
@@ -589,7 +598,7 @@ def tokenize_first(R: Runner, base_flags: list[str], folder: Path, cost: float) 
             capture_output=True,
             cwd=HERE,
             timeout=left,
-            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},
+            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **R.env},
         )
     except subprocess.TimeoutExpired:
         took = time.perf_counter() - t0
@@ -2254,7 +2263,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     sweep_dir = out / "sweep"
     sweep_dir.mkdir(parents=True, exist_ok=True)
     cost = 2 * COST[mode][1]  # finetune_llama.py's own step count: more than the stages' runs
-    R = Runner(sweep_dir, cost * len(plan), args.time_limit)
+    R = Runner(sweep_dir, cost * len(plan), args.time_limit, device=device)
     try:
         rows = run_sweep(R, plan, hashlib.sha256(data.read_bytes()).hexdigest(), cost)
     except KeyboardInterrupt:
@@ -2672,7 +2681,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode, stages, device, model = meta["mode"], meta["stages"], meta["device"], meta["model"]
     gpu, bf16_units = device == "cuda", bool(meta.get("bf16_units", False))
     total = eta_seconds(mode, stages, gpu, bf16_units, bool(meta.get("baseline")))
-    R = Runner(out, total, args.time_limit, replay=args.report_only)
+    R = Runner(out, total, args.time_limit, replay=args.report_only, device=device)
     try:
         return run_bench(R, args, meta, mode, stages, device, gpu, str(Path(meta["data"])), model, bf16_units)
     except KeyboardInterrupt:

@@ -1482,7 +1482,7 @@ class RecordingRunner:
     """Stands in for bench.Runner: records the command of each run a stage asks for, runs nothing."""
 
     def __init__(self, out: Path):
-        self.py, self.out, self.replay, self.deadline = "python", out, False, None
+        self.py, self.out, self.replay, self.deadline, self.env = "python", out, False, None, {}
         self.failures, self.done, self.commands = [], [], []
 
     def run(self, name, cmd, cost, expect, env=None, reuse=None) -> bool:
@@ -2176,6 +2176,21 @@ def test_a_truncated_or_malformed_output_file_fails_that_run_alone(tmp_path, cap
     report = (out / "report.md").read_text()
     assert f"- {res['failures'][0]}" in report.split("## Runs that failed")[1]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_device_cpu_hides_the_gpus_from_every_run(tmp_path, monkeypatch):
+    """--device cpu on a GPU machine: finetune_llama.py has no --device, so no run may see a GPU; with
+    --device cuda the runs see the GPUs they were given."""
+    bench = import_bench()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    probe = [sys.executable, "-c", "import os; print('visible:', repr(os.environ['CUDA_VISIBLE_DEVICES']))"]
+    for device, visible in (("cpu", "''"), ("cuda", "'0,1'")):
+        R = bench.Runner(tmp_path / device, 1.0, device=device)
+        assert R.run("probe", probe, 1.0, tmp_path / "unused")
+        R.bar.close()
+        assert (tmp_path / device / "logs" / "probe.log").read_text().splitlines()[
+            -1
+        ] == f"visible: {visible}"
 
 
 def test_ctrl_c_counts_the_run_in_progress_only_when_it_wrote_its_output(tmp_path):
