@@ -837,6 +837,29 @@ def check_positions(resolved: str, max_seq_length: int) -> None:
         die(f"--max-seq-length {max_seq_length} is longer than the {positions} positions of {resolved}")
 
 
+def check_rows_fill(resolved: str, max_seq_length: int, corpora: list[tuple[str, list[str]]]) -> None:
+    """--packing cuts each corpus (and --replay-data) into full rows of --max-seq-length tokens: one holding
+    fewer makes no row. Counted with the base's tokenizer alone, before its weights load and documents are
+    sampled from it (minutes on a CPU); a tokenizer that cannot be read is left to loading, which says so."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError, TypeError):
+        return
+    for name, docs in corpora:
+        n = 0
+        for doc in docs:  # one at a time: a corpus of any size stops after its first row's worth
+            n += len(encode_documents(tok, [doc])[0])
+            if n >= max_seq_length:
+                break
+        if n < max_seq_length:
+            die(
+                f"--packing: the training documents of {name} hold {n} tokens, fewer than one "
+                f"--max-seq-length={max_seq_length} row; lower --max-seq-length or pass --no-packing"
+            )
+
+
 def load_for_training(args, backend: str, resolved: str, device: str):
     import torch
 
@@ -2145,8 +2168,9 @@ class Loaded:
     load_s: float
 
 
-def load(args) -> Loaded:
-    """Backend and device, then the base with its LoRA (seeded), and a line saying what was loaded."""
+def load(args, corpora: list[tuple[str, list[str]]]) -> Loaded:
+    """Backend and device, then the base with its LoRA (seeded), and a line saying what was loaded. corpora:
+    (name, training documents) of each --data corpus and --replay-data, checked before the weights load."""
     backend, device = setup_device(args)
     import torch
 
@@ -2154,6 +2178,8 @@ def load(args) -> Loaded:
     torch.manual_seed(args.seed)
     check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
     check_positions(base["resolved"], args.max_seq_length)
+    if args.packing:
+        check_rows_fill(base["resolved"], args.max_seq_length, corpora)
     t_load = time.time()
     model, tok = load_for_training(args, backend, base["resolved"], device)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
@@ -2214,7 +2240,10 @@ def main(args) -> dict:
     replay_file_docs = read_documents(args.replay_data, "--replay-data") if args.replay_data else None
     check_out_dir(args)
     progress = check_resume(args, args_given, sources) if args.resume else None
-    m = load(args)
+    corpora = [(s.path, s.train_docs) for s in sources]
+    if replay_file_docs:
+        corpora.append((f"--replay-data {args.replay_data}", replay_file_docs))
+    m = load(args, corpora)
     with main_process_first(m.device):  # one process samples the base's documents, the others read its cache
         sets, replay = eval_sets_and_replay(args, m, sources, outside, replay_file_docs)
     rows, plan = plan_rows(args, m.tok, sources, replay["docs"] if replay else None)

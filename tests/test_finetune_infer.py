@@ -1486,6 +1486,26 @@ def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--data", "--replay-data"])
+def test_a_corpus_shorter_than_one_packed_row_is_refused_before_the_base_loads(tiny, tmp_path, flag):
+    """--packing makes rows of --max-seq-length tokens: a corpus (or --replay-data) holding fewer gives none.
+    Refused in one line before the weights load and the retention set is sampled from the base (minutes on a
+    CPU), so nothing is cached or written."""
+    short = tmp_path / "short.txt"
+    short.write_text("Stocks rose.\n\nBonds fell.\n\nOil was flat.\n")
+    data = ["--data", short, "--eval-split", 1] if flag == "--data" else ["--data", tiny["corpus"]]
+    replay = ["--replay", 0.5, "--replay-data", short] if flag == "--replay-data" else []
+    p = run(
+        "finetune_llama.py",
+        *["--model", tiny["llama_a"], "--backend", "hf", *data, *replay, "--retention-docs", 2],
+        *["--cache-dir", tmp_path / "cache", "--out", tmp_path / "out"],
+        check=False,
+    )
+    name = short if flag == "--data" else f"--replay-data {short}"
+    assert_user_error(p, f"the training documents of {name} hold", "fewer than one --max-seq-length=128 row")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_token_losses_are_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_replay_rows(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
