@@ -2382,6 +2382,7 @@ def period_facts(cx: Ctx, idx: list[int], prev_i: int) -> dict:
         nc=ncl[last],
         nr=pct(ncl[last], ncl[prev_i]),
         ups=sum(1 for j in idx if s.ret[j] > 0),
+        downs=sum(1 for j in idx if s.ret[j] < 0),  # not n - ups: a session can close unchanged
         best=max(idx, key=lambda j: s.ret[j]),
         worst=min(idx, key=lambda j: s.ret[j]),
         hi=max(idx, key=lambda j: cl[j]),
@@ -2440,20 +2441,20 @@ def wrap_items(pen: Pen, cx: Ctx, f: dict, when) -> list[str]:
                 "{U} of the {n} sessions ended in the green.",
                 "Advancing sessions numbered {u} out of {n}.",
                 "Up days outnumbered down days {u} to {dn}."
-                if 2 * f["ups"] > f["n"]
+                if f["ups"] > f["downs"]
                 else "Down days outnumbered up days {dn} to {u}."
-                if 2 * f["ups"] < f["n"]
+                if f["ups"] < f["downs"]
                 else "Up and down days split evenly, {u} each.",
                 "Gains outnumbered losses on {u} of {n} days."
-                if 2 * f["ups"] > f["n"]
+                if f["ups"] > f["downs"]
                 else "Losses outnumbered gains on {dn} of {n} days."
-                if 2 * f["ups"] < f["n"]
+                if f["ups"] < f["downs"]
                 else "Gains and losses split evenly, {u} days each.",
             ],
             u=f["ups"],
             U=spelled(f["ups"]),
             n=f["n"],
-            dn=f["n"] - f["ups"],
+            dn=f["downs"],
         )
         if f["ups"] not in (0,)
         else pen.say("{Index} did not post a single gain in {n} sessions.", n=f["n"])

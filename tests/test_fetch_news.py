@@ -875,10 +875,8 @@ def test_market_corpus_words_agree_with_their_numbers(stories):
     )  # singular subjects
     assert not re.search(r"(?i)(holds?|held) steady \d", text)  # a flat headline verb takes no percentage
     assert not re.search(r"biggest move up, -", text)
-    for u, n in re.findall(r"Gains outnumbered losses on (\d+) of (\d+) days", text):
-        assert 2 * int(u) > int(n)
-    for d, n in re.findall(r"Losses outnumbered gains on (\d+) of (\d+) days", text):
-        assert 2 * int(d) > int(n)
+    # the tallies ("Gains outnumbered losses on 3 of 5 days") are checked against the data in
+    # test_wrap_tallies_leave_unchanged_sessions_out_of_the_losses
     # the Nasdaq moved "too" only when the S&P 500 moved the same way, by more than a flat day's move
     sp, nq = data["sp"].cols["close"], data["nq"].cols["close"]
     at = {d: i for i, d in enumerate(data["sp"].dates)}
@@ -910,6 +908,42 @@ def test_market_corpus_words_agree_with_their_numbers(stories):
     # a negative bill rate keeps its sign (February 1933: -0.03%)
     feb33 = [t for d, desk, t in stories if desk == "factors" and (d.year, d.month) == (1933, 2)][0]
     assert f"{data['ff'][(1933, 2)][3]:.2f}%" in feb33 and data["ff"][(1933, 2)][3] < 0, feb33
+
+
+WRAP_PERIOD = {  # which sessions a wrap dated d covers
+    "weekly": lambda a, d: a.isocalendar()[:2] == d.isocalendar()[:2],
+    "monthly": lambda a, d: (a.year, a.month) == (d.year, d.month),
+    "quarterly": lambda a, d: (a.year, (a.month - 1) // 3) == (d.year, (d.month - 1) // 3),
+    "annual": lambda a, d: a.year == d.year,
+}
+
+
+def test_wrap_tallies_leave_unchanged_sessions_out_of_the_losses(stories):
+    """A session that closed exactly where the last one did (2003-01-10, 2008-01-03, 2017-01-10) is
+    neither a gain nor a loss: the week to January 13, 2017 had two of each, not three losses."""
+    sp = market_corpus.load_ohlcv("sp500")
+    c, dates = sp.cols["close"], sp.dates
+    tallies = 0
+    for d, desk, t in stories:
+        if desk not in WRAP_PERIOD or not re.search(r"outnumbered|split evenly", t):
+            continue
+        idx = [i for i in range(1, len(dates)) if WRAP_PERIOD[desk](dates[i], d)]
+        ups = sum(c[i] > c[i - 1] for i in idx)
+        downs = sum(c[i] < c[i - 1] for i in idx)
+        for form, counts, holds in (
+            (r"Up days outnumbered down days (\d+) to (\d+)", (ups, downs), ups > downs),
+            (r"Down days outnumbered up days (\d+) to (\d+)", (downs, ups), downs > ups),
+            (r"Gains outnumbered losses on (\d+) of", (ups,), ups > downs),
+            (r"Losses outnumbered gains on (\d+) of", (downs,), downs > ups),
+            (r"split evenly, (\d+)", (ups,), ups == downs),
+        ):
+            said = re.search(form, t)
+            if said:
+                assert tuple(map(int, said.groups())) == counts and holds, (d, desk, said[0], ups, downs)
+        tallies += 1
+    assert tallies > 300
+    week = next(t for d, desk, t in stories if desk == "weekly" and d == dt.date(2017, 1, 13))
+    assert "Gains and losses split evenly, 2 days each." in week, week
 
 
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
