@@ -1611,8 +1611,7 @@ def oil_items(pen: Pen, cx: Ctx, k: int) -> list[str]:
             pen.say(
                 [
                     "Over the past 52 weeks WTI has ranged from ${lo} on {lod} to ${hi} on {hid}.",
-                    "The price sits {dh} below its 52-week {highword} of ${hi} and {dl} above the {lowword} "
-                    "of ${lo}.",
+                    oil_range_template(k, hi, lo),
                 ],
                 lo=f2(s.c[lo]),
                 hi=f2(s.c[hi]),
@@ -1680,6 +1679,15 @@ def oil_items(pen: Pen, cx: Ctx, k: int) -> list[str]:
             )
         )
     return out
+
+
+def oil_range_template(k: int, hi: int, lo: int) -> str:
+    """Where the price sits in its 52-week range: at an extreme it is there, not '0.00% below' it."""
+    if hi == k:
+        return "The price is at its 52-week {highword}, {dl} above the {lowword} of ${lo}."
+    if lo == k:
+        return "At {dh} below its 52-week {highword} of ${hi}, the price is at the 52-week {lowword}."
+    return "The price sits {dh} below its 52-week {highword} of ${hi} and {dl} above the {lowword} of ${lo}."
 
 
 def last_bigger_abs(ret: list, k: int):

@@ -946,6 +946,30 @@ def test_wrap_tallies_leave_unchanged_sessions_out_of_the_losses(stories):
     assert "Gains and losses split evenly, 2 days each." in week, week
 
 
+def test_oil_at_a_52_week_extreme_is_said_to_be_there(stories):
+    """On May 4, 2018 WTI closed at its 52-week high of $69.71: the story said it 'sits 0.00% below' it."""
+    from arch.data import wti
+
+    oil = wti.load()["DCOILWTICO"].dropna()
+    at_high = oil == oil.rolling(252).max()
+    at_low = oil == oil.rolling(252).min()
+    assert "0.00% below its 52-week" not in "\n".join(t for _, desk, t in stories if desk == "commodities")
+    said = 0
+    for d, desk, t in stories:
+        if desk != "commodities":
+            continue
+        day = oil.index.get_loc(str(d))
+        if "The price is at its 52-week" in t:
+            assert at_high.iloc[day], (d, t)
+            said += 1
+        if "the price is at the 52-week" in t:
+            assert at_low.iloc[day], (d, t)
+            said += 1
+        if "The price sits" in t:
+            assert not (at_high.iloc[day] or at_low.iloc[day]), (d, t)
+    assert said > 100
+
+
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 
 
