@@ -478,7 +478,7 @@ LEX = {
         "implied volatility",
         "options-implied volatility",
         "expected volatility",
-        "the market's volatility expectations",
+        "the market's expectation of volatility",  # singular, as "{implied} is" needs
     ],
     "aaa": [
         "Aaa-rated corporate bonds",
@@ -1824,9 +1824,10 @@ def vix_items(pen: Pen, cx: Ctx, k: int, i) -> list[str]:
     v, lv = cx.vixs, cx.vixs.c[k]
     out = [
         pen.say(
-            ["A reading of {lv} counts as {reg}.", "At {lv}, the index signals {reg} levels of anxiety."],
+            ["A reading of {lv} counts as {reg}.", "At {lv}, the index signals {anx} levels of anxiety."],
             lv=f2(lv),
             reg=vix_regime(lv),
+            anx=vix_regime(lv).split(",")[0],  # "high", not "high, signalling stress levels of anxiety"
         )
     ]
     for t in (15, 20, 30):

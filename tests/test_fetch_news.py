@@ -970,6 +970,15 @@ def test_oil_at_a_52_week_extreme_is_said_to_be_there(stories):
     assert said > 100
 
 
+def test_vix_sentences_read_whole(stories):
+    """'At 33.46, the index signals high, signalling stress levels of anxiety' (February 8, 2018) and
+    'the market's volatility expectations is 4.28 percentage points higher' (June 29, 2017)."""
+    text = "\n".join(t for _, desk, t in stories if desk in ("volatility", "weekly"))
+    assert "signals high levels of anxiety" in text and "signalling stress levels" not in text
+    assert "expectations is" not in text
+    assert "the market's expectation of volatility is" in text
+
+
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 
 
