@@ -1110,9 +1110,10 @@ def equity_event_headline(pen: Pen, f: dict, subj: str, v: str, plural: bool) ->
 
 
 def day_adjective(f: dict) -> str:
-    """How the session felt, judged only from its own numbers."""
+    """How the session felt, judged only from its own numbers: words about prices alone, since 'heavy
+    trade' says volume was high and a 'broad' rally says most stocks rose, which one index cannot tell."""
     if f["range"] >= 2.5:
-        return "volatile" if abs(f["r"]) < 1.5 else "heavy" if f["r"] < 0 else "broad"
+        return "volatile" if abs(f["r"]) < 1.5 else "rough" if f["r"] < 0 else "buoyant"
     if f["range"] < 0.8:
         return "quiet"
     return "choppy" if abs(f["r"]) < 0.3 else "steady"

@@ -979,6 +979,17 @@ def test_vix_sentences_read_whole(stories):
     assert "the market's expectation of volatility is" in text
 
 
+def test_a_session_is_described_by_its_prices_only(stories):
+    """'U.S. Stocks Plunge in Heavy Trade' on November 5, 2008 sat above 'Trading activity was about
+    normal: 5.43 billion shares, 16.28% below the average': 'heavy trade' means volume, and a 'broad'
+    rally means most stocks rose, which the index alone cannot show. The volume sentence alone judges
+    volume."""
+    eq = "\n".join(t for _, desk, t in stories if desk == "equities")
+    sessions = r"(trade|session|trading|day|Monday|Tuesday|Wednesday|Thursday|Friday)\b"
+    assert not re.search(r"(?i)\b(heavy|broad) " + sessions, eq)
+    assert re.search(r"(?i)\brough " + sessions, eq) and re.search(r"(?i)\bbuoyant " + sessions, eq)
+
+
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 
 
