@@ -2616,7 +2616,7 @@ def monthly_story(cx: Ctx, y: int, m: int, idx: list[int]) -> str:
             "Month-end wrap: Nasdaq {np}, S&P 500 {p} in {mon} {y}",
             "S&P 500 {v} in {mon}",
         ],
-        hl="gain" if f["r"] >= 0 else "slip",
+        hl="gain" if f["r"] >= 0 else month_decline(f["r"]),
         mon=MONTHS[m - 1],
         y=y,
         sign=fsp(f["r"]),
@@ -2646,6 +2646,12 @@ def monthly_story(cx: Ctx, y: int, m: int, idx: list[int]) -> str:
         pen.choice(["monthly", "month-long"]),
     )
     return article(pen, head, dateline("NEW YORK", cx.dates[idx[-1]]), lede, items)
+
+
+def month_decline(r: float) -> str:
+    """The word for a monthly loss, scaled as verb() scales: October 2008's 16.94% was no 'slip'."""
+    a = abs(r)
+    return "slip" if a < MONTH.small else "fall" if a < MONTH.mid else "slide" if a < MONTH.big else "tumble"
 
 
 def quarterly_story(cx: Ctx, y: int, q: int, idx: list[int]) -> str:

@@ -990,6 +990,23 @@ def test_a_session_is_described_by_its_prices_only(stories):
     assert re.search(r"(?i)\brough " + sessions, eq) and re.search(r"(?i)\bbuoyant " + sessions, eq)
 
 
+def test_a_monthly_decline_is_named_by_its_size(stories):
+    """'Stocks slip in October; S&P 500 -16.94% for the month' (2008): a slip is under 1%, as in verb()."""
+    sp = market_corpus.load_ohlcv("sp500")
+    c, dates = sp.cols["close"], sp.dates
+    named = 0
+    for d, desk, t in stories:
+        said = re.match(r"(?i)Stocks (slip|fall|slide|tumble) in [A-Z][a-z]+; S&P 500 ", t)
+        if desk != "monthly" or not said:
+            continue
+        idx = [i for i, x in enumerate(dates) if (x.year, x.month) == (d.year, d.month)]
+        a = abs(c[idx[-1]] / c[idx[0] - 1] - 1) * 100
+        word = "slip" if a < 1 else "fall" if a < 4 else "slide" if a < 8 else "tumble"
+        assert said[1].lower() == word, t
+        named += 1
+    assert named >= 20
+
+
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 
 
