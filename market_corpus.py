@@ -272,6 +272,17 @@ def grew(x: float) -> str:
     return "was unchanged" if prints_as_zero(x) else f"{'grew' if x > 0 else 'shrank'} {fp(x)}"
 
 
+def up_down_by(x: float) -> str:
+    """'up 1.23%', 'down 0.46%', or 'unchanged' for a % change that rounds to nothing."""
+    return "unchanged" if prints_as_zero(x) else f"{up_down(x)} {fp(x)}"
+
+
+def rose_fell(x: float) -> str:
+    """'rose 1.23%', 'fell 0.46%', or 'held steady' (fits 'outlays' as well as 'spending') for a change
+    that rounds to nothing."""
+    return "held steady" if prints_as_zero(x) else f"{'rose' if x > 0 else 'fell'} {fp(x)}"
+
+
 def gain_loss(x: float) -> str:
     return "gain" if x >= 0 else "loss"
 
@@ -1209,7 +1220,7 @@ def nasdaq_day_sentence(pen: Pen, f: dict, in_lede: bool) -> str:
     return pen.say(
         [
             "{Ndx} {nmv}, in step with {spx}." if even else "{Ndx} {nmv}, {rel} {spx} by {dpp}.",
-            "On the Nasdaq, the composite {ended} at {nc}, {ud} {npr}, "
+            "On the Nasdaq, the composite {ended} at {nc}, {nud}, "
             + ("in step with the broader market." if even else "{rel} the broader market by {dpp}."),
             "{Ndx} {ended} at {nc}, {ud} {npts} points, or {npr}.",
             "Technology-heavy shares {hl2}: {ndx} {nmv}.",
@@ -1219,6 +1230,7 @@ def nasdaq_day_sentence(pen: Pen, f: dict, in_lede: bool) -> str:
         dpp=fpp(diff),
         nc=f2(f["nc"]),
         ud=up_down(f["nr"]),
+        nud=up_down_by(f["nr"]),
         npr=fp(f["nr"]),
         npts=f2(abs(f["npts"])),
         # "too" only when both indexes moved, the same way
@@ -1509,14 +1521,12 @@ def equity_momentum_items(pen: Pen, cx: Ctx, f: dict) -> list[str]:
                 [
                     "Month to date {index} is {m}; year to date it is {y}.",
                     "For {mon}, {spx} is {m} {sofar}, and {y} since the start of {yr}.",
-                    "That leaves {index} {yud} {ya} for the year and {mud} {ma} for the month.",
+                    "That leaves {index} {yp} for the year and {mp} for the month.",
                 ],
                 m=fsp(f["mtd"]),
                 y=fsp(f["ytd"]),
-                yud=up_down(f["ytd"]),
-                ya=fp(f["ytd"]),
-                mud=up_down(f["mtd"]),
-                ma=fp(f["mtd"]),
+                yp=up_down_by(f["ytd"]),
+                mp=up_down_by(f["mtd"]),
                 mon=MONTHS[f["d"].month - 1],
                 yr=f["d"].year,
             )
@@ -1728,6 +1738,9 @@ def oil_headline(pen: Pen, cx: Ctx, k: int) -> str:
         if j is not None and k - j > 20:
             return f"{subj} {move} ${lvl} for first time since {short_date(cx.wti.dates[j])}"
         return f"{subj} {move} ${lvl}"
+    if (s.hi252[k] == k or s.lo252[k] == k) and abs(r) < OIL.flat:  # it stayed there: no "hits", no "sinks"
+        hold = "hold" if plural else "holds"
+        return f"{subj} {hold} at 52-week {'high' if s.hi252[k] == k else 'low'} of ${f2(p)}"
     if s.hi252[k] == k:
         return pen.say(
             ["{s} {v} to 52-week high", "Oil hits highest in a year at ${p}"], s=subj, v=v, p=f2(p)
@@ -2185,22 +2198,18 @@ def gdp_items(pen: Pen, cx: Ctx, keys: list, k: int, saar: dict) -> list[str]:
     out.append(
         pen.say(
             [
-                "{Consumers} {cv} {c} on the quarter and {invest} {iv} {i}.",
-                "{Consumers} {cv} {c} while {invest} {iv} {i} from the previous quarter.",
+                "{Consumers} {c} on the quarter and {invest} {i}.",
+                "{Consumers} {c} while {invest} {i} from the previous quarter.",
             ],
-            cv="rose" if cur["cons"] >= prev["cons"] else "fell",
-            c=fp(pct(cur["cons"], prev["cons"])),
-            iv="rose" if cur["inv"] >= prev["inv"] else "fell",
-            i=fp(pct(cur["inv"], prev["inv"])),
+            c=rose_fell(pct(cur["cons"], prev["cons"])),
+            i=rose_fell(pct(cur["inv"], prev["inv"])),
         )
     )
     out.append(
         pen.say(
-            "{Govt} {v} {a} and real disposable income {dv} {d}.",
-            v="rose" if cur["govt"] >= prev["govt"] else "fell",
-            a=fp(pct(cur["govt"], prev["govt"])),
-            dv="rose" if cur["dpi"] >= prev["dpi"] else "fell",
-            d=fp(pct(cur["dpi"], prev["dpi"])),
+            "{Govt} {a} and real disposable income {d}.",
+            a=rose_fell(pct(cur["govt"], prev["govt"])),
+            d=rose_fell(pct(cur["dpi"], prev["dpi"])),
         )
     )
     du = cur["unemp"] - prev["unemp"]
@@ -2264,7 +2273,7 @@ def factor_story(cx: Ctx, keys: list, k: int) -> str:
         shml=fsp(hml),
         sv="beat" if smb > 0 else "lagged" if smb < 0 else "matched",
         vv="beat" if hml > 0 else "lagged" if hml < 0 else "matched",
-        gl="gained" if tot >= 0 else "lost",
+        gl="returned" if prints_as_zero(tot) else "gained" if tot > 0 else "lost",  # no "gained 0.00%"
     )
     head = pen.say(
         [
@@ -2404,24 +2413,26 @@ def period_facts(cx: Ctx, idx: list[int], prev_i: int) -> dict:
 
 
 def wrap_lede(pen: Pen, f: dict, span: str, span_adj: str) -> str:
+    zero = prints_as_zero(f["r"])  # a period that ended where it began: no gain, loss, "up 0.00%"
+    templates = [
+        "{Spx} {mv} {span}, ending at {c}.",
+        "{Stocks} posted a {adj}{gl} {span}: {spx} closed at {c}, {ud} {a} from {pc}.",
+        "{Spx} {mv} {span} to finish at {c}, while {ndx} {nmv}.",
+        "{Stocks} {ended} {hl} {span}, with {spx} {ud} {a} at {c} and {ndx} {ud2} {na}.",
+        "{Stocks} {ended} {adv}{hl} {span}: {spx} {mv}, ending at {c}.",
+    ]
     return pen.say(
-        [
-            "{Spx} {mv} {span}, ending at {c}.",
-            "{Stocks} posted a {adj}{gl} {span}: {spx} closed at {c}, {ud} {a} from {pc}.",
-            "{Spx} {mv} {span} to finish at {c}, while {ndx} {nmv}.",
-            "{Stocks} {ended} {hl} {span}, with {spx} {ud} {a} at {c} and {ndx} {ud2} {na}.",
-            "{Stocks} {ended} {adv}{hl} {span}: {spx} {mv}, ending at {c}.",
-        ],
+        [t for t in templates if not (zero and "{ud}" in t)],
         mv=moved(pen, f["r"], MONTH, fp(f["r"])),
         span=span,
         adj="" if span_adj[:4] in span else span_adj + " ",  # not "a yearly gain for the year"
-        adv=adverb(pen, f["r"], MONTH),
+        adv="" if zero else adverb(pen, f["r"], MONTH),
         c=f2(f["c"]),
         pc=f2(f["pc"]),
         gl=gain_loss(f["r"]),
         ud=up_down(f["r"]),
         a=fp(f["r"]),
-        hl=higher_lower(f["r"]),
+        hl="unchanged" if zero else higher_lower(f["r"]),
         nmv=moved(pen, f["nr"], MONTH, fp(f["nr"]), f2(f["nc"])),
         ud2=up_down(f["nr"]),
         na=fp(f["nr"]),

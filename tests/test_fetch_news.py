@@ -1007,6 +1007,31 @@ def test_a_monthly_decline_is_named_by_its_size(stories):
     assert named >= 20
 
 
+def test_no_direction_for_a_move_that_prints_as_zero(stories):
+    """'Shoppers' spending rose 0.00%' (1981 Q2: real consumption 3,822.8 both quarters), 'the market
+    portfolio gained 0.00%' (June 1959), 'U.S. stocks
+    posted a loss for the year: ... down 0.00%' (2011), 'ended higher over the week, with the S&P 500 up
+    0.00%' (June 3, 2016), and 'Oil Sinks to Lowest in a Year at $24.65' on July 19, 2001, when WTI
+    stood where it had closed the day before, at the low it had sunk to on July 18."""
+    text = "\n".join(t for _, _, t in stories)
+    moved = r"\b(rose|fell|up|down|grew|shrank|gained|lost|higher|lower|advanced|declined) 0\.00%"
+    assert not re.findall(".{0,60}" + moved, text)
+    from arch.data import wti
+
+    oil = wti.load()["DCOILWTICO"].dropna()
+    ret = oil.pct_change() * 100
+    verbs = 0
+    extreme = r"(hits|sinks to) (highest|lowest) in a year|to 52-week"
+    for d, desk, t in stories:
+        head = t.split("\n")[0].lower()
+        if desk == "commodities" and re.search(extreme, head):
+            assert abs(ret.loc[str(d)]) >= market_corpus.OIL.flat, (d, head)  # a real move took it there
+            verbs += 1
+    assert verbs > 100
+    july19 = next(t for d, desk, t in stories if desk == "commodities" and d == dt.date(2001, 7, 19))
+    assert july19.lower().startswith("wti crude holds at 52-week low of $24.65"), july19
+
+
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 
 
