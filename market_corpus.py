@@ -912,6 +912,11 @@ def since_phrase(dates: list, j, first_label: str) -> str:
 
 
 def a_an(word: str) -> str:
+    """The article a word or figure takes: 'an elevated', and 'an 8.37%', 'an $8.07' (eight), 'an 11.20%'
+    (eleven), 'an 18.00%' (eighteen), as figures are read aloud."""
+    lead = word.lstrip("$").split(".")[0].replace(",", "")
+    if lead[:1].isdigit():
+        return "an" if lead[0] == "8" or lead in ("11", "18") else "a"
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -2137,6 +2142,7 @@ def gdp_story(cx: Ctx, keys: list, k: int):
         y=y,
         o=["first", "second", "third", "fourth"][q - 1],
         s=fp(s),
+        an=a_an(fp(s)),
         lvl=f"{cur['gdp']:,.1f}",
         gw="grew" if s >= 0 else "shrank",
         ex="expanded" if s >= 0 else "contracted",
@@ -2151,7 +2157,7 @@ def gdp_story(cx: Ctx, keys: list, k: int):
     )
     lede = pen.say(
         [
-            "{Gdp} {gw} at a {s} annualized rate in the {o} quarter of {y}, to ${lvl} billion in chained "
+            "{Gdp} {gw} at {an} {s} annualized rate in the {o} quarter of {y}, to ${lvl} billion in chained "
             "2005 dollars.",
             "{Economy} {ex} at an annual rate of {s} in the {o} quarter of {y}, with real output at ${lvl} "
             "billion.",
@@ -2365,7 +2371,7 @@ def oil_month_story(cx: Ctx, y: int, m: int):
         items.append(
             pen.say(
                 [
-                    "Brent averaged ${b} a barrel and WTI ${w} in the monthly series, putting Brent at a "
+                    "Brent averaged ${b} a barrel and WTI ${w} in the monthly series, putting Brent at {an} "
                     "${d} {pd}.",
                     "The Brent-WTI spread averaged {sp} a barrel in {mon}, with Brent at ${b} and WTI at "
                     "${w}.",
@@ -2373,6 +2379,7 @@ def oil_month_story(cx: Ctx, y: int, m: int):
                 b=f2(b),
                 w=f2(w),
                 d=f2(abs(b - w)),
+                an=a_an(f2(abs(b - w))),
                 sp=f"{'-' if b < w else ''}${f2(abs(b - w))}",
                 pd="premium" if b >= w else "discount",
                 mon=MONTHS[m - 1],

@@ -1032,6 +1032,14 @@ def test_no_direction_for_a_move_that_prints_as_zero(stories):
     assert july19.lower().startswith("wti crude holds at 52-week low of $24.65"), july19
 
 
+def test_figures_read_aloud_take_the_right_article(stories):
+    """'grew at a 8.37% annualized rate' (1965 Q3) and 'putting Brent at a $8.07 premium'."""
+    words = ("8.37%", "$8.07", "11.20%", "18.00%", "1.80%", "80.1%", "elevated", "moderate")
+    assert [market_corpus.a_an(w) for w in words] == ["an", "an", "an", "an", "a", "an", "an", "a"]
+    text = "\n".join(t for _, _, t in stories)
+    assert not re.search(r"\b[Aa] \$?(8|11\.|18\.)", text) and re.search(r"\ban \$?8", text)
+
+
 WEEKDAY = "(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
 
 
