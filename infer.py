@@ -129,10 +129,11 @@ class HFModel:
             input_ids=x,
             attention_mask=torch.ones_like(x),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens if force_length else None,
             repetition_penalty=args.repetition_penalty,
             use_cache=use_cache,
-            eos_token_id=self.stop_ids,
+            # force_length (--bench): no stop token, so exactly max_new_tokens argmax tokens, a separator
+            # included, as the static-cache decoders give (min_new_tokens would pick the runner-up instead)
+            eos_token_id=None if force_length else self.stop_ids,
             pad_token_id=self.pad,
             **kw,
             **extra,

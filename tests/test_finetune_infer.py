@@ -1,6 +1,7 @@
 """finetune_llama.py and infer.py on a tiny random Llama (real tokenizer trained on the corpus), the bundled
 SmolLM2 base, and GPT checkpoints. Everything runs on CPU through the real scripts."""
 
+import argparse
 import copy
 import json
 import math
@@ -855,6 +856,49 @@ def test_bench_reports_cache_and_no_cache(tiny, tmp_path, capsys):
     assert rows["kv cache"]["same_tokens_as_no_cache"] is True
     assert json.loads((tmp_path / "bench.json").read_text())["bench"][0]["variant"] == "kv cache"
     assert "tokens/s" in capsys.readouterr().out
+
+
+def llama_emitting_separator(tiny, tok, at: int):
+    """A tiny untied Llama whose greedy path from infer.py's bench prompt emits the separator as new token
+    `at` (its head row set so that the separator's logit is the top one there and below the top one before);
+    with the prompt's ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(tiny["llama_a"], tie_word_embeddings=False)).eval()
+    ids = infer.HFModel(model, tok, "x", "cpu").encode(infer.BENCH_PROMPT)
+    out, hidden, top = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(at + 1):
+            res = model(input_ids=torch.tensor([out]), output_hidden_states=True)
+            hidden.append(res.hidden_states[-1][0, -1])
+            top.append(res.logits[0, -1].max().item())
+            out.append(int(res.logits[0, -1].argmax()))
+        want = torch.tensor([t - 3 for t in top[:at]] + [top[at] + 3])
+        model.lm_head.weight[0] = torch.linalg.lstsq(torch.stack(hidden), want[:, None]).solution[:, 0]
+    return model, ids
+
+
+def test_bench_decodes_the_plain_argmax_through_a_separator(tiny):
+    """--bench times exactly N greedy tokens: transformers' rows take the argmax even where it is the
+    separator, as the static-cache rows do (they never stop), so their tokens compare."""
+    from transformers import AutoTokenizer, StaticCache
+
+    tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
+    model, ids = llama_emitting_separator(tiny, tok, at=5)
+    lm = infer.HFModel(model, tok, "x", "cpu")
+    assert lm.sep == 0 and lm.stop_ids == [0]
+    argmax = list(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            argmax.append(int(model(input_ids=torch.tensor([argmax])).logits[0, -1].argmax()))
+    argmax = argmax[len(ids) :]
+    assert argmax[5] == 0  # the separator, then more tokens
+    cache = StaticCache(config=model.config, max_cache_len=infer.cache_positions(len(ids) + 12))
+    step = lambda t, pos: infer.decode_step(model, t, pos, cache)  # noqa: E731  the static row's step, eager
+    assert infer.greedy_decode(step, step, ids, 12, "cpu") == argmax
+    for name, fn in infer.bench_variants(lm, argparse.Namespace(bench_compile=False)):
+        assert fn(ids, 12) == argmax, name
 
 
 def test_static_cache_with_compiled_decoding_gives_the_eager_greedy_tokens(tiny):
