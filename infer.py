@@ -540,6 +540,11 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
         where = f"--adapter {adapter_dir}" if has_tok else f"base {base['resolved']}"
         reason = (str(e).splitlines() or [""])[0][:120]
         die(f"{where}: its tokenizer files are damaged or incomplete ({type(e).__name__}: {reason})")
+    if has_tok and len(tok) > config.vocab_size:  # its ids would index past the base's embeddings
+        die(
+            f"--adapter {adapter_dir}: its tokenizer has {len(tok)} tokens, but base {base['resolved']} has "
+            f"embeddings for {config.vocab_size}; give the adapter's own base with --model"
+        )
     model = AutoModelForCausalLM.from_pretrained(
         base["resolved"], dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **kw
     )

@@ -1088,6 +1088,30 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         assert_user_error(run("infer.py", *args, check=False), frag)
 
 
+def test_adapter_tokenizer_larger_than_the_base_vocab_exit_2(tiny, tmp_path):
+    """An adapter folder with its tokenizer but no run.json (as a run stopped while scoring leaves it) on a
+    base of the same shape but a smaller vocabulary: its LoRA weights fit, its token ids do not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny["llama_a"])
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["llama_a"]), LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    lora.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    small = LlamaConfig.from_pretrained(tiny["llama_a"], vocab_size=len(tok) // 2)
+    LlamaForCausalLM(small).save_pretrained(tmp_path / "small_vocab")
+    tok.save_pretrained(tmp_path / "small_vocab")
+    (tmp_path / "docs.txt").write_text("\n\n".join(tiny["docs"][:2]) + "\n")
+    target = ["--adapter", tmp_path / "adapter", "--model", tmp_path / "small_vocab"]
+    prompt = tiny["docs"][0].splitlines()[0]  # common words: ids from the upper half of the vocabulary
+    assert max(tok(prompt)["input_ids"]) >= len(tok) // 2
+    for job in (["--prompt", prompt, "--max-new-tokens", 2], ["--ppl", tmp_path / "docs.txt"]):
+        p = run("infer.py", *target, *job, check=False)
+        assert_user_error(p, f"its tokenizer has {len(tok)} tokens", f"embeddings for {len(tok) // 2}")
+
+
 def test_prompts_from_stdin(tiny):
     p = subprocess.run(
         [
