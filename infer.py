@@ -713,8 +713,9 @@ def run_bench(lm, args, context: int) -> list[dict]:
         ids = fitted[n]
         row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
         # new token i is predicted from len(ids) + i tokens: past the window, the step re-runs it uncached
-        if isinstance(lm, GPTModel) and name != "no cache" and len(ids) + n - 1 > context:
-            row["uncached_steps"] = len(ids) + n - 1 - context
+        # (the module's window is its block size: --context cuts the prompt, not the module's cache)
+        if isinstance(lm, GPTModel) and name != "no cache" and len(ids) + n - 1 > lm.context:
+            row["uncached_steps"] = len(ids) + n - 1 - lm.context
         if merged is not None:
             row["adapter"] = "merged" if merged else "unmerged (4-bit base)"
         out = time_variant(fn, ids, n, args.bench_runs, row)

@@ -455,19 +455,34 @@ def test_gpt_bench_gives_the_kv_cache_room_and_counts_uncached_steps(shared_dir,
     assert by[("kv cache", 32)]["prompt_tokens"] == 1 and "uncached_steps" not in by[("kv cache", 32)]
     assert by[("kv cache", 40)]["prompt_tokens"] == 1 and by[("kv cache", 40)]["uncached_steps"] == 8
     assert "uncached_steps" not in by[("no cache", 40)]
+    for n in (8, 32, 40):
+        row = by[("kv cache", n)]
+        assert row.get("uncached_steps", 0) == uncached_steps(path, row["prompt_tokens"], n), n
+    assert all(r["same_tokens_as_no_cache"] for r in rows if r["variant"] == "kv cache")
+
+
+def uncached_steps(path: Path, prompt_tokens: int, n: int) -> int:
+    """The forward passes gpt_optimized's cached generate runs without the cache (no input_pos: the whole
+    window again) for n new tokens after a prompt of prompt_tokens."""
     model, _, _ = __import__("gpt_optimized").load_checkpoint(path, "cpu")
-    full_window = []  # forwards without input_pos: the steps the cache could not serve
-    forward = model.forward
+    full_window, forward = [], model.forward
     model.forward = lambda idx, *a, **kw: (
         full_window.append(kw.get("input_pos") is None) or forward(idx, *a, **kw)
     )
-    for n in (8, 32, 40):
-        full_window.clear()
-        model.generate(
-            torch.zeros((1, by[("kv cache", n)]["prompt_tokens"]), dtype=torch.long), n, temperature=0.0
-        )
-        assert by[("kv cache", n)].get("uncached_steps", 0) == sum(full_window), n
-    assert all(r["same_tokens_as_no_cache"] for r in rows if r["variant"] == "kv cache")
+    model.generate(torch.zeros((1, prompt_tokens), dtype=torch.long), n, temperature=0.0)
+    return sum(full_window)
+
+
+def test_gpt_bench_under_context_counts_the_steps_the_module_ran_uncached(shared_dir, corpus):
+    """--context cuts the bench prompt, but the module's cached generate crops at its own block size: a row
+    counts the steps past that window, not past --context."""
+    path = train_gpt("gpt_optimized", shared_dir / "bench_context", corpus)  # block size 32
+    bench = ["--bench", "--bench-new-tokens", "24,40", "--bench-runs", "1", "--no-bench-compile"]
+    rows = infer.main(["--ckpt", str(path), *bench, "--context", "16"])["bench"]
+    by = {r["new_tokens"]: r for r in rows if r["variant"] == "kv cache"}
+    assert by[24]["prompt_tokens"] == by[40]["prompt_tokens"] == 1
+    for n, row in by.items():
+        assert row.get("uncached_steps", 0) == uncached_steps(path, 1, n) == max(0, n - 32), n
 
 
 def test_tiny_temperature_and_llama_flags_with_ckpt_exit_2(ckpt):
