@@ -609,12 +609,15 @@ def fit_prompt(
     if keep < 1:
         die(f"{flag} {max_new_tokens} leaves no room for the prompt in a {context}-token context")
     if len(ids) > keep:
+        # a Llama-style model keeps its start token (BOS, or the separator that starts a document): without
+        # it at position 0 the text reads as if from mid-document
+        start = ids[:1] if isinstance(lm, HFModel) and keep > 1 else []
+        kept = f"its start token and the last {keep - 1}" if start else f"the last {keep}"
         note(
             f"warning: prompt of {len(ids)} tokens is longer than the {keep} that fit the {context}-token "
-            "context; "
-            f"keeping the last {keep}"
+            f"context; keeping {kept}"
         )
-        ids = ids[-keep:]
+        ids = start + ids[len(ids) - keep + len(start) :]
     return ids
 
 

@@ -805,7 +805,7 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys, monkeypat
     given, generate = [], infer.HFModel.generate
 
     def recorded(lm, ids, *a, **kw):  # the real generation, with the prompt ids it was handed kept
-        given.append((list(ids), lm.encode(prompt)))
+        given.append((list(ids), lm.encode(prompt), lm.sep))
         return generate(lm, ids, *a, **kw)
 
     monkeypatch.setattr(infer.HFModel, "generate", recorded)
@@ -824,9 +824,13 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, capsys, monkeypat
         ]
     )
     err = capsys.readouterr().err
-    (ids, full), *more = given
-    assert re.search(rf"warning: prompt of {len(full)} tokens .* keeping the last 56", err)
-    assert not more and len(full) > 56 and ids == full[-56:]  # 64 - 8 new: the prompt's end is kept
+    (ids, full, sep), *more = given
+    assert re.search(
+        rf"warning: prompt of {len(full)} tokens .* keeping its start token and the last 55", err
+    )
+    # 64 - 8 new: the start token (here the separator that starts a document) and the prompt's end are kept
+    assert full[0] == sep != full[1]
+    assert not more and len(full) > 56 and ids == full[:1] + full[-55:]
     assert len(res["generations"][0]["output"]) > 0
 
 
