@@ -136,7 +136,7 @@ class NewsClient:
                 if code == 200:
                     self.requests_ok += 1
                     with contextlib.suppress(ValueError):
-                        items = json.loads(resp.text)
+                        items = json.loads(resp.content.decode("utf-8", "replace"))  # RFC 8259: JSON is UTF-8
                         if isinstance(items, list):
                             return items
                     reason, wait = "answer is not a JSON list of articles", self.backoff(attempt)

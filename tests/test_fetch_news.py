@@ -60,6 +60,7 @@ class FakeEODHD:
         self.slow_s = 2.0  # how long a "slow" answer takes
         self.retry_after = "1"  # the Retry-After header of a 429
         self.quota = None  # OK answers left before 402
+        self.news_ctype = "application/json"  # the Content-Type of a page of articles
         self.log = []  # (time, ticker, offset, limit, status, n_items)
         self.n_req = {}
         self.files = {}  # extra static files: path -> (content type, bytes)
@@ -102,7 +103,8 @@ class FakeEODHD:
         caps = self.page_caps.get(ticker)
         n = min(limit, caps[k % len(caps)]) if caps else limit
         items = self.feeds[ticker][offset : offset + n]
-        return 200, "application/json", json.dumps(items).encode(), {}
+        body = json.dumps(items, ensure_ascii=False).encode("utf-8", "backslashreplace")  # raw UTF-8
+        return 200, self.news_ctype, body, {}
 
 
 @pytest.fixture
@@ -1393,6 +1395,17 @@ def test_odd_shapes_in_answers_and_progress_do_not_crash(api, tmp_path):
     assert len(by_link) == 3
     assert by_link[shared["link"]]["tickers"] == ["AAPL.US", "MSFT.US"]
     assert by_link[shared["link"]]["symbols"] == ["AAPL.US", "MSFT.US"]
+
+
+def test_utf8_pages_read_as_utf8_whatever_charset_the_header_implies(api, tmp_path):
+    """text/html without a charset means ISO-8859-1 to requests; JSON is UTF-8 all the same."""
+    title, body = "Société Générale’s 2% rise — 日本", "Zürich: ünïcödé 📈 text."
+    api.feeds["GLE.PA"] = [article(1, ["GLE.PA"], content=body) | {"title": title}]
+    api.news_ctype = "text/html"
+    r = fetch(api, tmp_path, "--tickers", "GLE.PA")
+    assert r.returncode == 0, r.stderr
+    assert [(a["title"], a["content"]) for a in read_news(tmp_path)] == [(title, body)]
+    assert (tmp_path / "finance_corpus.txt").read_text(encoding="utf-8") == f"{title}\n{body}\n"
 
 
 def test_articles_the_json_allows_but_python_trips_on(api, tmp_path):
