@@ -32,6 +32,7 @@ import urllib.parse
 from types import SimpleNamespace
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 import market_corpus
@@ -83,7 +84,7 @@ class Redactor:
 
 class NewsClient:
     """GET <base-url>/news with retries. Returns one page (a list of article dicts) or raises: UserError
-    (401/403, a rejected key), QuotaExhausted (402), TickerFailed (404, 403 for this ticker, gave up)."""
+    (a rejected key, no connection), QuotaExhausted (402), TickerFailed (404, 403 for the ticker, gave up)."""
 
     def __init__(self, args, api_key: str, log):
         self.args, self.api_key, self.log, self.redact = args, api_key, log, Redactor(api_key)
@@ -99,8 +100,7 @@ class NewsClient:
         return wait * (0.5 + 0.5 * self.jitter.random())
 
     def rate_limited(self, resp, attempt: int) -> tuple:
-        """(reason, wait) for a 429. Retry-After (seconds or an HTTP date) is honoured up to
-        --backoff-max: a server asking for a day's pause must not stall the fetch for a day."""
+        """(reason, wait) for a 429: Retry-After (seconds or an HTTP date), at most --backoff-max."""
         value, ra, cap = resp.headers.get("Retry-After", "").strip(), None, self.args.backoff_max
         with contextlib.suppress(ValueError):
             ra = max(0.0, float(value))
@@ -114,13 +114,17 @@ class NewsClient:
         return f"rate limited (HTTP 429): {capped}", cap
 
     def refused(self, resp) -> Exception:
-        """401/403: a rejected key stops the run; a 403 once the key has been taken is about this ticker
-        (a plan, or the demo key, that does not cover it), which is skipped."""
+        """401/403: a rejected key stops the run; a 403 once the key was taken skips the ticker (plan)."""
         code, body = resp.status_code, self.redact(" ".join(resp.text.split())[:80] or resp.reason)
         if code == 403 and self.requests_ok:
             return TickerFailed(f"HTTP 403 ({body}): the API key was taken, but not for this ticker")
         fix = "pass a valid --api-key or set EODHD_API_KEY"
         return UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
+
+    def unreachable(self, why: Exception, attempts: int) -> UserError:
+        host, kept = urllib.parse.urlsplit(self.url).netloc, eodhd_kept(self.args.out_dir)
+        why = f"cannot connect to EODHD at {host} ({type(why).__name__}: {why}; {attempts} attempts)"
+        return UserError(self.redact(f"{why}; {kept}; {RERUN} once it can be reached"))
 
     def page(self, ticker: str, offset: int) -> list:
         a = self.args
@@ -131,8 +135,9 @@ class NewsClient:
                 resp = self.session.get(self.url, params=params, timeout=a.timeout)
             except requests.RequestException as e:  # timeouts, refused and reset connections
                 reason, wait = f"{type(e).__name__}: {self.redact(e)}", self.backoff(attempt)
+                down = getattr(e.args[0] if e.args else None, "reason", None)  # urllib3's, in requests' error
             else:
-                code = resp.status_code
+                code, down = resp.status_code, None
                 if code == 200:
                     self.requests_ok += 1
                     with contextlib.suppress(ValueError):
@@ -151,6 +156,8 @@ class NewsClient:
                 else:  # other 4xx: retrying the same request cannot help
                     raise TickerFailed(f"HTTP {code}: {self.redact(' '.join(resp.text.split())[:120])}")
             if attempt == a.max_retries:
+                if isinstance(down, urllib3.exceptions.ConnectTimeoutError):  # DNS, refused, connect timeout:
+                    raise self.unreachable(down.__cause__ or down, attempt + 1)  # no ticker would do better
                 raise TickerFailed(f"{reason}; gave up after {attempt + 1} attempts")
             retry = f"retry {attempt + 1}/{a.max_retries} in {wait:.2f}s"
             self.log(f"{ticker} offset {offset}: {reason}; {retry}")
@@ -185,8 +192,7 @@ def article_key(a: dict) -> str:
 
 
 def scan_jsonl(path: str):
-    """Yield (byte offset, parsed dict or None) per line, streaming. A last line without its
-    newline is torn (the writer was killed mid-append) and yields None as well."""
+    """Yield (byte offset, dict or None) per line, streaming; a torn last line (no newline) is None."""
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
@@ -218,8 +224,7 @@ class NewsStore:
         names = ("news.jsonl", "news_merges.jsonl", "news_progress.json")
         self.path, self.merges_path, self.progress_path = (os.path.join(out_dir, n) for n in names)
         self.log = log
-        # one writer per folder: a second concurrent run would interleave appends. flock is
-        # released by the kernel when the process dies, kill -9 included
+        # one writer per folder (appends would interleave); the kernel drops a flock when its process dies
         self.lock = open(os.path.join(out_dir, "news.lock"), "w")
         try:
             if fcntl is not None:
@@ -394,8 +399,7 @@ TAG = re.compile(r"</?[A-Za-z][\w:-]*(?:\s[^<>]*)?/?>|<[!?][^<>]*>")  # not the 
 
 
 def clean_text(s, furniture: bool = True) -> str:
-    """HTML to plain text: tags and entities gone, furniture (boilerplate) lines dropped, whitespace
-    normalised (single spaces within a line, no empty lines, so a document never contains a blank line)."""
+    """HTML to plain text without tags, entities or furniture lines; single spaces, never a blank line."""
     if not isinstance(s, str):
         return ""
     s = s.encode("utf-8", "ignore").decode("utf-8")  # lone surrogates (half an emoji) are not text
@@ -417,8 +421,7 @@ def date_key(s) -> str:
 
 
 def news_docs(src_path: str):
-    """news.jsonl's documents as bytes ('title\\nbody', cleaned) by (date, link), empty and repeated bodies
-    dropped. Holds (date, link, offset) and a body hash per article in memory, never the articles."""
+    """news.jsonl's documents ('title\\nbody', cleaned) by (date, link), no empty or repeated body."""
     articles = ((off, obj) for off, obj in scan_jsonl(src_path) if obj is not None)
     order = sorted((date_key(obj.get("date", "")), article_key(obj), off) for off, obj in articles)
     if not order:
@@ -436,8 +439,7 @@ def news_docs(src_path: str):
 
 
 def write_news_corpus(out_dir: str) -> tuple:
-    """news.jsonl -> finance_corpus.txt. Returns (path, #documents, #bytes); (path, 0, 0) when no
-    article has a body, and then an existing corpus (e.g. the market one) is left as it was."""
+    """news.jsonl -> finance_corpus.txt: (path, #documents, #bytes); (path, 0, 0), unwritten, if none."""
     path = os.path.join(out_dir, CORPUS_NAME)
     return path, *write_corpus(path, news_docs(os.path.join(out_dir, "news.jsonl")))
 
@@ -459,8 +461,7 @@ def eodhd_kept(out_dir: str) -> str:
 
 
 def resume_offset(state, query: dict, restart: bool):
-    """Where a ticker's paging starts: its recorded offset when the query is the same, else 0;
-    None when the same query already paged it to the end."""
+    """A ticker's first offset: its own under the same query, else 0; None if that query finished it."""
     st = state if isinstance(state, dict) else {}
     same_query = not restart and st.get("from") == query["from"] and st.get("to") == query["to"]
     if same_query and st.get("done"):
@@ -470,8 +471,7 @@ def resume_offset(state, query: dict, restart: bool):
 
 
 def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, log) -> SimpleNamespace:
-    """Page every ticker until an empty page (or --max-pages), storing each page as it comes. A
-    spent quota or Ctrl-C ends the loop early and says so in the returned tally's `stop`."""
+    """Page each ticker to an empty page (or --max-pages), storing each page; quota or Ctrl-C: `stop`."""
     t = SimpleNamespace(done=0, already=0, new=0, unfinished=[], skipped={}, stop=None)
     query, bar = {"from": args.date_from, "to": args.date_to}, None
     try:
@@ -643,9 +643,9 @@ FLAGS = [
 # fmt: on
 EPILOG = (
     "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
-    "written, or a rejected API key; 3 EODHD daily quota spent and 130 Ctrl-C (everything fetched is kept; "
-    "rerun the same command to resume). --source eodhd writes news.jsonl, news_progress.json and "
-    "finance_corpus.txt into --out-dir."
+    "written, a rejected API key or no connection to EODHD; 3 EODHD daily quota spent and 130 Ctrl-C "
+    "(everything fetched is kept; rerun the same command to resume). --source eodhd writes news.jsonl, "
+    "news_progress.json and finance_corpus.txt into --out-dir."
 )
 EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
 

@@ -439,9 +439,31 @@ def test_timeouts_and_5xx_exhaust_retries_then_skip(api, tmp_path):
         env=clean_env(),
         timeout=60,
     )
-    assert dead.returncode == 0 and "skipped TSLA.US: ConnectionError" in dead.stdout
+    assert dead.returncode == 2 and "TSLA.US offset 0: ConnectionError" in dead.stderr  # retried, stopped
     assert "api_token=***" in dead.stdout + dead.stderr
     assert_no_key(dead.stdout, dead.stderr, out_dir=tmp_path)
+
+
+def test_no_connection_to_eodhd_stops_the_run_in_one_line_and_resumes(api, tmp_path):
+    """DNS failure, refused connection, connect timeout: no other ticker would fare better, so the run stops
+    with exit 2 instead of retrying ticker after ticker; what was stored is kept and a rerun resumes."""
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(6)]
+    api.feeds["MSFT.US"] = [article(10 + i, ["MSFT.US"]) for i in range(3)]
+    assert fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "2", "--max-pages", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    quick = ["--limit", "2", "--max-retries", "1", "--backoff-base", "0.01"]
+    cmd = eodhd_cmd("http://127.0.0.1:9/api", tmp_path, "--tickers", "AAPL.US,MSFT.US", *quick)
+    dead = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+    refused = "cannot connect to EODHD at 127.0.0.1:9 (ConnectionRefusedError"
+    assert_error_last(dead, refused, "2 attempts", f"2 articles kept in {tmp_path}", "run the same command")
+    assert "MSFT.US" not in dead.stdout + dead.stderr  # stopped at the first ticker
+    assert_no_key(dead.stdout, dead.stderr, out_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
+
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US,MSFT.US", "--limit", "2")
+    assert r.returncode == 0, r.stderr
+    assert [(s, off) for _, s, off, *_ in api.log][:2] == [("AAPL.US", 0), ("AAPL.US", 2)]  # resumed
+    assert len(read_news(tmp_path)) == 9
 
 
 def test_bad_key_exits_2_without_leaking_or_losing_data(api, tmp_path):
