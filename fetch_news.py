@@ -115,7 +115,7 @@ class NewsClient:
 
     def refused(self, resp) -> Exception:
         """401/403: a rejected key stops the run; a 403 once the key was taken skips the ticker (plan)."""
-        code, body = resp.status_code, self.redact(" ".join(resp.text.split())[:80] or resp.reason)
+        code, body = resp.status_code, self.redact(" ".join(resp.text.split()) or resp.reason)[:80]
         if code == 403 and self.requests_ok:
             return TickerFailed(f"HTTP 403 ({body}): the API key was taken, but not for this ticker")
         fix = "pass a valid --api-key or set EODHD_API_KEY"
@@ -154,7 +154,7 @@ class NewsClient:
                 elif code >= 500:
                     reason, wait = f"server error (HTTP {code})", self.backoff(attempt)
                 else:  # other 4xx: retrying the same request cannot help
-                    raise TickerFailed(f"HTTP {code}: {self.redact(' '.join(resp.text.split())[:120])}")
+                    raise TickerFailed(f"HTTP {code}: {self.redact(' '.join(resp.text.split()))[:120]}")
             if attempt == a.max_retries:
                 if isinstance(down, urllib3.exceptions.ConnectTimeoutError):  # DNS, refused, connect timeout:
                     raise self.unreachable(down.__cause__ or down, attempt + 1)  # no ticker would do better

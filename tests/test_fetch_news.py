@@ -61,6 +61,7 @@ class FakeEODHD:
         self.retry_after = "1"  # the Retry-After header of a 429
         self.quota = None  # OK answers left before 402
         self.news_ctype = "application/json"  # the Content-Type of a page of articles
+        self.token_echo = None  # text before the token in error bodies that quote it (401, "400")
         self.log = []  # (time, ticker, offset, limit, status, n_items)
         self.n_req = {}
         self.files = {}  # extra static files: path -> (content type, bytes)
@@ -71,8 +72,9 @@ class FakeEODHD:
             return 200, self.files[path][0], self.files[path][1], {}
         if path != "/api/news":
             return 404, "text/plain", b"Not Found", {}
+        echo = f"{self.token_echo}{q.get('api_token')}".encode()
         if q.get("api_token") != KEY:
-            return 401, "text/plain", b"Unauthenticated", {}
+            return 401, "text/plain", b"Unauthenticated" if self.token_echo is None else echo, {}
         ticker, offset, limit = q["s"], int(q["offset"]), int(q["limit"])
         assert q.get("fmt") == "json"
         with self.lock:
@@ -89,6 +91,8 @@ class FakeEODHD:
             return 404, "application/json", b'{"error": "ticker not found"}', {}
         if what == "403":  # a key that is good, but not for this ticker (a plan, or the demo key)
             return 403, "application/json", b'{"error": "Forbidden"}', {}
+        if what == "400":
+            return 400, "text/plain", echo, {}
         if what == "429":
             return 429, "text/plain", b"Too Many Requests", {"Retry-After": self.retry_after}
         if what == "500":
@@ -481,6 +485,23 @@ def test_bad_key_exits_2_without_leaking_or_losing_data(api, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
     for p in tmp_path.iterdir():
         assert wrong.encode() not in p.read_bytes()
+
+
+def test_an_error_body_quoting_the_key_is_redacted_before_it_is_cut(api, tmp_path):
+    """Error bodies are cut to fit one line (401/403 at 80 characters, other 4xx at 120): a cut through a
+    quoted key must not leave its first characters behind."""
+    api.feeds["AAPL.US"] = [article(1, ["AAPL.US"])]
+    api.always["AAPL.US"] = "400"
+    wrong = "wrong-KEY-77aa"
+    api.token_echo = "x" * 67 + " token "  # the key starts 6 characters before the cut at 80
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US", key=wrong)
+    assert_user_error(r, "EODHD rejected the API key (HTTP 401: xxx")
+    assert wrong[:6] not in r.stderr and "token ***" in r.stderr
+    api.token_echo = "x" * 107 + " token "  # ... and 6 before the cut at 120
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US")
+    assert r.returncode == 0 and "skipped AAPL.US: HTTP 400: xxx" in r.stdout
+    assert KEY[:6] not in r.stdout + r.stderr and "token ***" in r.stdout
+    assert_no_key(r.stdout, r.stderr, out_dir=tmp_path)
 
 
 def test_403_for_one_ticker_skips_it_once_the_key_was_taken(api, tmp_path):
