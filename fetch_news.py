@@ -647,7 +647,7 @@ EPILOG = (
     "(everything fetched is kept; rerun the same command to resume). --source eodhd writes news.jsonl, "
     "news_progress.json and finance_corpus.txt into --out-dir."
 )
-EODHD_ONLY = ("tickers", "tickers_file", "sp500", "date_from", "date_to", "max_pages", "api_key", "restart")
+EODHD_ONLY = [settings.get("dest", flag[2:].replace("-", "_")) for flag, settings in FLAGS[2:]]  # eodhd group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -672,9 +672,9 @@ def stop_line(e: BaseException, args, redact: Redactor) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.source == "market":
-        used = [n for n in EODHD_ONLY if getattr(args, n) not in (None, False)]
+    args = (parser := build_parser()).parse_args(argv)
+    if args.source == "market":  # an eodhd flag set to anything but its default would be silently ignored
+        used = [n for n in EODHD_ONLY if getattr(args, n) != parser.get_default(n)]
         if not used:
             return market_corpus.build_corpus(args.out_dir)
         flag = "--" + used[0].replace("_", "-").replace("date-", "")  # date_from is --from

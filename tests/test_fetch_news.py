@@ -347,6 +347,31 @@ def test_market_rejects_eodhd_flags(tmp_path):
     assert not (tmp_path / "finance_corpus.txt").exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["--limit", "50"], ["--base-url", "http://127.0.0.1:9/api"], ["--timeout", "5"], ["--max-retries", "0"]],
+)
+def test_market_rejects_eodhd_flags_that_have_defaults(tmp_path, monkeypatch, args):
+    """--limit, --base-url, --timeout ... were silently ignored by --source market (only flags without a
+    default were checked); one set to its default, $EODHD_BASE_URL's included, is harmless and passes."""
+    cmd = [
+        sys.executable,
+        str(REPO / "fetch_news.py"),
+        "--source",
+        "market",
+        "--out-dir",
+        str(tmp_path),
+        *args,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {args[0]} only applies to --source eodhd"
+    assert not (tmp_path / "finance_corpus.txt").exists()
+    monkeypatch.setenv("EODHD_BASE_URL", "http://127.0.0.1:9/api")
+    parser = fetch_news.build_parser()
+    quiet = parser.parse_args(["--source", "market", "--limit", "1000"])
+    assert [n for n in fetch_news.EODHD_ONLY if getattr(quiet, n) != parser.get_default(n)] == []
+
+
 # -----------------------------------------------------------------------------
 # fetching
 
