@@ -631,8 +631,8 @@ FLAGS = [
         help=f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})")),
     ("--timeout",      dict(type=positive_seconds, default=30.0, help="seconds to wait for a connection "
         "or an answer, at most a day (default: %(default)s)")),
-    ("--max-retries",  dict(type=non_negative_int, default=5, help="retries of one request after 429, "
-        "5xx, timeouts or invalid JSON before the ticker is skipped (default: %(default)s)")),
+    ("--max-retries",  dict(type=non_negative_int, default=5, help="retries after a 429, 5xx, timeout, "
+        "invalid JSON (then the ticker is skipped) or no connection (the run stops) (default: %(default)s)")),
     ("--backoff-base", dict(type=non_negative_seconds, default=1.0, help="first retry wait in seconds, "
         "doubled each retry, with jitter; a 429's Retry-After overrides it (default: %(default)s)")),
     ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap in seconds on one wait before "
