@@ -73,7 +73,7 @@ class TickerFailed(Exception): ...  # retries spent, or a 4xx that retrying cann
 class Redactor:
     def __init__(self, secret: str):
         forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
-        self.secrets = [s for s in forms if s]
+        self.secrets = [s for s in forms if s and s != "demo"]  # EODHD's public key: no secret to keep
 
     def __call__(self, text) -> str:
         text = str(text)
@@ -113,11 +113,13 @@ class NewsClient:
         capped = f"server asked Retry-After {ra:.0f} s; waiting {cap:g} s (--backoff-max)"
         return f"rate limited (HTTP 429): {capped}", cap
 
-    def refused(self, resp) -> Exception:
+    def refused(self, resp, ticker: str) -> Exception:
         """401/403: a rejected key stops the run; a 403 once the key was taken skips the ticker (plan)."""
         code, body = resp.status_code, self.redact(" ".join(resp.text.split()) or resp.reason)[:80]
         if code == 403 and self.requests_ok:
             return TickerFailed(f"HTTP 403 ({body}): the API key was taken, but not for this ticker")
+        if self.api_key == "demo":  # EODHD's public key: valid, for two tickers only
+            return UserError(f"the demo key serves AAPL.US and TSLA.US, not {ticker}: pass those --tickers")
         fix = "pass a valid --api-key or set EODHD_API_KEY"
         return UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
 
@@ -146,7 +148,7 @@ class NewsClient:
                             return items
                     reason, wait = "answer is not a JSON list of articles", self.backoff(attempt)
                 elif code in (401, 403):
-                    raise self.refused(resp)
+                    raise self.refused(resp, ticker)
                 elif code in (402, 404):  # the day's quota is spent; no such ticker
                     raise QuotaExhausted() if code == 402 else TickerFailed("unknown ticker (HTTP 404)")
                 elif code == 429:
@@ -544,8 +546,7 @@ def run_eodhd(args, api_key: str) -> int:
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (keeps the bar intact)
     # everything that can be refused is refused before the first request (the S&P 500 list's included)
     if not api_key.strip():
-        demo = "--api-key demo serves AAPL.US and TSLA.US"
-        raise UserError(f"no API key: pass --api-key or set EODHD_API_KEY ({demo})")
+        raise UserError("no API key: pass --api-key or set EODHD_API_KEY (--api-key demo: AAPL.US, TSLA.US)")
     if args.date_from and args.date_to and args.date_from > args.date_to:
         raise UserError(f"--from {args.date_from} is after --to {args.date_to}")
     bad_url = True
@@ -681,8 +682,7 @@ def main(argv=None) -> int:
         print(f"error: {flag} only applies to --source eodhd", file=sys.stderr)
         return EXIT_BAD_INPUT
     api_key = args.api_key if args.api_key is not None else os.environ.get("EODHD_API_KEY", "")
-    # folders this run makes; a run that fails removes them again
-    created = market_corpus.first_missing(args.out_dir)
+    created = market_corpus.first_missing(args.out_dir)  # folders this run makes; removed if it fails
     try:
         return run_eodhd(args, api_key)
     # user mistakes; disk full or permissions changed mid-run (the machine's problem, not a bug); Ctrl-C

@@ -73,9 +73,11 @@ class FakeEODHD:
         if path != "/api/news":
             return 404, "text/plain", b"Not Found", {}
         echo = f"{self.token_echo}{q.get('api_token')}".encode()
-        if q.get("api_token") != KEY:
+        if q.get("api_token") not in (KEY, "demo"):
             return 401, "text/plain", b"Unauthenticated" if self.token_echo is None else echo, {}
         ticker, offset, limit = q["s"], int(q["offset"]), int(q["limit"])
+        if q["api_token"] == "demo" and ticker not in ("AAPL.US", "TSLA.US"):  # EODHD's demo key
+            return 403, "application/json", b'{"error": "Forbidden"}', {}
         assert q.get("fmt") == "json"
         with self.lock:
             k = self.n_req.get(ticker, 0)
@@ -534,6 +536,18 @@ def test_403_for_one_ticker_skips_it_once_the_key_was_taken(api, tmp_path):
     r = fetch(api, tmp_path, "--tickers", "MSFT.US,AAPL.US", "--restart")
     assert_user_error(r, 'EODHD rejected the API key (HTTP 403: {"error": "Forbidden"})', "--api-key")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
+
+
+def test_demo_key_on_a_ticker_it_does_not_serve_says_which_it_serves(api, tmp_path):
+    """The demo key is valid for two tickers only: a 403 on the first ticker asked names them instead of
+    calling the key rejected; once the key was taken, other tickers are skipped as for any plan."""
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(3)]
+    r = fetch(api, tmp_path, "--tickers", "MMM.US,AAPL.US", key="demo")
+    assert_user_error(r, "the demo key serves AAPL.US and TSLA.US, not MMM.US", "--tickers")
+    assert "rejected" not in r.stderr and not (tmp_path / "news.jsonl").exists()
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US,MMM.US", key="demo")
+    assert r.returncode == 0, r.stderr
+    assert "skipped MMM.US: HTTP 403" in r.stdout and len(read_news(tmp_path)) == 3
 
 
 def test_quota_402_stops_cleanly_and_resumes(api, tmp_path):
