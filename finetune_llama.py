@@ -451,7 +451,7 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
         hint = " (build it with: python fetch_news.py --source market)" if flag == "--data" else ""
         die(f"{what} not found{hint}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         die(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
     docs = [d.strip() for d in re.split(r"\n\s*\n", text)]

@@ -328,8 +328,10 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
     tok_path = out / f"tokenizer-{key}.json"
     if not (meta_path.exists() and bin_path.exists() and tok_path.exists()):
         text, bad_bytes = decode_utf8(raw)
-        text = text.replace("\r\n", "\n")  # Windows line endings: the same documents
-        docs = [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
+        # the documents finetune_llama.py and infer.py --ppl find in the file: a byte-order mark and Windows
+        # or old Mac line endings are not content, and a line of only whitespace is blank
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
         if len(docs) < 2:
             die(
                 f"corpus {path} has {len(docs)} document(s); need at least 2 (documents are "

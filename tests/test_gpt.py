@@ -692,6 +692,36 @@ def test_windows_line_endings_and_one_line_documents(name, corpus, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_a_byte_order_mark_old_mac_endings_and_whitespace_lines_are_not_content(name, corpus, tmp_path):
+    """A corpus saved with a byte-order mark, with old Mac line endings, or with documents parted by lines of
+    other whitespace (a form feed, a no-break space) trains on the same tokens as its plain original, and
+    holds the documents infer.py --ppl (finetune_llama.py's reader) finds in it."""
+    mod = load(name)
+    from finetune_llama import read_documents
+
+    plain = corpus.read_text(encoding="utf-8")
+    variants = {
+        "bom": b"\xef\xbb\xbf" + plain.encode(),
+        "cr": plain.replace("\n", "\r").encode(),
+        "ff": plain.replace("\n\n", "\n\f\n").encode(),
+        "nbsp": plain.replace("\n\n", "\n \u00a0\t\n").encode(),
+    }
+    args = mod.parse_args(["--data", str(corpus), *TINY])
+    for folder in ("plain", *variants):
+        (tmp_path / folder).mkdir()
+    tok0, train0, val0, meta0 = mod.prepare_data(args, tmp_path / "plain")
+    for kind, raw in variants.items():
+        path = tmp_path / f"{kind}.txt"
+        path.write_bytes(raw)
+        args.data = str(path)
+        tok, train, val, meta = mod.prepare_data(args, tmp_path / kind)
+        assert meta["n_docs"] == meta0["n_docs"] == len(read_documents(str(path))) == 300, kind
+        assert tok.chars == tok0.chars and "\ufeff" not in tok.chars, kind
+        assert np.array_equal(train, train0) and np.array_equal(val, val0), kind
+    assert read_documents(str(tmp_path / "bom.txt")) == read_documents(str(corpus))
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_overwrite_starts_the_folder_over(name, trained, tmp_path):
     """Once --overwrite's run begins, the earlier run's checkpoint and summary go with its metrics rows, so
     an interrupt before the new run's first checkpoint leaves no mix of the two runs."""
