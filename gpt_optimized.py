@@ -1584,11 +1584,12 @@ def generate_sample(model: GPT, tok: Tokenizer, args, device: str) -> str:
     """The sample printed at the end: --max-new-tokens tokens after --prompt."""
     sample_text = ""
     if args.max_new_tokens > 0:
-        prompt_ids = tok.encode(args.prompt) or [0]
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        sample_text = tok.decode(
-            model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0].tolist()
-        )
+        prompt_ids = tok.encode(args.prompt)
+        # no prompt: start where a document starts, after the separator (not shown); token 0 is a character
+        start = prompt_ids or tok.encode("\n\n")[-1:]
+        idx = torch.tensor([start], dtype=torch.long, device=device)
+        new = model.generate(idx, args.max_new_tokens, temperature=0.8, top_k=200)[0, len(start) :].tolist()
+        sample_text = tok.decode(prompt_ids + new)
         print(f"--- sample ---\n{sample_text}\n---")
     return sample_text
 

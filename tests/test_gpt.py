@@ -342,6 +342,26 @@ def test_preset_fills_in_and_flags_override():
     )
 
 
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_an_empty_prompt_samples_from_a_documents_start(name, kind):
+    """--prompt "": the sample starts where the training stream starts a document, after the separator, and
+    holds only the generated tokens (token 0, a character of the vocabulary, was put in front of them)."""
+    mod = load(name)
+    tok = mod.Tokenizer.train(kind, generated_docs(40), 300)
+    torch.manual_seed(0)
+    model = mod.GPT(mod.GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model.eval()
+    start = tok.encode("\n\n")[-1:]
+    torch.manual_seed(1)
+    expected = model.generate(torch.tensor([start]), 8, temperature=0.8, top_k=200)[0, 1:].tolist()
+    torch.manual_seed(1)
+    sample = mod.generate_sample(model, tok, Namespace(prompt="", max_new_tokens=8), "cpu")
+    assert sample == tok.decode(expected)
+    if kind == "char":
+        assert len(sample) == 8
+
+
 # -----------------------------------------------------------------------------
 # resume after a kill
 
