@@ -1133,6 +1133,22 @@ def summarized(out: Path, ckpt: dict) -> bool:
         return False
 
 
+def killed_at_first_checkpoint(metrics: Path) -> bool:
+    """metrics.jsonl holds a GPT run's iteration-0 evaluation alone: the run was killed (kill -9, power loss)
+    while writing its first checkpoint, before any step, so starting over loses nothing."""
+    rows = []
+    try:
+        lines = metrics.read_text(errors="replace").splitlines()
+    except OSError:  # unreadable: not ours to replace
+        return False
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    return bool(rows) and all(isinstance(r, dict) and r.get("iter") == 0 and "val_loss" in r for r in rows)
+
+
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     """With --resume, the checkpoint in --out; a bad one, or one already at --max-iters, is refused before
     any tokenizing. Without it, a checkpoint in --out is trained over only with --overwrite."""
@@ -1145,7 +1161,8 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
         if (run.out / "summary.json").exists() and not args.overwrite:  # a finished run, its ckpt.pt removed
             die(f"--out {run.out} holds an earlier run's summary.json (no ckpt.pt): --overwrite starts over")
         metrics = run.out / "metrics.jsonl"  # rows with no ckpt.pt or summary.json: another program's
-        if metrics.is_file() and metrics.stat().st_size and not args.overwrite:  # e.g. a fine-tune's
+        others = metrics.is_file() and metrics.stat().st_size and not killed_at_first_checkpoint(metrics)
+        if others and not args.overwrite:  # e.g. a fine-tune's
             die(f"--out {run.out} holds another run's metrics.jsonl: choose another --out, or --overwrite")
         return None
     if not path.exists():

@@ -419,6 +419,35 @@ def test_resume_after_kill_follows_the_same_curve(name, corpus, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_a_run_killed_writing_its_first_checkpoint_runs_again(name, corpus, tmp_path, capsys):
+    """kill -9 while the first checkpoint is written leaves the iteration-0 row, a partial ckpt.pt.tmp and no
+    ckpt.pt: nothing was trained, so the same command runs again (it was refused: "another run's
+    metrics.jsonl"). Rows past iteration 0 with no checkpoint are still refused."""
+    out = tmp_path / "run"
+    argv = ["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "5", "--eval-interval", "5"]
+    killer = (  # the real script, killed halfway through writing its first checkpoint
+        "import os, runpy, signal, sys, torch\n"
+        "def save(obj, f, *a, **k):\n"
+        "    open(f, 'wb').write(b'PK\\x03\\x04partial')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = save\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    script = str(ROOT / f"{name}.py")
+    r = subprocess.run([sys.executable, "-c", killer, script, *argv], cwd=ROOT, env=ENV, capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [row["iter"] for row in read_rows(out)] == [0] and (out / "ckpt.pt.tmp").exists()
+    assert not (out / "ckpt.pt").exists()
+    load(name).main(argv)
+    assert [row["iter"] for row in read_rows(out)] == [0, 5]
+    (out / "ckpt.pt").unlink()
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    one_line_exit2(lambda: load(name).main(argv), capsys, "holds another run's metrics.jsonl")
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_resume_extends_to_new_max_iters(name, trained, tmp_path):
     src = trained[name]["out"]
     out = tmp_path / "run"
