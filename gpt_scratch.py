@@ -364,8 +364,6 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
         )
     meta = json.loads(meta_path.read_text())
     tok = Tokenizer.from_state(json.loads(tok_path.read_text()))
-    if meta["bad_utf8_bytes"]:
-        print(f"{path}: replaced {meta['bad_utf8_bytes']} bytes that are not UTF-8", file=sys.stderr)
     data = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
     train, val = data[: meta["n_train_tokens"]], data[meta["n_train_tokens"] :]
     need = args.block_size + 1
@@ -898,10 +896,12 @@ def progress_bar(args, iter_num: int, master: bool) -> tqdm:
 
 
 def banner(model: GPT, meta: dict, progress: Progress, device: str) -> str:
+    """The model and data, and the corpus's bytes that are not UTF-8 (said here, where one process speaks)."""
+    bad = meta["bad_utf8_bytes"]
     return (
         f"{SCRIPT}: {count_params(model) / 1e6:.2f}M parameters, {meta['n_train_tokens']:,} train / "
         f"{meta['n_val_tokens']:,} val tokens, {progress.tokens_per_iter:,} tokens per step, device {device}"
-    )
+    ) + (f"\n{SCRIPT}: replaced {bad:,} bytes of the corpus that are not UTF-8 with U+FFFD" if bad else "")
 
 
 @dataclass

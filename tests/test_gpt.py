@@ -618,6 +618,8 @@ def test_generate_samples_respect_top_k_and_vocab(name, trained):
 
 def test_ddp_two_gloo_ranks_train_and_only_rank0_writes(corpus, tmp_path):
     out = tmp_path / "ddp"
+    bad = tmp_path / "bad.txt"  # bytes that are not UTF-8: rank 0 alone says so, once
+    bad.write_bytes(corpus.read_bytes().rstrip(b"\n") + b" \xff\n")
     cmd = [
         sys.executable,
         "-m",
@@ -626,7 +628,7 @@ def test_ddp_two_gloo_ranks_train_and_only_rank0_writes(corpus, tmp_path):
         "--nproc_per_node=2",
         str(ROOT / "gpt_optimized.py"),
         "--data",
-        str(corpus),
+        str(bad),
         "--out",
         str(out),
         *TINY,
@@ -645,6 +647,7 @@ def test_ddp_two_gloo_ranks_train_and_only_rank0_writes(corpus, tmp_path):
     assert [row["iter"] for row in rows] == [0, 15, 30]  # one writer: no duplicated rows
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.5
     assert r.stdout.count("--- sample ---") == 1 and r.stdout.count("val_loss") == 1
+    assert r.stderr.count("that are not UTF-8") == 1, r.stderr[-3000:]  # rank 0 alone, once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tokens_per_iter"] == 2 * 8 * 32
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -845,8 +848,9 @@ def test_data_split_by_documents_cached_and_bad_bytes_counted(name, corpus, tmp_
     docs = [d.strip() for d in raw.decode("utf-8", errors="replace").split("\n\n")]
     args = mod.parse_args(["--data", str(bad), *TINY])
     tok, train, val, meta = mod.prepare_data(args, tmp_path)
-    assert meta["bad_utf8_bytes"] == 3
-    assert "replaced 3 bytes" in capsys.readouterr().err
+    assert meta["bad_utf8_bytes"] == 3 and "not UTF-8" not in capsys.readouterr().err  # the banner says it
+    model = mod.GPT(mod.GPTConfig.from_args(args, tok.vocab_size))
+    assert "replaced 3 bytes of the corpus" in mod.banner(model, meta, mod.Progress(1), "cpu").splitlines()[1]
     n_val = len(docs) // 10
     assert tok.decode(val.tolist()) == "\n\n".join(docs[-n_val:])  # the last 10% of documents
     assert tok.decode(train.tolist()) == "\n\n".join(docs[:-n_val])
