@@ -783,17 +783,21 @@ def mfu(tokens_per_s: float, facts: dict) -> float | None:
     return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
 
 
-def same_data(ckpt: dict, args: argparse.Namespace) -> bool:
-    """The checkpoint was trained on --data's bytes with the --tokenizer (and BPE --vocab-size) asked for."""
+def data_mismatch(ckpt: dict, args: argparse.Namespace) -> str | None:
+    """How the checkpoint's training data differs from --data's bytes with the --tokenizer (and BPE
+    --vocab-size) asked for, naming the flag to give; None if it does not."""
     then = ckpt.get("args", {})
-    if then.get("tokenizer") != args.tokenizer:
-        return False
-    if args.tokenizer == "bpe" and then.get("vocab_size") != args.vocab_size:
-        return False
+    kind, vocab = then.get("tokenizer", ckpt["tokenizer"]["kind"]), then.get("vocab_size")
+    if kind != args.tokenizer:
+        flags = f"--tokenizer {kind}" + (f" --vocab-size {vocab}" if kind == "bpe" else "")
+        return f"another tokenizer, --tokenizer {kind}, not {args.tokenizer}: add {flags}"
+    if kind == "bpe" and vocab != args.vocab_size:
+        return f"another tokenizer, --vocab-size {vocab}, not {args.vocab_size}: add --vocab-size {vocab}"
     try:
-        return hashlib.sha256(Path(args.data).read_bytes()).hexdigest() == ckpt.get("corpus_sha256")
+        same = hashlib.sha256(Path(args.data).read_bytes()).hexdigest() == ckpt.get("corpus_sha256")
     except OSError:  # prepare_data says what is wrong with the file
-        return True
+        return None
+    return None if same else f"another corpus than --data {args.data} (other bytes)"
 
 
 def summarized(out: Path, ckpt: dict) -> bool:
@@ -840,11 +844,9 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")
     ckpt = read_checkpoint(path)
-    if not same_data(ckpt, args):  # found before tokenizing; check_resume compares the tokenizers themselves
-        die(
-            f"--resume: checkpoint {path} was trained with another tokenizer ({ckpt['tokenizer']['kind']}) "
-            f"or corpus than --tokenizer {args.tokenizer} on {args.data}"
-        )
+    mismatch = data_mismatch(ckpt, args)  # before tokenizing; check_resume compares the tokenizers themselves
+    if mismatch:
+        die(f"--resume: checkpoint {path} was trained with {mismatch}")
     seed = ckpt.get("args", {}).get("seed", args.seed)
     if args.seed != seed:  # evaluation batches come from it: others would break the val-loss curve
         die(f"--resume: {path} was trained with --seed {seed}, not {args.seed}: add --seed {seed}")

@@ -1454,6 +1454,26 @@ def test_bad_checkpoint_files_are_described_in_one_line(name, trained, tmp_path,
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_resume_on_other_data_names_the_flag_that_differs(name, corpus, tmp_path, capsys):
+    """--resume with another --vocab-size, --tokenizer or corpus says which, and the flags to add (a BPE run
+    resumed without its --vocab-size was told of "another tokenizer (bpe) or corpus than --tokenizer bpe")."""
+    out = tmp_path / "run"
+    assert TINY[:2] == ["--tokenizer", "char"]
+    base = ["--data", str(corpus), "--out", str(out), *TINY[2:], "--eval-iters", "1", "--max-iters"]
+    load(name).main([*base, "0", "--tokenizer", "bpe", "--vocab-size", "300"])
+    resume = [*base, "2", "--resume"]
+    msg = expect_exit2(name, resume, capsys, "--vocab-size 300, not 8192")
+    assert msg.endswith("add --vocab-size 300"), msg
+    msg = expect_exit2(name, [*resume, "--tokenizer", "char"], capsys, "--tokenizer bpe, not char")
+    assert msg.endswith("add --tokenizer bpe --vocab-size 300"), msg
+    other = tmp_path / "other.txt"
+    other.write_bytes(corpus.read_bytes() + b"One more document.\n")
+    resume[1] = str(other)
+    msg = expect_exit2(name, [*resume, "--vocab-size", "300"], capsys, f"another corpus than --data {other}")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 0  # nothing trained is lost
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_resume_from_a_bad_checkpoint_is_refused_before_tokenizing(name, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
