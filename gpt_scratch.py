@@ -650,6 +650,10 @@ def training_bytes(args: argparse.Namespace) -> int:
     numbers a channel at 2 bytes; 1 with --ckpt-activations). A run that cannot fit is refused instead of
     failing to allocate or being killed by the system."""
     vocab = args.vocab_size if args.tokenizer == "bpe" else 0  # a char vocabulary is small
+    try:  # byte-level BPE learns at most the 256 bytes and a merge a byte: a small corpus gets fewer entries
+        vocab = min(vocab, 256 + os.stat(args.data).st_size)
+    except OSError:  # prepare_data says what is wrong with the file
+        pass
     weights = 16 * (12 * args.n_layer * args.n_embd**2 + (2 * vocab + args.block_size) * args.n_embd)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     tokens = args.batch_size * args.block_size if on_cpu else 0

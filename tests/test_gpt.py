@@ -1308,6 +1308,24 @@ def test_the_memory_floor_counts_one_micro_batch_on_a_cpu_only():
     assert load("gpt_optimized").training_bytes(args) == weights
 
 
+def test_the_memory_floor_counts_no_more_bpe_entries_than_a_small_corpus_gives(tmp_path):
+    """Byte-level BPE learns at most the 256 bytes and a merge a byte: a --vocab-size beyond what the corpus
+    gives is not counted (a 2 KB corpus at --vocab-size 1,000,000 and batch 32 was refused for 31 GiB)."""
+    small = tmp_path / "small.txt"
+    small.write_text("Stocks rose.\n\nBonds fell.\n")
+    shape = dict(tokenizer="bpe", n_layer=1, n_embd=32, block_size=8, batch_size=4, device="cpu")
+
+    def floor(vocab: int) -> int:
+        return 16 * (12 * 32**2 + (2 * vocab + 8) * 32) + 4 * 8 * (8 * vocab + 32 * 30)
+
+    for name in MODULES:
+        training_bytes = load(name).training_bytes
+        assert training_bytes(Namespace(**shape, vocab_size=10**6, data=str(small))) == floor(256 + 26)
+        assert training_bytes(Namespace(**shape, vocab_size=300, data=str(small))) == floor(282)
+        missing = Namespace(**shape, vocab_size=10**6, data=str(tmp_path / "no.txt"))  # refused later
+        assert training_bytes(missing) == floor(10**6)
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_the_memory_floor_is_below_what_a_step_really_takes(name, tmp_path):
     """A floor, so a run it lets through may still be too big, but one it refuses surely is: one step at
