@@ -27,8 +27,8 @@ next-token distribution on them (self-distillation), a far less noisy signal tha
 
 CPU recipe = the defaults: LoRA r=16 on all projections, packed 128-token rows, batch 4, lr 2e-3, 40 steps,
 half the rows replayed with the KL loss at weight 3. On two CPU cores (AVX512-BF16) it took the bundled base's
-held-out perplexity on data/finance_corpus.txt from 13.80 to 6.18 (-55.3%) with retention +2.2%, and cut
-real finance posts' (FiQA 2018, never seen) by 21.2%, in about 100-150 s of training (4-8 min with every
+held-out perplexity on data/finance_corpus.txt from 13.80 to 6.16 (-55.4%) with retention +2.4%, and cut
+real finance posts' (FiQA 2018, never seen) by 15.8%, in about 100-150 s of training (4-8 min with every
 evaluation, on a machine busy with other work; sampling the base's documents adds about 4 min the first time):
     python finetune_llama.py --model smollm2 --out out/finetune --eval-text posts.txt
 The earlier recipe (the same without replay) gave -62.5% in-domain but retention +97% and FiQA +6.5%; on the

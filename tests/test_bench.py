@@ -2079,6 +2079,29 @@ def test_record_and_readme_keep_a_crlf_file_byte_for_byte_outside_their_block(tm
     )
 
 
+def recorded_transfer_rows(section: str) -> dict[str, list[str]]:
+    """The transfer table of BENCHMARKS.md's SECTION: set name -> its cells."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    body = text.split(f"<!-- bench:{section}:start -->")[1].split(f"<!-- bench:{section}:end -->")[0]
+    table = body.split("#### Transfer")[1].split("\n###")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line[:1] == "|"]
+    return {r[0]: r for r in rows[2:]}
+
+
+def test_finetune_help_quotes_the_recipe_figures_benchmarks_records():
+    # --help quotes what the default command gave in the recorded quick-cpu run: a new recording updates it
+    rows = recorded_transfer_rows("quick-cpu")
+    heldout, retention = rows["heldout"], rows["retention"]
+    text = next(r for r in rows.values() if r[1] == "text")
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "finetune_llama.py"), "--help"], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    said = " ".join(p.stdout.split())
+    assert f"from {heldout[4]} to {heldout[5]} ({heldout[6]}) with retention {retention[6]}" in said
+    assert f"by {text[6].lstrip('-')}," in said
+
+
 def test_a_run_with_failed_runs_leaves_record_and_readme_as_they_were(tmp_path, capsys):
     bench = import_bench()
     readme, md = tmp_path / "README.md", tmp_path / "BENCHMARKS.md"
