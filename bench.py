@@ -3,7 +3,7 @@ What every optimization buys, measured in one run: the from-scratch GPT against 
 (and an ablation that adds one technique at a time), LoRA against QLoRA (and Unsloth on a GPU) with
 and without packing, and decoding with and without the KV cache. Same corpus, same device, same run.
 
-    python bench.py --quick                  # CPU, small shapes, a few minutes on two cores (make demo)
+    python bench.py --quick                  # CPU, small shapes, about 13 min on two cores (make demo)
     python bench.py --full                   # GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)
     python bench.py --quick --only gpt       # one stage: gpt, finetune or infer (comma list)
     python bench.py --quick --only finetune --baseline-rev 58f11e9   # + the earlier loop against SFTTrainer
@@ -2338,7 +2338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(
-        "--quick", action="store_true", help="CPU, small shapes, a few minutes on two cores (the default)"
+        "--quick", action="store_true", help="CPU, small shapes, about 13 min on two cores (the default)"
     )
     m.add_argument(
         "--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)"

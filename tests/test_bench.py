@@ -4,6 +4,7 @@ random Llama; the report must hold every section, and every ratio must follow fr
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -2100,6 +2101,13 @@ def test_finetune_help_quotes_the_recipe_figures_benchmarks_records():
     said = " ".join(p.stdout.split())
     assert f"from {heldout[4]} to {heldout[5]} ({heldout[6]}) with retention {retention[6]}" in said
     assert f"by {text[6].lstrip('-')}," in said
+
+
+def test_bench_help_gives_the_quick_runs_time_the_readme_records():
+    took = re.search(r"`bench.py --quick` took (\d+) min", " ".join((ROOT / "README.md").read_text().split()))
+    p = bench("--help")
+    assert p.returncode == 0, p.stderr
+    assert f"--quick CPU, small shapes, about {took[1]} min on two cores" in " ".join(p.stdout.split())
 
 
 def test_a_run_with_failed_runs_leaves_record_and_readme_as_they_were(tmp_path, capsys):
