@@ -108,6 +108,11 @@ class OneLineParser(argparse.ArgumentParser):
         die(message)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a help that names its default already keeps that wording alone
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
 def whole_number(s: str) -> int:
     try:
         return int(s)
@@ -981,9 +986,7 @@ def check_args(args: argparse.Namespace, given: set[str]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = OneLineParser(description=__doc__.split("\n\n")[1], formatter_class=HelpFormatter)
     for flag, kwargs in FLAGS:
         p.add_argument(flag, **kwargs)
     args, _ = p.parse_known_args(argv)

@@ -326,6 +326,17 @@ def test_help_documents_every_flag(name):
     assert "default" in r.stdout
 
 
+@pytest.mark.parametrize("name", MODULES)
+def test_help_names_each_default_once(name):
+    # a help that says its default (--min-lr: --lr / 10) gets no second, contradicting "(default: None)"
+    r = run_cli(name, ["--help"])
+    assert r.returncode == 0, r.stderr
+    entries = re.split(r"\n  (?=-)", r.stdout.split("options:")[1])
+    twice = [e.split()[0].rstrip(",") for e in entries if e.count("(default") > 1]
+    assert twice == [], f"{name} --help states these defaults twice: {twice}"
+    assert "(default: by detected card; none on CPU)" in " ".join(r.stdout.split())  # the wording kept
+
+
 def test_preset_fills_in_and_flags_override():
     mod = load("gpt_optimized")
     args = mod.parse_args(["--preset", "cpu", "--n-layer", "3"])
