@@ -59,6 +59,18 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default said once: a help that names it keeps its own words ("--quick ... (the
+    default)", "--model ... default: smollm2 ..."), and a flag left unset reads "not set", not "None"."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        if action.default is None and action.option_strings:
+            return f"{action.help} (default: not set)"
+        return super()._get_help_string(action)
+
+
 def positive_seconds(s: str) -> float:
     try:
         x = float(s)
@@ -2334,7 +2346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(
         prog="bench.py",
         description=__doc__.split("\n\n")[0].strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     m = p.add_mutually_exclusive_group()
     m.add_argument(

@@ -2110,6 +2110,17 @@ def test_bench_help_gives_the_quick_runs_time_the_readme_records():
     assert f"--quick CPU, small shapes, about {took[1]} min on two cores" in " ".join(p.stdout.split())
 
 
+def test_bench_help_names_each_default_once():
+    # "--quick ... (the default) (default: False)" contradicted itself; --model: "default: ...(default: None)"
+    p = bench("--help")
+    assert p.returncode == 0, p.stderr
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", p.stdout.split("options:")[1])]
+    twice = [e.split()[0] for e in entries if e.count("(default") > 1]
+    assert twice == [], f"bench.py --help states these defaults twice: {twice}"
+    assert "(default: False)" not in next(e for e in entries if e.startswith("--quick"))
+    assert "--time-limit S stop after S seconds" in " ".join(entries) and "(default: None)" not in p.stdout
+
+
 def test_a_run_with_failed_runs_leaves_record_and_readme_as_they_were(tmp_path, capsys):
     bench = import_bench()
     readme, md = tmp_path / "README.md", tmp_path / "BENCHMARKS.md"
