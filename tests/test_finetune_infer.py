@@ -1140,6 +1140,21 @@ def test_prompts_from_stdin(tiny):
     assert len(outs) == 2 and outs[0].startswith("Closing bell,") and outs[1].startswith("Oil fell")
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_change_no_document_and_no_perplexity(tiny, tmp_path):
+    docs = tiny["docs"][:3]
+    (tmp_path / "plain.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    (tmp_path / "windows.txt").write_bytes(
+        b"\xef\xbb\xbf" + "\r\n\r\n".join(docs).replace("\n", "\r\n").encode()
+    )
+    for flag in ("--data", "--eval-text", "--replay-data"):
+        assert finetune_llama.read_documents(str(tmp_path / "windows.txt"), flag) == docs
+    plain, windows = (
+        infer.main(["--model", str(tiny["llama_a"]), "--ppl", str(tmp_path / name)])["ppl"]
+        for name in ("plain.txt", "windows.txt")
+    )
+    assert windows == plain
+
+
 # -----------------------------------------------------------------------------
 # GPT checkpoints from gpt_scratch.py / gpt_optimized.py
 
