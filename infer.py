@@ -345,9 +345,11 @@ def read_run(adapter_dir: Path) -> tuple[dict, dict]:
     for name in ("adapter_config.json", "run.json"):  # run.json may be missing: a bare PEFT folder
         path = adapter_dir / name
         try:
-            found[name] = json.loads(path.read_text()) if path.is_file() else {}
+            found[name] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except json.JSONDecodeError as e:
             die(f"--adapter {adapter_dir}: {name} is unreadable JSON ({e.msg} at line {e.lineno})")
+        except UnicodeDecodeError as e:  # damaged, or saved in another encoding (UTF-16) by an editor
+            die(f"--adapter {adapter_dir}: {name} is not UTF-8 text (byte {e.start}); restore it")
         if not isinstance(found[name], dict):
             die(f"--adapter {adapter_dir}: {name} holds a {type(found[name]).__name__}, not a JSON object")
     run, base = found["run.json"], found["run.json"].get("base", {})
@@ -569,6 +571,16 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
 # the three jobs
 
 
+def prompt_lines(raw: bytes, what: str) -> list[str]:
+    """The non-blank lines of --prompts-file or stdin, decoded here and not by the locale: bytes that are not
+    UTF-8 would reach the tokenizer as lone surrogates and fail inside it."""
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not part of the first prompt
+    except UnicodeDecodeError as e:
+        die(f"{what} is not UTF-8 text (byte {e.start}); expected one prompt per line")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt is not None and args.prompts_file:  # else one of them would be silently left out
         die("--prompt and --prompts-file both give the prompts: use one of them")
@@ -578,10 +590,7 @@ def read_prompts(args) -> list[str]:
         p = Path(args.prompts_file)
         if not p.is_file():
             die(f"--prompts-file {p}: file not found")
-        try:
-            prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as e:
-            die(f"--prompts-file {p} is not UTF-8 text (byte {e.start}); expected one prompt per line")
+        prompts = prompt_lines(p.read_bytes(), f"--prompts-file {p}")
         if not prompts:
             die(f"--prompts-file {p} holds no prompts (one per line)")
     elif args.ppl or args.bench:
@@ -589,7 +598,7 @@ def read_prompts(args) -> list[str]:
     else:
         if sys.stdin.isatty():
             die("no prompt: give --prompt, --prompts-file, or pipe prompts on stdin (one per line)")
-        prompts = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+        prompts = prompt_lines(sys.stdin.buffer.read(), "stdin")
         if not prompts:
             die("no prompt: stdin was empty")
     if any(not p.strip() for p in prompts):

@@ -1140,6 +1140,21 @@ def test_prompts_from_stdin(tiny):
     assert len(outs) == 2 and outs[0].startswith("Closing bell,") and outs[1].startswith("Oil fell")
 
 
+def test_prompts_on_stdin_that_are_not_utf8_exit_2_and_a_byte_order_mark_is_dropped(tiny, tmp_path):
+    cmd = [sys.executable, str(ROOT / "infer.py"), "--model", str(tiny["llama_a"]), "--temperature", "0"]
+    cmd += ["--max-new-tokens", "2", "--json-out", str(tmp_path / "out.json")]
+    p = subprocess.run(cmd, input=b"Oil fell\nCaf\xe9 prices\n", capture_output=True, cwd=ROOT, env=ENV)
+    p.stderr = p.stderr.decode()
+    assert_user_error(p, "stdin is not UTF-8 text (byte 12); expected one prompt per line")
+    bom = b"\xef\xbb\xbfClosing bell,\r\nOil fell\r\n"  # as Windows editors save a text file
+    (tmp_path / "prompts.txt").write_bytes(bom)
+    for source in (["--prompts-file", str(tmp_path / "prompts.txt")], []):
+        p = subprocess.run(cmd + source, input=bom, capture_output=True, cwd=ROOT, env=ENV)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        prompts = [g["prompt"] for g in json.loads((tmp_path / "out.json").read_text())["generations"]]
+        assert prompts == ["Closing bell,", "Oil fell"]
+
+
 def test_a_byte_order_mark_and_crlf_line_ends_change_no_document_and_no_perplexity(tiny, tmp_path):
     docs = tiny["docs"][:3]
     (tmp_path / "plain.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")

@@ -285,6 +285,18 @@ def test_prompts_file_that_is_not_utf8_exit_2(ckpt, tmp_path):
     assert_user_error(p, f"--prompts-file {tmp_path / 'prompts.txt'} is not UTF-8 text (byte 12)")
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "run.json"])
+def test_adapter_json_that_is_not_utf8_exit_2(tmp_path, name):
+    """A record saved in another encoding (UTF-16, as some editors write) or damaged: one line, not the
+    traceback of its decoding."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / name).write_bytes('{"r": 16}'.encode("utf-16"))
+    p = run("infer.py", "--adapter", adapter, "--prompt", "x", check=False)
+    assert_user_error(p, f"--adapter {adapter}: {name} is not UTF-8 text (byte 0)")
+
+
 # -----------------------------------------------------------------------------
 # flags: checked where they are parsed, one line each
 
