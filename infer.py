@@ -1132,9 +1132,11 @@ def temperature(s: str) -> float:
     return x
 
 
-def positive_float(s: str) -> float:
-    if (x := _number(s, float)) <= 0:
-        raise argparse.ArgumentTypeError(f"{s} must be > 0")
+def penalty(s: str) -> float:
+    """At least 1e-4, as --temperature: a smaller penalty divides the seen tokens' logits past float32's range
+    (inf, then NaN probabilities)."""
+    if (x := _number(s, float)) < 1e-4:
+        raise argparse.ArgumentTypeError(f"must be at least 0.0001 (1: off), got {s}")
     return x
 
 
@@ -1338,7 +1340,7 @@ def add_prompt_flags(g) -> None:
     g.add_argument(
         "--top-k", type=non_negative_int, default=50, help="sample among the k most likely tokens (0: off)"
     )
-    g.add_argument("--repetition-penalty", type=positive_float, default=1.1, help="1: off")
+    g.add_argument("--repetition-penalty", type=penalty, default=1.1, help="1: off; at least 0.0001")
     g.add_argument("--seed", type=seed_int, default=1337, help="seeds sampling (the same for every prompt)")
     g.add_argument(
         "--kv-cache",

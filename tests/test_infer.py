@@ -322,7 +322,7 @@ def test_adapter_json_that_is_not_utf8_exit_2(tmp_path, name):
         (["--top-p", "0"], "--top-p: 0 must be in (0, 1]"),
         (["--top-p", "1.5"], "--top-p: 1.5 must be in (0, 1]"),
         (["--top-k", "-1"], "--top-k: -1 must be >= 0"),
-        (["--repetition-penalty", "0"], "--repetition-penalty: 0 must be > 0"),
+        (["--repetition-penalty", "0"], "--repetition-penalty: must be at least 0.0001 (1: off), got 0"),
         (["--seed", str(2**64)], "--seed"),
         (["--threads", "-1"], "--threads: -1 must be >= 0"),
     ],
@@ -500,6 +500,13 @@ def test_gpt_bench_under_context_counts_the_steps_the_module_ran_uncached(shared
 def test_tiny_temperature_and_llama_flags_with_ckpt_exit_2(ckpt):
     p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", "--temperature", "1e-45", check=False)
     assert_user_error(p, "--temperature: must be 0 (greedy) or at least 0.0001, got 1e-45")
+    for value in ("1e-300", "0"):  # NaN probabilities after the first token, not a traceback
+        p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", "--repetition-penalty", value, check=False)
+        assert_user_error(p, f"--repetition-penalty: must be at least 0.0001 (1: off), got {value}")
+    p = run(
+        "infer.py", "--ckpt", ckpt, "--prompt", "Oil", "--repetition-penalty", "0.0001", "--max-new-tokens", 4
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
     for flags in (["--backend", "hf"], ["--load-in-4bit"]):
         p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", *flags, check=False)
         assert_user_error(
