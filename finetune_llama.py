@@ -631,7 +631,7 @@ def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
             out.append((part, None))
     if not out:
         die("--data is empty")
-    if len({p for p, _ in out}) < len(out):
+    if len({Path(p).resolve() for p, _ in out}) < len(out):  # a.txt,./a.txt: trained and scored twice
         die(f"--data {spec}: a corpus is named twice")
     return out
 

@@ -1565,6 +1565,7 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         (["--data", "CORPUS:-1"], "the weight '-1' is not a number above 0"),
         (["--data", "CORPUS:nan"], "the weight 'nan' is not a number above 0"),
         (["--data", "CORPUS,CORPUS"], "named twice"),
+        (["--data", "CORPUS,SAME"], "named twice"),  # one file, spelled two ways
         (["--retention-tokens", "0"], "--retention-tokens"),
         (["--epochs", "3"], "--epochs 3 counts passes only when --max-steps <= 0, and --max-steps is 40"),
         (["--replay-loss", "ce", "--replay-weight", "2"], "--replay-weight weighs the KL loss"),
@@ -1580,7 +1581,8 @@ def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
     (tmp_path / "docs").mkdir()
     sub = {"EMPTY": str(tmp_path / "empty.txt"), "CORPUS": str(tiny["corpus"]), "DIR": str(tmp_path / "docs")}
     fragment = fragment.replace("DIR", sub["DIR"])
-    flags = [sub.get(f, f.replace("CORPUS", str(tiny["corpus"]))) for f in flags]
+    same = f"{tiny['corpus'].parent}/./{tiny['corpus'].name}"
+    flags = [sub.get(f, f.replace("SAME", same).replace("CORPUS", str(tiny["corpus"]))) for f in flags]
     if "--data" not in flags:
         flags += ["--data", str(tiny["corpus"])]
     p = run("finetune_llama.py", "--model", tiny["llama_a"], "--out", tmp_path / "out", *flags, check=False)
