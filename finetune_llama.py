@@ -2674,7 +2674,9 @@ def add_training_flags(g) -> None:
         default=None,
         help=f"tokens per chunk of --loss-impl chunked; not set: {LOSS_CHUNK_TOKENS} ({LOSS_CHUNK_WHY})",
     )
-    g.add_argument("--seed", type=int, default=1337, help="seed for LoRA init and batch order")
+    g.add_argument(  # the trainer seeds numpy too, which takes 0 .. 2**32 - 1 only
+        "--seed", type=bounded(int, 0, 2**32 - 1), default=1337, help="seed for LoRA init and batch order"
+    )
     g.add_argument("--threads", type=NONNEG_INT, default=0, help="CPU threads for torch (0: torch's default)")
 
 

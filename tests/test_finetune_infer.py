@@ -538,6 +538,8 @@ def test_bad_model_files_and_flags_exit_2(tiny, tmp_path):
         ("--max-seq-length", 1, "out of range"),
         ("--batch-size", "abc", "not an integer"),
         ("--eval-split", "nan", "out of range"),
+        ("--seed", -1, "out of range: need [0, 4294967295]"),  # else the trainer's numpy seeding fails
+        ("--seed", 2**32, "out of range"),
     ):
         assert_user_error(
             tiny_finetune(tiny, tmp_path / "o", flag, value, check=False), f"argument {flag}", says
