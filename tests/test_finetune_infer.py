@@ -485,6 +485,17 @@ def test_unwritable_out_is_refused_before_any_work(tiny, tmp_path, unwritable_di
     assert list(unwritable_dir.iterdir()) == []
 
 
+def test_out_through_a_dangling_link_is_refused_before_any_work(tiny, tmp_path):
+    """A link to a folder that is gone (an unmounted disk): the outputs could never be written there, which
+    was found only after training."""
+    link, gone = tmp_path / "link", tmp_path / "gone"
+    link.symlink_to(gone)
+    for out in (link, link / "sub"):
+        p = tiny_finetune(tiny, out, check=False)
+        assert_user_error(p, f"--out {out}: {link} is a link to {gone}, which does not exist")
+    assert not gone.exists() and link.is_symlink()
+
+
 def test_out_that_is_the_base_or_another_program_s_folder_is_refused(tiny, tmp_path):
     base = snapshot(tiny["llama_a"])
     p = tiny_finetune(tiny, tiny["llama_a"], check=False)

@@ -352,6 +352,15 @@ def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, tmp_path, unwr
     assert list(unwritable_dir.iterdir()) == []  # the missing folder was not made
 
 
+def test_json_out_under_a_dangling_link_is_refused_before_any_model(bad_ckpts, tmp_path):
+    broken = bad_ckpts["random.pt"][0]  # were the model loaded first, this file's error would come instead
+    link, gone = tmp_path / "link", tmp_path / "gone"
+    link.symlink_to(gone)
+    out = link / "out.json"
+    p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False)
+    assert_user_error(p, f"--json-out {out}: {link} is a link to {gone}, which does not exist")
+
+
 def test_json_out_never_replaces_an_input(ckpt, tmp_path):
     copy, text, adapter = tmp_path / "ckpt.pt", tmp_path / "text.txt", tmp_path / "adapter"
     shutil.copyfile(ckpt, copy)
