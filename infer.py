@@ -585,6 +585,10 @@ def read_prompts(args) -> list[str]:
     if args.prompt is not None and args.prompts_file:  # else one of them would be silently left out
         die("--prompt and --prompts-file both give the prompts: use one of them")
     if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach argv as lone surrogates (see above)
+            die(f"--prompt is not UTF-8 text (byte {len(os.fsencode(args.prompt[: e.start]))})")
         prompts = [args.prompt]
     elif args.prompts_file:
         p = Path(args.prompts_file)

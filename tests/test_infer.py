@@ -283,6 +283,9 @@ def test_prompts_file_that_is_not_utf8_exit_2(ckpt, tmp_path):
     (tmp_path / "prompts.txt").write_bytes("Oil fell\nCaf\u00e9 prices\n".encode("latin-1"))
     p = run("infer.py", "--ckpt", ckpt, "--prompts-file", tmp_path / "prompts.txt", check=False)
     assert_user_error(p, f"--prompts-file {tmp_path / 'prompts.txt'} is not UTF-8 text (byte 12)")
+    prompt = os.fsdecode("Caf\u00e9 prices".encode("latin-1"))  # as a latin-1 shell passes it
+    p = run("infer.py", "--ckpt", ckpt, "--prompt", prompt, check=False)
+    assert_user_error(p, "--prompt is not UTF-8 text (byte 3)")
 
 
 @pytest.mark.parametrize("name", ["adapter_config.json", "run.json"])
