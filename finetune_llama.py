@@ -1154,12 +1154,16 @@ def complete_checkpoints(out: Path) -> list[Path]:
 def check_checkpoint_files(folder: Path) -> None:
     """--resume: the last checkpoint's files are whole (a full disk or a cut-short copy can leave one
     truncated after its completion mark), found before any work and not in the trainer's traceback. Read as
-    bytes: a safetensors header gives the file's exact length; torch.save's zip archives carry CRCs."""
+    bytes: a safetensors header gives the file's exact length; torch.save's zip archives carry CRCs; a JSON
+    record (the trainer's state, the adapter's config) must parse."""
     import zipfile
 
-    for f in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin")):
+    kinds = (".safetensors", ".pt", ".pth", ".bin", ".json")
+    for f in sorted(p for p in folder.iterdir() if p.suffix in kinds):
         try:
-            if f.suffix == ".safetensors":
+            if f.suffix == ".json":
+                json.loads(f.read_bytes())
+            elif f.suffix == ".safetensors":
                 with open(f, "rb") as fh:
                     n = int.from_bytes(fh.read(8), "little")
                     header = json.loads(fh.read(n))

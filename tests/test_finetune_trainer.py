@@ -256,7 +256,8 @@ def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
         "--overwrite",
     )
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == before  # refusals touch nothing
-    # damaged files never start the run over: an unreadable record, then a truncated optimizer state
+    # damaged files never start the run over: an unreadable record, then a truncated optimizer state,
+    # adapter or trainer state
     record = part / "checkpoints" / "resume.json"
     saved = record.read_bytes()
     record.write_text("[]")
@@ -266,7 +267,7 @@ def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
     assert_user_error(run([*command, "--resume"], check=False, cache=cache), "missing or unreadable")
     record.write_bytes(saved)
     last = finetune_llama.complete_checkpoints(part)[-1]
-    for name in ("optimizer.pt", "adapter_model.safetensors"):
+    for name in ("optimizer.pt", "adapter_model.safetensors", "trainer_state.json"):
         whole = (last / name).read_bytes()
         (last / name).write_bytes(whole[: len(whole) * 3 // 4])
         damaged = run([*command, "--resume"], check=False, cache=cache)
