@@ -32,6 +32,8 @@ from pathlib import Path
 from finetune_llama import (
     DEFAULT_CACHE_DIR,
     MERGE_MARKER,
+    RANDOM_LLAMA_ALIAS,
+    SMOLLM2_CACHE_NAME,
     ArgumentParser,
     HelpFormatter,
     check_writable_dir,
@@ -1168,6 +1170,17 @@ def check_writable_file(path: Path, flag: str) -> None:
     check_writable_dir(path, flag, folder=path.parent)
 
 
+def cache_folder(path: Path, cache_dir: Path) -> Path | None:
+    """The folder of --cache-dir that `path` lies in, when it is one the cache keeps (a converted base, the
+    sampled documents): a file replaced there, e.g. smollm2's config.json, breaks every later run on it."""
+    cache = cache_dir.expanduser().resolve()
+    if not path.is_relative_to(cache) or path.parent == cache:
+        return None
+    top = cache / path.relative_to(cache).parts[0]
+    kept = top.name in (SMOLLM2_CACHE_NAME, RANDOM_LLAMA_ALIAS, "samples") or (top / "config.json").is_file()
+    return top if kept else None
+
+
 def check_spares_inputs(args) -> None:
     """--json-out must not replace what this run reads: an input file, or a file in an input folder."""
     out = Path(args.json_out).resolve()
@@ -1181,6 +1194,12 @@ def check_spares_inputs(args) -> None:
         if source is not None and replaces(source):
             flag = "--" + name.replace("_", "-")
             die(f"--json-out {args.json_out} would overwrite the {flag} input {given}: write it elsewhere")
+    kept = cache_folder(out, Path(args.cache_dir))
+    if kept:
+        die(
+            f"--json-out {args.json_out} lies in {kept}, which --cache-dir keeps for the base models: "
+            "write it elsewhere"
+        )
     if args.adapter and not args.model and Path(args.adapter, "adapter_config.json").is_file():
         config, run = read_run(Path(args.adapter))
         base = run.get("base", {})  # the base run.json names, or a bare PEFT folder's config

@@ -364,6 +364,32 @@ def test_json_out_under_a_dangling_link_is_refused_before_any_model(bad_ckpts, t
     assert_user_error(p, f"--json-out {out}: {link} is a link to {gone}, which does not exist")
 
 
+def test_json_out_in_the_cache_of_converted_bases_is_refused(tmp_path):
+    """--model smollm2 loads its converted folder from --cache-dir: a --json-out there (its config.json)
+    broke every later load of the base."""
+    cache = tmp_path / "cache"
+    out = cache / "smollm2-135m-instruct" / "config.json"
+    p = run(
+        "infer.py",
+        "--model",
+        "smollm2",
+        "--cache-dir",
+        cache,
+        "--prompt",
+        "x",
+        "--json-out",
+        out,
+        check=False,
+    )
+    assert_user_error(
+        p, f"--json-out {out} lies in {out.parent}, which --cache-dir keeps for the base models"
+    )
+    assert not cache.exists()  # refused before any conversion
+    for fine in (cache / "results.json", cache / "runs" / "a.json"):  # beside its folders, or in one of yours
+        assert infer.cache_folder(fine, cache) is None
+    assert infer.cache_folder(cache / "samples" / "x" / "retention.txt", cache) == cache / "samples"
+
+
 def test_json_out_never_replaces_an_input(ckpt, tmp_path):
     copy, text, adapter = tmp_path / "ckpt.pt", tmp_path / "text.txt", tmp_path / "adapter"
     shutil.copyfile(ckpt, copy)
