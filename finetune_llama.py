@@ -456,7 +456,6 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
         text = p.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         die(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
-    text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is not text to score
     docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
     docs = [d for d in docs if d]
     if not docs:
