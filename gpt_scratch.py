@@ -176,6 +176,8 @@ def check_writable_dir(path: Path, flag: str) -> None:
         die(f"{flag} {path} is a file, not a folder")
     probe = path
     while not probe.exists():
+        if probe.is_symlink():  # a dangling link: mkdir would fail on it only when the outputs are written
+            die(f"{flag} {path}: {probe} is a link to {os.readlink(probe)}, which does not exist")
         probe = probe.parent
     if not probe.is_dir():
         die(f"{flag} {path} lies under a file ({probe})")

@@ -504,9 +504,11 @@ def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
 def test_out_that_cannot_be_written_is_refused_before_any_run(tmp_path, unwritable_dir):
     corpus = small_corpus(tmp_path / "c.txt")
     (tmp_path / "f").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a link to a folder that is gone
     for out, frag in (
         (tmp_path / "f", "is a file, not a folder"),
         (tmp_path / "f" / "sub" / "o", f"lies under a file ({tmp_path / 'f'})"),
+        (tmp_path / "link" / "o", f"{tmp_path / 'link'} is a link to {tmp_path / 'gone'}, which does not"),
     ):
         assert_user_error(
             bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, timeout=60),

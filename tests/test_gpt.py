@@ -1404,7 +1404,11 @@ def test_out_that_is_a_file_or_under_a_file_is_refused(name, corpus, tmp_path, c
     one_line_exit2(lambda: run(f), capsys, f"--out {f} is a file, not a folder")
     under = f / "sub" / "run"
     one_line_exit2(lambda: run(under), capsys, f"--out {under} lies under a file ({f})")
-    assert f.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
+    link, gone = tmp_path / "link", tmp_path / "gone"  # a link to a folder that is gone (an unmounted disk)
+    link.symlink_to(gone)
+    for out in (link, link / "run"):  # mkdir would fail on the link only once the checkpoint is written
+        one_line_exit2(lambda: run(out), capsys, f"--out {out}: {link} is a link to {gone}, which does not")
+    assert f.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile", "link"]
 
 
 @pytest.mark.parametrize("name", MODULES)
