@@ -81,6 +81,15 @@ def positive_seconds(s: str) -> float:
     return x
 
 
+def refuse_empty(args, flags: tuple[str, ...]) -> None:
+    """A name given as "" (a quoted shell variable that is not set) would mean the current folder, or no file
+    at all: refused, as the flag's value cannot have been meant."""
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+            die(f"{flag} got an empty string: give it a value")
+
+
 def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
     """Refuse an output location that cannot be written, before any run: probe the nearest existing
     folder of `folder` (default: path itself) with a temp file, without creating any folder."""
@@ -2671,6 +2680,7 @@ def anchor_paths(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    refuse_empty(args, ("--out", "--data", "--eval-text", "--model"))  # before anchoring: "" would be the cwd
     anchor_paths(args)
     mode = "full" if args.full else "tiny" if args.tiny else "quick"
     stages = [s.strip() for s in args.only.split(",") if s.strip()]

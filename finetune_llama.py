@@ -151,6 +151,15 @@ def say(msg: str) -> None:
         note(msg)
 
 
+def refuse_empty(args, flags: tuple[str, ...]) -> None:
+    """A name given as "" (a quoted shell variable that is not set) would mean the current folder, or no file
+    at all: refused, as the flag's value cannot have been meant."""
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+            die(f"{flag} got an empty string: give it a value")
+
+
 def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
     """Fail before any work when `path` cannot become a folder to write into (or, given `folder`, when a file
     `path` cannot be written into `folder`); creates nothing."""
@@ -1377,6 +1386,7 @@ def lr_at(step: int, args, total_steps: int) -> float:
 
 def check_flags(args) -> None:
     """Flag combinations that cannot work, refused before anything loads."""
+    refuse_empty(args, ("--model", "--data", "--replay-data", "--eval-text", "--out", "--cache-dir"))
     if args.replay_data and args.replay == 0:
         die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
     if args.eval_split > 1 and not args.eval_split.is_integer():

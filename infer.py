@@ -45,6 +45,7 @@ from finetune_llama import (
     note,
     out_of_memory,
     read_documents,
+    refuse_empty,
     resolve_model,
     score_sequences,
     set_cpu_4bit_path,
@@ -1273,6 +1274,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    refuse_empty(
+        args, ("--adapter", "--model", "--ckpt", "--ppl", "--prompts-file", "--json-out", "--cache-dir")
+    )
     sources = [n for n in ("adapter", "model", "ckpt") if getattr(args, n)]
     if args.ckpt and len(sources) > 1:
         die("--ckpt runs a GPT checkpoint on its own; it does not combine with --adapter or --model")

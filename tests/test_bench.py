@@ -479,6 +479,8 @@ def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
         (["--readme", readme], ["--readme", "<!-- headline:tiny-cpu -->"]),
         (["--readme", tmp_path], ["--readme", "is a folder"]),
         (["--record", tmp_path], ["--record", "is a folder"]),
+        (["--out", ""], ["--out got an empty string"]),  # "" would be the current folder
+        (["--eval-text", ""], ["--eval-text got an empty string"]),
     ):
         p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, *args, timeout=60)
         assert_user_error(p, *frags)

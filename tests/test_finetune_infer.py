@@ -1587,6 +1587,10 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         (["--data", "DIR"], "corpus DIR is a folder, not a file"),
         (["--eval-text", "DIR"], "--eval-text DIR is a folder, not a file"),
         (["--replay-data", "DIR"], "--replay-data DIR is a folder, not a file"),
+        # "" (a quoted shell variable that is not set) would be the current folder
+        (["--out", ""], "--out got an empty string"),
+        (["--data", ""], "--data got an empty string"),
+        (["--eval-text", ""], "--eval-text got an empty string"),
     ],
 )
 def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):

@@ -335,6 +335,18 @@ def test_bad_flags_exit_2_with_one_line(ckpt, corpus, flags, fragment):
     assert_user_error(p, "infer.py: error: argument", fragment)
 
 
+EMPTY_FLAGS = ["--ckpt", "--ppl", "--prompts-file", "--json-out", "--adapter", "--cache-dir"]
+
+
+@pytest.mark.parametrize("flag", EMPTY_FLAGS)
+def test_a_name_given_as_an_empty_string_is_refused(ckpt, corpus, flag):
+    """An empty name (a quoted shell variable that is not set) is refused: --ppl "" had read prompts from
+    stdin, and --json-out "" wrote nothing, both silently."""
+    args = {"--ckpt": ckpt, "--ppl": corpus, flag: ""}
+    p = run("infer.py", *[x for kv in args.items() for x in kv], check=False)
+    assert_user_error(p, f"{flag} got an empty string: give it a value")
+
+
 # -----------------------------------------------------------------------------
 # --json-out: checked before any model loads
 
