@@ -848,27 +848,71 @@ def check_positions(resolved: str, max_seq_length: int) -> None:
         die(f"--max-seq-length {max_seq_length} is longer than the {positions} positions of {resolved}")
 
 
-def check_rows_fill(resolved: str, max_seq_length: int, corpora: list[tuple[str, list[str]]]) -> None:
-    """--packing cuts each corpus (and --replay-data) into full rows of --max-seq-length tokens: one holding
-    fewer makes no row. Counted with the base's tokenizer alone, before its weights load and documents are
-    sampled from it (minutes on a CPU); a tokenizer that cannot be read is left to loading, which says so."""
+def check_rows(args, resolved: str, corpora: list[tuple[str, list[str]]], replay_data: tuple | None) -> None:
+    """The rows training will cut, counted with the base's tokenizer alone, before its weights load and
+    documents are sampled from it (minutes on a CPU); a tokenizer that cannot be read is left to loading,
+    which says so. --packing cuts each corpus (and --replay-data) into full rows of --max-seq-length tokens:
+    one holding fewer makes no row. And one pass over the corpora's rows fills an optimizer step (see
+    check_step_rows)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError, TypeError):
         return
+    enough = math.ceil(rows_per_step(args) * (1 - args.replay))  # the corpus rows one step takes
+    data_rows = 0
     for name, docs in corpora:
-        n = 0
-        for doc in docs:  # one at a time: a corpus of any size stops after its first row's worth
-            n += len(encode_documents(tok, [doc])[0])
-            if n >= max_seq_length:
-                break
-        if n < max_seq_length:
-            die(
-                f"--packing: the training documents of {name} hold {n} tokens, fewer than one "
-                f"--max-seq-length={max_seq_length} row; lower --max-seq-length or pass --no-packing"
-            )
+        rows = check_corpus_rows(args, tok, name, docs, max(1, enough - data_rows))
+        data_rows += rows
+    if replay_data:
+        check_corpus_rows(args, tok, *replay_data, 1)
+    check_step_rows(args, data_rows)
+
+
+def check_corpus_rows(args, tok, name: str, docs: list[str], enough: int) -> int:
+    """The rows of <= --max-seq-length tokens docs make (as training_pools cuts them), counted up to `enough`:
+    a corpus of any size stops after that many rows' worth. Encoded 64 documents a call (each call reads the
+    whole vocabulary once)."""
+    T, rows, tokens = args.max_seq_length, 0, 0
+    for i in range(0, len(docs), 64):
+        for seq in encode_documents(tok, docs[i : i + 64]):
+            tokens += len(seq)
+            rows = tokens // T if args.packing else rows + len(split_windows(seq, T))
+        if rows >= enough:
+            break
+    if not rows:
+        die(
+            f"--packing: the training documents of {name} hold {tokens} tokens, fewer than one "
+            f"--max-seq-length={T} row; lower --max-seq-length or pass --no-packing"
+        )
+    return rows
+
+
+def rows_per_step(args) -> int:
+    """Training rows in one optimizer step, all processes together."""
+    return args.batch_size * args.grad_accum * world_size()
+
+
+def epoch_rows(args, data_rows: int) -> int:
+    """Rows in one pass over the corpora's data_rows, with --replay's share of rows on top."""
+    return round(data_rows / (1 - args.replay))
+
+
+def check_step_rows(args, data_rows: int) -> None:
+    """One pass over the corpora's rows fills at least one optimizer step: a larger step would hold the same
+    rows several times over, and the run would sample base documents to replay in it (minutes on a CPU)."""
+    per_step, epoch = rows_per_step(args), epoch_rows(args, data_rows)
+    if epoch >= per_step:
+        return
+    procs = f" x {world_size()} processes" if world_size() > 1 else ""
+    replay = f", {epoch} with --replay {args.replay:g} on top" if args.replay > 0 else ""
+    die(
+        f"a step of {per_step} rows (--batch-size {args.batch_size} x --grad-accum {args.grad_accum}{procs}) "
+        f"is more than one pass over the training data ({data_rows} rows of <= {args.max_seq_length} tokens "
+        f"from --data{replay}): lower --batch-size or --grad-accum to at most {epoch} rows a step, or give "
+        "more --data"
+    )
 
 
 def load_for_training(args, backend: str, resolved: str, device: str):
@@ -2139,7 +2183,7 @@ def train(
 def plan_rows(args, tok, sources: list[Source], replay_docs: list[str] | None) -> tuple[list, dict]:
     """Training rows in schedule order, and how many steps they make; replay_docs fill --replay of the
     rows."""
-    T, per_step = args.max_seq_length, args.batch_size * args.grad_accum * world_size()  # rows, all processes
+    T, per_step = args.max_seq_length, rows_per_step(args)
     pools = training_pools(
         tok, [s.train_docs for s in sources] + ([replay_docs] if replay_docs else []), T, args.packing
     )
@@ -2147,10 +2191,11 @@ def plan_rows(args, tok, sources: list[Source], replay_docs: list[str] | None) -
         if not pool:
             die(f"--packing: the training documents of {name} hold fewer than --max-seq-length={T} tokens")
     data_rows = [len(p) for p in pools[: len(sources)]]
+    check_step_rows(args, sum(data_rows))
     if args.max_steps > 0:
         total_steps = args.max_steps
     else:  # --epochs passes over the corpora's rows, with the replay rows on top
-        total_steps = max(1, round(sum(data_rows) / (1 - args.replay)) // per_step) * args.epochs
+        total_steps = epoch_rows(args, sum(data_rows)) // per_step * args.epochs
     fractions = pool_fractions(sources, data_rows, args.replay if replay_docs else 0.0)
     rows = row_schedule(pools, fractions, total_steps * per_step, args.seed)
     plan = {
@@ -2184,9 +2229,10 @@ class Loaded:
     load_s: float
 
 
-def load(args, corpora: list[tuple[str, list[str]]]) -> Loaded:
+def load(args, corpora: list[tuple[str, list[str]]], replay_data: tuple | None) -> Loaded:
     """Backend and device, then the base with its LoRA (seeded), and a line saying what was loaded. corpora:
-    (name, training documents) of each --data corpus and --replay-data, checked before the weights load."""
+    (name, training documents) of each --data corpus, and replay_data those of --replay-data, their rows
+    checked before the weights load."""
     backend, device = setup_device(args)
     import torch
 
@@ -2194,8 +2240,7 @@ def load(args, corpora: list[tuple[str, list[str]]]) -> Loaded:
     torch.manual_seed(args.seed)
     check_target_modules(base["resolved"], parse_target_modules(args.target_modules))
     check_positions(base["resolved"], args.max_seq_length)
-    if args.packing:
-        check_rows_fill(base["resolved"], args.max_seq_length, corpora)
+    check_rows(args, base["resolved"], corpora, replay_data)
     t_load = time.time()
     model, tok = load_for_training(args, backend, base["resolved"], device)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
@@ -2257,9 +2302,8 @@ def main(args) -> dict:
     check_out_dir(args)
     progress = check_resume(args, args_given, sources) if args.resume else None
     corpora = [(s.path, s.train_docs) for s in sources]
-    if replay_file_docs:
-        corpora.append((f"--replay-data {args.replay_data}", replay_file_docs))
-    m = load(args, corpora)
+    replay_data = (f"--replay-data {args.replay_data}", replay_file_docs) if replay_file_docs else None
+    m = load(args, corpora, replay_data)
     with main_process_first(m.device):  # one process samples the base's documents, the others read its cache
         sets, replay = eval_sets_and_replay(args, m, sources, outside, replay_file_docs)
     rows, plan = plan_rows(args, m.tok, sources, replay["docs"] if replay else None)

@@ -602,12 +602,14 @@ def test_cpu_peak_memory_is_the_runs_own_not_its_parents(tiny, tmp_path):
 
 
 def test_running_out_of_memory_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path):
-    """A batch the memory cannot hold (4096 rows of 256 tokens)."""
-    out = tmp_path / "o"
+    """A batch the memory cannot hold (4096 rows of 256 tokens), from a corpus that fills it: the tiny
+    corpus (46 such rows) 90 times over."""
+    out, corpus = tmp_path / "o", tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(tiny["docs"] * 90) + "\n")
     flags = (
         "--max-seq-length 256 --batch-size 4096 --max-steps 2 --replay 0 --retention-docs 0 --eval-split 4"
     )
-    last = out_of_memory_exit(tiny_finetune_cmd(tiny, flags, "--out", out), ROOT)
+    last = out_of_memory_exit(tiny_finetune_cmd(tiny, flags, "--data", corpus, "--out", out), ROOT)
     lower = "lower --batch-size (raise --grad-accum) or --max-seq-length"
     assert last == f"error: out of memory: {lower}; {out} has no new adapter"
     assert not out.exists()
@@ -1625,6 +1627,37 @@ def test_a_corpus_shorter_than_one_packed_row_is_refused_before_the_base_loads(t
     name = short if flag == "--data" else f"--replay-data {short}"
     assert_user_error(p, f"the training documents of {name} hold", "fewer than one --max-seq-length=128 row")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("packing", ["--packing", "--no-packing"])
+def test_a_step_larger_than_one_pass_over_the_training_rows_is_refused_before_the_base_loads(
+    tiny, tmp_path, packing
+):
+    """A step of more rows than the corpora give (--replay's share on top) would hold the same rows several
+    times over, after sampling replay documents for it from the base (minutes on a CPU): refused in one line
+    before the weights load, nothing cached or written. Rows are counted as training cuts them (each corpus
+    apart); a step of exactly one pass trains."""
+    from transformers import AutoTokenizer
+
+    docs, tok = tiny["docs"], AutoTokenizer.from_pretrained(tiny["llama_a"])
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:30]) + "\n")
+    (tmp_path / "b.txt").write_text("\n\n".join(docs[30:60]) + "\n")
+    train = [docs[:28], docs[30:58]]  # --eval-split 2 holds out each corpus's last two
+    rows = sum(map(len, finetune_llama.training_pools(tok, train, 128, packing == "--packing")))
+    data = ["--data", f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}:3", "--eval-split", 2, packing]
+    common = ["--model", tiny["llama_a"], "--backend", "hf", *data, "--replay", 0.5, "--max-steps", 1]
+    common += ["--cache-dir", tmp_path / "cache", "--out", tmp_path / "out"]
+    p = run("finetune_llama.py", *common, "--batch-size", rows + 1, "--grad-accum", 2, check=False)
+    assert_user_error(
+        p,
+        f"a step of {2 * rows + 2} rows (--batch-size {rows + 1} x --grad-accum 2) is more than one pass",
+        f"({rows} rows of <= 128 tokens from --data, {2 * rows} with --replay 0.5 on top)",
+        f"lower --batch-size or --grad-accum to at most {2 * rows} rows a step",
+    )
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+    replay = ["--replay-data", tiny["corpus"], "--retention-docs", 0, "--eval-tokens", 0]
+    p = run("finetune_llama.py", *common, "--batch-size", rows, "--grad-accum", 2, *replay)
+    assert f"-> {rows} rows of <= 128 tokens" in p.stderr and f"; 1 steps of {2 * rows} rows" in p.stderr
 
 
 def test_token_losses_are_cross_entropy_on_corpus_rows_and_kl_to_the_base_on_replay_rows(tiny):
