@@ -2368,8 +2368,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     m.add_argument("--tiny", action="store_true", help="an even smaller --quick, for the test suite")
     p.add_argument("--only", default=DEFAULT_STAGES, help="stages to run: comma list of gpt, finetune, infer")
-    p.add_argument("--out", default="out/bench", help="report folder")
-    p.add_argument("--data", default=DEFAULT_DATA, help="corpus shared by every stage")
+    p.add_argument("--out", type=os.path.expanduser, default="out/bench", help="report folder")
+    p.add_argument(
+        "--data", type=os.path.expanduser, default=DEFAULT_DATA, help="corpus shared by every stage"
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -2400,6 +2402,7 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     """--readme and --record: the files the results are copied into besides --out."""
     p.add_argument(
         "--readme",
+        type=os.path.expanduser,
         metavar="MD",
         default=None,
         help="also write the headline ratios into this file's <!-- headline:MODE-DEVICE --> block "
@@ -2407,6 +2410,7 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--record",
+        type=os.path.expanduser,
         metavar="MD",
         default=None,
         help="also copy the report into this markdown file (e.g. BENCHMARKS.md), replacing the "
@@ -2418,6 +2422,7 @@ def add_finetune_flags(p: argparse.ArgumentParser) -> None:
     """The fine-tune stage's extra runs (--eval-text, --baseline-rev) and --sweep."""
     p.add_argument(
         "--eval-text",
+        type=os.path.expanduser,
         metavar="FILE",
         action="append",
         default=[],

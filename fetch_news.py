@@ -592,7 +592,7 @@ def iso_date(s: str) -> str:
 def folder(s: str) -> str:
     if not s.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
-    return s
+    return os.path.expanduser(s)  # "--out-dir=~/news" reaches here unexpanded
 
 
 DAY = f"{MAX_WAIT_S:.0f} seconds"
@@ -613,7 +613,7 @@ FLAGS = [
         "news.jsonl, progress and the S&P 500 list cache) are written (default: %(default)s)")),
     ("--tickers",      dict(help="comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix "
         "means .US (default: none)")),
-    ("--tickers-file", dict(help="file of tickers, some on each line, '#' starts a comment (default: none)")),
+    ("--tickers-file", dict(type=os.path.expanduser, help="ticker file; # starts a comment (default: none)")),
     ("--sp500",        dict(action="store_true", help="add the S&P 500 constituents: from --sp500-url "
         f"when online, cached as <out-dir>/{SP500_CACHE} for offline runs; BRK.B: BRK-B.US (default: off)")),
     ("--sp500-url",    dict(default=SP500_URL,

@@ -627,7 +627,7 @@ class EvalSet:
 def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
     """--data: comma-separated corpora, each optionally `:weight` (its share of the training rows)."""
     out = []
-    for part in (s.strip() for s in spec.split(",")):
+    for part in (os.path.expanduser(s.strip()) for s in spec.split(",")):  # the shell leaves ~ after a ,
         if not part:
             continue
         path, _, w = part.rpartition(":")
@@ -2659,7 +2659,12 @@ def add_data_flags(g) -> None:
         help="fraction of training rows that rehearse general text: documents sampled from the base "
         "model itself (cached per base), or --replay-data",
     )
-    g.add_argument("--replay-data", default=None, help="rehearse these documents instead of base samples")
+    g.add_argument(
+        "--replay-data",
+        type=os.path.expanduser,
+        default=None,
+        help="rehearse these documents instead of base samples",
+    )
     g.add_argument(
         "--replay-loss",
         default="kl",
@@ -2758,6 +2763,7 @@ def add_evaluation_flags(g) -> None:
     )
     g.add_argument(
         "--eval-text",
+        type=os.path.expanduser,
         action="append",
         default=[],
         metavar="FILE",
@@ -2805,7 +2811,7 @@ def add_evaluation_flags(g) -> None:
 
 
 def add_output_flags(g) -> None:
-    g.add_argument("--out", default="out/", help="adapter folder")
+    g.add_argument("--out", type=os.path.expanduser, default="out/", help="adapter folder")
     g.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     g.add_argument(
         "--merge", action="store_true", help="also write base + adapter merged to 16-bit in <out>/merged"

@@ -610,9 +610,9 @@ PRESET_HELP = (
 # fmt: off
 # a data table, kept one row per entry (ruff would spread each row over several lines)
 FLAGS = [
-    ("--data",             dict(default="data/finance_corpus.txt",
+    ("--data",             dict(type=os.path.expanduser, default="data/finance_corpus.txt",
         help="corpus: documents separated by a blank line")),
-    ("--out",              dict(default=f"out/{SCRIPT}",
+    ("--out",              dict(type=os.path.expanduser, default=f"out/{SCRIPT}",
         help="run folder (data cache, ckpt.pt, metrics.jsonl, summary.json)")),
     ("--preset",           dict(choices=sorted(PRESETS), default=None, help=PRESET_HELP)),
     ("--tokenizer",        dict(choices=["char", "bpe"], default="bpe",

@@ -1327,14 +1327,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def add_target_flags(g) -> None:
     g.add_argument(
-        "--adapter", help="adapter folder written by finetune_llama.py (its base comes from run.json)"
+        "--adapter",
+        type=os.path.expanduser,
+        help="adapter folder written by finetune_llama.py (its base comes from run.json)",
     )
     g.add_argument(
         "--model",
         help="base model: hub id, HF folder, .gguf, 'smollm2', 'random-llama-3.2-1b' or 'auto'; "
         "with --adapter it replaces the recorded base (checked to match)",
     )
-    g.add_argument("--ckpt", help="GPT checkpoint (ckpt.pt) from gpt_scratch.py / gpt_optimized.py")
+    g.add_argument(
+        "--ckpt",
+        type=os.path.expanduser,
+        help="GPT checkpoint (ckpt.pt) from gpt_scratch.py / gpt_optimized.py",
+    )
     g.add_argument(
         "--backend",
         default="auto",
@@ -1358,7 +1364,7 @@ def add_target_flags(g) -> None:
 
 def add_prompt_flags(g) -> None:
     g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
-    g.add_argument("--prompts-file", help="text file with one prompt per line")
+    g.add_argument("--prompts-file", type=os.path.expanduser, help="text file with one prompt per line")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate per prompt")
     g.add_argument(
         "--temperature", type=temperature, default=0.7, help="0 means greedy decoding; else at least 0.0001"
@@ -1390,7 +1396,10 @@ def add_prompt_flags(g) -> None:
 
 def add_measure_flags(g) -> None:
     g.add_argument(
-        "--ppl", metavar="FILE", help="perplexity of a text file (documents separated by blank lines)"
+        "--ppl",
+        type=os.path.expanduser,
+        metavar="FILE",
+        help="perplexity of a text file (documents separated by blank lines)",
     )
     g.add_argument(
         "--ppl-context",
@@ -1425,7 +1434,9 @@ def add_measure_flags(g) -> None:
         "gpt-fast-style code on its weights, q/k/v and gate/up fused)",
     )
     g.add_argument(
-        "--json-out", help="also write the results (generations, perplexity, bench rows) as JSON here"
+        "--json-out",
+        type=os.path.expanduser,
+        help="also write the results (generations, perplexity, bench rows) as JSON here",
     )
 
 

@@ -1,0 +1,58 @@
+"""Command-line input every script shares, treated the same way by each."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import CORPUS, OFFLINE_ENV, ROOT, TINY_GPT_FLAGS, assert_user_error
+
+
+def run_in(cwd, home, script, *args) -> subprocess.CompletedProcess:
+    """python <repo>/<script> args, started in cwd with HOME=home."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**OFFLINE_ENV, "HOME": str(home)},
+        timeout=600,
+    )
+
+
+# a path given as "--flag=~/..." reaches the script unexpanded (the shell expands ~ only at a word's start)
+MISSING_UNDER_HOME = [
+    ("gpt_scratch.py", ["--data=~/missing.txt"], "corpus not found: {home}/missing.txt"),
+    ("gpt_optimized.py", ["--data=~/missing.txt"], "corpus not found: {home}/missing.txt"),
+    ("finetune_llama.py", ["--data=~/missing.txt"], "corpus {home}/missing.txt not found"),
+    ("finetune_llama.py", ["--data", CORPUS, "--eval-text=~/missing.txt"], "{home}/missing.txt"),
+    ("infer.py", ["--ckpt=~/missing.pt"], "--ckpt {home}/missing.pt: file not found"),
+    ("bench.py", ["--report-only", "--out=~/missing"], "{home}/missing holds no meta.json"),
+    (
+        "fetch_news.py",
+        ["--source", "eodhd", "--api-key", "KEY-0123456789", "--tickers-file=~/missing.txt"],
+        "cannot read --tickers-file {home}/missing.txt",
+    ),
+]
+
+
+@pytest.mark.parametrize("script,flags,fragment", MISSING_UNDER_HOME, ids=lambda x: str(x)[:24])
+def test_a_path_starting_with_tilde_names_the_home_folder(tmp_path, script, flags, fragment):
+    home = tmp_path / "home"
+    home.mkdir()
+    p = run_in(tmp_path, home, script, *flags)
+    assert_user_error(p, fragment.format(home=home))
+    assert not (tmp_path / "~").exists()
+
+
+def test_outputs_under_tilde_go_to_the_home_folder_not_a_folder_named_tilde(tmp_path):
+    home, corpus = tmp_path / "home", tmp_path / "corpus.txt"
+    home.mkdir()
+    corpus.write_text("\n\n".join(f"Shares of ACME rose {i} percent on strong demand." for i in range(200)))
+    run = run_in(tmp_path, home, "gpt_scratch.py", "--data", corpus, "--out=~/run", *TINY_GPT_FLAGS)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (home / "run" / "ckpt.pt").is_file()
+    gen = run_in(tmp_path, home, "infer.py", "--ckpt=~/run/ckpt.pt", "--prompt", "Shares", "--max-new-tokens",
+                 "2", "--json-out=~/gen.json")  # fmt: skip
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert (home / "gen.json").is_file()
+    assert not (tmp_path / "~").exists()
