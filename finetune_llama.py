@@ -2593,6 +2593,8 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
 
 
 POS_INT, NONNEG_INT = bounded(int, 1), bounded(int, 0)
+# torch.set_num_threads fails with a traceback or a crash past some thousands; more than the CPUs only slow it
+THREADS = bounded(int, 0, os.cpu_count())
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -2741,7 +2743,12 @@ def add_training_flags(g) -> None:
     g.add_argument(  # the trainer seeds numpy too, which takes 0 .. 2**32 - 1 only
         "--seed", type=bounded(int, 0, 2**32 - 1), default=1337, help="seed for LoRA init and batch order"
     )
-    g.add_argument("--threads", type=NONNEG_INT, default=0, help="CPU threads for torch (0: torch's default)")
+    g.add_argument(
+        "--threads",
+        type=THREADS,
+        default=0,
+        help="CPU threads for torch (0: torch's default; at most the machine's CPUs)",
+    )
 
 
 def add_evaluation_flags(g) -> None:

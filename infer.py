@@ -1112,6 +1112,15 @@ def non_negative_int(s: str) -> int:
     return n
 
 
+def thread_count(s: str) -> int:
+    """0 (torch's default) up to this machine's CPUs: more only slow torch down, and past some thousands
+    torch.set_num_threads fails with a traceback or a crash."""
+    n, cpus = _number(s, int), os.cpu_count() or 2**16
+    if not 0 <= n <= cpus:
+        raise argparse.ArgumentTypeError(f"{s} must be in [0, {cpus}] (this machine's CPUs)")
+    return n
+
+
 def window_tokens(s: str) -> int:
     """0 (the default), or at least 2 tokens: a window must hold one token to read and one to predict."""
     if (n := _number(s, int)) != 0 and n < 2:
@@ -1358,7 +1367,10 @@ def add_target_flags(g) -> None:
     )
     g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where converted GGUF models are kept")
     g.add_argument(
-        "--threads", type=non_negative_int, default=0, help="CPU threads for torch (0: torch's default)"
+        "--threads",
+        type=thread_count,
+        default=0,
+        help="CPU threads for torch (0: torch's default; at most the machine's CPUs)",
     )
 
 

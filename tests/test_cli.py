@@ -1,5 +1,6 @@
 """Command-line input every script shares, treated the same way by each."""
 
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,14 @@ def test_a_path_starting_with_tilde_names_the_home_folder(tmp_path, script, flag
     p = run_in(tmp_path, home, script, *flags)
     assert_user_error(p, fragment.format(home=home))
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("script,flags", [("infer.py", ["--ckpt", "missing.pt"]), ("finetune_llama.py", [])])
+def test_more_threads_than_cpus_is_refused(tmp_path, script, flags):
+    """torch.set_num_threads(2**31) raises, 100,000 crashes the process: refused at the command line."""
+    for threads in (os.cpu_count() + 1, 2**31):
+        p = run_in(tmp_path, tmp_path, script, *flags, "--threads", threads)
+        assert_user_error(p, "argument --threads", f"{os.cpu_count()}]")
 
 
 def test_outputs_under_tilde_go_to_the_home_folder_not_a_folder_named_tilde(tmp_path):
