@@ -3316,6 +3316,7 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--out-dir",
+        type=os.path.expanduser,  # "--out-dir=~/data" reaches here unexpanded
         default=None,
         help="where finance_corpus.txt is written, exactly as fetch_news.py --source market "
         "writes it (default: data)",
@@ -3324,6 +3325,7 @@ def build_parser() -> ArgumentParser:
         "--stats",
         nargs="+",
         metavar="FILE",
+        type=os.path.expanduser,
         default=None,
         help="instead of building, print per corpus file: documents, words, the BPE vocabulary "
         "reached when --vocab-size is asked, and distinct/total word 1- to 4-gram ratios "

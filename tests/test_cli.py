@@ -28,6 +28,7 @@ MISSING_UNDER_HOME = [
     ("finetune_llama.py", ["--data", CORPUS, "--eval-text=~/missing.txt"], "{home}/missing.txt"),
     ("infer.py", ["--ckpt=~/missing.pt"], "--ckpt {home}/missing.pt: file not found"),
     ("bench.py", ["--report-only", "--out=~/missing"], "{home}/missing holds no meta.json"),
+    ("market_corpus.py", ["--stats=~/missing.txt"], "--stats {home}/missing.txt not found"),
     (
         "fetch_news.py",
         ["--source", "eodhd", "--api-key", "KEY-0123456789", "--tickers-file=~/missing.txt"],
