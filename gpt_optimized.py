@@ -1147,16 +1147,10 @@ def summarized(out: Path, ckpt: dict) -> bool:
 def killed_at_first_checkpoint(metrics: Path) -> bool:
     """metrics.jsonl holds a GPT run's iteration-0 evaluation alone: the run was killed (kill -9, power loss)
     while writing its first checkpoint, before any step, so starting over loses nothing."""
-    rows = []
     try:
-        lines = metrics.read_text(errors="replace").splitlines()
-    except OSError:  # unreadable: not ours to replace
+        rows = [row for _, row in metrics_rows(metrics)]
+    except (OSError, UnicodeDecodeError):  # unreadable: not ours to replace
         return False
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by the kill
-            continue
     return bool(rows) and all(isinstance(r, dict) and r.get("iter") == 0 and "val_loss" in r for r in rows)
 
 
@@ -1455,14 +1449,19 @@ def trim_metrics(path: Path, ckpt: dict | None, progress: Progress) -> None:
     for name in ("ckpt.pt", "summary.json") if ckpt is None else ():
         (path.parent / name).unlink(missing_ok=True)
     if ckpt is not None and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-            if row["iter"] < iter_num:
-                kept.append(line + "\n")
+        kept = [line + "\n" for line, row in metrics_rows(path) if row["iter"] < iter_num]
     atomic_write_bytes(path, "".join(kept).encode())
+
+
+def metrics_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for each whole line of metrics.jsonl; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    return rows
 
 
 def append_row(path: Path, row: dict) -> None:
