@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import hashlib
 import json
 import math
@@ -93,10 +94,48 @@ def die(msg: str) -> None:
     raise SystemExit(2)
 
 
+class Sink:
+    """A file's write and flush that keep the OSError of a refused write: torch.save's zip writer turns it
+    into a RuntimeError ("unexpected pos") that no longer says the disk was full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_temp(path: Path, write) -> Path:
+    """write(file) into path's temp file (path + ".tmp") and return it, for the caller to move into place.
+    A failed write removes the temp file; one the disk refused (disk_full) raises its OSError, naming path.
+    Streamed, so a checkpoint takes no second copy in memory."""
+    tmp, sink = path.with_name(path.name + ".tmp"), None
+    try:
+        with open(tmp, "wb") as f:
+            write(sink := Sink(f))
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        refused = e if isinstance(e, OSError) else getattr(sink, "error", None)
+        if refused is None:
+            raise
+        raise OSError(refused.errno, refused.strerror, str(path)) from e
+    return tmp
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write the disk refused: no space left, the quota used up, or the file-size limit (ulimit -f) hit."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    os.replace(write_temp(path, lambda f: f.write(data)), path)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -1465,8 +1504,8 @@ def metrics_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Add a row to metrics.jsonl, rewritten whole: a full disk leaves the file as it was, not a half row."""
+    atomic_write_bytes(path, path.read_bytes() + (json.dumps(row) + "\n").encode())
 
 
 @torch.no_grad()
@@ -1571,28 +1610,25 @@ def save_checkpoint(
     if not run.master:
         return
     ckpt_path = run.out / "ckpt.pt"
-    atomic_save = ckpt_path.with_name(ckpt_path.name + ".tmp")
-    torch.save(
-        {
-            "script": SCRIPT,
-            "model_args": asdict(model.config),
-            "tokenizer": tok.state(),
-            "model": model.state_dict(),
-            "optimizer": [o.state_dict() for o in optimizers],  # AdamW (+ Muon)
-            "scaler": scaler.state_dict(),  # fp16 loss scale
-            "iter_num": progress.iter_num,
-            "best_val_loss": progress.best_val_loss,
-            "rng": {"ranks": rngs},  # DDP: every rank's batch stream
-            "args": vars(args),
-            "corpus_sha256": meta["corpus_sha256"],
-            "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
-            "tokens": progress.tokens,
-            "val_loss": progress.val_loss,
-            "clock": clock.state(),
-        },
-        atomic_save,
-    )
-    run.commit_checkpoint(atomic_save, ckpt_path, progress.iter_num)
+    state = {
+        "script": SCRIPT,
+        "model_args": asdict(model.config),
+        "tokenizer": tok.state(),
+        "model": model.state_dict(),
+        "optimizer": [o.state_dict() for o in optimizers],  # AdamW (+ Muon)
+        "scaler": scaler.state_dict(),  # fp16 loss scale
+        "iter_num": progress.iter_num,
+        "best_val_loss": progress.best_val_loss,
+        "rng": {"ranks": rngs},  # DDP: every rank's batch stream
+        "args": vars(args),
+        "corpus_sha256": meta["corpus_sha256"],
+        "elapsed_s": progress.elapsed_before + clock.elapsed_s(),
+        "tokens": progress.tokens,
+        "val_loss": progress.val_loss,
+        "clock": clock.state(),
+    }
+    tmp = write_temp(ckpt_path, lambda f: torch.save(state, f))  # a full disk: the OSError, not torch's
+    run.commit_checkpoint(tmp, ckpt_path, progress.iter_num)
 
 
 def measure_latency(model: GPT, device: str, compiled: bool) -> float:
@@ -1774,7 +1810,8 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, check --out, train. A refusal or failure before the first checkpoint leaves nothing it made
-    behind; Ctrl-C exits 130 with one line saying which checkpoint is kept."""
+    behind; running out of memory or disk space exits 2, Ctrl-C 130, with one line saying which checkpoint
+    is kept."""
     args = parse_args(argv)
     check_writable_dir(Path(args.out), "--out")
     run = RunState(Path(args.out))
@@ -1798,16 +1835,24 @@ def main(argv: list[str] | None = None) -> dict:
                     file=sys.stderr,
                 )
         raise SystemExit(130) from None
-    except BaseException as e:  # a refusal (exit 2), memory running out, or a crash
+    except BaseException as e:  # a refusal (exit 2), memory or disk space running out, or a crash
         if run.master and not run.wrote_ckpt:
             run.remove_new()
-        if out_of_memory(e):  # a step too big for the device: the flags' doing, so one line and exit 2
+        # a step too big for the device (the flags' doing) or a full disk (the machine's): one line, exit 2
+        if out_of_memory(e) or disk_full(e):
             run.close_bar()
-            kept = (
-                f"ckpt.pt at iter {run.ckpt_iter} kept; " if run.ckpt_iter is not None else "nothing kept; "
-            )
-            die(f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size")
+            die(stop_line(e, run))
         raise
+
+
+def stop_line(e: BaseException, run: RunState) -> str:
+    """What ran out, where training stood, what is kept, and how to go on."""
+    kept = f"ckpt.pt at iter {run.ckpt_iter} kept; " if run.ckpt_iter is not None else "nothing kept; "
+    if out_of_memory(e):
+        return f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size"
+    again = "continue with --resume" if run.ckpt_iter is not None else "run the same command again"
+    where = e.filename or "to stdout/stderr"  # every file write names its file (write_temp)
+    return f"cannot write {where} ({e.strerror}) at iter {run.iter_num}: {kept}free space, then {again}"
 
 
 def out_of_memory(e: BaseException) -> bool:

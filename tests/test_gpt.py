@@ -439,7 +439,8 @@ def test_a_run_killed_writing_its_first_checkpoint_runs_again(name, corpus, tmp_
     killer = (  # the real script, killed halfway through writing its first checkpoint
         "import os, runpy, signal, sys, torch\n"
         "def save(obj, f, *a, **k):\n"
-        "    open(f, 'wb').write(b'PK\\x03\\x04partial')\n"
+        "    f.write(b'PK\\x03\\x04partial')\n"
+        "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = save\n"
         "sys.argv = sys.argv[1:]\n"
@@ -1386,6 +1387,50 @@ def test_running_out_of_memory_is_one_line_and_keeps_what_was_saved(name, tmp_pa
         assert (
             "ckpt.pt at iter 0 kept" in last and load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 0
         )
+
+
+def file_size_limit(limit: int):
+    """In the child: writes past `limit` bytes fail as on a full disk (OSError EFBIG; Python ignores
+    SIGXFSZ)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_full_disk_is_one_line_and_keeps_what_was_saved(name, corpus, tmp_path):
+    """A write the disk refuses (here: the file-size limit) stops the run with one line naming the file, what
+    is kept and how to go on, exit 2; no temp file, earlier files byte for byte as they were."""
+    out = tmp_path / "o"
+    cmd = ["--data", str(corpus), "--out", str(out), *TINY, "--eval-interval", "5"]
+    p = run_cli(name, [*cmd, "--max-iters", "5"], preexec_fn=file_size_limit(1000))  # the token cache
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert re.fullmatch(
+        rf"{name}: error: cannot write {re.escape(str(out))}/tokens-\S+\.bin \(File too large\) at iter 0: "
+        "nothing kept; free space, then run the same command again",
+        last,
+    ), last
+    assert not out.exists()
+
+    assert run_cli(name, [*cmd, "--max-iters", "5"]).returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    limit = len(before["ckpt.pt"]) // 2  # room for the metrics row, not for the next checkpoint
+    p = run_cli(name, [*cmd, "--max-iters", "10", "--resume"], preexec_fn=file_size_limit(limit))
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert last == (
+        f"{name}: error: cannot write {out / 'ckpt.pt'} (File too large) at iter 10: ckpt.pt at iter 5 kept; "
+        "free space, then continue with --resume"
+    )
+    after = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert after.keys() == before.keys()  # no ckpt.pt.tmp
+    assert all(after[k] == v for k, v in before.items() if k != "metrics.jsonl")
+    assert [r["iter"] for r in read_rows(out)] == [0, 5, 10]  # whole rows; --resume drops the last
+
+    assert run_cli(name, [*cmd, "--max-iters", "10", "--resume"]).returncode == 0
+    assert [r["iter"] for r in read_rows(out)] == [0, 5, 10]
+    assert load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 10
 
 
 @pytest.mark.parametrize("name", MODULES)
