@@ -122,9 +122,14 @@ def write_temp(path: Path, write) -> Path:
     return tmp
 
 
-def disk_full(e: BaseException) -> bool:
-    """A write the disk refused: no space left, the quota used up, or the file-size limit (ulimit -f) hit."""
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+def disk_full(e: BaseException | None) -> OSError | None:
+    """The write the disk refused (no space left, the quota used up, the file-size limit of ulimit -f) that e
+    is or wraps (torch.compile's InductorError, writing its cache, holds it as inner_exception); else None."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return e
+        e = getattr(e, "inner_exception", None)
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -1351,8 +1356,11 @@ def stop_line(e: BaseException, run: RunState) -> str:
     if out_of_memory(e):
         return f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size"
     again = "continue with --resume" if run.ckpt_iter is not None else "run the same command again"
-    where = e.filename or "to stdout/stderr"  # every file write names its file (write_temp)
-    return f"cannot write {where} ({e.strerror}) at iter {run.iter_num}: {kept}free space, then {again}"
+    refused = disk_full(e)
+    where = refused.filename or "to stdout/stderr"  # every file write of ours names its file (write_temp)
+    if refused is not e:  # the compiler's, whose writes name no file
+        where = "torch.compile's cache in " + os.environ.get("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
+    return f"cannot write {where} ({refused.strerror}) at iter {run.iter_num}: {kept}free space, then {again}"
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -1433,6 +1433,30 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(name, corpus, tmp_path
     assert load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 10
 
 
+def test_a_full_disk_under_the_compile_cache_is_one_line(corpus, trained, tmp_path):
+    """torch.compile writes its cache (TORCHINDUCTOR_CACHE_DIR) at the first step; a refused write there,
+    wrapped in the compiler's InductorError, is the same one line as a refused checkpoint."""
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    shutil.copytree(trained["gpt_optimized"]["out"], out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    cmd = ["--data", str(corpus), "--out", str(out), *TINY, "--eval-interval", "30", "--max-iters", "65"]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "gpt_optimized.py"), *cmd, "--resume", "--compile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)},
+        preexec_fn=file_size_limit(1000),  # room for metrics.jsonl, not for the compiled code
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"gpt_optimized: error: cannot write torch.compile's cache in {cache} (File too large) at iter 60: "
+        "ckpt.pt at iter 60 kept; free space, then continue with --resume"
+    )
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_bad_flags_from_the_command_line_are_one_line_no_traceback(name, tmp_path):
     line = assert_user_error(run_cli(name, ["--n-head", "0", "--out", str(tmp_path / "o")]), "--n-head")
