@@ -213,13 +213,6 @@ def jsonl_bytes(records) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
-def append_jsonl(path: str, records: list) -> None:
-    with open(path, "ab") as f:
-        f.write(jsonl_bytes(records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class NewsStore:
     def __init__(self, out_dir: str, log):
         os.makedirs(out_dir, exist_ok=True)
@@ -307,9 +300,9 @@ class NewsStore:
                 symbols = sorted(set(str_list(a.get("symbols"))))
                 merges.append({"link": k, "tickers": [ticker], "symbols": symbols})
         if new:
-            append_jsonl(self.path, new)
+            market_corpus.append_whole(self.path, jsonl_bytes(new))
         if merges:
-            append_jsonl(self.merges_path, merges)
+            market_corpus.append_whole(self.merges_path, jsonl_bytes(merges))
         return len(new)
 
     def save_progress(self, ticker: str, state: dict) -> None:

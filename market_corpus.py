@@ -3178,6 +3178,10 @@ def atomic_open(path: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file being written (a failed write() names none), not tmp
+        if e.filename in (None, tmp):
+            e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -3188,6 +3192,22 @@ def atomic_open(path: str):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def append_whole(path: str, data: bytes) -> None:
+    """Append data and sync it, or, when the write fails (a full disk), leave the file as it was: whatever
+    part of data did land is cut off again (a file this call created is removed), so no torn line is left."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size) if size else os.remove(path)
+        e.filename = path  # a failed write() names no file
+        raise
 
 
 def check_out_dir(path: str, names) -> None:

@@ -1366,17 +1366,42 @@ def test_eodhd_write_failure_says_what_was_kept_and_resumes(api, tmp_path):
         timeout=60,
         preexec_fn=limit_file_size(full_size // 3),
     )
-    stored = [ln for ln in (tmp_path / "news.jsonl").read_bytes().split(b"\n") if ln.endswith(b"}")]
-    assert 0 < len(stored) < 40
+    stored = read_news(tmp_path)  # whole lines only: the part of a page that did land was cut off again
+    assert 0 < len(stored) < 40 and (tmp_path / "news.jsonl").read_bytes().endswith(b"}\n")
     assert_error_last(
         r,
-        f"cannot write to {tmp_path} (File too large); {len(stored)} articles kept in "
+        f"cannot write {tmp_path / 'news.jsonl'} (File too large); {len(stored)} articles kept in "
         f"{tmp_path / 'news.jsonl'}; "
         f"fix that and run the same command again",
     )
+    assert not list(tmp_path.glob("*.tmp*"))
     r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     assert sorted(a["link"] for a in read_news(tmp_path)) == sorted(a["link"] for a in api.feeds["AAPL.US"])
+
+
+def test_eodhd_full_disk_at_the_corpus_names_it_and_keeps_every_file(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(12)]
+    assert fetch(api, tmp_path, "--tickers", "AAPL.US", "--limit", "5").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    corpus = tmp_path / "finance_corpus.txt"
+    cmd = eodhd_cmd(api.base_url, str(tmp_path), "--tickers", "AAPL.US", "--limit", "5")
+    limit = limit_file_size(len(before["finance_corpus.txt"]) // 2)  # the rerun only rewrites the corpus
+    r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60, preexec_fn=limit)
+    kept = f"12 articles kept in {tmp_path / 'news.jsonl'}"
+    assert_error_last(r, f"cannot write {corpus} (File too large); {kept}")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file either
+
+
+def test_eodhd_full_disk_at_the_first_page_leaves_no_new_folder(api, tmp_path):
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(12)]
+    out = tmp_path / "fresh" / "news"
+    cmd = eodhd_cmd(api.base_url, str(out), "--tickers", "AAPL.US", "--limit", "5")
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env=clean_env(), timeout=60, preexec_fn=limit_file_size(200)
+    )
+    assert_error_last(r, f"cannot write {out / 'news.jsonl'} (File too large); no articles stored yet")
+    assert not (tmp_path / "fresh").exists()  # not even a torn news.jsonl
 
 
 def test_rejected_key_leaves_no_new_folder(api, tmp_path):
