@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -409,9 +411,8 @@ class Runner:
             return False
         t0 = time.perf_counter()
         self.current, self.current_expect, self.current_started = name, expect, time.time()
-        with open(log, "w") as f:
-            f.write("$ " + shlex.join(cmd) + "\n")
-            f.flush()
+        atomic_write(log, "$ " + shlex.join(cmd) + "\n")  # a full disk: an error that names the log
+        with open(log, "a") as f:
             # passive OpenMP waiting: spinning threads cost many times their work when any other
             # process shares the cores (the fine-tuning scripts set the same)
             try:
@@ -462,6 +463,9 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     try:
         tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
         os.replace(tmp, path)
+    except OSError as e:  # the file meant, not its temp file (a failed write() names no file)
+        e.filename = str(path)
+        raise
     finally:  # a failed write (a full disk) leaves no temp file behind
         tmp.unlink(missing_ok=True)
 
@@ -1092,7 +1096,9 @@ def save_plot(fig, title: str, path: Path) -> None:
     fig.tight_layout()
     fit_bar_values(fig)
     fit_signed_values(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    png = io.BytesIO()  # written whole or not at all: a full disk must not leave half a plot
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, png.getvalue())
 
 
 def fit_signed_values(fig) -> None:
@@ -2035,7 +2041,7 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
     figs.mkdir(parents=True, exist_ok=True)
     for png in out.glob("*.png"):
         if f"]({png.name})" in report:  # this report's plots, not an earlier run's left in --out
-            shutil.copyfile(png, figs / png.name)
+            atomic_write(figs / png.name, png.read_bytes())
             report = report.replace(f"]({png.name})", f"](benchmarks/{key}/{png.name})")
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in report.strip().splitlines())
     section = f"{start}\n{body}\n{end}"
@@ -2287,33 +2293,36 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     sweep_dir.mkdir(parents=True, exist_ok=True)
     cost = 2 * COST[mode][1]  # finetune_llama.py's own step count: more than the stages' runs
     R = Runner(sweep_dir, cost * len(plan), args.time_limit, device=device)
-    try:
+    resume = "run the same command again to go on (finished runs are reused)"
+    try:  # the runs, then the report's files: a stop in either keeps the finished runs
         rows = run_sweep(R, plan, hashlib.sha256(data.read_bytes()).hexdigest(), cost)
+        R.bar.close()
+        plot = "transfer_frontier.png" if any(r.get("worst_other_change") is not None for r in rows) else None
+        if plot:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, title = frontier_figure(rows)
+            save_plot(fig, title, sweep_dir / plot)
+            plt.close(fig)
+        report = sweep_report(meta, rows, base, extra, plot, R.failures)
+        results = {"meta": meta, "sweep": args.sweep, "rows": rows}
+        results.update(reused=R.reused, failures=R.failures)
+        atomic_write(sweep_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write(sweep_dir / "report.md", report)
+        kept = None
+        if args.record and R.failures:  # a sweep with holes must not overwrite the recorded one
+            kept = f"bench.py: --record {args.record} left as it was: {len(R.failures)} run(s) failed"
+            kept += f" (the report is in {sweep_dir / 'report.md'})"
+        elif args.record:
+            record(Path(args.record), key, report, sweep_dir)
     except KeyboardInterrupt:
         R.bar.close()
-        resume = "run the same command again to go on (finished runs are reused)"
         raise Interrupted(interrupted_message(R, out, created, False, resume)) from None
-    R.bar.close()
-    plot = "transfer_frontier.png" if any(r.get("worst_other_change") is not None for r in rows) else None
-    if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, title = frontier_figure(rows)
-        save_plot(fig, title, sweep_dir / plot)
-        plt.close(fig)
-    report = sweep_report(meta, rows, base, extra, plot, R.failures)
-    results = {"meta": meta, "sweep": args.sweep, "rows": rows, "reused": R.reused, "failures": R.failures}
-    atomic_write(sweep_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    atomic_write(sweep_dir / "report.md", report)
-    kept = None
-    if args.record and R.failures:  # a sweep with holes must not overwrite the recorded one
-        kept = f"bench.py: --record {args.record} left as it was: {len(R.failures)} run(s) failed"
-        kept += f" (the report is in {sweep_dir / 'report.md'})"
-    elif args.record:
-        record(Path(args.record), key, report, sweep_dir)
+    except OSError as e:
+        die_disk_full(e, R, out, created, False, resume)
     print("\n" + sweep_table(rows))
     print(f"\nbench.py: {len(rows)} setting(s) -> {sweep_dir / 'report.md'}")
     for f in R.failures:
@@ -2640,11 +2649,18 @@ def check_record_targets(args: argparse.Namespace, key: str, inputs: list[tuple[
 
 
 def interrupted_message(
-    R: Runner | None, out: Path, created: bool, report_only: bool, resume: str | None = None
+    R: Runner | None,
+    out: Path,
+    created: bool,
+    report_only: bool,
+    resume: str | None = None,
+    stop: str = "interrupted",
 ) -> str:
-    """What Ctrl-C leaves behind and how to go on (resume; default: rebuild the report), in one line."""
+    """What Ctrl-C (or a full disk: `stop` names the file) leaves behind and how to go on (resume; default:
+    rebuild the report), in one line."""
+    then = "" if stop == "interrupted" else "free space, then "  # a full disk fails again until then
     if report_only:
-        return f"interrupted: the runs in {out} are untouched; run the same command again for the report"
+        return f"{stop}: the runs in {out} are untouched; {then}run the same command again for the report"
     finished = (  # stopped as it ended: its output is whole, and this run wrote it (not an earlier one)
         R is not None
         and R.current
@@ -2657,11 +2673,26 @@ def interrupted_message(
     if R is not None and R.done:
         stopped = f" ({R.current} was stopped)" if R.current else ""
         resume = resume or f"rebuild the report from them with `python bench.py --report-only --out {out}`"
-        return f"interrupted: {len(R.done)} finished run(s) kept in {R.out}{stopped}; {resume}"
+        return f"{stop}: {len(R.done)} finished run(s) kept in {R.out}{stopped}; {then}{resume}"
+    again = f"; {then}run the same command again" if then else ""
     if created and out.exists():
         shutil.rmtree(out, ignore_errors=True)
-        return f"interrupted before any run finished: {out} removed"
-    return "interrupted before any run finished"
+        return f"{stop} before any run finished: {out} removed{again}"
+    return f"{stop} before any run finished{again}"
+
+
+def die_disk_full(
+    e: OSError, R: Runner | None, out: Path, created: bool, report_only: bool, resume: str | None = None
+) -> None:
+    """A write that failed for a full disk or a file-size limit is the machine's problem, not a bug: one line
+    naming the file, what was kept and how to go on, exit 2. Any other OSError goes on as a traceback."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise e
+    if R is not None:
+        R.bar.close()
+        R.current = None  # bench.py writes between runs: none was under way
+    stop = f"cannot write {e.filename} ({e.strerror})"
+    die(interrupted_message(R, out, created, report_only, resume, stop))
 
 
 def anchor_paths(args: argparse.Namespace) -> None:
@@ -2705,7 +2736,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         meta = report_only_meta(args, mode, out, command)
     else:
-        meta = new_run_meta(args, mode, stages, out, command, baseline_commit)
+        try:
+            meta = new_run_meta(args, mode, stages, out, command, baseline_commit)
+        except OSError as e:
+            die_disk_full(e, None, out, created, False)
     # from here on the run's own record: for --report-only, what the run it rebuilds was planned with
     mode, stages, device, model = meta["mode"], meta["stages"], meta["device"], meta["model"]
     gpu, bf16_units = device == "cuda", bool(meta.get("bf16_units", False))
@@ -2716,6 +2750,8 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         R.bar.close()  # the message goes on a line of its own, not after the progress bar
         raise Interrupted(interrupted_message(R, out, created, args.report_only)) from None
+    except OSError as e:
+        die_disk_full(e, R, out, created, args.report_only)
 
 
 def report_only_meta(args: argparse.Namespace, mode: str, out: Path, command: str) -> dict:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -2352,3 +2353,81 @@ def test_the_gpt_token_cache_is_made_before_the_first_run_so_no_run_tokenizes(tm
     summary = json.loads((folder / "summary.json").read_text())
     meta = json.loads(next(folder.glob("tokens-*.json")).read_text())
     assert summary["n_train_tokens"] == meta["n_train_tokens"] and summary["peak_mem_mb"] > 0
+
+
+def bench_with_file_size_limit(n_bytes: int, *args) -> subprocess.CompletedProcess:
+    """bench.py on a disk that fills up: any write past n_bytes fails with EFBIG (Python ignores SIGXFSZ)."""
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))  # noqa: E731
+    cmd = [sys.executable, str(ROOT / "bench.py"), *map(str, args)]
+    env = {**ENV, "BENCH_GIT_COMMIT": "abc"}  # git, killed by SIGXFSZ, would leave .git/index.lock behind
+    return subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, preexec_fn=limit
+    )
+
+
+def files_under(d: Path) -> dict:
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def full_disk_line(p: subprocess.CompletedProcess) -> tuple[str, str]:
+    """The file named by bench.py's last stderr line after a write failed for a full disk, and the rest."""
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    written, why = p.stderr.strip().splitlines()[-1].split(" (File too large)")
+    return written.removeprefix("bench.py: cannot write "), why
+
+
+def test_a_full_disk_rebuilding_the_report_is_one_line_and_keeps_every_file(tmp_path):
+    out, _, _, _ = rebuilt_fine_tune_report(tmp_path, eval_sets=True)
+    before = files_under(out)
+    pngs = [str(out / p) for p in before if p.suffix == ".png"]
+    p = bench_with_file_size_limit(
+        min(len(b) for b in before.values() if b[:4] == b"\x89PNG") - 1, "--report-only", "--out", out
+    )
+    written, why = full_disk_line(p)
+    assert written in pngs and why == (
+        f": the runs in {out} are untouched; free space, then run the same command again for the report"
+    )
+    assert files_under(out) == before  # no half-written plot, no temp file
+    # every output fits, --record's copy does not: that file is kept as it was
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n" + "hand-kept notes\n" * 20_000)
+    p = bench_with_file_size_limit(md.stat().st_size - 1, "--report-only", "--out", out, "--record", md)
+    assert full_disk_line(p)[0] == str(md) and md.read_text().count("hand-kept") == 20_000
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_full_disk_after_finished_runs_keeps_them_and_says_how_to_rebuild_the_report(tmp_path, capsys):
+    bench = import_bench()
+    R = bench.Runner(tmp_path, 1.0)
+    R.done, R.current = ["gpt_scratch"], "ablation_00"  # its log could not be written: it never started
+    with pytest.raises(SystemExit) as stop:
+        bench.die_disk_full(OSError(28, "No space left on device", "o/logs/x.log"), R, tmp_path, True, False)
+    assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "bench.py: cannot write o/logs/x.log (No space left on device): "
+        f"1 finished run(s) kept in {tmp_path}; free space, then rebuild the report from them with "
+        f"`python bench.py --report-only --out {tmp_path}`"
+    )
+    with pytest.raises(PermissionError):  # not a full disk: no one-line story for it
+        bench.die_disk_full(PermissionError(13, "Permission denied"), R, tmp_path, True, False)
+    assert tmp_path.exists()
+
+
+@pytest.mark.parametrize(
+    "limit, failing, mode",
+    [
+        (200, "meta.json", "--tiny --only gpt"),
+        (1500, "results.json", "--tiny --only gpt"),
+        (600, "sweep/results.json", "--sweep transfer --sweep-settings default_seed_2"),
+    ],
+)
+def test_a_full_disk_before_any_run_finished_removes_the_new_out_folder(tmp_path, limit, failing, mode):
+    docs = [x.strip() for x in CORPUS.read_text(encoding="utf-8").split("\n\n") if x.strip()][-200:]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    flags = [*mode.split(), "--device", "cpu", "--time-limit", "0.01"]  # no run finishes in time
+    p = bench_with_file_size_limit(limit, *flags, "--data", tmp_path / "c.txt", "--out", out)
+    assert full_disk_line(p) == (
+        str(out / failing),
+        f" before any run finished: {out} removed; free space, then run the same command again",
+    )
+    assert not out.exists()
