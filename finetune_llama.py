@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -139,6 +140,38 @@ def die(msg: str) -> None:
     """A user mistake: one line on stderr, exit code 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class DiskFull(Exception):
+    """A write that found no room (disk full, over quota, past a file-size limit): the machine's state, not a
+    bug. Its message names what could not be written."""
+
+
+def failed_write_reason(e: BaseException) -> str | None:
+    """Why a write found no room (disk full, over quota, past a file-size limit), in the system's words; None
+    for any other failure. safetensors keeps the errno in its message ("(os error 28)"); torch.save's zip
+    writer reports only that fewer bytes landed than it wrote ("unexpected pos"), as no room makes it do."""
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    code = int(found.group(1)) if found else code
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return os.strerror(code)
+    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "failed writing file" in str(e)):
+        return "a write fell short: no space left, or a file-size limit"
+    return None
+
+
+@contextlib.contextmanager
+def room_for(what: Path):
+    """Writes into the file or folder `what`: one that finds no room raises DiskFull naming it, for the
+    script's one-line exit; any other failure propagates as it is."""
+    try:
+        yield
+    except Exception as e:
+        reason = failed_write_reason(e)
+        if reason is None:
+            raise
+        raise DiskFull(f"disk full: cannot write {what} ({reason})") from e
 
 
 def note(msg: str) -> None:
@@ -308,10 +341,11 @@ def save_model_folder(model, tok, dest: Path, source: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable model folder
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(source)
-        os.replace(tmp, dest)
+        with room_for(dest):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "SOURCE.txt").write_text(source)
+            os.replace(tmp, dest)
     except OSError:
         if not (dest / "config.json").exists():
             raise
@@ -801,7 +835,8 @@ def base_samples(
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with room_for(path):
+            tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1368,16 +1403,19 @@ def save_outputs(out: Path, model, tok, run: dict | None, metrics: list[dict], e
     run.json says the folder is one finished run, so it goes first and comes back last: a kill in between
     leaves adapter files without run.json, which no reader takes for a finished run (with --save-steps,
     --resume continues it), never new weights under an earlier run's run.json. run None: the adapter alone
-    (training ended, its scoring was interrupted), and no earlier run's records beside it."""
+    (training ended, its scoring was interrupted), and no earlier run's records beside it. A folder made
+    here that gets nothing (the disk was full) is removed."""
+    made = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)  # the topmost made here
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if run is not None:
-            (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-            (tmp / "eval_docs.txt").write_text(eval_text, encoding="utf-8")
+        with room_for(out):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if run is not None:
+                (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+                (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+                (tmp / "eval_docs.txt").write_text(eval_text, encoding="utf-8")
         for record in ("run.json",) if run is not None else ("run.json", "metrics.jsonl", "eval_docs.txt"):
             (out / record).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "run.json"):
@@ -1386,6 +1424,8 @@ def save_outputs(out: Path, model, tok, run: dict | None, metrics: list[dict], e
         WRITTEN.append(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None and not any(out.iterdir()):
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def merge_to_16bit(
@@ -1989,13 +2029,21 @@ def build_trainer(
             self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
 
         def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()  # every process's random state is in the folder first
-            if self.args.should_save:
-                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                atomic_write_text(
-                    folder / CHECKPOINT_DONE, json.dumps({"step": self.state.global_step}) + "\n"
-                )
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            try:
+                with room_for(folder):
+                    super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()  # every process's random state is in the folder first
+                if self.args.should_save:
+                    atomic_write_text(
+                        folder / CHECKPOINT_DONE, json.dumps({"step": self.state.global_step}) + "\n"
+                    )
+            except DiskFull:
+                # half written, it holds the space that ran out, and no resume could use it: the checkpoints
+                # before it are what --resume continues from
+                if self.args.should_save:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
 
     trainer = FinetuneTrainer(
         model=m.model,
@@ -2509,7 +2557,8 @@ def write_outputs(args, m: Loaded, run: dict, metrics: list[dict], heldout: Eval
         shutil.rmtree(out / "merged")  # the replaced run's merge no longer matches this adapter
     if args.merge:
         dtype = torch.bfloat16 if m.device == "cpu" or args.bf16 else torch.float16
-        merge_to_16bit(m.backend, m.model, m.tok, run["base"]["resolved"], out, out / "merged", dtype)
+        with room_for(out / "merged"):
+            merge_to_16bit(m.backend, m.model, m.tok, run["base"]["resolved"], out, out / "merged", dtype)
         note(f"merged 16-bit model written to {out / 'merged'}")
 
 
@@ -2553,6 +2602,19 @@ def interrupted_message(out: str) -> str:
 def out_of_memory(e: BaseException) -> bool:
     """A failed CUDA allocation (torch.OutOfMemoryError), or a CPU one (a RuntimeError of its allocator)."""
     return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def disk_full_message(out: str, e: DiskFull) -> str:
+    """What a full disk stopped, what --out kept, and how to go on once there is room."""
+    unfinished, earlier = unfinished_run(Path(out)), earlier_adapter(Path(out))
+    if unfinished and not WRITTEN:
+        kept = f"{out} keeps the checkpoints ({unfinished}); free space, then rerun with --resume"
+    elif WRITTEN:
+        kept = f"the adapter was written to {out}, the merge was not; free space, then rerun with --overwrite"
+    else:
+        kept = f"{out} keeps {earlier}" if earlier else f"{out} has no new adapter"
+        kept += "; free space, then run the same command"
+    return f"error: {e}; {kept}"
 
 
 def out_of_memory_message(out: str) -> str:
@@ -2847,12 +2909,16 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
         raise SystemExit(130)
-    except RuntimeError as e:  # torch.OutOfMemoryError is one
-        if not out_of_memory(e):
+    except (RuntimeError, DiskFull) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, DiskFull) or out_of_memory(e)):
             raise
         from tqdm import tqdm
 
         for bar in list(getattr(tqdm, "_instances", [])):  # closed now, not redrawn under the message at exit
             bar.close()
-        print(out_of_memory_message(cli_args.out), file=sys.stderr)
+        full = isinstance(e, DiskFull)
+        print(
+            disk_full_message(cli_args.out, e) if full else out_of_memory_message(cli_args.out),
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None

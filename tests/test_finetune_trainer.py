@@ -570,3 +570,116 @@ def test_a_kill_while_the_adapter_is_published_never_pairs_new_weights_with_an_o
             break
         k += 1
     assert k == len(files["new"]) and moved[-1] == "run.json"  # every cut was tried; run.json moved in last
+
+
+# -----------------------------------------------------------------------------
+# a full disk
+
+
+def run_with_file_limit(cmd, limit: int, cache: Path) -> subprocess.CompletedProcess:
+    """cmd as run() runs it, but every write past `limit` bytes of a file fails as on a full disk (EFBIG:
+    Python ignores SIGXFSZ)."""
+    import resource
+
+    return subprocess.run(
+        [*map(str, cmd)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**ENV, "FINLLM_CACHE": str(cache)},
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+
+
+def full_disk_line(p) -> str:
+    """Exit 2 and no traceback; returns the last line of stderr (the progress bar may stand before it)."""
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return p.stderr.strip().replace("\r", "\n").splitlines()[-1]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resume_goes_on(tiny, tmp_path):
+    """A checkpoint holds a 150 kB optimizer state; under a 100 kB file-size limit the one being written
+    fails. It is removed (no half-written folder holds the space), the one before stays byte for byte, and
+    once there is room --resume finishes the run from it."""
+    import shutil
+
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    command = finetune_cmd(tiny, out, "--max-steps", 4, "--save-steps", 2)
+    run(command, cache=cache)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")  # what a kill after the first checkpoint leaves
+    for f in out.iterdir():
+        if f.is_file():
+            f.unlink()
+    card = "checkpoints/README.md"  # the trainer's model card, written again (tags in any order) at each save
+    kept = files_of(out)
+    p = run_with_file_limit([*command, "--resume"], 100_000, cache)
+    line = full_disk_line(p)
+    short = "a write fell short: no space left, or a file-size limit"
+    assert line.startswith(
+        f"error: disk full: cannot write {out / 'checkpoints' / 'checkpoint-4'} ({short}); "
+    )
+    assert line.endswith("last checkpoint at step 2 of 4); free space, then rerun with --resume"), line
+    now = files_of(out)
+    assert now.pop(card) and kept.pop(card)
+    assert now == kept  # checkpoint-2 and the run's record as they were; nothing else
+    run([*command, "--resume"], cache=cache)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["resumed_from_step"] == 2 and rec["steps"] == 4
+
+
+def test_a_full_disk_while_writing_the_adapter_keeps_the_earlier_one(tiny, tmp_path):
+    """The adapter's weights (69 kB) under a 50 kB file-size limit: the earlier adapter in --out stays byte
+    for byte, with no temp folder beside it; a new --out is not left behind empty."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    run(finetune_cmd(tiny, out, "--max-steps", 2), cache=cache)
+    kept = files_of(out)
+    p = run_with_file_limit(finetune_cmd(tiny, out, "--max-steps", 3, "--overwrite"), 50_000, cache)
+    line = full_disk_line(p)
+    assert line.startswith(
+        f"error: disk full: cannot write {out} (File too large); {out} keeps an adapter from "
+    )
+    assert line.endswith(" 2 steps); free space, then run the same command"), line
+    assert files_of(out) == kept and sorted(p.name for p in out.iterdir()) == sorted(kept)
+    fresh = tmp_path / "new" / "o"
+    p = run_with_file_limit(finetune_cmd(tiny, fresh, "--max-steps", 2), 50_000, cache)
+    assert full_disk_line(p) == (
+        f"error: disk full: cannot write {fresh} (File too large); {fresh} has no new adapter; "
+        "free space, then run the same command"
+    )
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_while_caching_the_base_samples_leaves_no_temp_file(tiny, tmp_path):
+    """The retention documents sampled from the base (over 1 kB) under a 200-byte file-size limit."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    p = run_with_file_limit(finetune_cmd(tiny, out, "--max-steps", 2), 200, cache)
+    line = full_disk_line(p)
+    assert line.startswith(f"error: disk full: cannot write {cache / 'samples'}/"), line
+    assert line.endswith(
+        "/retention-n16-len32.txt (File too large); "
+        f"{out} has no new adapter; free space, then run the same command"
+    ), line
+    assert not [f for f in cache.rglob("*") if f.is_file()] and not out.exists()
+
+
+def test_a_full_disk_while_caching_a_converted_base_leaves_no_partial_folder(tiny, tmp_path):
+    """save_model_folder writes the cached HF folder of a GGUF (smollm2) or of random-llama-3.2-1b: with no
+    room for its weights, it raises DiskFull naming the folder, and neither it nor its temp folder is left."""
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "import finetune_llama\nsrc, dest = sys.argv[1:]\n"
+        "model, tok = AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)\n"
+        "try:\n    finetune_llama.save_model_folder(model, tok, Path(dest), 'converted')\n"
+        "except finetune_llama.DiskFull as e:\n    sys.exit(str(e))\n"
+    )
+    cache = tmp_path / "cache"
+    dest = cache / "base"
+    p = run_with_file_limit([sys.executable, "-c", script, tiny["llama_a"], dest], 10_000, cache)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == f"disk full: cannot write {dest} (File too large)"
+    assert list(cache.iterdir()) == []
