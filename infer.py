@@ -35,6 +35,7 @@ from finetune_llama import (
     RANDOM_LLAMA_ALIAS,
     SMOLLM2_CACHE_NAME,
     ArgumentParser,
+    DiskFull,
     HelpFormatter,
     check_writable_dir,
     choose_backend,
@@ -47,6 +48,7 @@ from finetune_llama import (
     read_documents,
     refuse_empty,
     resolve_model,
+    room_for,
     score_sequences,
     set_cpu_4bit_path,
 )
@@ -1275,7 +1277,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one; an interrupted write leaves no temp file behind."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        with room_for(path):
+            tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1329,9 +1332,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bench:
         results["bench"] = run_bench(lm, args, context)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.json_out), json.dumps(results, indent=2) + "\n")
+        write_json_out(Path(args.json_out), results)
     return results
+
+
+def write_json_out(path: Path, results: dict) -> None:
+    """--json-out, whole or not at all: folders made for it go again when it cannot be written."""
+    made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the topmost made here
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    except DiskFull:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def add_target_flags(g) -> None:
@@ -1472,6 +1486,10 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         raise SystemExit(130)
+    # a full disk: --json-out, and a base converted into --cache-dir, are each written whole or not at all
+    except DiskFull as e:
+        print(f"\nerror: {e}; nothing was written; free space, then run the same command", file=sys.stderr)
+        raise SystemExit(2) from None
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         if not out_of_memory(e):
             raise

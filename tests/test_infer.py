@@ -686,3 +686,29 @@ def test_compare_base_without_generation_or_ppl_exit_2(adapter):
     ]
     p = run("infer.py", "--adapter", adapter, *flags, check=False)
     assert_user_error(p, "--compare-base applies to generation and --ppl", "drop it")
+
+
+def test_a_full_disk_keeps_the_earlier_json_out_and_leaves_no_temp_or_folder(tiny, tmp_path):
+    """--json-out under a 100-byte file-size limit (as on a full disk): one line and exit 2; an earlier file
+    stays as it was, and folders made for a new one go again."""
+    import resource
+
+    earlier = tmp_path / "r.json"
+    earlier.write_text('{"earlier": true}\n')
+    for target in (earlier, tmp_path / "new" / "sub" / "r.json"):
+        p = subprocess.run(
+            [sys.executable, str(ROOT / "infer.py"), "--model", str(tiny["llama_a"]), "--prompt", "The bond"]
+            + ["--max-new-tokens", "40", "--threads", "1", "--json-out", str(target)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+            timeout=600,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)),
+        )
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1] == (
+            f"error: disk full: cannot write {target} (File too large); nothing was written; "
+            "free space, then run the same command"
+        )
+    assert earlier.read_text() == '{"earlier": true}\n' and list(tmp_path.iterdir()) == [earlier]
