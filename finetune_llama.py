@@ -174,6 +174,11 @@ def room_for(what: Path):
         raise DiskFull(f"disk full: cannot write {what} ({reason})") from e
 
 
+def topmost_missing(path: Path) -> Path | None:
+    """The outermost folder that making `path` creates (None when it exists): what a failed write removes."""
+    return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
+
+
 def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -337,8 +342,9 @@ def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Pat
 def save_model_folder(model, tok, dest: Path, source: str) -> Path:
     """Model, tokenizer and SOURCE.txt written into a temp folder beside dest, then moved in with one
     os.replace; when another process got there first, its folder stays."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    with room_for(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable model folder
     try:
         with room_for(dest):
@@ -827,7 +833,8 @@ def base_samples(
     model.train(was_training)
     if not docs:
         die(f"{what}: the base model sampled only empty documents")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with room_for(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n\n".join(docs) + "\n")
     return docs
 
@@ -1383,8 +1390,15 @@ def start_progress(
         if folder.exists():  # an earlier run's (check_out_dir let this pass only with --overwrite)
             shutil.rmtree(folder)
         if args.save_steps:
-            folder.mkdir(parents=True, exist_ok=True)  # another process's trainer may have made it already
-            atomic_write_text(folder / RESUME_FILE, json.dumps(progress, indent=2) + "\n")
+            made = topmost_missing(folder)
+            try:
+                with room_for(folder):  # another process's trainer may have made it already
+                    folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(folder / RESUME_FILE, json.dumps(progress, indent=2) + "\n")
+            except DiskFull:
+                if made is not None:
+                    shutil.rmtree(made, ignore_errors=True)
+                raise
     return progress
 
 
@@ -1405,11 +1419,12 @@ def save_outputs(out: Path, model, tok, run: dict | None, metrics: list[dict], e
     --resume continues it), never new weights under an earlier run's run.json. run None: the adapter alone
     (training ended, its scoring was interrupted), and no earlier run's records beside it. A folder made
     here that gets nothing (the disk was full) is removed."""
-    made = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)  # the topmost made here
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out))
+    made = topmost_missing(out)
+    tmp = None
     try:
         with room_for(out):
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out))
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             if run is not None:
@@ -1423,8 +1438,9 @@ def save_outputs(out: Path, model, tok, run: dict | None, metrics: list[dict], e
                 os.replace(f, out / f.name)
         WRITTEN.append(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made is not None and not any(out.iterdir()):
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None and not (out.is_dir() and any(out.iterdir())):
             shutil.rmtree(made, ignore_errors=True)
 
 

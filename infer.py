@@ -51,6 +51,7 @@ from finetune_llama import (
     room_for,
     score_sequences,
     set_cpu_4bit_path,
+    topmost_missing,
 )
 
 DEFAULT_PPL_CONTEXT = 1024  # perplexity windows, as finetune_llama.py's --eval-context default
@@ -1338,9 +1339,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_json_out(path: Path, results: dict) -> None:
     """--json-out, whole or not at all: folders made for it go again when it cannot be written."""
-    made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the topmost made here
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = topmost_missing(path.parent)
     try:
+        with room_for(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     except DiskFull:
         if made is not None:

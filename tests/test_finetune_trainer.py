@@ -602,6 +602,36 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A tmpfs with room for two inodes, its own root and one more: the run's first folder takes the last,
+    so the next folder or file it makes finds the disk full (ENOSPC), as a real one does. Needs root and
+    mount."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=2", "tmpfs", str(d)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.mark.parametrize("flags", [[], ["--save-steps", 1]], ids=["adapter", "checkpoints"])
+def test_a_disk_too_full_for_the_run_s_folders_leaves_none_of_them(tiny, tmp_path, full_disk, flags):
+    """--out passes the writability check (a file can be made there), then the disk is full when the run makes
+    its folders: the adapter's temp folder, or the checkpoints' folder. One line, and --out is not left."""
+    out = full_disk / "o"
+    p = run(finetune_cmd(tiny, out, "--max-steps", 2, *flags), check=False, cache=tmp_path / "cache")
+    where = out / "checkpoints" if flags else out
+    assert full_disk_line(p) == (
+        f"error: disk full: cannot write {where} (No space left on device); {out} has no new adapter; "
+        "free space, then run the same command"
+    )
+    assert list(full_disk.iterdir()) == []
+
+
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resume_goes_on(tiny, tmp_path):
     """A checkpoint holds a 150 kB optimizer state; under a 100 kB file-size limit the one being written
     fails. It is removed (no half-written folder holds the space), the one before stays byte for byte, and
