@@ -13,7 +13,8 @@ Every figure comes from the scripts' own output files (summary.json, metrics.jso
 bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
 --out: results.json (every figure with device, torch version, date, git commit, flags), report.md
 (Table 1 per model, the ablation tables, the plots), *.png, and runs/ + logs/ for each run.
-Ctrl-C keeps the finished runs; `python bench.py --report-only --out DIR` builds the report from them.
+Ctrl-C, or a full disk (a run, or bench.py, refused a write), stops it keeping the finished runs;
+`python bench.py --report-only --out DIR` (with the same --record/--readme) builds the report from them.
 """
 
 from __future__ import annotations
@@ -436,6 +437,9 @@ class Runner:
         self.bar.update(round(cost))
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-1:] or [""]
+            refused = refused_write(tail[0], name)
+            if refused:  # every run after it would stop the same way: bench.py stops here (die_disk_full)
+                raise refused
             self.failures.append(f"{name}: exit {rc}: {tail[0][:200]} (see {log})")
             self.bar.write(f"bench.py: {name} failed (exit {rc}); see {log}")
             return False
@@ -468,6 +472,22 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
     finally:  # a failed write (a full disk) leaves no temp file behind
         tmp.unlink(missing_ok=True)
+
+
+# how the scripts word a write the disk refused, on their last line: "cannot write FILE (STRERROR)..."
+FULL_DISK = {os.strerror(n): n for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)}
+REFUSED_WRITE = re.compile(r"cannot write (.+) \((" + "|".join(map(re.escape, FULL_DISK)) + r")\)")
+
+
+def refused_write(line: str, run: str) -> OSError | None:
+    """The write that stopped run's script for a full disk or a file-size limit, as an OSError naming its
+    file (and the run), from the script's last line; None for any other failure."""
+    m = REFUSED_WRITE.search(line)
+    if m is None:
+        return None
+    e = OSError(FULL_DISK[m[2]], m[2], m[1])
+    e.run = run
+    return e
 
 
 def read_json(path: Path) -> dict:
@@ -2690,8 +2710,10 @@ def die_disk_full(
         raise e
     if R is not None:
         R.bar.close()
-        R.current = None  # bench.py writes between runs: none was under way
+        R.current = None  # bench.py writes between runs, or the run that was refused has ended
     stop = f"cannot write {e.filename} ({e.strerror})"
+    if getattr(e, "run", None):  # a run's own write (refused_write)
+        stop += f", run {e.run} stopped"
     die(interrupted_message(R, out, created, report_only, resume, stop))
 
 
@@ -2745,13 +2767,23 @@ def main(argv: list[str] | None = None) -> dict:
     gpu, bf16_units = device == "cuda", bool(meta.get("bf16_units", False))
     total = eta_seconds(mode, stages, gpu, bf16_units, bool(meta.get("baseline")))
     R = Runner(out, total, args.time_limit, replay=args.report_only, device=device)
+    rebuild = rebuild_advice(args, out)
     try:
         return run_bench(R, args, meta, mode, stages, device, gpu, str(Path(meta["data"])), model, bf16_units)
     except KeyboardInterrupt:
         R.bar.close()  # the message goes on a line of its own, not after the progress bar
-        raise Interrupted(interrupted_message(R, out, created, args.report_only)) from None
+        raise Interrupted(interrupted_message(R, out, created, args.report_only, rebuild)) from None
     except OSError as e:
-        die_disk_full(e, R, out, created, args.report_only)
+        die_disk_full(e, R, out, created, args.report_only, rebuild)
+
+
+def rebuild_advice(args: argparse.Namespace, out: Path) -> str:
+    """How to go on from the runs kept after a stop: --report-only, with the stopped command's --record and
+    --readme, so that the files it would have updated are updated (when every run is there)."""
+    cmd = ["python", "bench.py", "--report-only", "--out", str(out)]
+    for flag, md in (("--record", args.record), ("--readme", args.readme)):
+        cmd += [flag, md] if md else []
+    return f"rebuild the report from them with `{shlex.join(cmd)}`"
 
 
 def report_only_meta(args: argparse.Namespace, mode: str, out: Path, command: str) -> dict:

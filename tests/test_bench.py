@@ -2431,3 +2431,45 @@ def test_a_full_disk_before_any_run_finished_removes_the_new_out_folder(tmp_path
         f" before any run finished: {out} removed; free space, then run the same command again",
     )
     assert not out.exists()
+
+
+def test_a_run_the_full_disk_stopped_stops_bench_keeping_the_finished_runs_and_the_record_flags(tmp_path):
+    """Each run after the first one the disk refused would stop the same way: bench.py stops there, in one
+    line, and its advice rebuilds the report with the --record and --readme the stopped command had."""
+    import time
+
+    out, md, readme = tmp_path / "o", tmp_path / "BENCHMARKS.md", tmp_path / "README.md"
+    readme.write_text("# R\n\n<!-- headline:tiny-cpu -->\n<!-- /headline:tiny-cpu -->\n")
+    data = small_corpus(tmp_path / "c.txt")
+    flags = ["--tiny", "--only", "gpt", "--device", "cpu", "--data", data, "--out", out, "--record", md]
+    cmd = [sys.executable, str(ROOT / "bench.py"), *map(str, flags), "--readme", str(readme)]
+    env = {**ENV, "BENCH_GIT_COMMIT": "abc"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        deadline = time.time() + 240
+        while not (out / "runs/gpt_scratch/metrics.jsonl").exists():
+            assert proc.poll() is None and time.time() < deadline, "bench.py ended before gpt_scratch trained"
+            time.sleep(0.02)
+        # gpt_scratch trains on; every run started after it finds no room for its checkpoint (2 MB)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (200_000, 200_000))
+        assert not (out / "logs/ablation_00.log").exists(), "ablation_00 started before the limit was set"
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    advice = f"python bench.py --report-only --out {out} --record {md} --readme {readme}"
+    assert stderr.strip().splitlines()[-1] == (
+        f"bench.py: cannot write {out / 'runs/ablation_00/ckpt.pt'} (File too large), "
+        f"run ablation_00 stopped: 1 finished run(s) kept in {out}; "
+        f"free space, then rebuild the report from them with `{advice}`"
+    )
+    assert sorted(f.name for f in (out / "logs").iterdir()) == ["ablation_00.log", "gpt_scratch.log"]
+    assert (out / "runs/gpt_scratch/summary.json").is_file()
+    # the advice as given: the report from the finished run; runs missing, the files are left as they were
+    kept = readme.read_bytes()
+    p = bench(*shlex.split(advice)[2:], timeout=120)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert f"--record {md} and --readme {readme} left as they were: 7 run(s) failed" in p.stderr
+    assert readme.read_bytes() == kept and not md.exists()
