@@ -463,15 +463,24 @@ class Runner:
 
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write path whole or not at all: a temp file beside it, renamed over it."""
+    tmp = write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_temp(path: Path, data: str | bytes) -> Path:
+    """data in a temp file beside path, for the caller to rename over it. A failed write (a full disk) leaves
+    no temp file behind, and its error names path, the file meant (a failed write() names no file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-        os.replace(tmp, path)
-    except OSError as e:  # the file meant, not its temp file (a failed write() names no file)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
         e.filename = str(path)
         raise
-    finally:  # a failed write (a full disk) leaves no temp file behind
-        tmp.unlink(missing_ok=True)
+    return tmp
 
 
 # how the scripts word a write the disk refused, on their last line: "cannot write FILE (STRERROR)..."
@@ -2059,18 +2068,30 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
     text = read_markdown(md, "--record", start, end) if md.exists() else "# Benchmarks\n"
     figs = md.parent / "benchmarks" / key
     figs.mkdir(parents=True, exist_ok=True)
-    for png in out.glob("*.png"):
-        if f"]({png.name})" in report:  # this report's plots, not an earlier run's left in --out
-            atomic_write(figs / png.name, png.read_bytes())
-            report = report.replace(f"]({png.name})", f"](benchmarks/{key}/{png.name})")
-    body = "\n".join(("#" + line) if line.startswith("#") else line for line in report.strip().splitlines())
-    section = f"{start}\n{body}\n{end}"
-    if start in text:
-        text = replace_block(text, start, end, section, keep_markers=False)
-    else:
-        nl = "\r\n" if "\r\n" in text else "\n"
-        text = text.rstrip() + nl + nl + section.replace("\n", nl) + nl
-    atomic_write(md, text.encode("utf-8"))
+    # (temp file, file) for the plots and md, each written whole before any is renamed: a full disk leaves
+    # the recorded section beside the plots it shows, not beside the new run's
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for png in out.glob("*.png"):
+            if f"]({png.name})" in report:  # this report's plots, not an earlier run's left in --out
+                staged.append((write_temp(figs / png.name, png.read_bytes()), figs / png.name))
+                report = report.replace(f"]({png.name})", f"](benchmarks/{key}/{png.name})")
+        body = "\n".join(
+            ("#" + line) if line.startswith("#") else line for line in report.strip().splitlines()
+        )
+        section = f"{start}\n{body}\n{end}"
+        if start in text:
+            text = replace_block(text, start, end, section, keep_markers=False)
+        else:
+            nl = "\r\n" if "\r\n" in text else "\n"
+            text = text.rstrip() + nl + nl + section.replace("\n", nl) + nl
+        staged.append((write_temp(md, text.encode("utf-8")), md))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

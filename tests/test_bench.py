@@ -2388,11 +2388,19 @@ def test_a_full_disk_rebuilding_the_report_is_one_line_and_keeps_every_file(tmp_
         f": the runs in {out} are untouched; free space, then run the same command again for the report"
     )
     assert files_under(out) == before  # no half-written plot, no temp file
-    # every output fits, --record's copy does not: that file is kept as it was
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text("# Benchmarks\n\n" + "hand-kept notes\n" * 20_000)
+    # every output fits, --record's copy does not: that file is kept as it was, and so are the plots its
+    # recorded section shows (not replaced by this run's, which the section's figures do not match)
+    md, figs = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks" / "tiny-cpu"
+    figs.mkdir(parents=True)
+    for png in pngs:
+        (figs / Path(png).name).write_bytes(b"an earlier run's plot")
+    shown = "".join(f"![plot](benchmarks/tiny-cpu/{Path(png).name})\n" for png in pngs)
+    section = f"<!-- bench:tiny-cpu:start -->\n{shown}<!-- bench:tiny-cpu:end -->\n"
+    md.write_text("# Benchmarks\n\n" + "hand-kept notes\n" * 20_000 + section)
+    recorded = files_under(tmp_path / "benchmarks")
     p = bench_with_file_size_limit(md.stat().st_size - 1, "--report-only", "--out", out, "--record", md)
-    assert full_disk_line(p)[0] == str(md) and md.read_text().count("hand-kept") == 20_000
+    assert full_disk_line(p)[0] == str(md) and md.read_text().endswith("hand-kept notes\n" + section)
+    assert files_under(tmp_path / "benchmarks") == recorded
     assert not list(tmp_path.rglob("*.tmp"))
 
 
