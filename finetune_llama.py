@@ -147,18 +147,24 @@ class DiskFull(Exception):
     bug. Its message names what could not be written."""
 
 
-def failed_write_reason(e: BaseException) -> str | None:
-    """Why a write found no room (disk full, over quota, past a file-size limit), in the system's words; None
-    for any other failure. safetensors keeps the errno in its message ("(os error 28)"); torch.save's zip
-    writer reports only that fewer bytes landed than it wrote ("unexpected pos"), as no room makes it do."""
+def failed_write_reason(e: BaseException, what: Path) -> str | None:
+    """Why a write into `what` found no room (disk full, over quota, past a file-size limit), in the
+    system's words; None for any other failure. safetensors keeps the errno in its message ("(os error
+    28)"); torch.save's zip writer reports only that fewer bytes landed than it wrote ("unexpected pos"), as
+    no room makes it do: then the disk's free space, or a file-size limit in force, says which."""
     code = e.errno if isinstance(e, OSError) else None
     found = re.search(r"\(os error (\d+)\)", str(e))
     code = int(found.group(1)) if found else code
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return os.strerror(code)
-    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "failed writing file" in str(e)):
-        return "a write fell short: no space left, or a file-size limit"
-    return None
+    if not (isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "failed writing file" in str(e))):
+        return None
+    folder = next(p for p in [what, *what.parents] if p.exists())
+    if shutil.disk_usage(folder).free < 2**20:
+        return os.strerror(errno.ENOSPC)
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return os.strerror(errno.EFBIG)
+    return "a write fell short: no space left, or a file-size limit"
 
 
 @contextlib.contextmanager
@@ -168,7 +174,7 @@ def room_for(what: Path):
     try:
         yield
     except Exception as e:
-        reason = failed_write_reason(e)
+        reason = failed_write_reason(e, what)
         if reason is None:
             raise
         raise DiskFull(f"disk full: cannot write {what} ({reason})") from e
