@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import errno
 import hashlib
 import json
@@ -231,9 +232,39 @@ def check_writable_dir(path: Path, flag: str) -> None:
         die(f"{flag} {path} is not writable ({e.strerror})")
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, docker stop, a job scheduler's time limit): stopped as Ctrl-C stops a run."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM raises Terminated, a KeyboardInterrupt, so it takes Ctrl-C's path: the same cleanup and
+    one line; the default action kills the run without a word, leaving what it made half done."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupted_exit_code(e: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended: 143 SIGTERM, 130 Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+
 class RunState:
     """What a run has made in --out so far: a run that fails before its first checkpoint removes what
-    it made (never what was there before), and Ctrl-C can say which checkpoint is kept."""
+    it made (never what was there before), and Ctrl-C or SIGTERM can say which checkpoint is kept."""
 
     def __init__(self, out: Path):
         self.out = out
@@ -264,19 +295,19 @@ class RunState:
                 p.unlink(missing_ok=True)
 
     def commit_checkpoint(self, tmp: Path, path: Path, iter_num: int) -> None:
-        """Move a written checkpoint into place and note it, with Ctrl-C held off in between: the
-        interrupt message then names the checkpoint that is on disk."""
+        """Move a written checkpoint into place and note it, with Ctrl-C and SIGTERM held off in between:
+        the interrupt message then names the checkpoint that is on disk."""
         pending = []
         held = threading.current_thread() is threading.main_thread()  # only the main thread handles signals
-        old = signal.signal(signal.SIGINT, lambda *a: pending.append(a)) if held else None
+        old = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in INTERRUPTS} if held else {}
         try:
             os.replace(tmp, path)
             self.ckpt_iter, self.wrote_ckpt = iter_num, True
         finally:
-            if held:
-                signal.signal(signal.SIGINT, old)
-                if pending and callable(old):
-                    old(*pending[0])  # the default handler raises KeyboardInterrupt now
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            if pending:
+                signal.raise_signal(pending[0])  # delivered now, to the handler it was meant for
 
     def close_bar(self) -> None:
         if self.pbar is not None:
@@ -1315,14 +1346,15 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, check --out, train. A refusal or failure before the first checkpoint leaves nothing it made
-    behind; running out of memory or disk space exits 2, Ctrl-C 130, with one line saying which checkpoint
-    is kept."""
+    behind; running out of memory or disk space exits 2, Ctrl-C 130 and SIGTERM 143 (kill, timeout, a job
+    scheduler's time limit), with one line saying which checkpoint is kept."""
     args = parse_args(argv)
     check_writable_dir(Path(args.out), "--out")
     run = RunState(Path(args.out))
     try:
-        return train(args, run)
-    except KeyboardInterrupt:
+        with sigterm_as_ctrl_c():
+            return train(args, run)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
         run.close_bar()
         if run.master:
             if run.ckpt_iter is None:
@@ -1339,7 +1371,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{run.out}; continue with --resume",
                     file=sys.stderr,
                 )
-        raise SystemExit(130) from None
+        raise SystemExit(interrupted_exit_code(e)) from None
     except BaseException as e:  # a refusal (exit 2), memory or disk space running out, or a crash
         if run.master and not run.wrote_ckpt:
             run.remove_new()

@@ -1589,7 +1589,7 @@ def test_resume_from_a_bad_checkpoint_is_refused_before_tokenizing(name, corpus,
 
 
 # -----------------------------------------------------------------------------
-# Ctrl-C
+# Ctrl-C and SIGTERM
 
 
 def default_sigint():
@@ -1598,8 +1598,9 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # SIGTERM: kill, timeout
 @pytest.mark.parametrize("name", MODULES)
-def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, corpus, tmp_path):
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, sig, code, corpus, tmp_path):
     out, err_path = tmp_path / "run", tmp_path / "stderr.txt"
     with open(err_path, "w") as err:  # a file, not a pipe: the progress bar cannot fill it and block
         proc = subprocess.Popen(
@@ -1631,13 +1632,13 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, corpus, tm
             ):
                 assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-2000:]
                 time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
     stderr = err_path.read_text()
-    assert proc.returncode == 130, stderr[-2000:]
+    assert proc.returncode == code, stderr[-2000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     ckpt_iter = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
@@ -1649,3 +1650,25 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, corpus, tm
     assert m, last
     assert int(m[1]) >= ckpt_iter >= 5 and ckpt_iter % 5 == 0  # row 10 is logged just before its checkpoint
     assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("sig, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, "Terminated")])
+@pytest.mark.parametrize("name", MODULES)
+def test_a_signal_while_a_checkpoint_moves_into_place_waits_for_it(name, sig, stop, tmp_path, monkeypatch):
+    mod = load(name)
+    stop = getattr(mod, stop) if isinstance(stop, str) else stop
+    run = mod.RunState(tmp_path)
+    tmp = tmp_path / "ckpt.pt.tmp"
+    tmp.write_bytes(b"ckpt")
+    replace = os.replace
+
+    def signalled_replace(src, dst):  # the signal arrives in the middle of the move
+        signal.raise_signal(sig)
+        replace(src, dst)
+
+    monkeypatch.setattr(mod.os, "replace", signalled_replace)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(stop), mod.sigterm_as_ctrl_c():
+        run.commit_checkpoint(tmp, tmp_path / "ckpt.pt", 40)
+    assert run.ckpt_iter == 40 and (tmp_path / "ckpt.pt").read_bytes() == b"ckpt"  # what the line names
+    assert signal.getsignal(signal.SIGTERM) == before  # restored once the run is over
