@@ -13,7 +13,8 @@ Every figure comes from the scripts' own output files (summary.json, metrics.jso
 bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
 --out: results.json (every figure with device, torch version, date, git commit, flags), report.md
 (Table 1 per model, the ablation tables, the plots), *.png, and runs/ + logs/ for each run.
-Ctrl-C, or a full disk (a run, or bench.py, refused a write), stops it keeping the finished runs;
+Ctrl-C, SIGTERM (kill, `timeout`, a scheduler's time limit: the same, but exit 143 instead of 130) or a full
+disk (a run, or bench.py, refused a write) stops it (and the run in progress) keeping the finished runs;
 `python bench.py --report-only --out DIR` (with the same --record/--readme) builds the report from them.
 """
 
@@ -31,6 +32,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,8 +54,25 @@ def die(msg: str) -> None:
     sys.exit(2)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, `timeout`, docker stop, a scheduler's time limit): Ctrl-C's path, but exit 143."""
+
+
+def on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second one must not cut that short
+    raise Terminated
+
+
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, carrying the one line that says what was kept and how to go on."""
+    """Ctrl-C or SIGTERM (`by`), carrying the one line that says what was kept and how to go on."""
+
+    def __init__(self, msg: str, by: KeyboardInterrupt):
+        super().__init__(msg)
+        self.code = exit_code(by)
+
+
+def exit_code(e: KeyboardInterrupt) -> int:
+    return e.code if isinstance(e, Interrupted) else 143 if isinstance(e, Terminated) else 130
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -416,16 +435,21 @@ class Runner:
         with open(log, "a") as f:
             # passive OpenMP waiting: spinning threads cost many times their work when any other
             # process shares the cores (the fine-tuning scripts set the same)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                cwd=HERE,
+                env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, **(env or {})},
+            )
             try:
-                rc = subprocess.run(
-                    cmd,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    cwd=HERE,
-                    timeout=left,
-                    env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, **(env or {})},
-                ).returncode
+                rc = proc.wait(timeout=left)
+            except KeyboardInterrupt as e:
+                stop_run(proc, signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+                raise
             except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
                 self.current = None
                 self.failures.append(
                     f"{name}: stopped after {time.perf_counter() - t0:.0f}s: --time-limit reached"
@@ -459,6 +483,22 @@ class Runner:
             self.failures.append(f"{name}: {why}")
             self.bar.write(f"bench.py: {name} failed: {why}")
             return None
+
+
+def stop_run(proc: subprocess.Popen, sig: int, grace: float = 5.0) -> None:
+    """bench.py stopped by Ctrl-C or SIGTERM: the run it started must not outlive it, writing on into --out.
+    A moment for the run to end on its own (a terminal's Ctrl-C, `timeout` or a scheduler signals it too),
+    then the same signal, so that it writes its own line into its log, and SIGKILL after `grace` seconds."""
+    try:
+        proc.wait(0.5)
+        return
+    except subprocess.TimeoutExpired:
+        proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -2359,9 +2399,9 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
             kept += f" (the report is in {sweep_dir / 'report.md'})"
         elif args.record:
             record(Path(args.record), key, report, sweep_dir)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         R.bar.close()
-        raise Interrupted(interrupted_message(R, out, created, False, resume)) from None
+        raise Interrupted(interrupted_message(R, out, created, False, resume), e) from None
     except OSError as e:
         die_disk_full(e, R, out, created, False, resume)
     print("\n" + sweep_table(rows))
@@ -2791,9 +2831,9 @@ def main(argv: list[str] | None = None) -> dict:
     rebuild = rebuild_advice(args, out)
     try:
         return run_bench(R, args, meta, mode, stages, device, gpu, str(Path(meta["data"])), model, bf16_units)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         R.bar.close()  # the message goes on a line of its own, not after the progress bar
-        raise Interrupted(interrupted_message(R, out, created, args.report_only, rebuild)) from None
+        raise Interrupted(interrupted_message(R, out, created, args.report_only, rebuild), e) from None
     except OSError as e:
         die_disk_full(e, R, out, created, args.report_only, rebuild)
 
@@ -2961,9 +3001,10 @@ def run_bench(
 
 if __name__ == "__main__":
     try:
+        signal.signal(signal.SIGTERM, on_sigterm)  # SIGTERM takes Ctrl-C's path (the same line), exit 143
         res = main()
     except KeyboardInterrupt as e:  # one line that says what was kept, no traceback
         msg = e if isinstance(e, Interrupted) else "interrupted before any run started"
         print(f"bench.py: {msg}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exit_code(e))
     sys.exit(1 if res.get("failures") else 0)

@@ -523,8 +523,9 @@ def test_out_that_cannot_be_written_is_refused_before_any_run(tmp_path, unwritab
     assert not (unwritable_dir / "o").exists()
 
 
-def interrupt_bench(tmp_path: Path, out: Path, ready: str):
-    """Start a real --tiny GPT stage, wait until the file `ready` (under --out) appears, then Ctrl-C it."""
+def interrupt_bench(tmp_path: Path, out: Path, ready: str, sig: str = "SIGINT"):
+    """Start a real --tiny GPT stage, wait until the file `ready` (under --out) appears, then Ctrl-C it
+    (or send it `sig`)."""
     import signal
     import time
 
@@ -548,7 +549,7 @@ def interrupt_bench(tmp_path: Path, out: Path, ready: str):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env=ENV,
+        env={**ENV, "BENCH_GIT_COMMIT": "test"},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
@@ -556,7 +557,7 @@ def interrupt_bench(tmp_path: Path, out: Path, ready: str):
         while not (out / ready).exists():
             assert proc.poll() is None and time.time() < deadline, "bench.py ended before the interrupt"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, sig))
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -590,6 +591,40 @@ def test_ctrl_c_before_any_run_finished_leaves_no_out_folder(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last == f"bench.py: interrupted before any run finished: {out} removed"
     assert not out.exists()
+
+
+def processes_naming(text: str) -> list[str]:
+    """The command lines of the processes running now that hold `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # ended meanwhile
+            continue
+        if any(text in a for a in args):
+            found.append(" ".join(args))
+    return found
+
+
+def test_sigterm_stops_the_run_in_progress_keeps_the_finished_runs_and_exits_143(tmp_path):
+    out = tmp_path / "o"
+    p = interrupt_bench(tmp_path, out, "logs/ablation_00.log", sig="SIGTERM")
+    assert p.returncode == 143 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bench.py: interrupted: 1 finished run(s) kept in {out} ("), last
+    assert last.endswith(f"rebuild the report from them with `python bench.py --report-only --out {out}`")
+    # the run it had started ended with it: nothing goes on writing into --out
+    assert processes_naming(str(out)) == []
+    assert (out / "runs/gpt_scratch/summary.json").is_file()
+
+
+def test_sigterm_before_any_run_finished_leaves_no_out_folder(tmp_path):
+    out = tmp_path / "o"
+    p = interrupt_bench(tmp_path, out, "logs/gpt_scratch.log", sig="SIGTERM")
+    assert p.returncode == 143 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == f"bench.py: interrupted before any run finished: {out} removed"
+    assert processes_naming(str(out)) == [] and not out.exists()
 
 
 def test_quick_measures_bf16_exactly_where_the_cpu_has_bf16_units():
