@@ -501,8 +501,8 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
     except UserError:  # a rejected key: fold what is stored, then stop with one line
         store.compact()
         raise
-    except KeyboardInterrupt:
-        t.stop = "interrupt"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (market_corpus.Terminated): its exit code
+        t.stop = market_corpus.interrupt_code(e)
     finally:
         if bar is not None:
             bar.close()
@@ -527,9 +527,9 @@ def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: N
         why = "the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved"
         print(f"stopped: {why}; {RERUN} after the quota resets to resume where it stopped.", file=sys.stderr)
         return EXIT_QUOTA
-    if t.stop == "interrupt":
+    if t.stop in (130, 143):
         print(f"interrupted: {eodhd_kept(args.out_dir)}; {RERUN} to resume", file=sys.stderr)
-        return 130
+        return t.stop
     if t.unfinished:
         print(f"{len(t.unfinished)} tickers stopped at --max-pages; {RERUN} to continue them.")
     return 0
@@ -637,9 +637,9 @@ FLAGS = [
 # fmt: on
 EPILOG = (
     "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
-    "written, a rejected API key or no connection to EODHD; 3 EODHD daily quota spent and 130 Ctrl-C "
-    "(everything fetched is kept; rerun the same command to resume). --source eodhd writes news.jsonl, "
-    "news_progress.json and finance_corpus.txt into --out-dir."
+    "written, a rejected API key or no connection to EODHD; 3 EODHD daily quota spent; 130 Ctrl-C and 143 "
+    "SIGTERM, which stops it the same way (everything fetched is kept; rerun the same command to resume). "
+    "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir."
 )
 EODHD_ONLY = [settings.get("dest", flag[2:].replace("-", "_")) for flag, settings in FLAGS[2:]]  # eodhd group
 
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stop_line(e: BaseException, args, redact: Redactor) -> str:
-    """The one stderr line of a fetch stopped by a user mistake, a failed write or Ctrl-C."""
+    """The one stderr line of a fetch stopped by a user mistake, a failed write, Ctrl-C or SIGTERM."""
     if isinstance(e, UserError):
         return f"error: {redact(e)}"
     kept = eodhd_kept(args.out_dir)
@@ -667,6 +667,7 @@ def stop_line(e: BaseException, args, redact: Redactor) -> str:
 
 def main(argv=None) -> int:
     args = (parser := build_parser()).parse_args(argv)
+    market_corpus.take_sigterm_as_ctrl_c()
     if args.source == "market":  # an eodhd flag set to anything but its default would be silently ignored
         used = [n for n in EODHD_ONLY if getattr(args, n) != parser.get_default(n)]
         if not used:
@@ -683,7 +684,7 @@ def main(argv=None) -> int:
         if not isinstance(e, FolderBusy):  # another run's folder: nothing in it is ours to remove
             market_corpus.remove_created(created, args.out_dir, litter="news.lock")
         print(stop_line(e, args, Redactor(api_key)), file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
+        return market_corpus.interrupt_code(e) if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
     except Exception:  # a bug: show the traceback, but never the key
         print(Redactor(api_key)(traceback.format_exc()), file=sys.stderr, end="")
         return 1

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import signal
 import string
 import sys
 import tempfile
@@ -3165,6 +3166,23 @@ RERUN = "run the same command again"  # every stop keeps what was done: a rerun 
 class UserError(Exception): ...  # a mistake the user can fix: one line on stderr, exit code 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, `timeout`, docker stop, a scheduler's time limit): Ctrl-C's path, but exit 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def take_sigterm_as_ctrl_c() -> None:
+    """SIGTERM from here on: the same one line and cleanup as Ctrl-C (interrupt_code gives the exit code)."""
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def interrupt_code(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, Terminated) else 130
+
+
 @contextlib.contextmanager
 def atomic_open(path: str):
     """Write a whole file through a temp file in the same directory + os.replace: readers (and a
@@ -3279,7 +3297,7 @@ def write_market_corpus(out_dir: str) -> None:
 
 def build_corpus(out_dir: str) -> int:
     """Write the market corpus into out_dir; returns the exit code. A bad --out-dir, a failed write or
-    Ctrl-C: one line, any old corpus left as it was, the folders this run made removed again."""
+    Ctrl-C (or SIGTERM): one line, any old corpus left as it was, the folders this run made removed again."""
     created = first_missing(out_dir)
     try:
         write_market_corpus(out_dir)
@@ -3287,7 +3305,7 @@ def build_corpus(out_dir: str) -> int:
     except (UserError, OSError, KeyboardInterrupt) as e:
         remove_created(created, out_dir)
         print(build_stop_line(e, out_dir), file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 2
+        return interrupt_code(e) if isinstance(e, KeyboardInterrupt) else 2
 
 
 def build_stop_line(e: BaseException, out_dir: str) -> str:
@@ -3332,7 +3350,7 @@ def build_parser() -> ArgumentParser:
         description="Build the news-style market corpus (data/finance_corpus.txt), or measure "
         "how varied corpora are with --stats.",
         epilog="exit codes: 0 done; 2 bad input or an output that cannot be written; "
-        "130 interrupted with Ctrl-C (nothing half-written is left).",
+        "130 interrupted with Ctrl-C, 143 with SIGTERM (nothing half-written is left).",
     )
     p.add_argument(
         "--out-dir",
@@ -3365,6 +3383,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    take_sigterm_as_ctrl_c()
     try:
         if args.stats is not None:
             if args.out_dir is not None:
@@ -3375,9 +3394,9 @@ def main(argv=None) -> int:
         if args.out_dir is not None and not args.out_dir.strip():
             die("--out-dir must name a folder, got an empty string")
         return build_corpus(args.out_dir or "data")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted: nothing written; run the same command again", file=sys.stderr)
-        return 130
+        return interrupt_code(e)
 
 
 if __name__ == "__main__":

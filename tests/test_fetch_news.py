@@ -1417,16 +1417,17 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def sigint_when(proc, ready, timeout=30):
+def sigint_when(proc, ready, timeout=30, sig=signal.SIGINT):
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None and time.time() < deadline, "never got going"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     return proc.communicate(timeout=60)
 
 
-def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_mid_fetch_keeps_articles_and_says_so(api, tmp_path, sig, code):
     api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(60)]
     api.delay_s = 0.2
     news = tmp_path / "news.jsonl"
@@ -1439,8 +1440,8 @@ def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
         env=clean_env(),
         preexec_fn=default_sigint,
     )
-    _, err = sigint_when(p, lambda: news.exists() and news.read_bytes().count(b"\n") >= 6)
-    assert p.returncode == 130 and "Traceback" not in err, err
+    _, err = sigint_when(p, lambda: news.exists() and news.read_bytes().count(b"\n") >= 6, sig=sig)
+    assert p.returncode == code and "Traceback" not in err, err
     stored = read_news(tmp_path)  # every line is whole JSON
     assert 6 <= len(stored) < 60
     assert err.strip().splitlines()[-1] == (
@@ -1452,8 +1453,9 @@ def test_ctrl_c_mid_fetch_keeps_articles_and_says_so(api, tmp_path):
     assert [a["link"] for a in read_news(tmp_path)] == [a["link"] for a in api.feeds["AAPL.US"]]
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_ctrl_c_while_building_market_corpus_writes_nothing(tmp_path, script):
+def test_ctrl_c_or_sigterm_while_building_market_corpus_writes_nothing(tmp_path, script, sig, code):
     out = tmp_path / "new" / "data"
     cmd = build_cmd(script, out)
     p = subprocess.Popen(
@@ -1467,8 +1469,8 @@ def test_ctrl_c_while_building_market_corpus_writes_nothing(tmp_path, script):
     first = p.stderr.readline()  # blocks until the build has started
     assert first.startswith("building the market corpus")
     time.sleep(0.3)
-    _, err = sigint_when(p, lambda: True)
-    assert p.returncode == 130 and "Traceback" not in err, err
+    _, err = sigint_when(p, lambda: True, sig=sig)
+    assert p.returncode == code and "Traceback" not in err, err
     corpus = out / "finance_corpus.txt"
     assert err.strip().splitlines()[-1] == (
         f"interrupted: nothing written, {corpus} left as it was; run the same command again to build it"
