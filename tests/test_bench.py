@@ -523,9 +523,9 @@ def test_out_that_cannot_be_written_is_refused_before_any_run(tmp_path, unwritab
     assert not (unwritable_dir / "o").exists()
 
 
-def interrupt_bench(tmp_path: Path, out: Path, ready: str, sig: str = "SIGINT"):
-    """Start a real --tiny GPT stage, wait until the file `ready` (under --out) appears, then Ctrl-C it
-    (or send it `sig`)."""
+def interrupt_bench(tmp_path: Path, out: Path, ready: str, sig: str = "SIGINT", holding: str = ""):
+    """Start a real --tiny GPT stage, wait until the file `ready` (under --out) appears (holding the text
+    `holding`), then Ctrl-C it (or send it `sig`)."""
     import signal
     import time
 
@@ -554,7 +554,7 @@ def interrupt_bench(tmp_path: Path, out: Path, ready: str, sig: str = "SIGINT"):
     )
     try:
         deadline = time.time() + 240
-        while not (out / ready).exists():
+        while not ((out / ready).exists() and holding in (out / ready).read_text(errors="replace")):
             assert proc.poll() is None and time.time() < deadline, "bench.py ended before the interrupt"
             time.sleep(0.1)
         proc.send_signal(getattr(signal, sig))
@@ -582,6 +582,16 @@ def test_ctrl_c_keeps_the_finished_runs_and_says_how_to_rebuild_the_report(tmp_p
     assert res["gpt"]["runs"]["gpt_scratch"]["summary"]["val_loss"] == pytest.approx(
         json.loads((out / "runs/gpt_scratch/summary.json").read_text())["val_loss"]
     )
+
+
+def test_ctrl_c_reaches_the_run_in_progress_which_says_its_own_line_in_its_log(tmp_path):
+    out = tmp_path / "o"
+    # the run is training (its Ctrl-C handling in place): bench.py passes the Ctrl-C on, not a SIGKILL
+    p = interrupt_bench(tmp_path, out, "logs/ablation_00.log", holding="iter 0:")
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    log = (out / "logs/ablation_00.log").read_text(errors="replace")
+    assert log.strip().splitlines()[-1].startswith("interrupted at iter "), log[-1000:]
+    assert processes_naming(str(out)) == []
 
 
 def test_ctrl_c_before_any_run_finished_leaves_no_out_folder(tmp_path):
