@@ -441,6 +441,7 @@ class Runner:
                 stderr=subprocess.STDOUT,
                 cwd=HERE,
                 env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, **(env or {})},
+                start_new_session=True,  # a terminal's Ctrl-C reaches bench.py alone, which passes it on once
             )
             try:
                 rc = proc.wait(timeout=left)
@@ -485,20 +486,21 @@ class Runner:
             return None
 
 
-def stop_run(proc: subprocess.Popen, sig: int, grace: float = 5.0) -> None:
+def stop_run(proc: subprocess.Popen, sig: int, grace: float = 10.0) -> None:
     """bench.py stopped by Ctrl-C or SIGTERM: the run it started must not outlive it, writing on into --out.
-    A moment for the run to end on its own (a terminal's Ctrl-C, `timeout` or a scheduler signals it too),
-    then the same signal, so that it writes its own line into its log, and SIGKILL after `grace` seconds."""
+    The run has a session of its own (no terminal's or `timeout`'s signal reaches it), so it gets the signal
+    once, from here, and writes its own line into its log; SIGKILL after `grace` seconds. Another Ctrl-C or
+    SIGTERM meanwhile is ignored: the run is stopping already."""
+    held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        proc.wait(0.5)
-        return
-    except subprocess.TimeoutExpired:
         proc.send_signal(sig)
-    try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -3002,6 +3004,9 @@ def run_bench(
 if __name__ == "__main__":
     try:
         signal.signal(signal.SIGTERM, on_sigterm)  # SIGTERM takes Ctrl-C's path (the same line), exit 143
+        # a closed terminal (unless under nohup) as SIGTERM: the runs have sessions of their own, stop them
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, on_sigterm)
         res = main()
     except KeyboardInterrupt as e:  # one line that says what was kept, no traceback
         msg = e if isinstance(e, Interrupted) else "interrupted before any run started"

@@ -240,6 +240,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second one must not cut that short
     raise Terminated
 
 
@@ -1351,35 +1352,39 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_writable_dir(Path(args.out), "--out")
     run = RunState(Path(args.out))
-    try:
-        with sigterm_as_ctrl_c():
+    with sigterm_as_ctrl_c():  # to the end of the cleanup below, which a second SIGTERM cannot cut short
+        try:
             return train(args, run)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
-        run.close_bar()
-        if run.master:
-            if run.ckpt_iter is None:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+            stop_interrupted(run, e)
+        except BaseException as e:  # a refusal (exit 2), memory or disk space running out, or a crash
+            if run.master and not run.wrote_ckpt:
                 run.remove_new()
-                print(
-                    f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
-                    "run the same command again",
-                    file=sys.stderr,
-                )
-            else:
-                run.remove_partial()
-                print(
-                    f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
-                    f"{run.out}; continue with --resume",
-                    file=sys.stderr,
-                )
-        raise SystemExit(interrupted_exit_code(e)) from None
-    except BaseException as e:  # a refusal (exit 2), memory or disk space running out, or a crash
-        if run.master and not run.wrote_ckpt:
-            run.remove_new()
-        # a step too big for the device (the flags' doing) or a full disk (the machine's): one line, exit 2
-        if out_of_memory(e) or disk_full(e):
-            run.close_bar()
-            die(stop_line(e, run))
-        raise
+            # a step too big for the device (the flags' doing), a full disk (the machine's): one line, exit 2
+            if out_of_memory(e) or disk_full(e):
+                run.close_bar()
+                die(stop_line(e, run))
+            raise
+
+
+def stop_interrupted(run: RunState, e: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: what is kept (nothing before the first checkpoint), one line, exit 130 or 143."""
+    run.close_bar()
+    if run.master and run.ckpt_iter is None:
+        run.remove_new()
+        print(
+            f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
+            "run the same command again",
+            file=sys.stderr,
+        )
+    elif run.master:
+        run.remove_partial()
+        print(
+            f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
+            f"{run.out}; continue with --resume",
+            file=sys.stderr,
+        )
+    raise SystemExit(interrupted_exit_code(e)) from None
 
 
 def stop_line(e: BaseException, run: RunState) -> str:

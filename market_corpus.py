@@ -3171,6 +3171,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping already: a second one must not cut that short
     raise Terminated
 
 
