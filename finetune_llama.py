@@ -2646,6 +2646,15 @@ def out_of_memory_message(out: str) -> str:
     return f"error: out of memory: lower --batch-size (raise --grad-accum) or --max-seq-length; {kept}"
 
 
+def close_progress_bars() -> None:
+    """Closed now, not redrawn under the closing message when the process exits (the training bar would be
+    the last line, below the message saying what was kept)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """A bad flag is a user mistake like any other: one line on stderr, exit code 2 (argparse prints two)."""
 
@@ -2929,15 +2938,13 @@ if __name__ == "__main__":
     try:
         main(cli_args)
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
         raise SystemExit(130)
     except (RuntimeError, DiskFull) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not (isinstance(e, DiskFull) or out_of_memory(e)):
             raise
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", [])):  # closed now, not redrawn under the message at exit
-            bar.close()
+        close_progress_bars()
         full = isinstance(e, DiskFull)
         print(
             disk_full_message(cli_args.out, e) if full else out_of_memory_message(cli_args.out),

@@ -216,6 +216,38 @@ def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
     assert_user_error(finished, "finished", "nothing to resume")
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130)])
+def test_interrupted_training_keeps_the_checkpoints_and_resume_goes_on(tiny, tmp_path, sig, code):
+    """Ctrl-C while training: one line, the last on stderr (the progress bar is not redrawn under it), naming
+    the kept checkpoints and --resume, no traceback; the same command with --resume finishes."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    cmd = finetune_cmd(tiny, out, "--max-steps", 60, "--save-steps", 2)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**ENV, "FINLLM_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # background jobs ignore it
+    )
+    try:
+        wait_for_checkpoint(proc, out)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and "Traceback" not in err, err[-2000:]
+    done = finetune_llama.complete_checkpoints(out)
+    assert done and not (out / "run.json").exists()
+    last = err.strip().replace("\r", "\n").splitlines()[-1]
+    assert last.startswith(f"interrupted: {out} keeps the checkpoints (started "), last
+    assert last.endswith("; continue with the same command and --resume"), last
+    resumed = run([*cmd, "--resume"], cache=cache)
+    assert "resuming from" in resumed.stderr
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 2
+
+
 def test_resume_refuses_checkpoints_of_another_command(tiny, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "o"
     p = run(finetune_cmd(tiny, out, "--max-steps", 4), check=False, cache=cache)
