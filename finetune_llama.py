@@ -61,6 +61,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -83,8 +84,8 @@ LORA_SHORT_NAMES = {
 }
 DOC_SEPARATOR_TOKEN = "<|endoftext|>"  # SmolLM2 / GPT-2 style document separator, when the vocab has it
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C message)
-UNSCORED: list[str] = []  # infer.py flags that load an adapter written alone (Ctrl-C came while scoring it)
+WRITTEN: list[Path] = []  # adapter folders this process has written (for the Ctrl-C / SIGTERM message)
+UNSCORED: list[str] = []  # infer.py flags that load an adapter written alone (interrupted while scoring it)
 REPLAY_POOL_MAX_DOCS = (
     512  # base samples --replay draws at most (a few minutes of sampling on a CPU for SmolLM2)
 )
@@ -140,6 +141,26 @@ def die(msg: str) -> None:
     """A user mistake: one line on stderr, exit code 2, no traceback."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, docker stop, a scheduler's time limit), raised where it lands as Ctrl-C's
+    KeyboardInterrupt is, so it takes the same path: the same cleanup and line, but exit code 143."""
+
+
+def terminate_as_interrupt() -> None:
+    """From here on SIGTERM raises Terminated instead of ending the process at once with nothing said and
+    temp files left behind."""
+
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def interrupted_exit_code(e: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process that signal ended: 143 for SIGTERM."""
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 class DiskFull(Exception):
@@ -2409,8 +2430,8 @@ def main(args) -> dict:
 
 
 def score_trained(args, m: Loaded, eval_all) -> dict:
-    """The scores after training. Ctrl-C here keeps what was trained: the adapter is written to --out
-    alone (no run.json: it has no scores), and infer.py scores it."""
+    """The scores after training. Ctrl-C (or SIGTERM) here keeps what was trained: the adapter is written to
+    --out alone (no run.json: it has no scores), and infer.py scores it."""
     try:
         return eval_all("after")
     except KeyboardInterrupt:
@@ -2935,12 +2956,13 @@ if __name__ == "__main__":
     # loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli_args = build_parser().parse_args()
+    terminate_as_interrupt()
     try:
         main(cli_args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C (exit 130), or SIGTERM (Terminated, exit 143)
         close_progress_bars()
         print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
-        raise SystemExit(130)
+        raise SystemExit(interrupted_exit_code(e))
     except (RuntimeError, DiskFull) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not (isinstance(e, DiskFull) or out_of_memory(e)):
             raise

@@ -43,6 +43,7 @@ from finetune_llama import (
     die,
     doc_separator_id,
     encode_documents,
+    interrupted_exit_code,
     note,
     out_of_memory,
     read_documents,
@@ -51,6 +52,7 @@ from finetune_llama import (
     room_for,
     score_sequences,
     set_cpu_4bit_path,
+    terminate_as_interrupt,
     topmost_missing,
 )
 
@@ -1480,14 +1482,16 @@ if __name__ == "__main__":
     os.environ.setdefault(
         "OMP_WAIT_POLICY", "PASSIVE"
     )  # see finetune_llama.py: spinning threads hurt shared CPUs
+    terminate_as_interrupt()  # SIGTERM takes Ctrl-C's path below, exit 143
     try:
         main()
-    except KeyboardInterrupt:  # outputs so far are on the screen; --json-out is written only at the very end
+    # outputs so far are on the screen; --json-out is written only at the very end
+    except KeyboardInterrupt as e:  # Ctrl-C (exit 130), or SIGTERM (exit 143)
         print(
             "interrupted: nothing was written (infer.py writes only --json-out, once every job is done)",
             file=sys.stderr,
         )
-        raise SystemExit(130)
+        raise SystemExit(interrupted_exit_code(e))
     # a full disk: --json-out, and a base converted into --cache-dir, are each written whole or not at all
     except DiskFull as e:
         print(f"\nerror: {e}; nothing was written; free space, then run the same command", file=sys.stderr)

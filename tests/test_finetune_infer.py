@@ -625,36 +625,38 @@ def test_infer_out_of_memory_is_one_line_exit_2(tiny, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_ctrl_c_says_nothing_was_written(tiny, tmp_path):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_says_nothing_was_written(tiny, tmp_path, sig, code):
+    """Ctrl-C while training without --save-steps, or SIGTERM (kill, timeout, a scheduler's time limit: exit
+    143, 128 + 15): one line, --out untouched, and the trainer's scratch folder removed."""
     import signal
 
-    out = tmp_path / "o"
+    out, scratch = tmp_path / "o", tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.Popen(
         tiny_finetune_cmd(tiny, "--max-seq-length 32 --max-steps 100000", "--out", out),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         cwd=ROOT,
-        env=ENV,
+        env={**ENV, "TMPDIR": str(scratch)},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # background jobs ignore it
     seen = []
-    for line in proc.stderr:  # the data line comes just before training starts
+    for line in proc.stderr:  # text mode splits the progress bar's redraws ("\r") into lines
         seen.append(line)
-        if line.startswith("data:"):
+        if line.startswith("train:") and "loss=" in line:  # a step done: the trainer's folder is in TMPDIR
             break
-    import time
-
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     rest = proc.stderr.read()
     proc.wait(timeout=60)
     err = "".join(seen) + rest
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == code and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == (
         f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
     )
     assert not out.exists()
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("finetune-trainer-")]
 
 
 def interrupt_while_scoring(cmd: list, until: bytes) -> str:

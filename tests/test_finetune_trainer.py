@@ -216,10 +216,11 @@ def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
     assert_user_error(finished, "finished", "nothing to resume")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_training_keeps_the_checkpoints_and_resume_goes_on(tiny, tmp_path, sig, code):
-    """Ctrl-C while training: one line, the last on stderr (the progress bar is not redrawn under it), naming
-    the kept checkpoints and --resume, no traceback; the same command with --resume finishes."""
+    """Ctrl-C while training, or SIGTERM (kill, timeout, a scheduler's time limit: exit 143, 128 + 15): one
+    line, the last on stderr (the progress bar is not redrawn under it), naming the kept checkpoints and
+    --resume, no traceback; the same command with --resume finishes."""
     cache, out = tmp_path / "cache", tmp_path / "o"
     cmd = finetune_cmd(tiny, out, "--max-steps", 60, "--save-steps", 2)
     proc = subprocess.Popen(

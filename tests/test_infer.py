@@ -422,7 +422,9 @@ def test_json_out_never_replaces_an_input(ckpt, tmp_path):
 # Ctrl-C
 
 
-def test_ctrl_c_is_one_line_and_exit_130(ckpt, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_is_one_line_and_exit_130_or_143(ckpt, tmp_path, sig, code):
+    """SIGTERM (kill, timeout, a scheduler's time limit) takes Ctrl-C's path, with exit code 128 + 15."""
     out = tmp_path / "j" / "out.json"
 
     def default_sigint():  # a shell's background jobs ignore SIGINT, and so would Python started from them
@@ -453,11 +455,11 @@ def test_ctrl_c_is_one_line_and_exit_130(ckpt, tmp_path):
         first = proc.stderr.readline()  # "model: ... on cpu": loaded, generating a million tokens
         assert first.startswith("model: gpt_scratch"), first
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == INTERRUPTED, err
     assert not out.exists() and not out.parent.exists()
 
