@@ -153,6 +153,7 @@ def terminate_as_interrupt() -> None:
     temp files left behind."""
 
     def raise_terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping: a second one must not cut that short
         raise Terminated
 
     signal.signal(signal.SIGTERM, raise_terminated)
@@ -2961,7 +2962,8 @@ if __name__ == "__main__":
         main(cli_args)
     except KeyboardInterrupt as e:  # Ctrl-C (exit 130), or SIGTERM (Terminated, exit 143)
         close_progress_bars()
-        print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
+        if is_main_process():  # under torchrun every process gets the signal: one line, not one a process
+            print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
         raise SystemExit(interrupted_exit_code(e))
     except (RuntimeError, DiskFull) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not (isinstance(e, DiskFull) or out_of_memory(e)):
