@@ -1668,7 +1668,13 @@ def test_a_signal_while_a_checkpoint_moves_into_place_waits_for_it(name, sig, st
 
     monkeypatch.setattr(mod.os, "replace", signalled_replace)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(stop), mod.sigterm_as_ctrl_c():
-        run.commit_checkpoint(tmp, tmp_path / "ckpt.pt", 40)
+    # Ctrl-C raising KeyboardInterrupt, as in a terminal, whatever this process inherited (a background job
+    # of a shell starts with SIGINT ignored)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(stop), mod.sigterm_as_ctrl_c():
+            run.commit_checkpoint(tmp, tmp_path / "ckpt.pt", 40)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert run.ckpt_iter == 40 and (tmp_path / "ckpt.pt").read_bytes() == b"ckpt"  # what the line names
     assert signal.getsignal(signal.SIGTERM) == before  # restored once the run is over
