@@ -68,10 +68,10 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, msg: str, by: KeyboardInterrupt):
         super().__init__(msg)
-        self.code = exit_code(by)
+        self.code = interrupted_exit_code(by)
 
 
-def exit_code(e: KeyboardInterrupt) -> int:
+def interrupted_exit_code(e: KeyboardInterrupt) -> int:
     return e.code if isinstance(e, Interrupted) else 143 if isinstance(e, Terminated) else 130
 
 
@@ -3011,5 +3011,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt as e:  # one line that says what was kept, no traceback
         msg = e if isinstance(e, Interrupted) else "interrupted before any run started"
         print(f"bench.py: {msg}", file=sys.stderr)
-        sys.exit(exit_code(e))
+        sys.exit(interrupted_exit_code(e))
     sys.exit(1 if res.get("failures") else 0)

@@ -502,7 +502,7 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
         store.compact()
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (market_corpus.Terminated): its exit code
-        t.stop = market_corpus.interrupt_code(e)
+        t.stop = market_corpus.interrupted_exit_code(e)
     finally:
         if bar is not None:
             bar.close()
@@ -667,7 +667,7 @@ def stop_line(e: BaseException, args, redact: Redactor) -> str:
 
 def main(argv=None) -> int:
     args = (parser := build_parser()).parse_args(argv)
-    market_corpus.take_sigterm_as_ctrl_c()
+    market_corpus.terminate_as_interrupt()
     if args.source == "market":  # an eodhd flag set to anything but its default would be silently ignored
         used = [n for n in EODHD_ONLY if getattr(args, n) != parser.get_default(n)]
         if not used:
@@ -684,7 +684,7 @@ def main(argv=None) -> int:
         if not isinstance(e, FolderBusy):  # another run's folder: nothing in it is ours to remove
             market_corpus.remove_created(created, args.out_dir, litter="news.lock")
         print(stop_line(e, args, Redactor(api_key)), file=sys.stderr)
-        return market_corpus.interrupt_code(e) if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
+        return market_corpus.interrupted_exit_code(e) if isinstance(e, KeyboardInterrupt) else EXIT_BAD_INPUT
     except Exception:  # a bug: show the traceback, but never the key
         print(Redactor(api_key)(traceback.format_exc()), file=sys.stderr, end="")
         return 1

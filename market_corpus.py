@@ -3175,12 +3175,12 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
-def take_sigterm_as_ctrl_c() -> None:
-    """SIGTERM from here on: the same one line and cleanup as Ctrl-C (interrupt_code gives the exit code)."""
+def terminate_as_interrupt() -> None:
+    """SIGTERM from here on: the same one line and cleanup as Ctrl-C (exit code: interrupted_exit_code)."""
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def interrupt_code(e: KeyboardInterrupt) -> int:
+def interrupted_exit_code(e: KeyboardInterrupt) -> int:
     return 143 if isinstance(e, Terminated) else 130
 
 
@@ -3306,7 +3306,7 @@ def build_corpus(out_dir: str) -> int:
     except (UserError, OSError, KeyboardInterrupt) as e:
         remove_created(created, out_dir)
         print(build_stop_line(e, out_dir), file=sys.stderr)
-        return interrupt_code(e) if isinstance(e, KeyboardInterrupt) else 2
+        return interrupted_exit_code(e) if isinstance(e, KeyboardInterrupt) else 2
 
 
 def build_stop_line(e: BaseException, out_dir: str) -> str:
@@ -3384,7 +3384,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    take_sigterm_as_ctrl_c()
+    terminate_as_interrupt()
     try:
         if args.stats is not None:
             if args.out_dir is not None:
@@ -3397,7 +3397,7 @@ def main(argv=None) -> int:
         return build_corpus(args.out_dir or "data")
     except KeyboardInterrupt as e:
         print("interrupted: nothing written; run the same command again", file=sys.stderr)
-        return interrupt_code(e)
+        return interrupted_exit_code(e)
 
 
 if __name__ == "__main__":
