@@ -298,6 +298,8 @@ class RunState:
         self.iter_num = 0
         self.ckpt_iter: int | None = None  # the iteration of the checkpoint on disk (resumed from or written)
         self.wrote_ckpt = False
+        self.earlier = False  # --out holds an earlier run that this one replaces (--overwrite)
+        self.rows: bytes | None = None  # a new run's metrics rows, held back until its first checkpoint
         self.pbar: tqdm | None = None
         self.master = True  # with several processes, only the one that writes files cleans up and speaks
 
@@ -316,20 +318,43 @@ class RunState:
             if p.name not in self.before:
                 p.unlink(missing_ok=True)
 
+    def append_row(self, row: dict) -> None:
+        """Add a row to metrics.jsonl, rewritten whole: a full disk leaves the file as it was, not a half row.
+        A new run's rows wait in memory for its first checkpoint (commit_checkpoint)."""
+        line, path = (json.dumps(row) + "\n").encode(), self.out / "metrics.jsonl"
+        if self.rows is not None:
+            self.rows += line
+        else:
+            atomic_write_bytes(path, path.read_bytes() + line)
+
     def commit_checkpoint(self, tmp: Path, path: Path, iter_num: int) -> None:
         """Move a written checkpoint into place and note it, with Ctrl-C and SIGTERM held off in between:
-        the interrupt message then names the checkpoint that is on disk."""
+        the interrupt message then names the checkpoint that is on disk. A new run's first checkpoint also
+        moves its held-back rows into metrics.jsonl and removes an earlier run's summary.json: an earlier run
+        in --out (--overwrite) stays whole until the new one has a checkpoint to continue from."""
+        metrics = self.out / "metrics.jsonl"
+        rows = None if self.rows is None else write_temp(metrics, lambda f: f.write(self.rows))
         pending = []
         held = threading.current_thread() is threading.main_thread()  # only the main thread handles signals
         old = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in INTERRUPTS} if held else {}
         try:
             os.replace(tmp, path)
             self.ckpt_iter, self.wrote_ckpt = iter_num, True
+            if rows is not None:
+                os.replace(rows, metrics)
+                (self.out / "summary.json").unlink(missing_ok=True)
+                self.rows = None
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
             if pending:
                 signal.raise_signal(pending[0])  # delivered now, to the handler it was meant for
+
+    def kept(self) -> str:
+        """What a stopped run leaves: the checkpoint on disk, or before its first one the earlier run."""
+        if self.ckpt_iter is not None:
+            return f"ckpt.pt at iter {self.ckpt_iter} kept"
+        return f"the earlier run in {self.out} kept as it was" if self.earlier else "nothing kept"
 
     def close_bar(self) -> None:
         if self.pbar is not None:
@@ -950,7 +975,8 @@ FLAGS = [
         help="peak FLOP/s of one device for MFU (default: by detected card; none on CPU)")),
     ("--resume",           dict(action="store_true", help="continue from <out>/ckpt.pt to --max-iters")),
     ("--overwrite",        dict(action="store_true",
-        help="start over in an --out that holds a checkpoint (without it such an --out is refused)")),
+        help="start over in an --out that holds a checkpoint (without it such an --out is refused); the "
+        "earlier run's files stay as they were until the new run's first checkpoint (iter 0) replaces them")),
     ("--prompt",           dict(default="The market", help="prompt for the sample printed at the end")),
     ("--max-new-tokens",   dict(type=non_negative_int, default=200,
         help="length of that sample (0: no sample)")),
@@ -1220,16 +1246,6 @@ def summarized(out: Path, ckpt: dict) -> bool:
         return False
 
 
-def killed_at_first_checkpoint(metrics: Path) -> bool:
-    """metrics.jsonl holds a GPT run's iteration-0 evaluation alone: the run was killed (kill -9, power loss)
-    while writing its first checkpoint, before any step, so starting over loses nothing."""
-    try:
-        rows = [row for _, row in metrics_rows(metrics)]
-    except (OSError, UnicodeDecodeError):  # unreadable: not ours to replace
-        return False
-    return bool(rows) and all(isinstance(r, dict) and r.get("iter") == 0 and "val_loss" in r for r in rows)
-
-
 def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     """With --resume, the checkpoint in --out; a bad one, or one already at --max-iters, is refused before
     any tokenizing. Without it, a checkpoint in --out is trained over only with --overwrite."""
@@ -1239,12 +1255,14 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
             die(
                 f"--out {run.out} holds a checkpoint: continue it with --resume, or --overwrite to start over"
             )
-        if (run.out / "summary.json").exists() and not args.overwrite:  # a finished run, its ckpt.pt removed
+        summary = run.out / "summary.json"
+        if summary.exists() and not args.overwrite:  # a finished run, its ckpt.pt removed
             die(f"--out {run.out} holds an earlier run's summary.json (no ckpt.pt): --overwrite starts over")
         metrics = run.out / "metrics.jsonl"  # rows with no ckpt.pt or summary.json: another program's
-        others = metrics.is_file() and metrics.stat().st_size and not killed_at_first_checkpoint(metrics)
+        others = metrics.is_file() and metrics.stat().st_size > 0
         if others and not args.overwrite:  # e.g. a fine-tune's
             die(f"--out {run.out} holds another run's metrics.jsonl: choose another --out, or --overwrite")
+        run.earlier = path.exists() or summary.exists() or others
         return None
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")
@@ -1518,13 +1536,16 @@ def evaluated_already(ckpt: dict | None, progress: Progress) -> bool:
     return ckpt is not None and progress.iter_num == ckpt["iter_num"] and not math.isnan(progress.val_loss)
 
 
-def trim_metrics(path: Path, ckpt: dict | None, progress: Progress) -> None:
+def trim_metrics(run: RunState, ckpt: dict | None, progress: Progress) -> None:
     """metrics.jsonl: keep the rows up to the checkpoint we continue from, so the curve has no gaps. A new
-    run (--overwrite) starts the folder over: the earlier run's checkpoint and summary go with its rows."""
-    kept, iter_num = [], progress.iter_num + evaluated_already(ckpt, progress)  # its row: kept, or made again
-    for name in ("ckpt.pt", "summary.json") if ckpt is None else ():
-        (path.parent / name).unlink(missing_ok=True)
-    if ckpt is not None and path.exists():
+    run's rows are held back until its first checkpoint replaces the earlier run's files (--overwrite):
+    a run that stops before it leaves that run as it was."""
+    if ckpt is None:
+        run.rows = b""
+        return
+    path, kept = run.out / "metrics.jsonl", []
+    iter_num = progress.iter_num + evaluated_already(ckpt, progress)  # its row: kept, or made again
+    if path.exists():
         kept = [line + "\n" for line, row in metrics_rows(path) if row["iter"] < iter_num]
     atomic_write_bytes(path, "".join(kept).encode())
 
@@ -1538,11 +1559,6 @@ def metrics_rows(path: Path) -> list[tuple[str, dict]]:
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
     return rows
-
-
-def append_row(path: Path, row: dict) -> None:
-    """Add a row to metrics.jsonl, rewritten whole: a full disk leaves the file as it was, not a half row."""
-    atomic_write_bytes(path, path.read_bytes() + (json.dumps(row) + "\n").encode())
 
 
 @torch.no_grad()
@@ -1785,7 +1801,7 @@ def write_summary(
 
 def train(args: argparse.Namespace, run: RunState) -> dict:
     """Train to --max-iters, evaluating and checkpointing every --eval-interval steps; write summary.json."""
-    device, metrics_path = args.device, run.out / "metrics.jsonl"
+    device = args.device
     ckpt = resume_checkpoint(args, run)
     ranks, device = setup_ddp(device, run)  # DDP under torchrun; else one process
     tok, train_data, val_data, meta = load_data(args, run.out, ranks)
@@ -1801,7 +1817,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
     if run.master:
         how = f"{device} x {ranks.world_size}, {'compiled' if use_compile else 'eager'}, {amp_why}"
         print(banner(raw_model, meta, progress, how), file=sys.stderr)
-        trim_metrics(metrics_path, ckpt, progress)
+        trim_metrics(run, ckpt, progress)
 
     model.train()
     clock = Clock(progress, device)
@@ -1817,7 +1833,7 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
             row = progress.record(losses, lr, clock)
             row["mfu"] = mfu(row["tokens_per_s"], facts)
             if run.master:  # DDP: only rank 0 writes
-                append_row(metrics_path, row)
+                run.append_row(row)
                 pbar.write(
                     f"iter {progress.iter_num}: train {losses['train']:.4f}, val {progress.val_loss:.4f}, "
                     f"mfu {percent(row['mfu'])}"
@@ -1868,12 +1884,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def stop_interrupted(run: RunState, e: KeyboardInterrupt) -> None:
-    """Ctrl-C or SIGTERM: what is kept (nothing before the first checkpoint), one line, exit 130 or 143."""
+    """Ctrl-C or SIGTERM: what is kept (before the first checkpoint: nothing of this run, an earlier run in
+    --out as it was), one line, exit 130 or 143."""
     run.close_bar()
     if run.master and run.ckpt_iter is None:
         run.remove_new()
         print(
-            f"interrupted at iter {run.iter_num}, before the first checkpoint: nothing kept; "
+            f"interrupted at iter {run.iter_num}, before the first checkpoint: {run.kept()}; "
             "run the same command again",
             file=sys.stderr,
         )
@@ -1889,7 +1906,7 @@ def stop_interrupted(run: RunState, e: KeyboardInterrupt) -> None:
 
 def stop_line(e: BaseException, run: RunState) -> str:
     """What ran out, where training stood, what is kept, and how to go on."""
-    kept = f"ckpt.pt at iter {run.ckpt_iter} kept; " if run.ckpt_iter is not None else "nothing kept; "
+    kept = run.kept() + "; "
     if out_of_memory(e):
         return f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size"
     again = "continue with --resume" if run.ckpt_iter is not None else "run the same command again"

@@ -431,9 +431,9 @@ def test_resume_after_kill_follows_the_same_curve(name, corpus, tmp_path):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_a_run_killed_writing_its_first_checkpoint_runs_again(name, corpus, tmp_path, capsys):
-    """kill -9 while the first checkpoint is written leaves the iteration-0 row, a partial ckpt.pt.tmp and no
-    ckpt.pt: nothing was trained, so the same command runs again (it was refused: "another run's
-    metrics.jsonl"). Rows past iteration 0 with no checkpoint are still refused."""
+    """kill -9 while the first checkpoint is written leaves a partial ckpt.pt.tmp and no ckpt.pt or
+    metrics.jsonl (the iteration-0 row waits for that checkpoint): nothing was trained, so the same command
+    runs again. Rows with no checkpoint are refused."""
     out = tmp_path / "run"
     argv = ["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "5", "--eval-interval", "5"]
     killer = (  # the real script, killed halfway through writing its first checkpoint
@@ -449,8 +449,8 @@ def test_a_run_killed_writing_its_first_checkpoint_runs_again(name, corpus, tmp_
     script = str(ROOT / f"{name}.py")
     r = subprocess.run([sys.executable, "-c", killer, script, *argv], cwd=ROOT, env=ENV, capture_output=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert [row["iter"] for row in read_rows(out)] == [0] and (out / "ckpt.pt.tmp").exists()
-    assert not (out / "ckpt.pt").exists()
+    assert (out / "ckpt.pt.tmp").exists()
+    assert not (out / "ckpt.pt").exists() and not (out / "metrics.jsonl").exists()
     load(name).main(argv)
     assert [row["iter"] for row in read_rows(out)] == [0, 5]
     (out / "ckpt.pt").unlink()
@@ -786,14 +786,56 @@ def test_a_byte_order_mark_old_mac_endings_and_whitespace_lines_are_not_content(
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_overwrite_starts_the_folder_over(name, trained, tmp_path):
-    """Once --overwrite's run begins, the earlier run's checkpoint and summary go with its metrics rows, so
-    an interrupt before the new run's first checkpoint leaves no mix of the two runs."""
-    mod, out = load(name), tmp_path / "run"
+def test_overwrite_keeps_the_earlier_run_until_its_first_checkpoint(name, trained, tmp_path):
+    """--overwrite's run holds its rows back until its first checkpoint (iter 0): a run that stops before it
+    (a full disk, SIGTERM) leaves the earlier run byte for byte as it was and says so; from that checkpoint
+    on the folder is the new run's alone (the earlier summary.json gone, its rows replaced)."""
+    out, err_path = tmp_path / "run", tmp_path / "stderr.txt"
     shutil.copytree(trained[name]["out"], out)
-    mod.trim_metrics(out / "metrics.jsonl", None, mod.Progress(8 * 32))
-    assert not (out / "ckpt.pt").exists() and not (out / "summary.json").exists()
-    assert (out / "metrics.jsonl").read_text() == ""
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    data = json.loads(before["summary.json"])["args"]["data"]
+    flags = ["--eval-interval", "5", "--max-iters", "10", "--overwrite"]
+    cmd = ["--data", data, "--out", str(out), *TINY, *flags]
+    kept = f"the earlier run in {out} kept as it was"
+
+    p = run_cli(name, cmd, preexec_fn=file_size_limit(1000))  # no room for the new checkpoint
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"{name}: error: cannot write {out / 'ckpt.pt'} (File too large) at iter 0: {kept}; "
+        "free space, then run the same command again"
+    )
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+    with open(err_path, "w") as err:  # SIGTERM during the first evaluation, made long by --eval-iters
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / f"{name}.py"), *cmd, "--eval-iters", "100000"],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            deadline = time.time() + 240
+            while "parameters" not in err_path.read_text():  # the banner: the evaluation starts
+                assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-2000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 143, err_path.read_text()[-2000:]
+    last = err_path.read_text().strip().splitlines()[-1]
+    assert last == f"interrupted at iter 0, before the first checkpoint: {kept}; run the same command again"
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+    limit = len(before["ckpt.pt"]) // 2  # room for the iter-0 checkpoint (no Adam moments yet), not iter 5's
+    p = run_cli(name, cmd, preexec_fn=file_size_limit(limit))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.endswith("at iter 5: ckpt.pt at iter 0 kept; free space, then continue with --resume"), last
+    assert not (out / "summary.json").exists() and [r["iter"] for r in read_rows(out)] == [0, 5]
+    assert load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 0
 
 
 @pytest.mark.parametrize("name", MODULES)
