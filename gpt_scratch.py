@@ -106,21 +106,39 @@ class Sink:
         self.f.flush()
 
 
+class WriteError(OSError):
+    """A write of ours that failed, whatever the cause (a full disk, a read-only remount, a folder in the
+    way): its errno, strerror and the file. It stops a run with one line (stop_line), as a full disk does."""
+
+
 def write_temp(path: Path, write) -> Path:
     """write(file) into path's temp file (path + ".tmp") and return it, for the caller to move into place.
-    A failed write removes the temp file; one the disk refused (disk_full) raises its OSError, naming path.
-    Streamed, so a checkpoint takes no second copy in memory."""
+    A failed write removes the temp file; one the system refused raises a WriteError naming the file (the
+    temp file where the system named it, else path). Streamed, so a checkpoint takes no second copy in
+    memory."""
     tmp, sink = path.with_name(path.name + ".tmp"), None
     try:
         with open(tmp, "wb") as f:
             write(sink := Sink(f))
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only file system refuses this too; a folder there stays
+            tmp.unlink(missing_ok=True)
         refused = e if isinstance(e, OSError) else getattr(sink, "error", None)
         if refused is None:
             raise
-        raise OSError(refused.errno, refused.strerror, str(path)) from e
+        raise WriteError(refused.errno, refused.strerror, refused.filename or str(path)) from e
     return tmp
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """os.replace(tmp, path); a move the system refuses (a read-only remount, a folder at path) removes tmp
+    and raises a WriteError naming path."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(e.errno, e.strerror, str(path)) from e
 
 
 def disk_full(e: BaseException | None) -> OSError | None:
@@ -134,7 +152,7 @@ def disk_full(e: BaseException | None) -> OSError | None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    os.replace(write_temp(path, lambda f: f.write(data)), path)
+    move_into_place(write_temp(path, lambda f: f.write(data)), path)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -317,10 +335,10 @@ class RunState:
         held = threading.current_thread() is threading.main_thread()  # only the main thread handles signals
         old = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in INTERRUPTS} if held else {}
         try:
-            os.replace(tmp, path)
+            move_into_place(tmp, path)
             self.ckpt_iter, self.wrote_ckpt = iter_num, True
             if rows is not None:
-                os.replace(rows, metrics)
+                move_into_place(rows, metrics)
                 (self.out / "summary.json").unlink(missing_ok=True)
                 self.rows = None
         finally:
@@ -1363,8 +1381,8 @@ def train(args: argparse.Namespace, run: RunState) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, check --out, train. A refusal or failure before the first checkpoint leaves nothing it made
-    behind; running out of memory or disk space exits 2, Ctrl-C 130 and SIGTERM 143 (kill, timeout, a job
-    scheduler's time limit), with one line saying which checkpoint is kept."""
+    behind; running out of memory or a failed write (a full disk, a read-only remount) exits 2, Ctrl-C 130
+    and SIGTERM 143 (kill, timeout, a job scheduler's time limit), with one line saying what is kept."""
     args = parse_args(argv)
     check_writable_dir(Path(args.out), "--out")
     run = RunState(Path(args.out))
@@ -1373,11 +1391,11 @@ def main(argv: list[str] | None = None) -> dict:
             return train(args, run)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
             stop_interrupted(run, e)
-        except BaseException as e:  # a refusal (exit 2), memory or disk space running out, or a crash
+        except BaseException as e:  # a refusal (exit 2), memory running out, a failed write, or a crash
             if run.master and not run.wrote_ckpt:
                 run.remove_new()
-            # a step too big for the device (the flags' doing), a full disk (the machine's): one line, exit 2
-            if out_of_memory(e) or disk_full(e):
+            # a step too big for the device (the flags' doing), a failed write (the machine's): one line
+            if out_of_memory(e) or failed_write(e):
                 run.close_bar()
                 die(stop_line(e, run))
             raise
@@ -1410,11 +1428,17 @@ def stop_line(e: BaseException, run: RunState) -> str:
     if out_of_memory(e):
         return f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size"
     again = "continue with --resume" if run.ckpt_iter is not None else "run the same command again"
-    refused = disk_full(e)
-    where = refused.filename or "to stdout/stderr"  # every file write of ours names its file (write_temp)
+    refused = failed_write(e)
+    where = refused.filename or "to stdout/stderr"  # every file write of ours names its file (WriteError)
     if refused is not e:  # the compiler's, whose writes name no file
         where = "torch.compile's cache in " + os.environ.get("TORCHINDUCTOR_CACHE_DIR", tempfile.gettempdir())
-    return f"cannot write {where} ({refused.strerror}) at iter {run.iter_num}: {kept}free space, then {again}"
+    fix = "free space" if disk_full(refused) else "fix that"  # a read-only remount, a folder in the way
+    return f"cannot write {where} ({refused.strerror}) at iter {run.iter_num}: {kept}{fix}, then {again}"
+
+
+def failed_write(e: BaseException) -> OSError | None:
+    """A write of ours that failed for any reason, or one the disk refused (stdout, the compiler's cache)."""
+    return e if isinstance(e, WriteError) else disk_full(e)
 
 
 def out_of_memory(e: BaseException) -> bool:

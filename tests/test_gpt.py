@@ -1475,6 +1475,41 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(name, corpus, tmp_path
     assert load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 10
 
 
+@pytest.mark.parametrize("name", MODULES)
+def test_a_write_refused_for_another_cause_is_one_line_too(name, trained, tmp_path):
+    """Any write that fails, not only on a full disk (here: a folder where the checkpoint's temp file goes,
+    then one where summary.json goes; EISDIR, made as a read-only remount cannot be), stops the run with one
+    line naming the file and the cause, exit 2, the checkpoint on disk kept; "free space" only for a full
+    disk."""
+    out = tmp_path / "run"
+    shutil.copytree(trained[name]["out"], out)
+    data = json.loads((out / "summary.json").read_text())["args"]["data"]
+    cmd = ["--data", data, "--out", str(out), *TINY, "--eval-interval", "30", "--max-iters", "90", "--resume"]
+    ckpt = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt.tmp").mkdir()
+    p = run_cli(name, cmd)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"{name}: error: cannot write {out / 'ckpt.pt.tmp'} (Is a directory) at iter 90: ckpt.pt at iter 60 "
+        "kept; fix that, then continue with --resume"
+    )
+    assert (out / "ckpt.pt").read_bytes() == ckpt and (out / "ckpt.pt.tmp").is_dir()  # not ours to remove
+
+    (out / "ckpt.pt.tmp").rmdir()
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+    p = run_cli(name, cmd)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"{name}: error: cannot write {out / 'summary.json'} (Is a directory) at iter 90: ckpt.pt at iter 90 "
+        "kept; fix that, then continue with --resume"
+    )
+    assert not list(out.glob("*.tmp"))
+    (out / "summary.json").rmdir()
+    assert run_cli(name, cmd).returncode == 0  # at the same --max-iters: the summary is written
+    assert json.loads((out / "summary.json").read_text())["iters"] == 90
+
+
 def test_a_full_disk_under_the_compile_cache_is_one_line(corpus, trained, tmp_path):
     """torch.compile writes its cache (TORCHINDUCTOR_CACHE_DIR) at the first step; a refused write there,
     wrapped in the compiler's InductorError, is the same one line as a refused checkpoint."""
