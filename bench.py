@@ -803,7 +803,7 @@ def stage_finetune(
             record = R.collect(key, lambda: finetune_record(name, packing, folder))
             res["runs"] += [record] if record else []
     # nothing but what a user types (and the eval texts): on a GPU the script picks its backend itself
-    recipe = flags({"model": model, "data": data, **plan["recipe"], "eval_text": eval_texts})
+    recipe = recipe_flags(mode, model, data, eval_texts)
     folder = R.out / "runs" / "ft_recipe"
     cmd = [R.py, "finetune_llama.py", *recipe, "--out", str(folder), "--overwrite"]
     if R.run("ft_recipe", cmd, cost * plan["recipe_cost"], folder / "run.json"):
@@ -812,6 +812,12 @@ def stage_finetune(
     if baseline:
         res["loop_vs_trainer"] = loop_vs_trainer(R, mode, data, model, plan["common"], baseline)
     return res
+
+
+def recipe_flags(mode: str, model: str, data: str, eval_texts: list[str]) -> list[str]:
+    """The recipe run's finetune_llama.py flags (less --out): also every --sweep run's, before its own."""
+    recipe = finetune_plan(mode, gpu=False)["recipe"]  # the same on a GPU: the script's own defaults
+    return flags({"model": model, "data": data, **recipe, "eval_text": eval_texts})
 
 
 def loop_vs_trainer(R: Runner, mode: str, data: str, model: str, common: dict, baseline: dict) -> dict:
@@ -2369,7 +2375,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
         extra = shlex.split(args.sweep_extra)
     except ValueError as e:
         die(f"--sweep-extra {args.sweep_extra!r}: {e}")
-    base = flags({"model": model, "data": str(data), "eval_text": args.eval_text})
+    base = recipe_flags(mode, model, str(data), args.eval_text)  # --tiny: the test suite's shapes
     plan = sweep_plan(sweep_settings(args.sweep_settings), base, extra)
     meta = run_meta(mode, device, device_name, command, args, data, model)
     sweep_dir = out / "sweep"
@@ -2534,7 +2540,8 @@ def add_finetune_flags(p: argparse.ArgumentParser) -> None:
         "--sweep",
         choices=["transfer"],
         default=None,
-        help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP into "
+        help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP on the fine-tune "
+        "stage's recipe command (finetune_llama.py's own shapes; with --tiny, the test suite's) into "
         "OUT/sweep/NAME (a run whose run.json has the same flags is reused), then a table "
         "and a frontier plot (see --sweep-settings)",
     )

@@ -1347,6 +1347,37 @@ def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny,
     assert not any(r.get("failed") for r in rows)
 
 
+def test_sweep_runs_the_recipe_command_at_the_modes_size(tmp_path):
+    """--tiny makes a sweep's runs the test suite's size, as it does the recipe run's: a sweep's setting runs
+    the fine-tune stage's recipe command plus its own flags (the default setting is that command)."""
+    corpus = small_corpus(tmp_path / "c.txt")
+    shown = {}
+    for mode in ("--tiny", "--quick"):
+        out = tmp_path / mode
+        args = ["--sweep", "transfer", "--sweep-settings", "default_seed_2", "--time-limit", "0.01"]
+        p = bench(mode, *args, "--data", corpus, "--device", "cpu", "--out", out, timeout=120)
+        assert p.returncode == 1 and "--time-limit reached" in p.stderr, p.stderr  # no run trained
+        every_run = re.search(
+            r"Every run: `python finetune_llama.py ([^`]*)`", (out / "sweep/report.md").read_text()
+        )
+        shown[mode] = every_run[1]
+    assert shown["--tiny"] == f"--model smollm2 --data {corpus} " + (
+        "--max-seq-length 64 --batch-size 2 --max-steps 3 --eval-tokens 512 --warmup-steps 1 "
+        "--retention-docs 8 --retention-tokens 16"
+    )
+    assert shown["--quick"] == f"--model smollm2 --data {corpus}"  # finetune_llama.py's own shapes
+    bench_module = import_bench()
+    for mode, gpu in (("tiny", False), ("quick", False), ("full", True)):
+        R = RecordingRunner(tmp_path)
+        bench_module.stage_finetune(R, mode, "corpus.txt", "base", gpu, eval_texts=["t.txt"])
+        recipe = dict(R.commands)["ft_recipe"]
+        base = bench_module.recipe_flags(mode, "base", "corpus.txt", ["t.txt"])
+        default = bench_module.sweep_plan([bench_module.TRANSFER_SWEEP[-1]], base, [])
+        bench_module.run_sweep(R, default, "sha", 1.0)
+        sweep_cmd = R.commands[-1][1]
+        assert sweep_cmd[: sweep_cmd.index("--out")] == recipe[: recipe.index("--out")], mode
+
+
 # -----------------------------------------------------------------------------
 # --baseline-rev: the hand-written loop of an earlier finetune_llama.py (from git) against SFTTrainer
 
