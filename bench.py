@@ -2367,7 +2367,8 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     """Run the chosen settings into OUT/sweep/, then its results.json, report.md and frontier plot."""
     data = Path(args.data)
     check_corpus(data)
-    device, device_name, _ = device_info(args.device)
+    device, device_name, gpu = device_info(args.device)
+    check_full_has_gpu(mode, gpu)
     key = f"sweep-{args.sweep}-{device}"
     check_record_targets(args, key, run_inputs(data, args.eval_text))
     model = args.model or ("auto" if mode == "full" else "smollm2")
@@ -2898,8 +2899,7 @@ def new_run_meta(
     data = Path(args.data)
     check_corpus(data, finetune="finetune" in stages)
     device, device_name, gpu = device_info(args.device)
-    if mode == "full" and not gpu:
-        die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
+    check_full_has_gpu(mode, gpu)
     check_record_targets(args, f"{mode}-{device}", run_inputs(data, args.eval_text))
     model = args.model or ("auto" if mode == "full" else "smollm2")
     bf16_units, why = bf16_units_decision(device)
@@ -2918,6 +2918,12 @@ def new_run_meta(
     if why and "gpt" in stages:
         print(f"bench.py: {why}")
     return meta
+
+
+def check_full_has_gpu(mode: str, gpu: bool) -> None:
+    """--full is the GPU's size (the stages' shapes, a sweep's base model): not run on a CPU for hours."""
+    if mode == "full" and not gpu:
+        die("--full runs the seed's shapes on a GPU and none is available here: use --quick")
 
 
 def eta_seconds(mode: str, stages: list[str], gpu: bool, bf16_units: bool, baseline: bool) -> float:

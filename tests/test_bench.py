@@ -1378,6 +1378,20 @@ def test_sweep_runs_the_recipe_command_at_the_modes_size(tmp_path):
         assert sweep_cmd[: sweep_cmd.index("--out")] == recipe[: recipe.index("--out")], mode
 
 
+def test_sweep_full_without_a_gpu_is_refused_before_any_run(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    corpus, out = small_corpus(tmp_path / "c.txt"), tmp_path / "o"
+    for device in ("cpu", "auto"):
+        p = bench(
+            "--full", "--sweep", "transfer", "--data", corpus, "--device", device, "--out", out, timeout=60
+        )
+        assert_user_error(p, "--full runs the seed's shapes on a GPU and none is available here")
+        assert not out.exists()
+
+
 # -----------------------------------------------------------------------------
 # --baseline-rev: the hand-written loop of an earlier finetune_llama.py (from git) against SFTTrainer
 
