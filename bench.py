@@ -2585,6 +2585,8 @@ def check_flag_combinations(args: argparse.Namespace, stages: list[str]) -> None
         die("--eval-text is scored by the fine-tune runs: add finetune to --only")
     if args.baseline_rev is not None and "finetune" not in stages and not args.report_only:
         die("--baseline-rev is compared in the fine-tune stage: add finetune to --only")
+    if args.model is not None and not {"finetune", "infer"} & set(stages) and not args.report_only:
+        die("--model is the fine-tune and inference stages' base model: add finetune or infer to --only")
 
 
 def git(*args: str) -> subprocess.CompletedProcess:

@@ -482,6 +482,7 @@ def test_other_bad_flags_exit_2_with_one_line_before_any_run(tmp_path):
         (["--record", tmp_path], ["--record", "is a folder"]),
         (["--out", ""], ["--out got an empty string"]),  # "" would be the current folder
         (["--eval-text", ""], ["--eval-text got an empty string"]),
+        (["--only", "gpt", "--model", "smollm2"], ["--model", "add finetune or infer to --only"]),
     ):
         p = bench("--tiny", "--data", corpus, "--device", "cpu", "--out", out, *args, timeout=60)
         assert_user_error(p, *frags)
