@@ -13,14 +13,16 @@ Every figure comes from the scripts' own output files (summary.json, metrics.jso
 bench.py runs them as subprocesses, so each run's peak memory is its own. It writes into
 --out: results.json (every figure with device, torch version, date, git commit, flags), report.md
 (Table 1 per model, the ablation tables, the plots), *.png, and runs/ + logs/ for each run.
-Ctrl-C, SIGTERM (kill, `timeout`, a scheduler's time limit: the same, but exit 143 instead of 130) or a full
-disk (a run, or bench.py, refused a write) stops it (and the run in progress) keeping the finished runs;
+Ctrl-C, SIGTERM (kill, `timeout`, a scheduler's time limit: the same, but exit 143 instead of 130), a full
+disk (a run, or bench.py, refused a write) or any other failed write of bench.py's own (one line with its
+error) stops it (and the run in progress) keeping the finished runs;
 `python bench.py --report-only --out DIR` (with the same --record/--readme) builds the report from them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -389,7 +391,8 @@ class Runner:
         self.env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
         self.out, self.logs = out, out / "logs"
         if not replay:  # --report-only runs nothing, so it writes no logs
-            self.logs.mkdir(parents=True, exist_ok=True)
+            with writing(self.logs):
+                self.logs.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(
             total=round(total_cost),
             desc="bench",
@@ -463,7 +466,7 @@ class Runner:
         if rc != 0:
             tail = log.read_text().strip().splitlines()[-1:] or [""]
             refused = refused_write(tail[0], name)
-            if refused:  # every run after it would stop the same way: bench.py stops here (die_disk_full)
+            if refused:  # every run after it would stop the same way: bench.py stops here (die_write_failed)
                 raise refused
             self.failures.append(f"{name}: exit {rc}: {tail[0][:200]} (see {log})")
             self.bar.write(f"bench.py: {name} failed (exit {rc}); see {log}")
@@ -507,7 +510,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     """Write path whole or not at all: a temp file beside it, renamed over it."""
     tmp = write_temp(path, data)
     try:
-        os.replace(tmp, path)
+        with writing(path):  # a folder where path goes refuses the rename
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -516,13 +520,26 @@ def write_temp(path: Path, data: str | bytes) -> Path:
     """data in a temp file beside path, for the caller to rename over it. A failed write (a full disk) leaves
     no temp file behind, and its error names path, the file meant (a failed write() names no file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        e.filename = str(path)
-        raise
+    with writing(path):
+        try:
+            tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        except OSError:
+            if not tmp.is_dir():  # a folder squatting on the temp's name is not ours to remove
+                tmp.unlink(missing_ok=True)
+            raise
     return tmp
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """A write of bench.py's own, into the file or folder path: its OSError names path (a temp file's names
+    another) and is marked as bench.py's write, which die_write_failed says in one line whatever its errno
+    (a full disk, or a folder where a file goes)."""
+    try:
+        yield
+    except OSError as e:
+        e.filename, e.filename2, e.own_write = str(path), None, True
+        raise
 
 
 # how the scripts word a write the disk refused, on their last line: "cannot write FILE (STRERROR)..."
@@ -2138,8 +2155,13 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    try:
+        for tmp, path in staged:
+            with writing(path):
+                os.replace(tmp, path)
+    finally:  # a rename refused (a folder where a plot goes) leaves no temp file behind
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -2380,10 +2402,14 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     plan = sweep_plan(sweep_settings(args.sweep_settings), base, extra)
     meta = run_meta(mode, device, device_name, command, args, data, model)
     sweep_dir = out / "sweep"
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     cost = 2 * COST[mode][1]  # finetune_llama.py's own step count: more than the stages' runs
-    R = Runner(sweep_dir, cost * len(plan), args.time_limit, device=device)
     resume = "run the same command again to go on (finished runs are reused)"
+    try:
+        with writing(sweep_dir):
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        R = Runner(sweep_dir, cost * len(plan), args.time_limit, device=device)
+    except OSError as e:
+        die_write_failed(e, None, out, created, False, resume)
     try:  # the runs, then the report's files: a stop in either keeps the finished runs
         rows = run_sweep(R, plan, hashlib.sha256(data.read_bytes()).hexdigest(), cost)
         R.bar.close()
@@ -2412,7 +2438,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
         R.bar.close()
         raise Interrupted(interrupted_message(R, out, created, False, resume), e) from None
     except OSError as e:
-        die_disk_full(e, R, out, created, False, resume)
+        die_write_failed(e, R, out, created, False, resume)
     print("\n" + sweep_table(rows))
     print(f"\nbench.py: {len(rows)} setting(s) -> {sweep_dir / 'report.md'}")
     for f in R.failures:
@@ -2748,10 +2774,10 @@ def interrupted_message(
     report_only: bool,
     resume: str | None = None,
     stop: str = "interrupted",
+    then: str = "",
 ) -> str:
-    """What Ctrl-C (or a full disk: `stop` names the file) leaves behind and how to go on (resume; default:
-    rebuild the report), in one line."""
-    then = "" if stop == "interrupted" else "free space, then "  # a full disk fails again until then
+    """What Ctrl-C (or a failed write: `stop` names the file) leaves behind and how to go on (resume; default:
+    rebuild the report), in one line; then: what to do first, where the same command would fail again."""
     if report_only:
         return f"{stop}: the runs in {out} are untouched; {then}run the same command again for the report"
     finished = (  # stopped as it ended: its output is whole, and this run wrote it (not an earlier one)
@@ -2774,12 +2800,14 @@ def interrupted_message(
     return f"{stop} before any run finished{again}"
 
 
-def die_disk_full(
+def die_write_failed(
     e: OSError, R: Runner | None, out: Path, created: bool, report_only: bool, resume: str | None = None
 ) -> None:
-    """A write that failed for a full disk or a file-size limit is the machine's problem, not a bug: one line
-    naming the file, what was kept and how to go on, exit 2. Any other OSError goes on as a traceback."""
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    """A write that failed, bench.py's own (writing) or for a full disk or a file-size limit (a run's too:
+    refused_write), is the machine's problem, not a bug: one line naming the file and its error, what was
+    kept and how to go on, exit 2. Any other OSError goes on as a traceback."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if not (full or getattr(e, "own_write", False)):
         raise e
     if R is not None:
         R.bar.close()
@@ -2787,7 +2815,8 @@ def die_disk_full(
     stop = f"cannot write {e.filename} ({e.strerror})"
     if getattr(e, "run", None):  # a run's own write (refused_write)
         stop += f", run {e.run} stopped"
-    die(interrupted_message(R, out, created, report_only, resume, stop))
+    then = "free space, then " if full else "fix that, then "  # the same command would fail again
+    die(interrupted_message(R, out, created, report_only, resume, stop, then))
 
 
 def anchor_paths(args: argparse.Namespace) -> None:
@@ -2834,12 +2863,15 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             meta = new_run_meta(args, mode, stages, out, command, baseline_commit)
         except OSError as e:
-            die_disk_full(e, None, out, created, False)
+            die_write_failed(e, None, out, created, False)
     # from here on the run's own record: for --report-only, what the run it rebuilds was planned with
     mode, stages, device, model = meta["mode"], meta["stages"], meta["device"], meta["model"]
     gpu, bf16_units = device == "cuda", bool(meta.get("bf16_units", False))
     total = eta_seconds(mode, stages, gpu, bf16_units, bool(meta.get("baseline")))
-    R = Runner(out, total, args.time_limit, replay=args.report_only, device=device)
+    try:
+        R = Runner(out, total, args.time_limit, replay=args.report_only, device=device)
+    except OSError as e:  # its logs folder
+        die_write_failed(e, None, out, created, args.report_only)
     rebuild = rebuild_advice(args, out)
     try:
         return run_bench(R, args, meta, mode, stages, device, gpu, str(Path(meta["data"])), model, bf16_units)
@@ -2847,7 +2879,7 @@ def main(argv: list[str] | None = None) -> dict:
         R.bar.close()  # the message goes on a line of its own, not after the progress bar
         raise Interrupted(interrupted_message(R, out, created, args.report_only, rebuild), e) from None
     except OSError as e:
-        die_disk_full(e, R, out, created, args.report_only, rebuild)
+        die_write_failed(e, R, out, created, args.report_only, rebuild)
 
 
 def rebuild_advice(args: argparse.Namespace, out: Path) -> str:

@@ -2495,19 +2495,73 @@ def test_a_full_disk_rebuilding_the_report_is_one_line_and_keeps_every_file(tmp_
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def last_line(p: subprocess.CompletedProcess) -> str:
+    """The one line bench.py stopped with (the progress bar's lines come before it): exit 2, no traceback."""
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_a_write_refused_for_another_reason_is_one_line_with_its_error_and_leaves_no_temp(tmp_path):
+    """A folder where bench.py's file, its temp file or its logs folder goes (EISDIR, EEXIST): one line naming
+    the file and its error, no advice to free space, nothing half-written."""
+    out, _, _, _ = rebuilt_fine_tune_report(tmp_path, eval_sets=True)
+    again = f": the runs in {out} are untouched; fix that, then run the same command again for the report"
+    for squat, named in (("report.md", "report.md"), (".results.json.tmp", "results.json")):
+        (out / squat).unlink(missing_ok=True)
+        (out / squat).mkdir()
+        before = files_under(out)
+        p = bench("--report-only", "--out", out, timeout=120)
+        assert last_line(p) == f"bench.py: cannot write {out / named} (Is a directory){again}"
+        assert files_under(out) == before and (out / squat).is_dir()  # the folder is not bench.py's
+        (out / squat).rmdir()
+    # --record: a folder where each plot goes; the file is kept as it was, and no temp file is left
+    assert bench("--report-only", "--out", out, timeout=120).returncode == 0
+    md, figs = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks" / "tiny-cpu"
+    md.write_text("# Benchmarks\n")
+    pngs = sorted(f.name for f in out.glob("*.png"))
+    for png in pngs:
+        (figs / png).mkdir(parents=True)
+    p = bench("--report-only", "--out", out, "--record", md, timeout=120)
+    assert re.fullmatch(
+        rf"bench.py: cannot write {re.escape(str(figs))}/\S+\.png \(Is a directory\){re.escape(again)}",
+        last_line(p),
+    )
+    assert md.read_text() == "# Benchmarks\n" and sorted(f.name for f in figs.iterdir()) == pngs
+    assert not list(tmp_path.rglob("*.tmp"))
+    # a new run whose logs folder, or a sweep whose OUT/sweep, is a file: out is kept (it was there before)
+    corpus = small_corpus(tmp_path / "c.txt")
+    for squat, mode, kept in (
+        ("logs", ["--only", "gpt"], ["logs", "meta.json"]),
+        ("sweep", ["--sweep", "transfer"], ["sweep"]),
+    ):
+        new = tmp_path / f"new_{squat}"
+        new.mkdir()
+        (new / squat).write_text("not a folder")
+        p = bench("--tiny", *mode, "--data", corpus, "--device", "cpu", "--out", new, timeout=120)
+        assert last_line(p) == (
+            f"bench.py: cannot write {new / squat} (File exists) before any run finished; "
+            "fix that, then run the same command again"
+        )
+        assert sorted(f.name for f in new.iterdir()) == kept
+
+
 def test_a_full_disk_after_finished_runs_keeps_them_and_says_how_to_rebuild_the_report(tmp_path, capsys):
     bench = import_bench()
     R = bench.Runner(tmp_path, 1.0)
     R.done, R.current = ["gpt_scratch"], "ablation_00"  # its log could not be written: it never started
     with pytest.raises(SystemExit) as stop:
-        bench.die_disk_full(OSError(28, "No space left on device", "o/logs/x.log"), R, tmp_path, True, False)
+        bench.die_write_failed(
+            OSError(28, "No space left on device", "o/logs/x.log"), R, tmp_path, True, False
+        )
     assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
         "bench.py: cannot write o/logs/x.log (No space left on device): "
         f"1 finished run(s) kept in {tmp_path}; free space, then rebuild the report from them with "
         f"`python bench.py --report-only --out {tmp_path}`"
     )
-    with pytest.raises(PermissionError):  # not a full disk: no one-line story for it
-        bench.die_disk_full(PermissionError(13, "Permission denied"), R, tmp_path, True, False)
+    with pytest.raises(
+        PermissionError
+    ):  # neither a full disk nor a write of bench.py's own: a bug's traceback
+        bench.die_write_failed(PermissionError(13, "Permission denied"), R, tmp_path, True, False)
     assert tmp_path.exists()
 
 
