@@ -391,8 +391,7 @@ class Runner:
         self.env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
         self.out, self.logs = out, out / "logs"
         if not replay:  # --report-only runs nothing, so it writes no logs
-            with writing(self.logs):
-                self.logs.mkdir(parents=True, exist_ok=True)
+            make_folder(self.logs)
         self.bar = tqdm(
             total=round(total_cost),
             desc="bench",
@@ -540,6 +539,12 @@ def writing(path: Path):
     except OSError as e:
         e.filename, e.filename2, e.own_write = str(path), None, True
         raise
+
+
+def make_folder(path: Path) -> None:
+    """A folder of bench.py's own, with its parents: a file in its way is a failed write (writing)."""
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
 
 
 # how the scripts word a write the disk refused, on their last line: "cannot write FILE (STRERROR)..."
@@ -705,7 +710,7 @@ def tokenize_first(R: Runner, base_flags: list[str], folder: Path, cost: float) 
     left = R.deadline - time.perf_counter() if R.deadline else None
     if R.replay or (left is not None and left <= 0):
         return True  # nothing to make, or gpt_scratch's run reports the time limit
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     t0 = time.perf_counter()
     try:
         subprocess.run(
@@ -736,7 +741,7 @@ TOKENIZE = (  # gpt_scratch.py's data preparation alone: the token cache every G
 def share_token_cache(runs: Path, folder: Path) -> None:
     """Every GPT run tokenizes the same corpus the same way: link the first run's cache files (keyed by
     corpus hash, tokenizer and vocab size, so a mismatch is never picked up) instead of re-training BPE."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for f in sorted(runs.glob("*/tokens-*")) + sorted(runs.glob("*/tokenizer-*")):
         dest = folder / f.name
         if f.parent != folder and not dest.exists():
@@ -2132,7 +2137,7 @@ def record(md: Path, key: str, report: str, out: Path) -> None:
     start, end = record_markers(key)
     text = read_markdown(md, "--record", start, end) if md.exists() else "# Benchmarks\n"
     figs = md.parent / "benchmarks" / key
-    figs.mkdir(parents=True, exist_ok=True)
+    make_folder(figs)
     # (temp file, file) for the plots and md, each written whole before any is renamed: a full disk leaves
     # the recorded section beside the plots it shows, not beside the new run's
     staged: list[tuple[Path, Path]] = []
@@ -2405,8 +2410,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     cost = 2 * COST[mode][1]  # finetune_llama.py's own step count: more than the stages' runs
     resume = "run the same command again to go on (finished runs are reused)"
     try:
-        with writing(sweep_dir):
-            sweep_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(sweep_dir)
         R = Runner(sweep_dir, cost * len(plan), args.time_limit, device=device)
     except OSError as e:
         die_write_failed(e, None, out, created, False, resume)
@@ -2646,7 +2650,7 @@ def extract_baseline(out: Path, rev: str, commit: str) -> dict:
             f"{shown.stderr.decode(errors='replace').strip()[:200]}"
         )
     path = out / "baseline" / "finetune_llama.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     atomic_write(path, shown.stdout)
     return {"rev": rev, "commit": commit, "script": str(path)}
 
@@ -2938,7 +2942,7 @@ def new_run_meta(
     model = args.model or ("auto" if mode == "full" else "smollm2")
     bf16_units, why = bf16_units_decision(device)
     why = why if mode == "quick" else None  # --tiny always has the bf16 row; --full runs on a GPU
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     meta = {
         **run_meta(mode, device, device_name, command, args, data, model),
         "stages": stages,

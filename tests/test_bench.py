@@ -2502,8 +2502,8 @@ def last_line(p: subprocess.CompletedProcess) -> str:
 
 
 def test_a_write_refused_for_another_reason_is_one_line_with_its_error_and_leaves_no_temp(tmp_path):
-    """A folder where bench.py's file, its temp file or its logs folder goes (EISDIR, EEXIST): one line naming
-    the file and its error, no advice to free space, nothing half-written."""
+    """A folder where bench.py's file or its temp file goes, or a file where its folder goes (EISDIR, EEXIST):
+    one line naming the file and its error, no advice to free space, nothing half-written."""
     out, _, _, _ = rebuilt_fine_tune_report(tmp_path, eval_sets=True)
     again = f": the runs in {out} are untouched; fix that, then run the same command again for the report"
     for squat, named in (("report.md", "report.md"), (".results.json.tmp", "results.json")):
@@ -2528,16 +2528,18 @@ def test_a_write_refused_for_another_reason_is_one_line_with_its_error_and_leave
     )
     assert md.read_text() == "# Benchmarks\n" and sorted(f.name for f in figs.iterdir()) == pngs
     assert not list(tmp_path.rglob("*.tmp"))
-    # a new run whose logs folder, or a sweep whose OUT/sweep, is a file: out is kept (it was there before)
-    corpus = small_corpus(tmp_path / "c.txt")
+    # a file where a new run's folder goes (its logs, a run's, the baseline script's, OUT/sweep): out is kept
+    corpus, limit = small_corpus(tmp_path / "c.txt"), ["--time-limit", "0.01"]  # no run would finish
     for squat, mode, kept in (
         ("logs", ["--only", "gpt"], ["logs", "meta.json"]),
+        ("runs/gpt_scratch", ["--only", "gpt"], ["logs", "meta.json", "runs"]),
+        ("baseline", ["--only", "finetune", "--baseline-rev", LOOP_REV], ["baseline"]),
         ("sweep", ["--sweep", "transfer"], ["sweep"]),
     ):
-        new = tmp_path / f"new_{squat}"
-        new.mkdir()
+        new = tmp_path / f"new_{squat.replace('/', '_')}"
+        (new / squat).parent.mkdir(parents=True)
         (new / squat).write_text("not a folder")
-        p = bench("--tiny", *mode, "--data", corpus, "--device", "cpu", "--out", new, timeout=120)
+        p = bench("--tiny", *mode, *limit, "--data", corpus, "--device", "cpu", "--out", new, timeout=120)
         assert last_line(p) == (
             f"bench.py: cannot write {new / squat} (File exists) before any run finished; "
             "fix that, then run the same command again"
