@@ -2496,10 +2496,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--full", action="store_true", help="GPU, the seed's shapes (GPT seed preset, Llama-3.2-1B)"
     )
     m.add_argument("--tiny", action="store_true", help="an even smaller --quick, for the test suite")
-    p.add_argument("--only", default=DEFAULT_STAGES, help="stages to run: comma list of gpt, finetune, infer")
+    # --only and --data default to None, so a flag given as its default is told apart: --sweep and
+    # --report-only refuse it as they refuse any other value
+    p.add_argument(
+        "--only", help=f"stages to run: comma list of gpt, finetune, infer (default: {DEFAULT_STAGES})"
+    )
     p.add_argument("--out", type=os.path.expanduser, default="out/bench", help="report folder")
     p.add_argument(
-        "--data", type=os.path.expanduser, default=DEFAULT_DATA, help="corpus shared by every stage"
+        "--data", type=os.path.expanduser, help=f"corpus shared by every stage (default: {DEFAULT_DATA})"
     )
     p.add_argument(
         "--model",
@@ -2600,7 +2604,7 @@ def check_flag_combinations(args: argparse.Namespace, stages: list[str]) -> None
             for f, v in (
                 ("--report-only", args.report_only),
                 ("--readme", args.readme),
-                ("--only", args.only != DEFAULT_STAGES),
+                ("--only", args.only is not None),
                 ("--baseline-rev", args.baseline_rev is not None),
             )
             if v
@@ -2845,9 +2849,11 @@ def anchor_paths(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     refuse_empty(args, ("--out", "--data", "--eval-text", "--model"))  # before anchoring: "" would be the cwd
+    if not args.report_only:  # which takes the run's own corpus from its meta.json
+        args.data = DEFAULT_DATA if args.data is None else args.data
     anchor_paths(args)
     mode = "full" if args.full else "tiny" if args.tiny else "quick"
-    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    stages = [s.strip() for s in (DEFAULT_STAGES if args.only is None else args.only).split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:
         die(f"--only takes a comma list of gpt, finetune, infer (got {args.only!r})")
     check_flag_combinations(args, stages)
@@ -2900,13 +2906,13 @@ def report_only_meta(args: argparse.Namespace, mode: str, out: Path, command: st
     --eval-text files (the recipe's command names them) and no time limit."""
     meta = read_meta(out)
     other_mode = (args.full or args.tiny or args.quick) and mode != meta["mode"]
-    other_data = args.data != DEFAULT_DATA and Path(args.data) != Path(meta["data"])
+    other_data = args.data is not None and Path(args.data) != Path(meta["data"])
     given = [
         f
         for f, v in (
             ("--time-limit", args.time_limit),
             ("--model", args.model),
-            ("--only", args.only != DEFAULT_STAGES),
+            ("--only", args.only is not None),
             ("--eval-text", args.eval_text),
             ("--quick/--full/--tiny", other_mode),
             ("--device", args.device not in ("auto", meta["device"])),

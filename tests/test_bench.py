@@ -421,6 +421,26 @@ def test_report_only_rebuilds_the_same_results_from_the_run_folders(tiny_setup, 
     assert p.returncode == 2 and "meta.json" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+def test_only_and_data_given_as_their_defaults_are_refused_where_any_value_is(tmp_path):
+    """--only and --data given as their defaults are given all the same: --sweep and --report-only refuse them
+    as they refuse any other value (and the same stages in another order), not take them without a word."""
+    out = fine_tune_out_folder(tmp_path, eval_sets=True)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "data": str(tmp_path / "c.txt")}))  # not the default
+    for extra, dropped in (
+        (["--only", "gpt,finetune,infer"], "--only"),
+        (["--only", "finetune"], "--only"),
+        (["--data", "data/finance_corpus.txt"], "--data"),
+    ):
+        assert_user_error(bench("--report-only", "--out", out, *extra, timeout=60), f"drop {dropped}")
+    assert bench("--report-only", "--out", out, timeout=120).returncode == 0
+    sweep, corpus = tmp_path / "s", small_corpus(tmp_path / "c.txt")
+    for only in ("gpt,finetune,infer", "finetune,gpt,infer"):
+        args = ["--sweep", "transfer", "--only", only, "--data", corpus, "--device", "cpu", "--out", sweep]
+        assert_user_error(bench("--tiny", *args, timeout=60), "drop --only")
+        assert not sweep.exists()
+
+
 def test_steady_time_and_tokens_to_target():
     sys.path.insert(0, str(ROOT))
     import bench
