@@ -391,16 +391,22 @@ BOILERPLATE = re.compile(
     re.IGNORECASE,
 )
 TAG = re.compile(r"</?[A-Za-z][\w:-]*(?:\s[^<>]*)?/?>|<[!?][^<>]*>")  # not the "<" of "margin < 5%"
+ESCAPED_HTML = re.compile(r"(?i)</[a-z][\w:-]*\s*>|<br\s*/?>")  # an end tag is markup, "a<b" is not
+
+
+def strip_markup(s: str) -> str:
+    s = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->", " ", s)
+    s = re.sub(r"(?i)<br\s*/?>|</?(p|div|li|h[1-6]|tr|blockquote)\b[^<>]*>", "\n", s)
+    return html.unescape(TAG.sub(" ", s))
 
 
 def clean_text(s, furniture: bool = True) -> str:
     """HTML to plain text without tags, entities or furniture lines; single spaces, never a blank line."""
     if not isinstance(s, str):
         return ""
-    s = s.encode("utf-8", "ignore").decode("utf-8")  # lone surrogates (half an emoji) are not text
-    s = re.sub(r"(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->", " ", s)
-    s = re.sub(r"(?i)<br\s*/?>|</?(p|div|li|h[1-6]|tr|blockquote)\b[^<>]*>", "\n", s)
-    s = html.unescape(TAG.sub(" ", s))
+    s = strip_markup(s.encode("utf-8", "ignore").decode("utf-8"))  # lone surrogates (half an emoji): not text
+    if ESCAPED_HTML.search(s):  # HTML escaped twice (&lt;p&gt;, as some feeds send it): tags show only now
+        s = strip_markup(s)
     lines = (" ".join(ln.split()) for ln in s.splitlines())  # split() also takes non-breaking spaces
     return "\n".join(ln for ln in lines if ln and not (furniture and len(ln) < 200 and BOILERPLATE.match(ln)))
 
