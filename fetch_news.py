@@ -195,9 +195,7 @@ def article_key(a: dict) -> str:
 
 def scan_jsonl(path: str):
     """Yield (byte offset, dict or None) per line, streaming; a torn last line (no newline) is None."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as f:
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:  # no file: no lines
         off = 0
         for line in f:
             obj = None
@@ -379,16 +377,16 @@ def collect_tickers(args, log) -> list[str]:
 # -----------------------------------------------------------------------------
 # eodhd: from news.jsonl to the corpus
 
+MIN_BODY_WORDS = 5  # a shorter cleaned body ("." or "Full story") is a headline-only item, not an article
 # site furniture, not news: matched at the start of a line under 200 chars (not "Copyright Office rules...")
 BOILERPLATE = re.compile(
-    r"^(?:(?:story continues|continue reading|read more|read the (?:full|original) (?:story|article)"
+    r"(?i)^(?:(?:story continues|continue reading|read more|read the (?:full|original) (?:story|article)"
     r"|view comments|recommended stories|click here|follow us|share this|download (?:the|our) (?:\w+ ){,3}app"
     r"|(?:sign up|subscribe)(?: now| here| today|$| for (?:free|our|the)| to (?:our|receive|get|the \w+ ne))"
     r"|(?:this|the) (?:article|story|post) (?:was )?(?:originally |first )?(?:appeared|published|featured)"
     r"|originally published|all rights reserved)\b"
     r"|(?:related(?: articles| stories)?|see also|read also|photo|image source)\s*:"
-    r"|advertisement$|\u00a9|\(c\) ?\d{4}|copyright\s*(?:\u00a9|\(c\)|\d{4}))",
-    re.IGNORECASE,
+    r"|advertisement$|\u00a9|\(c\) ?\d{4}|copyright\s*(?:\u00a9|\(c\)|\d{4}))"
 )
 TAG = re.compile(r"</?[A-Za-z][\w:-]*(?:\s[^<>]*)?/?>|<[!?][^<>]*>")  # not the "<" of "margin < 5%"
 ESCAPED_HTML = re.compile(r"(?i)</[a-z][\w:-]*\s*>|<br\s*/?>")  # an end tag is markup, "a<b" is not
@@ -402,9 +400,8 @@ def strip_markup(s: str) -> str:
 
 def clean_text(s, furniture: bool = True) -> str:
     """HTML to plain text without tags, entities or furniture lines; single spaces, never a blank line."""
-    if not isinstance(s, str):
-        return ""
-    s = strip_markup(s.encode("utf-8", "ignore").decode("utf-8"))  # lone surrogates (half an emoji): not text
+    s = s.encode("utf-8", "ignore").decode("utf-8") if isinstance(s, str) else ""  # lone surrogates: not text
+    s = strip_markup(s)
     if ESCAPED_HTML.search(s):  # HTML escaped twice (&lt;p&gt;, as some feeds send it): tags show only now
         s = strip_markup(s)
     lines = (" ".join(ln.split()) for ln in s.splitlines())  # split() also takes non-breaking spaces
@@ -421,8 +418,8 @@ def date_key(s) -> str:
         return str(s)
 
 
-def news_docs(src_path: str):
-    """news.jsonl's documents ('title\\nbody', cleaned) by (date, link), no empty or repeated body."""
+def news_docs(src_path: str, tally: SimpleNamespace):
+    """news.jsonl's documents ('title\\nbody', cleaned) by (date, link), no repeated or short body (tally)."""
     articles = ((off, obj) for off, obj in scan_jsonl(src_path) if obj is not None)
     order = sorted((date_key(obj.get("date", "")), article_key(obj), off) for off, obj in articles)
     if not order:
@@ -434,15 +431,17 @@ def news_docs(src_path: str):
             r = json.loads(src.readline())
             title, body = " ".join(clean_text(r.get("title"), False).split()), clean_text(r.get("content"))
             h = hashlib.sha256(body.encode("utf-8")).digest()
-            if body and h not in seen_bodies:
+            if len(body.split()) < MIN_BODY_WORDS:
+                tally.short += 1
+            elif h not in seen_bodies:
                 seen_bodies.add(h)
                 yield (f"{title}\n{body}" if title else body).encode("utf-8")
 
 
-def write_news_corpus(out_dir: str) -> tuple:
+def write_news_corpus(out_dir: str, tally=None) -> tuple:
     """news.jsonl -> finance_corpus.txt: (path, #documents, #bytes); (path, 0, 0), unwritten, if none."""
-    path = os.path.join(out_dir, CORPUS_NAME)
-    return path, *write_corpus(path, news_docs(os.path.join(out_dir, "news.jsonl")))
+    path, tally = os.path.join(out_dir, CORPUS_NAME), tally or SimpleNamespace(short=0)
+    return path, *write_corpus(path, news_docs(os.path.join(out_dir, "news.jsonl"), tally))
 
 
 # -----------------------------------------------------------------------------
@@ -517,18 +516,18 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
 
 def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: NewsClient) -> int:
     """Fold pending merges, write the corpus, print the summary (on stderr why a run stopped early)."""
-    total = store.compact()
-    path, n_docs, n_bytes = write_news_corpus(args.out_dir)
+    total, tally = store.compact(), SimpleNamespace(short=0)
+    path, n_docs, n_bytes = write_news_corpus(args.out_dir, tally)
     left = n_tickers - t.done - t.already - len(t.skipped) - len(t.unfinished)  # a stop came before them
     counts = f"{t.done} done, {t.already} already complete, {len(t.skipped)} skipped, {left} left for a rerun"
     print(f"tickers: {counts}, {len(t.unfinished)} unfinished (--max-pages), {n_tickers} requested")
-    for ticker, why in t.skipped.items():
-        print(f"  skipped {ticker}: {why}")
+    print("".join(f"  skipped {ticker}: {why}\n" for ticker, why in t.skipped.items()), end="")
     print(f"articles: {t.new} new, {total} total in {store.path}")
     calls = client.requests_ok * CALLS_PER_NEWS_REQUEST
     print(f"API calls spent: {calls} ({client.requests_ok} news requests x {CALLS_PER_NEWS_REQUEST})")
+    short = f"; {tally.short} articles left out: body under {MIN_BODY_WORDS} words" if tally.short else ""
     written = f"{path}, {n_docs} documents, {n_bytes:,} bytes"
-    print(f"corpus: {written}" if n_docs else f"corpus: no usable articles yet; {path} left as it was")
+    print(f"corpus: {written if n_docs else f'no usable articles yet; {path} left as it was'}{short}")
     if t.stop == "quota":
         why = "the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved"
         print(f"stopped: {why}; {RERUN} after the quota resets to resume where it stopped.", file=sys.stderr)
@@ -645,7 +644,8 @@ EPILOG = (
     "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
     "written, a rejected API key or no connection to EODHD; 3 EODHD daily quota spent; 130 Ctrl-C and 143 "
     "SIGTERM, which stops it the same way (everything fetched is kept; rerun the same command to resume). "
-    "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt into --out-dir."
+    "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt (title and body as plain "
+    f"text; a body under {MIN_BODY_WORDS} words or repeating another's is left out) into --out-dir."
 )
 EODHD_ONLY = [settings.get("dest", flag[2:].replace("-", "_")) for flag, settings in FLAGS[2:]]  # eodhd group
 

@@ -724,7 +724,7 @@ def test_news_corpus_cleaning_order_and_determinism(tmp_path):
             "date": "2024-03-02T13:00:00+00:00",
             "link": "https://a.example/1",
             "title": "Earlier at 13:00 UTC",
-            "content": "Plain text body.\r\nRead more: https://a.example/more\n"
+            "content": "Plain text body of a story.\r\nRead more: https://a.example/more\n"
             "\u00a9 2024 Example Media. All rights reserved.",
         },
         {
@@ -743,7 +743,7 @@ def test_news_corpus_cleaning_order_and_determinism(tmp_path):
             "date": "2024-03-04T00:00:00+00:00",
             "link": "https://c.example/4",
             "title": "Repeat",
-            "content": "<p>Plain text body.</p>",
+            "content": "<p>Plain text body of a story.</p>",
         },
         {"date": "2024-03-01T00:00:00+00:00", "link": "https://c.example/5", "title": None, "content": None},
     ]
@@ -753,7 +753,7 @@ def test_news_corpus_cleaning_order_and_determinism(tmp_path):
     assert n_docs == 3 and n_bytes == len(first)
     assert first.decode("utf-8") == (
         "Same time, smaller link\nTie broken by link. Caf\u00e9 prices.\n\n"
-        "Earlier at 13:00 UTC\nPlain text body.\n\n"
+        "Earlier at 13:00 UTC\nPlain text body of a story.\n\n"
         "Later & UTC 14:00\nShares rose 3%.\nAnalysts were upbeat.\nSubscribers grew 10%; related party "
         "deals did not.\n"
     )
@@ -1501,7 +1501,7 @@ def test_odd_shapes_in_answers_and_progress_do_not_crash(api, tmp_path):
 
 def test_utf8_pages_read_as_utf8_whatever_charset_the_header_implies(api, tmp_path):
     """text/html without a charset means ISO-8859-1 to requests; JSON is UTF-8 all the same."""
-    title, body = "Société Générale’s 2% rise — 日本", "Zürich: ünïcödé 📈 text."
+    title, body = "Société Générale’s 2% rise — 日本", "Zürich: ünïcödé 📈 text, in UTF-8."
     api.feeds["GLE.PA"] = [article(1, ["GLE.PA"], content=body) | {"title": title}]
     api.news_ctype = "text/html"
     r = fetch(api, tmp_path, "--tickers", "GLE.PA")
@@ -1563,3 +1563,17 @@ def test_html_escaped_twice_leaves_no_tags_in_the_corpus(api, tmp_path):
     assert corpus == "Headline number 1\nShares rose 4%.\nP/E < 10 & a<b.\n"
     clean = fetch_news.clean_text  # escaped once, text that only looks like a tag is text
     assert clean("P/E &lt; 10 and a&lt;b, or &lt;b and c&gt;") == "P/E < 10 and a<b, or <b and c>"
+
+
+def test_bodies_under_the_minimum_of_words_are_left_out_and_counted(api, tmp_path):
+    """A headline-only item ("." or "Full story") is no article: it is stored, but not put into the corpus."""
+    bodies = [".", "<p>Full story.</p>", "Read more", "Shares rose on Monday.", "Shares rose 4% on Monday."]
+    api.feeds["AAPL.US"] = [article(n, ["AAPL.US"], content=b) for n, b in enumerate(bodies)]
+    r = fetch(api, tmp_path, "--tickers", "AAPL.US")
+    assert r.returncode == 0, r.stderr
+    assert len(read_news(tmp_path)) == 5
+    corpus = (tmp_path / "finance_corpus.txt").read_text(encoding="utf-8")
+    assert corpus == "Headline number 4\nShares rose 4% on Monday.\n"
+    assert f"1 documents, {len(corpus)} bytes; 4 articles left out: body under 5 words" in r.stdout
+    usage = subprocess.run([sys.executable, str(REPO / "fetch_news.py"), "--help"], capture_output=True)
+    assert b"a body under 5 words" in b" ".join(usage.stdout.split())  # --help says so
