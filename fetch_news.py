@@ -53,6 +53,7 @@ SP500_CACHE = "sp500_constituents.csv"
 BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
 EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
 EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
+MAX_SILENT_TICKERS = 3  # tickers in a row whose every try timed out or lost its connection: EODHD is down
 DAMAGED = "nothing was changed: restore the file from a copy, or move it away to start afresh"
 
 
@@ -91,7 +92,7 @@ class NewsClient:
         self.url = args.base_url.rstrip("/") + "/news"
         self.session = requests.Session()  # one connection pool: keep-alive across pages and tickers
         self.session.headers["User-Agent"] = "fetch_news.py (finance corpus builder)"
-        self.requests_ok = 0  # requests answered 200: each costs CALLS_PER_NEWS_REQUEST API calls
+        self.requests_ok = self.unanswered = 0  # requests answered 200: CALLS_PER_NEWS_REQUEST API calls each
         self.jitter = random.Random()  # jitter de-synchronises clients; it does not need to be reproducible
 
     def backoff(self, attempt: int) -> float:
@@ -123,9 +124,8 @@ class NewsClient:
         fix = "pass a valid --api-key or set EODHD_API_KEY"
         return UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
 
-    def unreachable(self, why: Exception, attempts: int) -> UserError:
-        host, kept = urllib.parse.urlsplit(self.url).netloc, eodhd_kept(self.args.out_dir)
-        why = f"cannot connect to EODHD at {host} ({type(why).__name__}: {why}; {attempts} attempts)"
+    def unreachable(self, why: str) -> UserError:  # no other ticker would fare better: the run stops
+        kept = eodhd_kept(self.args.out_dir)
         return UserError(self.redact(f"{why}; {kept}; {RERUN} once it can be reached"))
 
     def page(self, ticker: str, offset: int) -> list:
@@ -138,8 +138,9 @@ class NewsClient:
             except requests.RequestException as e:  # timeouts, refused and reset connections
                 reason, wait = f"{type(e).__name__}: {self.redact(e)}", self.backoff(attempt)
                 down = getattr(e.args[0] if e.args else None, "reason", None)  # urllib3's, in requests' error
+                self.unanswered += 1  # tries in a row, across tickers, without any answer
             else:
-                code, down = resp.status_code, None
+                code, down, self.unanswered = resp.status_code, None, 0
                 if code == 200:
                     self.requests_ok += 1
                     with contextlib.suppress(ValueError):
@@ -158,9 +159,14 @@ class NewsClient:
                 else:  # other 4xx: retrying the same request cannot help
                     raise TickerFailed(f"HTTP {code}: {self.redact(' '.join(resp.text.split()))[:120]}")
             if attempt == a.max_retries:
-                if isinstance(down, urllib3.exceptions.ConnectTimeoutError):  # DNS, refused, connect timeout:
-                    raise self.unreachable(down.__cause__ or down, attempt + 1)  # no ticker would do better
-                raise TickerFailed(f"{reason}; gave up after {attempt + 1} attempts")
+                at, n = f"EODHD at {urllib.parse.urlsplit(self.url).netloc}", attempt + 1
+                if isinstance(down, urllib3.exceptions.ConnectTimeoutError):  # DNS, refused, connect timeout
+                    d = down.__cause__ or down
+                    raise self.unreachable(f"cannot connect to {at} ({type(d).__name__}: {d}; {n} attempts)")
+                if self.unanswered >= MAX_SILENT_TICKERS * n:  # timeouts, dropped connections: not one answer
+                    why = f"{at} is not answering ({MAX_SILENT_TICKERS} tickers in a row; last: {reason})"
+                    raise self.unreachable(why)
+                raise TickerFailed(f"{reason}; gave up after {n} attempts")
             retry = f"retry {attempt + 1}/{a.max_retries} in {wait:.2f}s"
             self.log(f"{ticker} offset {offset}: {reason}; {retry}")
             time.sleep(wait)
@@ -214,9 +220,8 @@ def jsonl_bytes(records) -> bytes:
 class NewsStore:
     def __init__(self, out_dir: str, log):
         os.makedirs(out_dir, exist_ok=True)
-        names = ("news.jsonl", "news_merges.jsonl", "news_progress.json")
+        self.log, names = log, ("news.jsonl", "news_merges.jsonl", "news_progress.json")
         self.path, self.merges_path, self.progress_path = (os.path.join(out_dir, n) for n in names)
-        self.log = log
         # one writer per folder (appends would interleave); the kernel drops a flock when its process dies
         self.lock = open(os.path.join(out_dir, "news.lock"), "w")
         try:
@@ -286,9 +291,7 @@ class NewsStore:
     def add_page(self, ticker: str, items: list) -> int:
         """Store one page: new articles appended, known ones get this ticker merged. Returns #new."""
         new, merges = [], []
-        for a in items:
-            if not isinstance(a, dict):
-                continue
+        for a in (a for a in items if isinstance(a, dict)):  # anything else in a page is not an article
             k = article_key(a)
             if k not in self.tickers:
                 self.tickers[k] = {ticker}
@@ -367,8 +370,7 @@ def collect_tickers(args, log) -> list[str]:
         if not found:
             raise UserError(f"--tickers-file {args.tickers_file} lists no tickers")
         out += [normalise_ticker(t) for t in found]
-    if args.sp500:
-        out += load_sp500(args, log)
+    out += load_sp500(args, log) if args.sp500 else []
     if not out:
         raise UserError("no tickers: give --tickers, --tickers-file or --sp500")
     return list(dict.fromkeys(out))  # de-duplicate, keep order
@@ -402,8 +404,7 @@ def clean_text(s, furniture: bool = True) -> str:
     """HTML to plain text without tags, entities or furniture lines; single spaces, never a blank line."""
     s = s.encode("utf-8", "ignore").decode("utf-8") if isinstance(s, str) else ""  # lone surrogates: not text
     s = strip_markup(s)
-    if ESCAPED_HTML.search(s):  # HTML escaped twice (&lt;p&gt;, as some feeds send it): tags show only now
-        s = strip_markup(s)
+    s = strip_markup(s) if ESCAPED_HTML.search(s) else s  # HTML escaped twice (&lt;p&gt;): tags show only now
     lines = (" ".join(ln.split()) for ln in s.splitlines())  # split() also takes non-breaking spaces
     return "\n".join(ln for ln in lines if ln and not (furniture and len(ln) < 200 and BOILERPLATE.match(ln)))
 
@@ -422,10 +423,8 @@ def news_docs(src_path: str, tally: SimpleNamespace):
     """news.jsonl's documents ('title\\nbody', cleaned) by (date, link), no repeated or short body (tally)."""
     articles = ((off, obj) for off, obj in scan_jsonl(src_path) if obj is not None)
     order = sorted((date_key(obj.get("date", "")), article_key(obj), off) for off, obj in articles)
-    if not order:
-        return
     seen_bodies = set()
-    with open(src_path, "rb") as src:
+    with contextlib.suppress(FileNotFoundError), open(src_path, "rb") as src:  # no news.jsonl: no documents
         for _, _, off in order:
             src.seek(off)
             r = json.loads(src.readline())
@@ -642,8 +641,9 @@ FLAGS = [
 # fmt: on
 EPILOG = (
     "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
-    "written, a rejected API key or no connection to EODHD; 3 EODHD daily quota spent; 130 Ctrl-C and 143 "
-    "SIGTERM, which stops it the same way (everything fetched is kept; rerun the same command to resume). "
+    f"written, a rejected API key, no connection to EODHD or no answer for {MAX_SILENT_TICKERS} tickers in a "
+    "row; 3 EODHD daily quota spent; 130 Ctrl-C and 143 SIGTERM, which stops it the same way (everything "
+    "fetched is kept; rerun the same command to resume). "
     "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt (title and body as plain "
     f"text; a body under {MIN_BODY_WORDS} words or repeating another's is left out) into --out-dir."
 )
