@@ -391,7 +391,7 @@ BOILERPLATE = re.compile(
     r"|advertisement$|\u00a9|\(c\) ?\d{4}|copyright\s*(?:\u00a9|\(c\)|\d{4}))"
 )
 TAG = re.compile(r"</?[A-Za-z][\w:-]*(?:\s[^<>]*)?/?>|<[!?][^<>]*>")  # not the "<" of "margin < 5%"
-ESCAPED_HTML = re.compile(r"(?i)</[a-z][\w:-]*\s*>|<br\s*/?>")  # an end tag is markup, "a<b" is not
+ESCAPED_HTML = re.compile(r"(?i)</[a-z][\w:-]*\s*>|<br\s*/?>|&#?\w+;")  # left by one unescape; "a<b" is not
 
 
 def strip_markup(s: str) -> str:
@@ -404,7 +404,7 @@ def clean_text(s, furniture: bool = True) -> str:
     """HTML to plain text without tags, entities or furniture lines; single spaces, never a blank line."""
     s = s.encode("utf-8", "ignore").decode("utf-8") if isinstance(s, str) else ""  # lone surrogates: not text
     s = strip_markup(s)
-    s = strip_markup(s) if ESCAPED_HTML.search(s) else s  # HTML escaped twice (&lt;p&gt;): tags show only now
+    s = strip_markup(s) if ESCAPED_HTML.search(s) else s  # escaped twice (&lt;p&gt;, &amp;amp;): once more
     lines = (" ".join(ln.split()) for ln in s.splitlines())  # split() also takes non-breaking spaces
     return "\n".join(ln for ln in lines if ln and not (furniture and len(ln) < 200 and BOILERPLATE.match(ln)))
 

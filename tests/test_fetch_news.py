@@ -1557,12 +1557,17 @@ def test_cleaning_keeps_text_that_only_looks_like_markup_or_furniture():
 def test_html_escaped_twice_leaves_no_tags_in_the_corpus(api, tmp_path):
     """Some feeds escape an article's HTML twice: its tags arrive as &lt;p&gt; and must go all the same."""
     twice = "&lt;p&gt;Shares rose 4%.&lt;/p&gt;&lt;p&gt;P/E &amp;lt; 10 &amp;amp; a&amp;lt;b.&lt;/p&gt;"
-    api.feeds["AAPL.US"] = [article(1, ["AAPL.US"], content=twice)]
+    plain = "S&amp;amp;P 500 futures rose 1% &amp;mdash; a third day."  # no tags, entities escaped twice
+    api.feeds["AAPL.US"] = [article(1, ["AAPL.US"], content=twice), article(2, ["AAPL.US"], content=plain)]
     assert fetch(api, tmp_path, "--tickers", "AAPL.US").returncode == 0
     corpus = (tmp_path / "finance_corpus.txt").read_text(encoding="utf-8")
-    assert corpus == "Headline number 1\nShares rose 4%.\nP/E < 10 & a<b.\n"
+    assert corpus == (
+        "Headline number 1\nShares rose 4%.\nP/E < 10 & a<b.\n\n"
+        "Headline number 2\nS&P 500 futures rose 1% \u2014 a third day.\n"
+    )
     clean = fetch_news.clean_text  # escaped once, text that only looks like a tag is text
     assert clean("P/E &lt; 10 and a&lt;b, or &lt;b and c&gt;") == "P/E < 10 and a<b, or <b and c>"
+    assert clean("R&amp;D; AT&amp;T; Q&amp;A") == "R&D; AT&T; Q&A"
 
 
 def test_bodies_under_the_minimum_of_words_are_left_out_and_counted(api, tmp_path):
