@@ -97,8 +97,7 @@ class NewsClient:
 
     def backoff(self, attempt: int) -> float:
         # exponential backoff with jitter: base * 2^attempt, scaled by a random factor in [0.5, 1]
-        wait = min(self.args.backoff_max, self.args.backoff_base * (2**attempt))
-        return wait * (0.5 + 0.5 * self.jitter.random())
+        return min(self.args.backoff_max, self.args.backoff_base * (2**attempt)) * self.jitter.uniform(0.5, 1)
 
     def rate_limited(self, resp, attempt: int) -> tuple:
         """(reason, wait) for a 429: Retry-After (seconds or an HTTP date), at most --backoff-max."""
@@ -502,8 +501,9 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
             bar.update(1)  # every ticker that reaches here made a request, so the bar exists
     except QuotaExhausted:
         t.stop = "quota"
-    except UserError:  # a rejected key: fold what is stored, then stop with one line
+    except UserError:  # a rejected key, EODHD down: fold what is stored and write its corpus, then stop
         store.compact()
+        write_news_corpus(args.out_dir)  # a rerun cannot, while EODHD stays down
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (market_corpus.Terminated): its exit code
         t.stop = market_corpus.interrupted_exit_code(e)

@@ -1602,6 +1602,7 @@ def test_a_server_that_stops_answering_stops_the_run_after_a_few_tickers_and_res
     assert "H2.US: skipped" in r.stderr and "H4.US: skipped" in r.stderr  # not H1-H3: the 404 came between
     assert "H5.US offset 0: ReadTimeout" in r.stderr and "H5.US: skipped" not in r.stderr  # the third: stop
     assert "MSFT.US" not in {s for _, s, *_ in api.log}
+    assert (tmp_path / "finance_corpus.txt").read_text().count("Headline number") == 2  # the corpus has them
     assert_no_key(r.stdout, r.stderr, out_dir=tmp_path)
 
     api.always, n_log = {}, len(api.log)  # the server is back
