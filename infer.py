@@ -437,6 +437,47 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
         die(f"--adapter {adapter_dir} is incomplete: {len(missing)} of {len(expected)} tensors are missing")
 
 
+TOKEN_PROBE = BENCH_PROMPT + "\nOil & gas: +3.5% (WTI $81.20); yields 4.25%, EUR/USD 1.0842 - Q3 EPS beat."
+
+
+def check_same_token_ids(tok, adapter_dir: Path, base_dir: str) -> None:
+    """The adapter's own tokenizer must give the token ids of the base's: the base's embeddings, and the
+    adapter trained on them, mean those ids. Tokens the two vocabularies share (or ids both use) must agree,
+    and a probe text must encode alike (special tokens and separator included); a difference that changes
+    no id (a chat template, model_max_length) passes. A base without tokenizer files is not compared."""
+    from transformers import AutoTokenizer
+
+    try:
+        base_tok = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError, TypeError):  # the adapter's tokenizer is the only one there is
+        return
+    mine, theirs = tok.get_vocab(), base_tok.get_vocab()
+    token_at = {i: t for t, i in theirs.items()}
+    moved = [t for t, i in mine.items() if theirs.get(t, i) != i or token_at.get(i, t) != t]
+    if moved:
+        t = min(moved, key=mine.get)
+        if t in theirs:
+            example = f"{t!r} is id {mine[t]} here, {theirs[t]} in the base's"
+        else:
+            example = f"id {mine[t]} is {t!r} here, {token_at[mine[t]]!r} in the base's"
+        die(
+            f"--adapter {adapter_dir}: its tokenizer gives other token ids than base {base_dir}'s "
+            f"({len(moved)} of {len(mine)} tokens differ, e.g. {example}); give the adapter's own base "
+            "with --model"
+        )
+    # verbose=False: a short model_max_length must not print transformers' length warning for the probe
+    here, there = (
+        [doc_separator_id(t), *t(TOKEN_PROBE, verbose=False)["input_ids"]] for t in (tok, base_tok)
+    )
+    if here != there:
+        k = next((k for k, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))
+        die(
+            f"--adapter {adapter_dir}: its tokenizer encodes text into other token ids than base "
+            f"{base_dir}'s (a probe text: {len(here)} tokens here, {len(there)} with the base's, the first "
+            f"difference at token {k}); give the adapter's own base with --model"
+        )
+
+
 def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:
     """The base to load: --model, else the one the adapter's run.json records (resolved again when it was a
     converted folder that is gone); with what run.json records of it, and run.json itself."""
@@ -555,6 +596,8 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
             f"--adapter {adapter_dir}: its tokenizer has {len(tok)} tokens, but base {base['resolved']} has "
             f"embeddings for {config.vocab_size}; give the adapter's own base with --model"
         )
+    if has_tok:
+        check_same_token_ids(tok, adapter_dir, base["resolved"])
     model = AutoModelForCausalLM.from_pretrained(
         base["resolved"], dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **kw
     )

@@ -599,6 +599,53 @@ def test_damaged_tokenizer_files_exit_2_before_the_model_loads(adapter, tmp_path
     assert_user_error(p, f"base {broken_base}: its tokenizer files are damaged or incomplete (")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def adapter_with_tokenizer(adapter, folder: Path, edit) -> Path:
+    """A copy of the adapter (no run.json, as a plain PEFT folder) holding its base's tokenizer files after
+    edit(tokenizer.json dict, tokenizer_config.json dict) changed them in place."""
+    shutil.copytree(adapter, folder)
+    tokenizer, config = (json.loads((adapter.parent / "base" / n).read_text()) for n in TOKENIZER_FILES)
+    edit(tokenizer, config)
+    for name, data in zip(TOKENIZER_FILES, (tokenizer, config)):
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def test_adapter_tokenizer_with_other_token_ids_than_the_base_exit_2(adapter, tmp_path):
+    """An adapter folder's own tokenizer is what infer.py encodes with; ids the base's embeddings do not mean
+    gave fluent-looking garbage before. A smaller, reordered vocabulary and one that splits text otherwise are
+    refused before the weights load; a difference that changes no id runs."""
+    job = ["--prompt", "Oil", "--max-new-tokens", "2", "--temperature", "0"]
+
+    def swap_first_tokens(tokenizer, config):  # fewer tokens, and two of them trade ids
+        vocab = tokenizer["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[1:3]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        tokenizer["model"]["merges"] = []
+        for t in sorted(vocab, key=vocab.get)[-20:]:
+            del vocab[t]
+
+    moved = adapter_with_tokenizer(adapter, tmp_path / "moved", swap_first_tokens)
+    p = run("infer.py", "--adapter", moved, *job, check=False)
+    assert_user_error(p, f"--adapter {moved}: its tokenizer gives other token ids than base", "--model")
+
+    def lowercase(tokenizer, config):  # the same vocabulary, other ids for capitals
+        tokenizer["normalizer"] = {"type": "Lowercase"}
+
+    lower = adapter_with_tokenizer(adapter, tmp_path / "lower", lowercase)
+    p = run("infer.py", "--adapter", lower, *job, check=False)
+    assert_user_error(p, f"--adapter {lower}: its tokenizer encodes text into other token ids than base")
+
+    def cosmetic(tokenizer, config):  # decoding and length settings: the same ids
+        config.update(model_max_length=8, clean_up_tokenization_spaces=True, padding_side="left")
+
+    same = adapter_with_tokenizer(adapter, tmp_path / "same", cosmetic)
+    res = infer.main(["--adapter", str(same), *job])
+    assert res["generations"] == infer.main(["--adapter", str(adapter), *job])["generations"]
+
+
 def test_json_out_spares_the_adapters_base_and_merged_model_is_not_adapted_twice(adapter, tmp_path):
     base = adapter.parent / "base"
     config = (base / "config.json").read_bytes()
