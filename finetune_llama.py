@@ -341,6 +341,15 @@ def bundled_llama_tokenizer() -> Path | None:
     return None
 
 
+def random_llama_config(**shape):
+    """The config of --model random-llama-3.2-1b (or `shape` overrides), known without building it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**LLAMA_3_2_1B, **shape})
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
 def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Path:
     """Llama-3.2-1B's architecture (or `shape` overrides) with seeded random bf16 weights, once; written
     atomically."""
@@ -348,13 +357,12 @@ def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Pat
         return dest
     check_writable_dir(dest.parent, "--cache-dir")
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     note(
         f"building the Llama-3.2-1B architecture with random weights into {dest} (once; later runs reuse it)"
     )
-    config = LlamaConfig(**{**LLAMA_3_2_1B, **shape})
-    config.architectures = ["LlamaForCausalLM"]
+    config = random_llama_config(**shape)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)

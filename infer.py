@@ -46,6 +46,7 @@ from finetune_llama import (
     interrupted_exit_code,
     note,
     out_of_memory,
+    random_llama_config,
     read_documents,
     refuse_empty,
     resolve_model,
@@ -558,6 +559,12 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
     adapter_dir = Path(args.adapter) if args.adapter else None
     spec, recorded, run = base_spec(args, adapter_dir)
     backend = choose_backend(args.backend)  # before transformers: unsloth must patch it first
+    if adapter_dir and spec == RANDOM_LLAMA_ALIAS:
+        # its config is known: a mismatched adapter is refused before gigabytes of random weights are built
+        # (the config hash is compared, as for any base, once they are)
+        shape = {k: v for k, v in recorded.items() if k != "config_sha256"}
+        check_base_matches(random_llama_config(), shape, f"--model {spec}", adapter_dir)
+        check_adapter_fits(random_llama_config(), adapter_dir, f"--model {spec}")
     base = resolve_model(spec, args.cache_dir)
     from transformers import AutoConfig
 

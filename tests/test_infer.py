@@ -646,6 +646,18 @@ def test_adapter_tokenizer_with_other_token_ids_than_the_base_exit_2(adapter, tm
     assert res["generations"] == infer.main(["--adapter", str(adapter), *job])["generations"]
 
 
+def test_adapter_that_does_not_fit_the_random_llama_is_refused_before_it_is_built(adapter, tmp_path):
+    """--model random-llama-3.2-1b builds gigabytes of random weights into the cache; its config is known
+    beforehand, so an adapter of another shape is refused without building them."""
+    cache = tmp_path / "cache"
+    p = run(
+        "infer.py", "--adapter", adapter, "--model", "random-llama-3.2-1b", "--cache-dir", cache,
+        "--prompt", "x", check=False,
+    )  # fmt: skip
+    assert_user_error(p, f"--adapter {adapter} does not fit --model random-llama-3.2-1b", "the base needs")
+    assert not cache.exists()
+
+
 def test_json_out_spares_the_adapters_base_and_merged_model_is_not_adapted_twice(adapter, tmp_path):
     base = adapter.parent / "base"
     config = (base / "config.json").read_bytes()
