@@ -787,7 +787,7 @@ def run_bench(lm, args, context: int) -> list[dict]:
         ids = fitted[n]
         row = {"model": lm.label, "variant": name, "new_tokens": n, "prompt_tokens": len(ids), "batch": 1}
         # new token i is predicted from len(ids) + i tokens: past the window, the step re-runs it uncached
-        # (the module's window is its block size: --context cuts the prompt, not the module's cache)
+        # (the module's window is its block size; under a smaller --context, runs fit in it: check_gpt_bench)
         if isinstance(lm, GPTModel) and name != "no cache" and len(ids) + n - 1 > lm.context:
             row["uncached_steps"] = len(ids) + n - 1 - lm.context
         if merged is not None:
@@ -1326,6 +1326,29 @@ def check_job_flags(args, argv: list[str] | None, prompts: list[str]) -> None:
         die(f"{flag} applies to HF models; a --ckpt GPT generates without a cache: drop {flag}")
 
 
+def check_gpt_bench(lm: GPTModel, args, argv: list[str] | None, context: int) -> None:
+    """--bench on a GPT runs its module's own generate, found once the checkpoint names the module: a
+    compiled step it lacks, or a --context window it would not keep, is refused before any job runs."""
+    if (
+        args.bench_compile
+        and "bench_compile" in given_flags(args, argv)
+        and not lm.supports("compile_decode")
+    ):
+        die(
+            f"--bench-compile: {lm.ckpt['script']}.py has no compiled decoding step (gpt_optimized.py has), "
+            "so this checkpoint gets no compiled row: drop --bench-compile"
+        )
+    # the module slides its window at the block size, not at --context: each run must fit in --context, so
+    # the bench decodes in the window generation keeps
+    too_long = [n for n in args.bench_new_tokens if n >= context] if context < lm.context else []
+    if too_long:
+        die(
+            f"--bench-new-tokens {too_long[0]} leaves no room for the prompt in the {context}-token "
+            f"--context (the bench decodes in the checkpoint's own {lm.context}-token window, so under "
+            f"--context each length must fit in it: at most {context - 1})"
+        )
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one; an interrupted write leaves no temp file behind."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -1373,6 +1396,8 @@ def main(argv: list[str] | None = None) -> dict:
     new_tokens["--bench-new-tokens"] = args.bench_new_tokens if args.bench else []
     lm = load_gpt(args.ckpt, device) if args.ckpt else load_hf(args, device, new_tokens)
     context = min(lm.context, args.context) if args.context else lm.context
+    if args.ckpt and args.bench:
+        check_gpt_bench(lm, args, argv, context)
     # one default for a base alone and for an adapter (not its training rows' length), so perplexities of
     # separate runs compare; finetune_llama.py's --eval-context scores with the same windows
     ppl_context = min(args.ppl_context or DEFAULT_PPL_CONTEXT, context)
@@ -1470,7 +1495,8 @@ def add_prompt_flags(g) -> None:
         "--context",
         type=window_tokens,
         default=0,
-        help="cap the context in tokens (0: the model's own); longer prompts are cut from the left",
+        help="cap the context in tokens (0: the model's own); longer prompts are cut from the left, and "
+        "each --bench-new-tokens must be smaller",
     )
 
 
@@ -1510,8 +1536,8 @@ def add_measure_flags(g) -> None:
         "--bench-compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time a static KV cache with compiled decoding (HF models; for a 16/32-bit Llama also "
-        "gpt-fast-style code on its weights, q/k/v and gate/up fused)",
+        help="also time a static KV cache with compiled decoding (HF models and gpt_optimized checkpoints; "
+        "for a 16/32-bit Llama also gpt-fast-style code on its weights, q/k/v and gate/up fused)",
     )
     g.add_argument(
         "--json-out",

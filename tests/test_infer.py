@@ -537,16 +537,32 @@ def uncached_steps(path: Path, prompt_tokens: int, n: int) -> int:
     return sum(full_window)
 
 
-def test_gpt_bench_under_context_counts_the_steps_the_module_ran_uncached(shared_dir, corpus):
-    """--context cuts the bench prompt, but the module's cached generate crops at its own block size: a row
-    counts the steps past that window, not past --context."""
+def test_gpt_bench_under_context_decodes_in_that_window(shared_dir, corpus):
+    """The module's generate slides its window at its own block size, not at --context: under a smaller
+    --context each bench run must fit in it (as generation's window), else one line and exit 2."""
     path = train_gpt("gpt_optimized", shared_dir / "bench_context", corpus)  # block size 32
-    bench = ["--bench", "--bench-new-tokens", "24,40", "--bench-runs", "1", "--no-bench-compile"]
-    rows = infer.main(["--ckpt", str(path), *bench, "--context", "16"])["bench"]
+    bench = ["--bench", "--bench-runs", "1", "--no-bench-compile", "--context", "16"]
+    for n in ("8,24", "16"):
+        p = run("infer.py", "--ckpt", path, *bench, "--bench-new-tokens", n, check=False)
+        assert_user_error(
+            p, f"--bench-new-tokens {n[-2:]} leaves no room", "16-token --context", "at most 15"
+        )
+    rows = infer.main(["--ckpt", str(path), *bench, "--bench-new-tokens", "8,15"])["bench"]
     by = {r["new_tokens"]: r for r in rows if r["variant"] == "kv cache"}
-    assert by[24]["prompt_tokens"] == by[40]["prompt_tokens"] == 1
-    for n, row in by.items():
-        assert row.get("uncached_steps", 0) == uncached_steps(path, 1, n) == max(0, n - 32), n
+    assert by[8]["prompt_tokens"] == 8 and by[15]["prompt_tokens"] == 1
+    assert not any("uncached_steps" in r for r in rows) and all(r["same_tokens_as_no_cache"] for r in rows)
+
+
+def test_bench_compile_on_a_gpt_without_a_compiled_step_exit_2(ckpt):
+    """gpt_scratch's generate has no compiled decoding step: --bench-compile gave no compiled row; turning
+    it off (as bench.py does for every checkpoint) runs."""
+    bench = ["--bench", "--bench-new-tokens", "4", "--bench-runs", "1"]
+    p = run("infer.py", "--ckpt", ckpt, *bench, "--bench-compile", check=False)
+    assert_user_error(
+        p, "--bench-compile: gpt_scratch.py has no compiled decoding step", "drop --bench-compile"
+    )
+    rows = infer.main(["--ckpt", str(ckpt), *bench, "--no-bench-compile"])["bench"]
+    assert [r["variant"] for r in rows] == ["no cache"]
 
 
 def test_tiny_temperature_and_llama_flags_with_ckpt_exit_2(ckpt):
