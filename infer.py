@@ -1372,6 +1372,8 @@ def main(argv: list[str] | None = None) -> dict:
         die("nothing to run: give --adapter DIR, --model SPEC or --ckpt FILE")
     if args.ckpt and (args.backend != "auto" or args.load_in_4bit is not None):
         die("--backend and --load-in-4bit load Llama models; a --ckpt GPT runs as it was trained")
+    if args.ckpt and "cache_dir" in given_flags(args, argv):
+        die("--cache-dir keeps converted Llama bases; a --ckpt GPT loads none: drop --cache-dir")
     if args.compare_base and not args.adapter:
         die("--compare-base needs --adapter (it compares the adapter with its base)")
     if args.json_out:

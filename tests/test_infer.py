@@ -738,11 +738,13 @@ def test_flags_default_when_their_job_runs(ckpt, corpus, tmp_path):
         (["--ppl", "P", "--seed", "3"], "--seed applies to generation"),
         (["--prompt", "x", "--kv-cache"], "--kv-cache applies to HF models"),
         (["--prompt", "x", "--no-kv-cache"], "--no-kv-cache applies to HF models"),
+        (["--prompt", "x", "--cache-dir", "cache"], "--cache-dir keeps converted Llama bases"),
     ],
 )
 def test_flags_that_would_be_silently_ignored_exit_2(ckpt, tmp_path, flags, says):
     """Each of these did nothing (the prompts file was never read, greedy decoding has no top-k or seed, a GPT
-    checkpoint generates without a cache); a user who gave them expected them to count."""
+    checkpoint generates without a cache and converts no base); a user who gave them expected them to
+    count."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Oil\n")
     flags = [str(prompts) if f == "P" else f for f in flags]
