@@ -164,9 +164,13 @@ def interrupted_exit_code(e: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
-class DiskFull(Exception):
-    """A write that found no room (disk full, over quota, past a file-size limit): the machine's state, not a
-    bug. Its message names what could not be written."""
+class WriteFailed(Exception):
+    """A write the system refused (a folder where the file goes, a read-only disk, an I/O error, or no room:
+    DiskFull): the machine's state, not a bug. Its message names what could not be written, and why."""
+
+
+class DiskFull(WriteFailed):
+    """A write that found no room (disk full, over quota, past a file-size limit)."""
 
 
 def failed_write_reason(e: BaseException, what: Path) -> str | None:
@@ -191,15 +195,20 @@ def failed_write_reason(e: BaseException, what: Path) -> str | None:
 
 @contextlib.contextmanager
 def room_for(what: Path):
-    """Writes into the file or folder `what`: one that finds no room raises DiskFull naming it, for the
+    """Writes into the file or folder `what`: one that finds no room raises DiskFull naming it, any other
+    error of the system (an errno, also as safetensors words it: "(os error 21)") WriteFailed, for the
     script's one-line exit; any other failure propagates as it is."""
     try:
         yield
     except Exception as e:
         reason = failed_write_reason(e, what)
-        if reason is None:
+        if reason is not None:
+            raise DiskFull(f"disk full: cannot write {what} ({reason})") from e
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(found.group(1)) if found else e.errno if isinstance(e, OSError) else None
+        if not code:
             raise
-        raise DiskFull(f"disk full: cannot write {what} ({reason})") from e
+        raise WriteFailed(f"cannot write {what} ({os.strerror(code)})") from e
 
 
 def topmost_missing(path: Path) -> Path | None:
@@ -388,7 +397,7 @@ def save_model_folder(model, tok, dest: Path, source: str) -> Path:
             tok.save_pretrained(tmp)
             (tmp / "SOURCE.txt").write_text(source)
             os.replace(tmp, dest)
-    except OSError:
+    except (OSError, WriteFailed):  # WriteFailed: the OSError of os.replace, as room_for words it
         if not (dest / "config.json").exists():
             raise
     finally:
@@ -880,7 +889,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with room_for(path):
             tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # a folder where the file goes: one line, not a traceback
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1218,6 +1227,14 @@ def check_out_dir(args) -> None:
                 "or remove it; copy it out of --out first"
             )
     check_inputs_kept(args, out)
+    in_the_way = (
+        sorted(p for p in out.iterdir() if p.is_dir() and replaced_by_run(p, out)) if out.is_dir() else []
+    )
+    if in_the_way:  # found when the adapter is saved, the training would be lost
+        die(
+            f"--out {out}: {in_the_way[0]} is a folder where the run writes a file; move it or choose "
+            "another --out"
+        )
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):
@@ -1431,7 +1448,7 @@ def start_progress(
                 with room_for(folder):  # another process's trainer may have made it already
                     folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(folder / RESUME_FILE, json.dumps(progress, indent=2) + "\n")
-            except DiskFull:
+            except WriteFailed:
                 if made is not None:
                     shutil.rmtree(made, ignore_errors=True)
                 raise
@@ -1468,10 +1485,12 @@ def save_outputs(out: Path, model, tok, run: dict | None, metrics: list[dict], e
                 (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
                 (tmp / "eval_docs.txt").write_text(eval_text, encoding="utf-8")
         for record in ("run.json",) if run is not None else ("run.json", "metrics.jsonl", "eval_docs.txt"):
-            (out / record).unlink(missing_ok=True)
+            with room_for(out / record):
+                (out / record).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == "run.json"):
             if f.is_file():
-                os.replace(f, out / f.name)
+                with room_for(out / f.name):  # a folder of that name in --out: one line, not a traceback
+                    os.replace(f, out / f.name)
         WRITTEN.append(out)
     finally:
         if tmp is not None:
@@ -2090,7 +2109,7 @@ def build_trainer(
                     atomic_write_text(
                         folder / CHECKPOINT_DONE, json.dumps({"step": self.state.global_step}) + "\n"
                     )
-            except DiskFull:
+            except WriteFailed:
                 # half written, it holds the space that ran out, and no resume could use it: the checkpoints
                 # before it are what --resume continues from
                 if self.args.should_save:
@@ -2656,16 +2675,18 @@ def out_of_memory(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
-def disk_full_message(out: str, e: DiskFull) -> str:
-    """What a full disk stopped, what --out kept, and how to go on once there is room."""
+def disk_full_message(out: str, e: WriteFailed) -> str:
+    """What a failed write (a full disk, or another refusal) stopped, what --out kept, and how to go on once
+    it can be written: free space is the advice for a full disk only."""
     unfinished, earlier = unfinished_run(Path(out)), earlier_adapter(Path(out))
+    then = "free space, then" if isinstance(e, DiskFull) else "once it can be written,"
     if unfinished and not WRITTEN:
-        kept = f"{out} keeps the checkpoints ({unfinished}); free space, then rerun with --resume"
+        kept = f"{out} keeps the checkpoints ({unfinished}); {then} rerun with --resume"
     elif WRITTEN:
-        kept = f"the adapter was written to {out}, the merge was not; free space, then rerun with --overwrite"
+        kept = f"the adapter was written to {out}, the merge was not; {then} rerun with --overwrite"
     else:
         kept = f"{out} keeps {earlier}" if earlier else f"{out} has no new adapter"
-        kept += "; free space, then run the same command"
+        kept += f"; {then} run the same command"
     return f"error: {e}; {kept}"
 
 
@@ -2973,13 +2994,13 @@ if __name__ == "__main__":
         if is_main_process():  # under torchrun every process gets the signal: one line, not one a process
             print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
         raise SystemExit(interrupted_exit_code(e))
-    except (RuntimeError, DiskFull) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not (isinstance(e, DiskFull) or out_of_memory(e)):
+    except (RuntimeError, WriteFailed) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, WriteFailed) or out_of_memory(e)):
             raise
         close_progress_bars()
-        full = isinstance(e, DiskFull)
+        failed = isinstance(e, WriteFailed)
         print(
-            disk_full_message(cli_args.out, e) if full else out_of_memory_message(cli_args.out),
+            disk_full_message(cli_args.out, e) if failed else out_of_memory_message(cli_args.out),
             file=sys.stderr,
         )
         raise SystemExit(2) from None

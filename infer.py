@@ -37,6 +37,7 @@ from finetune_llama import (
     ArgumentParser,
     DiskFull,
     HelpFormatter,
+    WriteFailed,
     check_writable_dir,
     choose_backend,
     config_identity,
@@ -1355,7 +1356,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with room_for(path):
             tmp.write_text(text)
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # a folder where the file goes: one line, not a traceback
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1423,7 +1424,7 @@ def write_json_out(path: Path, results: dict) -> None:
         with room_for(path):
             path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    except DiskFull:
+    except WriteFailed:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise
@@ -1570,9 +1571,11 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         raise SystemExit(interrupted_exit_code(e))
-    # a full disk: --json-out, and a base converted into --cache-dir, are each written whole or not at all
-    except DiskFull as e:
-        print(f"\nerror: {e}; nothing was written; free space, then run the same command", file=sys.stderr)
+    # a failed write (a full disk, a folder in the way, a read-only disk): --json-out, and a base converted
+    # into --cache-dir, are each written whole or not at all
+    except WriteFailed as e:
+        then = "free space, then" if isinstance(e, DiskFull) else "once it can be written,"
+        print(f"\nerror: {e}; nothing was written; {then} run the same command", file=sys.stderr)
         raise SystemExit(2) from None
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         if not out_of_memory(e):

@@ -746,3 +746,54 @@ def test_a_full_disk_while_caching_a_converted_base_leaves_no_partial_folder(tin
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == f"disk full: cannot write {dest} (File too large)"
     assert list(cache.iterdir()) == []
+
+
+# -----------------------------------------------------------------------------
+# other write errors: a folder where a file goes (EISDIR, ENOTEMPTY), as a read-only disk or an I/O error
+
+
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tiny, tmp_path):
+    """Found only when the adapter was moved into --out, it cost the whole training run and a traceback."""
+    out = tmp_path / "o"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    p = run(finetune_cmd(tiny, out, "--max-steps", 2, "--overwrite"), check=False, cache=tmp_path / "cache")
+    assert_user_error(p, f"--out {out}: {out / 'metrics.jsonl'} is a folder where the run writes a file")
+    assert sorted(f.name for f in out.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_folder_in_the_way_of_the_cached_base_samples_is_one_line(tiny, tmp_path):
+    """The sampled retention documents cannot take their place in the cache: the system's reason in one
+    line, without the free-space advice of a full disk, and no temp file left."""
+    cache = tmp_path / "cache"
+    run(finetune_cmd(tiny, tmp_path / "first", "--max-steps", 1), cache=cache)
+    (samples,) = cache.glob("samples/*/retention-n16-len32.txt")
+    samples.unlink()
+    (samples / "kept.txt").parent.mkdir()
+    (samples / "kept.txt").write_text("x")
+    out = tmp_path / "o"
+    p = run(finetune_cmd(tiny, out, "--max-steps", 1), check=False, cache=cache)
+    assert full_disk_line(p) == (
+        f"error: cannot write {samples} (Is a directory); {out} has no new adapter; once it can be written, "
+        "run the same command"
+    )
+    assert not [f for f in samples.parent.iterdir() if f.name.startswith(".")]  # no temp file
+    assert (samples / "kept.txt").read_text() == "x" and not out.exists()
+
+
+def test_a_folder_in_the_way_of_a_converted_base_is_one_line(tiny, tmp_path):
+    """save_model_folder moves the finished folder into the cache: a folder of another program already there
+    (not a model: no config.json) is named with the system's reason, and no temp folder is left."""
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "import finetune_llama\nsrc, dest = sys.argv[1:]\n"
+        "model, tok = AutoModelForCausalLM.from_pretrained(src), AutoTokenizer.from_pretrained(src)\n"
+        "try:\n    finetune_llama.save_model_folder(model, tok, Path(dest), 'converted')\n"
+        "except finetune_llama.WriteFailed as e:\n    sys.exit(str(e))\n"
+    )
+    dest = tmp_path / "cache" / "base"
+    dest.mkdir(parents=True)
+    (dest / "notes.txt").write_text("kept\n")
+    p = run([sys.executable, "-c", script, tiny["llama_a"], dest], check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == f"cannot write {dest} (Directory not empty)"
+    assert list(dest.parent.iterdir()) == [dest] and list(dest.iterdir()) == [dest / "notes.txt"]

