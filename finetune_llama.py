@@ -1235,6 +1235,11 @@ def check_out_dir(args) -> None:
             f"--out {out}: {in_the_way[0]} is a folder where the run writes a file; move it or choose "
             "another --out"
         )
+    if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():  # every run clears that folder
+        die(
+            f"--out {out}: {out / CHECKPOINTS} is a file where the run keeps its checkpoints folder; move it "
+            "or choose another --out"
+        )
     held, unfinished = earlier_adapter(out), unfinished_run(out)
     if args.resume:
         if not complete_checkpoints(out):

@@ -753,12 +753,18 @@ def test_a_full_disk_while_caching_a_converted_base_leaves_no_partial_folder(tin
 
 
 def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tiny, tmp_path):
-    """Found only when the adapter was moved into --out, it cost the whole training run and a traceback."""
+    """Found only when the adapter was moved into --out, it cost the whole training run and a traceback; a
+    file named checkpoints, a traceback when the run cleared that folder."""
     out = tmp_path / "o"
     (out / "metrics.jsonl").mkdir(parents=True)
     p = run(finetune_cmd(tiny, out, "--max-steps", 2, "--overwrite"), check=False, cache=tmp_path / "cache")
     assert_user_error(p, f"--out {out}: {out / 'metrics.jsonl'} is a folder where the run writes a file")
     assert sorted(f.name for f in out.iterdir()) == ["metrics.jsonl"]
+    (out / "metrics.jsonl").rmdir()
+    (out / "checkpoints").write_text("notes\n")  # every run clears its checkpoints folder first
+    p = run(finetune_cmd(tiny, out, "--max-steps", 2), check=False, cache=tmp_path / "cache")
+    assert_user_error(p, f"--out {out}: {out / 'checkpoints'} is a file where the run keeps its checkpoints")
+    assert (out / "checkpoints").read_text() == "notes\n" and len(list(out.iterdir())) == 1
 
 
 def test_a_folder_in_the_way_of_the_cached_base_samples_is_one_line(tiny, tmp_path):
