@@ -445,8 +445,8 @@ TOKEN_PROBE = BENCH_PROMPT + "\nOil & gas: +3.5% (WTI $81.20); yields 4.25%, EUR
 def check_same_token_ids(tok, adapter_dir: Path, base_dir: str) -> None:
     """The adapter's own tokenizer must give the token ids of the base's: the base's embeddings, and the
     adapter trained on them, mean those ids. Tokens the two vocabularies share (or ids both use) must agree,
-    and a probe text must encode alike (special tokens and separator included); a difference that changes
-    no id (a chat template, model_max_length) passes. A base without tokenizer files is not compared."""
+    and a probe text must encode into the same tokens; a difference that changes no id (a chat template,
+    model_max_length) passes. A base without tokenizer files is not compared."""
     from transformers import AutoTokenizer
 
     try:
@@ -467,9 +467,11 @@ def check_same_token_ids(tok, adapter_dir: Path, base_dir: str) -> None:
             f"({len(moved)} of {len(mine)} tokens differ, e.g. {example}); give the adapter's own base "
             "with --model"
         )
-    # verbose=False: a short model_max_length must not print transformers' length warning for the probe
+    # the text's own tokens: special tokens around them (a BOS added or not) are the format the adapter was
+    # trained in, not another meaning of an id; verbose=False: a short model_max_length must not print
+    # transformers' length warning for the probe
     here, there = (
-        [doc_separator_id(t), *t(TOKEN_PROBE, verbose=False)["input_ids"]] for t in (tok, base_tok)
+        t(TOKEN_PROBE, add_special_tokens=False, verbose=False)["input_ids"] for t in (tok, base_tok)
     )
     if here != there:
         k = next((k for k, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))
