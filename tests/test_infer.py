@@ -650,7 +650,7 @@ def adapter_with_tokenizer(adapter, folder: Path, edit) -> Path:
 def test_adapter_tokenizer_with_other_token_ids_than_the_base_exit_2(adapter, tmp_path):
     """An adapter folder's own tokenizer is what infer.py encodes with; ids the base's embeddings do not mean
     gave fluent-looking garbage before. A smaller, reordered vocabulary and one that splits text otherwise are
-    refused before the weights load; a difference that changes no id runs."""
+    refused before the weights load; a difference that changes no id of the text runs."""
     job = ["--prompt", "Oil", "--max-new-tokens", "2", "--temperature", "0"]
 
     def swap_first_tokens(tokenizer, config):  # fewer tokens, and two of them trade ids
@@ -678,6 +678,20 @@ def test_adapter_tokenizer_with_other_token_ids_than_the_base_exit_2(adapter, tm
     same = adapter_with_tokenizer(adapter, tmp_path / "same", cosmetic)
     res = infer.main(["--adapter", str(same), *job])
     assert res["generations"] == infer.main(["--adapter", str(adapter), *job])["generations"]
+
+    def start_token(tokenizer, config):  # a start token added before each text: the same ids for the text
+        first = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+        tokenizer["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {
+                "<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}
+            },
+        }
+
+    framed = adapter_with_tokenizer(adapter, tmp_path / "framed", start_token)
+    assert len(infer.main(["--adapter", str(framed), *job])["generations"]) == 1
 
 
 def test_adapter_that_does_not_fit_the_random_llama_is_refused_before_it_is_built(adapter, tmp_path):
