@@ -359,12 +359,23 @@ def random_llama_config(**shape):
     return config
 
 
+def check_cache_place(dest: Path) -> None:
+    """Where a base is about to be built or converted, nothing but an empty folder may stand: the finished
+    folder replaces it at the end, which fails on anything else (found now, not after the work)."""
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+        die(
+            f"--cache-dir: {dest} stands where the base is built, and is not a model folder (no "
+            "config.json); move it or give another --cache-dir"
+        )
+
+
 def build_random_llama(tok_dir: Path, dest: Path, seed: int = 0, **shape) -> Path:
     """Llama-3.2-1B's architecture (or `shape` overrides) with seeded random bf16 weights, once; written
     atomically."""
     if (dest / "config.json").exists():
         return dest
     check_writable_dir(dest.parent, "--cache-dir")
+    check_cache_place(dest)
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -410,6 +421,7 @@ def gguf_to_hf_folder(gguf_path: Path, dest: Path) -> Path:
     if (dest / "config.json").exists():
         return dest
     check_writable_dir(dest.parent, "--cache-dir")
+    check_cache_place(dest)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

