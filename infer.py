@@ -439,6 +439,16 @@ def check_adapter_fits(config, adapter_dir: Path, base_desc: str) -> None:
         die(f"--adapter {adapter_dir} is incomplete: {len(missing)} of {len(expected)} tensors are missing")
 
 
+def ids_past_embeddings(tok, vocab_size: int) -> list[int]:
+    """The ids of tok's vocabulary that the base's vocab_size embeddings lack, less the added special tokens
+    no job feeds the model (start, end and padding tokens it does): Llama 3.2's tokenizer (that of
+    random-llama-3.2-1b, and so of every adapter trained on it) holds <|image|> at 128256, one past the 1B's
+    embeddings, and that base runs with it."""
+    fed = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special and i not in fed}
+    return [i for i in tok.get_vocab().values() if i >= vocab_size and i not in special]
+
+
 TOKEN_PROBE = BENCH_PROMPT + "\nOil & gas: +3.5% (WTI $81.20); yields 4.25%, EUR/USD 1.0842 - Q3 EPS beat."
 
 
@@ -601,7 +611,7 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
         where = f"--adapter {adapter_dir}" if has_tok else f"base {base['resolved']}"
         reason = (str(e).splitlines() or [""])[0][:120]
         die(f"{where}: its tokenizer files are damaged or incomplete ({type(e).__name__}: {reason})")
-    if has_tok and len(tok) > config.vocab_size:  # its ids would index past the base's embeddings
+    if has_tok and ids_past_embeddings(tok, config.vocab_size):  # text would index past them
         die(
             f"--adapter {adapter_dir}: its tokenizer has {len(tok)} tokens, but base {base['resolved']} has "
             f"embeddings for {config.vocab_size}; give the adapter's own base with --model"

@@ -1356,6 +1356,9 @@ def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenize
     )
     r = json.loads((tmp_path / "out" / "run.json").read_text())
     assert r["base"]["vocab_size"] == 128256 and r["steps"] == 3 and r["train_tokens"] == 3 * 2 * 64, p.stdout
+    # its tokenizer holds <|image|> at 128256, one past the embeddings, as the base's does: not refused
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 128257
+    run("infer.py", "--adapter", tmp_path / "out", "--prompt", "Oil", "--max-new-tokens", 2)
 
 
 # -----------------------------------------------------------------------------
