@@ -1284,7 +1284,10 @@ def replaced_by_run(path: Path, out: Path) -> bool:
     if path.parent == out:
         written = {*ADAPTER_FILES, "run.json", "metrics.jsonl", "eval_docs.txt", "README.md"}
         tokenizer = {"special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"}
-        return path.name in written | tokenizer or path.name.startswith(("tokenizer", "chat_template"))
+        # tokenizer.json, tokenizer_config.json, tokenizer.model, chat_template.jinja; not "tokenizer/"
+        files = (".json", ".jinja", ".model")
+        own = path.name.startswith(("tokenizer", "chat_template")) and path.suffix in files
+        return path.name in written | tokenizer or own
     return any(path.is_relative_to(out / d) for d in (CHECKPOINTS, "merged"))
 
 

@@ -765,6 +765,10 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(tiny, t
     p = run(finetune_cmd(tiny, out, "--max-steps", 2), check=False, cache=tmp_path / "cache")
     assert_user_error(p, f"--out {out}: {out / 'checkpoints'} is a file where the run keeps its checkpoints")
     assert (out / "checkpoints").read_text() == "notes\n" and len(list(out.iterdir())) == 1
+    (out / "checkpoints").unlink()
+    (out / "tokenizer").mkdir()  # the run writes tokenizer.json and tokenizer_config.json: not in its way
+    run(finetune_cmd(tiny, out, "--max-steps", 2), cache=tmp_path / "cache")
+    assert (out / "tokenizer").is_dir() and (out / "tokenizer.json").is_file()
 
 
 def test_a_folder_in_the_way_of_the_cached_base_samples_is_one_line(tiny, tmp_path):
