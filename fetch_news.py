@@ -608,8 +608,7 @@ FLAGS = [
         "from bundled historical series; eodhd: news from the EODHD API (default: %(default)s)")),
     ("--out-dir",      dict(type=folder, default="data", help="where finance_corpus.txt (and for eodhd "
         "news.jsonl, progress and the S&P 500 list cache) are written (default: %(default)s)")),
-    ("--tickers",      dict(help="comma-separated tickers with exchange, e.g. AAPL.US,MSFT.US; no suffix "
-        "means .US (default: none)")),
+    ("--tickers",      dict(help="comma list of tickers: AAPL.US,MSFT.US (no suffix: .US) (default: none)")),
     ("--tickers-file", dict(type=os.path.expanduser, help="ticker file; # starts a comment (default: none)")),
     ("--sp500",        dict(action="store_true", help="add the S&P 500 constituents: from --sp500-url "
         f"when online, cached as <out-dir>/{SP500_CACHE} for offline runs; BRK.B: BRK-B.US (default: off)")),
@@ -629,8 +628,9 @@ FLAGS = [
         help=f"API root; requests go to <base-url>/news (default: $EODHD_BASE_URL or {BASE_URL})")),
     ("--timeout",      dict(type=positive_seconds, default=30.0, help="seconds to wait for a connection "
         "or an answer, at most a day (default: %(default)s)")),
-    ("--max-retries",  dict(type=non_negative_int, default=5, help="retries after a 429, 5xx, timeout, "
-        "invalid JSON (then the ticker is skipped) or no connection (the run stops) (default: %(default)s)")),
+    ("--max-retries",  dict(type=non_negative_int, default=5,
+        help="retries after a 429, 5xx, timeout or invalid JSON, then the ticker is skipped; no connection, "
+        f"or no answer for {MAX_SILENT_TICKERS} tickers in a row, stops the run (default: %(default)s)")),
     ("--backoff-base", dict(type=non_negative_seconds, default=1.0, help="first retry wait in seconds, "
         "doubled each retry, with jitter; a 429's Retry-After overrides it (default: %(default)s)")),
     ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap in seconds on one wait before "
