@@ -106,9 +106,14 @@ class HFModel:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stops |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.stop_ids = sorted(stops)
+        self.rows = model.get_input_embeddings().num_embeddings  # ids at or past it have no embedding
 
     def encode(self, text: str) -> list[int]:
         ids = self.tok(text, add_special_tokens=True)["input_ids"]
+        past = [i for i in ids if i >= self.rows]  # a special token's text, e.g. Llama 3.2's <|image|>
+        if past:
+            token = self.tok.convert_ids_to_tokens(past[0])
+            die(f"the text holds {token!r} (id {past[0]}), which the model has no embedding for: take it out")
         if not (self.tok.bos_token_id is not None and ids and ids[0] == self.tok.bos_token_id):
             ids = [self.sep] + ids  # as in training: a document starts after the separator
         return ids

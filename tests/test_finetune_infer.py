@@ -1359,6 +1359,10 @@ def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenize
     # its tokenizer holds <|image|> at 128256, one past the embeddings, as the base's does: not refused
     assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == 128257
     run("infer.py", "--adapter", tmp_path / "out", "--prompt", "Oil", "--max-new-tokens", 2)
+    # a prompt holding that token's text: one line (after the load), not an IndexError from the embedding
+    p = run("infer.py", "--adapter", tmp_path / "out", "--prompt", "a <|image|> b", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "'<|image|>' (id 128256), which the model has no embedding for" in p.stderr.splitlines()[-1]
 
 
 # -----------------------------------------------------------------------------
