@@ -53,7 +53,7 @@ SP500_CACHE = "sp500_constituents.csv"
 BAR = dict(desc="news", unit="ticker", file=sys.stderr, dynamic_ncols=True)
 EXIT_BAD_INPUT = 2  # bad flags, files or API key: one line on stderr
 EXIT_QUOTA = 3  # daily quota spent: everything fetched is kept, rerun resumes
-MAX_SILENT_TICKERS = 3  # tickers in a row whose every try timed out or lost its connection: EODHD is down
+MAX_SILENT_TICKERS = 3  # tickers in a row whose every try timed out, lost its connection or got a 5xx
 DAMAGED = "nothing was changed: restore the file from a copy, or move it away to start afresh"
 
 
@@ -124,8 +124,7 @@ class NewsClient:
         return UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
 
     def unreachable(self, why: str) -> UserError:  # no other ticker would fare better: the run stops
-        kept = eodhd_kept(self.args.out_dir)
-        return UserError(self.redact(f"{why}; {kept}; {RERUN} once it can be reached"))
+        return UserError(self.redact(f"{why}; {eodhd_kept(self.args.out_dir)}; {RERUN} once it answers"))
 
     def page(self, ticker: str, offset: int) -> list:
         a = self.args
@@ -137,9 +136,10 @@ class NewsClient:
             except requests.RequestException as e:  # timeouts, refused and reset connections
                 reason, wait = f"{type(e).__name__}: {self.redact(e)}", self.backoff(attempt)
                 down = getattr(e.args[0] if e.args else None, "reason", None)  # urllib3's, in requests' error
-                self.unanswered += 1  # tries in a row, across tickers, without any answer
+                self.unanswered += 1  # tries in a row, across tickers, without any answer (or only 5xx)
             else:
-                code, down, self.unanswered = resp.status_code, None, 0
+                code, down = resp.status_code, None
+                self.unanswered = self.unanswered + 1 if code >= 500 else 0  # a server error answers nothing
                 if code == 200:
                     self.requests_ok += 1
                     with contextlib.suppress(ValueError):
@@ -162,7 +162,7 @@ class NewsClient:
                 if isinstance(down, urllib3.exceptions.ConnectTimeoutError):  # DNS, refused, connect timeout
                     d = down.__cause__ or down
                     raise self.unreachable(f"cannot connect to {at} ({type(d).__name__}: {d}; {n} attempts)")
-                if self.unanswered >= MAX_SILENT_TICKERS * n:  # timeouts, dropped connections: not one answer
+                if self.unanswered >= MAX_SILENT_TICKERS * n:  # timeouts, lost connections, 5xx: it is down
                     why = f"{at} is not answering ({MAX_SILENT_TICKERS} tickers in a row; last: {reason})"
                     raise self.unreachable(why)
                 raise TickerFailed(f"{reason}; gave up after {n} attempts")
@@ -629,8 +629,8 @@ FLAGS = [
     ("--timeout",      dict(type=positive_seconds, default=30.0, help="seconds to wait for a connection "
         "or an answer, at most a day (default: %(default)s)")),
     ("--max-retries",  dict(type=non_negative_int, default=5,
-        help="retries after a 429, 5xx, timeout or invalid JSON, then the ticker is skipped; no connection, "
-        f"or no answer for {MAX_SILENT_TICKERS} tickers in a row, stops the run (default: %(default)s)")),
+        help="retries after a 429, 5xx, timeout or bad JSON, then the ticker is skipped; no connection, or "
+        f"{MAX_SILENT_TICKERS} tickers in a row of only 5xx/timeouts, stop the run (default: %(default)s)")),
     ("--backoff-base", dict(type=non_negative_seconds, default=1.0, help="first retry wait in seconds, "
         "doubled each retry, with jitter; a 429's Retry-After overrides it (default: %(default)s)")),
     ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap in seconds on one wait before "
@@ -641,9 +641,9 @@ FLAGS = [
 # fmt: on
 EPILOG = (
     "exit codes: 0 done (skipped tickers are listed in the summary); 2 bad input, an output that cannot be "
-    f"written, a rejected API key, no connection to EODHD or no answer for {MAX_SILENT_TICKERS} tickers in a "
-    "row; 3 EODHD daily quota spent; 130 Ctrl-C and 143 SIGTERM, which stops it the same way (everything "
-    "fetched is kept; rerun the same command to resume). "
+    f"written, a rejected API key, no connection to EODHD or no answer (but 5xx) for {MAX_SILENT_TICKERS} "
+    "tickers in a row; 3 EODHD daily quota spent; 130 Ctrl-C and 143 SIGTERM, which stops it the same way "
+    "(everything fetched is kept; rerun the same command to resume). "
     "--source eodhd writes news.jsonl, news_progress.json and finance_corpus.txt (title and body as plain "
     f"text; a body under {MIN_BODY_WORDS} words or repeating another's is left out) into --out-dir."
 )

@@ -1584,23 +1584,26 @@ def test_bodies_under_the_minimum_of_words_are_left_out_and_counted(api, tmp_pat
     assert b"a body under 5 words" in b" ".join(usage.stdout.split())  # --help says so
 
 
-def test_a_server_that_stops_answering_stops_the_run_after_a_few_tickers_and_resumes(api, tmp_path):
-    """Timeouts ticker after ticker (not a 404 or 403: those are answers) mean EODHD is down: a long run stops
-    after MAX_SILENT_TICKERS of them in a row instead of skipping every ticker; a rerun goes on from there."""
+@pytest.mark.parametrize("down", ["slow", "500"])
+def test_a_server_that_stops_answering_stops_the_run_after_a_few_tickers_and_resumes(api, tmp_path, down):
+    """Timeouts, or server errors, ticker after ticker (not a 404 or 403: those are answers) mean EODHD is
+    down: a long run stops after MAX_SILENT_TICKERS of them in a row instead of skipping every ticker; a rerun
+    goes on from there."""
     tickers = ["AAPL.US", "H1.US", "H2.US", "NOPE.US", "H3.US", "H4.US", "H5.US", "MSFT.US"]
     for n, t in enumerate(tickers):
         api.feeds[t] = [article(10 * n + i, [t]) for i in range(2)]
-        api.always[t] = "slow" if t.startswith("H") else None
+        api.always[t] = down if t.startswith("H") else None
     del api.feeds["NOPE.US"]  # an answer (404) between timeouts: the count starts again
     api.slow_s = 1.0
     quick = ["--tickers", ",".join(tickers), "--timeout", "0.3", "--max-retries", "1"]
     r = fetch(api, tmp_path, *quick)
     host = urllib.parse.urlsplit(api.base_url).netloc
     assert fetch_news.MAX_SILENT_TICKERS == 3
-    silent = f"EODHD at {host} is not answering (3 tickers in a row; last: ReadTimeout"
-    assert_error_last(r, silent, f"2 articles kept in {tmp_path}", "run the same command again")
+    last = "ReadTimeout" if down == "slow" else "server error (HTTP 500)"
+    silent = f"EODHD at {host} is not answering (3 tickers in a row; last: {last}"
+    assert_error_last(r, silent, f"2 articles kept in {tmp_path}", "the same command again once it answers")
     assert "H2.US: skipped" in r.stderr and "H4.US: skipped" in r.stderr  # not H1-H3: the 404 came between
-    assert "H5.US offset 0: ReadTimeout" in r.stderr and "H5.US: skipped" not in r.stderr  # the third: stop
+    assert f"H5.US offset 0: {last}" in r.stderr and "H5.US: skipped" not in r.stderr  # the third: stop
     assert "MSFT.US" not in {s for _, s, *_ in api.log}
     assert (tmp_path / "finance_corpus.txt").read_text().count("Headline number") == 2  # the corpus has them
     assert_no_key(r.stdout, r.stderr, out_dir=tmp_path)
