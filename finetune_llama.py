@@ -2695,7 +2695,7 @@ def out_of_memory(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
-def disk_full_message(out: str, e: WriteFailed) -> str:
+def write_failed_message(out: str, e: WriteFailed) -> str:
     """What a failed write (a full disk, or another refusal) stopped, what --out kept, and how to go on once
     it can be written: free space is the advice for a full disk only."""
     unfinished, earlier = unfinished_run(Path(out)), earlier_adapter(Path(out))
@@ -3020,7 +3020,7 @@ if __name__ == "__main__":
         close_progress_bars()
         failed = isinstance(e, WriteFailed)
         print(
-            disk_full_message(cli_args.out, e) if failed else out_of_memory_message(cli_args.out),
+            write_failed_message(cli_args.out, e) if failed else out_of_memory_message(cli_args.out),
             file=sys.stderr,
         )
         raise SystemExit(2) from None
