@@ -725,7 +725,7 @@ def run_generation(lm, prompts: list[str], args, context: int, compare: bool) ->
                     new = lm.generate(ids, args.max_new_tokens, args, use_cache=args.kv_cache)
             else:
                 new = lm.generate(ids, args.max_new_tokens, args, use_cache=args.kv_cache)
-            row[name] = lm.decode([t for t in new if t not in lm.stop_ids])
+            row[name] = continuation(lm, ids, [t for t in new if t not in lm.stop_ids])
         results.append(row)
         if compare:
             print_side_by_side(prompt, row["base"], row["adapted"])
@@ -734,6 +734,13 @@ def run_generation(lm, prompts: list[str], args, context: int, compare: bool) ->
             print("-" * 40)
         sys.stdout.flush()
     return results
+
+
+def continuation(lm, ids: list[int], new: list[int]) -> str:
+    """The text the new tokens add to the prompt's, decoded together with it: a SentencePiece tokenizer
+    (Llama 2, Mistral) drops the space before the first word of tokens decoded alone ("rose", not " rose")."""
+    head, whole = lm.decode(ids), lm.decode(ids + new)
+    return whole[len(head) :] if whole.startswith(head) else lm.decode(new)
 
 
 def print_side_by_side(prompt: str, left: str, right: str) -> None:

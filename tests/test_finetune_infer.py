@@ -1133,6 +1133,40 @@ def test_adapter_tokenizer_larger_than_the_base_vocab_exit_2(tiny, tmp_path):
         assert_user_error(p, f"its tokenizer has {len(tok)} tokens", f"embeddings for {len(tok) // 2}")
 
 
+SP_WORDS = "The S&P 500 rose fell on Friday as oil gold shares yields".split()
+
+
+def sentencepiece_llama(folder: Path) -> Path:
+    """A tiny random Llama with a Llama-2-style tokenizer: words carry SentencePiece's "\u2581" for the space
+    before them, and the decoder strips the space of the first word it decodes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + ["\u2581" + w for w in SP_WORDS])}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    strip = decoders.Strip(" ", 1, 0)
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), strip])
+    tok = PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = LlamaConfig(vocab_size=len(vocab), bos_token_id=1, eos_token_id=2, **shape)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_generated_text_keeps_the_space_a_sentencepiece_tokenizer_puts_before_its_first_word(tmp_path):
+    model = sentencepiece_llama(tmp_path / "sp")
+    flags = ["--temperature", 0, "--max-new-tokens", 6, "--json-out", tmp_path / "gen.json"]
+    p = run("infer.py", "--model", model, "--prompt", "The S&P 500", *flags)
+    out = json.loads((tmp_path / "gen.json").read_text())["generations"][0]["output"]
+    # every token of this vocabulary is a word after a space, so the text goes on with one
+    assert out.startswith(" ") and out.split() and set(out.split()) <= set(SP_WORDS), out
+    assert p.stdout.startswith("The S&P 500" + out + "\n"), p.stdout
+
+
 def test_prompts_from_stdin(tiny):
     p = subprocess.run(
         [
