@@ -1495,7 +1495,12 @@ def add_target_flags(g) -> None:
 
 
 def add_prompt_flags(g) -> None:
-    g.add_argument("--prompt", help="one prompt (else --prompts-file, else stdin, one prompt per line)")
+    g.add_argument(
+        "--prompt",
+        help="one prompt (else --prompts-file, else stdin, one prompt per line), continued as plain text, "
+        "the form finetune_llama.py trains on: no chat template is applied, not even smollm2's (an Instruct "
+        "model)",
+    )
     g.add_argument("--prompts-file", type=os.path.expanduser, help="text file with one prompt per line")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate per prompt")
     g.add_argument(

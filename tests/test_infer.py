@@ -109,6 +109,13 @@ def bad_ckpts(shared_dir, ckpt):
 # GPT checkpoints
 
 
+def test_help_says_prompts_are_continued_as_plain_text_without_a_chat_template():
+    # the bundled base is SmolLM2-135M-Instruct, whose tokenizer has a chat template generation never uses
+    text = " ".join(run("infer.py", "--help").stdout.split())
+    assert "continued as plain text" in text and "no chat template is applied" in text
+    assert "apply_chat_template" not in (ROOT / "infer.py").read_text()
+
+
 @pytest.mark.parametrize("script", ["bench", "os"])
 def test_ckpt_naming_another_script_is_refused(ckpt, tmp_path, script):
     c = torch.load(ckpt, map_location="cpu", weights_only=True)
