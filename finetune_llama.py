@@ -2368,6 +2368,13 @@ class Loaded:
     load_s: float
 
 
+def param_count(p) -> int:
+    """A parameter's values: a 4-bit (bitsandbytes) weight packs two in a byte, so its numel() counts bytes;
+    its values come from the shape it was quantized from."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 def load(args, corpora: list[tuple[str, list[str]]], replay_data: tuple | None) -> Loaded:
     """Backend and device, then the base with its LoRA (seeded), and a line saying what was loaded. corpora:
     (name, training documents) of each --data corpus, and replay_data those of --replay-data, their rows
@@ -2387,7 +2394,7 @@ def load(args, corpora: list[tuple[str, list[str]]], replay_data: tuple | None) 
     context = min(args.eval_context, getattr(config, "max_position_embeddings", None) or args.eval_context)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else doc_separator_id(tok)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = sum(param_count(p) for p in model.parameters())
     m = Loaded(model, tok, base, backend, device, context, pad_id, n_trainable, n_total, time.time() - t_load)
     procs = f" x {world_size()} processes" if world_size() > 1 else ""
     say(

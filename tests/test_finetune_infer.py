@@ -180,6 +180,12 @@ def test_finetune_qlora_4bit_then_infer_uses_the_same_base(tiny, capsys):
     assert r["load_in_4bit"] is True and (out / "adapter_model.safetensors").is_file()
     assert r["gradient_checkpointing"] is True
     assert math.isfinite(r["eval_ppl_after"])
+    # the size counts the 4-bit weights' values, not their packed bytes: the base's and the adapter's
+    from transformers import AutoModelForCausalLM
+
+    base_params = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(tiny["llama_a"]).parameters())
+    assert r["total_params"] == base_params + r["trainable_params"]
+    assert f"trainable of {r['total_params'] / 1e6:.1f}M" in p.stderr
     capsys.readouterr()
     res = infer.main(
         ["--adapter", str(out), "--ppl", str(out / "eval_docs.txt")]
