@@ -50,7 +50,7 @@ GPT_METRICS = Contract(
         "tokens": "training tokens seen so far",
         "val_loss": "validation loss at this evaluation",
     },
-    optional={"tokens_per_s": "training tokens/s over the steps since the line before"},
+    optional={"tokens_per_s": "training tokens/s over the steps since the line before (null: no steps)"},
 )
 
 EVAL_SET = Contract(

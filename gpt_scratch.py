@@ -905,9 +905,10 @@ def flop_facts(model: nn.Module, args, device: str, amp: bool, world_size: int) 
     return {"flops_per_token": flops_per_token(model), "peak_flops": peak, "world_size": world_size}
 
 
-def mfu(tokens_per_s: float, facts: dict) -> float | None:
-    """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak)."""
-    if facts["peak_flops"] is None:
+def mfu(tokens_per_s: float | None, facts: dict) -> float | None:
+    """Model FLOPs utilisation: achieved matmul FLOP/s over the peak of all devices (None: no peak, or no
+    rate measured)."""
+    if facts["peak_flops"] is None or tokens_per_s is None:
         return None
     return facts["flops_per_token"] * tokens_per_s / (facts["peak_flops"] * facts["world_size"])
 
@@ -1089,9 +1090,11 @@ class Clock:
     def row_tokens_per_s(self) -> float:
         return self.row_tokens / self.row_s if self.row_s else 0.0
 
-    def take_row(self) -> float:
-        """tokens/s since the last metrics row, which this one ends."""
-        rate, self.row_tokens, self.row_s = self.row_tokens_per_s(), 0, 0.0
+    def take_row(self) -> float | None:
+        """tokens/s since the last metrics row, which this one ends; None where no step ran since (the first
+        evaluation, before any training): no rate was measured, and 0 tokens/s would read as one."""
+        rate = self.row_tokens_per_s() if self.row_s else None
+        self.row_tokens, self.row_s = 0, 0.0
         return rate
 
     def tokens_per_s(self) -> float:

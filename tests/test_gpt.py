@@ -1162,7 +1162,15 @@ def test_mfu_on_cpu_is_none_unless_peak_flops_is_given(name, corpus, tmp_path, c
     s = tiny_main(mod, corpus, tmp_path / "b", "--peak-flops", "2e9")
     assert s["peak_flops"] == 2e9
     assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / 2e9)
-    assert f"mfu {s['mfu']:.1%}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"mfu {s['mfu']:.1%}" in out
+    # the first evaluation comes before any step: no rate measured there, so no utilisation either
+    first, *later = read_rows(tmp_path / "b")
+    assert first["iter"] == 0 and first["tokens_per_s"] is None and first["mfu"] is None
+    assert re.search(r"iter 0: .*mfu –", out)
+    for r in later:
+        assert r["mfu"] == pytest.approx(s["flops_per_token"] * r["tokens_per_s"] / 2e9)
+    assert later
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
