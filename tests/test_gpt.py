@@ -1173,6 +1173,23 @@ def test_mfu_on_cpu_is_none_unless_peak_flops_is_given(name, corpus, tmp_path, c
     assert later
 
 
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize(
+    "card, peaks",
+    [
+        ("NVIDIA L40", (181e12, 90.5e12)),  # its name holds "L4": not an L4's figures
+        ("NVIDIA L40S", (362e12, 183e12)),
+        ("NVIDIA L4", (121e12, 60e12)),
+        ("NVIDIA H100 PCIe", (756e12, 378e12)),
+        ("NVIDIA H100 80GB HBM3", (989e12, 494e12)),
+    ],
+)
+def test_mfu_peak_is_the_named_cards(name, card, peaks, monkeypatch):
+    mod = load(name)
+    monkeypatch.setattr(mod.torch.cuda, "get_device_name", lambda device=None: card)
+    assert (mod.default_peak_flops("cuda", True), mod.default_peak_flops("cuda", False)) == peaks
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
 def test_bf16_default_on_cpu_follows_the_bf16_units_and_flags_force_it(corpus, trained, tmp_path):
     mod = load("gpt_optimized")
