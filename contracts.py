@@ -28,7 +28,7 @@ GPT_SUMMARY = Contract(
     "gpt_scratch.py, gpt_optimized.py",
     keys={
         "tokens_per_s": "steady training tokens per second",
-        "val_loss": "validation loss at the end of training",
+        "val_loss": "validation loss at the end of training: the mean over --eval-iters fixed batches",
         "perplexity": "exp(val_loss)",
         "model_size_mb": "the model's parameters and buffers, in MB",
         "peak_mem_mb": "peak memory of the training process (MB)",
@@ -48,7 +48,7 @@ GPT_METRICS = Contract(
     "gpt_scratch.py, gpt_optimized.py",
     keys={
         "tokens": "training tokens seen so far",
-        "val_loss": "validation loss at this evaluation",
+        "val_loss": "validation loss at this evaluation (the same --eval-iters fixed batches each time)",
     },
     optional={"tokens_per_s": "training tokens/s over the steps since the line before (null: no steps)"},
 )
