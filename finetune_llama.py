@@ -829,8 +829,12 @@ def row_schedule(
 
 
 def samples_path(cache_dir: str, base: dict, purpose: str, n: int, length: int) -> Path:
-    """Where documents sampled from this base are kept: keyed by the base's location and config."""
-    key = hashlib.sha256(f"{base['resolved']}|{base.get('config_sha256')}".encode()).hexdigest()[:12]
+    """Where documents sampled from this base are kept: keyed by the base's location, config and weights (a
+    folder whose weights were replaced under the same config holds another base)."""
+    ident = f"{base['resolved']}|{base.get('config_sha256')}"
+    if base.get("weights_sha256"):  # a hub id has none: its samples keep their key
+        ident += f"|{base['weights_sha256']}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     name = re.sub(r"[^\w.-]+", "-", Path(base["resolved"]).name)
     return Path(cache_dir).expanduser() / "samples" / f"{name}-{key}" / f"{purpose}-n{n}-len{length}.txt"
 
@@ -1383,16 +1387,38 @@ def unfinished_run(out: Path) -> str | None:
     )
 
 
+def weights_fingerprint(resolved: str) -> str | None:
+    """A hash of a local base's weight files: their names, sizes and 16 pieces of 64 KiB spread over each.
+    Other weights under the same config (a merged model rewritten in place, another seed) differ in every
+    piece; reading 1 MiB a file keeps it quick for any size, and a copy of the folder hashes the same. None
+    for a hub id, or weights that cannot be read (loading the base reports them)."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    try:
+        for f in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                for i in range(16):
+                    fh.seek(size * i // 16)
+                    h.update(fh.read(1 << 16))
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def base_fingerprint(resolved: str) -> dict:
-    """The base a checkpoint was trained on, from its config alone (read before any weights load): --model
-    auto or a folder may name another model on a later --resume."""
+    """The base a checkpoint was trained on, from its config and weight files (read before any weights load):
+    --model auto or a folder may name another model on a later --resume."""
     from transformers import AutoConfig
 
     try:
         sha = config_identity(AutoConfig.from_pretrained(resolved))["config_sha256"]
     except (OSError, ValueError):  # no readable config: loading the base reports it
         sha = None
-    return {"resolved": resolved, "config_sha256": sha}
+    return {"resolved": resolved, "config_sha256": sha, "weights_sha256": weights_fingerprint(resolved)}
 
 
 def resume_identity(args_given: dict, sources: list[Source]) -> dict:
@@ -1434,9 +1460,12 @@ def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
     if isinstance(progress.get("base"), dict):  # a record from before the base was kept has none
         base_then = progress["base"]
         base_now = base_fingerprint(resolve_model(args.model, args.cache_dir, quiet=True)["resolved"])
+        where = f"{base_then.get('resolved')} then, {base_now['resolved']} now"
+        weights_then, weights_now = base_then.get("weights_sha256"), base_now["weights_sha256"]
         if base_then.get("config_sha256") != base_now["config_sha256"]:
-            where = f"{base_then.get('resolved')} then, {base_now['resolved']} now"
             diffs.append(f"the base model changed ({where}: another config)")
+        elif weights_then and weights_now and weights_then != weights_now:  # the scores before were another's
+            diffs.append(f"the base model changed ({where}: other weights)")
     if diffs:
         die(
             f"--resume: the checkpoints in {out / CHECKPOINTS} do not match this command "
@@ -2390,7 +2419,7 @@ def load(args, corpora: list[tuple[str, list[str]]], replay_data: tuple | None) 
     t_load = time.time()
     model, tok = load_for_training(args, backend, base["resolved"], device)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    base.update(config_identity(config))
+    base.update(config_identity(config), weights_sha256=weights_fingerprint(base["resolved"]))
     context = min(args.eval_context, getattr(config, "max_position_embeddings", None) or args.eval_context)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else doc_separator_id(tok)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -430,6 +430,34 @@ def test_resume_refuses_checkpoints_of_another_base(tiny, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
+def test_other_weights_in_the_base_folder_are_another_base(tiny, tmp_path):
+    """The base folder rewritten with other weights under the same config (a merged model made again in
+    place): --resume is refused, as the scores before training were the old weights', and the retention
+    documents are sampled from the new weights, not read from the old ones' cache."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    cache, out, base = tmp_path / "cache", tmp_path / "o", tmp_path / "base"
+    shutil.copytree(tiny["llama_a"], base)
+    command = finetune_cmd(tiny, out, "--model", base, "--max-steps", 2, "--save-steps", 1)
+    run(command, cache=cache)
+    first = json.loads((out / "run.json").read_text())["eval_sets"]["retention"]["source"]
+    (out / "run.json").unlink()  # as a kill after training, before the adapter was published, leaves it
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(base)
+    p = run([*command, "--resume"], check=False, cache=cache)
+    where = f"{base} then, {base} now: other weights"
+    assert_user_error(p, "--resume: the checkpoints in", f"(the base model changed ({where})")
+    run([*command, "--overwrite"], cache=cache)
+    again = json.loads((out / "run.json").read_text())["eval_sets"]["retention"]["source"]
+    assert again != first and Path(first).is_file() and Path(again).is_file()
+    assert Path(again).read_text() != Path(first).read_text()
+
+
 def test_resume_refuses_an_edited_eval_text_and_a_damaged_record(tmp_path, capsys):
     """The files a run scores (--eval-text) or trains on (--replay-data) are part of what a checkpoint
     continues: the scores before training are not measured again, so an edited file would report a change
