@@ -2216,14 +2216,38 @@ def finetune_identity(flags: list[str]) -> dict:
     return json.loads(json.dumps(finetune_llama.run_identity(parser.parse_args(flags))))
 
 
-def same_run(folder: Path, identity: dict, corpus_sha256: str) -> bool:
-    """The run.json in folder came from these flags on this corpus (the same bytes)."""
+def eval_text_hashes(paths: list[str]) -> dict[str, str]:
+    """Each --eval-text file's documents, hashed as finetune_llama.py records them in run.json."""
+    import finetune_llama
+
+    return {
+        p: finetune_llama.documents_sha256(finetune_llama.read_documents(p, "--eval-text")) for p in paths
+    }
+
+
+def same_run(folder: Path, identity: dict, corpus_sha256: str, texts: dict[str, str]) -> bool:
+    """The run.json in folder came from these flags on these inputs, where it records them: the corpus's
+    bytes, the --eval-text documents (texts: path -> their hash) and the weights in the base's folder (an
+    edited text or a base rewritten in place would leave its figures another input's)."""
+    import finetune_llama
+
     try:
         run = read_json(folder / "run.json")
     except (OSError, ValueError):
         return False
     args = {k: v for k, v in (run.get("args") or {}).items() if k != "out"}
-    return args == identity and (run.get("data") or {}).get("corpus_sha256") in (None, corpus_sha256)
+    if args != identity or (run.get("data") or {}).get("corpus_sha256") not in (None, corpus_sha256):
+        return False
+    sets = [
+        s for s in (run.get("eval_sets") or {}).values() if isinstance(s, dict) and s.get("kind") == "text"
+    ]
+    if any(s.get("sha256") not in (None, texts.get(s.get("source"))) for s in sets):
+        return False
+    base = run.get("base") if isinstance(run.get("base"), dict) else {}
+    weights, resolved = base.get("weights_sha256"), base.get("resolved")
+    if not (weights and isinstance(resolved, str)):  # a hub base, or a run.json from before they were hashed
+        return True
+    return weights == finetune_llama.weights_fingerprint(resolved)
 
 
 def sweep_plan(settings: list[tuple[str, list[str]]], base: list[str], extra: list[str]) -> list[dict]:
@@ -2261,7 +2285,9 @@ def sweep_row(p: dict, folder: Path, run: dict | None) -> dict:
     }
 
 
-def run_sweep(R: Runner, plan: list[dict], corpus_sha256: str, cost: float) -> list[dict]:
+def run_sweep(
+    R: Runner, plan: list[dict], corpus_sha256: str, texts: dict[str, str], cost: float
+) -> list[dict]:
     rows = []
     for p in plan:
         folder = R.out / p["slug"]
@@ -2271,7 +2297,7 @@ def run_sweep(R: Runner, plan: list[dict], corpus_sha256: str, cost: float) -> l
             cmd,
             cost,
             folder / "run.json",
-            reuse=lambda: same_run(folder, p["identity"], corpus_sha256),
+            reuse=lambda: same_run(folder, p["identity"], corpus_sha256, texts),
         )
         run = ok and R.collect(p["slug"], lambda: read_output(folder / "run.json", contracts.FINETUNE_RUN))
         rows.append(sweep_row(p, folder, run or None))
@@ -2415,7 +2441,8 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     except OSError as e:
         die_write_failed(e, None, out, created, False, resume)
     try:  # the runs, then the report's files: a stop in either keeps the finished runs
-        rows = run_sweep(R, plan, hashlib.sha256(data.read_bytes()).hexdigest(), cost)
+        corpus_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
+        rows = run_sweep(R, plan, corpus_sha256, eval_text_hashes(args.eval_text), cost)
         R.bar.close()
         plot = "transfer_frontier.png" if any(r.get("worst_other_change") is not None for r in rows) else None
         if plot:
@@ -2577,8 +2604,8 @@ def add_finetune_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP on the fine-tune "
         "stage's recipe command (finetune_llama.py's own shapes; with --tiny, the test suite's) into "
-        "OUT/sweep/NAME (a run whose run.json has the same flags is reused), then a table "
-        "and a frontier plot (see --sweep-settings)",
+        "OUT/sweep/NAME (a run whose run.json has the same flags, corpus, --eval-text documents and "
+        "base weights is reused), then a table and a frontier plot (see --sweep-settings)",
     )
     p.add_argument(
         "--sweep-settings",

@@ -67,6 +67,7 @@ EVAL_SET = Contract(
         "documents": "documents scored",
         "tokens": "tokens scored",
         "source": "where the set's text came from",
+        "sha256": "a hash of the documents scored (finetune_llama.documents_sha256)",
     },
 )
 

@@ -2554,6 +2554,11 @@ def eval_sets_and_replay(
     return sets, {"source": "base-samples", "path": str(path), "docs": docs}
 
 
+def documents_sha256(docs: list[str]) -> str:
+    """The hash of documents as read (they hold no blank line, so joined by one they stay apart)."""
+    return hashlib.sha256("\n\n".join(docs).encode()).hexdigest()
+
+
 def eval_sets_record(sets: list[EvalSet], before: dict, after: dict) -> dict:
     def change(name: str) -> float:
         return after[name]["ppl"] / before[name]["ppl"] - 1
@@ -2562,6 +2567,7 @@ def eval_sets_record(sets: list[EvalSet], before: dict, after: dict) -> dict:
         s.name: {
             "kind": s.kind,
             "source": s.source,
+            "sha256": documents_sha256(s.docs),  # what was scored: a rerun can tell an edited --eval-text
             "documents": len(s.seqs),
             "tokens": before[s.name]["tokens"],
             "ppl_before": before[s.name]["ppl"],
