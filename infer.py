@@ -56,6 +56,7 @@ from finetune_llama import (
     set_cpu_4bit_path,
     terminate_as_interrupt,
     topmost_missing,
+    weights_fingerprint,
 )
 
 DEFAULT_PPL_CONTEXT = 1024  # perplexity windows, as finetune_llama.py's --eval-context default
@@ -497,6 +498,15 @@ def check_same_token_ids(tok, adapter_dir: Path, base_dir: str) -> None:
         )
 
 
+def check_base_weights(resolved: str, recorded: dict, adapter_dir: Path) -> None:
+    """A base folder holding other weights than the adapter was trained on (rewritten in place since, or
+    another model of the same config) still loads, as a base of another config hash does, but said: every
+    figure is then the adapter's on another base."""
+    then, now = recorded.get("weights_sha256"), weights_fingerprint(resolved)
+    if then and now and then != now:
+        note(f"warning: base {resolved} holds other weights than {adapter_dir} was trained on (run.json)")
+
+
 def base_spec(args, adapter_dir: Path | None) -> tuple[str, dict, dict]:
     """The base to load: --model, else the one the adapter's run.json records (resolved again when it was a
     converted folder that is gone); with what run.json records of it, and run.json itself."""
@@ -592,6 +602,7 @@ def load_hf(args, device: str, new_tokens: dict[str, list[int]]):
         die(f"cannot read the config of {base['resolved']}: {(str(e).splitlines() or [''])[0][:160]}")
     if adapter_dir:
         check_base_matches(config, recorded, f"base {base['resolved']}", adapter_dir)
+        check_base_weights(base["resolved"], recorded, adapter_dir)
         check_adapter_fits(config, adapter_dir, f"base {base['resolved']}")
     check_room(args, config, new_tokens)
     load_4bit = args.load_in_4bit if args.load_in_4bit is not None else bool(run.get("load_in_4bit", False))

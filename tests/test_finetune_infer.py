@@ -1115,6 +1115,27 @@ def test_mismatched_base_and_bad_infer_inputs_exit_2(tiny, adapter, tmp_path):
         assert_user_error(run("infer.py", *args, check=False), frag)
 
 
+def test_infer_warns_when_the_base_folder_holds_other_weights_than_the_adapter_s(tiny, tmp_path):
+    """The base folder rewritten after training under the same config (a merged model made again in place):
+    the adapter still loads on it, as on a base of another config hash, but a line says it is another base."""
+    from transformers import AutoModelForCausalLM
+
+    base, out, text = tmp_path / "base", tmp_path / "a", tmp_path / "t.txt"
+    shutil.copytree(tiny["llama_a"], base)
+    tiny_finetune(tiny, out, "--model", base, "--replay", 0, "--retention-docs", 0)
+    text.write_text("Oil fell.\n\nRates rose.\n")
+    ppl = ["--adapter", out, "--ppl", text, "--device", "cpu"]
+    assert "other weights" not in run("infer.py", *ppl).stderr
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(1.5)
+    model.save_pretrained(base)
+    p = run("infer.py", *ppl)
+    assert f"warning: base {base} holds other weights than {out} was trained on (run.json)" in p.stderr
+    assert "perplexity:" in p.stdout
+
+
 def test_adapter_tokenizer_larger_than_the_base_vocab_exit_2(tiny, tmp_path):
     """An adapter folder with its tokenizer but no run.json (as a run stopped while scoring leaves it) on a
     base of the same shape but a smaller vocabulary: its LoRA weights fit, its token ids do not."""
