@@ -2216,19 +2216,22 @@ def finetune_identity(flags: list[str]) -> dict:
     return json.loads(json.dumps(finetune_llama.run_identity(parser.parse_args(flags))))
 
 
-def eval_text_hashes(paths: list[str]) -> dict[str, str]:
-    """Each --eval-text file's documents, hashed as finetune_llama.py records them in run.json."""
+def documents_sha256(path: str) -> str | None:
+    """A file's documents hashed as finetune_llama.py records them in run.json; None where they cannot be
+    read (the run says why). A relative path is the runs', from the repository."""
     import finetune_llama
 
-    return {
-        p: finetune_llama.documents_sha256(finetune_llama.read_documents(p, "--eval-text")) for p in paths
-    }
+    try:
+        text = (HERE / path).read_text(encoding="utf-8").removeprefix("\ufeff")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return finetune_llama.documents_sha256(finetune_llama.split_documents(text))
 
 
-def same_run(folder: Path, identity: dict, corpus_sha256: str, texts: dict[str, str]) -> bool:
+def same_run(folder: Path, identity: dict, corpus_sha256: str) -> bool:
     """The run.json in folder came from these flags on these inputs, where it records them: the corpus's
-    bytes, the --eval-text documents (texts: path -> their hash) and the weights in the base's folder (an
-    edited text or a base rewritten in place would leave its figures another input's)."""
+    bytes, the --eval-text and --replay-data documents and the weights in the base's folder (an edited text
+    or a base rewritten in place would leave its figures another input's)."""
     import finetune_llama
 
     try:
@@ -2238,10 +2241,13 @@ def same_run(folder: Path, identity: dict, corpus_sha256: str, texts: dict[str, 
     args = {k: v for k, v in (run.get("args") or {}).items() if k != "out"}
     if args != identity or (run.get("data") or {}).get("corpus_sha256") not in (None, corpus_sha256):
         return False
-    sets = [
+    texts = [
         s for s in (run.get("eval_sets") or {}).values() if isinstance(s, dict) and s.get("kind") == "text"
     ]
-    if any(s.get("sha256") not in (None, texts.get(s.get("source"))) for s in sets):
+    replay = run.get("replay") if isinstance(run.get("replay"), dict) else {}
+    if identity.get("replay_data"):  # from a file: base samples are the base's, checked below
+        texts.append({"source": identity["replay_data"], "sha256": replay.get("sha256")})
+    if any(s.get("sha256") and s["sha256"] != documents_sha256(s.get("source")) for s in texts):
         return False
     base = run.get("base") if isinstance(run.get("base"), dict) else {}
     weights, resolved = base.get("weights_sha256"), base.get("resolved")
@@ -2285,9 +2291,7 @@ def sweep_row(p: dict, folder: Path, run: dict | None) -> dict:
     }
 
 
-def run_sweep(
-    R: Runner, plan: list[dict], corpus_sha256: str, texts: dict[str, str], cost: float
-) -> list[dict]:
+def run_sweep(R: Runner, plan: list[dict], corpus_sha256: str, cost: float) -> list[dict]:
     rows = []
     for p in plan:
         folder = R.out / p["slug"]
@@ -2297,7 +2301,7 @@ def run_sweep(
             cmd,
             cost,
             folder / "run.json",
-            reuse=lambda: same_run(folder, p["identity"], corpus_sha256, texts),
+            reuse=lambda: same_run(folder, p["identity"], corpus_sha256),
         )
         run = ok and R.collect(p["slug"], lambda: read_output(folder / "run.json", contracts.FINETUNE_RUN))
         rows.append(sweep_row(p, folder, run or None))
@@ -2441,8 +2445,7 @@ def sweep_main(args: argparse.Namespace, mode: str, out: Path, command: str, cre
     except OSError as e:
         die_write_failed(e, None, out, created, False, resume)
     try:  # the runs, then the report's files: a stop in either keeps the finished runs
-        corpus_sha256 = hashlib.sha256(data.read_bytes()).hexdigest()
-        rows = run_sweep(R, plan, corpus_sha256, eval_text_hashes(args.eval_text), cost)
+        rows = run_sweep(R, plan, hashlib.sha256(data.read_bytes()).hexdigest(), cost)
         R.bar.close()
         plot = "transfer_frontier.png" if any(r.get("worst_other_change") is not None for r in rows) else None
         if plot:
@@ -2604,8 +2607,8 @@ def add_finetune_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="instead of the stages: run each fine-tune setting of TRANSFER_SWEEP on the fine-tune "
         "stage's recipe command (finetune_llama.py's own shapes; with --tiny, the test suite's) into "
-        "OUT/sweep/NAME (a run whose run.json has the same flags, corpus, --eval-text documents and "
-        "base weights is reused), then a table and a frontier plot (see --sweep-settings)",
+        "OUT/sweep/NAME (a run whose run.json has the same flags, corpus, --eval-text and --replay-data "
+        "documents and base weights is reused), then a table and a frontier plot (see --sweep-settings)",
     )
     p.add_argument(
         "--sweep-settings",

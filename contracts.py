@@ -93,7 +93,7 @@ FINETUNE_RUN = Contract(
         "bf16": "whether training ran under bf16 autocast",
         "eval_sets": "every evaluation set scored before and after training, by name",
         "eval_context": "the scoring windows' length in tokens",
-        "replay": "the replay setting (fraction, loss, source), null without replay",
+        "replay": "the replay setting (fraction, loss, source, sha256 of its documents), null without replay",
         "data": "the corpus: path, corpus_sha256, packing, held-out documents and tokens",
         "args": "the flags the run was given",
     },

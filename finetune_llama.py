@@ -562,11 +562,15 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
         text = p.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         die(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
-    docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
-    docs = [d for d in docs if d]
+    docs = split_documents(text)
     if not docs:
         die(f"{what} is empty")
     return docs
+
+
+def split_documents(text: str) -> list[str]:
+    """The documents of a text read from a file: separated by blank lines, stripped, none empty."""
+    return [d for d in (d.strip() for d in re.split(r"\n\s*\n", text)) if d]
 
 
 def doc_separator_id(tok) -> int:
@@ -2637,6 +2641,7 @@ def run_record(args, args_given, m: Loaded, sources, sets, replay, plan, before,
         "weight": args.replay_weight,
         "source": replay["source"],
         "path": replay["path"],
+        "sha256": documents_sha256(replay["docs"]),  # a rerun can tell an edited --replay-data
         "documents": len(replay["docs"]),
         "pool_rows": plan["replay_pool_rows"],
     }

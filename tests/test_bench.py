@@ -1309,43 +1309,59 @@ def test_transfer_sweep_runs_each_setting_and_reports_its_run_json(tiny, tmp_pat
     assert f"bench.py: --record {md} left as it was: 1 run(s) failed" in failed.stderr
 
 
-def test_sweep_trains_again_after_an_eval_text_or_the_base_s_weights_changed(tiny, tmp_path):
-    """The same flags are not the same run when what they name changed in between: an edited --eval-text, or
-    other weights written into the --model folder under the same config. Reusing the run would report the
-    old text's, or the old base's, figures as this sweep's."""
+def test_sweep_trains_again_after_an_input_file_or_the_base_s_weights_changed(tiny, tmp_path):
+    """The same flags are not the same run when what they name changed in between: an edited --eval-text or
+    --replay-data, or other weights written into the --model folder under the same config. Reusing the run
+    would report the old text's, or the old base's, figures as this sweep's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    base, text, out = tmp_path / "base", tmp_path / "prose.txt", tmp_path / "o"
+    base, text, replay, out = (
+        tmp_path / "base",
+        tmp_path / "prose.txt",
+        tmp_path / "replay.txt",
+        tmp_path / "o",
+    )
     shutil.copytree(tiny["llama_a"], base)
     text.write_text("The library opens at nine.\n\nRain is expected over the hills.\n", encoding="utf-8")
-    setting = "no replay, lr 5e-4"
-    cmd = ["--tiny", "--sweep", "transfer", "--sweep-settings", setting, "--sweep-extra", SWEEP_EXTRA]
+    replay.write_text("\n\n".join(tiny["docs"][:6]) + "\n", encoding="utf-8")
+    extra = f"{SWEEP_EXTRA} --replay-data {replay}"
+    cmd = [
+        "--tiny",
+        "--sweep",
+        "transfer",
+        "--sweep-settings",
+        "replay 50% ce, lr 5e-4",
+        "--sweep-extra",
+        extra,
+    ]
     cmd += ["--data", tiny["corpus"], "--model", base, "--device", "cpu", "--out", out, "--eval-text", text]
     env = {"FINLLM_CACHE": str(tmp_path / "cache")}
-    run_json = out / "sweep" / FOLDERS[0] / "run.json"
+    folder = "replay_50_ce_lr_5e-4"
 
-    def sweep() -> tuple[str, dict]:
+    def sweep(trained: bool) -> dict:
         p = bench(*cmd, env=env, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-        return p.stdout, json.loads(run_json.read_text())
+        said = f"bench.py: {folder} done in" if trained else f"bench.py: {folder} reused: "
+        assert said in p.stdout, p.stdout[-2000:]
+        return json.loads((out / "sweep" / folder / "run.json").read_text())
 
-    _, first = sweep()
+    first = sweep(trained=True)
     text.write_text("Snow fell overnight.\n\nThe wind turned east.\n", encoding="utf-8")
-    stdout, second = sweep()
-    assert f"bench.py: {FOLDERS[0]} done in" in stdout and " reused: " not in stdout
+    second = sweep(trained=True)
     assert second["eval_sets"]["prose"]["sha256"] != first["eval_sets"]["prose"]["sha256"]
+    replay.write_text("\n\n".join(tiny["docs"][6:12]) + "\n", encoding="utf-8")
+    third = sweep(trained=True)
+    assert third["replay"]["sha256"] != second["replay"]["sha256"]
     model = AutoModelForCausalLM.from_pretrained(base)
     with torch.no_grad():
         for w in model.parameters():
             w.mul_(1.5)
     model.save_pretrained(base)
-    stdout, third = sweep()
-    assert f"bench.py: {FOLDERS[0]} done in" in stdout and " reused: " not in stdout
-    assert third["base"]["weights_sha256"] != second["base"]["weights_sha256"]
-    assert third["eval_sets"]["heldout"]["ppl_before"] != second["eval_sets"]["heldout"]["ppl_before"]
-    stdout, _ = sweep()  # nothing changed since: reused
-    assert f"bench.py: {FOLDERS[0]} reused: " in stdout
+    fourth = sweep(trained=True)
+    assert fourth["base"]["weights_sha256"] != third["base"]["weights_sha256"]
+    assert fourth["eval_sets"]["heldout"]["ppl_before"] != third["eval_sets"]["heldout"]["ppl_before"]
+    assert sweep(trained=False) == fourth  # nothing changed since
 
 
 def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny, tmp_path):
@@ -1433,7 +1449,7 @@ def test_sweep_runs_the_recipe_command_at_the_modes_size(tmp_path):
         recipe = dict(R.commands)["ft_recipe"]
         base = bench_module.recipe_flags(mode, "base", "corpus.txt", ["t.txt"])
         default = bench_module.sweep_plan([bench_module.TRANSFER_SWEEP[-1]], base, [])
-        bench_module.run_sweep(R, default, "sha", {}, 1.0)
+        bench_module.run_sweep(R, default, "sha", 1.0)
         sweep_cmd = R.commands[-1][1]
         assert sweep_cmd[: sweep_cmd.index("--out")] == recipe[: recipe.index("--out")], mode
 
