@@ -485,8 +485,9 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
             magic = f.read(4)
         if magic != b"GGUF":
             die(f"--model {spec}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+        st = path.stat()  # another model copied over it may keep its size and time (cp -p): hence the pieces
+        ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{file_pieces_sha256(path)}"
+        key = hashlib.sha256(ident.encode()).hexdigest()[:10]
         folder = gguf_to_hf_folder(path.resolve(), cache / f"{path.stem}-{key}")
         return {"model": spec, "resolved": str(folder), "source": "gguf"}
     if path.is_dir():
@@ -1402,14 +1403,21 @@ def weights_fingerprint(resolved: str) -> str | None:
     h = hashlib.sha256()
     try:
         for f in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                for i in range(16):
-                    fh.seek(size * i // 16)
-                    h.update(fh.read(1 << 16))
+            h.update(f"{f.name}:{file_pieces_sha256(f)}".encode())
     except OSError:
         return None
+    return h.hexdigest()
+
+
+def file_pieces_sha256(path: Path) -> str:
+    """A hash of a file's size and 16 pieces of 64 KiB spread over it: two models' files differ in every
+    piece, though they may have the same size and modification time."""
+    size, h = path.stat().st_size, hashlib.sha256()
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(16):
+            f.seek(size * i // 16)
+            h.update(f.read(1 << 16))
     return h.hexdigest()
 
 

