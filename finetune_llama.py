@@ -556,6 +556,8 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
     what = f"corpus {path}" if flag == "--data" else f"{flag} {path}"
     if p.is_dir():
         die(f"{what} is a folder, not a file of documents")
+    if p.exists() and not p.is_file():  # /dev/null, a pipe: a corpus is read again to hash it
+        die(f"{what} is not a regular file; give a text file of documents")
     if not p.is_file():
         hint = " (build it with: python fetch_news.py --source market)" if flag == "--data" else ""
         die(f"{what} not found{hint}")
@@ -563,6 +565,8 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
         text = p.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         die(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:  # no read permission, an I/O error
+        die(f"{what} cannot be read ({e.strerror})")
     docs = split_documents(text)
     if not docs:
         die(f"{what} is empty")

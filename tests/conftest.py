@@ -1,6 +1,7 @@
 """Fixtures the test files share."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,14 @@ OFFLINE_ENV = {
 }
 
 
-def run_script(script, *args, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script, *args, check: bool = True, env: dict | None = None, prefix: list[str] = ()
+) -> subprocess.CompletedProcess:
     """python <repo>/<script> args (str() of each), from the repository root, output captured; with check, a
-    non-zero exit fails the test with the end of its stderr."""
+    non-zero exit fails the test with the end of its stderr. prefix: a command that starts python (see
+    no_read_override)."""
     p = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
+        [*prefix, sys.executable, str(ROOT / script), *map(str, args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -110,6 +114,20 @@ def unwritable_dir(tmp_path):
                 subprocess.run(off, capture_output=True)
             return
     pytest.skip("cannot make a folder unwritable for root here (no bind mount, no chattr)")
+
+
+@pytest.fixture
+def no_read_override():
+    """The command prefix (for run_script) under which a file of mode 000 cannot be read, as an ordinary user
+    meets one: none for an ordinary user; as root, which reads every file, setpriv dropping the capabilities
+    that let it (the files stay root's, so everything else still reads as before)."""
+    if os.geteuid() != 0:
+        return []
+    drop = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+        pytest.skip("cannot take root's right to read every file away here (no setpriv)")
+    return prefix
 
 
 @pytest.fixture(scope="module")

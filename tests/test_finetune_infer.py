@@ -1683,6 +1683,9 @@ def test_samples_are_reused_and_replay_of_a_text_lowers_its_perplexity(tiny, tra
         (["--data", "DIR"], "corpus DIR is a folder, not a file"),
         (["--eval-text", "DIR"], "--eval-text DIR is a folder, not a file"),
         (["--replay-data", "DIR"], "--replay-data DIR is a folder, not a file"),
+        (["--data", "/dev/null"], "corpus /dev/null is not a regular file"),  # not "not found"
+        (["--eval-text", "/dev/null"], "--eval-text /dev/null is not a regular file"),
+        (["--replay", "0.5", "--replay-data", "/dev/null"], "--replay-data /dev/null is not a regular file"),
         # "" (a quoted shell variable that is not set) would be the current folder
         (["--out", ""], "--out got an empty string"),
         (["--data", ""], "--data got an empty string"),
@@ -1700,6 +1703,24 @@ def test_bad_transfer_flags_exit_2(tiny, tmp_path, flags, fragment):
         flags += ["--data", str(tiny["corpus"])]
     p = run("finetune_llama.py", "--model", tiny["llama_a"], "--out", tmp_path / "out", *flags, check=False)
     assert_user_error(p, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-text", "--replay-data"])
+def test_an_input_that_cannot_be_read_exit_2(tiny, tmp_path, no_read_override, flag):
+    """A text file without read permission: one line naming it, not a PermissionError traceback."""
+    text = tmp_path / "text.txt"
+    shutil.copy(tiny["corpus"], text)
+    text.chmod(0)
+    flags = {"--data": tiny["corpus"], "--replay": 0.5 if flag == "--replay-data" else 0, flag: text}
+    p = run(
+        "finetune_llama.py",
+        *["--model", tiny["llama_a"], "--out", tmp_path / "out", *[x for kv in flags.items() for x in kv]],
+        check=False,
+        prefix=no_read_override,
+    )
+    what = f"corpus {text}" if flag == "--data" else f"{flag} {text}"
+    assert_user_error(p, f"{what} cannot be read (Permission denied)")
     assert not (tmp_path / "out").exists()
 
 
