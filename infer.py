@@ -366,6 +366,8 @@ def read_run(adapter_dir: Path) -> tuple[dict, dict]:
             die(f"--adapter {adapter_dir}: {name} is unreadable JSON ({e.msg} at line {e.lineno})")
         except UnicodeDecodeError as e:  # damaged, or saved in another encoding (UTF-16) by an editor
             die(f"--adapter {adapter_dir}: {name} is not UTF-8 text (byte {e.start}); restore it")
+        except OSError as e:  # no read permission, an I/O error
+            die(f"--adapter {adapter_dir}: {name} cannot be read ({e.strerror})")
         if not isinstance(found[name], dict):
             die(f"--adapter {adapter_dir}: {name} holds a {type(found[name]).__name__}, not a JSON object")
     run, base = found["run.json"], found["run.json"].get("base", {})
@@ -403,6 +405,7 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     if not weights.is_file():
         die(f"--adapter {adapter_dir}: no adapter_model.safetensors")
     try:
+        weights.open("rb").close()  # safetensors words a refused read as "No such file or directory"
         with safe_open(str(weights), "pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except SafetensorError as e:  # a cut-off copy: the header promises more bytes than the file has
@@ -668,6 +671,13 @@ def prompt_lines(raw: bytes, what: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def not_a_file(path: Path) -> str:
+    """Why an input file's path cannot be read as one: /dev/null and a pipe exist, but hold no file."""
+    if path.is_dir():
+        return "a folder, not a file"
+    return "not a regular file" if path.exists() else "file not found"
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt is not None and args.prompts_file:  # else one of them would be silently left out
         die("--prompt and --prompts-file both give the prompts: use one of them")
@@ -681,7 +691,11 @@ def read_prompts(args) -> list[str]:
         p = Path(args.prompts_file)
         if not p.is_file():
             die(f"--prompts-file {p}: file not found")
-        prompts = prompt_lines(p.read_bytes(), f"--prompts-file {p}")
+        try:
+            raw = p.read_bytes()
+        except OSError as e:  # no read permission, an I/O error
+            die(f"--prompts-file {p} cannot be read ({e.strerror})")
+        prompts = prompt_lines(raw, f"--prompts-file {p}")
         if not prompts:
             die(f"--prompts-file {p} holds no prompts (one per line)")
     elif args.ppl or args.bench:
@@ -1417,7 +1431,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_spares_inputs(args)
     for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file), ("--ckpt", args.ckpt)):
         if path and not Path(path).is_file():
-            die(f"{flag} {path}: {'a folder, not a file' if Path(path).is_dir() else 'file not found'}")
+            die(f"{flag} {path}: {not_a_file(Path(path))}")
     if args.adapter:
         read_run(Path(args.adapter))  # a bad adapter folder fails here, early
         adapter_shapes(Path(args.adapter))  # and damaged adapter weights, before any base model loads

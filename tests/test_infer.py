@@ -307,6 +307,41 @@ def test_adapter_json_that_is_not_utf8_exit_2(tmp_path, name):
     assert_user_error(p, f"--adapter {adapter}: {name} is not UTF-8 text (byte 0)")
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "run.json", "adapter_model.safetensors"])
+def test_adapter_file_that_cannot_be_read_exit_2(tmp_path, no_read_override, name):
+    """An adapter file without read permission (a folder copied from another user): one line naming it, not
+    a PermissionError traceback, nor safetensors' own "No such file or directory"."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for f in ("adapter_config.json", "run.json", "adapter_model.safetensors"):
+        (adapter / f).write_text("{}")
+    (adapter / name).chmod(0)
+    p = run("infer.py", "--adapter", adapter, "--prompt", "x", check=False, prefix=no_read_override)
+    assert_user_error(p, f"--adapter {adapter}: {name} cannot be read (Permission denied)")
+
+
+@pytest.mark.parametrize("flag", ["--ppl", "--prompts-file"])
+def test_input_file_that_cannot_be_read_exit_2(ckpt, corpus, tmp_path, no_read_override, flag):
+    text = tmp_path / "text.txt"
+    shutil.copy(corpus, text)
+    text.chmod(0)
+    p = run("infer.py", "--ckpt", ckpt, flag, text, check=False, prefix=no_read_override)
+    assert_user_error(p, f"{flag} {text} cannot be read (Permission denied)")
+
+
+@pytest.mark.parametrize("flag", ["--ppl", "--prompts-file", "--ckpt"])
+def test_an_input_that_is_not_a_regular_file_exit_2(ckpt, tmp_path, flag):
+    """/dev/null or a pipe (a shell's <(...)) exists but is no file to read: not "file not found"."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        args = {"--ckpt": ckpt, "--prompt": "x", flag: path}
+        if flag == "--prompts-file":
+            del args["--prompt"]
+        p = run("infer.py", *[x for kv in args.items() for x in kv], check=False)
+        assert_user_error(p, f"{flag} {path}: not a regular file")
+
+
 # -----------------------------------------------------------------------------
 # flags: checked where they are parsed, one line each
 
