@@ -3236,6 +3236,9 @@ def check_out_dir(path: str, names) -> None:
         raise UserError(f"--out-dir {path} is a file, not a folder")
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
+        if os.path.islink(probe):  # a dangling link: making the folder fails only once the output is ready
+            gone = os.readlink(probe)
+            raise UserError(f"--out-dir {path}: {probe} is a link to {gone}, which does not exist")
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise UserError(f"--out-dir {path} lies under a file ({probe})")

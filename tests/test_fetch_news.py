@@ -1291,6 +1291,10 @@ def output_problem(kind: str, tmp_path: Path, unwritable: Path):
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "sub" / "out"
         yield out, f"--out-dir {out} lies under a file ({tmp_path / 'afile'})"
+    elif kind == "dangling-link":  # a link to a folder that was moved or not mounted
+        (tmp_path / "link").symlink_to(tmp_path / "gone")
+        out = tmp_path / "link"
+        yield out, f"--out-dir {out}: {out} is a link to {tmp_path / 'gone'}, which does not exist"
     elif kind == "corpus-is-folder":
         (tmp_path / "out" / "finance_corpus.txt").mkdir(parents=True)
         yield tmp_path / "out", f"{tmp_path / 'out' / 'finance_corpus.txt'} is a folder, not a file"
@@ -1298,7 +1302,7 @@ def output_problem(kind: str, tmp_path: Path, unwritable: Path):
         yield unwritable / "out", f"--out-dir {unwritable / 'out'} is not writable ("
 
 
-KINDS = ["file", "under-file", "corpus-is-folder", "not-writable"]
+KINDS = ["file", "under-file", "dangling-link", "corpus-is-folder", "not-writable"]
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
