@@ -359,7 +359,7 @@ def collect_tickers(args, log) -> list[str]:
     out = [normalise_ticker(t) for t in (args.tickers or "").split(",") if t.strip()]
     if args.tickers_file:
         try:
-            with open(args.tickers_file, encoding="utf-8") as f:
+            with open(args.tickers_file, encoding="utf-8-sig") as f:  # a byte-order mark is not a ticker
                 lines = f.read().splitlines()
         except OSError as e:
             raise UserError(f"cannot read --tickers-file {args.tickers_file}: {e.strerror}")

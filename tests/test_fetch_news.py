@@ -538,6 +538,19 @@ def test_403_for_one_ticker_skips_it_once_the_key_was_taken(api, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing fetched is lost
 
 
+def test_tickers_file_saved_by_a_windows_editor(api, tmp_path):
+    """A --tickers-file with a byte-order mark and CRLF line ends (Notepad's "UTF-8 with BOM", Excel's "CSV
+    UTF-8"): its tickers are read, the mark is not part of the first one."""
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(3)]
+    api.feeds["MSFT.US"] = [article(10 + i, ["MSFT.US"]) for i in range(3)]
+    tickers = tmp_path / "tickers.txt"
+    tickers.write_bytes("\ufeffAAPL.US\r\nMSFT # software\r\n".encode())
+    r = fetch(api, tmp_path / "out", "--tickers-file", tickers)
+    assert r.returncode == 0, r.stderr
+    assert list(dict.fromkeys(s for _, s, _, _, _, _ in api.log)) == ["AAPL.US", "MSFT.US"]
+    assert len(read_news(tmp_path / "out")) == 6
+
+
 def test_demo_key_on_a_ticker_it_does_not_serve_says_which_it_serves(api, tmp_path):
     """The demo key is valid for two tickers only: a 403 on the first ticker asked names them instead of
     calling the key rejected; once the key was taken, other tickers are skipped as for any plan."""
