@@ -1282,7 +1282,17 @@ def check_writable_file(path: Path, flag: str) -> None:
     """The output file's folder exists (or can be made) and takes new files; nothing is created here."""
     if path.is_dir():
         die(f"{flag} {path} is a folder, not a file")
+    if not_a_file_to_replace(path):  # written as it is, not through a temp file in its folder
+        if not os.access(path, os.W_OK):
+            die(f"{flag} {path} is not writable")
+        return
     check_writable_dir(path, flag, folder=path.parent)
+
+
+def not_a_file_to_replace(path: Path) -> bool:
+    """/dev/stdout, /dev/null, a pipe: an output that exists but is no regular file, so it is written into,
+    not replaced: a temp file moved over it would remove the device, or the link, for every program."""
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def cache_folder(path: Path, cache_dir: Path) -> Path | None:
@@ -1472,6 +1482,9 @@ def write_json_out(path: Path, results: dict) -> None:
     try:
         with room_for(path):
             path.parent.mkdir(parents=True, exist_ok=True)
+            if not_a_file_to_replace(path):
+                path.write_text(json.dumps(results, indent=2) + "\n")
+                return
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     except WriteFailed:
         if made is not None:
@@ -1599,7 +1612,8 @@ def add_measure_flags(g) -> None:
     g.add_argument(
         "--json-out",
         type=os.path.expanduser,
-        help="also write the results (generations, perplexity, bench rows) as JSON here",
+        help="also write the results (generations, perplexity, bench rows) as JSON here (a file is replaced "
+        "whole; /dev/stdout or a pipe is written into)",
     )
 
 

@@ -418,6 +418,18 @@ def test_json_out_under_a_dangling_link_is_refused_before_any_model(bad_ckpts, t
     assert_user_error(p, f"--json-out {out}: {link} is a link to {gone}, which does not exist")
 
 
+def test_json_out_to_stdout_is_written_into_not_replaced(ckpt, tmp_path):
+    """--json-out /dev/stdout (here a link of the test's own, as /dev/stdout is a link too): the JSON comes on
+    stdout and the link stays; a temp file moved over it had replaced the link (or /dev/null, as root) with a
+    file, for every program."""
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    p = run("infer.py", "--ckpt", ckpt, "--prompt", "x", "--max-new-tokens", "2", "--json-out", link)
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+    results = json.loads(p.stdout[p.stdout.index('{\n  "generations"') :])
+    assert results["generations"][0]["prompt"] == "x"
+
+
 def test_json_out_in_the_cache_of_converted_bases_is_refused(tmp_path):
     """--model smollm2 loads its converted folder from --cache-dir: a --json-out there (its config.json)
     broke every later load of the base."""
