@@ -731,7 +731,11 @@ class EvalSet:
 
 
 def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
-    """--data: comma-separated corpora, each optionally `:weight` (its share of the training rows)."""
+    """--data: comma-separated corpora, each optionally `:weight` (its share of the training rows); a name
+    that is one existing file is that one corpus, whatever commas or colons it holds."""
+    whole = os.path.expanduser(spec.strip())
+    if Path(whole).is_file():  # "Q1, 2024.txt": split at its comma, it named two files that do not exist
+        return [(whole, None)]
     out = []
     for part in (os.path.expanduser(s.strip()) for s in spec.split(",")):  # the shell leaves ~ after a ,
         if not part:
@@ -2875,7 +2879,8 @@ def add_data_flags(g) -> None:
         "--data",
         default="data/finance_corpus.txt",
         help="corpus: documents separated by blank lines; several as a.txt,b.txt (rows in proportion to "
-        "their size) or a.txt:3,b.txt:1 (weights: each corpus's share of the training rows)",
+        "their size) or a.txt:3,b.txt:1 (weights: each corpus's share of the training rows); the name of "
+        "one existing file is that file, commas and all",
     )
     g.add_argument(
         "--replay",

@@ -1467,6 +1467,18 @@ def test_data_spec_weights_and_row_fractions():
     assert finetune_llama.pool_fractions(src, [30, 10], 0.5) == pytest.approx([0.125, 0.375, 0.5])
 
 
+def test_a_corpus_whose_name_holds_a_comma_is_that_one_file(tiny, tmp_path):
+    """A file named "Q1, 2024.txt" is one corpus: split at its comma, it named "Q1" and "2024.txt", neither
+    there. The held-out count asked for is refused once the file was read: its documents are counted."""
+    corpus = tmp_path / "Q1, 2024.txt"
+    shutil.copy(tiny["corpus"], corpus)
+    n_docs = len(finetune_llama.read_documents(str(corpus)))
+    assert finetune_llama.parse_data_spec(str(corpus)) == [(str(corpus), None)]
+    flags = ["--data", corpus, "--eval-split", n_docs, "--out", tmp_path / "out"]
+    p = run("finetune_llama.py", "--model", tiny["llama_a"], *flags, check=False)
+    assert_user_error(p, f"leaves 0 training and {n_docs} held-out documents out of {n_docs}")
+
+
 def test_row_schedule_gives_each_pool_its_share_and_cycles_through_it():
     pools = [[[i] for i in range(10)], [[100 + i] for i in range(3)], [[200 + i] for i in range(50)]]
     rows = finetune_llama.row_schedule(pools, [0.5, 0.3, 0.2], 40, seed=1)
