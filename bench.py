@@ -136,6 +136,8 @@ def check_writable_file(path: Path, flag: str) -> None:
     """A file written atomically (temp file + rename): its folder must take new files."""
     if path.is_dir():
         die(f"{flag} {path} is a folder, not a file")
+    if path.exists() and not path.is_file():  # /dev/null: a temp file moved over it would replace the device
+        die(f"{flag} {path} is not a regular file; give the markdown file to update")
     check_writable_dir(path, flag, folder=path.parent)
 
 

@@ -2470,6 +2470,19 @@ def test_record_or_readme_onto_an_input_exit_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--record", "--readme"])
+def test_record_or_readme_that_is_not_a_regular_file_exit_2(tmp_path, flag):
+    """--record /dev/null (here a link of the test's own to /dev/stdout, itself a link to a pipe or a
+    terminal): refused before any run, the link left as it was; the report's temp file moved over it had
+    replaced it (or, as root, the /dev/null device) with a file."""
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    missing = tmp_path / "missing.txt"  # found later: the --record check comes first
+    p = bench("--tiny", "--only", "gpt", "--data", missing, "--out", tmp_path / "o", flag, link)
+    assert_user_error(p, f"{flag} {link} is not a regular file", prefix="bench.py: ")
+    assert os.readlink(link) == "/proc/self/fd/1" and not (tmp_path / "o").exists()
+
+
 def test_record_copies_only_the_reports_plots_and_a_failed_write_leaves_no_temp(tmp_path, monkeypatch):
     bench = import_bench()
     out = tmp_path / "o"
