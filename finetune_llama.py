@@ -481,8 +481,11 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
     if spec.endswith(".gguf"):
         if not path.is_file():
             die(f"--model {spec}: GGUF file not found")
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:  # no read permission, an I/O error
+            die(f"--model {spec} cannot be read ({e.strerror})")
         if magic != b"GGUF":
             die(f"--model {spec}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
         st = path.stat()  # another model copied over it may keep its size and time (cp -p): hence the pieces

@@ -1736,6 +1736,20 @@ def test_an_input_that_cannot_be_read_exit_2(tiny, tmp_path, no_read_override, f
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("script", ["finetune_llama.py", "infer.py"])
+def test_a_gguf_model_that_cannot_be_read_exit_2(tiny, tmp_path, no_read_override, script):
+    """A .gguf base without read permission: one line naming it, not a PermissionError traceback."""
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF")
+    gguf.chmod(0)
+    fine_tune = script == "finetune_llama.py"
+    job = ["--data", tiny["corpus"], "--out", tmp_path / "out"] if fine_tune else ["--prompt", "x"]
+    flags = ["--model", gguf, "--cache-dir", tmp_path / "cache", *job]
+    p = run(script, *flags, check=False, prefix=no_read_override)
+    assert_user_error(p, f"--model {gguf} cannot be read (Permission denied)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("flag", ["--data", "--replay-data"])
 def test_a_corpus_shorter_than_one_packed_row_is_refused_before_the_base_loads(tiny, tmp_path, flag):
     """--packing makes rows of --max-seq-length tokens: a corpus (or --replay-data) holding fewer gives none.
