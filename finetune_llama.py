@@ -235,6 +235,20 @@ def refuse_empty(args, flags: tuple[str, ...]) -> None:
             die(f"{flag} got an empty string: give it a value")
 
 
+def refuse_non_utf8(args, flags: tuple[str, ...]) -> None:
+    """A name holding bytes that are not UTF-8 (a folder from an older system) reaches argv as lone
+    surrogates, which the tokenizers and safetensors libraries cannot open or save to: refused before any
+    work, not when the trained adapter is saved."""
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_")) or ""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+            byte = len(os.fsencode(value[: e.start]))
+            die(f"{flag} {shown} is not a UTF-8 name (byte {byte}), which model libraries refuse: rename it")
+
+
 def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
     """Fail before any work when `path` cannot become a folder to write into (or, given `folder`, when a file
     `path` cannot be written into `folder`); creates nothing."""
@@ -1614,6 +1628,7 @@ def lr_at(step: int, args, total_steps: int) -> float:
 def check_flags(args) -> None:
     """Flag combinations that cannot work, refused before anything loads."""
     refuse_empty(args, ("--model", "--data", "--replay-data", "--eval-text", "--out", "--cache-dir"))
+    refuse_non_utf8(args, ("--model", "--out", "--cache-dir"))
     if args.replay_data and args.replay == 0:
         die("--replay-data needs --replay F > 0 (the fraction of training rows it provides)")
     if args.eval_split > 1 and not args.eval_split.is_integer():

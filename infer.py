@@ -50,6 +50,7 @@ from finetune_llama import (
     random_llama_config,
     read_documents,
     refuse_empty,
+    refuse_non_utf8,
     resolve_model,
     room_for,
     score_sequences,
@@ -1434,6 +1435,8 @@ def main(argv: list[str] | None = None) -> dict:
         die("--backend and --load-in-4bit load Llama models; a --ckpt GPT runs as it was trained")
     if args.ckpt and "cache_dir" in given_flags(args, argv):
         die("--cache-dir keeps converted Llama bases; a --ckpt GPT loads none: drop --cache-dir")
+    if not args.ckpt:  # a GPT checkpoint is read by torch alone
+        refuse_non_utf8(args, ("--adapter", "--model", "--cache-dir"))
     if args.compare_base and not args.adapter:
         die("--compare-base needs --adapter (it compares the adapter with its base)")
     if args.json_out:

@@ -1750,6 +1750,25 @@ def test_a_gguf_model_that_cannot_be_read_exit_2(tiny, tmp_path, no_read_overrid
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_folder_name_that_is_not_utf8_is_refused_before_any_work(tiny, tmp_path):
+    """A folder named in latin-1 (b"caf\\xe9", from an older system) reaches argv as lone surrogates, which
+    the tokenizers library cannot save to: the fine-tune trained to the end, then stopped on a
+    UnicodeEncodeError traceback, the adapter lost; infer could not load a base from there either."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    shutil.copytree(tiny["llama_a"], folder / "base")
+    shown = f"{tmp_path}/caf\\xe9"
+    train = ["--model", tiny["llama_a"], "--data", tiny["corpus"]]
+    cache = ["--cache-dir", folder / "c", "--out", tmp_path / "out"]
+    for script, flags, refused in (
+        ("finetune_llama.py", [*train, "--out", folder / "out"], f"--out {shown}/out"),
+        ("finetune_llama.py", [*train, *cache], f"--cache-dir {shown}/c"),
+        ("infer.py", ["--model", folder / "base", "--prompt", "x"], f"--model {shown}/base"),
+    ):
+        p = run(script, *flags, check=False)
+        assert_user_error(p, f"{refused}", "is not a UTF-8 name (byte ", "rename it")
+    assert sorted(p.name for p in folder.iterdir()) == ["base"] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flag", ["--data", "--replay-data"])
 def test_a_corpus_shorter_than_one_packed_row_is_refused_before_the_base_loads(tiny, tmp_path, flag):
     """--packing makes rows of --max-seq-length tokens: a corpus (or --replay-data) holding fewer gives none.
