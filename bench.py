@@ -114,6 +114,20 @@ def refuse_empty(args, flags: tuple[str, ...]) -> None:
             die(f"{flag} got an empty string: give it a value")
 
 
+def refuse_non_utf8(args, flags: tuple[str, ...]) -> None:
+    """A name holding bytes that are not UTF-8 (a folder from an older system, or started in one: relative
+    names are made absolute) reaches argv as lone surrogates: the logs and the report, UTF-8 text, could not
+    name it, a traceback after the first run. Refused before any run."""
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        for v in value if isinstance(value, list) else [value]:
+            try:
+                v.encode("utf-8") if isinstance(v, str) else None
+            except UnicodeEncodeError as e:
+                shown = os.fsencode(v).decode("utf-8", "backslashreplace")
+                die(f"{flag} {shown} is not a UTF-8 name (byte {len(os.fsencode(v[: e.start]))}): rename it")
+
+
 def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
     """Refuse an output location that cannot be written, before any run: probe the nearest existing
     folder of `folder` (default: path itself) with a temp file, without creating any folder."""
@@ -2884,6 +2898,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.report_only:  # which takes the run's own corpus from its meta.json
         args.data = DEFAULT_DATA if args.data is None else args.data
     anchor_paths(args)
+    refuse_non_utf8(args, ("--out", "--data", "--eval-text", "--model", "--record", "--readme"))
     mode = "full" if args.full else "tiny" if args.tiny else "quick"
     stages = [s.strip() for s in (DEFAULT_STAGES if args.only is None else args.only).split(",") if s.strip()]
     if not stages or set(stages) - {"gpt", "finetune", "infer"}:

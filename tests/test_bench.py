@@ -2483,6 +2483,24 @@ def test_record_or_readme_that_is_not_a_regular_file_exit_2(tmp_path, flag):
     assert os.readlink(link) == "/proc/self/fd/1" and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--data", "--out"])
+def test_a_name_that_is_not_utf8_is_refused_before_any_run(tmp_path, flag):
+    """A folder named in latin-1 (b"caf\\xe9", from an older system) reaches argv as lone surrogates: the
+    first run's log, UTF-8 text naming it, stopped bench on a UnicodeEncodeError traceback, its --out left
+    behind."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    corpus = small_corpus((folder if flag == "--data" else tmp_path) / "c.txt")
+    out = (folder if flag == "--out" else tmp_path) / "o"
+    p = bench("--tiny", "--only", "gpt", "--data", corpus, "--out", out, timeout=120)
+    named = {"--data": corpus, "--out": out}[flag]
+    shown = os.fsencode(named).decode("utf-8", "backslashreplace")
+    assert_user_error(
+        p, f"{flag} {shown} is not a UTF-8 name (byte {len(str(tmp_path)) + 4})", prefix="bench.py: "
+    )
+    assert not out.exists()
+
+
 def test_record_copies_only_the_reports_plots_and_a_failed_write_leaves_no_temp(tmp_path, monkeypatch):
     bench = import_bench()
     out = tmp_path / "o"
