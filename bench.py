@@ -2745,8 +2745,12 @@ def check_corpus(data: Path, finetune: bool = True) -> None:
         text = raw.decode("utf-8", errors="strict" if finetune else "replace")
     except UnicodeDecodeError as e:
         die(f"corpus {data} is not UTF-8 text ({e.reason} at byte {e.start}); the fine-tune runs refuse it")
-    if not any(doc.strip() for doc in re.split(r"\n\s*\n", text)):
+    # split as the scripts split it: Windows and old Mac line ends are newlines
+    docs = [d for d in re.split(r"\n\s*\n", text.replace("\r\n", "\n").replace("\r", "\n")) if d.strip()]
+    if not docs:
         die(f"corpus {data} is empty: blank lines only, no document")
+    if len(docs) < 2:  # each script holds the last documents out for validation
+        die(f"corpus {data} holds 1 document; the scripts need at least 2, separated by a blank line")
 
 
 def run_meta(

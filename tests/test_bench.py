@@ -315,7 +315,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
 
 def test_corpus_the_runs_would_refuse_exit_2_before_any_run(tmp_path):
     """A corpus that is not UTF-8 failed every fine-tune run (after the whole GPT stage), one of blank lines
-    every run: refused up front, nothing written into --out."""
+    or of a single document (one long line) every run: refused up front, nothing written into --out."""
     sys.path.insert(0, str(ROOT))
     from bench import check_corpus
 
@@ -323,14 +323,20 @@ def test_corpus_the_runs_would_refuse_exit_2_before_any_run(tmp_path):
     latin1.write_bytes(b"Stocks rose.\n\nCaf\xe9 prices fell 2%.\n")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n  \n\t\n")
+    one = tmp_path / "one.txt"  # one long line (no blank line): nothing to hold out for validation
+    one.write_text("Stocks rose 1%. " * 5000 + "\n")
     for data, frag in (
         (latin1, "is not UTF-8 text (invalid continuation byte at byte 17)"),
         (blank, "blank"),
+        (one, "holds 1 document; the scripts need at least 2, separated by a blank line"),
     ):
         p = bench("--tiny", "--only", "finetune", "--data", data, "--out", tmp_path / "o", timeout=120)
         assert_user_error(p, f"corpus {data}", frag, prefix="bench.py: ")
         assert not (tmp_path / "o").exists()
     check_corpus(latin1, finetune=False)  # the GPT scripts replace the bytes: a GPT-only run may use it
+    old_mac = tmp_path / "cr.txt"  # old Mac line ends: documents to the scripts, as to check_corpus
+    old_mac.write_bytes(b"Stocks rose.\r\rBonds fell.\r")
+    check_corpus(old_mac)
 
 
 def test_record_replaces_its_own_section_and_copies_plots(tmp_path):
