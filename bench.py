@@ -128,6 +128,15 @@ def refuse_non_utf8(args, flags: tuple[str, ...]) -> None:
                 die(f"{flag} {shown} is not a UTF-8 name (byte {len(os.fsencode(v[: e.start]))}): rename it")
 
 
+def refuse_folder_names(args, flags: tuple[str, ...]) -> None:
+    """A file to write named with a trailing / (a folder) is refused: Path drops the slash, and the report
+    became a file of the folder's name."""
+    for flag in flags:
+        given = getattr(args, flag[2:].replace("-", "_"))
+        if given and given.endswith("/"):
+            die(f"{flag} {given} ends in /, which names a folder; give the file to write")
+
+
 def check_writable_dir(path: Path, flag: str, folder: Path | None = None) -> None:
     """Refuse an output location that cannot be written, before any run: probe the nearest existing
     folder of `folder` (default: path itself) with a temp file, without creating any folder."""
@@ -2899,6 +2908,7 @@ def anchor_paths(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     refuse_empty(args, ("--out", "--data", "--eval-text", "--model"))  # before anchoring: "" would be the cwd
+    refuse_folder_names(args, ("--record", "--readme"))  # before anchoring, which drops the slash
     if not args.report_only:  # which takes the run's own corpus from its meta.json
         args.data = DEFAULT_DATA if args.data is None else args.data
     anchor_paths(args)

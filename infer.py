@@ -1279,8 +1279,11 @@ def token_counts(s: str) -> list[int]:
     return [int(x) for x in parts]
 
 
-def check_writable_file(path: Path, flag: str) -> None:
+def check_writable_file(given: str, flag: str) -> None:
     """The output file's folder exists (or can be made) and takes new files; nothing is created here."""
+    if given.endswith("/"):  # Path drops the slash: the folder meant would have become a file of that name
+        die(f"{flag} {given} ends in /, which names a folder; give the file to write")
+    path = Path(given)
     if path.is_dir():
         die(f"{flag} {path} is a folder, not a file")
     if not_a_file_to_replace(path):  # written as it is, not through a temp file in its folder
@@ -1440,7 +1443,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_base and not args.adapter:
         die("--compare-base needs --adapter (it compares the adapter with its base)")
     if args.json_out:
-        check_writable_file(Path(args.json_out), "--json-out")  # found now, not after all the generation
+        check_writable_file(args.json_out, "--json-out")  # found now, not after all the generation
         check_spares_inputs(args)
     for flag, path in (("--ppl", args.ppl), ("--prompts-file", args.prompts_file), ("--ckpt", args.ckpt)):
         if path and not Path(path).is_file():

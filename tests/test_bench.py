@@ -2489,6 +2489,17 @@ def test_record_or_readme_that_is_not_a_regular_file_exit_2(tmp_path, flag):
     assert os.readlink(link) == "/proc/self/fd/1" and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--record", "--readme"])
+def test_record_or_readme_with_a_trailing_slash_is_refused_before_any_run(tmp_path, flag):
+    """--record reports/ names a folder: Path drops the slash, and the report became a file named reports.
+    Refused also when started elsewhere than the repository, where the name is made absolute."""
+    missing = tmp_path / "missing.txt"  # found later: the --record check comes first
+    for cwd, md in ((ROOT, f"{tmp_path}/reports/"), (tmp_path, "reports/")):
+        p = bench("--tiny", "--only", "gpt", "--data", missing, "--out", tmp_path / "o", flag, md, cwd=cwd)
+        assert_user_error(p, f"{flag} {md} ends in /, which names a folder", prefix="bench.py: ")
+    assert sorted(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag", ["--data", "--out"])
 def test_a_name_that_is_not_utf8_is_refused_before_any_run(tmp_path, flag):
     """A folder named in latin-1 (b"caf\\xe9", from an older system) reaches argv as lone surrogates: the

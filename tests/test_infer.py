@@ -409,6 +409,15 @@ def test_unusable_json_out_is_refused_before_any_model(bad_ckpts, tmp_path, unwr
     assert list(unwritable_dir.iterdir()) == []  # the missing folder was not made
 
 
+def test_json_out_with_a_trailing_slash_is_refused_before_any_model(bad_ckpts, tmp_path):
+    """--json-out results/ names a folder: Path drops the slash, and the JSON became a file named results."""
+    broken = bad_ckpts["random.pt"][0]  # were the model loaded first, this file's error would come instead
+    out = f"{tmp_path}/results/"
+    p = run("infer.py", "--ckpt", broken, "--prompt", "x", "--json-out", out, check=False)
+    assert_user_error(p, f"--json-out {out} ends in /, which names a folder; give the file to write")
+    assert not (tmp_path / "results").exists()
+
+
 def test_json_out_under_a_dangling_link_is_refused_before_any_model(bad_ckpts, tmp_path):
     broken = bad_ckpts["random.pt"][0]  # were the model loaded first, this file's error would come instead
     link, gone = tmp_path / "link", tmp_path / "gone"
