@@ -1471,6 +1471,19 @@ def resume_identity(args_given: dict, sources: list[Source]) -> dict:
     }
 
 
+def spelled_alike(key: str, value):
+    """A flag's value as --resume compares it: files whose bytes it compares by hash (--data, --eval-text,
+    --replay-data) by their names alone, so data/a.txt, ./data/a.txt or an absolute path from another folder
+    name the same corpus (a --data weight stays: a.txt:3); a --model folder by where it resolves."""
+    if key == "data" and isinstance(value, str):
+        return [os.path.basename(os.path.expanduser(part.strip())) for part in value.split(",")]
+    if key in ("eval_text", "replay_data"):
+        return [Path(v).name for v in value] if isinstance(value, list) else value and Path(value).name
+    if key == "model" and isinstance(value, str) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
     """--resume: the checkpoints in --out were made by this command on these corpora; returns their run's
     record."""
@@ -1486,7 +1499,7 @@ def check_resume(args, args_given: dict, sources: list[Source]) -> dict:
     diffs = [
         f"--{k.replace('_', '-')} {then['args'].get(k)!r} then, {v!r} now"
         for k, v in now["args"].items()
-        if then["args"].get(k) != v
+        if spelled_alike(k, then["args"].get(k)) != spelled_alike(k, v)
     ]
     if then.get("corpora") != now["corpora"]:
         diffs.append("the --data corpora changed")

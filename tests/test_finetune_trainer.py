@@ -430,6 +430,32 @@ def test_resume_refuses_checkpoints_of_another_base(tiny, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
+def test_resume_takes_the_same_files_spelled_another_way(tiny, tmp_path):
+    """--resume compares the corpora and text files by their bytes: the same files named by another path
+    (relative, ./, absolute) continue the run, where the flags' text alone refused it."""
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    text = tmp_path / "notes.txt"
+    text.write_text("The index rose.\n\nBond yields fell.\n")
+    command = finetune_cmd(tiny, out, "--max-steps", 2, "--save-steps", 1, "--eval-text", text)
+    run(command, cache=cache)
+    (out / "run.json").unlink()  # as a kill after training, before the adapter was published, leaves it
+
+    def rel(p) -> str:
+        return "./" + os.path.relpath(p, ROOT)
+
+    respelled = [*command, "--data", rel(tiny["corpus"]), "--model", rel(tiny["llama_a"])]
+    respelled[respelled.index("--eval-text") + 1] = rel(text)
+    p = run([*respelled, "--resume"], check=False, cache=cache)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+    (out / "run.json").unlink()
+    renamed = tmp_path / "other.txt"  # another file: refused, as before
+    renamed.write_text(text.read_text())
+    respelled[respelled.index("--eval-text") + 1] = str(renamed)
+    p = run([*respelled, "--resume"], check=False, cache=cache)
+    assert_user_error(p, "--resume", "do not match", "--eval-text")
+
+
 def test_other_weights_in_the_base_folder_are_another_base(tiny, tmp_path):
     """The base folder rewritten with other weights under the same config (a merged model made again in
     place): --resume is refused, as the scores before training were the old weights', and the retention
