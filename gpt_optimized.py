@@ -470,6 +470,9 @@ def prepare_data(args, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray, di
         die(f"cannot read corpus {path} ({e.strerror})")
     if not raw.strip():
         die(f"corpus is empty: {path}")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:4096].count(0) > len(raw[:4096]) // 8:
+        # a NUL in every other byte: UTF-16 ("Unicode" in Notepad), whose blank lines no UTF-8 reading sees
+        die(f"corpus {path} is not UTF-8 text (UTF-16, or binary data); save it as UTF-8")
     sha = hashlib.sha256(raw).hexdigest()
     key = f"{sha[:16]}-{args.tokenizer}" + (str(args.vocab_size) if args.tokenizer == "bpe" else "")
     bin_path, meta_path = out / f"tokens-{key}.bin", out / f"tokens-{key}.json"

@@ -885,6 +885,21 @@ def test_bad_input_from_the_command_line_is_one_line_no_traceback(name, tmp_path
     assert r.stderr.strip().splitlines() == [f"{name}: error: corpus not found: {tmp_path / 'nope.txt'}"]
 
 
+@pytest.mark.parametrize("name", MODULES)
+def test_a_utf16_corpus_is_named_as_such(name, corpus, tmp_path):
+    """A corpus saved as UTF-16 (Notepad's "Unicode"), with or without its byte-order mark, is refused for its
+    encoding; read as UTF-8 it was one document of NULs and refused for holding too few."""
+    text = corpus.read_text(encoding="utf-8")
+    for encoding in ("utf-16", "utf-16-le"):
+        f = tmp_path / f"{encoding}.txt"
+        f.write_text(text, encoding=encoding)
+        r = run_cli(name, ["--data", str(f), "--out", str(tmp_path / "o"), *TINY])
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"{name}: error: corpus {f} is not UTF-8 text (UTF-16, or binary data); save it as UTF-8"
+        ], r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
 # -----------------------------------------------------------------------------
 # data and tokenizers
 
