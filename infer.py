@@ -1294,9 +1294,14 @@ def check_writable_file(given: str, flag: str) -> None:
 
 
 def not_a_file_to_replace(path: Path) -> bool:
-    """/dev/stdout, /dev/null, a pipe: an output that exists but is no regular file, so it is written into,
-    not replaced: a temp file moved over it would remove the device, or the link, for every program."""
-    return path.exists() and not path.is_file() and not path.is_dir()
+    """/dev/stdout, /dev/null, a pipe: an output that exists but is no regular file, or an open file reached
+    through /proc/PID/fd, so it is written into, not replaced: a temp file moved over it would remove the
+    device, or the link, for every program."""
+    if not path.exists() or path.is_dir():
+        return False
+    # /dev/stdout (a link to /proc/self/fd/1), /dev/fd/1: with stdout redirected to a file, a regular file
+    via_fd = os.path.realpath(path.parent).startswith("/proc/")
+    return not path.is_file() or via_fd or (path.is_symlink() and os.readlink(path).startswith("/proc/"))
 
 
 def cache_folder(path: Path, cache_dir: Path) -> Path | None:
@@ -1489,7 +1494,9 @@ def write_json_out(path: Path, results: dict) -> None:
         with room_for(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             if not_a_file_to_replace(path):
-                path.write_text(json.dumps(results, indent=2) + "\n")
+                sys.stdout.flush()  # stdout redirected to a file: the JSON comes after what was printed
+                with open(path, "a") as f:  # "w" would cut off what the run printed there before
+                    f.write(json.dumps(results, indent=2) + "\n")
                 return
         atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     except WriteFailed:

@@ -439,6 +439,22 @@ def test_json_out_to_stdout_is_written_into_not_replaced(ckpt, tmp_path):
     assert results["generations"][0]["prompt"] == "x"
 
 
+def test_json_out_to_stdout_redirected_to_a_file_is_written_into(ckpt, tmp_path):
+    """`--json-out /dev/stdout > results.txt`: /dev/stdout is then a link to a regular file (here a link of
+    the test's own, through /proc/self/fd/1 as /dev/stdout goes). The JSON follows what was printed; a temp
+    file moved over the link had replaced it (/dev/stdout itself, as root) and left results.txt without it."""
+    link, printed = tmp_path / "stdout", tmp_path / "results.txt"
+    link.symlink_to("/proc/self/fd/1")
+    with open(printed, "w") as f:
+        cmd = [sys.executable, ROOT / "infer.py", "--ckpt", ckpt, "--prompt", "x", "--max-new-tokens", "2"]
+        subprocess.run([*cmd, "--json-out", link], stdout=f, stderr=subprocess.PIPE, cwd=ROOT, check=True)
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+    text = printed.read_text()
+    assert text.startswith("x")  # the generation printed first, then the JSON after it
+    results = json.loads(text[text.index('{\n  "generations"') :])
+    assert results["generations"][0]["prompt"] == "x"
+
+
 def test_json_out_in_the_cache_of_converted_bases_is_refused(tmp_path):
     """--model smollm2 loads its converted folder from --cache-dir: a --json-out there (its config.json)
     broke every later load of the base."""
