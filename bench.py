@@ -2278,7 +2278,8 @@ def same_run(folder: Path, identity: dict, corpus_sha256: str) -> bool:
     weights, resolved = base.get("weights_sha256"), base.get("resolved")
     if not (weights and isinstance(resolved, str)):  # a hub base, or a run.json from before they were hashed
         return True
-    return weights == finetune_llama.weights_fingerprint(resolved)
+    now = finetune_llama.weights_fingerprint(resolved)
+    return now is None or weights == now  # None: a converted base gone from the cache, built again the same
 
 
 def sweep_plan(settings: list[tuple[str, list[str]]], base: list[str], extra: list[str]) -> list[dict]:

@@ -1,6 +1,7 @@
 """bench.py end to end at its smallest size: the real scripts on a small slice of the corpus and a tiny
 random Llama; the report must hold every section, and every ratio must follow from the runs' own files."""
 
+import hashlib
 import json
 import math
 import os
@@ -1368,6 +1369,25 @@ def test_sweep_trains_again_after_an_input_file_or_the_base_s_weights_changed(ti
     assert fourth["base"]["weights_sha256"] != third["base"]["weights_sha256"]
     assert fourth["eval_sets"]["heldout"]["ppl_before"] != third["eval_sets"]["heldout"]["ppl_before"]
     assert sweep(trained=False) == fourth  # nothing changed since
+
+
+def test_sweep_reuses_a_run_whose_converted_base_is_gone_from_the_cache(tiny, tmp_path):
+    """--model smollm2 (or a .gguf, or random-llama-3.2-1b) trains on a folder the cache builds, the same
+    weights each time: with that folder cleared the weights cannot be compared, as for a hub base, and the run
+    is reused, not every setting trained again (the run rebuilt the folder, and its weights hashed the same).
+    Other weights in a folder that is there still train again (the test above)."""
+    bench = import_bench()
+    flags = ["--model", "smollm2", "--data", str(tiny["corpus"])]
+    identity = bench.finetune_identity(flags)
+    corpus_sha = hashlib.sha256(tiny["corpus"].read_bytes()).hexdigest()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    base = {"resolved": str(tmp_path / "cache" / "smollm2-135m-instruct"), "weights_sha256": "ab" * 32}
+    run = {"args": {**identity, "out": str(folder)}, "data": {"corpus_sha256": corpus_sha}, "base": base}
+    (folder / "run.json").write_text(json.dumps(run))
+    assert bench.same_run(folder, identity, corpus_sha)
+    shutil.copytree(tiny["llama_a"], base["resolved"])  # there, with other weights than recorded
+    assert not bench.same_run(folder, identity, corpus_sha)
 
 
 def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny, tmp_path):
