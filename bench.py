@@ -2278,8 +2278,25 @@ def same_run(folder: Path, identity: dict, corpus_sha256: str) -> bool:
     weights, resolved = base.get("weights_sha256"), base.get("resolved")
     if not (weights and isinstance(resolved, str)):  # a hub base, or a run.json from before they were hashed
         return True
+    if not same_gguf(identity.get("model"), resolved):
+        return False
     now = finetune_llama.weights_fingerprint(resolved)
     return now is None or weights == now  # None: a converted base gone from the cache, built again the same
+
+
+def same_gguf(model: str | None, resolved: str) -> bool:
+    """A .gguf --model is still the file converted into the folder recorded: another model copied over it is
+    converted into another folder (finetune_llama.gguf_folder_name), so the recorded one's weights say
+    nothing of it. A relative name is the runs', from the repository."""
+    import finetune_llama
+
+    gguf = HERE / os.path.expanduser(model or "")
+    try:
+        return not (gguf.suffix == ".gguf" and gguf.is_file()) or (
+            Path(resolved).name == finetune_llama.gguf_folder_name(gguf)
+        )
+    except OSError:  # unreadable: the run says so
+        return False
 
 
 def sweep_plan(settings: list[tuple[str, list[str]]], base: list[str], extra: list[str]) -> list[dict]:

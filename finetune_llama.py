@@ -502,10 +502,7 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
             die(f"--model {spec} cannot be read ({e.strerror})")
         if magic != b"GGUF":
             die(f"--model {spec}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
-        st = path.stat()  # another model copied over it may keep its size and time (cp -p): hence the pieces
-        ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{file_pieces_sha256(path)}"
-        key = hashlib.sha256(ident.encode()).hexdigest()[:10]
-        folder = gguf_to_hf_folder(path.resolve(), cache / f"{path.stem}-{key}")
+        folder = gguf_to_hf_folder(path.resolve(), cache / gguf_folder_name(path))
         return {"model": spec, "resolved": str(folder), "source": "gguf"}
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -535,6 +532,14 @@ def resolve_model(spec: str, cache_dir: str = DEFAULT_CACHE_DIR, quiet: bool = F
         f"unknown model {spec!r}: not a local folder, a .gguf file, a hub id (owner/name), 'smollm2', "
         f"'{RANDOM_LLAMA_ALIAS}' or 'auto'"
     )
+
+
+def gguf_folder_name(path: Path) -> str:
+    """The name of a GGUF file's converted folder in the cache: its stem and a key of its place, size, time
+    and pieces of its bytes (another model copied over it may keep its size and time, cp -p)."""
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{file_pieces_sha256(path)}"
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
 
 def config_identity(config) -> dict:

@@ -1390,6 +1390,31 @@ def test_sweep_reuses_a_run_whose_converted_base_is_gone_from_the_cache(tiny, tm
     assert not bench.same_run(folder, identity, corpus_sha)
 
 
+def test_sweep_trains_again_after_another_model_is_copied_over_its_gguf(tiny, tmp_path):
+    """--model m.gguf is converted into a cache folder keyed by the file: another model copied over it (the
+    same size and time, cp -p) goes into another folder, and the recorded folder, still there, holds the old
+    model's weights. Comparing those alone reused the old model's run."""
+    bench = import_bench()
+    sys.path.insert(0, str(ROOT))
+    import finetune_llama
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
+    folder, converted = tmp_path / "run", tmp_path / "cache" / finetune_llama.gguf_folder_name(gguf)
+    shutil.copytree(tiny["llama_a"], converted)  # stands in for the converted model
+    identity = bench.finetune_identity(["--model", str(gguf), "--data", str(tiny["corpus"])])
+    corpus_sha = hashlib.sha256(tiny["corpus"].read_bytes()).hexdigest()
+    base = {"resolved": str(converted), "weights_sha256": finetune_llama.weights_fingerprint(str(converted))}
+    folder.mkdir()
+    run = {"args": {**identity, "out": str(folder)}, "data": {"corpus_sha256": corpus_sha}, "base": base}
+    (folder / "run.json").write_text(json.dumps(run))
+    assert bench.same_run(folder, identity, corpus_sha)
+    st = gguf.stat()
+    gguf.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 4096)  # another model, the same size
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))  # and time
+    assert not bench.same_run(folder, identity, corpus_sha)
+
+
 def test_sweep_ctrl_c_keeps_the_finished_runs_and_the_same_command_goes_on(tiny, tmp_path):
     import signal
     import time
