@@ -161,7 +161,17 @@ def check_writable_file(path: Path, flag: str) -> None:
         die(f"{flag} {path} is a folder, not a file")
     if path.exists() and not path.is_file():  # /dev/null: a temp file moved over it would replace the device
         die(f"{flag} {path} is not a regular file; give the markdown file to update")
+    if path.exists() and through_open_fd(path):  # /dev/stdout with stdout redirected to a file
+        die(f"{flag} {path} is a link to an open stream, not a file; give the markdown file to update")
     check_writable_dir(path, flag, folder=path.parent)
+
+
+def through_open_fd(path: Path) -> bool:
+    """/dev/stdout (a link to /proc/self/fd/1), /dev/fd/1: a stream's link, to a regular file when the stream
+    is redirected to one; a temp file moved over it would replace the link for every program."""
+    return os.path.realpath(path.parent).startswith("/proc/") or (
+        path.is_symlink() and os.readlink(path).startswith("/proc/")
+    )
 
 
 def cpu_has_bf16_units() -> bool:

@@ -2535,6 +2535,22 @@ def test_record_or_readme_that_is_not_a_regular_file_exit_2(tmp_path, flag):
 
 
 @pytest.mark.parametrize("flag", ["--record", "--readme"])
+def test_record_or_readme_onto_stdout_redirected_to_a_file_exit_2(tmp_path, flag):
+    """`--record /dev/stdout > log.txt`: /dev/stdout (here a link of the test's own, through /proc/self/fd/1
+    as /dev/stdout goes) then leads to a regular file, and passed the check: the report's temp file, moved
+    over it at the end, replaced the link (/dev/stdout itself, as root) with a file."""
+    link, log = tmp_path / "stdout", tmp_path / "log.txt"
+    link.symlink_to("/proc/self/fd/1")
+    missing = tmp_path / "missing.txt"  # found later: the --record check comes first
+    with open(log, "w") as f:
+        cmd = [sys.executable, ROOT / "bench.py", "--tiny", "--only", "gpt", "--data", missing]
+        cmd += ["--out", tmp_path / "o", flag, link]
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert_user_error(p, f"{flag} {link} is a link to an open stream, not a file", prefix="bench.py: ")
+    assert os.readlink(link) == "/proc/self/fd/1" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--record", "--readme"])
 def test_record_or_readme_with_a_trailing_slash_is_refused_before_any_run(tmp_path, flag):
     """--record reports/ names a folder: Path drops the slash, and the report became a file named reports.
     Refused also when started elsewhere than the repository, where the name is made absolute."""
