@@ -1711,8 +1711,14 @@ def evaluate(
         for s in sets:
             progress = f"eval {s.name} ({label})" if label else None
             nll, n = score_sequences(model, s.seqs, context, batch_size, pad_id, progress=progress)
-            out[s.name] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
+            out[s.name] = {"loss": nll / n, "ppl": perplexity(nll / n), "tokens": n}
     return out
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a mean loss in nats; inf where that overflows a float (above ~709 nats a token: a broken model,
+    e.g. a damaged or mis-converted base, not a traceback)."""
+    return math.exp(mean_nll) if mean_nll < 709 else math.inf
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from finetune_llama import (
     interrupted_exit_code,
     note,
     out_of_memory,
+    perplexity,
     random_llama_config,
     read_documents,
     refuse_empty,
@@ -795,13 +796,13 @@ def run_ppl(lm, docs: list[str], context: int, batch_size: int, compare: bool) -
     if compare:
         with lm.model.disable_adapter():
             nll, n = lm.score(seqs, context, batch_size)
-        result["base_perplexity"] = math.exp(nll / n)
+        result["base_perplexity"] = perplexity(nll / n)
         print(
             f"base perplexity: {result['base_perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, "
             f"context: {context})"
         )
     nll, n = lm.score(seqs, context, batch_size)
-    result.update(perplexity=math.exp(nll / n), tokens=n, nll=nll)
+    result.update(perplexity=perplexity(nll / n), tokens=n, nll=nll)
     print(f"perplexity: {result['perplexity']:.4f} (tokens: {n}, documents: {len(docs)}, context: {context})")
     return result
 

@@ -794,6 +794,25 @@ def test_infer_ppl_matches_training_eval_and_an_independent_count(tiny, adapter,
     assert finetune_llama.read_documents(str(tmp_path / "spaced.txt"), "--eval-text") == docs
 
 
+def test_a_loss_too_large_for_a_float_is_an_infinite_perplexity(tiny, tmp_path, capsys):
+    """A broken base (here the output head scaled 1e6: a loss of thousands of nats a token) scores an infinite
+    perplexity; exp of the mean loss overflowed a float, a traceback after the whole scoring."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["llama_a"], broken)
+    model = AutoModelForCausalLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1e6)
+    model.save_pretrained(broken)
+    (tmp_path / "t.txt").write_text("Stocks rose on Monday.\n\nOil fell.\n")
+    res = infer.main(["--model", str(broken), "--ppl", str(tmp_path / "t.txt")])["ppl"]
+    assert res["perplexity"] == math.inf and res["nll"] / res["tokens"] > 709
+    assert "perplexity: inf" in capsys.readouterr().out
+
+
 def test_generation_is_seeded_and_kv_cache_greedy_equals_no_cache(adapter, capsys):
     base = ["--adapter", str(adapter["out"]), "--prompt", "Closing bell,", "--max-new-tokens", "24"]
     sampled = [
