@@ -2773,7 +2773,9 @@ def check_corpus(data: Path, finetune: bool = True) -> None:
         what = "a folder" if data.is_dir() else "not a regular file"
         die(f"--data {data} is {what}; give the corpus text file")
     if not data.is_file() or data.stat().st_size == 0:
-        die(f"corpus {data} is missing or empty: build it with `python fetch_news.py --source market`")
+        import finetune_llama
+
+        die(f"corpus {data} is missing or empty: {finetune_llama.corpus_hint(data)}")
     try:
         raw = data.read_bytes()
     except OSError as e:

@@ -60,6 +60,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -581,7 +582,7 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
     if p.exists() and not p.is_file():  # /dev/null, a pipe: a corpus is read again to hash it
         die(f"{what} is not a regular file; give a text file of documents")
     if not p.is_file():
-        hint = " (build it with: python fetch_news.py --source market)" if flag == "--data" else ""
+        hint = f" ({corpus_hint(p)})" if flag == "--data" else ""
         die(f"{what} not found{hint}")
     try:
         text = p.read_text(encoding="utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
@@ -593,6 +594,16 @@ def read_documents(path: str, flag: str = "--data") -> list[str]:
     if not docs:
         die(f"{what} is empty")
     return docs
+
+
+def corpus_hint(path: Path) -> str:
+    """The fetch_news.py command that builds the corpus `path` names: it writes finance_corpus.txt into its
+    --out-dir (default data), so another folder is passed, and another file name only named."""
+    out_dir = "" if path.parent == Path("data") else f" --out-dir {shlex.quote(str(path.parent))}"
+    command = f"python fetch_news.py --source market{out_dir}"
+    if path.name == "finance_corpus.txt":
+        return f"build it with: {command}"
+    return f"{command} builds {path.parent / 'finance_corpus.txt'}"
 
 
 def split_documents(text: str) -> list[str]:

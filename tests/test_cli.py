@@ -1,6 +1,7 @@
 """Command-line input every script shares, treated the same way by each."""
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -66,3 +67,21 @@ def test_outputs_under_tilde_go_to_the_home_folder_not_a_folder_named_tilde(tmp_
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert (home / "gen.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("script", ["finetune_llama.py", "bench.py"])
+def test_the_command_a_missing_corpus_names_builds_that_file(tmp_path, script):
+    """fetch_news.py writes finance_corpus.txt into its --out-dir (default data): the command named for a
+    corpus in another folder passes that folder, else it rebuilt data/finance_corpus.txt and the same run
+    failed again."""
+    corpus = tmp_path / "my corpus" / "finance_corpus.txt"
+    p = run_in(tmp_path, tmp_path, script, "--data", corpus, "--out", tmp_path / "o")
+    assert_user_error(p, "build it with: python fetch_news.py --source market --out-dir")
+    argv = shlex.split(p.stderr.strip().split("build it with: ")[1].removesuffix(")"))
+    assert argv[:2] == ["python", "fetch_news.py"], argv
+    built = run_in(tmp_path, tmp_path, *argv[1:])
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert corpus.is_file() and not (tmp_path / "data").exists()
+    other = run_in(tmp_path, tmp_path, script, "--data", tmp_path / "news.txt", "--out", tmp_path / "o")
+    named = f"--out-dir {shlex.quote(str(tmp_path))} builds {tmp_path / 'finance_corpus.txt'}"
+    assert_user_error(other, named)
