@@ -2593,9 +2593,10 @@ def score_trained(args, m: Loaded, eval_all) -> dict:
         return eval_all("after")
     except KeyboardInterrupt:
         save_outputs(Path(args.out), m.model, m.tok, None, [], "")
-        # without run.json infer.py picks its backend and base precision for itself: name training's
+        # without run.json infer.py picks its backend and base precision for itself: name training's (and
+        # the folder as a shell reads it: the command is pasted into one)
         bits = "--load-in-4bit" if args.load_in_4bit else "--no-load-in-4bit"
-        UNSCORED.append(f"--adapter {args.out} --backend {m.backend} {bits}")
+        UNSCORED.append(f"--adapter {shlex.quote(args.out)} --backend {m.backend} {bits}")
         raise
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -692,14 +693,15 @@ def interrupt_while_scoring(cmd: list, until: bytes) -> str:
 
 def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
     """Training has ended; Ctrl-C during the scoring after it writes the adapter alone (no run.json: no
-    scores), which infer.py then loads and scores."""
-    out, text = tmp_path / "o", tmp_path / "long.txt"
+    scores), which infer.py then loads and scores, with the command as the message gives it (its --out
+    quoted: a folder name with a space)."""
+    out, text = tmp_path / "o ut", tmp_path / "long.txt"
     text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
     flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
     cmd = tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out)
     err = interrupt_while_scoring(cmd, b"(after)")  # the progress bar of the scoring after training
     # infer.py would otherwise choose for itself (on a GPU with Unsloth: Unsloth, 4-bit): training's are named
-    command = f"python infer.py --adapter {out} --backend hf --no-load-in-4bit --ppl FILE --compare-base"
+    command = f"python infer.py --adapter '{out}' --backend hf --no-load-in-4bit --ppl FILE --compare-base"
     assert err.strip().replace("\r", "\n").splitlines()[-1] == (
         f"interrupted while scoring: the trained adapter was written to {out} without run.json (no scores); "
         f"score it with: {command}"
@@ -707,7 +709,7 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and not (out / "run.json").exists()
     assert not [f for f in out.iterdir() if f.name.startswith(".finetune-")]  # no temp folder left
     scored = tmp_path / "scored.json"
-    args = command.replace("FILE", str(tiny["corpus"])).split()[2:]  # the command as given
+    args = shlex.split(command.replace("FILE", shlex.quote(str(tiny["corpus"]))))[2:]  # the command as given
     subprocess.run(
         [sys.executable, ROOT / "infer.py", *args, "--json-out", scored], check=True, cwd=tmp_path, env=ENV
     )
