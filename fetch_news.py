@@ -534,8 +534,8 @@ def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: N
     if t.stop in (130, 143):
         print(f"interrupted: {eodhd_kept(args.out_dir)}; {RERUN} to resume", file=sys.stderr)
         return t.stop
-    if t.unfinished:
-        print(f"{len(t.unfinished)} tickers stopped at --max-pages; {RERUN} to continue them.")
+    if n := len(t.unfinished):  # --restart again would page them from offset 0: the same pages each time
+        print(f"{n} tickers stopped at --max-pages; {RERUN}{' without --restart' * args.restart} to go on.")
     return 0
 
 

@@ -597,6 +597,19 @@ def test_max_pages_then_continue(api, tmp_path):
     assert [off for _, _, off, *_ in api.log] == [0, 2, 4, 6, 8, 9]
 
 
+def test_max_pages_with_restart_names_the_command_that_continues(api, tmp_path):
+    """--restart pages every ticker from offset 0: run again, it fetched the same first --max-pages pages
+    each time; the command the summary names (the same, less --restart) goes on from where it stopped."""
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(9)]
+    flags = ["--tickers", "AAPL.US", "--limit", "2", "--max-pages", "2"]
+    r = fetch(api, tmp_path, *flags, "--restart")
+    assert r.returncode == 0 and len(read_news(tmp_path)) == 4, r.stderr
+    assert "1 tickers stopped at --max-pages; run the same command again without --restart to" in r.stdout
+    r = fetch(api, tmp_path, *flags)
+    assert r.returncode == 0 and len(read_news(tmp_path)) == 8, r.stderr
+    assert [off for _, _, off, *_ in api.log] == [0, 2, 4, 6]
+
+
 def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
     tickers = ["AAA.US", "BBB.US", "CCC.US"]
     shared = [article(700 + i, tickers) for i in range(6)]
