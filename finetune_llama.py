@@ -2790,7 +2790,9 @@ def print_summary(args, run: dict, sets: list[EvalSet]) -> None:
         )
 
 
-def interrupted_message(out: str) -> str:
+def interrupted_message(out: str, overwrite: bool = False) -> str:
+    """What Ctrl-C left in --out and the command that goes on; a command with --overwrite names the swap, as
+    --resume with --overwrite is refused."""
     if UNSCORED:
         return (
             f"interrupted while scoring: the trained adapter was written to {out} without run.json (no "
@@ -2798,10 +2800,9 @@ def interrupted_message(out: str) -> str:
         )
     unfinished = unfinished_run(Path(out))
     if unfinished and not WRITTEN:
-        return (
-            f"interrupted: {out} keeps the checkpoints ({unfinished}); "
-            f"continue with the same command and --resume"
-        )
+        how = "with --resume in place of --overwrite" if overwrite else "and --resume"
+        kept = f"interrupted: {out} keeps the checkpoints ({unfinished})"
+        return f"{kept}; continue with the same command {how}"
     if WRITTEN:
         return f"interrupted: the adapter was written to {out}; the merge was not"
     return f"interrupted: nothing was written (the adapter is saved when training ends); {out} is as it was"
@@ -3130,7 +3131,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt as e:  # Ctrl-C (exit 130), or SIGTERM (Terminated, exit 143)
         close_progress_bars()
         if is_main_process():  # under torchrun every process gets the signal: one line, not one a process
-            print(f"\n{interrupted_message(cli_args.out)}", file=sys.stderr)  # after any progress bar
+            message = interrupted_message(cli_args.out, cli_args.overwrite)
+            print(f"\n{message}", file=sys.stderr)  # after any progress bar
         raise SystemExit(interrupted_exit_code(e))
     except (RuntimeError, WriteFailed) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not (isinstance(e, WriteFailed) or out_of_memory(e)):

@@ -216,13 +216,16 @@ def test_resume_after_kill_9_reaches_the_uninterrupted_run(tiny, tmp_path):
     assert_user_error(finished, "finished", "nothing to resume")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_training_keeps_the_checkpoints_and_resume_goes_on(tiny, tmp_path, sig, code):
+@pytest.mark.parametrize(
+    "sig, code, overwrite", [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, ["--overwrite"])]
+)
+def test_interrupted_training_keeps_the_checkpoints_and_resume_goes_on(tiny, tmp_path, sig, code, overwrite):
     """Ctrl-C while training, or SIGTERM (kill, timeout, a scheduler's time limit: exit 143, 128 + 15): one
     line, the last on stderr (the progress bar is not redrawn under it), naming the kept checkpoints and
-    --resume, no traceback; the same command with --resume finishes."""
+    --resume, no traceback; the command it names finishes (a command with --overwrite: --resume in its place,
+    as the two together are refused)."""
     cache, out = tmp_path / "cache", tmp_path / "o"
-    cmd = finetune_cmd(tiny, out, "--max-steps", 60, "--save-steps", 2)
+    cmd = finetune_cmd(tiny, out, "--max-steps", 60, "--save-steps", 2, *overwrite)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -243,8 +246,11 @@ def test_interrupted_training_keeps_the_checkpoints_and_resume_goes_on(tiny, tmp
     assert done and not (out / "run.json").exists()
     last = err.strip().replace("\r", "\n").splitlines()[-1]
     assert last.startswith(f"interrupted: {out} keeps the checkpoints (started "), last
-    assert last.endswith("; continue with the same command and --resume"), last
-    resumed = run([*cmd, "--resume"], cache=cache)
+    if overwrite:
+        assert last.endswith("; continue with the same command with --resume in place of --overwrite"), last
+    else:
+        assert last.endswith("; continue with the same command and --resume"), last
+    resumed = run([*(c for c in cmd if c != "--overwrite"), "--resume"], cache=cache)
     assert "resuming from" in resumed.stderr
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 2
 
