@@ -1311,7 +1311,8 @@ def check_out_dir(args) -> None:
             )
         if not unfinished:
             die(f"--resume: the run in {out} finished ({held}); there is nothing to resume")
-        check_checkpoint_files(complete_checkpoints(out)[-1])
+        done = complete_checkpoints(out)
+        check_checkpoint_files(done[-1], earlier=len(done) > 1)
     elif unfinished and not args.overwrite:
         die(
             f"--out {out} holds an unfinished run ({unfinished}); pass --resume to continue it, "
@@ -1368,11 +1369,12 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def check_checkpoint_files(folder: Path) -> None:
+def check_checkpoint_files(folder: Path, earlier: bool) -> None:
     """--resume: the last checkpoint's files are whole (a full disk or a cut-short copy can leave one
     truncated after its completion mark), found before any work and not in the trainer's traceback. Read as
     bytes: a safetensors header gives the file's exact length; torch.save's zip archives carry CRCs; a JSON
-    record (the trainer's state, the adapter's config) must parse."""
+    record (the trainer's state, the adapter's config) must parse. earlier: a complete checkpoint before it
+    is kept, to resume from once it is removed."""
     import zipfile
 
     kinds = (".safetensors", ".pt", ".pth", ".bin", ".json")
@@ -1402,6 +1404,8 @@ def check_checkpoint_files(folder: Path) -> None:
         ) as e:
             fix = (
                 f"remove {folder} to resume from the checkpoint before it, or pass --overwrite to start over"
+                if earlier
+                else "no checkpoint before it: pass --overwrite to start over"
             )
             die(f"--resume: {f} is damaged ({type(e).__name__}: {str(e)[:60]}); {fix}")
 
