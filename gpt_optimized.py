@@ -319,6 +319,7 @@ class RunState:
         self.wrote_ckpt = False
         self.earlier = False  # --out holds an earlier run that this one replaces (--overwrite)
         self.rows: bytes | None = None  # a new run's metrics rows, held back until its first checkpoint
+        self.resume_hint = "continue with --resume"  # how a stopped run goes on from its checkpoint
         self.pbar: tqdm | None = None
         self.master = True  # with several processes, only the one that writes files cleans up and speaks
 
@@ -1286,6 +1287,8 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
         if others and not args.overwrite:  # e.g. a fine-tune's
             die(f"--out {run.out} holds another run's metrics.jsonl: choose another --out, or --overwrite")
         run.earlier = path.exists() or summary.exists() or others
+        if args.overwrite:  # the two together are refused
+            run.resume_hint = "continue with --resume in place of --overwrite"
         return None
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")
@@ -1923,7 +1926,7 @@ def stop_interrupted(run: RunState, e: KeyboardInterrupt) -> None:
         run.remove_partial()
         print(
             f"interrupted at iter {run.iter_num}: ckpt.pt at iter {run.ckpt_iter} kept in "
-            f"{run.out}; continue with --resume",
+            f"{run.out}; {run.resume_hint}",
             file=sys.stderr,
         )
     raise SystemExit(interrupted_exit_code(e)) from None
@@ -1934,7 +1937,7 @@ def stop_line(e: BaseException, run: RunState) -> str:
     kept = run.kept() + "; "
     if out_of_memory(e):
         return f"out of memory at iter {run.iter_num}: {kept}lower --batch-size or --block-size"
-    again = "continue with --resume" if run.ckpt_iter is not None else "run the same command again"
+    again = run.resume_hint if run.ckpt_iter is not None else "run the same command again"
     refused = failed_write(e)
     where = refused.filename or "to stdout/stderr"  # every file write of ours names its file (WriteError)
     if refused is not e:  # the compiler's, whose writes name no file

@@ -1719,6 +1719,8 @@ def default_sigint():
 @pytest.mark.parametrize("name", MODULES)
 def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, sig, code, corpus, tmp_path):
     out, err_path = tmp_path / "run", tmp_path / "stderr.txt"
+    # SIGTERM's run was started with --overwrite: it goes on with --resume in its place (the two are refused)
+    overwrite = ["--overwrite"] if sig == signal.SIGTERM else []
     with open(err_path, "w") as err:  # a file, not a pipe: the progress bar cannot fill it and block
         proc = subprocess.Popen(
             [
@@ -1733,6 +1735,7 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, sig, code,
                 "5",
                 "--max-iters",
                 "100000",
+                *overwrite,
             ],
             cwd=ROOT,
             env=ENV,
@@ -1761,7 +1764,7 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, sig, code,
     ckpt_iter = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     m = re.fullmatch(
         rf"interrupted at iter (\d+): ckpt\.pt at iter {ckpt_iter} kept in "
-        rf"{re.escape(str(out))}; continue with --resume",
+        rf"{re.escape(str(out))}; continue with --resume" + (" in place of --overwrite" if overwrite else ""),
         last,
     )
     assert m, last
