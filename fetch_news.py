@@ -67,8 +67,7 @@ class TickerFailed(Exception): ...  # retries spent, or a 4xx that retrying cann
 
 
 # -----------------------------------------------------------------------------
-# eodhd: the API key never leaves the process (requests puts it in URLs, and URLs end up
-# in exception messages, so every message we print goes through redact())
+# eodhd: the API key never leaves the process: it is in URLs, which exceptions quote (hence redact())
 
 
 class Redactor:
@@ -124,7 +123,8 @@ class NewsClient:
         return UserError(f"EODHD rejected the API key (HTTP {code}: {body}); {fix}")
 
     def unreachable(self, why: str) -> UserError:  # no other ticker would fare better: the run stops
-        return UserError(self.redact(f"{why}; {eodhd_kept(self.args.out_dir)}; {RERUN} once it answers"))
+        a = self.args
+        return UserError(self.redact(f"{why}; {eodhd_kept(a.out_dir)}; {a.rerun} once it answers"))
 
     def page(self, ticker: str, offset: int) -> list:
         a = self.args
@@ -180,9 +180,8 @@ class NewsClient:
 # news_progress.json  per ticker: the query (from, to), the next offset, done; atomic rewrite per page
 #
 # Order per page: append articles -> append merges -> record the new offset. A kill -9 anywhere in between
-# only means the page is fetched again on the next run; the link index rebuilt from news.jsonl (+ merges)
-# at start-up turns those repeats into no-ops. A torn last line (killed mid-append) is dropped at start-up;
-# its articles come back with the refetched page.
+# only means the page is fetched again; the link index rebuilt from news.jsonl (+ merges) at start-up turns
+# those repeats into no-ops. A torn last line (a kill mid-append) is dropped at start-up and refetched.
 
 
 def str_list(v) -> list:
@@ -305,8 +304,8 @@ class NewsStore:
             market_corpus.append_whole(self.merges_path, jsonl_bytes(merges))
         return len(new)
 
-    def save_progress(self, ticker: str, state: dict) -> None:
-        self.progress[ticker] = state
+    def save_progress(self, states: dict) -> None:  # ticker -> its state
+        self.progress.update(states)
         with atomic_open(self.progress_path) as f:
             f.write(json.dumps(self.progress, indent=1, sort_keys=True).encode())
 
@@ -342,8 +341,7 @@ def load_sp500(args, log) -> list[str]:
     except (requests.RequestException, ValueError) as e:
         why = type(e).__name__ if isinstance(e, requests.RequestException) else str(e)
         if not os.path.exists(cache):
-            no_copy = f"and there is no cached copy at {cache}"
-            raise UserError(f"cannot get the S&P 500 list from {url} ({why}) {no_copy}")
+            raise UserError(f"cannot get the S&P 500 list from {url} ({why}) and no cached copy at {cache}")
         log(f"S&P 500 list not downloaded ({why}); using the cached {cache}")
         with open(cache, encoding="utf-8") as f:
             syms = sp500_symbols(f.read())
@@ -486,16 +484,19 @@ def fetch_all(args, tickers: list[str], store: NewsStore, client: NewsClient, lo
                     log(f"{ticker}: skipped: {e}")
                 if bar is None:  # shown only once the API took the key: a rejected key prints one line
                     bar = tqdm(total=len(tickers), initial=t.already, **BAR)
+                    if args.restart:  # every ticker recorded at 0: a stop from here goes on without the flag
+                        store.save_progress({tk: dict(query, offset=0, done=False) for tk in tickers})
+                        args.rerun += " without --restart"
                 if items is None:
                     break
                 bar.set_postfix(new=t.new, calls=client.requests_ok * CALLS_PER_NEWS_REQUEST)
                 if not items:  # only an empty page ends a ticker: short pages happen mid-stream
-                    store.save_progress(ticker, dict(query, offset=offset, done=True))
+                    store.save_progress({ticker: dict(query, offset=offset, done=True)})
                     t.done += 1
                     break
                 t.new += store.add_page(ticker, items)
                 offset += len(items)  # advance by what came back, not by --limit
-                store.save_progress(ticker, dict(query, offset=offset, done=False))
+                store.save_progress({ticker: dict(query, offset=offset, done=False)})
             else:  # --max-pages requests and no empty page yet
                 t.unfinished.append(ticker)
             bar.update(1)  # every ticker that reaches here made a request, so the bar exists
@@ -528,14 +529,14 @@ def finish(args, t: SimpleNamespace, n_tickers: int, store: NewsStore, client: N
     written = f"{path}, {n_docs} documents, {n_bytes:,} bytes"
     print(f"corpus: {written if n_docs else f'no usable articles yet; {path} left as it was'}{short}")
     if t.stop == "quota":
-        why = "the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved"
-        print(f"stopped: {why}; {RERUN} after the quota resets to resume where it stopped.", file=sys.stderr)
+        why = f"the EODHD daily API quota is spent (HTTP 402). Everything fetched is saved; {args.rerun}"
+        print(f"stopped: {why} after the quota resets to resume where it stopped.", file=sys.stderr)
         return EXIT_QUOTA
     if t.stop in (130, 143):
-        print(f"interrupted: {eodhd_kept(args.out_dir)}; {RERUN} to resume", file=sys.stderr)
+        print(f"interrupted: {eodhd_kept(args.out_dir)}; {args.rerun} to resume", file=sys.stderr)
         return t.stop
     if n := len(t.unfinished):  # --restart again would page them from offset 0: the same pages each time
-        print(f"{n} tickers stopped at --max-pages; {RERUN}{' without --restart' * args.restart} to go on.")
+        print(f"{n} tickers stopped at --max-pages; {args.rerun} to go on.")
     return 0
 
 
@@ -601,8 +602,7 @@ non_negative_int = number_flag(int, lambda n: n >= 0, "0 or more")
 SP500_URL = "https://raw.githubusercontent.com/datasets/s-and-p-500-companies/main/data/constituents.csv"
 
 # fmt: off
-# a data table, kept one row per flag (ruff would spread each row over several lines); every help states
-# its default. The flags after --out-dir form the "eodhd source" group.
+# one row per flag (ruff would spread each over several lines); every help states its default
 FLAGS = [
     ("--source",       dict(choices=["market", "eodhd"], default="market", help="market: offline stories "
         "from bundled historical series; eodhd: news from the EODHD API (default: %(default)s)")),
@@ -635,8 +635,8 @@ FLAGS = [
         "doubled each retry, with jitter; a 429's Retry-After overrides it (default: %(default)s)")),
     ("--backoff-max",  dict(type=non_negative_seconds, default=60.0, help="cap in seconds on one wait before "
         "a retry, a 429's Retry-After included: a longer one is cut to this (default: %(default)s)")),
-    ("--restart",      dict(action="store_true", help="ignore recorded progress and page every ticker "
-        "from offset 0; stored articles are still not duplicated (default: off, resume)")),
+    ("--restart",      dict(action="store_true", help="page every ticker from offset 0; stored articles are "
+        "not duplicated, and a stopped run goes on without the flag (default: off, resume)")),
 ]
 # fmt: on
 EPILOG = (
@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     eodhd = p.add_argument_group("eodhd source")
     for flag, settings in FLAGS:
         (p if flag in ("--source", "--out-dir") else eodhd).add_argument(flag, **settings)
-    p.set_defaults(base_url=os.environ.get("EODHD_BASE_URL", BASE_URL))  # read when the parser is built
+    p.set_defaults(rerun=RERUN, base_url=os.environ.get("EODHD_BASE_URL", BASE_URL))  # the env read now
     return p
 
 
@@ -666,9 +666,9 @@ def stop_line(e: BaseException, args, redact: Redactor) -> str:
         return f"error: {redact(e)}"
     kept = eodhd_kept(args.out_dir)
     if isinstance(e, KeyboardInterrupt):
-        return redact(f"interrupted: {kept}; {RERUN} to resume")
+        return redact(f"interrupted: {kept}; {args.rerun} to resume")
     where = e.filename or f"to {args.out_dir}"  # a failed write() does not say which file
-    return redact(f"error: cannot write {where} ({e.strerror or e}); {kept}; fix that and {RERUN}")
+    return redact(f"error: cannot write {where} ({e.strerror or e}); {kept}; fix that and {args.rerun}")
 
 
 def main(argv=None) -> int:

@@ -610,6 +610,38 @@ def test_max_pages_with_restart_names_the_command_that_continues(api, tmp_path):
     assert [off for _, _, off, *_ in api.log] == [0, 2, 4, 6]
 
 
+def test_a_restart_run_stopped_by_the_quota_goes_on_without_restart(api, tmp_path):
+    """A --restart run that the quota stops: run the same way again, it paged every ticker from offset 0, met
+    the quota at the same place each day and never finished. The run records every ticker at offset 0 when
+    it starts, and the line says to go on without --restart: the ticker it stopped in continues at its
+    offset, and the one never reached, complete from an earlier run, is paged again as --restart asked."""
+    api.feeds["AAPL.US"] = [article(i, ["AAPL.US"]) for i in range(8)]
+    api.feeds["TSLA.US"] = [article(100 + i, ["TSLA.US"]) for i in range(4)]
+    flags = ["--tickers", "AAPL.US,TSLA.US", "--limit", "4"]
+    assert fetch(api, tmp_path, *flags).returncode == 0  # both complete
+    api.quota, n_log = 1, len(api.log)
+    r = fetch(api, tmp_path, *flags, "--restart")
+    assert r.returncode == 3, r.stderr
+    assert "run the same command again without --restart after the quota resets" in r.stderr
+    progress = json.loads((tmp_path / "news_progress.json").read_text())
+    assert progress["AAPL.US"]["offset"] == 4 and progress["TSLA.US"] == {
+        "from": None,
+        "to": None,
+        "offset": 0,
+        "done": False,
+    }
+    api.quota = None
+    r = fetch(api, tmp_path, *flags)
+    assert r.returncode == 0, r.stderr
+    assert [(s, off) for _, s, off, *_ in api.log[n_log + 2 :]] == [
+        ("AAPL.US", 4),
+        ("AAPL.US", 8),
+        ("TSLA.US", 0),
+        ("TSLA.US", 4),
+    ]
+    assert len(read_news(tmp_path)) == 12
+
+
 def test_sigkill_mid_run_then_rerun_stores_every_article_once(api, tmp_path):
     tickers = ["AAA.US", "BBB.US", "CCC.US"]
     shared = [article(700 + i, tickers) for i in range(6)]
