@@ -833,7 +833,8 @@ def test_overwrite_keeps_the_earlier_run_until_its_first_checkpoint(name, traine
     p = run_cli(name, cmd, preexec_fn=file_size_limit(limit))
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
-    assert last.endswith("at iter 5: ckpt.pt at iter 0 kept; free space, then continue with --resume"), last
+    kept = "ckpt.pt at iter 0 kept; free space, then continue with --resume in place of --overwrite"
+    assert last.endswith(f"at iter 5: {kept}"), last
     assert not (out / "summary.json").exists() and [r["iter"] for r in read_rows(out)] == [0, 5]
     assert load(name).read_checkpoint(out / "ckpt.pt")["iter_num"] == 0
 
