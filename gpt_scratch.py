@@ -124,11 +124,22 @@ def write_temp(path: Path, write) -> Path:
     except BaseException as e:
         with contextlib.suppress(OSError):  # a read-only file system refuses this too; a folder there stays
             tmp.unlink(missing_ok=True)
+        if (stop := interrupt_behind(e)) is not None:  # Ctrl-C or SIGTERM: its one line, not torch's error
+            raise stop from None
         refused = e if isinstance(e, OSError) else getattr(sink, "error", None)
         if refused is None:
             raise
         raise WriteError(refused.errno, refused.strerror, refused.filename or str(path)) from e
     return tmp
+
+
+def interrupt_behind(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that e is or was raised in the handling of: one that lands in torch.save's
+    writer comes back as the zip writer's RuntimeError ("unexpected pos"), which would end the run in a
+    traceback instead of its interrupt line."""
+    while e is not None and not isinstance(e, KeyboardInterrupt):
+        e = e.__context__
+    return e
 
 
 def move_into_place(tmp: Path, path: Path) -> None:

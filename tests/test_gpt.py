@@ -1799,3 +1799,29 @@ def test_a_signal_while_a_checkpoint_moves_into_place_waits_for_it(name, sig, st
         signal.signal(signal.SIGINT, sigint)
     assert run.ckpt_iter == 40 and (tmp_path / "ckpt.pt").read_bytes() == b"ckpt"  # what the line names
     assert signal.getsignal(signal.SIGTERM) == before  # restored once the run is over
+
+
+@pytest.mark.parametrize("sig, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, "Terminated")])
+@pytest.mark.parametrize("name", MODULES)
+def test_a_signal_in_torch_save_stops_with_its_line(name, sig, stop, tmp_path, monkeypatch):
+    mod = load(name)
+    stop = getattr(mod, stop) if isinstance(stop, str) else stop
+    writes, write = [], mod.Sink.write
+
+    def signalled_write(self, data):  # the signal lands in the third write, inside torch's zip writer
+        writes.append(len(data))
+        if len(writes) == 3:
+            signal.raise_signal(sig)
+        return write(self, data)
+
+    monkeypatch.setattr(mod.Sink, "write", signalled_write)
+    state = {"model": {"w": torch.randn(64, 64), "b": torch.randn(64)}, "iter_num": 40}
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raising, as in a terminal
+    try:
+        with pytest.raises(stop) as caught, mod.sigterm_as_ctrl_c():
+            mod.write_temp(tmp_path / "ckpt.pt", lambda f: torch.save(state, f))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert len(writes) == 3  # the interrupt stopped the writing
+    assert type(caught.value) is stop  # the interrupt itself, not torch's RuntimeError ("unexpected pos")
+    assert os.listdir(tmp_path) == []  # the half-written temp file is gone
