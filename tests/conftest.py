@@ -1,7 +1,9 @@
 """Fixtures the test files share."""
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,20 @@ def run_under_big_parent(mib: int, cmd: list, **kw) -> subprocess.CompletedProce
     """cmd started by a process whose own peak resident memory is `mib` MiB (as bench.py or pytest would be):
     the child's peak memory must not count it."""
     return subprocess.run([sys.executable, "-c", BIG_PARENT, str(mib), *map(str, cmd)], **kw)
+
+
+def wait_after_signal(proc: subprocess.Popen, err_path: Path, timeout: float = 120) -> int:
+    """Wait for a child that was sent Ctrl-C or SIGTERM. One still running after `timeout` s is sent SIGABRT:
+    started with PYTHONFAULTHANDLER=1, it then writes every thread's stack to its stderr file, and the test
+    fails showing where it stood, not with a bare timeout."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        stacks = err_path.read_text(errors="replace")[-6000:]
+        pytest.fail(f"still running {timeout:.0f} s after the signal:\n{stacks}")
 
 
 def assert_user_error(p, *fragments, prefix: str = "") -> str:

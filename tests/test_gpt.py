@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, assert_user_error, run_under_big_parent
+from conftest import OFFLINE_ENV, assert_user_error, run_under_big_parent, wait_after_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,7 +109,7 @@ def read_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a hung child shows its stacks
 
 
 def run_cli(name: str, args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -820,7 +820,7 @@ def test_overwrite_keeps_the_earlier_run_until_its_first_checkpoint(name, traine
                 assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-2000:]
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+            wait_after_signal(proc, err_path)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -1754,7 +1754,7 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_resume(name, sig, code,
                 assert proc.poll() is None and time.time() < deadline, err_path.read_text()[-2000:]
                 time.sleep(0.05)
             proc.send_signal(sig)
-            proc.wait(timeout=120)
+            wait_after_signal(proc, err_path)
         finally:
             if proc.poll() is None:
                 proc.kill()
