@@ -24,6 +24,7 @@ import codecs
 import contextlib
 import errno
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -1405,6 +1406,12 @@ def build_model(args, config: GPTConfig, device: str, rank: int) -> tuple[GPT, l
     return model, optimizers, data_gen
 
 
+# the buffers are not sent from rank 0 before each forward (torch >= 2.13 names it forward_sync_buffers)
+FORWARD_SYNC = next(
+    k for k in ("forward_sync_buffers", "broadcast_buffers") if k in inspect.signature(DDP).parameters
+)
+
+
 def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Module, bool]:
     """The module the training steps run: compiled (default on CUDA) and, under torchrun, in DDP."""
     use_compile = args.compile if args.compile is not None else device.startswith("cuda")
@@ -1417,7 +1424,7 @@ def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Mo
             block.compile(mode=mode)
     if ranks.ddp:
         device_ids = [ranks.local_rank] if device.startswith("cuda") else None
-        model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
+        model = DDP(model, device_ids=device_ids, **{FORWARD_SYNC: False})  # rope tables: same on every rank
     return model, use_compile
 
 
