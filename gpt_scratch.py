@@ -978,6 +978,11 @@ def resume_checkpoint(args: argparse.Namespace, run: RunState) -> dict | None:
     if not path.exists():
         die(f"--resume: no checkpoint at {path}")
     ckpt = read_checkpoint(path)
+    try:  # its rows up to the checkpoint are kept (trim_metrics)
+        if (metrics := run.out / "metrics.jsonl").exists():
+            metrics.open("rb").close()
+    except OSError as e:
+        die(f"--resume: cannot read {metrics} ({e.strerror})")
     mismatch = data_mismatch(ckpt, args)  # before tokenizing; check_resume compares the tokenizers themselves
     if mismatch:
         die(f"--resume: checkpoint {path} was trained with {mismatch}")

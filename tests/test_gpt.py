@@ -1698,6 +1698,27 @@ def test_resume_on_other_data_names_the_flag_that_differs(name, corpus, tmp_path
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_resume_with_metrics_that_cannot_be_read_exit_2(name, corpus, tmp_path, no_read_override):
+    out = tmp_path / "run"
+    cmd = ["--data", str(corpus), "--out", str(out), *TINY, "--eval-interval", "5", "--max-iters", "5"]
+    assert run_cli(name, cmd).returncode == 0
+    (out / "metrics.jsonl").chmod(0o000)  # its rows up to the checkpoint are read before training goes on
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    p = subprocess.run(
+        [*no_read_override, sys.executable, str(ROOT / f"{name}.py"), *cmd[:-1], "10", "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    metrics = out / "metrics.jsonl"
+    assert p.stderr.strip() == f"{name}: error: --resume: cannot read {metrics} (Permission denied)"
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing trained is lost
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_resume_from_a_bad_checkpoint_is_refused_before_tokenizing(name, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
