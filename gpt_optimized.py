@@ -1670,7 +1670,8 @@ def train_step(
     micro-batch's loss, the next batch). As in nanoGPT, the next batch is fetched between forward and
     backward: the CPU draws and pins it, and queues its non-blocking copy, while the GPU still works through
     the queued forward. The batch order is the same as fetching each batch just before its forward."""
-    torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs may be overwritten
+    if "torch._inductor.cudagraph_trees" in sys.modules:  # CUDA graphs (reduce-overhead) are in use: the
+        torch.compiler.cudagraph_mark_step_begin()  # last step's outputs may be overwritten (else: no import)
     for micro_step in range(grad_accum):
         if isinstance(model, DDP):  # all-reduce the gradients once per step, on the last micro-batch
             model.require_backward_grad_sync = micro_step == grad_accum - 1

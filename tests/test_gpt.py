@@ -1285,6 +1285,27 @@ def test_compile_mode_reaches_the_compiler_and_trains_as_eager(corpus, tmp_path)
         assert "apply only when compiling: add --compile" in p.stderr and not (tmp_path / "refused").exists()
 
 
+def test_an_uncompiled_run_never_loads_the_compiler_backend(corpus, tmp_path):
+    """Without --compile nothing is compiled: marking CUDA-graph steps loaded torch's inductor compiler
+    (compile_fx, cudagraph_trees) all the same, a second or more and ~45 MB at each CPU run's start."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import gpt_optimized as g; g.main(sys.argv[2:]); "
+        "print([m for m in ('compile_fx', 'cudagraph_trees') if 'torch._inductor.' + m in sys.modules])"
+    )
+    flags = ["--data", str(corpus), "--out", str(tmp_path / "run"), *TINY[:-2], "--max-new-tokens", "8"]
+    flags += ["--eval-interval", "5", "--max-iters", "10", "--no-compile"]
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["sample"]  # it generated, too
+
+
 def test_compile_scope_blocks_under_ddp_compiles_each_block_then_wraps(tmp_path, monkeypatch):
     import torch.distributed as dist
     from torch._dynamo.utils import counters
