@@ -936,6 +936,51 @@ def test_data_split_by_documents_cached_and_bad_bytes_counted(name, corpus, tmp_
 
 
 @pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_the_token_cache_holds_the_tokens_of_the_joined_documents(name, kind, corpus, tmp_path):
+    """The corpus is tokenized a document at a time, and the cache holds exactly the tokens of encoding each
+    split's documents joined by a blank line in one call: documents starting with a contraction, a digit or
+    punctuation, and whitespace or zero-width characters inside, cut no BPE piece differently."""
+    mod = load(name)
+    odd = [
+        "'s rally held",
+        "2.5% up\u3000today",
+        "\u200b(edge)\u200b",
+        "caf\u00e9 \U0001f4c8",
+        "a\x1f b\t\tc",
+        "-- end --",
+    ]
+    docs = [d for d in corpus.read_text(encoding="utf-8").split("\n\n") if d.strip()][:60]
+    path = tmp_path / "odd.txt"
+    path.write_text("\n\n".join(odd + docs + odd + docs[:3]) + "\n", encoding="utf-8")
+    vocab = ["--vocab-size", "400"] if kind == "bpe" else []
+    args = mod.parse_args(["--data", str(path), *TINY, "--tokenizer", kind, *vocab])
+    tok, train, val, meta = mod.prepare_data(args, tmp_path)
+    all_docs = [d.strip() for d in odd + docs + odd + docs[:3]]
+    n_val = len(all_docs) // 10
+    assert train.tolist() == tok.encode("\n\n".join(all_docs[:-n_val]))
+    assert val.tolist() == tok.encode("\n\n".join(all_docs[-n_val:]))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_large_corpus_is_tokenized_in_bounded_memory(name, corpus, tmp_path):
+    """A 14 MB corpus tokenizes with BPE in 4 GB of address space: encoding it in one call held hundreds of
+    bytes per token (a 200 MB corpus needed 30 GB) and the tokenizer aborted the process (signal 6)."""
+    import resource
+
+    big = tmp_path / "big.txt"
+    text = corpus.read_bytes().rstrip(b"\n")
+    big.write_bytes(b"\n\n".join([text] * (14_000_000 // len(text) + 1)) + b"\n")
+    out = tmp_path / "o"
+    flags = ["--tokenizer", "bpe", "--vocab-size", "300", "--max-iters", "0", "--eval-iters", "1"]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 * 10**9, 4 * 10**9))  # noqa: E731
+    p = run_cli(name, ["--data", str(big), "--out", str(out), *TINY, *flags], preexec_fn=limit)
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads(next(out.glob("tokens-*.json")).read_text())
+    assert meta["n_train_tokens"] > 5_000_000 and (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_tokenizers_round_trip(name):
     mod = load(name)
     docs = generated_docs(200)
