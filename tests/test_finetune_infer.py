@@ -1254,6 +1254,39 @@ def test_prompts_on_stdin_that_are_not_utf8_exit_2_and_a_byte_order_mark_is_drop
         assert prompts == ["Closing bell,", "Oil fell"]
 
 
+ENCODE_A_BIG_CORPUS = """
+import resource, sys
+from transformers import AutoTokenizer
+import finetune_llama as f
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+docs = f.read_documents(sys.argv[2])
+docs = docs * (10_000_000 // sum(map(len, docs)) + 1)
+small = [s for i in range(0, len(docs), 64) for s in f.encode_documents(tok, docs[i : i + 64])]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+seqs = f.encode_documents(tok, docs)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) << 10
+print(seqs == small, sum(map(len, seqs)), grown)
+"""
+
+
+def test_a_large_corpus_is_encoded_without_the_tokenizers_per_token_overhead(tiny):
+    """Encoding the documents of a 10 MB corpus grows the process by about the lists it returns (~30 bytes
+    a token): one tokenizer call on every document held ~130 bytes a token (a 1 GB corpus: tens of GB, where
+    finetune_llama.py encodes its training documents). The tokens are those of 64 documents a call."""
+    p = subprocess.run(
+        [sys.executable, "-c", ENCODE_A_BIG_CORPUS, str(tiny["llama_a"]), str(tiny["corpus"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    same, tokens, grown = p.stdout.split()
+    assert same == "True" and int(tokens) > 3_000_000
+    assert int(grown) < 60 * int(tokens), (grown, tokens)  # a second copy of the lists (~30), not ~130
+
+
 def test_a_byte_order_mark_and_crlf_line_ends_change_no_document_and_no_perplexity(tiny, tmp_path):
     docs = tiny["docs"][:3]
     (tmp_path / "plain.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
