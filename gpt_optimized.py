@@ -24,7 +24,6 @@ import codecs
 import contextlib
 import errno
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -1426,12 +1425,6 @@ def build_model(args, config: GPTConfig, device: str, rank: int) -> tuple[GPT, l
     return model, optimizers, data_gen
 
 
-# the buffers are not sent from rank 0 before each forward (torch >= 2.13 names it forward_sync_buffers)
-FORWARD_SYNC = next(
-    k for k in ("forward_sync_buffers", "broadcast_buffers") if k in inspect.signature(DDP).parameters
-)
-
-
 def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Module, bool]:
     """The module the training steps run: compiled (default on CUDA) and, under torchrun, in DDP."""
     use_compile = args.compile if args.compile is not None else device.startswith("cuda")
@@ -1444,7 +1437,9 @@ def compile_and_wrap(model: GPT, args, device: str, ranks: Ranks) -> tuple[nn.Mo
             block.compile(mode=mode)
     if ranks.ddp:
         device_ids = [ranks.local_rank] if device.startswith("cuda") else None
-        model = DDP(model, device_ids=device_ids, **{FORWARD_SYNC: False})  # rope tables: same on every rank
+        sync = "forward_sync_buffers"  # torch 2.13 renamed broadcast_buffers (rope tables: same on all ranks)
+        sync = sync if sync in DDP.__init__.__code__.co_varnames else "broadcast_buffers"
+        model = DDP(model, device_ids=device_ids, **{sync: False})  # not sent from rank 0 before each forward
     return model, use_compile
 
 
