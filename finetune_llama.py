@@ -202,6 +202,8 @@ def room_for(what: Path):
     try:
         yield
     except Exception as e:
+        if (stop := interrupt_behind(e)) is not None:  # Ctrl-C or SIGTERM: its one line, not a full disk
+            raise stop from None
         reason = failed_write_reason(e, what)
         if reason is not None:
             raise DiskFull(f"disk full: cannot write {what} ({reason})") from e
@@ -210,6 +212,15 @@ def room_for(what: Path):
         if not code:
             raise
         raise WriteFailed(f"cannot write {what} ({os.strerror(code)})") from e
+
+
+def interrupt_behind(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that e was raised in the handling of: one that lands while torch.save writes to
+    a name that is not ASCII (the trainer's optimizer.pt under such an --out), which torch writes through a
+    Python file, comes back as its zip writer's RuntimeError ("unexpected pos"), read as a full disk."""
+    while e is not None and not isinstance(e, KeyboardInterrupt):
+        e = e.__context__
+    return e
 
 
 def topmost_missing(path: Path) -> Path | None:

@@ -867,3 +867,45 @@ def test_a_folder_in_the_way_of_a_converted_base_is_one_line(tiny, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == f"cannot write {dest} (Directory not empty)"
     assert list(dest.parent.iterdir()) == [dest] and list(dest.iterdir()) == [dest / "notes.txt"]
+
+
+# finetune_llama.py run with the signal raised in the third write torch.save makes to optimizer.pt: torch
+# writes a name that is not ASCII through a Python file, whose write is where a Ctrl-C's handler then runs
+SIGNAL_IN_OPTIMIZER_WRITE = """
+import builtins, runpy, signal, sys
+import torch.serialization
+sig, writes = getattr(signal, sys.argv[1]), []
+class Signalled:
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        writes.append(len(data))
+        if len(writes) == 3:
+            signal.raise_signal(sig)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+def open_(name, mode="r", *a, **kw):
+    f = builtins.open(name, mode, *a, **kw)
+    return Signalled(f) if "w" in mode and str(name).endswith("optimizer.pt") else f
+torch.serialization.open = open_
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_a_checkpoint_is_written_under_a_non_ascii_out_stops_with_its_line(
+    tiny, tmp_path, sig, code
+):
+    """Ctrl-C or SIGTERM while the trainer's torch.save writes a checkpoint into an --out whose name is not
+    ASCII: the interrupt's line and exit code, not torch's RuntimeError ("unexpected pos") taken for a full
+    disk (exit 2)."""
+    out = tmp_path / "résultats"
+    cmd = finetune_cmd(tiny, out, "--max-steps", 6, "--save-steps", 2)
+    wrapped = [sys.executable, "-c", SIGNAL_IN_OPTIMIZER_WRITE, sig, *cmd[1:]]
+    p = run(wrapped, check=False, cache=tmp_path / "c")
+    last = p.stderr.strip().replace("\r", "\n").splitlines()[-1]
+    assert p.returncode == code and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert last.startswith("interrupted: ") and "disk full" not in p.stderr, last
+    assert not (out / "run.json").exists() and not finetune_llama.complete_checkpoints(out)
