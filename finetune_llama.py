@@ -2612,6 +2612,8 @@ def score_trained(args, m: Loaded, eval_all) -> dict:
     try:
         return eval_all("after")
     except KeyboardInterrupt:
+        for s in (signal.SIGINT, signal.SIGTERM):  # stopping already: Ctrl-C again must not lose the training
+            signal.signal(s, signal.SIG_IGN)
         save_outputs(Path(args.out), m.model, m.tok, None, [], "")
         # without run.json infer.py picks its backend and base precision for itself: name training's (and
         # the folder as a shell reads it: the command is pasted into one)

@@ -717,6 +717,35 @@ def test_ctrl_c_while_scoring_the_trained_adapter_keeps_it(tiny, tmp_path):
     assert 1 < ppl["perplexity"] < math.inf and ppl["perplexity"] != ppl["base_perplexity"]  # trained
 
 
+# finetune_llama.py run with Ctrl-C pressed again once the adapter's temp folder is made, while it is saved
+CTRL_C_AGAIN_IN_SAVE = """
+import runpy, signal, sys, tempfile
+mkdtemp = tempfile.mkdtemp
+def pressed_again(*a, **kw):
+    folder = mkdtemp(*a, **kw)
+    if kw.get("prefix") == ".finetune-":
+        signal.raise_signal(signal.SIGINT)
+    return folder
+tempfile.mkdtemp = pressed_again
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_again_while_the_interrupted_scoring_saves_the_adapter_does_not_lose_it(tiny, tmp_path):
+    """Ctrl-C pressed twice while scoring after training: the second lands while the adapter is saved, and
+    must not cut that short (the training was lost, and the line said nothing was written)."""
+    out, text = tmp_path / "o", tmp_path / "long.txt"
+    text.write_text("\n\n".join(tiny["docs"] * 200))  # scoring it takes seconds on the tiny model
+    flags = "--max-seq-length 32 --max-steps 2 --replay 0 --retention-docs 0"
+    cmd = tiny_finetune_cmd(tiny, flags, "--eval-text", text, "--out", out)
+    err = interrupt_while_scoring([sys.executable, "-c", CTRL_C_AGAIN_IN_SAVE, *cmd[1:]], b"(after)")
+    last = err.strip().replace("\r", "\n").splitlines()[-1]
+    assert last.startswith(f"interrupted while scoring: the trained adapter was written to {out} "), last
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "run.json").exists()
+    assert not [f for f in out.iterdir() if f.name.startswith(".finetune-")]  # no temp folder left
+
+
 def test_ctrl_c_while_scoring_a_qlora_adapter_names_the_4bit_base(tiny, tmp_path):
     """A QLoRA adapter written alone (Ctrl-C while scoring) has no run.json to say its base was 4-bit: the
     command the message gives loads the base in 4 bits, and scores what the uninterrupted run records."""
