@@ -551,13 +551,14 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def write_temp(path: Path, data: str | bytes) -> Path:
-    """data in a temp file beside path, for the caller to rename over it. A failed write (a full disk) leaves
-    no temp file behind, and its error names path, the file meant (a failed write() names no file)."""
+    """data in a temp file beside path, for the caller to rename over it. A failed write (a full disk), or
+    Ctrl-C or SIGTERM landing in it, leaves no temp file behind, and its error names path, the file meant (a
+    failed write() names no file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path):
         try:
             tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
-        except OSError:
+        except BaseException:
             if not tmp.is_dir():  # a folder squatting on the temp's name is not ours to remove
                 tmp.unlink(missing_ok=True)
             raise

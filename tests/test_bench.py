@@ -2812,3 +2812,31 @@ def test_a_run_the_full_disk_stopped_stops_bench_keeping_the_finished_runs_and_t
     assert p.returncode == 1, p.stderr[-2000:]
     assert f"--record {md} and --readme {readme} left as they were: 7 run(s) failed" in p.stderr
     assert readme.read_bytes() == kept and not md.exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_a_file_is_written_leaves_no_temp_file(tmp_path, monkeypatch, sig):
+    """Ctrl-C or SIGTERM landing while bench.py writes results.json (or report.md, a plot, the README):
+    the interrupt goes on, and the half-written temp file beside it is gone."""
+    import signal
+
+    sys.path.insert(0, str(ROOT))
+    import bench
+
+    write = Path.write_text
+
+    def signalled_write(self, data, *a, **kw):  # the signal lands once the temp file is there
+        write(self, data[: len(data) // 2], *a, **kw)
+        signal.raise_signal(getattr(signal, sig))
+        return write(self, data, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", signalled_write)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raising, as in a terminal
+    sigterm = signal.signal(signal.SIGTERM, bench.on_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.atomic_write(tmp_path / "results.json", '{"runs": {}}\n')
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
+    assert os.listdir(tmp_path) == []
