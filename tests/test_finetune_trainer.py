@@ -875,6 +875,7 @@ SIGNAL_IN_OPTIMIZER_WRITE = """
 import builtins, runpy, signal, sys
 import torch.serialization
 sig, writes = getattr(signal, sys.argv[1]), []
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: background jobs (CI) ignore it
 class Signalled:
     def __init__(self, f):
         self.f = f
